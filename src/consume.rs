@@ -1,0 +1,80 @@
+//! The store-level acquire: plan against a seen bucket state, write conditionally, and on a
+//! conflict re-plan from the item the store returned (no extra read).
+//!
+//! This is the path every decision that reaches the store takes: the daemon's actors call it with
+//! their cached state, tools and tests call it with none (it then reads once).
+
+use crate::domain::bucket::{Bucket, Plan, Rejection, UnknownLimit, Write, plan};
+use crate::domain::ids::BucketKey;
+use crate::domain::limit::{Limit, LimitName};
+use crate::store::{Store, StoreError};
+
+/// How many conflicts one acquire rides out before giving up. Each conflict means another writer
+/// made progress, so this is only reached under pathological contention.
+pub const MAX_ATTEMPTS: usize = 32;
+
+/// The result of an acquire that reached the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Admitted and durable; `bucket` is the stored state after the write.
+    Admitted { bucket: Bucket },
+    /// Refused; `bucket` is the state the refusal was decided on (`None`: not stored yet).
+    Rejected {
+        rejection: Rejection,
+        bucket: Option<Bucket>,
+    },
+}
+
+/// Why an acquire could not be decided.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error(transparent)]
+    UnknownLimit(#[from] UnknownLimit),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Consumes `amounts` (milli-tokens per limit) from the bucket at `key` under `limits` (canonical
+/// order), all limits or none. `seen` is a cached state to plan from; `None` reads the bucket.
+///
+/// # Errors
+/// [`ConsumeError::UnknownLimit`] when `amounts` names a limit outside `limits`;
+/// [`ConsumeError::Store`] when the store fails, or [`StoreError::Transient`] after
+/// [`MAX_ATTEMPTS`] conflicts in a row.
+pub async fn consume(
+    store: &dyn Store,
+    key: &BucketKey,
+    limits: &[Limit],
+    amounts: &[(LimitName, i64)],
+    now: i64,
+    seen: Option<Bucket>,
+) -> Result<Outcome, ConsumeError> {
+    let mut seen = match seen {
+        Some(bucket) => Some(bucket),
+        None => store.load_bucket(key).await?,
+    };
+    for _ in 0..MAX_ATTEMPTS {
+        let write = match plan(seen.as_ref(), limits, amounts, now)? {
+            Plan::Reject(rejection) => {
+                return Ok(Outcome::Rejected {
+                    rejection,
+                    bucket: seen,
+                });
+            }
+            Plan::Admit { write, expected } => {
+                if let Write::Change(change) = &write
+                    && change.is_noop()
+                {
+                    return Ok(Outcome::Admitted { bucket: expected });
+                }
+                write
+            }
+        };
+        match store.write_bucket(key, &write).await {
+            Ok(bucket) => return Ok(Outcome::Admitted { bucket }),
+            Err(StoreError::Conflict { current, .. }) => seen = current.map(|b| *b),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(StoreError::Transient(format!("gave up after {MAX_ATTEMPTS} conflicting writes")).into())
+}

@@ -1,0 +1,552 @@
+//! Token-bucket math and the conditional changes that carry it to a store.
+//!
+//! Pure and deterministic: the current time (`now`, milliseconds since the Unix epoch) is always a
+//! parameter. One [`Bucket`] holds every limit of one (entity, resource) pair, mirroring the one
+//! stored item that holds them, so one write decides a multi-limit acquire.
+//!
+//! Refill is lazy and exact. Per limit, `elapsed * refill_amount + carry` milli-token-milliseconds
+//! accrue; whole multiples of the period become tokens and the remainder stays in `carry`. The
+//! shared refill timestamp then moves to `now`, so refilling in many small steps credits exactly
+//! what one large step would: no rounding drift, whatever the rate. Balances are clamped to capacity
+//! on refill but never floored: adjustments may leave debt, which then sets the retry-after.
+//!
+//! [`plan`] turns a request into a [`Write`] that states the conditions under which it is still
+//! right; [`Bucket::apply`] is the reference semantics of those conditions (the memory store uses
+//! it, the DynamoDB store translates it into condition expressions).
+
+use super::limit::{Limit, LimitName, encode};
+
+/// The state of one limit inside a bucket. Balances and totals are milli-tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitState {
+    pub limit: Limit,
+    /// May be negative (debt after an adjustment); at most the capacity after a refill.
+    pub balance: i64,
+    /// Refill accrued but not yet worth a milli-token, in milli-token-milliseconds (< period).
+    pub carry: i64,
+    /// Total ever consumed through this bucket (consumptions, adjustments and refunds).
+    pub consumed: i64,
+}
+
+impl LimitState {
+    fn full(limit: Limit) -> Self {
+        Self {
+            balance: limit.capacity(),
+            limit,
+            carry: 0,
+            consumed: 0,
+        }
+    }
+
+    /// Balance and carry after `elapsed` milliseconds of refill.
+    fn refilled(&self, elapsed: i64) -> (i64, i64) {
+        let period = i128::from(self.limit.refill_period_ms());
+        let accrued = i128::from(elapsed.max(0)) * i128::from(self.limit.refill_amount())
+            + i128::from(self.carry);
+        let balance = i128::from(self.balance) + accrued / period;
+        let capacity = self.limit.capacity();
+        if balance >= i128::from(capacity) {
+            (capacity, 0)
+        } else {
+            // balance < capacity <= i64::MAX and balance >= self.balance >= i64::MIN
+            (balance as i64, (accrued % period) as i64)
+        }
+    }
+
+    /// Whether `elapsed` milliseconds add at least one milli-token.
+    fn refill_adds(&self, elapsed: i64) -> bool {
+        elapsed > 0
+            && i128::from(elapsed) * i128::from(self.limit.refill_amount()) + i128::from(self.carry)
+                >= i128::from(self.limit.refill_period_ms())
+    }
+
+    /// Milliseconds until `balance` (with `carry`) covers `wanted`; `None` if it never can.
+    fn wait_ms(&self, balance: i64, carry: i64, wanted: i64) -> Option<u64> {
+        if wanted <= balance {
+            return Some(0);
+        }
+        if wanted > self.limit.capacity() {
+            return None;
+        }
+        let deficit = i128::from(wanted) - i128::from(balance);
+        let needed = deficit * i128::from(self.limit.refill_period_ms()) - i128::from(carry);
+        let amount = i128::from(self.limit.refill_amount());
+        let wait = (needed + amount - 1) / amount;
+        Some(u64::try_from(wait).unwrap_or(u64::MAX))
+    }
+}
+
+/// Every limit of one (entity, resource) pair, as stored. Limits are in canonical (name) order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bucket {
+    /// When the balances were last refilled (ms since the epoch). Never moves backwards.
+    pub refilled_at: i64,
+    pub limits: Vec<LimitState>,
+}
+
+/// How one limit stands for one request, at the time of the decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LimitStatus {
+    pub limit: Limit,
+    /// Balance at the decision time, milli-tokens (may be negative).
+    pub available: i64,
+    /// What the request asked of this limit, milli-tokens.
+    pub requested: i64,
+    /// Milliseconds until the request would fit: `Some(0)` when it fits now, `None` when it never
+    /// can (more than the capacity).
+    pub retry_after_ms: Option<u64>,
+}
+
+impl LimitStatus {
+    pub fn allowed(&self) -> bool {
+        self.retry_after_ms == Some(0)
+    }
+}
+
+/// Why a request was refused: the status of every limit, violated or not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub statuses: Vec<LimitStatus>,
+}
+
+impl Rejection {
+    pub fn violated(&self) -> impl Iterator<Item = &LimitStatus> {
+        self.statuses.iter().filter(|s| !s.allowed())
+    }
+
+    /// The longest wait over the violated limits; `None` when some limit can never fit the request.
+    pub fn retry_after_ms(&self) -> Option<u64> {
+        self.violated()
+            .map(|s| s.retry_after_ms)
+            .try_fold(0, |acc, w| w.map(|w| acc.max(w)))
+    }
+}
+
+/// A request that names a limit the bucket does not have.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown limit {0:?}: the request consumes from a limit that is not configured")]
+pub struct UnknownLimit(pub String);
+
+/// A conditional change to one stored bucket, planned from a state that was seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Write {
+    /// Store a new bucket, provided none exists yet.
+    Create(Bucket),
+    /// Change an existing bucket, provided it still matches what the change was planned from.
+    Change(Change),
+}
+
+/// A change to an existing bucket.
+///
+/// It always requires the stored limit configuration to be `seen_config`. A plain consumption
+/// (`refill == None`) only subtracts, so it commutes with every other writer and needs nothing but
+/// enough balance. A refill or reconfiguration also needs the stored refill time to be unchanged:
+/// only one writer can win a refill.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Encoded limit set the change was planned against ([`encode`]).
+    pub seen_config: String,
+    pub refill: Option<Refill>,
+    pub limits: Vec<LimitChange>,
+}
+
+impl Change {
+    /// Whether applying the change would alter nothing (a plain change of zero amounts).
+    pub fn is_noop(&self) -> bool {
+        self.refill.is_none()
+            && self.limits.iter().all(|c| {
+                matches!(
+                    c,
+                    LimitChange::Update {
+                        delta: 0,
+                        consumed: 0,
+                        carry: None,
+                        ..
+                    }
+                )
+            })
+    }
+}
+
+/// The part of a [`Change`] that refills or reconfigures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refill {
+    pub seen_refilled_at: i64,
+    pub refilled_at: i64,
+    /// The limit set after the change (equal to `seen_config` when only refilling).
+    pub limits: Vec<Limit>,
+    /// Limits of the old set that the new one drops.
+    pub removed: Vec<LimitName>,
+}
+
+/// What a [`Change`] does to one limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitChange {
+    /// Add `delta` to the balance and `consumed` to the total, provided the stored balance lies in
+    /// `min_balance..=max_balance`; with a refill, also set the carry.
+    Update {
+        name: LimitName,
+        delta: i64,
+        consumed: i64,
+        min_balance: i64,
+        max_balance: Option<i64>,
+        carry: Option<i64>,
+    },
+    /// A limit new to the bucket (only inside a reconfiguring change).
+    Insert(LimitState),
+}
+
+/// The stored bucket did not meet a write's conditions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the stored bucket no longer matches what the write was planned from")]
+pub struct ConditionFailed;
+
+/// The outcome of planning a request against a seen state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Plan {
+    /// Admit with this write; `expected` is the bucket as it will be if nobody else wrote.
+    Admit {
+        write: Write,
+        expected: Bucket,
+    },
+    Reject(Rejection),
+}
+
+/// Plans a request for `amounts` (milli-tokens per limit name; limits not named are asked for 0,
+/// so a limit in debt refuses everything) against `seen` (`None`: no bucket is stored yet), under
+/// the limit set `limits` (canonical order, see [`super::limit::canonical`]).
+///
+/// # Errors
+/// [`UnknownLimit`] when `amounts` names a limit that `limits` lacks.
+pub fn plan(
+    seen: Option<&Bucket>,
+    limits: &[Limit],
+    amounts: &[(LimitName, i64)],
+    now: i64,
+) -> Result<Plan, UnknownLimit> {
+    if let Some((name, _)) = amounts
+        .iter()
+        .find(|(name, _)| !limits.iter().any(|l| l.name() == name))
+    {
+        return Err(UnknownLimit(name.to_string()));
+    }
+    let amount_of = |name: &LimitName| amount_for(amounts, name);
+    let Some(seen) = seen else {
+        let fresh = Bucket::full(limits.to_vec(), now);
+        return Ok(match fresh.check(&amount_of) {
+            Some(rejection) => Plan::Reject(rejection),
+            None => {
+                let mut created = fresh;
+                for l in &mut created.limits {
+                    let a = amount_of(l.limit.name());
+                    l.balance -= a;
+                    l.consumed += a;
+                }
+                Plan::Admit {
+                    write: Write::Create(created.clone()),
+                    expected: created,
+                }
+            }
+        });
+    };
+    let target = seen.at(now).reconfigured(limits);
+    if let Some(rejection) = target.check(&amount_of) {
+        return Ok(Plan::Reject(rejection));
+    }
+    let seen_config = encode(&seen.limit_set());
+    let guarded = seen.refill_due(now) || seen_config != encode(limits);
+    let mut expected = target.clone();
+    let mut changes = Vec::with_capacity(target.limits.len());
+    for (state, after) in target.limits.iter().zip(&mut expected.limits) {
+        let amount = amount_of(state.limit.name());
+        after.balance -= amount;
+        after.consumed += amount;
+        let before = seen.limit(state.limit.name());
+        changes.push(match before {
+            None => LimitChange::Insert(after.clone()),
+            Some(before) => {
+                let refill = if guarded {
+                    state.balance - before.balance
+                } else {
+                    0
+                };
+                LimitChange::Update {
+                    name: state.limit.name().clone(),
+                    delta: refill - amount,
+                    consumed: amount,
+                    min_balance: amount - refill,
+                    max_balance: guarded.then_some(before.balance),
+                    carry: guarded.then_some(state.carry),
+                }
+            }
+        });
+    }
+    let refill = guarded.then(|| Refill {
+        seen_refilled_at: seen.refilled_at,
+        refilled_at: target.refilled_at,
+        limits: limits.to_vec(),
+        removed: seen
+            .limits
+            .iter()
+            .map(|l| l.limit.name().clone())
+            .filter(|n| !limits.iter().any(|l| l.name() == n))
+            .collect(),
+    });
+    if refill.is_none() {
+        // Without a refill nothing moves the timestamp or the carries.
+        expected.refilled_at = seen.refilled_at;
+        for (after, before) in expected.limits.iter_mut().zip(&seen.limits) {
+            after.carry = before.carry;
+            after.balance = before.balance - amount_of(before.limit.name());
+        }
+    }
+    Ok(Plan::Admit {
+        write: Write::Change(Change {
+            seen_config,
+            refill,
+            limits: changes,
+        }),
+        expected,
+    })
+}
+
+fn amount_for(amounts: &[(LimitName, i64)], name: &LimitName) -> i64 {
+    amounts
+        .iter()
+        .filter(|(n, _)| n == name)
+        .map(|(_, a)| *a)
+        .sum()
+}
+
+impl Bucket {
+    /// A bucket with every limit at capacity.
+    pub fn full(limits: Vec<Limit>, now: i64) -> Self {
+        Self {
+            refilled_at: now,
+            limits: limits.into_iter().map(LimitState::full).collect(),
+        }
+    }
+
+    pub fn limit(&self, name: &LimitName) -> Option<&LimitState> {
+        self.limits.iter().find(|l| l.limit.name() == name)
+    }
+
+    pub fn limit_set(&self) -> Vec<Limit> {
+        self.limits.iter().map(|l| l.limit.clone()).collect()
+    }
+
+    /// Whether a write at `now` would credit refill (so it must be a guarded write).
+    pub fn refill_due(&self, now: i64) -> bool {
+        let elapsed = now.saturating_sub(self.refilled_at);
+        self.limits.iter().any(|l| l.refill_adds(elapsed))
+    }
+
+    /// The bucket as it stands at `now`: refilled, clamped, timestamp moved (never backwards).
+    pub fn at(&self, now: i64) -> Self {
+        if !self.refill_due(now) {
+            let mut same = self.clone();
+            for l in &mut same.limits {
+                l.balance = l.balance.min(l.limit.capacity());
+            }
+            return same;
+        }
+        let elapsed = now.saturating_sub(self.refilled_at);
+        Self {
+            refilled_at: now,
+            limits: self
+                .limits
+                .iter()
+                .map(|l| {
+                    let (balance, carry) = l.refilled(elapsed);
+                    LimitState {
+                        balance,
+                        carry,
+                        ..l.clone()
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// The same bucket under another limit set: kept limits keep their balance (clamped to a
+    /// smaller capacity), new ones start full, dropped ones go. A changed period restarts the carry.
+    fn reconfigured(self, limits: &[Limit]) -> Self {
+        let states = limits
+            .iter()
+            .map(|limit| match self.limit(limit.name()) {
+                None => LimitState::full(limit.clone()),
+                Some(old) => LimitState {
+                    limit: limit.clone(),
+                    balance: old.balance.min(limit.capacity()),
+                    carry: if old.limit.refill_period_ms() == limit.refill_period_ms()
+                        && old.balance < limit.capacity()
+                    {
+                        old.carry
+                    } else {
+                        0
+                    },
+                    consumed: old.consumed,
+                },
+            })
+            .collect();
+        Self {
+            refilled_at: self.refilled_at,
+            limits: states,
+        }
+    }
+
+    /// The statuses of a request against this (already refilled) state, or `None` if it fits.
+    fn check(&self, amount_of: &dyn Fn(&LimitName) -> i64) -> Option<Rejection> {
+        let statuses: Vec<LimitStatus> = self
+            .limits
+            .iter()
+            .map(|l| {
+                let requested = amount_of(l.limit.name());
+                LimitStatus {
+                    limit: l.limit.clone(),
+                    available: l.balance,
+                    requested,
+                    retry_after_ms: l.wait_ms(l.balance, l.carry, requested),
+                }
+            })
+            .collect();
+        statuses
+            .iter()
+            .any(|s| !s.allowed())
+            .then_some(Rejection { statuses })
+    }
+
+    /// How every limit stands at `now` for a request of `amounts`, without deciding anything.
+    ///
+    /// # Errors
+    /// [`UnknownLimit`] when `amounts` names a limit this bucket lacks.
+    pub fn statuses(
+        &self,
+        amounts: &[(LimitName, i64)],
+        now: i64,
+    ) -> Result<Vec<LimitStatus>, UnknownLimit> {
+        if let Some((name, _)) = amounts.iter().find(|(n, _)| self.limit(n).is_none()) {
+            return Err(UnknownLimit(name.to_string()));
+        }
+        let current = self.at(now);
+        let amount_of = |name: &LimitName| amount_for(amounts, name);
+        Ok(match current.check(&amount_of) {
+            Some(rejection) => rejection.statuses,
+            None => current
+                .limits
+                .iter()
+                .map(|l| LimitStatus {
+                    limit: l.limit.clone(),
+                    available: l.balance,
+                    requested: amount_of(l.limit.name()),
+                    retry_after_ms: Some(0),
+                })
+                .collect(),
+        })
+    }
+
+    /// Applies a change if its conditions hold, exactly as the stores must.
+    ///
+    /// # Errors
+    /// [`ConditionFailed`] (and no change at all) when any condition fails.
+    pub fn apply(&mut self, change: &Change) -> Result<(), ConditionFailed> {
+        if encode(&self.limit_set()) != change.seen_config {
+            return Err(ConditionFailed);
+        }
+        if let Some(refill) = &change.refill
+            && refill.seen_refilled_at != self.refilled_at
+        {
+            return Err(ConditionFailed);
+        }
+        for c in &change.limits {
+            match c {
+                LimitChange::Update {
+                    name,
+                    min_balance,
+                    max_balance,
+                    ..
+                } => {
+                    let state = self.limit(name).ok_or(ConditionFailed)?;
+                    if state.balance < *min_balance
+                        || max_balance.is_some_and(|max| state.balance > max)
+                    {
+                        return Err(ConditionFailed);
+                    }
+                }
+                LimitChange::Insert(state) => {
+                    if self.limit(state.limit.name()).is_some() {
+                        return Err(ConditionFailed);
+                    }
+                }
+            }
+        }
+        let mut next = Vec::with_capacity(change.limits.len());
+        for c in &change.limits {
+            match c {
+                LimitChange::Update {
+                    name,
+                    delta,
+                    consumed,
+                    carry,
+                    ..
+                } => {
+                    let mut state = self.limit(name).cloned().ok_or(ConditionFailed)?;
+                    state.balance += delta;
+                    state.consumed += consumed;
+                    if let Some(carry) = carry {
+                        state.carry = *carry;
+                    }
+                    if let Some(refill) = &change.refill
+                        && let Some(limit) = refill.limits.iter().find(|l| l.name() == name)
+                    {
+                        state.limit = limit.clone();
+                    }
+                    next.push(state);
+                }
+                LimitChange::Insert(state) => next.push(state.clone()),
+            }
+        }
+        // Limits the change does not mention stay as they are (a plain change names them all; a
+        // reconfiguring one drops what it lists as removed).
+        for state in &self.limits {
+            let mentioned = next.iter().any(|n| n.limit.name() == state.limit.name());
+            let removed = change
+                .refill
+                .as_ref()
+                .is_some_and(|r| r.removed.contains(state.limit.name()));
+            if !mentioned && !removed {
+                next.push(state.clone());
+            }
+        }
+        next.sort_by(|a, b| a.limit.name().cmp(b.limit.name()));
+        self.limits = next;
+        if let Some(refill) = &change.refill {
+            self.refilled_at = refill.refilled_at;
+        }
+        Ok(())
+    }
+
+    /// Unconditionally adds `amount` milli-tokens of consumption (negative: a refund) to each named
+    /// limit. Balances may go negative; a refund above capacity is trimmed by the next refill.
+    ///
+    /// # Errors
+    /// [`UnknownLimit`] (and no change) when a name is not in the bucket.
+    pub fn adjust(&mut self, amounts: &[(LimitName, i64)]) -> Result<(), UnknownLimit> {
+        if let Some((name, _)) = amounts.iter().find(|(n, _)| self.limit(n).is_none()) {
+            return Err(UnknownLimit(name.to_string()));
+        }
+        for (name, amount) in amounts {
+            let state = self
+                .limits
+                .iter_mut()
+                .find(|l| l.limit.name() == name)
+                .expect("every name was checked above");
+            state.balance -= amount;
+            state.consumed += amount;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

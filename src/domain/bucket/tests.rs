@@ -1,0 +1,364 @@
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::domain::limit::{MAX_PERIOD_MS, MAX_TOKENS, MILLI};
+
+const T0: i64 = 1_700_000_000_000;
+
+fn name(s: &str) -> LimitName {
+    LimitName::new(s).unwrap()
+}
+
+fn tokens(n: &str, t: i64) -> Vec<(LimitName, i64)> {
+    vec![(name(n), t * MILLI)]
+}
+
+/// Plans and applies as a single writer would; returns whether the request was admitted.
+fn acquire(
+    bucket: &mut Option<Bucket>,
+    limits: &[Limit],
+    amounts: &[(LimitName, i64)],
+    now: i64,
+) -> bool {
+    match plan(bucket.as_ref(), limits, amounts, now).unwrap() {
+        Plan::Reject(_) => false,
+        Plan::Admit { write, expected } => {
+            match write {
+                Write::Create(b) => *bucket = Some(b),
+                Write::Change(c) => bucket.as_mut().unwrap().apply(&c).unwrap(),
+            }
+            assert_eq!(
+                bucket.as_ref(),
+                Some(&expected),
+                "expected state matches applied state"
+            );
+            true
+        }
+    }
+}
+
+fn rejection(
+    bucket: Option<&Bucket>,
+    limits: &[Limit],
+    amounts: &[(LimitName, i64)],
+    now: i64,
+) -> Rejection {
+    match plan(bucket, limits, amounts, now).unwrap() {
+        Plan::Reject(r) => r,
+        Plan::Admit { .. } => panic!("expected a rejection"),
+    }
+}
+
+fn balance(bucket: &Option<Bucket>, n: &str, now: i64) -> i64 {
+    bucket
+        .as_ref()
+        .unwrap()
+        .at(now)
+        .limit(&name(n))
+        .unwrap()
+        .balance
+}
+
+#[test]
+fn burst_admits_capacity_then_waits_one_refill() {
+    let limits = vec![Limit::per_second("rps", 1).unwrap().with_burst(10).unwrap()];
+    let mut b = None;
+    let admitted = (0..15)
+        .filter(|_| acquire(&mut b, &limits, &tokens("rps", 1), T0))
+        .count();
+    assert_eq!(admitted, 10);
+    let r = rejection(b.as_ref(), &limits, &tokens("rps", 1), T0);
+    assert_eq!(r.retry_after_ms(), Some(1_000));
+    assert!(!acquire(&mut b, &limits, &tokens("rps", 1), T0 + 999));
+    assert!(acquire(&mut b, &limits, &tokens("rps", 1), T0 + 1_000));
+}
+
+#[test]
+fn refill_in_one_millisecond_steps_is_exact() {
+    // 100 per minute = 5/3 milli-tokens per millisecond: every step leaves a remainder.
+    let limits = vec![Limit::per_minute("rpm", 100).unwrap()];
+    let mut b = None;
+    assert!(acquire(&mut b, &limits, &tokens("rpm", 100), T0));
+    assert_eq!(balance(&b, "rpm", T0), 0);
+    for ms in 1..=60_000 {
+        // A zero request still writes the refill whenever one is due.
+        assert!(acquire(&mut b, &limits, &[], T0 + ms));
+    }
+    let after = b.as_ref().unwrap();
+    assert_eq!(
+        after.limits[0].balance, 100_000,
+        "one minute refills exactly 100 tokens"
+    );
+    assert_eq!(after.refilled_at, T0 + 60_000);
+}
+
+#[test]
+fn refill_over_long_intervals_clamps_to_capacity() {
+    let limits = vec![Limit::per_day("big", MAX_TOKENS).unwrap()];
+    let mut b = None;
+    assert!(acquire(
+        &mut b,
+        &limits,
+        &tokens("big", MAX_TOKENS as i64),
+        T0
+    ));
+    assert_eq!(
+        balance(&b, "big", T0 + 43_200_000),
+        MAX_TOKENS as i64 * MILLI / 2
+    );
+    // Ten years later (and i64::MAX, which would overflow 64-bit products): full, never above.
+    for later in [T0 + MAX_PERIOD_MS, i64::MAX] {
+        assert_eq!(balance(&b, "big", later), MAX_TOKENS as i64 * MILLI);
+    }
+}
+
+#[test]
+fn adjust_into_debt_then_retry_after_grows_and_recovers_exactly() {
+    let limits = vec![Limit::per_minute("tpm", 1_000).unwrap()];
+    let mut b = None;
+    assert!(acquire(&mut b, &limits, &tokens("tpm", 100), T0));
+    b.as_mut().unwrap().adjust(&tokens("tpm", 2_000)).unwrap();
+    assert_eq!(balance(&b, "tpm", T0), -1_100 * MILLI);
+    // deficit 1,101 tokens at 1,000 tokens/min = 66.06 s
+    let r = rejection(b.as_ref(), &limits, &tokens("tpm", 1), T0);
+    assert_eq!(r.retry_after_ms(), Some(66_060));
+    assert_eq!(r.statuses[0].available, -1_100 * MILLI);
+    // Even a request that consumes nothing from the indebted limit waits.
+    assert!(!acquire(&mut b, &limits, &[], T0 + 66_000 - 1));
+    assert!(!acquire(&mut b, &limits, &tokens("tpm", 1), T0 + 66_059));
+    assert!(acquire(&mut b, &limits, &tokens("tpm", 1), T0 + 66_060));
+    assert_eq!(b.as_ref().unwrap().limits[0].consumed, 2_101 * MILLI);
+}
+
+#[test]
+fn refunds_above_capacity_are_trimmed_by_the_next_refill() {
+    let limits = vec![Limit::per_second("rps", 10).unwrap()];
+    let mut b = None;
+    assert!(acquire(&mut b, &limits, &tokens("rps", 1), T0));
+    b.as_mut().unwrap().adjust(&tokens("rps", -5)).unwrap();
+    assert_eq!(b.as_ref().unwrap().limits[0].balance, 14 * MILLI);
+    assert_eq!(balance(&b, "rps", T0 + 1), 10 * MILLI);
+    assert!(acquire(&mut b, &limits, &[], T0 + 100));
+    assert_eq!(b.as_ref().unwrap().limits[0].balance, 10 * MILLI);
+}
+
+#[test]
+fn a_clock_going_backwards_neither_refills_nor_moves_the_timestamp() {
+    let limits = vec![Limit::per_second("rps", 10).unwrap()];
+    let mut b = None;
+    assert!(acquire(&mut b, &limits, &tokens("rps", 10), T0));
+    assert!(!acquire(&mut b, &limits, &tokens("rps", 1), T0 - 5_000));
+    assert!(!acquire(&mut b, &limits, &tokens("rps", 1), i64::MIN));
+    assert_eq!(b.as_ref().unwrap().refilled_at, T0);
+    assert!(acquire(&mut b, &limits, &tokens("rps", 1), T0 + 100));
+}
+
+#[test]
+fn multi_limit_check_is_all_or_nothing_and_reports_every_violation() {
+    let limits = canonical(vec![
+        Limit::per_minute("rpm", 10).unwrap(),
+        Limit::per_minute("tpm", 1_000).unwrap(),
+        Limit::per_minute("xpm", 5).unwrap(),
+    ])
+    .unwrap();
+    let mut b = None;
+    let req = |rpm, tpm, xpm| {
+        vec![
+            (name("rpm"), rpm * MILLI),
+            (name("tpm"), tpm * MILLI),
+            (name("xpm"), xpm * MILLI),
+        ]
+    };
+    assert!(acquire(&mut b, &limits, &req(1, 900, 1), T0));
+    let before = b.clone();
+    let r = rejection(b.as_ref(), &limits, &req(1, 200, 5), T0);
+    let violated: Vec<&str> = r.violated().map(|s| s.limit.name().as_str()).collect();
+    assert_eq!(violated, ["tpm", "xpm"]);
+    assert_eq!(r.statuses.len(), 3);
+    // 100 tokens short at 1,000/min = 6 s; one token short at 5/min = 12 s: the longest wait wins.
+    assert_eq!(r.retry_after_ms(), Some(12_000));
+    assert!(!acquire(&mut b, &limits, &req(1, 200, 5), T0));
+    assert_eq!(b, before, "a refused request changes nothing");
+}
+
+#[test]
+fn more_than_capacity_never_fits_and_unknown_limits_are_errors() {
+    let limits = vec![Limit::per_second("rps", 10).unwrap()];
+    let r = rejection(None, &limits, &tokens("rps", 11), T0);
+    assert_eq!(r.retry_after_ms(), None);
+    assert_eq!(r.statuses[0].retry_after_ms, None);
+    assert_eq!(
+        plan(None, &limits, &tokens("nope", 1), T0),
+        Err(UnknownLimit("nope".into()))
+    );
+    let mut b = Bucket::full(limits, T0);
+    assert!(b.adjust(&tokens("nope", 1)).is_err());
+}
+
+#[test]
+fn plain_consumptions_commute_but_only_one_refill_wins() {
+    let limits = vec![Limit::per_second("rps", 10).unwrap()];
+    let mut b = None;
+    assert!(acquire(&mut b, &limits, &tokens("rps", 4), T0));
+    let seen = b.clone().unwrap();
+    let change = |now| match plan(Some(&seen), &limits, &tokens("rps", 2), now).unwrap() {
+        Plan::Admit {
+            write: Write::Change(c),
+            ..
+        } => c,
+        other => panic!("unexpected {other:?}"),
+    };
+    // Two writers planned from the same state without refill: both apply.
+    let plain = change(T0);
+    assert!(plain.refill.is_none());
+    let mut stored = seen.clone();
+    stored.apply(&plain).unwrap();
+    stored.apply(&plain).unwrap();
+    assert_eq!(stored.limits[0].balance, 2 * MILLI);
+    assert_eq!(stored.limits[0].consumed, 8 * MILLI);
+    // A third one would overdraw: refused.
+    assert_eq!(stored.apply(&plain), Err(ConditionFailed));
+    // Two refills planned from the same state: the second fails.
+    let refill = change(T0 + 300);
+    assert!(refill.refill.is_some());
+    let mut stored = seen.clone();
+    stored.apply(&refill).unwrap();
+    assert_eq!(stored.limits[0].balance, 7 * MILLI);
+    assert_eq!(stored.apply(&refill), Err(ConditionFailed));
+    // A refund that raced a refill stops the refill (it would overfill).
+    let mut stored = seen.clone();
+    stored.adjust(&tokens("rps", -1)).unwrap();
+    assert_eq!(stored.apply(&refill), Err(ConditionFailed));
+}
+
+#[test]
+fn reconfiguring_clamps_shrinks_keeps_debt_and_starts_new_limits_full() {
+    let old = vec![Limit::per_minute("rpm", 100).unwrap()];
+    let mut b = None;
+    assert!(acquire(&mut b, &old, &tokens("rpm", 10), T0));
+    let new = canonical(vec![
+        Limit::per_minute("rpm", 50).unwrap(),
+        Limit::per_minute("tpm", 1_000).unwrap(),
+    ])
+    .unwrap();
+    assert!(acquire(&mut b, &new, &tokens("tpm", 10), T0));
+    let stored = b.as_ref().unwrap();
+    assert_eq!(stored.limit_set(), new);
+    assert_eq!(stored.limit(&name("rpm")).unwrap().balance, 50 * MILLI);
+    assert_eq!(stored.limit(&name("rpm")).unwrap().consumed, 10 * MILLI);
+    assert_eq!(stored.limit(&name("tpm")).unwrap().balance, 990 * MILLI);
+    // Dropping a limit removes it.
+    let only_tpm = vec![Limit::per_minute("tpm", 1_000).unwrap()];
+    assert!(acquire(&mut b, &only_tpm, &[], T0 + 1));
+    assert_eq!(b.as_ref().unwrap().limit_set(), only_tpm);
+    // A capacity raise refills over time rather than at once.
+    let raised = vec![Limit::per_minute("tpm", 2_000).unwrap()];
+    assert!(acquire(&mut b, &raised, &[], T0 + 2));
+    assert!(balance(&b, "tpm", T0 + 2) < 1_000 * MILLI);
+}
+
+#[test]
+fn custom_limits_refill_by_their_own_period() {
+    let limits = vec![Limit::custom("c", 5, 1, Duration::from_secs(3)).unwrap()];
+    let mut b = None;
+    assert!(acquire(&mut b, &limits, &tokens("c", 5), T0));
+    assert_eq!(
+        rejection(b.as_ref(), &limits, &tokens("c", 2), T0).retry_after_ms(),
+        Some(6_000)
+    );
+    assert_eq!(balance(&b, "c", T0 + 2_999), 999);
+}
+
+prop_compose! {
+    fn any_limit()(capacity in 1u64..10_000, amount in 1u64..10_000, period in 1u64..120_000) -> Limit {
+        Limit::custom("l", capacity, amount, Duration::from_millis(period)).unwrap()
+    }
+}
+
+proptest! {
+    /// Refilling in many steps credits exactly what one step would (no drift).
+    #[test]
+    fn refill_is_drift_free(limit in any_limit(), steps in prop::collection::vec(0i64..5_000, 1..50)) {
+        let limit = limit.with_burst(MAX_TOKENS).unwrap();
+        let mut stepwise = Bucket::full(vec![limit.clone()], T0);
+        stepwise.limits[0].balance = 0;
+        let at_once = stepwise.clone();
+        let mut now = T0;
+        for dt in &steps {
+            now += dt;
+            stepwise = stepwise.at(now);
+        }
+        prop_assert_eq!(stepwise.at(now).limits[0].balance, at_once.at(now).limits[0].balance);
+    }
+
+    /// Over any interval, admitted <= capacity + what the refill rate allows; tokens never exceed
+    /// capacity after a refill.
+    #[test]
+    fn admitted_never_exceeds_capacity_plus_refill(
+        limit in any_limit(),
+        requests in prop::collection::vec((0i64..2_000, 1i64..3_000), 1..200),
+    ) {
+        let limits = vec![limit.clone()];
+        let mut b = None;
+        let mut now = T0;
+        let mut admitted = 0i64;
+        for (dt, milli) in requests {
+            now += dt;
+            let amounts = vec![(limit.name().clone(), milli)];
+            if acquire(&mut b, &limits, &amounts, now) {
+                admitted += milli;
+            }
+            if let Some(bucket) = &b {
+                prop_assert!(bucket.at(now).limits[0].balance <= limit.capacity());
+            }
+        }
+        let refill = i128::from(now - T0) * i128::from(limit.refill_amount()) / i128::from(limit.refill_period_ms());
+        prop_assert!(i128::from(admitted) <= i128::from(limit.capacity()) + refill);
+        if let Some(bucket) = &b {
+            prop_assert_eq!(bucket.limits[0].consumed, admitted);
+        }
+    }
+
+    /// Splitting one acquire into smaller ones at the same instant never admits more.
+    #[test]
+    fn splitting_a_request_never_admits_more(limit in any_limit(), used in 0i64..10_000, total in 1i64..20_000, parts in 1usize..10) {
+        let limits = vec![limit.clone()];
+        let mut seen = Bucket::full(limits.clone(), T0);
+        seen.limits[0].balance = limit.capacity() - used.min(limit.capacity());
+        let whole = matches!(plan(Some(&seen), &limits, &[(limit.name().clone(), total)], T0 + 1).unwrap(), Plan::Admit { .. });
+        let mut b = Some(seen);
+        let piece = total / parts as i64;
+        let mut admitted = 0;
+        for _ in 0..parts {
+            if acquire(&mut b, &limits, &[(limit.name().clone(), piece)], T0 + 1) {
+                admitted += piece;
+            }
+        }
+        prop_assert!(admitted <= total);
+        if whole { prop_assert!(admitted == piece * parts as i64); }
+        else { prop_assert!(admitted < total); }
+    }
+
+    /// `retry_after` is exact: one millisecond earlier is refused, at it the request fits.
+    #[test]
+    fn retry_after_is_exact(limit in any_limit(), drained in 1i64..20_000, want in 1i64..10_000, start in 0i64..10_000) {
+        let limits = vec![limit.clone()];
+        let mut seen = Bucket::full(limits.clone(), T0);
+        seen.limits[0].balance = limit.capacity() - drained;
+        let amounts = vec![(limit.name().clone(), want)];
+        let now = T0 + start;
+        if let Plan::Reject(r) = plan(Some(&seen), &limits, &amounts, now).unwrap() {
+            match r.retry_after_ms() {
+                None => prop_assert!(want > limit.capacity()),
+                Some(wait) => {
+                    prop_assert!(wait > 0);
+                    let wait = wait as i64;
+                    prop_assert!(matches!(plan(Some(&seen), &limits, &amounts, now + wait - 1).unwrap(), Plan::Reject(_)));
+                    prop_assert!(matches!(plan(Some(&seen), &limits, &amounts, now + wait).unwrap(), Plan::Admit { .. }));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,403 @@
+//! Limit definitions: a named token bucket's capacity and refill rate.
+//!
+//! Everything is kept in integer milli-tokens and milliseconds, so no float ever decides an
+//! admission. Constructors validate, so a `Limit` in hand is always usable by the bucket math
+//! without overflow checks of its own.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Milli-tokens per token.
+pub const MILLI: i64 = 1_000;
+/// The largest capacity or refill amount, in whole tokens (as in the Python zae-limiter).
+pub const MAX_TOKENS: u64 = 1_000_000_000_000_000;
+/// The longest refill period: ten years.
+pub const MAX_PERIOD_MS: i64 = 10 * 366 * 24 * 3_600 * 1_000;
+/// The longest limit name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Why a limit definition was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    #[error("limit name is empty")]
+    EmptyName,
+    #[error("limit name {name:?} is {len} characters long, the maximum is {MAX_NAME_LEN}")]
+    NameTooLong { name: String, len: usize },
+    #[error(
+        "limit name {name:?} contains {ch:?}: use letters, digits, '_', '-' and '.' (starting with a letter or digit)"
+    )]
+    InvalidName { name: String, ch: char },
+    #[error("limit {name:?}: {field} must be greater than zero")]
+    Zero { name: String, field: &'static str },
+    #[error("limit {name:?}: {field} {value} is larger than the maximum {max}")]
+    TooLarge {
+        name: String,
+        field: &'static str,
+        value: u128,
+        max: u128,
+    },
+    #[error("limit {name:?} is given more than once")]
+    Duplicate { name: String },
+    #[error("malformed limit encoding {0:?}")]
+    Malformed(String),
+}
+
+/// A validated limit name: 1 to 64 characters of `[A-Za-z0-9_.-]`, starting with a letter or digit.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct LimitName(String);
+
+impl LimitName {
+    /// # Errors
+    /// [`LimitError`] when the name is empty, too long or has a character outside the allowed set.
+    pub fn new(name: impl Into<String>) -> Result<Self, LimitError> {
+        let name = name.into();
+        if name.is_empty() {
+            return Err(LimitError::EmptyName);
+        }
+        let len = name.chars().count();
+        if len > MAX_NAME_LEN {
+            return Err(LimitError::NameTooLong { name, len });
+        }
+        let first_ok = name.starts_with(|c: char| c.is_ascii_alphanumeric());
+        if let Some(ch) = name
+            .chars()
+            .find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
+            .or(if first_ok { None } else { name.chars().next() })
+        {
+            return Err(LimitError::InvalidName { name, ch });
+        }
+        Ok(Self(name))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for LimitName {
+    type Error = LimitError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        Self::new(value)
+    }
+}
+
+impl From<LimitName> for String {
+    fn from(value: LimitName) -> Self {
+        value.0
+    }
+}
+
+impl fmt::Display for LimitName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One token bucket's definition: `capacity` tokens at most, refilled by `refill_amount` tokens every
+/// `refill_period`, continuously (lazily computed, never on a timer).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Limit {
+    name: LimitName,
+    capacity: i64,
+    refill_amount: i64,
+    refill_period_ms: i64,
+}
+
+impl Limit {
+    /// `rate` tokens per second; the capacity is `rate` (see [`Limit::with_burst`]).
+    ///
+    /// # Errors
+    /// [`LimitError`] for a bad name, a zero rate or a rate above [`MAX_TOKENS`].
+    pub fn per_second(name: &str, rate: u64) -> Result<Self, LimitError> {
+        Self::custom(name, rate, rate, Duration::from_secs(1))
+    }
+
+    /// `rate` tokens per minute. See [`Limit::per_second`].
+    ///
+    /// # Errors
+    /// As [`Limit::per_second`].
+    pub fn per_minute(name: &str, rate: u64) -> Result<Self, LimitError> {
+        Self::custom(name, rate, rate, Duration::from_secs(60))
+    }
+
+    /// `rate` tokens per hour. See [`Limit::per_second`].
+    ///
+    /// # Errors
+    /// As [`Limit::per_second`].
+    pub fn per_hour(name: &str, rate: u64) -> Result<Self, LimitError> {
+        Self::custom(name, rate, rate, Duration::from_secs(3_600))
+    }
+
+    /// `rate` tokens per day. See [`Limit::per_second`].
+    ///
+    /// # Errors
+    /// As [`Limit::per_second`].
+    pub fn per_day(name: &str, rate: u64) -> Result<Self, LimitError> {
+        Self::custom(name, rate, rate, Duration::from_secs(86_400))
+    }
+
+    /// A bucket of `capacity` tokens refilled by `refill_amount` tokens every `refill_period`.
+    ///
+    /// # Errors
+    /// [`LimitError`] for a bad name, a zero value, values above [`MAX_TOKENS`], or a period shorter
+    /// than a millisecond or longer than ten years.
+    pub fn custom(
+        name: &str,
+        capacity: u64,
+        refill_amount: u64,
+        refill_period: Duration,
+    ) -> Result<Self, LimitError> {
+        let name = LimitName::new(name)?;
+        let capacity = whole_tokens(&name, "capacity", capacity)?;
+        let refill_amount = whole_tokens(&name, "refill amount", refill_amount)?;
+        let period = refill_period.as_millis();
+        if period == 0 {
+            return Err(zero(&name, "refill period (in milliseconds)"));
+        }
+        if period > MAX_PERIOD_MS as u128 {
+            return Err(LimitError::TooLarge {
+                name: name.0,
+                field: "refill period (ms)",
+                value: period,
+                max: MAX_PERIOD_MS as u128,
+            });
+        }
+        Ok(Self {
+            name,
+            capacity,
+            refill_amount,
+            refill_period_ms: period as i64,
+        })
+    }
+
+    /// The same limit with a capacity of `burst` tokens instead of one period's refill.
+    ///
+    /// # Errors
+    /// [`LimitError`] for a zero burst or one above [`MAX_TOKENS`].
+    pub fn with_burst(mut self, burst: u64) -> Result<Self, LimitError> {
+        self.capacity = whole_tokens(&self.name, "burst", burst)?;
+        Ok(self)
+    }
+
+    /// A limit from its stored milli-token form.
+    ///
+    /// # Errors
+    /// [`LimitError`] when any value is out of range.
+    pub fn from_milli(
+        name: LimitName,
+        capacity: i64,
+        refill_amount: i64,
+        refill_period_ms: i64,
+    ) -> Result<Self, LimitError> {
+        let max = MAX_TOKENS as i64 * MILLI;
+        for (field, value, max) in [
+            ("capacity", capacity, max),
+            ("refill amount", refill_amount, max),
+            ("refill period (ms)", refill_period_ms, MAX_PERIOD_MS),
+        ] {
+            if value <= 0 {
+                return Err(zero(&name, field));
+            }
+            if value > max {
+                return Err(LimitError::TooLarge {
+                    name: name.0,
+                    field,
+                    value: value as u128,
+                    max: max as u128,
+                });
+            }
+        }
+        Ok(Self {
+            name,
+            capacity,
+            refill_amount,
+            refill_period_ms,
+        })
+    }
+
+    pub fn name(&self) -> &LimitName {
+        &self.name
+    }
+    /// Capacity in milli-tokens.
+    pub fn capacity(&self) -> i64 {
+        self.capacity
+    }
+    /// Refill amount per period, in milli-tokens.
+    pub fn refill_amount(&self) -> i64 {
+        self.refill_amount
+    }
+    pub fn refill_period_ms(&self) -> i64 {
+        self.refill_period_ms
+    }
+}
+
+fn zero(name: &LimitName, field: &'static str) -> LimitError {
+    LimitError::Zero {
+        name: name.0.clone(),
+        field,
+    }
+}
+
+fn whole_tokens(name: &LimitName, field: &'static str, tokens: u64) -> Result<i64, LimitError> {
+    if tokens == 0 {
+        return Err(zero(name, field));
+    }
+    if tokens > MAX_TOKENS {
+        return Err(LimitError::TooLarge {
+            name: name.0.clone(),
+            field,
+            value: tokens.into(),
+            max: MAX_TOKENS.into(),
+        });
+    }
+    Ok(tokens as i64 * MILLI)
+}
+
+/// Checks a set of limits for duplicate names and returns it sorted by name (the canonical order).
+///
+/// # Errors
+/// [`LimitError::Duplicate`] when two limits share a name.
+pub fn canonical(mut limits: Vec<Limit>) -> Result<Vec<Limit>, LimitError> {
+    limits.sort_by(|a, b| a.name.cmp(&b.name));
+    if let Some(w) = limits.windows(2).find(|w| w[0].name == w[1].name) {
+        return Err(LimitError::Duplicate {
+            name: w[0].name.0.clone(),
+        });
+    }
+    Ok(limits)
+}
+
+/// The stored text form of a limit set: `name:capacity:refill_amount:refill_period_ms` in
+/// milli-tokens, comma separated, in canonical order. Equal sets encode equally, so the text also
+/// serves as a version stamp in conditional writes.
+pub fn encode(limits: &[Limit]) -> String {
+    let mut out = String::new();
+    for (i, l) in limits.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!(
+            "{}:{}:{}:{}",
+            l.name, l.capacity, l.refill_amount, l.refill_period_ms
+        ));
+    }
+    out
+}
+
+/// Parses [`encode`]'s form.
+///
+/// # Errors
+/// [`LimitError`] for malformed text or out-of-range values.
+pub fn decode(text: &str) -> Result<Vec<Limit>, LimitError> {
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    let limits = text
+        .split(',')
+        .map(|part| {
+            let fields: Vec<&str> = part.split(':').collect();
+            let [name, cap, amount, period] = fields[..] else {
+                return Err(LimitError::Malformed(part.to_owned()));
+            };
+            let num = |s: &str| {
+                s.parse::<i64>()
+                    .map_err(|_| LimitError::Malformed(part.to_owned()))
+            };
+            Limit::from_milli(LimitName::new(name)?, num(cap)?, num(amount)?, num(period)?)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    canonical(limits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_set_capacity_and_period() {
+        let l = Limit::per_minute("rpm", 100).unwrap();
+        assert_eq!(l.capacity(), 100_000);
+        assert_eq!(l.refill_amount(), 100_000);
+        assert_eq!(l.refill_period_ms(), 60_000);
+        let l = Limit::per_second("rps", 1).unwrap().with_burst(10).unwrap();
+        assert_eq!((l.capacity(), l.refill_amount()), (10_000, 1_000));
+        assert_eq!(
+            Limit::per_hour("h", 5).unwrap().refill_period_ms(),
+            3_600_000
+        );
+        assert_eq!(
+            Limit::per_day("d", 5).unwrap().refill_period_ms(),
+            86_400_000
+        );
+    }
+
+    #[test]
+    fn bad_definitions_are_refused_with_the_field_named() {
+        assert_eq!(Limit::per_second("", 1), Err(LimitError::EmptyName));
+        let long = "x".repeat(65);
+        assert!(matches!(
+            Limit::per_second(&long, 1),
+            Err(LimitError::NameTooLong { len: 65, .. })
+        ));
+        assert!(matches!(
+            Limit::per_second("a b", 1),
+            Err(LimitError::InvalidName { ch: ' ', .. })
+        ));
+        assert!(matches!(
+            Limit::per_second("-a", 1),
+            Err(LimitError::InvalidName { ch: '-', .. })
+        ));
+        let err = Limit::per_second("rpm", 0).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "limit \"rpm\": capacity must be greater than zero"
+        );
+        assert!(matches!(
+            Limit::per_second("rpm", MAX_TOKENS + 1),
+            Err(LimitError::TooLarge {
+                field: "capacity",
+                ..
+            })
+        ));
+        assert!(Limit::per_second("rpm", MAX_TOKENS).is_ok());
+        assert!(matches!(
+            Limit::custom("x", 1, 1, Duration::from_micros(999)),
+            Err(LimitError::Zero { .. })
+        ));
+        assert!(matches!(
+            Limit::custom("x", 1, 1, Duration::from_secs(u64::MAX)),
+            Err(LimitError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            Limit::per_second("x", 1).unwrap().with_burst(0),
+            Err(LimitError::Zero { field: "burst", .. })
+        ));
+    }
+
+    #[test]
+    fn encoding_round_trips_in_canonical_order() {
+        let limits = vec![
+            Limit::per_minute("tpm", 10_000).unwrap(),
+            Limit::per_minute("rpm", 100)
+                .unwrap()
+                .with_burst(150)
+                .unwrap(),
+        ];
+        let limits = canonical(limits).unwrap();
+        let text = encode(&limits);
+        assert_eq!(text, "rpm:150000:100000:60000,tpm:10000000:10000000:60000");
+        assert_eq!(decode(&text).unwrap(), limits);
+        assert!(decode("rpm:1:2").is_err());
+        assert!(decode("rpm:0:1:1").is_err());
+        assert!(matches!(
+            canonical(vec![
+                Limit::per_second("a", 1).unwrap(),
+                Limit::per_minute("a", 1).unwrap()
+            ]),
+            Err(LimitError::Duplicate { .. })
+        ));
+    }
+}

@@ -1,0 +1,101 @@
+//! Entities, stored limit scopes and audit records: plain data, no behaviour beyond validation.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use super::ids::{EntityId, ResourceId};
+
+/// Something limits apply to: an API key, a user, a project. An entity with `cascade` on charges
+/// its parent's buckets too, in the same atomic commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entity {
+    pub id: EntityId,
+    pub name: String,
+    pub parent: Option<EntityId>,
+    pub cascade: bool,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Where a stored limit set applies. Resolution order: entity+resource, entity default, resource,
+/// system; the first level that has limits supplies the whole set.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LimitScope {
+    EntityResource(EntityId, ResourceId),
+    Entity(EntityId),
+    Resource(ResourceId),
+    System,
+}
+
+impl LimitScope {
+    /// The audit subject of a change at this scope: the entity id for entity scopes, otherwise a
+    /// name that no entity id can clash with in meaning (`#resource:...`, `#system`).
+    pub fn audit_subject(&self) -> String {
+        match self {
+            Self::EntityResource(e, _) | Self::Entity(e) => e.to_string(),
+            Self::Resource(r) => format!("#resource:{r}"),
+            Self::System => "#system".to_owned(),
+        }
+    }
+}
+
+/// What an audited change did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditAction {
+    EntityCreated,
+    EntityDeleted,
+    LimitsSet,
+    LimitsDeleted,
+}
+
+impl AuditAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EntityCreated => "entity_created",
+            Self::EntityDeleted => "entity_deleted",
+            Self::LimitsSet => "limits_set",
+            Self::LimitsDeleted => "limits_deleted",
+        }
+    }
+
+    /// # Errors
+    /// The unknown text, when it names no action.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        [
+            Self::EntityCreated,
+            Self::EntityDeleted,
+            Self::LimitsSet,
+            Self::LimitsDeleted,
+        ]
+        .into_iter()
+        .find(|a| a.as_str() == text)
+        .ok_or_else(|| text.to_owned())
+    }
+}
+
+impl fmt::Display for AuditAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who changed something, and when: supplied by the caller of every audited store operation, so
+/// the record is written atomically with the change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Actor {
+    pub principal: String,
+    pub at_ms: i64,
+}
+
+/// One audit record. `before`/`after` are JSON texts of the changed record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub subject: String,
+    pub action: AuditAction,
+    pub principal: String,
+    pub at_ms: i64,
+    pub before: Option<String>,
+    pub after: Option<String>,
+}

@@ -1,0 +1,29 @@
+//! zae-limiter: a node-local rate-limit daemon for LLM and API traffic, with DynamoDB as the
+//! authoritative store.
+//!
+//! Layout and invariants:
+//! - [`domain`]: pure, deterministic token-bucket math, limits, ids and records. No I/O, no clock.
+//! - [`store`]: one storage trait ([`store::Store`]) with an embedded in-memory implementation and
+//!   a DynamoDB one; both pass the same conformance suite (`tests/conformance.rs`).
+//! - [`consume`]: plan, write conditionally, re-plan on conflict from the returned item.
+//! - [`clock`]: the only place that reads the wall clock.
+//!
+//! Money and safety rules that every change must keep: one bucket item per (namespace, entity,
+//! resource) holds all its limits (one write per decision); bucket items are in no index; every
+//! write to a bucket is conditional on what it was planned from, so any number of daemons sharing
+//! a table never admit more than the limits allow.
+
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations, rust_2018_idioms)]
+
+pub mod clock;
+pub mod consume;
+pub mod domain;
+pub mod proto;
+pub mod store;
+
+pub use domain::bucket::{Bucket, LimitStatus, Rejection};
+pub use domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
+pub use domain::limit::{Limit, LimitError, LimitName};
+pub use domain::records::{Entity, LimitScope};
+pub use store::{Store, StoreError};

@@ -1,0 +1,180 @@
+//! The one storage trait, and its two implementations: [`memory::MemoryStore`] (embedded, the
+//! default) and [`dynamodb::DynamoStore`] (authoritative, shared by many daemons).
+//!
+//! The trait speaks in domain terms. Bucket writes are the conditional [`Write`]s planned by the
+//! pure bucket math; a store only checks their conditions atomically and applies them. A failed
+//! condition comes back as [`StoreError::Conflict`] carrying the stored item as it is now, so the
+//! caller can re-plan without another read. Every entity and limit change takes an [`Actor`] and
+//! writes its audit record in the same atomic operation: there is never a change without its record,
+//! nor a record without its change.
+
+pub mod dynamodb;
+pub mod memory;
+
+use async_trait::async_trait;
+
+use crate::domain::bucket::{Bucket, Write};
+use crate::domain::ids::{BucketKey, EntityId, Namespace};
+use crate::domain::limit::{Limit, LimitName};
+use crate::domain::records::{Actor, AuditEntry, Entity, LimitScope};
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// A conditional write found the item changed; `current` is the item as stored now (`None`:
+    /// it does not exist). `index` is the failing write's position in a commit.
+    #[error("write {index} conflicted with a concurrent change")]
+    Conflict {
+        index: usize,
+        current: Option<Box<Bucket>>,
+    },
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0} does not exist")]
+    NotFound(String),
+    /// Throttling, time-outs, an unreachable endpoint: retrying later may succeed.
+    #[error("store temporarily unavailable: {0}")]
+    Transient(String),
+    #[error("stored item is corrupt: {0}")]
+    Corrupt(String),
+    /// Anything else the backend refused (missing table, rejected credentials, bad request).
+    #[error("{0}")]
+    Backend(String),
+}
+
+impl StoreError {
+    /// Whether the same call may succeed if tried again later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Transient(_))
+    }
+}
+
+/// One bucket operation inside an atomic [`Store::commit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyedWrite {
+    pub key: BucketKey,
+    pub op: BucketOp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BucketOp {
+    /// A conditional write planned by [`crate::domain::bucket::plan`].
+    Write(Write),
+    /// Unconditional consumption (negative: refund) per limit, milli-tokens; see [`Store::adjust_bucket`].
+    Adjust(Vec<(LimitName, i64)>),
+}
+
+/// One page of audit records, newest first; `next` continues after the last one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditPage {
+    pub entries: Vec<AuditEntry>,
+    pub next: Option<String>,
+}
+
+/// The storage operations the limiter needs. Object-safe: the daemon picks a backend at run time.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Reads one bucket (`None` if it was never created).
+    async fn load_bucket(&self, key: &BucketKey) -> Result<Option<Bucket>, StoreError>;
+
+    /// Applies one conditional write and returns the bucket as stored after it.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] with the current item when a condition fails (a create that finds
+    /// the bucket already there included).
+    async fn write_bucket(&self, key: &BucketKey, write: &Write) -> Result<Bucket, StoreError>;
+
+    /// Adds consumption to existing limits without any balance condition (adjustments, commits of
+    /// a lease's delta, refunds). Balances may go negative.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when the bucket does not exist; [`StoreError::Conflict`] with the
+    /// current item when it lacks one of the limits.
+    async fn adjust_bucket(
+        &self,
+        key: &BucketKey,
+        amounts: &[(LimitName, i64)],
+    ) -> Result<(), StoreError>;
+
+    /// Applies several bucket operations all or nothing.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] naming the first failing write; nothing is applied.
+    async fn commit(&self, writes: &[KeyedWrite]) -> Result<(), StoreError>;
+
+    /// # Errors
+    /// [`StoreError::AlreadyExists`] when an entity with this id exists.
+    async fn create_entity(
+        &self,
+        ns: &Namespace,
+        entity: &Entity,
+        by: &Actor,
+    ) -> Result<(), StoreError>;
+
+    async fn get_entity(&self, ns: &Namespace, id: &EntityId)
+    -> Result<Option<Entity>, StoreError>;
+
+    /// # Errors
+    /// [`StoreError::NotFound`] when there is no such entity.
+    async fn delete_entity(
+        &self,
+        ns: &Namespace,
+        id: &EntityId,
+        by: &Actor,
+    ) -> Result<(), StoreError>;
+
+    /// The entities whose parent is `parent`, ordered by id.
+    async fn list_children(
+        &self,
+        ns: &Namespace,
+        parent: &EntityId,
+    ) -> Result<Vec<Entity>, StoreError>;
+
+    /// Replaces the limit set stored at `scope` (`limits` in canonical order).
+    async fn set_limits(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        limits: &[Limit],
+        by: &Actor,
+    ) -> Result<(), StoreError>;
+
+    async fn get_limits(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+    ) -> Result<Option<Vec<Limit>>, StoreError>;
+
+    /// # Errors
+    /// [`StoreError::NotFound`] when nothing is stored at `scope`.
+    async fn delete_limits(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        by: &Actor,
+    ) -> Result<(), StoreError>;
+
+    /// Audit records of `subject` (an entity id, or [`LimitScope::audit_subject`]), newest first.
+    async fn list_audit(
+        &self,
+        ns: &Namespace,
+        subject: &str,
+        page_size: usize,
+        after: Option<&str>,
+    ) -> Result<AuditPage, StoreError>;
+}
+
+/// A sort key for an audit record: time first (so a query can return newest first), then a
+/// process-unique suffix so that records made in the same millisecond never overwrite each other.
+pub(crate) fn audit_sort_key(at_ms: i64) -> String {
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let salt = RandomState::new().hash_one(seq) & 0xffff_ffff;
+    format!("{:020}#{salt:08x}{seq:08x}", at_ms.max(0))
+}
+
+pub(crate) fn entity_json(entity: &Entity) -> String {
+    serde_json::to_string(entity).expect("entities always serialize: strings and maps only")
+}

@@ -1,0 +1,1021 @@
+//! The DynamoDB store: the authoritative state shared by every daemon on a table.
+//!
+//! Item layout (documented for operators in `docs/data-model.md`): one table with string keys `PK`
+//! and `SK`, every `PK` starting with the namespace. One bucket item per (namespace, entity,
+//! resource) holds all its limits, so one conditional `UpdateItem` decides a multi-limit acquire.
+//! Bucket items carry no GSI attributes (no write amplification); only entity items with a parent
+//! carry `GSI1PK`/`GSI1SK`, for the parent -> children index.
+//!
+//! Bucket [`Change`]s are translated into condition and update expressions that check exactly
+//! what [`crate::domain::bucket::Bucket::apply`] checks. Failed conditions ask for the old image
+//! (`ReturnValuesOnConditionCheckFailure = ALL_OLD`), so a conflict costs no extra read.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::Client;
+use aws_sdk_dynamodb::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::put_item::PutItemError;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, Delete, Put, ReturnValue, ReturnValuesOnConditionCheckFailure,
+    TransactWriteItem, Update,
+};
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+
+use super::{AuditPage, BucketOp, KeyedWrite, Store, StoreError, audit_sort_key, entity_json};
+use crate::domain::bucket::{Bucket, Change, LimitChange, LimitState, Write};
+use crate::domain::ids::{BucketKey, EntityId, Namespace};
+use crate::domain::limit::{self, Limit, LimitName, encode};
+use crate::domain::records::{Actor, AuditAction, AuditEntry, Entity, LimitScope};
+
+pub mod table;
+
+/// Attribute and index names of the table schema.
+pub mod schema {
+    pub const PK: &str = "PK";
+    pub const SK: &str = "SK";
+    pub const GSI1: &str = "GSI1";
+    pub const GSI1PK: &str = "GSI1PK";
+    pub const GSI1SK: &str = "GSI1SK";
+    pub const TTL: &str = "ttl";
+    /// The version of the item layout this build reads and writes.
+    pub const VERSION: i64 = 1;
+}
+
+use schema::{GSI1, GSI1PK, GSI1SK, PK, SK, TTL};
+
+/// Where the table is and how to reach it.
+#[derive(Debug, Clone)]
+pub struct DynamoSettings {
+    pub table: String,
+    pub region: String,
+    /// A custom endpoint (DynamoDB Local); `None` for AWS.
+    pub endpoint_url: Option<String>,
+    /// Static credentials (`access key`, `secret`); `None` uses the standard AWS chain.
+    pub credentials: Option<(String, String)>,
+    /// Time for one attempt of a call, including connecting.
+    pub attempt_timeout: Duration,
+    /// Attempts per call (throttling and network errors are retried with backoff).
+    pub max_attempts: u32,
+    /// How long audit records are kept before DynamoDB's TTL removes them.
+    pub audit_retention: Duration,
+}
+
+impl DynamoSettings {
+    pub fn new(table: impl Into<String>) -> Self {
+        Self {
+            table: table.into(),
+            region: "us-east-1".into(),
+            endpoint_url: None,
+            credentials: None,
+            attempt_timeout: Duration::from_secs(3),
+            max_attempts: 3,
+            audit_retention: Duration::from_secs(90 * 86_400),
+        }
+    }
+
+    /// A DynamoDB client for these settings, with bounded time-outs so that no call hangs.
+    pub async fn client(&self) -> Client {
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(self.attempt_timeout.min(Duration::from_secs(2)))
+            .operation_attempt_timeout(self.attempt_timeout)
+            .operation_timeout(self.attempt_timeout * self.max_attempts.max(1) * 2)
+            .build();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(self.region.clone()))
+            .timeout_config(timeouts)
+            .retry_config(RetryConfig::standard().with_max_attempts(self.max_attempts.max(1)));
+        if let Some(url) = &self.endpoint_url {
+            loader = loader.endpoint_url(url);
+        }
+        if let Some((key, secret)) = &self.credentials {
+            loader = loader.credentials_provider(Credentials::new(
+                key,
+                secret,
+                None,
+                None,
+                "zae-limiter-static",
+            ));
+        }
+        Client::new(&loader.load().await)
+    }
+}
+
+/// The DynamoDB implementation of [`Store`].
+#[derive(Debug, Clone)]
+pub struct DynamoStore {
+    client: Client,
+    table: String,
+    audit_retention: Duration,
+}
+
+impl DynamoStore {
+    pub async fn connect(settings: &DynamoSettings) -> Self {
+        Self {
+            client: settings.client().await,
+            table: settings.table.clone(),
+            audit_retention: settings.audit_retention,
+        }
+    }
+}
+
+// ---- keys --------------------------------------------------------------------------------------
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+
+fn n(v: i64) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn entity_pk(ns: &Namespace, id: &EntityId) -> String {
+    format!("{ns}#E#{id}")
+}
+
+fn bucket_keys(key: &BucketKey) -> HashMap<String, AttributeValue> {
+    keys(
+        entity_pk(&key.namespace, &key.entity),
+        format!("#B#{}", key.resource),
+    )
+}
+
+fn entity_keys(ns: &Namespace, id: &EntityId) -> HashMap<String, AttributeValue> {
+    keys(entity_pk(ns, id), "#ENTITY".into())
+}
+
+fn limits_keys(ns: &Namespace, scope: &LimitScope) -> HashMap<String, AttributeValue> {
+    let (pk, sk) = match scope {
+        LimitScope::EntityResource(e, r) => (entity_pk(ns, e), format!("#L#{r}")),
+        LimitScope::Entity(e) => (entity_pk(ns, e), "#L".to_owned()),
+        LimitScope::Resource(r) => (format!("{ns}#R#{r}"), "#L".to_owned()),
+        LimitScope::System => (format!("{ns}#S"), "#L".to_owned()),
+    };
+    keys(pk, sk)
+}
+
+fn audit_pk(ns: &Namespace, subject: &str) -> String {
+    format!("{ns}#A#{subject}")
+}
+
+fn keys(pk: String, sk: String) -> HashMap<String, AttributeValue> {
+    HashMap::from([(PK.to_owned(), s(pk)), (SK.to_owned(), s(sk))])
+}
+
+// ---- bucket codec ------------------------------------------------------------------------------
+
+const CONFIG: &str = "cfg";
+const REFILLED_AT: &str = "rt";
+
+fn balance_attr(name: &LimitName) -> String {
+    format!("b:{name}")
+}
+fn carry_attr(name: &LimitName) -> String {
+    format!("k:{name}")
+}
+fn consumed_attr(name: &LimitName) -> String {
+    format!("c:{name}")
+}
+
+type Item = HashMap<String, AttributeValue>;
+
+fn bucket_item(key: &BucketKey, bucket: &Bucket) -> Item {
+    let mut item = bucket_keys(key);
+    item.insert(CONFIG.into(), s(encode(&bucket.limit_set())));
+    item.insert(REFILLED_AT.into(), n(bucket.refilled_at));
+    for l in &bucket.limits {
+        let name = l.limit.name();
+        item.insert(balance_attr(name), n(l.balance));
+        item.insert(carry_attr(name), n(l.carry));
+        item.insert(consumed_attr(name), n(l.consumed));
+    }
+    item
+}
+
+fn number(item: &Item, attr: &str) -> Result<i64, StoreError> {
+    match item.get(attr) {
+        Some(AttributeValue::N(v)) => v.parse().map_err(|_| {
+            StoreError::Corrupt(format!("attribute {attr} = {v:?} is not an integer"))
+        }),
+        _ => Err(StoreError::Corrupt(format!(
+            "attribute {attr} is missing or not a number"
+        ))),
+    }
+}
+
+fn string<'a>(item: &'a Item, attr: &str) -> Result<&'a str, StoreError> {
+    match item.get(attr) {
+        Some(AttributeValue::S(v)) => Ok(v),
+        _ => Err(StoreError::Corrupt(format!(
+            "attribute {attr} is missing or not a string"
+        ))),
+    }
+}
+
+fn decode_bucket(item: &Item) -> Result<Bucket, StoreError> {
+    let limits =
+        limit::decode(string(item, CONFIG)?).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let limits = limits
+        .into_iter()
+        .map(|limit| {
+            let name = limit.name().clone();
+            Ok(LimitState {
+                balance: number(item, &balance_attr(&name))?,
+                carry: number(item, &carry_attr(&name))?,
+                consumed: number(item, &consumed_attr(&name))?,
+                limit,
+            })
+        })
+        .collect::<Result<_, StoreError>>()?;
+    Ok(Bucket {
+        refilled_at: number(item, REFILLED_AT)?,
+        limits,
+    })
+}
+
+fn conflict(index: usize, old: Option<&Item>) -> StoreError {
+    match old.filter(|item| !item.is_empty()).map(decode_bucket) {
+        Some(Err(e)) => e,
+        Some(Ok(bucket)) => StoreError::Conflict {
+            index,
+            current: Some(Box::new(bucket)),
+        },
+        None => StoreError::Conflict {
+            index,
+            current: None,
+        },
+    }
+}
+
+/// An update expression with its placeholders, built clause by clause.
+#[derive(Default)]
+struct Expr {
+    names: HashMap<String, String>,
+    values: HashMap<String, AttributeValue>,
+    conditions: Vec<String>,
+    set: Vec<String>,
+    add: Vec<String>,
+    remove: Vec<String>,
+}
+
+impl Expr {
+    fn name(&mut self, attr: &str) -> String {
+        let key = format!("#a{}", self.names.len());
+        self.names.insert(key.clone(), attr.to_owned());
+        key
+    }
+
+    fn value(&mut self, v: AttributeValue) -> String {
+        let key = format!(":v{}", self.values.len());
+        self.values.insert(key.clone(), v);
+        key
+    }
+
+    fn update_expression(&self) -> String {
+        let mut parts = Vec::new();
+        for (verb, clauses) in [
+            ("SET", &self.set),
+            ("ADD", &self.add),
+            ("REMOVE", &self.remove),
+        ] {
+            if !clauses.is_empty() {
+                parts.push(format!("{verb} {}", clauses.join(", ")));
+            }
+        }
+        parts.join(" ")
+    }
+
+    fn condition_expression(&self) -> Option<String> {
+        (!self.conditions.is_empty()).then(|| self.conditions.join(" AND "))
+    }
+
+    /// The expression for a [`Change`]: the same conditions as `Bucket::apply`.
+    fn change(change: &Change) -> Self {
+        let mut e = Self::default();
+        let cfg = e.name(CONFIG);
+        let seen = e.value(s(change.seen_config.clone()));
+        e.conditions.push(format!("{cfg} = {seen}"));
+        if let Some(refill) = &change.refill {
+            let rt = e.name(REFILLED_AT);
+            let seen_rt = e.value(n(refill.seen_refilled_at));
+            let new_rt = e.value(n(refill.refilled_at));
+            e.conditions.push(format!("{rt} = {seen_rt}"));
+            e.set.push(format!("{rt} = {new_rt}"));
+            let new_cfg = e.value(s(encode(&refill.limits)));
+            e.set.push(format!("{cfg} = {new_cfg}"));
+            for name in &refill.removed {
+                for attr in [balance_attr(name), carry_attr(name), consumed_attr(name)] {
+                    let a = e.name(&attr);
+                    e.remove.push(a);
+                }
+            }
+        } else if change.is_noop() {
+            // Nothing to add: rewrite the configuration with itself so the write still checks.
+            e.set.push(format!("{cfg} = {seen}"));
+        }
+        for c in &change.limits {
+            match c {
+                LimitChange::Update {
+                    name,
+                    delta,
+                    consumed,
+                    min_balance,
+                    max_balance,
+                    carry,
+                } => {
+                    let b = e.name(&balance_attr(name));
+                    let min = e.value(n(*min_balance));
+                    e.conditions.push(format!("{b} >= {min}"));
+                    if let Some(max) = max_balance {
+                        let max = e.value(n(*max));
+                        e.conditions.push(format!("{b} <= {max}"));
+                    }
+                    if *delta != 0 {
+                        let d = e.value(n(*delta));
+                        e.add.push(format!("{b} {d}"));
+                    }
+                    if *consumed != 0 {
+                        let c = e.name(&consumed_attr(name));
+                        let v = e.value(n(*consumed));
+                        e.add.push(format!("{c} {v}"));
+                    }
+                    if let Some(carry) = carry {
+                        let k = e.name(&carry_attr(name));
+                        let v = e.value(n(*carry));
+                        e.set.push(format!("{k} = {v}"));
+                    }
+                }
+                LimitChange::Insert(state) => {
+                    let name = state.limit.name();
+                    for (attr, value) in [
+                        (balance_attr(name), state.balance),
+                        (carry_attr(name), state.carry),
+                        (consumed_attr(name), state.consumed),
+                    ] {
+                        let a = e.name(&attr);
+                        let v = e.value(n(value));
+                        e.set.push(format!("{a} = {v}"));
+                    }
+                }
+            }
+        }
+        e
+    }
+
+    /// Unconditional consumption; only requires the limits to exist.
+    fn adjust(amounts: &[(LimitName, i64)]) -> Self {
+        let mut e = Self::default();
+        let pk = e.name(PK);
+        e.conditions.push(format!("attribute_exists({pk})"));
+        for (name, amount) in amounts {
+            let b = e.name(&balance_attr(name));
+            let c = e.name(&consumed_attr(name));
+            e.conditions.push(format!("attribute_exists({b})"));
+            let neg = e.value(n(-amount));
+            let pos = e.value(n(*amount));
+            e.add.push(format!("{b} {neg}"));
+            e.add.push(format!("{c} {pos}"));
+        }
+        if e.add.is_empty() {
+            e.set.push(format!("{pk} = {pk}"));
+        }
+        e
+    }
+}
+
+/// The cancellation reasons of a cancelled transaction, one per item in request order.
+trait CancellationReasons {
+    fn cancellation_reasons(&self) -> &[aws_sdk_dynamodb::types::CancellationReason];
+}
+
+impl CancellationReasons for TransactWriteItemsError {
+    fn cancellation_reasons(&self) -> &[aws_sdk_dynamodb::types::CancellationReason] {
+        match self {
+            Self::TransactionCanceledException(t) => t.cancellation_reasons(),
+            _ => &[],
+        }
+    }
+}
+
+fn maybe<T: Clone>(map: HashMap<String, T>) -> Option<HashMap<String, T>> {
+    (!map.is_empty()).then_some(map)
+}
+
+// ---- errors ------------------------------------------------------------------------------------
+
+/// Maps an SDK error to a [`StoreError`]: service codes that retrying can fix, time-outs and
+/// unreachable endpoints are transient; a missing table or refused credentials get a plain message.
+pub(crate) fn classify<E>(
+    err: SdkError<E, aws_smithy_runtime_api::http::Response>,
+    table: &str,
+) -> StoreError
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match &err {
+        SdkError::TimeoutError(_) => {
+            StoreError::Transient("DynamoDB did not answer in time".into())
+        }
+        SdkError::DispatchFailure(d) if d.is_timeout() => {
+            StoreError::Transient("DynamoDB did not answer in time".into())
+        }
+        SdkError::DispatchFailure(_) => {
+            StoreError::Transient(format!("cannot reach DynamoDB: {}", innermost(&err)))
+        }
+        SdkError::ResponseError(_) => StoreError::Transient(format!(
+            "unreadable answer from DynamoDB: {}",
+            innermost(&err)
+        )),
+        SdkError::ServiceError(se) => {
+            let code = se.err().code().unwrap_or("Unknown");
+            let message = se.err().message().unwrap_or("").to_owned();
+            match code {
+                "ProvisionedThroughputExceededException"
+                | "ThrottlingException"
+                | "RequestLimitExceeded"
+                | "InternalServerError"
+                | "ServiceUnavailable"
+                | "TransactionConflictException"
+                | "TransactionInProgressException" => {
+                    StoreError::Transient(format!("{code}: {message}"))
+                }
+                "ResourceNotFoundException" => StoreError::Backend(format!(
+                    "table {table:?} does not exist (run `zae-limiter deploy`): {message}"
+                )),
+                "UnrecognizedClientException"
+                | "InvalidSignatureException"
+                | "MissingAuthenticationTokenException"
+                | "ExpiredTokenException"
+                | "AccessDeniedException" => {
+                    StoreError::Backend(format!("AWS refused the credentials ({code}): {message}"))
+                }
+                _ => StoreError::Backend(format!("{code}: {message}")),
+            }
+        }
+        _ => StoreError::Backend(DisplayErrorContext(&err).to_string()),
+    }
+}
+
+/// The deepest cause in an error chain: for network failures, the one a person can act on
+/// ("Connection refused"), without the layers of wrapping above it.
+fn innermost(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = err;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+// ---- the store ---------------------------------------------------------------------------------
+
+impl DynamoStore {
+    fn audit_put(
+        &self,
+        ns: &Namespace,
+        entry: &AuditEntry,
+    ) -> Result<TransactWriteItem, StoreError> {
+        let mut item = keys(audit_pk(ns, &entry.subject), audit_sort_key(entry.at_ms));
+        item.insert("action".into(), s(entry.action.as_str()));
+        item.insert("principal".into(), s(entry.principal.clone()));
+        item.insert("at".into(), n(entry.at_ms));
+        if let Some(before) = &entry.before {
+            item.insert("before".into(), s(before.clone()));
+        }
+        if let Some(after) = &entry.after {
+            item.insert("after".into(), s(after.clone()));
+        }
+        let expires = entry.at_ms / 1_000 + self.audit_retention.as_secs() as i64;
+        item.insert(TTL.into(), n(expires));
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .build()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        Ok(TransactWriteItem::builder().put(put).build())
+    }
+
+    fn entity_item(&self, ns: &Namespace, entity: &Entity) -> Item {
+        let mut item = entity_keys(ns, &entity.id);
+        item.insert("name".into(), s(entity.name.clone()));
+        item.insert("cascade".into(), AttributeValue::Bool(entity.cascade));
+        if !entity.metadata.is_empty() {
+            item.insert(
+                "meta".into(),
+                AttributeValue::M(
+                    entity
+                        .metadata
+                        .iter()
+                        .map(|(k, v)| (k.clone(), s(v.clone())))
+                        .collect(),
+                ),
+            );
+        }
+        if let Some(parent) = &entity.parent {
+            item.insert("parent".into(), s(parent.to_string()));
+            item.insert(GSI1PK.into(), s(format!("{ns}#P#{parent}")));
+            item.insert(GSI1SK.into(), s(entity.id.to_string()));
+        }
+        item
+    }
+
+    /// Runs a transaction of a change and its audit record; `missing_or_present` maps the change's
+    /// condition failure to the caller's error.
+    async fn audited(
+        &self,
+        change: TransactWriteItem,
+        audit: TransactWriteItem,
+        on_condition: impl FnOnce() -> StoreError,
+    ) -> Result<(), StoreError> {
+        match self
+            .client
+            .transact_write_items()
+            .transact_items(change)
+            .transact_items(audit)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(se))
+                if se.err().is_transaction_canceled_exception()
+                    && se
+                        .err()
+                        .cancellation_reasons()
+                        .first()
+                        .and_then(|r| r.code())
+                        == Some("ConditionalCheckFailed") =>
+            {
+                Err(on_condition())
+            }
+            Err(e) => Err(classify(e, &self.table)),
+        }
+    }
+
+    fn update_for(&self, key: &BucketKey, e: Expr) -> Result<Update, StoreError> {
+        Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(bucket_keys(key)))
+            .update_expression(e.update_expression())
+            .set_condition_expression(e.condition_expression())
+            .set_expression_attribute_names(maybe(e.names))
+            .set_expression_attribute_values(maybe(e.values))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .map_err(|e| StoreError::Backend(e.to_string()))
+    }
+
+    fn transact_item(&self, w: &KeyedWrite) -> Result<TransactWriteItem, StoreError> {
+        let item = TransactWriteItem::builder();
+        Ok(match &w.op {
+            BucketOp::Write(Write::Create(bucket)) => item
+                .put(
+                    Put::builder()
+                        .table_name(&self.table)
+                        .set_item(Some(bucket_item(&w.key, bucket)))
+                        .condition_expression("attribute_not_exists(#pk)")
+                        .expression_attribute_names("#pk", PK)
+                        .return_values_on_condition_check_failure(
+                            ReturnValuesOnConditionCheckFailure::AllOld,
+                        )
+                        .build()
+                        .map_err(|e| StoreError::Backend(e.to_string()))?,
+                )
+                .build(),
+            BucketOp::Write(Write::Change(change)) => item
+                .update(self.update_for(&w.key, Expr::change(change))?)
+                .build(),
+            BucketOp::Adjust(amounts) => item
+                .update(self.update_for(&w.key, Expr::adjust(amounts))?)
+                .build(),
+        })
+    }
+
+    async fn run_update(
+        &self,
+        key: &BucketKey,
+        e: Expr,
+        want_new: bool,
+    ) -> Result<Option<Item>, StoreError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(bucket_keys(key)))
+            .update_expression(e.update_expression())
+            .set_condition_expression(e.condition_expression())
+            .set_expression_attribute_names(maybe(e.names))
+            .set_expression_attribute_values(maybe(e.values))
+            .return_values(if want_new {
+                ReturnValue::AllNew
+            } else {
+                ReturnValue::None
+            })
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match result {
+            Ok(out) => Ok(out.attributes),
+            Err(SdkError::ServiceError(se)) if se.err().is_conditional_check_failed_exception() => {
+                let old = match se.err() {
+                    UpdateItemError::ConditionalCheckFailedException(c) => c.item(),
+                    _ => None,
+                };
+                Err(conflict(0, old))
+            }
+            Err(e) => Err(classify(e, &self.table)),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for DynamoStore {
+    async fn load_bucket(&self, key: &BucketKey) -> Result<Option<Bucket>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(bucket_keys(key)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.table))?;
+        out.item.as_ref().map(decode_bucket).transpose()
+    }
+
+    async fn write_bucket(&self, key: &BucketKey, write: &Write) -> Result<Bucket, StoreError> {
+        match write {
+            Write::Create(bucket) => {
+                let result = self
+                    .client
+                    .put_item()
+                    .table_name(&self.table)
+                    .set_item(Some(bucket_item(key, bucket)))
+                    .condition_expression("attribute_not_exists(#pk)")
+                    .expression_attribute_names("#pk", PK)
+                    .return_values_on_condition_check_failure(
+                        ReturnValuesOnConditionCheckFailure::AllOld,
+                    )
+                    .send()
+                    .await;
+                match result {
+                    Ok(_) => Ok(bucket.clone()),
+                    Err(SdkError::ServiceError(se))
+                        if se.err().is_conditional_check_failed_exception() =>
+                    {
+                        let old = match se.err() {
+                            PutItemError::ConditionalCheckFailedException(c) => c.item(),
+                            _ => None,
+                        };
+                        Err(conflict(0, old))
+                    }
+                    Err(e) => Err(classify(e, &self.table)),
+                }
+            }
+            Write::Change(change) => {
+                let item = self.run_update(key, Expr::change(change), true).await?;
+                decode_bucket(&item.unwrap_or_default())
+            }
+        }
+    }
+
+    async fn adjust_bucket(
+        &self,
+        key: &BucketKey,
+        amounts: &[(LimitName, i64)],
+    ) -> Result<(), StoreError> {
+        match self.run_update(key, Expr::adjust(amounts), false).await {
+            Err(StoreError::Conflict { current: None, .. }) => {
+                Err(StoreError::NotFound(format!("bucket {key:?}")))
+            }
+            other => other.map(drop),
+        }
+    }
+
+    async fn commit(&self, writes: &[KeyedWrite]) -> Result<(), StoreError> {
+        // One item needs no transaction (half the write cost).
+        if let [single] = writes {
+            return match &single.op {
+                BucketOp::Write(w) => self.write_bucket(&single.key, w).await.map(drop),
+                BucketOp::Adjust(a) => self.adjust_bucket(&single.key, a).await,
+            };
+        }
+        let items = writes
+            .iter()
+            .map(|w| self.transact_item(w))
+            .collect::<Result<Vec<_>, _>>()?;
+        let result = self
+            .client
+            .transact_write_items()
+            .set_transact_items(Some(items))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(se)) if se.err().is_transaction_canceled_exception() => {
+                let reasons = se.err().cancellation_reasons();
+                // DynamoDB cancels the whole transaction; the first conditional failure says which
+                // write and carries its old image. Other reasons (conflicts with another
+                // transaction, throttling) are worth a retry.
+                match reasons
+                    .iter()
+                    .position(|r| r.code() == Some("ConditionalCheckFailed"))
+                {
+                    Some(index) => Err(conflict(index, reasons[index].item())),
+                    None => Err(StoreError::Transient(format!(
+                        "transaction cancelled: {:?}",
+                        reasons.iter().filter_map(|r| r.code()).collect::<Vec<_>>()
+                    ))),
+                }
+            }
+            Err(e) => Err(classify(e, &self.table)),
+        }
+    }
+
+    async fn create_entity(
+        &self,
+        ns: &Namespace,
+        entity: &Entity,
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(self.entity_item(ns, entity)))
+            .condition_expression("attribute_not_exists(#pk)")
+            .expression_attribute_names("#pk", PK)
+            .build()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let audit = self.audit_put(
+            ns,
+            &AuditEntry {
+                subject: entity.id.to_string(),
+                action: AuditAction::EntityCreated,
+                principal: by.principal.clone(),
+                at_ms: by.at_ms,
+                before: None,
+                after: Some(entity_json(entity)),
+            },
+        )?;
+        self.audited(TransactWriteItem::builder().put(put).build(), audit, || {
+            StoreError::AlreadyExists(format!("entity {:?}", entity.id.as_str()))
+        })
+        .await
+    }
+
+    async fn get_entity(
+        &self,
+        ns: &Namespace,
+        id: &EntityId,
+    ) -> Result<Option<Entity>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(entity_keys(ns, id)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.table))?;
+        out.item.as_ref().map(decode_entity).transpose()
+    }
+
+    async fn delete_entity(
+        &self,
+        ns: &Namespace,
+        id: &EntityId,
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        let not_found = || StoreError::NotFound(format!("entity {:?}", id.as_str()));
+        let old = self.get_entity(ns, id).await?.ok_or_else(not_found)?;
+        let delete = Delete::builder()
+            .table_name(&self.table)
+            .set_key(Some(entity_keys(ns, id)))
+            .condition_expression("attribute_exists(#pk)")
+            .expression_attribute_names("#pk", PK)
+            .build()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let audit = self.audit_put(
+            ns,
+            &AuditEntry {
+                subject: id.to_string(),
+                action: AuditAction::EntityDeleted,
+                principal: by.principal.clone(),
+                at_ms: by.at_ms,
+                before: Some(entity_json(&old)),
+                after: None,
+            },
+        )?;
+        self.audited(
+            TransactWriteItem::builder().delete(delete).build(),
+            audit,
+            not_found,
+        )
+        .await
+    }
+
+    async fn list_children(
+        &self,
+        ns: &Namespace,
+        parent: &EntityId,
+    ) -> Result<Vec<Entity>, StoreError> {
+        let mut children = Vec::new();
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(GSI1)
+                .key_condition_expression("#pk = :pk")
+                .expression_attribute_names("#pk", GSI1PK)
+                .expression_attribute_values(":pk", s(format!("{ns}#P#{parent}")))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| classify(e, &self.table))?;
+            for item in out.items() {
+                children.push(decode_entity(item)?);
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                break;
+            }
+        }
+        children.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(children)
+    }
+
+    async fn set_limits(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        limits: &[Limit],
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        let before = self.get_limits(ns, scope).await?;
+        let mut item = limits_keys(ns, scope);
+        item.insert("limits".into(), s(encode(limits)));
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .build()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let audit = self.audit_put(
+            ns,
+            &AuditEntry {
+                subject: scope.audit_subject(),
+                action: AuditAction::LimitsSet,
+                principal: by.principal.clone(),
+                at_ms: by.at_ms,
+                before: before.map(|b| encode(&b)),
+                after: Some(encode(limits)),
+            },
+        )?;
+        self.audited(TransactWriteItem::builder().put(put).build(), audit, || {
+            StoreError::Backend("limit item changed concurrently".into())
+        })
+        .await
+    }
+
+    async fn get_limits(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+    ) -> Result<Option<Vec<Limit>>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(limits_keys(ns, scope)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.table))?;
+        out.item
+            .as_ref()
+            .map(|item| {
+                limit::decode(string(item, "limits")?)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))
+            })
+            .transpose()
+    }
+
+    async fn delete_limits(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        let not_found = || StoreError::NotFound(format!("limits at {scope:?}"));
+        let old = self.get_limits(ns, scope).await?.ok_or_else(not_found)?;
+        let delete = Delete::builder()
+            .table_name(&self.table)
+            .set_key(Some(limits_keys(ns, scope)))
+            .condition_expression("attribute_exists(#pk)")
+            .expression_attribute_names("#pk", PK)
+            .build()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let audit = self.audit_put(
+            ns,
+            &AuditEntry {
+                subject: scope.audit_subject(),
+                action: AuditAction::LimitsDeleted,
+                principal: by.principal.clone(),
+                at_ms: by.at_ms,
+                before: Some(encode(&old)),
+                after: None,
+            },
+        )?;
+        self.audited(
+            TransactWriteItem::builder().delete(delete).build(),
+            audit,
+            not_found,
+        )
+        .await
+    }
+
+    async fn list_audit(
+        &self,
+        ns: &Namespace,
+        subject: &str,
+        page_size: usize,
+        after: Option<&str>,
+    ) -> Result<AuditPage, StoreError> {
+        let pk = audit_pk(ns, subject);
+        // Ask for one more than a page, so `next` is set only when there really is more.
+        let wanted = page_size.clamp(1, 1_000);
+        let mut items: Vec<Item> = Vec::new();
+        let mut start = after.map(|sk| keys(pk.clone(), sk.to_owned()));
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("#pk = :pk")
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_values(":pk", s(pk.clone()))
+                .scan_index_forward(false)
+                .limit((wanted + 1 - items.len()) as i32)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| classify(e, &self.table))?;
+            items.extend(out.items.unwrap_or_default());
+            start = out.last_evaluated_key;
+            if start.is_none() || items.len() > wanted {
+                break;
+            }
+        }
+        let more = items.len() > wanted;
+        items.truncate(wanted);
+        let next = if more {
+            Some(string(items.last().expect("more than zero items"), SK)?.to_owned())
+        } else {
+            None
+        };
+        let entries = items
+            .iter()
+            .map(|item| {
+                Ok(AuditEntry {
+                    subject: subject.to_owned(),
+                    action: AuditAction::parse(string(item, "action")?)
+                        .map_err(|a| StoreError::Corrupt(format!("unknown audit action {a:?}")))?,
+                    principal: string(item, "principal")?.to_owned(),
+                    at_ms: number(item, "at")?,
+                    before: string(item, "before").ok().map(str::to_owned),
+                    after: string(item, "after").ok().map(str::to_owned),
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok(AuditPage { entries, next })
+    }
+}
+
+fn decode_entity(item: &Item) -> Result<Entity, StoreError> {
+    let pk = string(item, PK)?;
+    let id = pk
+        .split_once("#E#")
+        .map(|(_, id)| id)
+        .ok_or_else(|| StoreError::Corrupt(format!("entity key {pk:?}")))?;
+    let corrupt = |e: crate::domain::ids::IdError| StoreError::Corrupt(e.to_string());
+    Ok(Entity {
+        id: EntityId::new(id).map_err(corrupt)?,
+        name: string(item, "name")?.to_owned(),
+        parent: string(item, "parent")
+            .ok()
+            .map(EntityId::new)
+            .transpose()
+            .map_err(corrupt)?,
+        cascade: matches!(item.get("cascade"), Some(AttributeValue::Bool(true))),
+        metadata: match item.get("meta") {
+            Some(AttributeValue::M(m)) => m
+                .iter()
+                .filter_map(|(k, v)| v.as_s().ok().map(|v| (k.clone(), v.clone())))
+                .collect(),
+            _ => Default::default(),
+        },
+    })
+}

@@ -1,0 +1,291 @@
+//! The embedded store: everything in one process's memory, under one lock.
+//!
+//! It is the default backend (a daemon works with no AWS account) and the reference the DynamoDB
+//! store is tested against: bucket conditions are checked by [`Bucket::apply`], the same code that
+//! defines them. Operations never await while holding the lock, so a std `Mutex` is right here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use super::{AuditPage, BucketOp, KeyedWrite, Store, StoreError, audit_sort_key, entity_json};
+use crate::domain::bucket::{Bucket, Write};
+use crate::domain::ids::{BucketKey, EntityId, Namespace};
+use crate::domain::limit::{Limit, LimitName, encode};
+use crate::domain::records::{Actor, AuditAction, AuditEntry, Entity, LimitScope};
+
+#[derive(Debug, Default)]
+struct State {
+    buckets: HashMap<BucketKey, Bucket>,
+    entities: BTreeMap<(Namespace, EntityId), Entity>,
+    limits: HashMap<(Namespace, LimitScope), Vec<Limit>>,
+    audit: HashMap<(Namespace, String), BTreeMap<String, AuditEntry>>,
+}
+
+/// The embedded in-memory store. Data lives as long as the process.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-applied change: every operation
+        // validates first and mutates last. So a poisoned lock still guards consistent data.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl State {
+    fn apply(&self, key: &BucketKey, op: &BucketOp, index: usize) -> Result<Bucket, StoreError> {
+        let current = self.buckets.get(key);
+        let conflict = || StoreError::Conflict {
+            index,
+            current: current.cloned().map(Box::new),
+        };
+        match op {
+            BucketOp::Write(Write::Create(bucket)) => match current {
+                Some(_) => Err(conflict()),
+                None => Ok(bucket.clone()),
+            },
+            BucketOp::Write(Write::Change(change)) => {
+                let mut next = current.cloned().ok_or_else(conflict)?;
+                next.apply(change).map_err(|_| conflict())?;
+                Ok(next)
+            }
+            BucketOp::Adjust(amounts) => {
+                let mut next = current
+                    .cloned()
+                    .ok_or_else(|| StoreError::NotFound(format!("bucket {key:?}")))?;
+                next.adjust(amounts).map_err(|_| conflict())?;
+                Ok(next)
+            }
+        }
+    }
+
+    fn audit(&mut self, ns: &Namespace, entry: AuditEntry) {
+        self.audit
+            .entry((ns.clone(), entry.subject.clone()))
+            .or_default()
+            .insert(audit_sort_key(entry.at_ms), entry);
+    }
+}
+
+fn entry(
+    subject: String,
+    action: AuditAction,
+    by: &Actor,
+    before: Option<String>,
+    after: Option<String>,
+) -> AuditEntry {
+    AuditEntry {
+        subject,
+        action,
+        principal: by.principal.clone(),
+        at_ms: by.at_ms,
+        before,
+        after,
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn load_bucket(&self, key: &BucketKey) -> Result<Option<Bucket>, StoreError> {
+        Ok(self.lock().buckets.get(key).cloned())
+    }
+
+    async fn write_bucket(&self, key: &BucketKey, write: &Write) -> Result<Bucket, StoreError> {
+        let mut state = self.lock();
+        let next = state.apply(key, &BucketOp::Write(write.clone()), 0)?;
+        state.buckets.insert(key.clone(), next.clone());
+        Ok(next)
+    }
+
+    async fn adjust_bucket(
+        &self,
+        key: &BucketKey,
+        amounts: &[(LimitName, i64)],
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let next = state.apply(key, &BucketOp::Adjust(amounts.to_vec()), 0)?;
+        state.buckets.insert(key.clone(), next);
+        Ok(())
+    }
+
+    async fn commit(&self, writes: &[KeyedWrite]) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let mut staged: HashMap<&BucketKey, Bucket> = HashMap::new();
+        for (index, w) in writes.iter().enumerate() {
+            if staged.contains_key(&w.key) {
+                return Err(StoreError::Backend(
+                    "a commit may touch each bucket only once".into(),
+                ));
+            }
+            staged.insert(&w.key, state.apply(&w.key, &w.op, index)?);
+        }
+        for (key, bucket) in staged {
+            state.buckets.insert(key.clone(), bucket);
+        }
+        Ok(())
+    }
+
+    async fn create_entity(
+        &self,
+        ns: &Namespace,
+        entity: &Entity,
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let key = (ns.clone(), entity.id.clone());
+        if state.entities.contains_key(&key) {
+            return Err(StoreError::AlreadyExists(format!(
+                "entity {:?}",
+                entity.id.as_str()
+            )));
+        }
+        state.entities.insert(key, entity.clone());
+        let e = entry(
+            entity.id.to_string(),
+            AuditAction::EntityCreated,
+            by,
+            None,
+            Some(entity_json(entity)),
+        );
+        state.audit(ns, e);
+        Ok(())
+    }
+
+    async fn get_entity(
+        &self,
+        ns: &Namespace,
+        id: &EntityId,
+    ) -> Result<Option<Entity>, StoreError> {
+        Ok(self.lock().entities.get(&(ns.clone(), id.clone())).cloned())
+    }
+
+    async fn delete_entity(
+        &self,
+        ns: &Namespace,
+        id: &EntityId,
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let old = state
+            .entities
+            .remove(&(ns.clone(), id.clone()))
+            .ok_or_else(|| StoreError::NotFound(format!("entity {:?}", id.as_str())))?;
+        let e = entry(
+            id.to_string(),
+            AuditAction::EntityDeleted,
+            by,
+            Some(entity_json(&old)),
+            None,
+        );
+        state.audit(ns, e);
+        Ok(())
+    }
+
+    async fn list_children(
+        &self,
+        ns: &Namespace,
+        parent: &EntityId,
+    ) -> Result<Vec<Entity>, StoreError> {
+        Ok(self
+            .lock()
+            .entities
+            .iter()
+            .filter(|((n, _), e)| n == ns && e.parent.as_ref() == Some(parent))
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
+
+    async fn set_limits(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        limits: &[Limit],
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let before = state
+            .limits
+            .insert((ns.clone(), scope.clone()), limits.to_vec())
+            .map(|old| encode(&old));
+        let e = entry(
+            scope.audit_subject(),
+            AuditAction::LimitsSet,
+            by,
+            before,
+            Some(encode(limits)),
+        );
+        state.audit(ns, e);
+        Ok(())
+    }
+
+    async fn get_limits(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+    ) -> Result<Option<Vec<Limit>>, StoreError> {
+        Ok(self
+            .lock()
+            .limits
+            .get(&(ns.clone(), scope.clone()))
+            .cloned())
+    }
+
+    async fn delete_limits(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let old = state
+            .limits
+            .remove(&(ns.clone(), scope.clone()))
+            .ok_or_else(|| StoreError::NotFound(format!("limits at {scope:?}")))?;
+        let e = entry(
+            scope.audit_subject(),
+            AuditAction::LimitsDeleted,
+            by,
+            Some(encode(&old)),
+            None,
+        );
+        state.audit(ns, e);
+        Ok(())
+    }
+
+    async fn list_audit(
+        &self,
+        ns: &Namespace,
+        subject: &str,
+        page_size: usize,
+        after: Option<&str>,
+    ) -> Result<AuditPage, StoreError> {
+        let state = self.lock();
+        let Some(records) = state.audit.get(&(ns.clone(), subject.to_owned())) else {
+            return Ok(AuditPage {
+                entries: Vec::new(),
+                next: None,
+            });
+        };
+        let mut newest_first = records
+            .iter()
+            .rev()
+            .filter(|(sk, _)| after.is_none_or(|a| sk.as_str() < a));
+        let page: Vec<(&String, &AuditEntry)> = newest_first.by_ref().take(page_size).collect();
+        let more = newest_first.next().is_some();
+        Ok(AuditPage {
+            next: more
+                .then(|| page.last().map(|(sk, _)| (*sk).clone()))
+                .flatten(),
+            entries: page.into_iter().map(|(_, e)| e.clone()).collect(),
+        })
+    }
+}
