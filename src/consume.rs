@@ -25,6 +25,17 @@ pub enum Outcome {
     },
 }
 
+/// What the caller knows of the stored bucket before it writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// Nothing: read it first.
+    Unread,
+    /// It was not stored (as of the caller's last look).
+    Absent,
+    /// It was stored like this (as of the caller's last look).
+    Bucket(Bucket),
+}
+
 /// Why an acquire could not be decided.
 #[derive(Debug, thiserror::Error)]
 pub enum ConsumeError {
@@ -35,7 +46,8 @@ pub enum ConsumeError {
 }
 
 /// Consumes `amounts` (milli-tokens per limit) from the bucket at `key` under `limits` (canonical
-/// order), all limits or none. `seen` is a cached state to plan from; `None` reads the bucket.
+/// order), all limits or none, planning from what the caller has `seen` (a stale state only costs
+/// a conflict, answered with the current item).
 ///
 /// # Errors
 /// [`ConsumeError::UnknownLimit`] when `amounts` names a limit outside `limits`;
@@ -47,11 +59,12 @@ pub async fn consume(
     limits: &[Limit],
     amounts: &[(LimitName, i64)],
     now: i64,
-    seen: Option<Bucket>,
+    seen: Seen,
 ) -> Result<Outcome, ConsumeError> {
     let mut seen = match seen {
-        Some(bucket) => Some(bucket),
-        None => store.load_bucket(key).await?,
+        Seen::Unread => store.load_bucket(key).await?,
+        Seen::Absent => None,
+        Seen::Bucket(bucket) => Some(bucket),
     };
     for _ in 0..MAX_ATTEMPTS {
         let write = match plan(seen.as_ref(), limits, amounts, now)? {

@@ -3,7 +3,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
-use crate::domain::limit::{MAX_PERIOD_MS, MAX_TOKENS, MILLI};
+use crate::domain::limit::{MAX_PERIOD_MS, MAX_TOKENS, MILLI, canonical};
 
 const T0: i64 = 1_700_000_000_000;
 
@@ -210,15 +210,16 @@ fn plain_consumptions_commute_but_only_one_refill_wins() {
         } => c,
         other => panic!("unexpected {other:?}"),
     };
-    // Two writers planned from the same state without refill: both apply.
+    // Writers planned from the same state without refill all apply while tokens last.
     let plain = change(T0);
     assert!(plain.refill.is_none());
     let mut stored = seen.clone();
-    stored.apply(&plain).unwrap();
-    stored.apply(&plain).unwrap();
-    assert_eq!(stored.limits[0].balance, 2 * MILLI);
-    assert_eq!(stored.limits[0].consumed, 8 * MILLI);
-    // A third one would overdraw: refused.
+    for _ in 0..3 {
+        stored.apply(&plain).unwrap();
+    }
+    assert_eq!(stored.limits[0].balance, 0);
+    assert_eq!(stored.limits[0].consumed, 10 * MILLI);
+    // A fourth one would overdraw: refused.
     assert_eq!(stored.apply(&plain), Err(ConditionFailed));
     // Two refills planned from the same state: the second fails.
     let refill = change(T0 + 300);
@@ -327,7 +328,8 @@ proptest! {
         let limits = vec![limit.clone()];
         let mut seen = Bucket::full(limits.clone(), T0);
         seen.limits[0].balance = limit.capacity() - used.min(limit.capacity());
-        let whole = matches!(plan(Some(&seen), &limits, &[(limit.name().clone(), total)], T0 + 1).unwrap(), Plan::Admit { .. });
+        let whole = plan(Some(&seen), &limits, &[(limit.name().clone(), total)], T0 + 1).unwrap();
+        let whole = matches!(whole, Plan::Admit { .. });
         let mut b = Some(seen);
         let piece = total / parts as i64;
         let mut admitted = 0;
@@ -355,8 +357,10 @@ proptest! {
                 Some(wait) => {
                     prop_assert!(wait > 0);
                     let wait = wait as i64;
-                    prop_assert!(matches!(plan(Some(&seen), &limits, &amounts, now + wait - 1).unwrap(), Plan::Reject(_)));
-                    prop_assert!(matches!(plan(Some(&seen), &limits, &amounts, now + wait).unwrap(), Plan::Admit { .. }));
+                    let early = plan(Some(&seen), &limits, &amounts, now + wait - 1).unwrap();
+                    prop_assert!(matches!(early, Plan::Reject(_)), "refused one millisecond early");
+                    let on_time = plan(Some(&seen), &limits, &amounts, now + wait).unwrap();
+                    prop_assert!(matches!(on_time, Plan::Admit { .. }), "admitted on time");
                 }
             }
         }

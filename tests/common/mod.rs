@@ -1,0 +1,178 @@
+//! Shared test set-up: stores to run the conformance suite against, unique namespaces.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use zae_limiter::Namespace;
+use zae_limiter::store::Store;
+use zae_limiter::store::dynamodb::{DynamoSettings, DynamoStore, table};
+use zae_limiter::store::memory::MemoryStore;
+
+/// The table every DynamoDB test shares; tests isolate themselves by namespace.
+pub const TEST_TABLE: &str = "zae-limiter-tests";
+
+/// The DynamoDB Local endpoint that `scripts/test.sh` starts.
+pub fn endpoint() -> String {
+    std::env::var("ZAE_TEST_DYNAMODB_ENDPOINT").unwrap_or_else(|_| {
+        panic!(
+            "ZAE_TEST_DYNAMODB_ENDPOINT is not set: run the suite with scripts/test.sh, which \
+             starts DynamoDB Local and sets it"
+        )
+    })
+}
+
+pub fn settings(table: &str) -> DynamoSettings {
+    let mut s = DynamoSettings::new(table);
+    s.endpoint_url = Some(endpoint());
+    s.credentials = Some(("local".into(), "local".into()));
+    s
+}
+
+/// A namespace no other test (or earlier run against the same DynamoDB Local) uses.
+pub fn unique_namespace() -> Namespace {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    Namespace::new(format!("t{:x}-{}-{seq}", nanos, std::process::id())).unwrap()
+}
+
+pub fn memory() -> Arc<dyn Store> {
+    Arc::new(MemoryStore::new())
+}
+
+pub async fn dynamodb() -> Arc<dyn Store> {
+    let settings = settings(TEST_TABLE);
+    table::deploy(&settings.client().await, TEST_TABLE)
+        .await
+        .expect("deploy the test table on DynamoDB Local");
+    Arc::new(DynamoStore::connect(&settings).await)
+}
+
+/// A store that counts the calls it passes on, to show which paths touch the store.
+pub struct Counting {
+    pub inner: Arc<dyn Store>,
+    pub loads: AtomicU64,
+    pub writes: AtomicU64,
+}
+
+impl Counting {
+    pub fn new(inner: Arc<dyn Store>) -> Self {
+        Self {
+            inner,
+            loads: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn loads(&self) -> u64 {
+        self.loads.load(Ordering::SeqCst)
+    }
+
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+}
+
+mod counting {
+    use std::sync::atomic::Ordering;
+
+    use async_trait::async_trait;
+    use zae_limiter::domain::bucket::{Bucket, Write};
+    use zae_limiter::domain::records::{Actor, Entity, LimitScope};
+    use zae_limiter::store::{AuditPage, KeyedWrite, Store, StoreError};
+    use zae_limiter::{BucketKey, EntityId, Limit, LimitName, Namespace};
+
+    use super::Counting;
+
+    #[async_trait]
+    impl Store for Counting {
+        async fn load_bucket(&self, key: &BucketKey) -> Result<Option<Bucket>, StoreError> {
+            self.loads.fetch_add(1, Ordering::SeqCst);
+            self.inner.load_bucket(key).await
+        }
+        async fn write_bucket(&self, key: &BucketKey, write: &Write) -> Result<Bucket, StoreError> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            self.inner.write_bucket(key, write).await
+        }
+        async fn adjust_bucket(
+            &self,
+            key: &BucketKey,
+            amounts: &[(LimitName, i64)],
+        ) -> Result<(), StoreError> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            self.inner.adjust_bucket(key, amounts).await
+        }
+        async fn commit(&self, writes: &[KeyedWrite]) -> Result<(), StoreError> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            self.inner.commit(writes).await
+        }
+        async fn create_entity(
+            &self,
+            ns: &Namespace,
+            e: &Entity,
+            by: &Actor,
+        ) -> Result<(), StoreError> {
+            self.inner.create_entity(ns, e, by).await
+        }
+        async fn get_entity(
+            &self,
+            ns: &Namespace,
+            id: &EntityId,
+        ) -> Result<Option<Entity>, StoreError> {
+            self.inner.get_entity(ns, id).await
+        }
+        async fn delete_entity(
+            &self,
+            ns: &Namespace,
+            id: &EntityId,
+            by: &Actor,
+        ) -> Result<(), StoreError> {
+            self.inner.delete_entity(ns, id, by).await
+        }
+        async fn list_children(
+            &self,
+            ns: &Namespace,
+            p: &EntityId,
+        ) -> Result<Vec<Entity>, StoreError> {
+            self.inner.list_children(ns, p).await
+        }
+        async fn set_limits(
+            &self,
+            ns: &Namespace,
+            scope: &LimitScope,
+            limits: &[Limit],
+            by: &Actor,
+        ) -> Result<(), StoreError> {
+            self.inner.set_limits(ns, scope, limits, by).await
+        }
+        async fn get_limits(
+            &self,
+            ns: &Namespace,
+            scope: &LimitScope,
+        ) -> Result<Option<Vec<Limit>>, StoreError> {
+            self.inner.get_limits(ns, scope).await
+        }
+        async fn delete_limits(
+            &self,
+            ns: &Namespace,
+            scope: &LimitScope,
+            by: &Actor,
+        ) -> Result<(), StoreError> {
+            self.inner.delete_limits(ns, scope, by).await
+        }
+        async fn list_audit(
+            &self,
+            ns: &Namespace,
+            subject: &str,
+            page_size: usize,
+            after: Option<&str>,
+        ) -> Result<AuditPage, StoreError> {
+            self.inner.list_audit(ns, subject, page_size, after).await
+        }
+    }
+}

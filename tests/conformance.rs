@@ -1,0 +1,790 @@
+//! One behavioural suite for every store: each test below runs against the embedded memory store
+//! and against DynamoDB Local (started by `scripts/test.sh`). A difference between the two is a
+//! bug in one of them.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Counting;
+use zae_limiter::clock::{Clock, SystemClock};
+use zae_limiter::consume::{Outcome, Seen, consume};
+use zae_limiter::domain::bucket::{Plan, Write, plan};
+use zae_limiter::domain::limit::{MILLI, canonical};
+use zae_limiter::domain::records::{Actor, AuditAction, Entity, LimitScope};
+use zae_limiter::store::{BucketOp, KeyedWrite, Store, StoreError};
+use zae_limiter::{BucketKey, EntityId, Limit, LimitName, Namespace, ResourceId};
+
+const T0: i64 = 1_800_000_000_000;
+
+fn key(ns: &Namespace, entity: &str, resource: &str) -> BucketKey {
+    BucketKey {
+        namespace: ns.clone(),
+        entity: EntityId::new(entity).unwrap(),
+        resource: ResourceId::new(resource).unwrap(),
+    }
+}
+
+fn name(s: &str) -> LimitName {
+    LimitName::new(s).unwrap()
+}
+
+fn tokens(pairs: &[(&str, i64)]) -> Vec<(LimitName, i64)> {
+    pairs.iter().map(|(n, t)| (name(n), t * MILLI)).collect()
+}
+
+fn actor(at_ms: i64) -> Actor {
+    Actor {
+        principal: "uid:1000".into(),
+        at_ms,
+    }
+}
+
+fn admitted(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::Admitted { .. })
+}
+
+fn stored_balance(b: &zae_limiter::Bucket, limit: &str) -> i64 {
+    b.limit(&name(limit)).unwrap().balance
+}
+
+fn stored_consumed(b: &zae_limiter::Bucket, limit: &str) -> i64 {
+    b.limit(&name(limit)).unwrap().consumed
+}
+
+async fn create_then_load_round_trips(store: Arc<dyn Store>, ns: Namespace) {
+    let k = key(&ns, "api-key-1", "gpt-4");
+    assert_eq!(store.load_bucket(&k).await.unwrap(), None);
+    let limits = canonical(vec![
+        Limit::per_minute("rpm", 100).unwrap(),
+        Limit::per_minute("tpm", 10_000)
+            .unwrap()
+            .with_burst(15_000)
+            .unwrap(),
+    ])
+    .unwrap();
+    let out = consume(
+        &*store,
+        &k,
+        &limits,
+        &tokens(&[("rpm", 1), ("tpm", 500)]),
+        T0,
+        Seen::Unread,
+    )
+    .await
+    .unwrap();
+    let Outcome::Admitted { bucket } = out else {
+        panic!("expected admit, got {out:?}")
+    };
+    assert_eq!(stored_balance(&bucket, "rpm"), 99 * MILLI);
+    assert_eq!(stored_balance(&bucket, "tpm"), 14_500 * MILLI);
+    assert_eq!(store.load_bucket(&k).await.unwrap(), Some(bucket.clone()));
+    // Refill, consume, and what comes back equals what a read sees.
+    let out = consume(
+        &*store,
+        &k,
+        &limits,
+        &tokens(&[("rpm", 2)]),
+        T0 + 6_000,
+        Seen::Bucket(bucket),
+    )
+    .await
+    .unwrap();
+    let Outcome::Admitted { bucket } = out else {
+        panic!("expected admit, got {out:?}")
+    };
+    // 99 + 10 refilled, clamped to the capacity of 100, minus 2.
+    assert_eq!(stored_balance(&bucket, "rpm"), 98 * MILLI);
+    assert_eq!(stored_balance(&bucket, "tpm"), 15_000 * MILLI);
+    assert_eq!(bucket.refilled_at, T0 + 6_000);
+    assert_eq!(store.load_bucket(&k).await.unwrap(), Some(bucket));
+    // Another resource, another entity, another namespace: other buckets.
+    for other in [
+        key(&ns, "api-key-1", "gpt-5"),
+        key(&ns, "api-key-2", "gpt-4"),
+        key(
+            &Namespace::new(format!("{ns}-b")).unwrap(),
+            "api-key-1",
+            "gpt-4",
+        ),
+    ] {
+        assert_eq!(store.load_bucket(&other).await.unwrap(), None);
+    }
+}
+
+async fn eight_tasks_never_over_admit(store: Arc<dyn Store>, ns: Namespace) {
+    // Capacity 100, one token back every ten seconds.
+    let limits = vec![Limit::custom("rpm", 100, 1, Duration::from_secs(10)).unwrap()];
+    let k = key(&ns, "hot", "model");
+    let started = SystemClock.now_ms();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, k, limits) = (store.clone(), k.clone(), limits.clone());
+            tokio::spawn(async move {
+                let mut seen = Seen::Unread;
+                let mut admitted = 0i64;
+                for _ in 0..200 {
+                    let now = SystemClock.now_ms();
+                    match consume(
+                        &*store,
+                        &k,
+                        &limits,
+                        &tokens(&[("rpm", 1)]),
+                        now,
+                        seen.clone(),
+                    )
+                    .await
+                    .unwrap()
+                    {
+                        Outcome::Admitted { bucket } => {
+                            admitted += 1;
+                            seen = Seen::Bucket(bucket);
+                        }
+                        Outcome::Rejected { bucket, .. } => {
+                            seen = bucket.map_or(Seen::Absent, Seen::Bucket);
+                        }
+                    }
+                }
+                admitted
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap();
+    }
+    let elapsed = SystemClock.now_ms() - started;
+    let refill = elapsed / 10_000 + 1;
+    assert!(admitted >= 100, "the whole capacity is used: {admitted}");
+    assert!(
+        admitted <= 100 + refill,
+        "admitted {admitted} > capacity 100 + refill {refill}"
+    );
+    let stored = store.load_bucket(&k).await.unwrap().unwrap();
+    assert_eq!(
+        stored_consumed(&stored, "rpm"),
+        admitted * MILLI,
+        "every admit is stored, once"
+    );
+}
+
+async fn racing_creators_charge_once(store: Arc<dyn Store>, ns: Namespace) {
+    let limits = vec![Limit::per_minute("rpm", 100).unwrap()];
+    let k = key(&ns, "new", "model");
+    let plan_create = |n| match plan(None, &limits, &tokens(&[("rpm", n)]), T0).unwrap() {
+        Plan::Admit {
+            write: w @ Write::Create(_),
+            ..
+        } => w,
+        other => panic!("expected a create, got {other:?}"),
+    };
+    let (first, second) = (plan_create(3), plan_create(5));
+    let created = store.write_bucket(&k, &first).await.unwrap();
+    // The second creator loses, and learns the current item from the failure itself.
+    let Err(StoreError::Conflict {
+        current: Some(current),
+        ..
+    }) = store.write_bucket(&k, &second).await
+    else {
+        panic!("a second create must conflict and return the stored item");
+    };
+    assert_eq!(*current, created);
+    let counting = Counting::new(store.clone());
+    let out = consume(
+        &counting,
+        &k,
+        &limits,
+        &tokens(&[("rpm", 5)]),
+        T0,
+        Seen::Absent,
+    )
+    .await
+    .unwrap();
+    assert!(admitted(&out));
+    assert_eq!(
+        (counting.loads(), counting.writes()),
+        (0, 2),
+        "the conflict answered the read"
+    );
+    let stored = store.load_bucket(&k).await.unwrap().unwrap();
+    assert_eq!(stored_consumed(&stored, "rpm"), 8 * MILLI);
+    assert_eq!(stored_balance(&stored, "rpm"), 92 * MILLI);
+
+    // Truly concurrent creators of a fresh bucket: each is charged exactly once.
+    let k = key(&ns, "new2", "model");
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (store, k, limits) = (store.clone(), k.clone(), limits.clone());
+            tokio::spawn(async move {
+                consume(
+                    &*store,
+                    &k,
+                    &limits,
+                    &tokens(&[("rpm", 2)]),
+                    T0,
+                    Seen::Absent,
+                )
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(admitted(&t.await.unwrap()));
+    }
+    let stored = store.load_bucket(&k).await.unwrap().unwrap();
+    assert_eq!(stored_consumed(&stored, "rpm"), 16 * MILLI);
+    assert_eq!(stored_balance(&stored, "rpm"), 84 * MILLI);
+}
+
+async fn a_refill_conflict_retries_without_a_read(store: Arc<dyn Store>, ns: Namespace) {
+    let limits = vec![Limit::per_second("rps", 10).unwrap()];
+    let k = key(&ns, "e", "r");
+    let Outcome::Admitted { bucket: stale } = consume(
+        &*store,
+        &k,
+        &limits,
+        &tokens(&[("rps", 10)]),
+        T0,
+        Seen::Unread,
+    )
+    .await
+    .unwrap() else {
+        panic!("first acquire admits")
+    };
+    // Another daemon refills first.
+    let other = consume(
+        &*store,
+        &k,
+        &limits,
+        &tokens(&[("rps", 1)]),
+        T0 + 500,
+        Seen::Bucket(stale.clone()),
+    )
+    .await
+    .unwrap();
+    assert!(admitted(&other));
+    // This daemon plans its refill from the stale state: the refill write loses, and the retry
+    // uses the item returned with the failure.
+    let counting = Counting::new(store.clone());
+    let out = consume(
+        &counting,
+        &k,
+        &limits,
+        &tokens(&[("rps", 2)]),
+        T0 + 500,
+        Seen::Bucket(stale),
+    )
+    .await
+    .unwrap();
+    let Outcome::Admitted { bucket } = out else {
+        panic!("expected admit, got {out:?}")
+    };
+    assert_eq!((counting.loads(), counting.writes()), (0, 2));
+    assert_eq!(
+        stored_balance(&bucket, "rps"),
+        2 * MILLI,
+        "refilled once: 0 + 5 - 1 - 2"
+    );
+    assert_eq!(stored_consumed(&bucket, "rps"), 13 * MILLI);
+}
+
+async fn a_rejection_writes_nothing(store: Arc<dyn Store>, ns: Namespace) {
+    let limits = vec![Limit::per_minute("rpm", 5).unwrap()];
+    let k = key(&ns, "e", "r");
+    let counting = Counting::new(store.clone());
+    // More than capacity: refused from the limits alone, nothing is created.
+    let out = consume(
+        &counting,
+        &k,
+        &limits,
+        &tokens(&[("rpm", 6)]),
+        T0,
+        Seen::Absent,
+    )
+    .await
+    .unwrap();
+    let Outcome::Rejected { rejection, .. } = out else {
+        panic!("expected a rejection")
+    };
+    assert_eq!(rejection.retry_after_ms(), None);
+    assert_eq!(counting.writes(), 0);
+    assert_eq!(store.load_bucket(&k).await.unwrap(), None);
+    let out = consume(
+        &counting,
+        &k,
+        &limits,
+        &tokens(&[("rpm", 5)]),
+        T0,
+        Seen::Absent,
+    )
+    .await
+    .unwrap();
+    let Outcome::Admitted { bucket } = out else {
+        panic!("expected admit")
+    };
+    let out = consume(
+        &counting,
+        &k,
+        &limits,
+        &tokens(&[("rpm", 1)]),
+        T0,
+        Seen::Bucket(bucket),
+    )
+    .await
+    .unwrap();
+    let Outcome::Rejected { rejection, .. } = out else {
+        panic!("expected a rejection")
+    };
+    assert_eq!(rejection.retry_after_ms(), Some(12_000));
+    assert_eq!(counting.writes(), 1, "only the admit wrote");
+}
+
+async fn adjust_is_unconditional_and_may_go_negative(store: Arc<dyn Store>, ns: Namespace) {
+    let limits = vec![Limit::per_minute("tpm", 1_000).unwrap()];
+    let k = key(&ns, "e", "r");
+    let missing = store.adjust_bucket(&k, &tokens(&[("tpm", 1)])).await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound(_))),
+        "{missing:?}"
+    );
+    let out = consume(
+        &*store,
+        &k,
+        &limits,
+        &tokens(&[("tpm", 100)]),
+        T0,
+        Seen::Unread,
+    )
+    .await
+    .unwrap();
+    assert!(admitted(&out));
+    store
+        .adjust_bucket(&k, &tokens(&[("tpm", 2_000)]))
+        .await
+        .unwrap();
+    let stored = store.load_bucket(&k).await.unwrap().unwrap();
+    assert_eq!(stored_balance(&stored, "tpm"), -1_100 * MILLI);
+    assert_eq!(stored_consumed(&stored, "tpm"), 2_100 * MILLI);
+    // In debt: refused, with the wait the debt sets.
+    let out = consume(
+        &*store,
+        &k,
+        &limits,
+        &tokens(&[("tpm", 1)]),
+        T0,
+        Seen::Unread,
+    )
+    .await
+    .unwrap();
+    let Outcome::Rejected { rejection, .. } = out else {
+        panic!("expected a rejection")
+    };
+    assert_eq!(rejection.retry_after_ms(), Some(66_060));
+    // A refund (negative consumption).
+    store
+        .adjust_bucket(&k, &tokens(&[("tpm", -1_100)]))
+        .await
+        .unwrap();
+    let stored = store.load_bucket(&k).await.unwrap().unwrap();
+    assert_eq!(stored_balance(&stored, "tpm"), 0);
+    assert_eq!(stored_consumed(&stored, "tpm"), 1_000 * MILLI);
+    // An unknown limit: a conflict carrying the item, and nothing changed.
+    let unknown = store
+        .adjust_bucket(&k, &tokens(&[("tpm", 1), ("rpm", 1)]))
+        .await;
+    assert!(
+        matches!(
+            unknown,
+            Err(StoreError::Conflict {
+                current: Some(_),
+                ..
+            })
+        ),
+        "{unknown:?}"
+    );
+    assert_eq!(store.load_bucket(&k).await.unwrap(), Some(stored));
+}
+
+async fn commit_is_all_or_nothing(store: Arc<dyn Store>, ns: Namespace) {
+    let limits = vec![Limit::per_minute("rpm", 10).unwrap()];
+    let (child, parent) = (key(&ns, "child", "m"), key(&ns, "parent", "m"));
+    let write = |seen: Option<&zae_limiter::Bucket>, n: i64| match plan(
+        seen,
+        &limits,
+        &tokens(&[("rpm", n)]),
+        T0,
+    )
+    .unwrap()
+    {
+        Plan::Admit { write, .. } => write,
+        Plan::Reject(r) => panic!("unexpected rejection {r:?}"),
+    };
+    // Two creates in one commit.
+    store
+        .commit(&[
+            KeyedWrite {
+                key: child.clone(),
+                op: BucketOp::Write(write(None, 2)),
+            },
+            KeyedWrite {
+                key: parent.clone(),
+                op: BucketOp::Write(write(None, 2)),
+            },
+        ])
+        .await
+        .unwrap();
+    let child_seen = store.load_bucket(&child).await.unwrap().unwrap();
+    let parent_seen = store.load_bucket(&parent).await.unwrap().unwrap();
+    // The parent is drained elsewhere; a commit planned from the old state must fail whole.
+    store
+        .adjust_bucket(&parent, &tokens(&[("rpm", 7)]))
+        .await
+        .unwrap();
+    let parent_now = store.load_bucket(&parent).await.unwrap().unwrap();
+    let result = store
+        .commit(&[
+            KeyedWrite {
+                key: child.clone(),
+                op: BucketOp::Write(write(Some(&child_seen), 3)),
+            },
+            KeyedWrite {
+                key: parent.clone(),
+                op: BucketOp::Write(write(Some(&parent_seen), 3)),
+            },
+        ])
+        .await;
+    match result {
+        Err(StoreError::Conflict {
+            index: 1,
+            current: Some(current),
+        }) => assert_eq!(*current, parent_now),
+        other => panic!("expected a conflict on the parent, got {other:?}"),
+    }
+    assert_eq!(
+        store.load_bucket(&child).await.unwrap(),
+        Some(child_seen.clone()),
+        "child untouched"
+    );
+    // A mix of a change and an adjustment succeeds together.
+    store
+        .commit(&[
+            KeyedWrite {
+                key: child.clone(),
+                op: BucketOp::Write(write(Some(&child_seen), 3)),
+            },
+            KeyedWrite {
+                key: parent.clone(),
+                op: BucketOp::Adjust(tokens(&[("rpm", -1)])),
+            },
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        stored_consumed(&store.load_bucket(&child).await.unwrap().unwrap(), "rpm"),
+        5 * MILLI
+    );
+    assert_eq!(
+        stored_consumed(&store.load_bucket(&parent).await.unwrap().unwrap(), "rpm"),
+        8 * MILLI
+    );
+    // A single-write commit behaves like the single write.
+    let single = store
+        .commit(&[KeyedWrite {
+            key: key(&ns, "solo", "m"),
+            op: BucketOp::Write(write(None, 1)),
+        }])
+        .await;
+    assert!(single.is_ok(), "{single:?}");
+}
+
+async fn limit_changes_reconfigure_stored_buckets(store: Arc<dyn Store>, ns: Namespace) {
+    let k = key(&ns, "e", "r");
+    let old = vec![Limit::per_minute("rpm", 100).unwrap()];
+    assert!(admitted(
+        &consume(&*store, &k, &old, &tokens(&[("rpm", 10)]), T0, Seen::Unread)
+            .await
+            .unwrap()
+    ));
+    let new = canonical(vec![
+        Limit::per_minute("rpm", 50).unwrap(),
+        Limit::per_minute("tpm", 1_000).unwrap(),
+    ])
+    .unwrap();
+    let out = consume(&*store, &k, &new, &tokens(&[("tpm", 10)]), T0, Seen::Unread)
+        .await
+        .unwrap();
+    assert!(admitted(&out));
+    let stored = store.load_bucket(&k).await.unwrap().unwrap();
+    assert_eq!(stored.limit_set(), new);
+    assert_eq!(
+        stored_balance(&stored, "rpm"),
+        50 * MILLI,
+        "shrunk capacity clamps"
+    );
+    assert_eq!(
+        stored_balance(&stored, "tpm"),
+        990 * MILLI,
+        "a new limit starts full"
+    );
+    let only = vec![Limit::per_minute("tpm", 1_000).unwrap()];
+    assert!(admitted(
+        &consume(&*store, &k, &only, &[], T0 + 1, Seen::Unread)
+            .await
+            .unwrap()
+    ));
+    assert_eq!(
+        store.load_bucket(&k).await.unwrap().unwrap().limit_set(),
+        only,
+        "a dropped limit goes"
+    );
+}
+
+async fn entities_and_children(store: Arc<dyn Store>, ns: Namespace) {
+    let entity = |id: &str, parent: Option<&str>| Entity {
+        id: EntityId::new(id).unwrap(),
+        name: format!("name of {id}"),
+        parent: parent.map(|p| EntityId::new(p).unwrap()),
+        cascade: parent.is_some(),
+        metadata: BTreeMap::from([("tier".to_owned(), "gold".to_owned())]),
+    };
+    let project = entity("proj-1", None);
+    store
+        .create_entity(&ns, &project, &actor(T0))
+        .await
+        .unwrap();
+    let dup = store.create_entity(&ns, &project, &actor(T0 + 1)).await;
+    assert!(matches!(dup, Err(StoreError::AlreadyExists(_))), "{dup:?}");
+    for (i, id) in ["key-b", "key-a", "key-c"].iter().enumerate() {
+        store
+            .create_entity(&ns, &entity(id, Some("proj-1")), &actor(T0 + 10 + i as i64))
+            .await
+            .unwrap();
+    }
+    store
+        .create_entity(&ns, &entity("other", Some("proj-2")), &actor(T0))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_entity(&ns, &project.id).await.unwrap(),
+        Some(project.clone())
+    );
+    assert_eq!(
+        store
+            .get_entity(&ns, &EntityId::new("key-a").unwrap())
+            .await
+            .unwrap(),
+        Some(entity("key-a", Some("proj-1")))
+    );
+    let children: Vec<String> = store
+        .list_children(&ns, &project.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id.to_string())
+        .collect();
+    assert_eq!(children, ["key-a", "key-b", "key-c"]);
+    // Namespaces isolate entities.
+    let elsewhere = Namespace::new(format!("{ns}-x")).unwrap();
+    assert_eq!(
+        store.get_entity(&elsewhere, &project.id).await.unwrap(),
+        None
+    );
+    assert!(
+        store
+            .list_children(&elsewhere, &project.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let key_b = EntityId::new("key-b").unwrap();
+    store
+        .delete_entity(&ns, &key_b, &actor(T0 + 20))
+        .await
+        .unwrap();
+    let again = store.delete_entity(&ns, &key_b, &actor(T0 + 21)).await;
+    assert!(matches!(again, Err(StoreError::NotFound(_))), "{again:?}");
+    assert_eq!(
+        store.list_children(&ns, &project.id).await.unwrap().len(),
+        2
+    );
+    // Audit: create then delete, newest first; the failed delete left no record.
+    let page = store.list_audit(&ns, "key-b", 10, None).await.unwrap();
+    let actions: Vec<AuditAction> = page.entries.iter().map(|e| e.action).collect();
+    assert_eq!(
+        actions,
+        [AuditAction::EntityDeleted, AuditAction::EntityCreated]
+    );
+    assert_eq!(page.next, None);
+    assert_eq!(page.entries[0].principal, "uid:1000");
+    assert_eq!(page.entries[0].at_ms, T0 + 20);
+    assert!(
+        page.entries[0]
+            .before
+            .as_deref()
+            .unwrap()
+            .contains("\"key-b\"")
+    );
+    assert_eq!(page.entries[0].after, None);
+    // The failed duplicate create left no record either.
+    assert_eq!(
+        store
+            .list_audit(&ns, "proj-1", 10, None)
+            .await
+            .unwrap()
+            .entries
+            .len(),
+        1
+    );
+}
+
+async fn stored_limits_at_four_scopes(store: Arc<dyn Store>, ns: Namespace) {
+    let e = EntityId::new("e1").unwrap();
+    let r = ResourceId::new("gpt-4").unwrap();
+    let scopes = [
+        LimitScope::EntityResource(e.clone(), r.clone()),
+        LimitScope::Entity(e.clone()),
+        LimitScope::Resource(r.clone()),
+        LimitScope::System,
+    ];
+    for (i, scope) in scopes.iter().enumerate() {
+        assert_eq!(store.get_limits(&ns, scope).await.unwrap(), None);
+        let limits = vec![Limit::per_minute("rpm", 10 * (i as u64 + 1)).unwrap()];
+        store
+            .set_limits(&ns, scope, &limits, &actor(T0 + i as i64))
+            .await
+            .unwrap();
+    }
+    for (i, scope) in scopes.iter().enumerate() {
+        let limits = vec![Limit::per_minute("rpm", 10 * (i as u64 + 1)).unwrap()];
+        assert_eq!(
+            store.get_limits(&ns, scope).await.unwrap(),
+            Some(limits),
+            "{scope:?}"
+        );
+    }
+    // Replace, then delete; each change is audited with before and after.
+    let replaced = canonical(vec![
+        Limit::per_minute("rpm", 7).unwrap(),
+        Limit::per_minute("tpm", 700).unwrap(),
+    ])
+    .unwrap();
+    store
+        .set_limits(&ns, &scopes[2], &replaced, &actor(T0 + 10))
+        .await
+        .unwrap();
+    store
+        .delete_limits(&ns, &scopes[2], &actor(T0 + 11))
+        .await
+        .unwrap();
+    let missing = store.delete_limits(&ns, &scopes[2], &actor(T0 + 12)).await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound(_))),
+        "{missing:?}"
+    );
+    assert_eq!(store.get_limits(&ns, &scopes[2]).await.unwrap(), None);
+    let page = store
+        .list_audit(&ns, "#resource:gpt-4", 10, None)
+        .await
+        .unwrap();
+    let actions: Vec<AuditAction> = page.entries.iter().map(|e| e.action).collect();
+    assert_eq!(
+        actions,
+        [
+            AuditAction::LimitsDeleted,
+            AuditAction::LimitsSet,
+            AuditAction::LimitsSet
+        ]
+    );
+    assert_eq!(
+        page.entries[1].before.as_deref(),
+        Some("rpm:30000:30000:60000")
+    );
+    assert_eq!(
+        page.entries[1].after.as_deref(),
+        Some("rpm:7000:7000:60000,tpm:700000:700000:60000")
+    );
+    // Entity-level changes are audited under the entity; system ones under #system.
+    assert_eq!(
+        store
+            .list_audit(&ns, "e1", 10, None)
+            .await
+            .unwrap()
+            .entries
+            .len(),
+        2
+    );
+    assert_eq!(
+        store
+            .list_audit(&ns, "#system", 10, None)
+            .await
+            .unwrap()
+            .entries
+            .len(),
+        1
+    );
+}
+
+async fn audit_pages_newest_first(store: Arc<dyn Store>, ns: Namespace) {
+    let scope = LimitScope::System;
+    for i in 0..5u64 {
+        let limits = vec![Limit::per_minute("rpm", i + 1).unwrap()];
+        store
+            .set_limits(&ns, &scope, &limits, &actor(T0 + i as i64))
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = store
+            .list_audit(&ns, "#system", 2, after.as_deref())
+            .await
+            .unwrap();
+        pages += 1;
+        seen.extend(page.entries.iter().map(|e| e.at_ms - T0));
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen, [4, 3, 2, 1, 0]);
+    assert_eq!(pages, 3);
+}
+
+/// Stamps out every test of the suite for one store.
+macro_rules! conformance {
+    ($store:ident, $make:expr) => {
+        mod $store {
+            use super::*;
+
+            conformance!(@tests $make;
+                create_then_load_round_trips,
+                eight_tasks_never_over_admit,
+                racing_creators_charge_once,
+                a_refill_conflict_retries_without_a_read,
+                a_rejection_writes_nothing,
+                adjust_is_unconditional_and_may_go_negative,
+                commit_is_all_or_nothing,
+                limit_changes_reconfigure_stored_buckets,
+                entities_and_children,
+                stored_limits_at_four_scopes,
+                audit_pages_newest_first,
+            );
+        }
+    };
+    (@tests $make:expr; $($test:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $test() {
+                super::$test($make, common::unique_namespace()).await;
+            }
+        )*
+    };
+}
+
+conformance!(memory, common::memory());
+conformance!(dynamodb, common::dynamodb().await);
