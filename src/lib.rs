@@ -17,6 +17,7 @@
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
 pub mod clock;
+pub mod config;
 pub mod consume;
 pub mod domain;
 pub mod proto;

@@ -2,7 +2,10 @@
 
 use std::process::ExitCode;
 
+use std::path::PathBuf;
+
 use clap::{Args, Parser, Subcommand};
+use zae_limiter::config::Config;
 use zae_limiter::store::dynamodb::DynamoSettings;
 use zae_limiter::store::dynamodb::table::{self, Deployed};
 
@@ -35,31 +38,46 @@ enum Command {
 
 #[derive(Args)]
 struct TableArgs {
-    /// DynamoDB table name.
-    #[arg(long, env = "ZAE_LIMITER_TABLE", default_value = "zae-limiter")]
-    table: String,
-    /// AWS region.
-    #[arg(long, env = "AWS_REGION", default_value = "us-east-1")]
-    region: String,
+    /// Configuration file (TOML); see config/zae-limiter.toml.
+    #[arg(long, env = "ZAE_LIMITER_CONFIG")]
+    config: Option<PathBuf>,
+    /// DynamoDB table name [default: zae-limiter].
+    #[arg(long, env = "ZAE_LIMITER_TABLE")]
+    table: Option<String>,
+    /// AWS region [default: us-east-1].
+    #[arg(long, env = "AWS_REGION")]
+    region: Option<String>,
     /// Custom DynamoDB endpoint, e.g. DynamoDB Local at http://127.0.0.1:8000.
     #[arg(long, env = "ZAE_LIMITER_ENDPOINT_URL")]
     endpoint_url: Option<String>,
 }
 
 impl TableArgs {
-    fn settings(&self) -> DynamoSettings {
-        let mut settings = DynamoSettings::new(&self.table);
-        settings.region = self.region.clone();
-        settings.endpoint_url = self.endpoint_url.clone();
-        settings
-    }
-
-    /// Where the table is, for messages.
-    fn place(&self) -> String {
-        match &self.endpoint_url {
-            Some(url) => format!("table {:?} at {url}", self.table),
-            None => format!("table {:?} in {}", self.table, self.region),
+    /// Flags and environment over the configuration file over the defaults.
+    fn settings(&self) -> Result<DynamoSettings, String> {
+        let config = match &self.config {
+            Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+            None => Config::default(),
+        };
+        let mut settings = config.dynamodb.settings();
+        if let Some(table) = &self.table {
+            settings.table = table.clone();
         }
+        if let Some(region) = &self.region {
+            settings.region = region.clone();
+        }
+        if let Some(url) = &self.endpoint_url {
+            settings.endpoint_url = Some(url.clone());
+        }
+        Ok(settings)
+    }
+}
+
+/// Where the table is, for messages.
+fn place(settings: &DynamoSettings) -> String {
+    match &settings.endpoint_url {
+        Some(url) => format!("table {:?} at {url}", settings.table),
+        None => format!("table {:?} in {}", settings.table, settings.region),
     }
 }
 
@@ -87,18 +105,23 @@ fn main() -> ExitCode {
 async fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Deploy(args) => {
-            let client = args.settings().client().await;
-            let fail = |e| format!("deploy of {} failed: {e}", args.place());
-            match table::deploy(&client, &args.table).await.map_err(fail)? {
-                Deployed::Created => println!("deployed {}", args.place()),
-                Deployed::AlreadyDeployed => println!("already deployed: {}", args.place()),
+            let settings = args.settings()?;
+            let client = settings.client().await;
+            let place = place(&settings);
+            match table::deploy(&client, &settings.table)
+                .await
+                .map_err(|e| format!("deploy of {place} failed: {e}"))?
+            {
+                Deployed::Created => println!("deployed {place}"),
+                Deployed::AlreadyDeployed => println!("already deployed: {place}"),
             }
         }
         Command::Status(args) => {
-            let client = args.settings().client().await;
-            let report = table::status(&client, &args.table)
+            let settings = args.settings()?;
+            let client = settings.client().await;
+            let report = table::status(&client, &settings.table)
                 .await
-                .map_err(|e| format!("status of {} failed: {e}", args.place()))?;
+                .map_err(|e| format!("status of {} failed: {e}", place(&settings)))?;
             println!("table:          {}", report.table);
             println!("status:         {}", report.status);
             println!(
@@ -121,17 +144,18 @@ async fn run(command: Command) -> Result<(), String> {
             }
         }
         Command::Delete { table: args, yes } => {
+            let settings = args.settings()?;
+            let place = place(&settings);
             if !yes {
                 return Err(format!(
-                    "refusing to delete {} without --yes (this deletes every limit, entity and bucket in it)",
-                    args.place()
+                    "refusing to delete {place} without --yes (this deletes every limit, entity and bucket in it)"
                 ));
             }
-            let client = args.settings().client().await;
-            table::delete(&client, &args.table)
+            let client = settings.client().await;
+            table::delete(&client, &settings.table)
                 .await
-                .map_err(|e| format!("delete of {} failed: {e}", args.place()))?;
-            println!("deleted {}", args.place());
+                .map_err(|e| format!("delete of {place} failed: {e}"))?;
+            println!("deleted {place}");
         }
     }
     Ok(())

@@ -117,3 +117,40 @@ fn bad_table_names_are_reported_not_panicked_on() {
     let o = run(&["status"], &common::endpoint(), "x");
     assert_clear_failure(&o, "ValidationException");
 }
+
+#[test]
+fn settings_come_from_the_config_file_unless_flags_override() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = format!("cfg-{}", common::unique_namespace());
+    let path = dir.path().join("zae-limiter.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[dynamodb]\ntable = \"{table}\"\nendpoint_url = \"{}\"\n",
+            common::endpoint()
+        ),
+    )
+    .unwrap();
+    let cmd = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_zae-limiter"))
+            .args(args)
+            .arg("--config")
+            .arg(&path)
+            .env("AWS_ACCESS_KEY_ID", "local")
+            .env("AWS_SECRET_ACCESS_KEY", "local")
+            .env_remove("ZAE_LIMITER_TABLE")
+            .env_remove("ZAE_LIMITER_ENDPOINT_URL")
+            .output()
+            .unwrap()
+    };
+    let deployed = cmd(&["deploy"]);
+    assert!(deployed.status.success(), "{}", stderr(&deployed));
+    assert!(stdout(&deployed).contains(&table), "{}", stdout(&deployed));
+    // A flag wins over the file.
+    let other = cmd(&["status", "--table", "not-deployed-here"]);
+    assert_clear_failure(&other, "\"not-deployed-here\" does not exist");
+    assert!(cmd(&["delete", "--yes"]).status.success());
+
+    std::fs::write(&path, "[dynamodb]\ntabel = \"typo\"\n").unwrap();
+    assert_clear_failure(&cmd(&["status"]), "tabel");
+}

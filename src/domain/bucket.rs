@@ -253,8 +253,9 @@ pub fn plan(
     if let Some(rejection) = target.check(&amount_of) {
         return Ok(Plan::Reject(rejection));
     }
-    let seen_config = encode(&seen.limit_set());
-    let guarded = seen.refill_due(now) || seen_config != encode(limits);
+    let same_limits = seen.limits.len() == limits.len()
+        && seen.limits.iter().zip(limits).all(|(s, l)| s.limit == *l);
+    let guarded = seen.refill_due(now) || !same_limits;
     let mut expected = target.clone();
     let mut changes = Vec::with_capacity(target.limits.len());
     for (state, after) in target.limits.iter().zip(&mut expected.limits) {
@@ -302,7 +303,7 @@ pub fn plan(
     }
     Ok(Plan::Admit {
         write: Write::Change(Change {
-            seen_config,
+            seen_config: encode(&seen.limit_set()),
             refill,
             limits: changes,
         }),
