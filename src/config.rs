@@ -1,7 +1,8 @@
 //! The TOML configuration (`config/zae-limiter.toml` documents every setting). Unknown keys are
 //! errors, so a typo never silently falls back to a default.
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -12,7 +13,98 @@ use crate::store::dynamodb::DynamoSettings;
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    pub server: ServerConfig,
+    pub limiter: LimiterConfig,
     pub dynamodb: DynamoConfig,
+}
+
+/// Which store the daemon uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Embedded, in this process's memory: no AWS account needed, nothing shared or kept.
+    Memory,
+    /// DynamoDB (the `[dynamodb]` section): shared by every daemon on the table, durable.
+    Dynamodb,
+}
+
+/// What a decision does when the store cannot be reached in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FailurePolicy {
+    /// Refuse (gRPC `UNAVAILABLE`): never admit what the store has not recorded.
+    Block,
+    /// Admit without recording (the lease writes nothing); counted as `failed_open`.
+    Allow,
+}
+
+/// The `[server]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Unix socket the gRPC API listens on (mode 0660).
+    pub socket: PathBuf,
+    /// Optional TCP listener for the gRPC API; loopback addresses only.
+    pub tcp: Option<SocketAddr>,
+    /// Where Prometheus scrapes `/metrics`; loopback by default.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Deadline of a request that carries none of its own (`grpc-timeout`).
+    pub request_timeout_ms: u64,
+    /// How long shutdown waits for in-flight requests and actor flushes.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/tmp/zae-limiter.sock"),
+            tcp: None,
+            metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            request_timeout_ms: 2_000,
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// The `[limiter]` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimiterConfig {
+    pub backend: Backend,
+    pub failure_policy: FailurePolicy,
+    /// Namespaces callers may use; a request naming no namespace uses the first.
+    pub namespaces: Vec<String>,
+    /// A cached bucket older than this is re-read before it may reject a request, so refunds and
+    /// limit raises made by other daemons are seen within this time.
+    pub max_staleness_ms: u64,
+    /// Minimum time between two writes of one bucket by this daemon (0: write as soon as the
+    /// previous write returns). Raising it trades latency for fewer writes with many daemons.
+    pub min_commit_interval_ms: u64,
+    /// Most acquires one write carries.
+    pub max_batch: usize,
+    /// A lease neither committed nor rolled back expires after this; its consumption stays.
+    pub lease_ttl_ms: u64,
+    /// An entity's actor with no work and no open lease for this long stops, freeing its cache.
+    pub idle_timeout_ms: u64,
+    /// How long stored limit configurations are cached (changes made through this daemon apply
+    /// at once).
+    pub limits_cache_ms: u64,
+}
+
+impl Default for LimiterConfig {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Memory,
+            failure_policy: FailurePolicy::Block,
+            namespaces: vec!["default".into()],
+            max_staleness_ms: 1_000,
+            min_commit_interval_ms: 0,
+            max_batch: 256,
+            lease_ttl_ms: 60_000,
+            idle_timeout_ms: 60_000,
+            limits_cache_ms: 60_000,
+        }
+    }
 }
 
 /// The `[dynamodb]` section.
@@ -74,14 +166,47 @@ impl Config {
     /// A message naming the offending key.
     pub fn parse(text: &str) -> Result<Self, String> {
         let config: Self = toml::from_str(text).map_err(|e| e.message().to_owned())?;
-        let d = &config.dynamodb;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// # Errors
+    /// A message naming the offending key.
+    pub fn validate(&self) -> Result<(), String> {
+        let d = &self.dynamodb;
         if d.max_attempts == 0 {
             return Err("dynamodb.max_attempts must be at least 1".into());
         }
         if d.attempt_timeout_ms == 0 {
             return Err("dynamodb.attempt_timeout_ms must be greater than zero".into());
         }
-        Ok(config)
+        if let Some(tcp) = self.server.tcp
+            && !tcp.ip().is_loopback()
+        {
+            return Err(format!(
+                "server.tcp = {tcp} is not a loopback address: the API has no authentication"
+            ));
+        }
+        if self.server.request_timeout_ms == 0 {
+            return Err("server.request_timeout_ms must be greater than zero".into());
+        }
+        let l = &self.limiter;
+        if l.namespaces.is_empty() {
+            return Err("limiter.namespaces must name at least one namespace".into());
+        }
+        for ns in &l.namespaces {
+            crate::Namespace::new(ns.as_str()).map_err(|e| format!("limiter.namespaces: {e}"))?;
+        }
+        for (key, value) in [
+            ("limiter.max_batch", l.max_batch as u64),
+            ("limiter.lease_ttl_ms", l.lease_ttl_ms),
+            ("limiter.idle_timeout_ms", l.idle_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(format!("{key} must be greater than zero"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -109,6 +234,16 @@ mod tests {
         assert_eq!(config.dynamodb.table, d.table);
         assert_eq!(config.dynamodb.attempt_timeout_ms, d.attempt_timeout_ms);
         assert_eq!(config.dynamodb.audit_retention_days, 90);
+        let l = LimiterConfig::default();
+        assert_eq!(config.limiter.backend, l.backend);
+        assert_eq!(config.limiter.namespaces, l.namespaces);
+        assert_eq!(config.limiter.max_staleness_ms, l.max_staleness_ms);
+        assert_eq!(config.limiter.lease_ttl_ms, l.lease_ttl_ms);
+        assert_eq!(config.server.socket, ServerConfig::default().socket);
+        assert_eq!(
+            config.server.metrics_addr,
+            ServerConfig::default().metrics_addr
+        );
     }
 
     #[test]
@@ -118,5 +253,11 @@ mod tests {
         let err = Config::parse("[dynamodb]\nmax_attempts = 0\n").unwrap_err();
         assert!(err.contains("dynamodb.max_attempts"), "{err}");
         assert_eq!(Config::parse("").unwrap().dynamodb.table, "zae-limiter");
+        let err = Config::parse("[server]\ntcp = \"0.0.0.0:50051\"\n").unwrap_err();
+        assert!(err.contains("server.tcp"), "{err}");
+        let err = Config::parse("[limiter]\nnamespaces = [\"Bad#\"]\n").unwrap_err();
+        assert!(err.contains("limiter.namespaces"), "{err}");
+        let err = Config::parse("[limiter]\nbackend = \"redis\"\n").unwrap_err();
+        assert!(err.contains("redis"), "{err}");
     }
 }

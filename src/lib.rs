@@ -16,11 +16,17 @@
 #![forbid(unsafe_code)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
+#[cfg(feature = "client")]
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod consume;
 pub mod domain;
+pub mod grpc;
+pub mod limiter;
+pub mod metrics;
 pub mod proto;
+pub mod server;
 pub mod store;
 
 pub use domain::bucket::{Bucket, LimitStatus, Rejection};

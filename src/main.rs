@@ -2,12 +2,25 @@
 
 use std::process::ExitCode;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use zae_limiter::config::Config;
+use zae_limiter::Limit;
+use zae_limiter::client::{Acquire, Client, ClientError};
+use zae_limiter::clock::SystemClock;
+use zae_limiter::config::{Backend, Config, FailurePolicy};
+use zae_limiter::limiter::{Limiter, LimiterSettings};
+use zae_limiter::proto;
+use zae_limiter::server::{self, ServerSettings};
+use zae_limiter::store::Store;
 use zae_limiter::store::dynamodb::DynamoSettings;
+use zae_limiter::store::dynamodb::DynamoStore;
 use zae_limiter::store::dynamodb::table::{self, Deployed};
+use zae_limiter::store::memory::MemoryStore;
+use zae_limiter::store::metered::Metered;
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +35,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the daemon: gRPC on a Unix socket, Prometheus metrics, the configured store.
+    Serve(Box<ServeArgs>),
+    /// Acquire from a running daemon, then commit (or roll back, or keep the lease open).
+    /// Exit status: 0 admitted, 3 over limit, 1 error.
+    Acquire(AcquireArgs),
+    /// Adjust, commit or roll back an open lease on a running daemon.
+    Lease {
+        #[command(subcommand)]
+        op: LeaseOp,
+        #[arg(long, env = "ZAE_LIMITER_SOCKET", default_value = DEFAULT_SOCKET, global = true)]
+        socket: PathBuf,
+    },
     /// Create the DynamoDB table (keys, on-demand billing, parent index, TTL); idempotent.
     Deploy(TableArgs),
     /// Report the table's state, item count and schema version.
@@ -34,6 +59,85 @@ enum Command {
         #[arg(long)]
         yes: bool,
     },
+}
+
+const DEFAULT_SOCKET: &str = "/tmp/zae-limiter.sock";
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    table: TableArgs,
+    /// Unix socket to listen on [default: /tmp/zae-limiter.sock].
+    #[arg(long, env = "ZAE_LIMITER_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Also listen on this loopback TCP address.
+    #[arg(long, env = "ZAE_LIMITER_TCP")]
+    tcp: Option<SocketAddr>,
+    /// Prometheus /metrics address [default: 127.0.0.1:9464].
+    #[arg(long, env = "ZAE_LIMITER_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+    /// Serve no /metrics.
+    #[arg(long)]
+    no_metrics: bool,
+    /// Store backend [default: memory].
+    #[arg(long, value_enum, env = "ZAE_LIMITER_BACKEND")]
+    backend: Option<Backend>,
+    /// What to answer when the store cannot be reached in time [default: block].
+    #[arg(long, value_enum, env = "ZAE_LIMITER_FAILURE_POLICY")]
+    failure_policy: Option<FailurePolicy>,
+}
+
+#[derive(Args)]
+struct AcquireArgs {
+    #[arg(long, env = "ZAE_LIMITER_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[arg(long, default_value = "")]
+    namespace: String,
+    #[arg(long)]
+    entity: String,
+    #[arg(long)]
+    resource: String,
+    /// NAME=TOKENS to consume (repeatable).
+    #[arg(long, value_parser = parse_amount)]
+    consume: Vec<(String, i64)>,
+    /// NAME=RATE/PERIOD[,burst=N] limits for this call, e.g. rpm=100/1m (default: stored limits).
+    #[arg(long)]
+    limit: Vec<Limit>,
+    /// NAME=TOKENS of extra usage to record before committing (repeatable; may be negative).
+    #[arg(long, value_parser = parse_amount, allow_hyphen_values = true)]
+    adjust: Vec<(String, i64)>,
+    /// Roll back instead of committing.
+    #[arg(long, conflicts_with = "keep_open")]
+    rollback: bool,
+    /// Leave the lease open and print its id (close it with `zae-limiter lease`).
+    #[arg(long)]
+    keep_open: bool,
+}
+
+#[derive(Subcommand)]
+enum LeaseOp {
+    /// Record extra usage on an open lease.
+    Adjust {
+        lease_id: String,
+        /// NAME=TOKENS (repeatable; may be negative).
+        #[arg(long, value_parser = parse_amount, allow_hyphen_values = true, required = true)]
+        delta: Vec<(String, i64)>,
+    },
+    /// Close a lease, writing its adjustments.
+    Commit { lease_id: String },
+    /// Close a lease, giving back what it acquired.
+    Rollback { lease_id: String },
+}
+
+fn parse_amount(s: &str) -> Result<(String, i64), String> {
+    let (name, n) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=TOKENS"))?;
+    let n = n
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: {n:?} is not a whole number"))?;
+    Ok((name.trim().to_owned(), n))
 }
 
 #[derive(Args)]
@@ -53,12 +157,19 @@ struct TableArgs {
 }
 
 impl TableArgs {
+    fn config(&self) -> Result<Config, String> {
+        match &self.config {
+            Some(path) => Config::load(path).map_err(|e| e.to_string()),
+            None => Ok(Config::default()),
+        }
+    }
+
     /// Flags and environment over the configuration file over the defaults.
     fn settings(&self) -> Result<DynamoSettings, String> {
-        let config = match &self.config {
-            Some(path) => Config::load(path).map_err(|e| e.to_string())?,
-            None => Config::default(),
-        };
+        self.settings_from(&self.config()?)
+    }
+
+    fn settings_from(&self, config: &Config) -> Result<DynamoSettings, String> {
         let mut settings = config.dynamodb.settings();
         if let Some(table) = &self.table {
             settings.table = table.clone();
@@ -83,6 +194,15 @@ fn place(settings: &DynamoSettings) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Serve(args) = cli.command {
+        return match serve(*args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("error: {message}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -94,7 +214,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(message) => {
             eprintln!("error: {message}");
             ExitCode::FAILURE
@@ -102,8 +222,32 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> Result<(), String> {
+async fn run(command: Command) -> Result<ExitCode, String> {
     match command {
+        Command::Serve(_) => unreachable!("serve runs on its own runtime"),
+        Command::Acquire(args) => return acquire(args).await,
+        Command::Lease { op, socket } => {
+            let client = Client::connect(&socket).await.map_err(|e| e.to_string())?;
+            let mut raw = client.raw();
+            let result = match op {
+                LeaseOp::Adjust { lease_id, delta } => raw
+                    .adjust(proto::AdjustRequest {
+                        lease_id,
+                        delta: delta.into_iter().collect(),
+                    })
+                    .await
+                    .map(drop),
+                LeaseOp::Commit { lease_id } => {
+                    raw.commit(proto::LeaseRequest { lease_id }).await.map(drop)
+                }
+                LeaseOp::Rollback { lease_id } => raw
+                    .rollback(proto::LeaseRequest { lease_id })
+                    .await
+                    .map(drop),
+            };
+            result.map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+            println!("ok");
+        }
         Command::Deploy(args) => {
             let settings = args.settings()?;
             let client = settings.client().await;
@@ -158,5 +302,149 @@ async fn run(command: Command) -> Result<(), String> {
             println!("deleted {place}");
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Exit status of `acquire` when the request is over limit.
+const OVER_LIMIT: u8 = 3;
+
+async fn acquire(args: AcquireArgs) -> Result<ExitCode, String> {
+    let client = Client::connect(&args.socket)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut request = Acquire::new(&args.entity, &args.resource)
+        .namespace(&args.namespace)
+        .limits(&args.limit);
+    for (name, tokens) in &args.consume {
+        request = request.consume(name, *tokens);
+    }
+    let mut lease = match client.acquire(request).await {
+        Ok(lease) => lease,
+        Err(ClientError::OverLimit {
+            retry_after,
+            violations,
+        }) => {
+            let violations: Vec<_> = violations
+                .iter()
+                .map(|v| {
+                    serde_json::json!({
+                        "limit": v.limit,
+                        "available": v.available,
+                        "requested": v.requested,
+                        "retry_after_ms": v.retry_after.map(|d| d.as_millis() as u64),
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "allowed": false,
+                    "retry_after_ms": retry_after.map(|d| d.as_millis() as u64),
+                    "violations": violations,
+                })
+            );
+            return Ok(ExitCode::from(OVER_LIMIT));
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    if !args.adjust.is_empty() {
+        lease
+            .adjust(args.adjust.iter().map(|(n, t)| (n.as_str(), *t)))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let id = lease.id().to_owned();
+    let closed = if args.keep_open {
+        lease.into_id();
+        "open"
+    } else if args.rollback {
+        lease.rollback().await.map_err(|e| e.to_string())?;
+        "rolled_back"
+    } else {
+        lease.commit().await.map_err(|e| e.to_string())?;
+        "committed"
+    };
+    println!(
+        "{}",
+        serde_json::json!({ "allowed": true, "lease_id": id, "lease": closed })
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    let mut config = args.table.config()?;
+    let dynamo = args.table.settings_from(&config)?;
+    if let Some(socket) = args.socket {
+        config.server.socket = socket;
+    }
+    if let Some(tcp) = args.tcp {
+        config.server.tcp = Some(tcp);
+    }
+    if let Some(addr) = args.metrics_addr {
+        config.server.metrics_addr = Some(addr);
+    }
+    if args.no_metrics {
+        config.server.metrics_addr = None;
+    }
+    if let Some(backend) = args.backend {
+        config.limiter.backend = backend;
+    }
+    if let Some(policy) = args.failure_policy {
+        config.limiter.failure_policy = policy;
+    }
+    config.validate()?;
+    let limiter_settings = LimiterSettings::from_config(&config.limiter)?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async move {
+        if let Some(addr) = config.server.metrics_addr {
+            zae_limiter::metrics::install(addr)
+                .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+        }
+        let store: Arc<dyn Store> = match config.limiter.backend {
+            Backend::Memory => Arc::new(MemoryStore::new()),
+            Backend::Dynamodb => Arc::new(DynamoStore::connect(&dynamo).await),
+        };
+        let limiter = Limiter::new(
+            Arc::new(Metered::new(store)),
+            Arc::new(SystemClock),
+            limiter_settings,
+        );
+        let settings = ServerSettings {
+            socket: config.server.socket.clone(),
+            tcp: config.server.tcp,
+            request_timeout: Duration::from_millis(config.server.request_timeout_ms),
+            drain_timeout: Duration::from_millis(config.server.drain_timeout_ms),
+        };
+        tracing::info!(backend = ?config.limiter.backend, policy = ?config.limiter.failure_policy, "starting");
+        server::run(limiter, settings, shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

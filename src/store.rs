@@ -10,6 +10,7 @@
 
 pub mod dynamodb;
 pub mod memory;
+pub mod metered;
 
 use async_trait::async_trait;
 

@@ -234,6 +234,48 @@ impl Limit {
     }
 }
 
+impl std::str::FromStr for Limit {
+    type Err = LimitError;
+
+    /// `NAME=RATE/PERIOD[,burst=N]`: `rpm=100/1m`, `tpm=10000/60s,burst=15000`, `d=5/1d`. The
+    /// period is a count (default 1) and a unit: `ms`, `s`, `m`, `h` or `d`.
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            LimitError::Malformed(format!(
+                "{spec} (expected NAME=RATE/PERIOD[,burst=N], e.g. rpm=100/1m)"
+            ))
+        };
+        let (name, rest) = spec.split_once('=').ok_or_else(bad)?;
+        let (rate_period, burst) = match rest.split_once(',') {
+            Some((rp, b)) => (rp, Some(b.strip_prefix("burst=").ok_or_else(bad)?)),
+            None => (rest, None),
+        };
+        let (rate, period) = rate_period.split_once('/').ok_or_else(bad)?;
+        let rate: u64 = rate.trim().parse().map_err(|_| bad())?;
+        let split = period.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let (count, unit) = period.split_at(split);
+        let count: u64 = if count.is_empty() {
+            1
+        } else {
+            count.parse().map_err(|_| bad())?
+        };
+        let unit_ms: u64 = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(bad()),
+        };
+        let period = Duration::from_millis(count.checked_mul(unit_ms).ok_or_else(bad)?);
+        let limit = Self::custom(name.trim(), rate, rate, period)?;
+        match burst {
+            Some(b) => limit.with_burst(b.trim().parse().map_err(|_| bad())?),
+            None => Ok(limit),
+        }
+    }
+}
+
 fn zero(name: &LimitName, field: &'static str) -> LimitError {
     LimitError::Zero {
         name: name.0.clone(),
@@ -375,6 +417,36 @@ mod tests {
             Limit::per_second("x", 1).unwrap().with_burst(0),
             Err(LimitError::Zero { field: "burst", .. })
         ));
+    }
+
+    #[test]
+    fn specs_parse_as_people_write_them() {
+        assert_eq!(
+            "rpm=100/1m".parse(),
+            Ok(Limit::per_minute("rpm", 100).unwrap())
+        );
+        assert_eq!(
+            "rps=1/s,burst=10".parse(),
+            Limit::per_second("rps", 1).unwrap().with_burst(10)
+        );
+        assert_eq!(
+            "tpm=10000/60s".parse::<Limit>().unwrap().refill_period_ms(),
+            60_000
+        );
+        assert_eq!(
+            "x=5/250ms".parse::<Limit>().unwrap().refill_period_ms(),
+            250
+        );
+        for bad in [
+            "rpm",
+            "rpm=100",
+            "rpm=100/1w",
+            "rpm=a/1m",
+            "rpm=1/1m,b=2",
+            "rpm=0/1m",
+        ] {
+            assert!(bad.parse::<Limit>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -1,0 +1,398 @@
+//! The Rust client: talks to the daemon over its Unix socket.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), zae_limiter::client::ClientError> {
+//! use zae_limiter::client::{Acquire, Client};
+//! use zae_limiter::Limit;
+//!
+//! let client = Client::connect("/tmp/zae-limiter.sock").await?;
+//! let rpm = Limit::per_minute("rpm", 100).expect("a valid limit");
+//! let tpm = Limit::per_minute("tpm", 10_000).expect("a valid limit");
+//! let mut lease = client
+//!     .acquire(Acquire::new("api-key-1", "gpt-4").consume("rpm", 1).consume("tpm", 500).limits([&rpm, &tpm]))
+//!     .await?;
+//! // ... call the model, then reconcile the real usage:
+//! lease.adjust([("tpm", 230)]).await?;
+//! lease.commit().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! A [`Lease`] dropped without [`Lease::commit`] is rolled back (in the background, on the current
+//! Tokio runtime). Over-limit is [`ClientError::OverLimit`], carrying the wait and every violated
+//! limit. [`BlockingClient`] wraps all of it for code without an async runtime.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::domain::limit::{Limit, MILLI};
+use crate::proto;
+use crate::proto::admin_client::AdminClient;
+use crate::proto::rate_limiter_client::RateLimiterClient;
+
+/// A violated limit in an over-limit answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub limit: String,
+    /// Whole tokens available at decision time (negative when in debt).
+    pub available: i64,
+    pub requested: i64,
+    /// `None` when the request exceeds the limit's capacity and can never fit.
+    pub retry_after: Option<Duration>,
+}
+
+/// What went wrong with a call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("rate limit exceeded ({}); retry after {retry_after:?}", violations.iter().map(|v| v.limit.as_str()).collect::<Vec<_>>().join(", "))]
+    OverLimit {
+        /// The longest wait over the violated limits; `None` if the request can never fit.
+        retry_after: Option<Duration>,
+        violations: Vec<Violation>,
+    },
+    #[error("cannot connect to the zae-limiter daemon: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+    #[error("cannot start a runtime for the blocking client: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// One acquire to make: entity, resource, what to consume, and optionally the limits.
+#[derive(Debug, Clone, Default)]
+pub struct Acquire {
+    request: proto::AcquireRequest,
+}
+
+impl Acquire {
+    pub fn new(entity_id: impl Into<String>, resource: impl Into<String>) -> Self {
+        Self {
+            request: proto::AcquireRequest {
+                entity_id: entity_id.into(),
+                resource: resource.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Consumes `tokens` of the limit `name`.
+    pub fn consume(mut self, name: impl Into<String>, tokens: i64) -> Self {
+        *self.request.consume.entry(name.into()).or_default() += tokens;
+        self
+    }
+
+    /// Uses these limits instead of the stored ones.
+    pub fn limits<'a>(mut self, limits: impl IntoIterator<Item = &'a Limit>) -> Self {
+        self.request
+            .limits
+            .extend(limits.into_iter().map(proto_limit));
+        self
+    }
+
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.request.namespace = namespace.into();
+        self
+    }
+}
+
+/// A limit in its wire form.
+pub fn proto_limit(l: &Limit) -> proto::Limit {
+    proto::Limit {
+        name: l.name().to_string(),
+        capacity: (l.capacity() / MILLI) as u64,
+        refill_amount: (l.refill_amount() / MILLI) as u64,
+        refill_period_ms: l.refill_period_ms() as u64,
+    }
+}
+
+/// A connection to the daemon; cheap to clone (clones share the connection).
+#[derive(Debug, Clone)]
+pub struct Client {
+    limiter: RateLimiterClient<Channel>,
+    admin: AdminClient<Channel>,
+    channel: Channel,
+}
+
+impl Client {
+    /// Connects to the daemon's Unix socket.
+    ///
+    /// # Errors
+    /// [`ClientError::Connect`] when nothing listens there.
+    pub async fn connect(socket: impl AsRef<Path>) -> Result<Self, ClientError> {
+        let endpoint = Endpoint::from_shared(format!("unix://{}", socket.as_ref().display()))?;
+        Ok(Self::from_channel(endpoint.connect().await?))
+    }
+
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            limiter: RateLimiterClient::new(channel.clone()),
+            admin: AdminClient::new(channel.clone()),
+            channel,
+        }
+    }
+
+    /// The generated `Admin` client (entities and stored limits).
+    pub fn admin(&self) -> AdminClient<Channel> {
+        self.admin.clone()
+    }
+
+    /// The generated `RateLimiter` client, for calls this wrapper does not cover.
+    pub fn raw(&self) -> RateLimiterClient<Channel> {
+        self.limiter.clone()
+    }
+
+    /// The standard gRPC health service of the daemon.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    /// Acquires, returning a lease on success.
+    ///
+    /// # Errors
+    /// [`ClientError::OverLimit`] when refused; [`ClientError::Status`] for bad input
+    /// (`INVALID_ARGUMENT`) or an unavailable store (`UNAVAILABLE`).
+    pub async fn acquire(&self, acquire: Acquire) -> Result<Lease, ClientError> {
+        let answer = self
+            .limiter
+            .clone()
+            .acquire(acquire.request)
+            .await?
+            .into_inner();
+        if !answer.allowed {
+            return Err(ClientError::OverLimit {
+                retry_after: answer.retry_after_ms.map(Duration::from_millis),
+                violations: answer
+                    .statuses
+                    .iter()
+                    .filter(|s| !s.allowed)
+                    .map(|s| Violation {
+                        limit: s.name.clone(),
+                        available: s.available_milli.div_euclid(MILLI),
+                        requested: s.requested_milli / MILLI,
+                        retry_after: s.retry_after_ms.map(Duration::from_millis),
+                    })
+                    .collect(),
+            });
+        }
+        Ok(Lease {
+            client: self.limiter.clone(),
+            id: answer.lease_id,
+            statuses: answer.statuses,
+            open: true,
+        })
+    }
+
+    /// Balances of every limit of a bucket (whole tokens), without consuming.
+    ///
+    /// # Errors
+    /// [`ClientError::Status`] for bad input or an unavailable store.
+    pub async fn available(
+        &self,
+        entity_id: &str,
+        resource: &str,
+        limits: &[Limit],
+    ) -> Result<HashMap<String, i64>, ClientError> {
+        let answer = self
+            .limiter
+            .clone()
+            .available(proto::AvailableRequest {
+                entity_id: entity_id.into(),
+                resource: resource.into(),
+                limits: limits.iter().map(proto_limit).collect(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        Ok(answer
+            .statuses
+            .into_iter()
+            .map(|s| (s.name, s.available_milli.div_euclid(MILLI)))
+            .collect())
+    }
+}
+
+/// An admitted acquire. Adjust it with the real usage, then commit; dropped without commit, it
+/// is rolled back.
+#[derive(Debug)]
+pub struct Lease {
+    client: RateLimiterClient<Channel>,
+    id: String,
+    statuses: Vec<proto::LimitStatus>,
+    open: bool,
+}
+
+impl Lease {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Every limit's status at the time of the decision.
+    pub fn statuses(&self) -> &[proto::LimitStatus] {
+        &self.statuses
+    }
+
+    /// Records extra usage (negative: less) per limit, in whole tokens; written at commit. May
+    /// drive a balance negative.
+    ///
+    /// # Errors
+    /// [`ClientError::Status`]: `NOT_FOUND` for an expired lease, `INVALID_ARGUMENT` for a limit
+    /// the lease does not have.
+    pub async fn adjust<'a>(
+        &mut self,
+        delta: impl IntoIterator<Item = (&'a str, i64)>,
+    ) -> Result<(), ClientError> {
+        let mut map = HashMap::new();
+        for (name, tokens) in delta {
+            *map.entry(name.to_owned()).or_default() += tokens;
+        }
+        self.client
+            .adjust(proto::AdjustRequest {
+                lease_id: self.id.clone(),
+                delta: map,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Closes the lease, writing the net adjustment.
+    ///
+    /// # Errors
+    /// [`ClientError::Status`] when the lease expired or the write failed.
+    pub async fn commit(mut self) -> Result<(), ClientError> {
+        self.open = false;
+        self.client
+            .commit(proto::LeaseRequest {
+                lease_id: self.id.clone(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Closes the lease, giving back everything it acquired.
+    ///
+    /// # Errors
+    /// [`ClientError::Status`] when the lease expired or the write failed.
+    pub async fn rollback(mut self) -> Result<(), ClientError> {
+        self.open = false;
+        self.client
+            .rollback(proto::LeaseRequest {
+                lease_id: self.id.clone(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Leaves the lease open (it expires after the daemon's lease TTL and stays consumed) and
+    /// returns its id, for closing it elsewhere.
+    pub fn into_id(mut self) -> String {
+        self.open = false;
+        std::mem::take(&mut self.id)
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let mut client = self.client.clone();
+        let lease_id = std::mem::take(&mut self.id);
+        runtime.spawn(async move {
+            if let Err(e) = client.rollback(proto::LeaseRequest { lease_id }).await {
+                tracing::warn!("rolling back a dropped lease failed: {e}");
+            }
+        });
+    }
+}
+
+/// The client for code without an async runtime: every call blocks.
+#[derive(Debug)]
+pub struct BlockingClient {
+    runtime: std::sync::Arc<tokio::runtime::Runtime>,
+    client: Client,
+}
+
+impl BlockingClient {
+    /// # Errors
+    /// As [`Client::connect`].
+    pub fn connect(socket: impl AsRef<Path>) -> Result<Self, ClientError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ClientError::Runtime)?;
+        let client = runtime.block_on(Client::connect(socket))?;
+        Ok(Self {
+            runtime: std::sync::Arc::new(runtime),
+            client,
+        })
+    }
+
+    /// # Errors
+    /// As [`Client::acquire`].
+    pub fn acquire(&self, acquire: Acquire) -> Result<BlockingLease, ClientError> {
+        let lease = self.runtime.block_on(self.client.acquire(acquire))?;
+        Ok(BlockingLease {
+            runtime: self.runtime.clone(),
+            lease: Some(lease),
+        })
+    }
+}
+
+/// A [`Lease`] for blocking code; rolled back when dropped without commit.
+#[derive(Debug)]
+pub struct BlockingLease {
+    runtime: std::sync::Arc<tokio::runtime::Runtime>,
+    lease: Option<Lease>,
+}
+
+impl BlockingLease {
+    pub fn id(&self) -> &str {
+        self.lease.as_ref().map_or("", Lease::id)
+    }
+
+    /// # Errors
+    /// As [`Lease::adjust`].
+    pub fn adjust<'a>(
+        &mut self,
+        delta: impl IntoIterator<Item = (&'a str, i64)>,
+    ) -> Result<(), ClientError> {
+        let lease = self
+            .lease
+            .as_mut()
+            .expect("an open lease until commit or rollback");
+        self.runtime.block_on(lease.adjust(delta))
+    }
+
+    /// # Errors
+    /// As [`Lease::commit`].
+    pub fn commit(mut self) -> Result<(), ClientError> {
+        let lease = self
+            .lease
+            .take()
+            .expect("an open lease until commit or rollback");
+        self.runtime.block_on(lease.commit())
+    }
+
+    /// # Errors
+    /// As [`Lease::rollback`].
+    pub fn rollback(mut self) -> Result<(), ClientError> {
+        let lease = self
+            .lease
+            .take()
+            .expect("an open lease until commit or rollback");
+        self.runtime.block_on(lease.rollback())
+    }
+}
+
+impl Drop for BlockingLease {
+    fn drop(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            let _ = self.runtime.block_on(lease.rollback());
+        }
+    }
+}

@@ -1,0 +1,521 @@
+//! The tonic services: validate and convert, call the limiter or the store, convert back. No
+//! limiting logic lives here. Every error goes through [`status`], the one mapping from errors to
+//! gRPC codes; over-limit is a normal answer (`allowed = false`), never an error.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use tonic::{Request, Response, Status};
+
+use crate::domain::bucket::LimitStatus;
+use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
+use crate::domain::limit::{Limit, LimitName, MAX_TOKENS, MILLI, canonical};
+use crate::domain::records::{Actor, Entity, LimitScope};
+use crate::limiter::{AcquireRequest, Decision, LeaseId, Limiter, LimiterError};
+use crate::proto;
+
+/// The one mapping from errors to gRPC status codes.
+pub fn status(e: LimiterError) -> Status {
+    let message = e.to_string();
+    match e {
+        LimiterError::InvalidArgument { .. } => Status::invalid_argument(message),
+        LimiterError::LeaseNotFound(_) | LimiterError::NotFound(_) => Status::not_found(message),
+        LimiterError::AlreadyExists(_) => Status::already_exists(message),
+        LimiterError::Unavailable(_) => Status::unavailable(message),
+        LimiterError::DeadlineExceeded => Status::deadline_exceeded(message),
+        LimiterError::Internal(_) => Status::internal(message),
+    }
+}
+
+fn invalid(field: impl Into<String>, e: impl std::fmt::Display) -> Status {
+    status(LimiterError::invalid(field, e))
+}
+
+/// The deadline of a request: its own `grpc-timeout`, capped by the configured default.
+fn deadline<T>(req: &Request<T>, default: Duration) -> Instant {
+    let own = req
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout);
+    Instant::now() + own.map_or(default, |d| d.min(default))
+}
+
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3_600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Who is calling: the peer's uid over the Unix socket, else the TCP peer address.
+fn principal<T>(req: &Request<T>) -> String {
+    if let Some(cred) = req
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|i| i.peer_cred)
+    {
+        return format!("uid:{}", cred.uid());
+    }
+    req.remote_addr()
+        .map_or_else(|| "unknown".to_owned(), |a| format!("tcp:{a}"))
+}
+
+fn key(limiter: &Limiter, ns: &str, entity: &str, resource: &str) -> Result<BucketKey, Status> {
+    Ok(BucketKey {
+        namespace: limiter.namespace(ns).map_err(status)?,
+        entity: EntityId::new(entity).map_err(|e| invalid("entity_id", e))?,
+        resource: ResourceId::new(resource).map_err(|e| invalid("resource", e))?,
+    })
+}
+
+/// Whole tokens per limit name into milli-tokens; `signed` allows negative values (adjust).
+fn amounts(
+    field: &str,
+    map: &HashMap<String, i64>,
+    signed: bool,
+) -> Result<Vec<(LimitName, i64)>, Status> {
+    let mut out: Vec<(LimitName, i64)> = map
+        .iter()
+        .map(|(name, &tokens)| {
+            let limit = LimitName::new(name.as_str()).map_err(|e| invalid(field, e))?;
+            if !signed && tokens < 0 {
+                return Err(invalid(
+                    format!("{field}[{name}]"),
+                    format!("{tokens} is negative"),
+                ));
+            }
+            if tokens.unsigned_abs() > MAX_TOKENS {
+                return Err(invalid(
+                    format!("{field}[{name}]"),
+                    format!("{tokens} is beyond the maximum of {MAX_TOKENS} tokens"),
+                ));
+            }
+            Ok((limit, tokens * MILLI))
+        })
+        .collect::<Result<_, _>>()?;
+    out.sort();
+    Ok(out)
+}
+
+fn limits(given: &[proto::Limit]) -> Result<Option<Vec<Limit>>, Status> {
+    if given.is_empty() {
+        return Ok(None);
+    }
+    let list = given
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            Limit::custom(
+                &l.name,
+                l.capacity,
+                l.refill_amount,
+                Duration::from_millis(l.refill_period_ms),
+            )
+            .map_err(|e| invalid(format!("limits[{i}]"), e))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    canonical(list).map(Some).map_err(|e| invalid("limits", e))
+}
+
+fn to_proto_limit(l: &Limit) -> proto::Limit {
+    proto::Limit {
+        name: l.name().to_string(),
+        capacity: (l.capacity() / MILLI) as u64,
+        refill_amount: (l.refill_amount() / MILLI) as u64,
+        refill_period_ms: l.refill_period_ms() as u64,
+    }
+}
+
+fn to_proto_status(s: &LimitStatus) -> proto::LimitStatus {
+    proto::LimitStatus {
+        name: s.limit.name().to_string(),
+        allowed: s.allowed(),
+        available_milli: s.available,
+        requested_milli: s.requested,
+        retry_after_ms: s.retry_after_ms,
+    }
+}
+
+fn lease_id(s: &str) -> Result<LeaseId, Status> {
+    if s.is_empty() {
+        return Err(invalid("lease_id", "is empty"));
+    }
+    s.parse().map_err(status)
+}
+
+/// The `RateLimiter` service.
+#[derive(Debug, Clone)]
+pub struct RateLimiterService {
+    limiter: Limiter,
+    request_timeout: Duration,
+}
+
+impl RateLimiterService {
+    pub fn new(limiter: Limiter, request_timeout: Duration) -> Self {
+        Self {
+            limiter,
+            request_timeout,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
+    async fn acquire(
+        &self,
+        req: Request<proto::AcquireRequest>,
+    ) -> Result<Response<proto::AcquireResponse>, Status> {
+        let deadline = deadline(&req, self.request_timeout);
+        let r = req.into_inner();
+        let request = AcquireRequest {
+            key: key(&self.limiter, &r.namespace, &r.entity_id, &r.resource)?,
+            amounts: amounts("consume", &r.consume, false)?,
+            limits: limits(&r.limits)?,
+        };
+        let decision = self
+            .limiter
+            .acquire(request, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(match decision {
+            Decision::Admitted { lease, statuses } => proto::AcquireResponse {
+                allowed: true,
+                lease_id: lease.to_string(),
+                statuses: statuses.iter().map(to_proto_status).collect(),
+                retry_after_ms: None,
+            },
+            Decision::Rejected(rejection) => proto::AcquireResponse {
+                allowed: false,
+                lease_id: String::new(),
+                statuses: rejection.statuses.iter().map(to_proto_status).collect(),
+                retry_after_ms: rejection.retry_after_ms(),
+            },
+        }))
+    }
+
+    async fn adjust(
+        &self,
+        req: Request<proto::AdjustRequest>,
+    ) -> Result<Response<proto::LeaseResponse>, Status> {
+        let deadline = deadline(&req, self.request_timeout);
+        let r = req.into_inner();
+        let lease = lease_id(&r.lease_id)?;
+        let delta = amounts("delta", &r.delta, true)?;
+        self.limiter
+            .adjust(lease, delta, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::LeaseResponse {}))
+    }
+
+    async fn commit(
+        &self,
+        req: Request<proto::LeaseRequest>,
+    ) -> Result<Response<proto::LeaseResponse>, Status> {
+        let deadline = deadline(&req, self.request_timeout);
+        let lease = lease_id(&req.get_ref().lease_id)?;
+        self.limiter.commit(lease, deadline).await.map_err(status)?;
+        Ok(Response::new(proto::LeaseResponse {}))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<proto::LeaseRequest>,
+    ) -> Result<Response<proto::LeaseResponse>, Status> {
+        let deadline = deadline(&req, self.request_timeout);
+        let lease = lease_id(&req.get_ref().lease_id)?;
+        self.limiter
+            .rollback(lease, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::LeaseResponse {}))
+    }
+
+    async fn available(
+        &self,
+        req: Request<proto::AvailableRequest>,
+    ) -> Result<Response<proto::AvailableResponse>, Status> {
+        let deadline = deadline(&req, self.request_timeout);
+        let r = req.into_inner();
+        let key = key(&self.limiter, &r.namespace, &r.entity_id, &r.resource)?;
+        let statuses = self
+            .limiter
+            .peek(key, limits(&r.limits)?, Vec::new(), deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::AvailableResponse {
+            statuses: statuses.iter().map(to_proto_status).collect(),
+        }))
+    }
+
+    async fn time_until_available(
+        &self,
+        req: Request<proto::TimeUntilAvailableRequest>,
+    ) -> Result<Response<proto::TimeUntilAvailableResponse>, Status> {
+        let deadline = deadline(&req, self.request_timeout);
+        let r = req.into_inner();
+        let key = key(&self.limiter, &r.namespace, &r.entity_id, &r.resource)?;
+        let want = amounts("consume", &r.consume, false)?;
+        let statuses = self
+            .limiter
+            .peek(key, limits(&r.limits)?, want, deadline)
+            .await
+            .map_err(status)?;
+        let retry_after_ms = statuses
+            .iter()
+            .map(|s| s.retry_after_ms)
+            .try_fold(0, |acc, w| w.map(|w| acc.max(w)));
+        Ok(Response::new(proto::TimeUntilAvailableResponse {
+            retry_after_ms,
+            statuses: statuses.iter().map(to_proto_status).collect(),
+        }))
+    }
+}
+
+/// The `Admin` service: entities and stored limits, audited with the caller as principal.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    limiter: Limiter,
+}
+
+impl AdminService {
+    pub fn new(limiter: Limiter) -> Self {
+        Self { limiter }
+    }
+
+    fn actor<T>(&self, req: &Request<T>) -> Actor {
+        Actor {
+            principal: principal(req),
+            at_ms: self.limiter.now_ms(),
+        }
+    }
+
+    fn scope(
+        &self,
+        ns: &str,
+        scope: Option<&proto::LimitScope>,
+    ) -> Result<(Namespace, LimitScope), Status> {
+        let ns = self.limiter.namespace(ns).map_err(status)?;
+        let scope = scope.cloned().unwrap_or_default();
+        let entity = scope
+            .entity_id
+            .map(|e| EntityId::new(e).map_err(|e| invalid("scope.entity_id", e)))
+            .transpose()?;
+        let resource = scope
+            .resource
+            .map(|r| ResourceId::new(r).map_err(|e| invalid("scope.resource", e)))
+            .transpose()?;
+        Ok((
+            ns,
+            match (entity, resource) {
+                (Some(e), Some(r)) => LimitScope::EntityResource(e, r),
+                (Some(e), None) => LimitScope::Entity(e),
+                (None, Some(r)) => LimitScope::Resource(r),
+                (None, None) => LimitScope::System,
+            },
+        ))
+    }
+}
+
+fn to_proto_entity(e: Entity) -> proto::Entity {
+    proto::Entity {
+        id: e.id.to_string(),
+        name: e.name,
+        parent_id: e.parent.map(|p| p.to_string()),
+        cascade: e.cascade,
+        metadata: e.metadata.into_iter().collect(),
+    }
+}
+
+fn store_status(e: crate::store::StoreError) -> Status {
+    status(LimiterError::from(e))
+}
+
+#[tonic::async_trait]
+impl proto::admin_server::Admin for AdminService {
+    async fn create_entity(
+        &self,
+        req: Request<proto::CreateEntityRequest>,
+    ) -> Result<Response<proto::EntityResponse>, Status> {
+        let by = self.actor(&req);
+        let r = req.into_inner();
+        let ns = self.limiter.namespace(&r.namespace).map_err(status)?;
+        let e = r.entity.ok_or_else(|| invalid("entity", "is missing"))?;
+        let entity = Entity {
+            id: EntityId::new(e.id).map_err(|e| invalid("entity.id", e))?,
+            name: e.name,
+            parent: e
+                .parent_id
+                .filter(|p| !p.is_empty())
+                .map(|p| EntityId::new(p).map_err(|e| invalid("entity.parent_id", e)))
+                .transpose()?,
+            cascade: e.cascade,
+            metadata: e.metadata.into_iter().collect::<BTreeMap<_, _>>(),
+        };
+        if entity.parent.as_ref() == Some(&entity.id) {
+            return Err(invalid(
+                "entity.parent_id",
+                "an entity cannot be its own parent",
+            ));
+        }
+        self.limiter
+            .store()
+            .create_entity(&ns, &entity, &by)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(proto::EntityResponse {
+            entity: Some(to_proto_entity(entity)),
+        }))
+    }
+
+    async fn get_entity(
+        &self,
+        req: Request<proto::EntityRequest>,
+    ) -> Result<Response<proto::EntityResponse>, Status> {
+        let r = req.into_inner();
+        let ns = self.limiter.namespace(&r.namespace).map_err(status)?;
+        let id = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
+        let entity = self
+            .limiter
+            .store()
+            .get_entity(&ns, &id)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::not_found(format!("entity {:?} does not exist", id.as_str())))?;
+        Ok(Response::new(proto::EntityResponse {
+            entity: Some(to_proto_entity(entity)),
+        }))
+    }
+
+    async fn delete_entity(
+        &self,
+        req: Request<proto::EntityRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let by = self.actor(&req);
+        let r = req.into_inner();
+        let ns = self.limiter.namespace(&r.namespace).map_err(status)?;
+        let id = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
+        self.limiter
+            .store()
+            .delete_entity(&ns, &id, &by)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn list_children(
+        &self,
+        req: Request<proto::EntityRequest>,
+    ) -> Result<Response<proto::ListChildrenResponse>, Status> {
+        let r = req.into_inner();
+        let ns = self.limiter.namespace(&r.namespace).map_err(status)?;
+        let id = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
+        let children = self
+            .limiter
+            .store()
+            .list_children(&ns, &id)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(proto::ListChildrenResponse {
+            children: children.into_iter().map(to_proto_entity).collect(),
+        }))
+    }
+
+    async fn set_limits(
+        &self,
+        req: Request<proto::SetLimitsRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let by = self.actor(&req);
+        let r = req.into_inner();
+        let (ns, scope) = self.scope(&r.namespace, r.scope.as_ref())?;
+        let limits = limits(&r.limits)?.ok_or_else(|| invalid("limits", "is empty"))?;
+        self.limiter
+            .store()
+            .set_limits(&ns, &scope, &limits, &by)
+            .await
+            .map_err(store_status)?;
+        self.limiter.forget_resolved_limits();
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn get_limits(
+        &self,
+        req: Request<proto::LimitsRequest>,
+    ) -> Result<Response<proto::LimitsResponse>, Status> {
+        let r = req.into_inner();
+        let (ns, scope) = self.scope(&r.namespace, r.scope.as_ref())?;
+        let limits = self
+            .limiter
+            .store()
+            .get_limits(&ns, &scope)
+            .await
+            .map_err(store_status)?
+            .unwrap_or_default();
+        Ok(Response::new(proto::LimitsResponse {
+            limits: limits.iter().map(to_proto_limit).collect(),
+        }))
+    }
+
+    async fn delete_limits(
+        &self,
+        req: Request<proto::LimitsRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let by = self.actor(&req);
+        let r = req.into_inner();
+        let (ns, scope) = self.scope(&r.namespace, r.scope.as_ref())?;
+        self.limiter
+            .store()
+            .delete_limits(&ns, &scope, &by)
+            .await
+            .map_err(store_status)?;
+        self.limiter.forget_resolved_limits();
+        Ok(Response::new(proto::Empty {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+    }
+
+    #[test]
+    fn bad_amounts_name_the_field() {
+        let map = HashMap::from([("rpm".to_owned(), -1)]);
+        let err = amounts("consume", &map, false).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().starts_with("consume[rpm]: -1 is negative"),
+            "{}",
+            err.message()
+        );
+        let map = HashMap::from([("rpm".to_owned(), i64::MAX)]);
+        assert!(
+            amounts("delta", &map, true)
+                .unwrap_err()
+                .message()
+                .contains("delta[rpm]")
+        );
+        let map = HashMap::from([("bad name".to_owned(), 1)]);
+        assert!(
+            amounts("consume", &map, false)
+                .unwrap_err()
+                .message()
+                .starts_with("consume: ")
+        );
+    }
+}

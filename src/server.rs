@@ -1,0 +1,152 @@
+//! `run`: binds the listeners, serves the gRPC API until shutdown, then shuts down in a fixed
+//! order: stop accepting, drain in-flight requests, stop actors (they answer what they hold),
+//! remove the socket file.
+
+use std::future::Future;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::Server;
+
+use crate::grpc::{AdminService, RateLimiterService};
+use crate::limiter::Limiter;
+use crate::proto::admin_server::AdminServer;
+use crate::proto::rate_limiter_server::RateLimiterServer;
+
+/// Where and how the daemon listens.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub socket: PathBuf,
+    pub tcp: Option<std::net::SocketAddr>,
+    pub request_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+/// Why the server could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("another zae-limiter is already listening on {0}")]
+    SocketInUse(String),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(String),
+    #[error("cannot listen on {what}: {source}")]
+    Bind {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(String),
+}
+
+/// Binds the Unix socket: a stale socket file (no daemon behind it) is replaced, a live one or a
+/// file that is not a socket is an error. The socket gets mode 0660.
+///
+/// # Errors
+/// [`ServerError`] saying which of those happened.
+pub async fn bind_socket(path: &Path) -> Result<UnixListener, ServerError> {
+    let shown = path.display().to_string();
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ServerError::NotASocket(shown));
+        }
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(ServerError::SocketInUse(shown));
+        }
+        std::fs::remove_file(path).map_err(|source| ServerError::Bind {
+            what: shown.clone(),
+            source,
+        })?;
+    }
+    let listener = UnixListener::bind(path).map_err(|source| ServerError::Bind {
+        what: shown.clone(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(|source| {
+        ServerError::Bind {
+            what: shown,
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+/// Serves the API on the socket (and the TCP address, if any) until `shutdown` resolves.
+///
+/// # Errors
+/// [`ServerError`] when a listener cannot be bound or the server fails.
+pub async fn run(
+    limiter: Limiter,
+    settings: ServerSettings,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let uds = bind_socket(&settings.socket).await?;
+    let tcp = match settings.tcp {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    what: addr.to_string(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<RateLimiterServer<RateLimiterService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::DESCRIPTOR)
+        .build_v1()
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
+    let router = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(RateLimiterServer::new(RateLimiterService::new(
+            limiter.clone(),
+            settings.request_timeout,
+        )))
+        .add_service(AdminServer::new(AdminService::new(limiter.clone())));
+
+    tracing::info!(socket = %settings.socket.display(), tcp = ?settings.tcp, "serving");
+    let uds_server = router
+        .clone()
+        .serve_with_incoming_shutdown(UnixListenerStream::new(uds), stopped(stop_rx.clone()));
+    let tcp_server = async {
+        match tcp {
+            Some(l) => {
+                router
+                    .serve_with_incoming_shutdown(
+                        TcpListenerStream::new(l),
+                        stopped(stop_rx.clone()),
+                    )
+                    .await
+            }
+            None => Ok(()),
+        }
+    };
+    let servers = async { tokio::try_join!(uds_server, tcp_server) };
+    tokio::pin!(servers);
+    let served = tokio::select! {
+        result = &mut servers => result,
+        () = shutdown => {
+            tracing::info!("shutting down: draining in-flight requests");
+            let _ = stop_tx.send(true);
+            servers.await
+        }
+    };
+    limiter.shutdown(settings.drain_timeout).await;
+    let _ = std::fs::remove_file(&settings.socket);
+    tracing::info!("stopped");
+    served.map(drop).map_err(ServerError::from)
+}
