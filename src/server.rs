@@ -142,7 +142,16 @@ pub async fn run(
         () = shutdown => {
             tracing::info!("shutting down: draining in-flight requests");
             let _ = stop_tx.send(true);
-            servers.await
+            match tokio::time::timeout(settings.drain_timeout, &mut servers).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!(
+                        "in-flight requests still open after {:?}; closing their connections",
+                        settings.drain_timeout
+                    );
+                    Ok(((), ()))
+                }
+            }
         }
     };
     limiter.shutdown(settings.drain_timeout).await;

@@ -111,7 +111,8 @@ pub(super) struct State {
     slots: HashMap<ResourceId, Slot>,
     leases: HashMap<u64, Lease>,
     last_active: Instant,
-    tick_scheduled: bool,
+    /// When the next scheduled tick fires, if one is.
+    tick_at: Option<Instant>,
 }
 
 impl Actor for GroupActor {
@@ -131,7 +132,7 @@ impl Actor for GroupActor {
             slots: HashMap::new(),
             leases: HashMap::new(),
             last_active: Instant::now(),
-            tick_scheduled: false,
+            tick_at: None,
         })
     }
 
@@ -160,7 +161,12 @@ impl Actor for GroupActor {
         msg: Msg,
         state: &mut State,
     ) -> Result<(), ActorProcessingErr> {
-        state.last_active = Instant::now();
+        if matches!(
+            msg,
+            Msg::Acquire(_) | Msg::Adjust(..) | Msg::Commit(..) | Msg::Rollback(..) | Msg::Peek(..)
+        ) {
+            state.last_active = Instant::now();
+        }
         match msg {
             Msg::Acquire(job) => state.acquire(job, &myself),
             Msg::Adjust(id, delta, reply) => {
@@ -178,7 +184,7 @@ impl Actor for GroupActor {
                 state.pump(&resource, &myself);
             }
             Msg::Tick => {
-                state.tick_scheduled = false;
+                state.tick_at = None;
                 if state.tick(&myself) {
                     return Ok(());
                 }
@@ -578,7 +584,25 @@ impl State {
         let _ = job.reply.send(answer);
     }
 
+    /// Forgets leases whose time is up; their consumption stays.
+    fn expire_leases(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.expires <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.leases.remove(&id);
+            self.shared.leases.remove(&id);
+            metrics::gauge!(m::LEASES_OPEN).decrement(1.0);
+            metrics::counter!(m::LEASES_EXPIRED).increment(1);
+        }
+    }
+
     fn adjust(&mut self, id: u64, delta: Amounts) -> Result<(), LimiterError> {
+        self.expire_leases();
         let lease = self
             .leases
             .get_mut(&id)
@@ -597,6 +621,7 @@ impl State {
     }
 
     fn close(&mut self, id: u64, rollback: bool, reply: Reply<()>, myself: &ActorRef<Msg>) {
+        self.expire_leases();
         let Some(lease) = self.leases.remove(&id) else {
             let _ = reply.send(Err(LimiterError::LeaseNotFound(
                 LeaseId::Backed(id).to_string(),
@@ -637,19 +662,7 @@ impl State {
     /// Expires leases; stops the actor when it has been idle long enough. Returns whether it is
     /// stopping.
     fn tick(&mut self, myself: &ActorRef<Msg>) -> bool {
-        let now = Instant::now();
-        let expired: Vec<u64> = self
-            .leases
-            .iter()
-            .filter(|(_, l)| l.expires <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            self.leases.remove(&id);
-            self.shared.leases.remove(&id);
-            metrics::gauge!(m::LEASES_OPEN).decrement(1.0);
-            metrics::counter!(m::LEASES_EXPIRED).increment(1);
-        }
+        self.expire_leases();
         let idle = self.leases.is_empty()
             && self
                 .slots
@@ -668,10 +681,6 @@ impl State {
     }
 
     fn schedule_tick(&mut self, myself: &ActorRef<Msg>) {
-        if self.tick_scheduled {
-            return;
-        }
-        let now = Instant::now();
         let idle_at = self.last_active + self.shared.settings.idle_timeout;
         let next = self
             .leases
@@ -679,10 +688,13 @@ impl State {
             .map(|l| l.expires)
             .min()
             .map_or(idle_at, |e| e.min(idle_at));
+        if self.tick_at.is_some_and(|at| at <= next) {
+            return;
+        }
         let wait = next
-            .saturating_duration_since(now)
+            .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(10));
-        self.tick_scheduled = true;
+        self.tick_at = Some(next);
         myself.send_after(wait, || Msg::Tick);
     }
 }

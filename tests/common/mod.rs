@@ -1,5 +1,7 @@
-//! Shared test set-up: stores to run the conformance suite against, unique namespaces.
+//! Shared test set-up: stores to run the conformance suite against, unique namespaces, daemons.
 #![allow(dead_code)]
+
+pub mod daemon;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,0 +1,504 @@
+//! Black-box tests of the daemon: each starts the real binary on a socket in a temporary folder
+//! and speaks to it only through the client library, the CLI, `/metrics` and gRPC health.
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::Daemon;
+use tonic::Code;
+use zae_limiter::Limit;
+use zae_limiter::client::{Acquire, Client, ClientError, Lease};
+use zae_limiter::proto;
+
+const MEMORY: &str = "[limiter]\nbackend = \"memory\"\n";
+
+fn rpm(n: u64) -> Limit {
+    Limit::per_minute("rpm", n).unwrap()
+}
+
+fn tpm(n: u64) -> Limit {
+    Limit::per_minute("tpm", n).unwrap()
+}
+
+async fn acquire(
+    client: &Client,
+    entity: &str,
+    limits: &[Limit],
+    consume: &[(&str, i64)],
+) -> Result<Lease, ClientError> {
+    let mut req = Acquire::new(entity, "gpt-4").limits(limits);
+    for (name, n) in consume {
+        req = req.consume(*name, *n);
+    }
+    client.acquire(req).await
+}
+
+fn code(e: ClientError) -> (Code, String) {
+    match e {
+        ClientError::Status(s) => (s.code(), s.message().to_owned()),
+        other => panic!("expected a gRPC status, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admits_then_rejects_with_retry_after() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let client = daemon.client().await;
+    let limits = [rpm(3)];
+    for _ in 0..3 {
+        acquire(&client, "k1", &limits, &[("rpm", 1)])
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+    }
+    match acquire(&client, "k1", &limits, &[("rpm", 1)]).await {
+        Err(ClientError::OverLimit {
+            retry_after,
+            violations,
+        }) => {
+            // One token of 3 per minute: at most 20 s away, less the time the test took.
+            let wait = retry_after.unwrap();
+            assert!(
+                wait <= Duration::from_secs(20) && wait > Duration::from_secs(15),
+                "{wait:?}"
+            );
+            assert_eq!(violations.len(), 1);
+            assert_eq!(
+                (
+                    violations[0].limit.as_str(),
+                    violations[0].available,
+                    violations[0].requested
+                ),
+                ("rpm", 0, 1)
+            );
+        }
+        other => panic!("expected over limit, got {other:?}"),
+    }
+    // Another entity has its own bucket.
+    acquire(&client, "k2", &limits, &[("rpm", 3)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    // A request above capacity can never fit: no retry-after.
+    match acquire(&client, "k3", &limits, &[("rpm", 4)]).await {
+        Err(ClientError::OverLimit {
+            retry_after: None, ..
+        }) => {}
+        other => panic!("expected a never-fitting rejection, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adjusting_into_debt_makes_the_next_wait_longer() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let client = daemon.client().await;
+    let limits = [tpm(1_000)];
+    let mut lease = acquire(&client, "k", &limits, &[("tpm", 1_000)])
+        .await
+        .unwrap();
+    let before = match acquire(&client, "k", &limits, &[("tpm", 1)]).await {
+        Err(ClientError::OverLimit { retry_after, .. }) => retry_after.unwrap(),
+        other => panic!("expected over limit, got {other:?}"),
+    };
+    assert!(
+        before <= Duration::from_millis(60),
+        "one token at 1,000/min: {before:?}"
+    );
+    lease.adjust([("tpm", 500)]).await.unwrap();
+    lease.commit().await.unwrap();
+    let available = client.available("k", "gpt-4", &limits).await.unwrap();
+    assert!(
+        available["tpm"] < -490,
+        "in debt after the adjustment: {available:?}"
+    );
+    match acquire(&client, "k", &limits, &[("tpm", 1)]).await {
+        Err(ClientError::OverLimit { retry_after, .. }) => {
+            // 501 tokens short at 1,000 per minute: about 30 s.
+            let after = retry_after.unwrap();
+            assert!(
+                after > Duration::from_secs(29) && after <= Duration::from_millis(30_060),
+                "{after:?}"
+            );
+        }
+        other => panic!("expected over limit, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_writes_the_net_delta_and_rollback_gives_everything_back() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let client = daemon.client().await;
+    let limits = [Limit::per_hour("tpm", 1_000).unwrap()];
+    let avail = || async { client.available("k", "gpt-4", &limits).await.unwrap()["tpm"] };
+
+    let lease = acquire(&client, "k", &limits, &[("tpm", 100)])
+        .await
+        .unwrap();
+    assert_eq!(avail().await, 900);
+    lease.rollback().await.unwrap();
+    assert_eq!(avail().await, 1_000);
+
+    let mut lease = acquire(&client, "k", &limits, &[("tpm", 100)])
+        .await
+        .unwrap();
+    lease.adjust([("tpm", -30)]).await.unwrap();
+    lease.adjust([("tpm", 5)]).await.unwrap();
+    assert_eq!(avail().await, 900, "adjustments are written at commit");
+    lease.commit().await.unwrap();
+    assert_eq!(avail().await, 925);
+
+    // Adjusting a limit the lease does not have is refused and names the field.
+    let mut lease = acquire(&client, "k", &limits, &[("tpm", 1)]).await.unwrap();
+    let (c, message) = code(lease.adjust([("rpm", 1)]).await.unwrap_err());
+    assert_eq!(c, Code::InvalidArgument);
+    assert!(message.starts_with("delta:"), "{message}");
+    let id = lease.id().to_owned();
+    lease.commit().await.unwrap();
+    // A closed lease is gone.
+    let mut raw = client.raw();
+    let err = raw
+        .commit(proto::LeaseRequest { lease_id: id })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert_eq!(avail().await, 924);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_lease_is_rolled_back() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let client = daemon.client().await;
+    let limits = [Limit::per_hour("rpm", 10).unwrap()];
+    drop(acquire(&client, "k", &limits, &[("rpm", 4)]).await.unwrap());
+    let mut restored = false;
+    for _ in 0..100 {
+        if client.available("k", "gpt-4", &limits).await.unwrap()["rpm"] == 10 {
+            restored = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(restored, "the dropped lease's tokens came back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unclosed_leases_expire_and_stay_consumed() {
+    let daemon = Daemon::start("[limiter]\nlease_ttl_ms = 200\n", &[]);
+    let client = daemon.client().await;
+    let limits = [Limit::per_hour("rpm", 10).unwrap()];
+    let id = acquire(&client, "k", &limits, &[("rpm", 3)])
+        .await
+        .unwrap()
+        .into_id();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut raw = client.raw();
+    for result in [
+        raw.commit(proto::LeaseRequest {
+            lease_id: id.clone(),
+        })
+        .await
+        .map(drop),
+        raw.rollback(proto::LeaseRequest {
+            lease_id: id.clone(),
+        })
+        .await
+        .map(drop),
+    ] {
+        let err = result.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+        assert!(err.message().contains("expired"), "{}", err.message());
+    }
+    assert_eq!(
+        client.available("k", "gpt-4", &limits).await.unwrap()["rpm"],
+        7
+    );
+    assert_eq!(daemon.metric("zae_limiter_leases_expired_total", &[]), 1.0);
+    // Ids that never existed, and ids that are not ids.
+    assert_eq!(
+        raw.commit(proto::LeaseRequest {
+            lease_id: "ffff".into()
+        })
+        .await
+        .unwrap_err()
+        .code(),
+        Code::NotFound
+    );
+    let err = raw
+        .commit(proto::LeaseRequest {
+            lease_id: "not-a-lease".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("lease_id:"), "{}", err.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_metrics_and_a_cached_rejection_that_costs_no_store_call() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let client = daemon.client().await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(client.channel());
+    for service in ["", "zae_limiter.v1.RateLimiter"] {
+        let answer = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            answer.status(),
+            tonic_health::pb::health_check_response::ServingStatus::Serving
+        );
+    }
+    let limits = [rpm(2)];
+    for _ in 0..2 {
+        acquire(&client, "hot", &limits, &[("rpm", 1)])
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+    }
+    let store_calls = daemon.metric("zae_limiter_store_calls_total", &[]);
+    assert!(
+        store_calls >= 2.0,
+        "the admits reached the store: {store_calls}"
+    );
+    for _ in 0..50 {
+        assert!(matches!(
+            acquire(&client, "hot", &limits, &[("rpm", 1)]).await,
+            Err(ClientError::OverLimit { .. })
+        ));
+    }
+    let text = daemon.scrape();
+    use common::daemon::metric_in;
+    assert_eq!(
+        metric_in(&text, "zae_limiter_store_calls_total", &[]),
+        store_calls,
+        "rejections made no store call"
+    );
+    assert_eq!(
+        metric_in(
+            &text,
+            "zae_limiter_decisions_total",
+            &["outcome=\"rejected_cached\""]
+        ),
+        50.0
+    );
+    assert_eq!(
+        metric_in(
+            &text,
+            "zae_limiter_decisions_total",
+            &["outcome=\"admitted\""]
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric_in(&text, "zae_limiter_store_write_units_total", &[]),
+        2.0
+    );
+    assert_eq!(metric_in(&text, "zae_limiter_actors", &[]), 1.0);
+    assert_eq!(metric_in(&text, "zae_limiter_leases_open", &[]), 0.0);
+    assert!(
+        text.contains("zae_limiter_decision_duration_seconds_bucket"),
+        "a real histogram"
+    );
+    assert!(text.contains("zae_limiter_batch_size_bucket"));
+    assert!(
+        !text.contains("entity=") && !text.contains("hot"),
+        "no entity ids in labels"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_invalid_argument_naming_the_field_and_writes_nothing() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let client = daemon.client().await;
+    let limits = [rpm(10)];
+    let cases: Vec<(Acquire, &str)> = vec![
+        (
+            Acquire::new("", "gpt-4").limits(&limits).consume("rpm", 1),
+            "entity_id",
+        ),
+        (
+            Acquire::new("k", "x".repeat(300))
+                .limits(&limits)
+                .consume("rpm", 1),
+            "resource",
+        ),
+        (
+            Acquire::new("k", "gpt-4")
+                .limits(&limits)
+                .consume("rpm", -1),
+            "consume[rpm]",
+        ),
+        (
+            Acquire::new("k", "gpt-4")
+                .limits(&limits)
+                .consume("rpm", i64::MAX),
+            "consume[rpm]",
+        ),
+        (
+            Acquire::new("k", "gpt-4").limits(&limits).consume("tpm", 1),
+            "consume",
+        ),
+        (
+            Acquire::new("k", "gpt-4")
+                .limits(&limits)
+                .consume("bad name", 1),
+            "consume",
+        ),
+        (
+            Acquire::new("k", "gpt-4")
+                .limits(&limits)
+                .consume("rpm", 1)
+                .namespace("elsewhere"),
+            "namespace",
+        ),
+        (Acquire::new("k", "gpt-4").consume("rpm", 1), "limits"),
+    ];
+    for (req, field) in cases {
+        let (c, message) = code(client.acquire(req).await.unwrap_err());
+        assert_eq!(c, Code::InvalidArgument, "{message}");
+        assert!(
+            message.starts_with(&format!("{field}:")),
+            "{message:?} should name {field}"
+        );
+    }
+    let mut raw = client.raw();
+    let bad_limit = proto::AcquireRequest {
+        entity_id: "k".into(),
+        resource: "gpt-4".into(),
+        consume: [("rpm".to_owned(), 1)].into(),
+        limits: vec![proto::Limit {
+            name: "rpm".into(),
+            capacity: 0,
+            refill_amount: 1,
+            refill_period_ms: 1000,
+        }],
+        ..Default::default()
+    };
+    let err = raw.acquire(bad_limit).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("limits[0]:"), "{}", err.message());
+    // Only the stored-limits look-up of the last case read the store; nothing was written.
+    let writes = daemon.metric("zae_limiter_store_calls_total", &["operation=\"write\""]);
+    assert_eq!(writes, 0.0);
+    assert_eq!(
+        daemon.metric("zae_limiter_store_write_units_total", &[]),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_acquires_and_reports_over_limit_with_its_exit_status() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_zae-limiter"))
+            .arg("acquire")
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .args([
+                "--entity",
+                "cli",
+                "--resource",
+                "gpt-4",
+                "--limit",
+                "rpm=2/1m",
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let first = run(&["--consume", "rpm=1"]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let out: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(out["allowed"], true);
+    assert_eq!(out["lease"], "committed");
+    let rolled = run(&["--consume", "rpm=1", "--rollback"]);
+    assert!(rolled.status.success());
+    assert!(run(&["--consume", "rpm=1"]).status.success());
+    let over = run(&["--consume", "rpm=1"]);
+    assert_eq!(over.status.code(), Some(3));
+    let out: serde_json::Value = serde_json::from_slice(&over.stdout).unwrap();
+    assert_eq!(out["allowed"], false);
+    assert_eq!(out["violations"][0]["limit"], "rpm");
+    assert!(out["retry_after_ms"].as_u64().unwrap() > 0);
+    let bad = run(&["--consume", "rpm=-1"]);
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.starts_with("error: InvalidArgument: consume[rpm]"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_in_flight_requests_and_removes_the_socket() {
+    // With a second between writes, acquires wait in the actor's queue: in flight at SIGTERM.
+    let mut daemon = Daemon::start("[limiter]\nmin_commit_interval_ms = 1000\n", &[]);
+    let client = daemon.client().await;
+    let limits = [Limit::per_hour("rpm", 1_000).unwrap()];
+    acquire(&client, "e", &limits, &[("rpm", 1)])
+        .await
+        .unwrap()
+        .into_id();
+    let in_flight: Vec<_> = (0..16)
+        .map(|_| {
+            let (client, limits) = (client.clone(), limits.clone());
+            tokio::spawn(async move {
+                acquire(&client, "e", &limits, &[("rpm", 1)])
+                    .await
+                    .map(Lease::into_id)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = daemon.terminate();
+    assert!(status.success(), "exit status {status}");
+    for t in in_flight {
+        let answer = t.await.unwrap();
+        assert!(
+            answer.is_ok(),
+            "an in-flight request was answered: {answer:?}"
+        );
+    }
+    assert!(!daemon.socket.exists(), "the socket file is removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+    let first = Daemon::start_at(MEMORY, Some(path.clone()), &[]);
+    assert_eq!(first.socket, path);
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_zae-limiter"))
+        .args(["serve", "--no-metrics", "--socket"])
+        .arg(&first.socket)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("already listening"), "{err}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&first.socket)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o660
+    );
+}
