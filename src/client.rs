@@ -148,6 +148,20 @@ impl Client {
         self.channel.clone()
     }
 
+    /// Acquires and commits in one call: for consumption known upfront (no adjustment to make).
+    ///
+    /// # Errors
+    /// As [`Client::acquire`].
+    pub async fn consume(&self, acquire: Acquire) -> Result<(), ClientError> {
+        let mut request = acquire.request;
+        request.commit = true;
+        let answer = self.limiter.clone().acquire(request).await?.into_inner();
+        match over_limit(&answer) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Acquires, returning a lease on success.
     ///
     /// # Errors
@@ -160,21 +174,8 @@ impl Client {
             .acquire(acquire.request)
             .await?
             .into_inner();
-        if !answer.allowed {
-            return Err(ClientError::OverLimit {
-                retry_after: answer.retry_after_ms.map(Duration::from_millis),
-                violations: answer
-                    .statuses
-                    .iter()
-                    .filter(|s| !s.allowed)
-                    .map(|s| Violation {
-                        limit: s.name.clone(),
-                        available: s.available_milli.div_euclid(MILLI),
-                        requested: s.requested_milli / MILLI,
-                        retry_after: s.retry_after_ms.map(Duration::from_millis),
-                    })
-                    .collect(),
-            });
+        if let Some(e) = over_limit(&answer) {
+            return Err(e);
         }
         Ok(Lease {
             client: self.limiter.clone(),
@@ -211,6 +212,23 @@ impl Client {
             .map(|s| (s.name, s.available_milli.div_euclid(MILLI)))
             .collect())
     }
+}
+
+fn over_limit(answer: &proto::AcquireResponse) -> Option<ClientError> {
+    (!answer.allowed).then(|| ClientError::OverLimit {
+        retry_after: answer.retry_after_ms.map(Duration::from_millis),
+        violations: answer
+            .statuses
+            .iter()
+            .filter(|s| !s.allowed)
+            .map(|s| Violation {
+                limit: s.name.clone(),
+                available: s.available_milli.div_euclid(MILLI),
+                requested: s.requested_milli / MILLI,
+                retry_after: s.retry_after_ms.map(Duration::from_millis),
+            })
+            .collect(),
+    })
 }
 
 /// An admitted acquire. Adjust it with the real usage, then commit; dropped without commit, it

@@ -179,6 +179,7 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
             key: key(&self.limiter, &r.namespace, &r.entity_id, &r.resource)?,
             amounts: amounts("consume", &r.consume, false)?,
             limits: limits(&r.limits)?,
+            lease: !r.commit,
         };
         let decision = self
             .limiter
@@ -188,7 +189,7 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
         Ok(Response::new(match decision {
             Decision::Admitted { lease, statuses } => proto::AcquireResponse {
                 allowed: true,
-                lease_id: lease.to_string(),
+                lease_id: lease.map(|l| l.to_string()).unwrap_or_default(),
                 statuses: statuses.iter().map(to_proto_status).collect(),
                 retry_after_ms: None,
             },

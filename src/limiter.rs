@@ -144,7 +144,8 @@ impl std::str::FromStr for LeaseId {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
     Admitted {
-        lease: LeaseId,
+        /// `None` when the acquire was committed at once.
+        lease: Option<LeaseId>,
         statuses: Vec<LimitStatus>,
     },
     Rejected(Rejection),
@@ -158,6 +159,8 @@ pub struct AcquireRequest {
     pub amounts: Vec<(LimitName, i64)>,
     /// Explicit limits (canonical order); `None` resolves the stored ones.
     pub limits: Option<Vec<Limit>>,
+    /// Return a lease to adjust, commit or roll back; `false` commits at once.
+    pub lease: bool,
 }
 
 type GroupKey = (Namespace, EntityId);
@@ -253,9 +256,14 @@ impl Limiter {
             Some(limits) => limits,
             None => match tokio::time::timeout_at(deadline.into(), self.resolve(&req.key)).await {
                 Ok(Ok(limits)) => limits,
-                Ok(Err(LimiterError::Unavailable(why))) => return self.fail_open_or_closed(why),
+                Ok(Err(LimiterError::Unavailable(why))) => {
+                    return self.fail_open_or_closed(why, req.lease);
+                }
                 Ok(Err(e)) => return Err(e),
-                Err(_) => return self.fail_open_or_closed("no answer within the deadline".into()),
+                Err(_) => {
+                    return self
+                        .fail_open_or_closed("no answer within the deadline".into(), req.lease);
+                }
             },
         };
         if let Some((name, _)) = req
@@ -271,6 +279,7 @@ impl Limiter {
         let group = (req.key.namespace.clone(), req.key.entity.clone());
         let resource = req.key.resource;
         let amounts = req.amounts;
+        let lease = req.lease;
         let result = self
             .call(&group, deadline, |reply| {
                 Msg::Acquire(actor::AcquireJob {
@@ -278,13 +287,14 @@ impl Limiter {
                     limits,
                     amounts,
                     deadline,
+                    lease,
                     reply,
                 })
             })
             .await;
         let result = match result {
             Err(LimiterError::DeadlineExceeded) => {
-                self.fail_open_or_closed("no answer within the deadline".into())
+                self.fail_open_or_closed("no answer within the deadline".into(), lease)
             }
             other => other.and_then(|r| r),
         };
@@ -419,7 +429,7 @@ impl Limiter {
         }
     }
 
-    fn fail_open_or_closed(&self, why: String) -> Result<Decision, LimiterError> {
+    fn fail_open_or_closed(&self, why: String, lease: bool) -> Result<Decision, LimiterError> {
         match self.shared.settings.failure_policy {
             FailurePolicy::Block => {
                 m::decision(outcome::FAILED_CLOSED);
@@ -429,7 +439,7 @@ impl Limiter {
                 m::decision(outcome::FAILED_OPEN);
                 let n = self.shared.next_lease.fetch_add(1, Ordering::Relaxed);
                 Ok(Decision::Admitted {
-                    lease: LeaseId::Unbacked(n),
+                    lease: lease.then_some(LeaseId::Unbacked(n)),
                     statuses: Vec::new(),
                 })
             }

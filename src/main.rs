@@ -61,6 +61,9 @@ enum Command {
     },
 }
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEFAULT_SOCKET: &str = "/tmp/zae-limiter.sock";
 
 #[derive(Args)]

@@ -502,3 +502,31 @@ async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
         0o660
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_actors_stop_and_come_back_on_demand() {
+    let daemon = Daemon::start("[limiter]\nidle_timeout_ms = 200\n", &[]);
+    let client = daemon.client().await;
+    let limits = [Limit::per_hour("rpm", 10).unwrap()];
+    for i in 0..50 {
+        acquire(&client, &format!("e{i}"), &limits, &[("rpm", 1)])
+            .await
+            .unwrap()
+            .commit()
+            .await
+            .unwrap();
+    }
+    assert_eq!(daemon.metric("zae_limiter_actors", &[]), 50.0);
+    let mut stopped = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if daemon.metric("zae_limiter_actors", &[]) == 0.0 {
+            stopped = true;
+            break;
+        }
+    }
+    assert!(stopped, "idle actors stopped");
+    // A stopped entity's state is in the store: a new actor picks it up.
+    let avail = client.available("e0", "gpt-4", &limits).await.unwrap();
+    assert_eq!(avail["rpm"], 9);
+}

@@ -212,6 +212,58 @@ pub enum Plan {
     Reject(Rejection),
 }
 
+/// The outcome of checking a request without planning its write (see [`admit`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// It fits: how each limit stood, and the state after consuming.
+    Admitted {
+        statuses: Vec<LimitStatus>,
+        after: Bucket,
+    },
+    Rejected(Rejection),
+}
+
+/// Checks a request as [`plan`] does and computes the state after it, without building the
+/// write: the cheap step for deciding many queued requests one after another, each against the
+/// state the previous one left.
+///
+/// # Errors
+/// [`UnknownLimit`] when `amounts` names a limit that `limits` lacks.
+pub fn admit(
+    seen: Option<&Bucket>,
+    limits: &[Limit],
+    amounts: &[(LimitName, i64)],
+    now: i64,
+) -> Result<Admission, UnknownLimit> {
+    if let Some((name, _)) = amounts
+        .iter()
+        .find(|(name, _)| !limits.iter().any(|l| l.name() == name))
+    {
+        return Err(UnknownLimit(name.to_string()));
+    }
+    let amount_of = |name: &LimitName| amount_for(amounts, name);
+    let mut after = match seen {
+        None => Bucket::full(limits.to_vec(), now),
+        Some(seen) => seen.at(now).reconfigured(limits),
+    };
+    if let Some(rejection) = after.check(&amount_of) {
+        return Ok(Admission::Rejected(rejection));
+    }
+    let mut statuses = Vec::with_capacity(after.limits.len());
+    for l in &mut after.limits {
+        let requested = amount_of(l.limit.name());
+        statuses.push(LimitStatus {
+            limit: l.limit.clone(),
+            available: l.balance,
+            requested,
+            retry_after_ms: Some(0),
+        });
+        l.balance -= requested;
+        l.consumed += requested;
+    }
+    Ok(Admission::Admitted { statuses, after })
+}
+
 /// Plans a request for `amounts` (milli-tokens per limit name; limits not named are asked for 0,
 /// so a limit in debt refuses everything) against `seen` (`None`: no bucket is stored yet), under
 /// the limit set `limits` (canonical order, see [`super::limit::canonical`]).

@@ -21,7 +21,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use super::{Decision, GroupKey, LeaseId, LimiterError, Shared};
 use crate::config::FailurePolicy;
-use crate::domain::bucket::{Bucket, LimitChange, LimitStatus, Plan, Rejection, Write, plan};
+use crate::domain::bucket::{
+    Admission, Bucket, LimitChange, LimitStatus, Plan, Rejection, Write, admit, plan,
+};
 use crate::domain::ids::{BucketKey, ResourceId};
 use crate::domain::limit::{Limit, LimitName};
 use crate::metrics::{self as m, outcome};
@@ -42,6 +44,8 @@ pub(super) struct AcquireJob {
     pub limits: Vec<Limit>,
     pub amounts: Amounts,
     pub deadline: Instant,
+    /// Whether the caller wants a lease (else the acquire is committed at once).
+    pub lease: bool,
     pub reply: Reply<Decision>,
 }
 
@@ -102,7 +106,6 @@ struct Lease {
     limits: Vec<Limit>,
     acquired: Amounts,
     delta: Amounts,
-    expires: Instant,
 }
 
 pub(super) struct State {
@@ -110,6 +113,9 @@ pub(super) struct State {
     group: GroupKey,
     slots: HashMap<ResourceId, Slot>,
     leases: HashMap<u64, Lease>,
+    /// Lease ids in expiry order (the TTL is the same for all, so creation order); ids already
+    /// closed are skipped when they reach the front.
+    expiry: VecDeque<(Instant, u64)>,
     last_active: Instant,
     /// When the next scheduled tick fires, if one is.
     tick_at: Option<Instant>,
@@ -131,6 +137,7 @@ impl Actor for GroupActor {
             group: args.group,
             slots: HashMap::new(),
             leases: HashMap::new(),
+            expiry: VecDeque::new(),
             last_active: Instant::now(),
             tick_at: None,
         })
@@ -337,15 +344,13 @@ impl State {
                 add(&mut slot.reserved, &job.amounts, -1);
                 continue;
             }
-            match plan(base.as_ref(), &limits, &job.amounts, now) {
-                Ok(Plan::Admit { expected, .. }) => {
-                    let before = base.unwrap_or_else(|| Bucket::full(limits.clone(), now));
-                    let statuses = before.statuses(&job.amounts, now).unwrap_or_default();
-                    base = Some(expected);
+            match admit(base.as_ref(), &limits, &job.amounts, now) {
+                Ok(Admission::Admitted { statuses, after }) => {
+                    base = Some(after);
                     add(&mut batch.amounts, &job.amounts, 1);
                     batch.admitted.push((job, statuses));
                 }
-                Ok(Plan::Reject(rejection)) => {
+                Ok(Admission::Rejected(rejection)) => {
                     add(&mut slot.reserved, &job.amounts, -1);
                     m::decision(if from_store {
                         outcome::REJECTED_STORE
@@ -503,12 +508,21 @@ impl State {
                 }
                 for (job, statuses) in batch.admitted {
                     m::decision(outcome::ADMITTED);
+                    if !job.lease {
+                        // Committed at once: the consumption is final, nothing to keep.
+                        let _ = job.reply.send(Ok(Decision::Admitted {
+                            lease: None,
+                            statuses,
+                        }));
+                        continue;
+                    }
                     let id = self
                         .shared
                         .next_lease
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.shared.leases.insert(id, self.group.clone());
                     metrics::gauge!(m::LEASES_OPEN).increment(1.0);
+                    self.expiry.push_back((Instant::now() + lease_ttl, id));
                     self.leases.insert(
                         id,
                         Lease {
@@ -516,11 +530,10 @@ impl State {
                             limits: job.limits,
                             acquired: job.amounts,
                             delta: Vec::new(),
-                            expires: Instant::now() + lease_ttl,
                         },
                     );
                     let _ = job.reply.send(Ok(Decision::Admitted {
-                        lease: LeaseId::Backed(id),
+                        lease: Some(LeaseId::Backed(id)),
                         statuses,
                     }));
                 }
@@ -576,7 +589,7 @@ impl State {
                     .next_lease
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(Decision::Admitted {
-                    lease: LeaseId::Unbacked(id),
+                    lease: job.lease.then_some(LeaseId::Unbacked(id)),
                     statuses: Vec::new(),
                 })
             }
@@ -587,18 +600,28 @@ impl State {
     /// Forgets leases whose time is up; their consumption stays.
     fn expire_leases(&mut self) {
         let now = Instant::now();
-        let expired: Vec<u64> = self
-            .leases
-            .iter()
-            .filter(|(_, l)| l.expires <= now)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in expired {
-            self.leases.remove(&id);
-            self.shared.leases.remove(&id);
-            metrics::gauge!(m::LEASES_OPEN).decrement(1.0);
-            metrics::counter!(m::LEASES_EXPIRED).increment(1);
+        while let Some(&(expires, id)) = self.expiry.front() {
+            if expires > now {
+                break;
+            }
+            self.expiry.pop_front();
+            if self.leases.remove(&id).is_some() {
+                self.shared.leases.remove(&id);
+                metrics::gauge!(m::LEASES_OPEN).decrement(1.0);
+                metrics::counter!(m::LEASES_EXPIRED).increment(1);
+            }
         }
+    }
+
+    /// When the earliest open lease expires.
+    fn next_expiry(&mut self) -> Option<Instant> {
+        while let Some(&(expires, id)) = self.expiry.front() {
+            if self.leases.contains_key(&id) {
+                return Some(expires);
+            }
+            self.expiry.pop_front();
+        }
+        None
     }
 
     fn adjust(&mut self, id: u64, delta: Amounts) -> Result<(), LimiterError> {
@@ -682,12 +705,7 @@ impl State {
 
     fn schedule_tick(&mut self, myself: &ActorRef<Msg>) {
         let idle_at = self.last_active + self.shared.settings.idle_timeout;
-        let next = self
-            .leases
-            .values()
-            .map(|l| l.expires)
-            .min()
-            .map_or(idle_at, |e| e.min(idle_at));
+        let next = self.next_expiry().map_or(idle_at, |e| e.min(idle_at));
         if self.tick_at.is_some_and(|at| at <= next) {
             return;
         }

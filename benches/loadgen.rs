@@ -1,0 +1,371 @@
+//! Load generator: starts the real daemon (release build) and drives it over its Unix socket with C
+//! concurrent clients on K entities, then prints decisions/s, latency percentiles, store writes per
+//! admitted decision, rejections served from cache, and the daemon's CPU time per decision.
+//!
+//! ```text
+//! cargo bench --bench loadgen -- --clients 64 --entities 1 --seconds 10              # hot entity
+//! cargo bench --bench loadgen -- --one-call                                          # acquire+commit in one call
+//! cargo bench --bench loadgen -- --clients 64 --entities 10000 --seconds 10          # many entities
+//! cargo bench --bench loadgen -- --mode reject --clients 64 --seconds 5              # cached rejections
+//! cargo bench --bench loadgen -- --backend dynamodb --endpoint http://127.0.0.1:8000 # DynamoDB Local
+//! cargo bench --bench loadgen -- --mode memory --entities 1000000                    # RSS per entity
+//! ```
+//! `--backend dynamodb` without `--endpoint` uses `ZAE_TEST_DYNAMODB_ENDPOINT` (as set by
+//! `scripts/test.sh`).
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use zae_limiter::Limit;
+use zae_limiter::client::{Acquire, Client, ClientError};
+use zae_limiter::store::dynamodb::{DynamoSettings, table};
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum Mode {
+    /// Every request fits: admitted decisions (acquire + commit).
+    Admit,
+    /// Capacity 1: after the first, every request is rejected (from the cache).
+    Reject,
+    /// One acquire for each of `--entities` distinct entities; reports resident memory per entity.
+    Memory,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+enum Backend {
+    Memory,
+    Dynamodb,
+}
+
+#[derive(Parser, Debug)]
+struct Args {
+    #[arg(long, value_enum, default_value = "admit")]
+    mode: Mode,
+    #[arg(long, value_enum, default_value = "memory")]
+    backend: Backend,
+    #[arg(long)]
+    endpoint: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// gRPC connections the clients share.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    #[arg(long, default_value_t = 1)]
+    entities: usize,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Acquire and commit in one call (`Client::consume`) instead of acquire, then commit.
+    #[arg(long)]
+    one_call: bool,
+    /// `cargo bench` passes --bench; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+struct Daemon {
+    child: Child,
+    metrics: std::net::SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(endpoint: Option<&str>) -> (Daemon, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("zl.sock");
+    let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut config = String::from("[limiter]\nidle_timeout_ms = 3600000\n");
+    if let Some(endpoint) = endpoint {
+        config += &format!(
+            "backend = \"dynamodb\"\nnamespaces = [\"bench{}\"]\n[dynamodb]\ntable = \"zae-limiter-bench\"\nendpoint_url = \"{endpoint}\"\n",
+            std::process::id()
+        );
+    }
+    let config_path = dir.path().join("config.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_zae-limiter"))
+        .args(["serve", "--config"])
+        .arg(&config_path)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--metrics-addr", &metrics.to_string()])
+        .env("RUST_LOG", "warn")
+        .env("AWS_ACCESS_KEY_ID", "local")
+        .env("AWS_SECRET_ACCESS_KEY", "local")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start the daemon");
+    let started = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (
+        Daemon {
+            child,
+            metrics,
+            _dir: dir,
+        },
+        socket,
+    )
+}
+
+fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+fn metric(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label) && !l.starts_with('#'))
+        .filter(|l| matches!(l.as_bytes().get(name.len()), Some(b'{' | b' ')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// User + system CPU time of a process, from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    Duration::from_millis(ticks * 10) // USER_HZ is 100 on Linux
+}
+
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    let endpoint = match args.backend {
+        Backend::Memory => None,
+        Backend::Dynamodb => Some(
+            args.endpoint
+                .clone()
+                .or_else(|| std::env::var("ZAE_TEST_DYNAMODB_ENDPOINT").ok())
+                .expect("--backend dynamodb needs --endpoint or ZAE_TEST_DYNAMODB_ENDPOINT"),
+        ),
+    };
+    if let Some(endpoint) = &endpoint {
+        let mut s = DynamoSettings::new("zae-limiter-bench");
+        s.endpoint_url = Some(endpoint.clone());
+        s.credentials = Some(("local".into(), "local".into()));
+        table::deploy(&s.client().await, "zae-limiter-bench")
+            .await
+            .expect("deploy the bench table");
+    }
+    let (daemon, socket) = start(endpoint.as_deref());
+    let pid = daemon.child.id();
+    let mut clients = Vec::new();
+    for _ in 0..args.connections.max(1) {
+        clients.push(Client::connect(&socket).await.unwrap());
+    }
+    match args.mode {
+        Mode::Memory => memory(&args, &clients, pid).await,
+        Mode::Admit | Mode::Reject => throughput(&args, &clients, &daemon, pid).await,
+    }
+}
+
+async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) {
+    let limits = Arc::new(match args.mode {
+        Mode::Reject => vec![Limit::per_hour("rpm", 1).unwrap()],
+        _ => vec![Limit::per_second("rps", 100_000_000).unwrap()],
+    });
+    let name = limits[0].name().to_string();
+    // Warm up: create every bucket (and, for the reject mode, drain it).
+    for e in 0..args.entities {
+        let req = Acquire::new(format!("entity-{e}"), "model")
+            .limits(limits.iter())
+            .consume(&name, 1);
+        if let Ok(lease) = clients[0].acquire(req).await {
+            lease.into_id();
+        }
+    }
+    let before = scrape(daemon.metrics);
+    let cpu_before = cpu_time(pid);
+    let admitted = Arc::new(AtomicU64::new(0));
+    let rejected = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let until = started + Duration::from_secs(args.seconds);
+    let tasks: Vec<_> = (0..args.clients)
+        .map(|i| {
+            let client = clients[i % clients.len()].clone();
+            let (limits, name) = (limits.clone(), name.clone());
+            let (admitted, rejected) = (admitted.clone(), rejected.clone());
+            let entities = args.entities;
+            let one_call = args.one_call;
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut n = i;
+                while Instant::now() < until {
+                    let entity = format!("entity-{}", n % entities);
+                    n += 7;
+                    let req = Acquire::new(entity, "model")
+                        .limits(limits.iter())
+                        .consume(&name, 1);
+                    let t = Instant::now();
+                    let result = if one_call {
+                        client.consume(req).await.map(|()| None)
+                    } else {
+                        client.acquire(req).await.map(Some)
+                    };
+                    latencies.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    match result {
+                        Ok(lease) => {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                            if let Some(lease) = lease {
+                                lease.commit().await.unwrap();
+                            }
+                        }
+                        Err(ClientError::OverLimit { .. }) => {
+                            rejected.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_time(pid) - cpu_before;
+    let after = scrape(daemon.metrics);
+    latencies.sort_unstable();
+    let admitted = admitted.load(Ordering::Relaxed);
+    let rejected = rejected.load(Ordering::Relaxed);
+    let delta =
+        |name: &str, label: &str| metric(&after, name, label) - metric(&before, name, label);
+    let units = delta("zae_limiter_store_write_units_total", "");
+    let writes = delta("zae_limiter_store_calls_total", "operation=\"write\"");
+    let store_calls = delta("zae_limiter_store_calls_total", "");
+    let cached = delta("zae_limiter_decisions_total", "outcome=\"rejected_cached\"");
+    let decisions = admitted + rejected;
+    println!(
+        "mode={:?} backend={:?} clients={} connections={} entities={} calls/decision={}",
+        args.mode,
+        args.backend,
+        args.clients,
+        args.connections,
+        args.entities,
+        if args.one_call { 1 } else { 2 }
+    );
+    println!(
+        "decisions/s {:.0} (admitted/s {:.0}, rejected/s {:.0}) over {elapsed:.1} s",
+        decisions as f64 / elapsed,
+        admitted as f64 / elapsed,
+        rejected as f64 / elapsed
+    );
+    println!(
+        "acquire latency us: p50 {} p99 {} p999 {} max {}",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 0.999),
+        latencies.last().copied().unwrap_or(0)
+    );
+    println!(
+        "store: {writes:.0} bucket writes, {units:.0} write units = {:.4} per admitted decision; {store_calls:.0} calls in all",
+        if admitted > 0 {
+            units / admitted as f64
+        } else {
+            0.0
+        }
+    );
+    println!("rejections served from cache: {cached:.0} of {rejected}");
+    println!(
+        "daemon CPU: {:.2} s = {:.1} us per decision",
+        cpu.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / decisions.max(1) as f64
+    );
+}
+
+async fn memory(args: &Args, clients: &[Client], pid: u32) {
+    let limits = Arc::new(vec![Limit::per_minute("rpm", 100).unwrap()]);
+    let base = rss_bytes(pid);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..args.clients)
+        .map(|i| {
+            let client = clients[i % clients.len()].clone();
+            let (limits, next) = (limits.clone(), next.clone());
+            let total = args.entities as u64;
+            tokio::spawn(async move {
+                loop {
+                    let e = next.fetch_add(1, Ordering::Relaxed);
+                    if e >= total {
+                        break;
+                    }
+                    let req = Acquire::new(format!("entity-{e}"), "model")
+                        .limits(limits.iter())
+                        .consume("rpm", 1);
+                    client.acquire(req).await.unwrap().commit().await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let rss = rss_bytes(pid);
+    println!(
+        "mode=memory backend={:?} entities={} in {elapsed:.1} s ({:.0}/s)",
+        args.backend,
+        args.entities,
+        args.entities as f64 / elapsed
+    );
+    println!(
+        "daemon RSS: {:.1} MiB before, {:.1} MiB after = {:.0} bytes per cached entity",
+        base as f64 / 1048576.0,
+        rss as f64 / 1048576.0,
+        (rss.saturating_sub(base)) as f64 / args.entities as f64
+    );
+}

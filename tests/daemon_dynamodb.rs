@@ -1,0 +1,201 @@
+//! The daemon on DynamoDB Local: group commit on a hot entity, several daemons sharing one table,
+//! and the failure policy when the store is unreachable.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::daemon::{Daemon, free_port};
+use tonic::Code;
+use zae_limiter::client::{Acquire, ClientError};
+use zae_limiter::store::Store;
+use zae_limiter::{BucketKey, EntityId, Limit, LimitName, Namespace, ResourceId, proto};
+
+fn config(ns: &Namespace, endpoint: &str, extra: &str) -> String {
+    format!(
+        "[limiter]\nbackend = \"dynamodb\"\nnamespaces = [\"{ns}\"]\n{extra}\n\
+         [dynamodb]\ntable = \"{}\"\nendpoint_url = \"{endpoint}\"\n",
+        common::TEST_TABLE
+    )
+}
+
+async fn consumed(store: &dyn Store, ns: &Namespace, entity: &str, limit: &str) -> i64 {
+    let key = BucketKey {
+        namespace: ns.clone(),
+        entity: EntityId::new(entity).unwrap(),
+        resource: ResourceId::new("gpt-4").unwrap(),
+    };
+    let bucket = store
+        .load_bucket(&key)
+        .await
+        .unwrap()
+        .expect("the bucket is stored");
+    bucket
+        .limit(&LimitName::new(limit).unwrap())
+        .unwrap()
+        .consumed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_entity_is_group_committed_and_every_admit_is_durable() {
+    let store = common::dynamodb().await;
+    let ns = common::unique_namespace();
+    let daemon = Daemon::start(&config(&ns, &common::endpoint(), ""), &[]);
+    let limits = [Limit::per_hour("rpm", 1_000_000).unwrap()];
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(daemon.client().await);
+    }
+    let admitted = Arc::new(AtomicI64::new(0));
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let client = clients[i % clients.len()].clone();
+            let (limits, admitted) = (limits.clone(), admitted.clone());
+            tokio::spawn(async move {
+                for _ in 0..40 {
+                    let req = Acquire::new("hot", "gpt-4")
+                        .limits(&limits)
+                        .consume("rpm", 1);
+                    client.acquire(req).await.unwrap().commit().await.unwrap();
+                    admitted.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let admitted = admitted.load(Ordering::Relaxed);
+    assert_eq!(admitted, 64 * 40);
+    let writes = daemon.metric("zae_limiter_store_calls_total", &["operation=\"write\""]);
+    let units = daemon.metric("zae_limiter_store_write_units_total", &[]);
+    println!("admitted {admitted} with {writes} writes ({units} write units)");
+    assert!(
+        writes * 4.0 < admitted as f64,
+        "group commit: {writes} writes for {admitted} admits"
+    );
+    assert_eq!(consumed(&*store, &ns, "hot", "rpm").await, admitted * 1_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_daemons_on_one_table_never_over_admit() {
+    let store = common::dynamodb().await;
+    let ns = common::unique_namespace();
+    let cfg = config(&ns, &common::endpoint(), "");
+    let daemons: Vec<Daemon> = (0..3).map(|_| Daemon::start(&cfg, &[])).collect();
+    // Capacity 1,000 and 50 tokens a second.
+    let limits = [Limit::per_second("rps", 50)
+        .unwrap()
+        .with_burst(1_000)
+        .unwrap()];
+    let admitted = Arc::new(AtomicI64::new(0));
+    let started = Instant::now();
+    let run_for = Duration::from_secs(10);
+    let mut tasks = Vec::new();
+    for daemon in &daemons {
+        let client = daemon.client().await;
+        for _ in 0..64 {
+            let (client, limits, admitted) = (client.clone(), limits.clone(), admitted.clone());
+            tasks.push(tokio::spawn(async move {
+                while started.elapsed() < run_for {
+                    let req = Acquire::new("shared", "gpt-4")
+                        .limits(&limits)
+                        .consume("rps", 1);
+                    match client.acquire(req).await {
+                        Ok(lease) => {
+                            lease.commit().await.unwrap();
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(ClientError::OverLimit { retry_after, .. }) => {
+                            let wait = retry_after.unwrap().min(Duration::from_millis(50));
+                            tokio::time::sleep(wait).await;
+                        }
+                        Err(e) => panic!("unexpected error: {e}"),
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed_ms = started.elapsed().as_millis() as i64;
+    let admitted = admitted.load(Ordering::Relaxed);
+    let bound = 1_000 + (elapsed_ms * 50 + 999) / 1_000;
+    let stored = consumed(&*store, &ns, "shared", "rps").await;
+    let conflicts: f64 = daemons
+        .iter()
+        .map(|d| d.metric("zae_limiter_conflicts_total", &[]))
+        .sum();
+    println!("admitted {admitted} of at most {bound} in {elapsed_ms} ms; {conflicts} conflicts");
+    assert!(admitted <= bound, "over-admitted: {admitted} > {bound}");
+    assert!(admitted >= 1_000, "the capacity was used: {admitted}");
+    assert_eq!(
+        stored,
+        admitted * 1_000,
+        "the stored total equals the sum admitted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_store_is_answered_by_the_policy_within_the_deadline() {
+    let ns = common::unique_namespace();
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let settings = "request_timeout_ms = 1000";
+    for (policy, expect_admit) in [("block", false), ("allow", true)] {
+        let cfg = config(&ns, &closed, &format!("failure_policy = \"{policy}\"\n"))
+            .replace("[limiter]", &format!("[server]\n{settings}\n[limiter]"))
+            + "attempt_timeout_ms = 300\nmax_attempts = 2\n";
+        let daemon = Daemon::start(&cfg, &[]);
+        let client = daemon.client().await;
+        let limits = [Limit::per_minute("rpm", 10).unwrap()];
+        let calls: Vec<_> = (0..20)
+            .map(|i| {
+                let mut raw = client.raw();
+                let limits = limits.clone();
+                tokio::spawn(async move {
+                    let mut req = tonic::Request::new(proto::AcquireRequest {
+                        entity_id: format!("e{}", i % 3),
+                        resource: "gpt-4".into(),
+                        consume: [("rpm".to_owned(), 1)].into(),
+                        limits: limits
+                            .iter()
+                            .map(zae_limiter::client::proto_limit)
+                            .collect(),
+                        ..Default::default()
+                    });
+                    // The caller's own deadline; the daemon must answer before it.
+                    req.set_timeout(Duration::from_secs(3));
+                    raw.acquire(req).await
+                })
+            })
+            .collect();
+        for call in calls {
+            match (call.await.unwrap(), expect_admit) {
+                (Ok(answer), true) => {
+                    let answer = answer.into_inner();
+                    assert!(
+                        answer.allowed && answer.lease_id.starts_with("open-"),
+                        "{answer:?}"
+                    );
+                }
+                (Err(status), false) => {
+                    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                }
+                (other, _) => panic!("policy {policy}: unexpected {other:?}"),
+            }
+        }
+        let outcome = if expect_admit {
+            "failed_open"
+        } else {
+            "failed_closed"
+        };
+        let counted = daemon.metric(
+            "zae_limiter_decisions_total",
+            &[&format!("outcome=\"{outcome}\"")],
+        );
+        assert_eq!(counted, 20.0, "{policy}");
+    }
+}
