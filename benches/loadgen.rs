@@ -59,6 +59,9 @@ struct Args {
     /// Acquire and commit in one call (`Client::consume`) instead of acquire, then commit.
     #[arg(long)]
     one_call: bool,
+    /// The daemon's runtime threads (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    daemon_threads: usize,
     /// `cargo bench` passes --bench; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -87,7 +90,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start(endpoint: Option<&str>) -> (Daemon, std::path::PathBuf) {
+fn start(endpoint: Option<&str>, threads: usize) -> (Daemon, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("zl.sock");
     let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -106,6 +109,7 @@ fn start(endpoint: Option<&str>) -> (Daemon, std::path::PathBuf) {
         .arg("--socket")
         .arg(&socket)
         .args(["--metrics-addr", &metrics.to_string()])
+        .args(["--worker-threads", &threads.to_string()])
         .env("RUST_LOG", "warn")
         .env("AWS_ACCESS_KEY_ID", "local")
         .env("AWS_SECRET_ACCESS_KEY", "local")
@@ -199,7 +203,7 @@ async fn main() {
             .await
             .expect("deploy the bench table");
     }
-    let (daemon, socket) = start(endpoint.as_deref());
+    let (daemon, socket) = start(endpoint.as_deref(), args.daemon_threads);
     let pid = daemon.child.id();
     let mut clients = Vec::new();
     for _ in 0..args.connections.max(1) {
@@ -290,9 +294,10 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
     let cached = delta("zae_limiter_decisions_total", "outcome=\"rejected_cached\"");
     let decisions = admitted + rejected;
     println!(
-        "mode={:?} backend={:?} clients={} connections={} entities={} calls/decision={}",
+        "mode={:?} backend={:?} daemon_threads={} clients={} connections={} entities={} calls/decision={}",
         args.mode,
         args.backend,
+        args.daemon_threads,
         args.clients,
         args.connections,
         args.entities,

@@ -52,6 +52,8 @@ pub struct ServerConfig {
     pub request_timeout_ms: u64,
     /// How long shutdown waits for in-flight requests and actor flushes.
     pub drain_timeout_ms: u64,
+    /// Threads of the daemon's runtime; 0: one per core.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +64,7 @@ impl Default for ServerConfig {
             metrics_addr: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             request_timeout_ms: 2_000,
             drain_timeout_ms: 10_000,
+            worker_threads: 0,
         }
     }
 }

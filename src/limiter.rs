@@ -298,7 +298,7 @@ impl Limiter {
             }
             other => other.and_then(|r| r),
         };
-        metrics::histogram!(m::DECISION_SECONDS).record(started.elapsed().as_secs_f64());
+        m::decision_time(started.elapsed().as_secs_f64());
         result
     }
 

@@ -88,6 +88,9 @@ struct ServeArgs {
     /// What to answer when the store cannot be reached in time [default: block].
     #[arg(long, value_enum, env = "ZAE_LIMITER_FAILURE_POLICY")]
     failure_policy: Option<FailurePolicy>,
+    /// Runtime threads; 0: one per core [default: 0].
+    #[arg(long, env = "ZAE_LIMITER_WORKER_THREADS")]
+    worker_threads: Option<usize>,
 }
 
 #[derive(Args)]
@@ -395,6 +398,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     if let Some(policy) = args.failure_policy {
         config.limiter.failure_policy = policy;
     }
+    if let Some(threads) = args.worker_threads {
+        config.server.worker_threads = threads;
+    }
     config.validate()?;
     let limiter_settings = LimiterSettings::from_config(&config.limiter)?;
     tracing_subscriber::fmt()
@@ -405,7 +411,11 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.server.worker_threads > 0 {
+        runtime.worker_threads(config.server.worker_threads);
+    }
+    let runtime = runtime
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;

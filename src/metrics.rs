@@ -74,7 +74,34 @@ pub fn install(addr: std::net::SocketAddr) -> Result<(), metrics_exporter_promet
     Ok(())
 }
 
-/// Counts one decision.
+/// Counts one decision. The handles are looked up once (the recorder must be installed before
+/// the first decision, as `serve` does), not on every call of the hot path.
 pub fn decision(outcome: &'static str) {
-    metrics::counter!(DECISIONS, "outcome" => outcome).increment(1);
+    use std::sync::OnceLock;
+    const ALL: [&str; 5] = [
+        outcome::ADMITTED,
+        outcome::REJECTED_CACHED,
+        outcome::REJECTED_STORE,
+        outcome::FAILED_OPEN,
+        outcome::FAILED_CLOSED,
+    ];
+    static HANDLES: OnceLock<Vec<metrics::Counter>> = OnceLock::new();
+    let handles = HANDLES.get_or_init(|| {
+        ALL.iter()
+            .map(|o| metrics::counter!(DECISIONS, "outcome" => *o))
+            .collect()
+    });
+    match ALL.iter().position(|o| *o == outcome) {
+        Some(i) => handles[i].increment(1),
+        None => metrics::counter!(DECISIONS, "outcome" => outcome).increment(1),
+    }
+}
+
+/// Records how long a decision took.
+pub fn decision_time(seconds: f64) {
+    use std::sync::OnceLock;
+    static HANDLE: OnceLock<metrics::Histogram> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| metrics::histogram!(DECISION_SECONDS))
+        .record(seconds);
 }
