@@ -505,7 +505,7 @@ async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_actors_stop_and_come_back_on_demand() {
-    let daemon = Daemon::start("[limiter]\nidle_timeout_ms = 200\n", &[]);
+    let daemon = Daemon::start("[limiter]\nidle_timeout_ms = 1500\n", &[]);
     let client = daemon.client().await;
     let limits = [Limit::per_hour("rpm", 10).unwrap()];
     for i in 0..50 {
@@ -518,7 +518,7 @@ async fn idle_actors_stop_and_come_back_on_demand() {
     }
     assert_eq!(daemon.metric("zae_limiter_actors", &[]), 50.0);
     let mut stopped = false;
-    for _ in 0..100 {
+    for _ in 0..200 {
         tokio::time::sleep(Duration::from_millis(50)).await;
         if daemon.metric("zae_limiter_actors", &[]) == 0.0 {
             stopped = true;
@@ -529,4 +529,64 @@ async fn idle_actors_stop_and_come_back_on_demand() {
     // A stopped entity's state is in the store: a new actor picks it up.
     let avail = client.available("e0", "gpt-4", &limits).await.unwrap();
     assert_eq!(avail["rpm"], 9);
+}
+
+#[test]
+fn the_blocking_client_serves_code_without_a_runtime() {
+    use zae_limiter::client::BlockingClient;
+    let daemon = Daemon::start(MEMORY, &[]);
+    let client = BlockingClient::connect(&daemon.socket).unwrap();
+    let limits = [Limit::per_hour("tpm", 100).unwrap()];
+    let acquire = || {
+        Acquire::new("sync", "gpt-4")
+            .limits(&limits)
+            .consume("tpm", 60)
+    };
+    let mut lease = client.acquire(acquire()).unwrap();
+    lease.adjust([("tpm", -20)]).unwrap();
+    lease.commit().unwrap();
+    // 40 used; a second 60 fits, a third does not, and dropping the second gives it back.
+    let second = client.acquire(acquire()).unwrap();
+    assert!(matches!(
+        client.acquire(acquire()),
+        Err(ClientError::OverLimit { .. })
+    ));
+    drop(second);
+    client.acquire(acquire()).unwrap().rollback().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_until_available_reports_the_wait_without_consuming() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let client = daemon.client().await;
+    let limits = [Limit::per_second("rps", 10).unwrap()];
+    acquire(&client, "t", &limits, &[("rps", 10)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    let mut raw = client.raw();
+    let ask = |n: i64| proto::TimeUntilAvailableRequest {
+        entity_id: "t".into(),
+        resource: "gpt-4".into(),
+        consume: [("rps".to_owned(), n)].into(),
+        limits: limits
+            .iter()
+            .map(zae_limiter::client::proto_limit)
+            .collect(),
+        ..Default::default()
+    };
+    let wait = raw.time_until_available(ask(5)).await.unwrap().into_inner();
+    let ms = wait.retry_after_ms.unwrap();
+    assert!(ms > 0 && ms <= 500, "five tokens at 10/s: {ms} ms");
+    let never = raw
+        .time_until_available(ask(11))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(never.retry_after_ms, None, "above capacity never fits");
+    // Asking consumed nothing: the same wait (less elapsed time) is reported again.
+    let again = raw.time_until_available(ask(5)).await.unwrap().into_inner();
+    assert!(again.retry_after_ms.unwrap() <= ms);
 }

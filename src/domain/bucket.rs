@@ -469,35 +469,6 @@ impl Bucket {
             .then_some(Rejection { statuses })
     }
 
-    /// How every limit stands at `now` for a request of `amounts`, without deciding anything.
-    ///
-    /// # Errors
-    /// [`UnknownLimit`] when `amounts` names a limit this bucket lacks.
-    pub fn statuses(
-        &self,
-        amounts: &[(LimitName, i64)],
-        now: i64,
-    ) -> Result<Vec<LimitStatus>, UnknownLimit> {
-        if let Some((name, _)) = amounts.iter().find(|(n, _)| self.limit(n).is_none()) {
-            return Err(UnknownLimit(name.to_string()));
-        }
-        let current = self.at(now);
-        let amount_of = |name: &LimitName| amount_for(amounts, name);
-        Ok(match current.check(&amount_of) {
-            Some(rejection) => rejection.statuses,
-            None => current
-                .limits
-                .iter()
-                .map(|l| LimitStatus {
-                    limit: l.limit.clone(),
-                    available: l.balance,
-                    requested: amount_of(l.limit.name()),
-                    retry_after_ms: Some(0),
-                })
-                .collect(),
-        })
-    }
-
     /// Applies a change if its conditions hold, exactly as the stores must.
     ///
     /// # Errors

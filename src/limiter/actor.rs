@@ -298,13 +298,12 @@ impl State {
         let now = self.shared.clock.now_ms();
         let cached = slot.cache.as_ref().and_then(|c| c.bucket.clone());
         for (limits, amounts, reply) in slot.peeks.drain(..) {
-            let base = cached
-                .clone()
-                .unwrap_or_else(|| Bucket::full(limits.clone(), now));
-            let _ = reply.send(
-                base.statuses(&amounts, now)
-                    .map_err(|e| LimiterError::invalid("consume", e)),
-            );
+            let statuses = match admit(cached.as_ref(), &limits, &amounts, now) {
+                Ok(Admission::Admitted { statuses, .. }) => Ok(statuses),
+                Ok(Admission::Rejected(rejection)) => Ok(rejection.statuses),
+                Err(e) => Err(LimiterError::invalid("consume", e)),
+            };
+            let _ = reply.send(statuses);
         }
         if let Some(last) = slot.last_write
             && last.elapsed() < settings.min_commit_interval
