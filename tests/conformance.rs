@@ -42,6 +42,15 @@ fn actor(at_ms: i64) -> Actor {
     }
 }
 
+async fn audit_count(store: &dyn Store, ns: &Namespace, subject: &str) -> usize {
+    store
+        .list_audit(ns, subject, 10, None)
+        .await
+        .unwrap()
+        .entries
+        .len()
+}
+
 fn admitted(outcome: &Outcome) -> bool {
     matches!(outcome, Outcome::Admitted { .. })
 }
@@ -629,15 +638,7 @@ async fn entities_and_children(store: Arc<dyn Store>, ns: Namespace) {
     );
     assert_eq!(page.entries[0].after, None);
     // The failed duplicate create left no record either.
-    assert_eq!(
-        store
-            .list_audit(&ns, "proj-1", 10, None)
-            .await
-            .unwrap()
-            .entries
-            .len(),
-        1
-    );
+    assert_eq!(audit_count(&*store, &ns, "proj-1").await, 1);
 }
 
 async fn stored_limits_at_four_scopes(store: Arc<dyn Store>, ns: Namespace) {
@@ -707,24 +708,8 @@ async fn stored_limits_at_four_scopes(store: Arc<dyn Store>, ns: Namespace) {
         Some("rpm:7000:7000:60000,tpm:700000:700000:60000")
     );
     // Entity-level changes are audited under the entity; system ones under #system.
-    assert_eq!(
-        store
-            .list_audit(&ns, "e1", 10, None)
-            .await
-            .unwrap()
-            .entries
-            .len(),
-        2
-    );
-    assert_eq!(
-        store
-            .list_audit(&ns, "#system", 10, None)
-            .await
-            .unwrap()
-            .entries
-            .len(),
-        1
-    );
+    assert_eq!(audit_count(&*store, &ns, "e1").await, 2);
+    assert_eq!(audit_count(&*store, &ns, "#system").await, 1);
 }
 
 async fn audit_pages_newest_first(store: Arc<dyn Store>, ns: Namespace) {

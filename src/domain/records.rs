@@ -99,3 +99,23 @@ pub struct AuditEntry {
     pub before: Option<String>,
     pub after: Option<String>,
 }
+
+impl AuditEntry {
+    /// The record of `by` doing `action` to `subject`.
+    pub fn new(
+        subject: String,
+        action: AuditAction,
+        by: &Actor,
+        before: Option<String>,
+        after: Option<String>,
+    ) -> Self {
+        Self {
+            subject,
+            action,
+            principal: by.principal.clone(),
+            at_ms: by.at_ms,
+            before,
+            after,
+        }
+    }
+}

@@ -555,6 +555,30 @@ impl DynamoStore {
         }
     }
 
+    /// Deletes an existing item together with its audit record.
+    async fn delete_audited(
+        &self,
+        ns: &Namespace,
+        key: Item,
+        entry: &AuditEntry,
+        not_found: impl FnOnce() -> StoreError,
+    ) -> Result<(), StoreError> {
+        let delete = Delete::builder()
+            .table_name(&self.table)
+            .set_key(Some(key))
+            .condition_expression("attribute_exists(#pk)")
+            .expression_attribute_names("#pk", PK)
+            .build()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let audit = self.audit_put(ns, entry)?;
+        self.audited(
+            TransactWriteItem::builder().delete(delete).build(),
+            audit,
+            not_found,
+        )
+        .await
+    }
+
     fn update_for(&self, key: &BucketKey, e: Expr) -> Result<Update, StoreError> {
         Update::builder()
             .table_name(&self.table)
@@ -750,14 +774,13 @@ impl Store for DynamoStore {
             .map_err(|e| StoreError::Backend(e.to_string()))?;
         let audit = self.audit_put(
             ns,
-            &AuditEntry {
-                subject: entity.id.to_string(),
-                action: AuditAction::EntityCreated,
-                principal: by.principal.clone(),
-                at_ms: by.at_ms,
-                before: None,
-                after: Some(entity_json(entity)),
-            },
+            &AuditEntry::new(
+                entity.id.to_string(),
+                AuditAction::EntityCreated,
+                by,
+                None,
+                Some(entity_json(entity)),
+            ),
         )?;
         self.audited(TransactWriteItem::builder().put(put).build(), audit, || {
             StoreError::AlreadyExists(format!("entity {:?}", entity.id.as_str()))
@@ -790,30 +813,15 @@ impl Store for DynamoStore {
     ) -> Result<(), StoreError> {
         let not_found = || StoreError::NotFound(format!("entity {:?}", id.as_str()));
         let old = self.get_entity(ns, id).await?.ok_or_else(not_found)?;
-        let delete = Delete::builder()
-            .table_name(&self.table)
-            .set_key(Some(entity_keys(ns, id)))
-            .condition_expression("attribute_exists(#pk)")
-            .expression_attribute_names("#pk", PK)
-            .build()
-            .map_err(|e| StoreError::Backend(e.to_string()))?;
-        let audit = self.audit_put(
-            ns,
-            &AuditEntry {
-                subject: id.to_string(),
-                action: AuditAction::EntityDeleted,
-                principal: by.principal.clone(),
-                at_ms: by.at_ms,
-                before: Some(entity_json(&old)),
-                after: None,
-            },
-        )?;
-        self.audited(
-            TransactWriteItem::builder().delete(delete).build(),
-            audit,
-            not_found,
-        )
-        .await
+        let entry = AuditEntry::new(
+            id.to_string(),
+            AuditAction::EntityDeleted,
+            by,
+            Some(entity_json(&old)),
+            None,
+        );
+        self.delete_audited(ns, entity_keys(ns, id), &entry, not_found)
+            .await
     }
 
     async fn list_children(
@@ -865,14 +873,13 @@ impl Store for DynamoStore {
             .map_err(|e| StoreError::Backend(e.to_string()))?;
         let audit = self.audit_put(
             ns,
-            &AuditEntry {
-                subject: scope.audit_subject(),
-                action: AuditAction::LimitsSet,
-                principal: by.principal.clone(),
-                at_ms: by.at_ms,
-                before: before.map(|b| encode(&b)),
-                after: Some(encode(limits)),
-            },
+            &AuditEntry::new(
+                scope.audit_subject(),
+                AuditAction::LimitsSet,
+                by,
+                before.map(|b| encode(&b)),
+                Some(encode(limits)),
+            ),
         )?;
         self.audited(TransactWriteItem::builder().put(put).build(), audit, || {
             StoreError::Backend("limit item changed concurrently".into())
@@ -911,30 +918,15 @@ impl Store for DynamoStore {
     ) -> Result<(), StoreError> {
         let not_found = || StoreError::NotFound(format!("limits at {scope:?}"));
         let old = self.get_limits(ns, scope).await?.ok_or_else(not_found)?;
-        let delete = Delete::builder()
-            .table_name(&self.table)
-            .set_key(Some(limits_keys(ns, scope)))
-            .condition_expression("attribute_exists(#pk)")
-            .expression_attribute_names("#pk", PK)
-            .build()
-            .map_err(|e| StoreError::Backend(e.to_string()))?;
-        let audit = self.audit_put(
-            ns,
-            &AuditEntry {
-                subject: scope.audit_subject(),
-                action: AuditAction::LimitsDeleted,
-                principal: by.principal.clone(),
-                at_ms: by.at_ms,
-                before: Some(encode(&old)),
-                after: None,
-            },
-        )?;
-        self.audited(
-            TransactWriteItem::builder().delete(delete).build(),
-            audit,
-            not_found,
-        )
-        .await
+        let entry = AuditEntry::new(
+            scope.audit_subject(),
+            AuditAction::LimitsDeleted,
+            by,
+            Some(encode(&old)),
+            None,
+        );
+        self.delete_audited(ns, limits_keys(ns, scope), &entry, not_found)
+            .await
     }
 
     async fn list_audit(

@@ -76,23 +76,6 @@ impl State {
     }
 }
 
-fn entry(
-    subject: String,
-    action: AuditAction,
-    by: &Actor,
-    before: Option<String>,
-    after: Option<String>,
-) -> AuditEntry {
-    AuditEntry {
-        subject,
-        action,
-        principal: by.principal.clone(),
-        at_ms: by.at_ms,
-        before,
-        after,
-    }
-}
-
 #[async_trait]
 impl Store for MemoryStore {
     async fn load_bucket(&self, key: &BucketKey) -> Result<Option<Bucket>, StoreError> {
@@ -149,7 +132,7 @@ impl Store for MemoryStore {
             )));
         }
         state.entities.insert(key, entity.clone());
-        let e = entry(
+        let e = AuditEntry::new(
             entity.id.to_string(),
             AuditAction::EntityCreated,
             by,
@@ -179,7 +162,7 @@ impl Store for MemoryStore {
             .entities
             .remove(&(ns.clone(), id.clone()))
             .ok_or_else(|| StoreError::NotFound(format!("entity {:?}", id.as_str())))?;
-        let e = entry(
+        let e = AuditEntry::new(
             id.to_string(),
             AuditAction::EntityDeleted,
             by,
@@ -216,7 +199,7 @@ impl Store for MemoryStore {
             .limits
             .insert((ns.clone(), scope.clone()), limits.to_vec())
             .map(|old| encode(&old));
-        let e = entry(
+        let e = AuditEntry::new(
             scope.audit_subject(),
             AuditAction::LimitsSet,
             by,
@@ -250,7 +233,7 @@ impl Store for MemoryStore {
             .limits
             .remove(&(ns.clone(), scope.clone()))
             .ok_or_else(|| StoreError::NotFound(format!("limits at {scope:?}")))?;
-        let e = entry(
+        let e = AuditEntry::new(
             scope.audit_subject(),
             AuditAction::LimitsDeleted,
             by,

@@ -123,13 +123,20 @@ pub async fn deploy(client: &Client, table: &str) -> Result<Deployed, StoreError
     Ok(outcome)
 }
 
-async fn check_keys(client: &Client, table: &str) -> Result<(), StoreError> {
-    let out = client
+async fn describe(
+    client: &Client,
+    table: &str,
+) -> Result<aws_sdk_dynamodb::operation::describe_table::DescribeTableOutput, StoreError> {
+    client
         .describe_table()
         .table_name(table)
         .send()
         .await
-        .map_err(|e| classify(e, table))?;
+        .map_err(|e| classify(e, table))
+}
+
+async fn check_keys(client: &Client, table: &str) -> Result<(), StoreError> {
+    let out = describe(client, table).await?;
     let schema: Vec<(&str, &KeyType)> = out
         .table()
         .map(|t| t.key_schema())
@@ -148,12 +155,7 @@ async fn check_keys(client: &Client, table: &str) -> Result<(), StoreError> {
 
 async fn wait_active(client: &Client, table: &str) -> Result<(), StoreError> {
     for _ in 0..300 {
-        let out = client
-            .describe_table()
-            .table_name(table)
-            .send()
-            .await
-            .map_err(|e| classify(e, table))?;
+        let out = describe(client, table).await?;
         if out.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
             return Ok(());
         }
@@ -169,12 +171,7 @@ async fn wait_active(client: &Client, table: &str) -> Result<(), StoreError> {
 /// # Errors
 /// [`StoreError`] when the table does not exist or DynamoDB cannot be reached.
 pub async fn status(client: &Client, table: &str) -> Result<TableStatusReport, StoreError> {
-    let out = client
-        .describe_table()
-        .table_name(table)
-        .send()
-        .await
-        .map_err(|e| classify(e, table))?;
+    let out = describe(client, table).await?;
     let t = out
         .table()
         .ok_or_else(|| StoreError::Backend(format!("DynamoDB described no table {table:?}")))?;
