@@ -85,6 +85,9 @@ pub struct LimiterConfig {
     pub min_commit_interval_ms: u64,
     /// Most acquires one write carries.
     pub max_batch: usize,
+    /// Most acquires one bucket may have waiting; more are refused with `UNAVAILABLE` (overload
+    /// protection: the daemon sheds load instead of queueing without bound).
+    pub max_queue: usize,
     /// A lease neither committed nor rolled back expires after this; its consumption stays.
     pub lease_ttl_ms: u64,
     /// An entity's actor with no work and no open lease for this long stops, freeing its cache.
@@ -103,6 +106,7 @@ impl Default for LimiterConfig {
             max_staleness_ms: 1_000,
             min_commit_interval_ms: 0,
             max_batch: 256,
+            max_queue: 10_000,
             lease_ttl_ms: 60_000,
             idle_timeout_ms: 60_000,
             limits_cache_ms: 60_000,
@@ -202,6 +206,7 @@ impl Config {
         }
         for (key, value) in [
             ("limiter.max_batch", l.max_batch as u64),
+            ("limiter.max_queue", l.max_queue as u64),
             ("limiter.lease_ttl_ms", l.lease_ttl_ms),
             ("limiter.idle_timeout_ms", l.idle_timeout_ms),
         ] {

@@ -3,7 +3,8 @@
 
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
-/// Decisions by `outcome`: admitted, rejected_cached, rejected_store, failed_open, failed_closed.
+/// Decisions by `outcome`: admitted, rejected_cached, rejected_store, failed_open, failed_closed,
+/// shed.
 pub const DECISIONS: &str = "zae_limiter_decisions_total";
 /// Time from receiving an acquire to answering it.
 pub const DECISION_SECONDS: &str = "zae_limiter_decision_duration_seconds";
@@ -31,6 +32,8 @@ pub mod outcome {
     pub const REJECTED_STORE: &str = "rejected_store";
     pub const FAILED_OPEN: &str = "failed_open";
     pub const FAILED_CLOSED: &str = "failed_closed";
+    /// Refused because too many acquires already wait for the bucket (load shedding).
+    pub const SHED: &str = "shed";
 }
 
 /// Registers the descriptions with the installed recorder (call once, after installing it).
@@ -78,12 +81,13 @@ pub fn install(addr: std::net::SocketAddr) -> Result<(), metrics_exporter_promet
 /// the first decision, as `serve` does), not on every call of the hot path.
 pub fn decision(outcome: &'static str) {
     use std::sync::OnceLock;
-    const ALL: [&str; 5] = [
+    const ALL: [&str; 6] = [
         outcome::ADMITTED,
         outcome::REJECTED_CACHED,
         outcome::REJECTED_STORE,
         outcome::FAILED_OPEN,
         outcome::FAILED_CLOSED,
+        outcome::SHED,
     ];
     static HANDLES: OnceLock<Vec<metrics::Counter>> = OnceLock::new();
     let handles = HANDLES.get_or_init(|| {

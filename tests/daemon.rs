@@ -590,3 +590,43 @@ async fn time_until_available_reports_the_wait_without_consuming() {
     let again = raw.time_until_available(ask(5)).await.unwrap().into_inner();
     assert!(again.retry_after_ms.unwrap() <= ms);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_bucket_sheds_load_with_unavailable() {
+    // One write a second and room for one waiting acquire.
+    let daemon = Daemon::start(
+        "[limiter]\nmin_commit_interval_ms = 1000\nmax_queue = 1\n",
+        &[],
+    );
+    let client = daemon.client().await;
+    let limits = [Limit::per_hour("rpm", 100).unwrap()];
+    acquire(&client, "busy", &limits, &[("rpm", 1)])
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    let (c1, c2) = (client.clone(), client.clone());
+    let l1 = limits.clone();
+    let waiting = tokio::spawn(async move {
+        acquire(&c1, "busy", &l1, &[("rpm", 1)])
+            .await
+            .map(Lease::into_id)
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (c, message) = code(
+        acquire(&c2, "busy", &limits, &[("rpm", 1)])
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(c, Code::Unavailable);
+    assert!(message.contains("overloaded"), "{message}");
+    assert!(
+        waiting.await.unwrap().is_ok(),
+        "the queued acquire is still served"
+    );
+    assert_eq!(
+        daemon.metric("zae_limiter_decisions_total", &["outcome=\"shed\""]),
+        1.0
+    );
+}

@@ -237,7 +237,15 @@ impl State {
             return;
         }
         let resource = job.resource.clone();
+        let max_queue = self.shared.settings.max_queue;
         let slot = self.slots.entry(resource.clone()).or_default();
+        if slot.pending.len() >= max_queue {
+            m::decision(outcome::SHED);
+            let _ = job.reply.send(Err(LimiterError::Unavailable(format!(
+                "overloaded: {max_queue} acquires already wait for this bucket"
+            ))));
+            return;
+        }
         add(&mut slot.reserved, &job.amounts, 1);
         slot.pending.push_back(job);
         self.pump(&resource, myself);
