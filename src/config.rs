@@ -16,6 +16,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub limiter: LimiterConfig,
     pub dynamodb: DynamoConfig,
+    /// `[[access]]` rules: which uids/gids may use which namespaces (none: all may use all).
+    pub access: Vec<crate::access::AccessRule>,
 }
 
 /// Which store the daemon uses.
@@ -204,6 +206,20 @@ impl Config {
         for ns in &l.namespaces {
             crate::Namespace::new(ns.as_str()).map_err(|e| format!("limiter.namespaces: {e}"))?;
         }
+        for (i, rule) in self.access.iter().enumerate() {
+            if rule.namespaces.is_empty() {
+                return Err(format!("access[{i}].namespaces is empty"));
+            }
+            if let Some(unknown) = rule
+                .namespaces
+                .iter()
+                .find(|n| *n != "*" && !l.namespaces.contains(n))
+            {
+                return Err(format!(
+                    "access[{i}].namespaces: {unknown:?} is not in limiter.namespaces"
+                ));
+            }
+        }
         for (key, value) in [
             ("limiter.max_batch", l.max_batch as u64),
             ("limiter.max_queue", l.max_queue as u64),
@@ -265,6 +281,11 @@ mod tests {
         assert!(err.contains("server.tcp"), "{err}");
         let err = Config::parse("[limiter]\nnamespaces = [\"Bad#\"]\n").unwrap_err();
         assert!(err.contains("limiter.namespaces"), "{err}");
+        let err = Config::parse("[[access]]\nuid = 5\nnamespaces = [\"nope\"]\n").unwrap_err();
+        assert!(err.contains("access[0].namespaces"), "{err}");
+        let ok =
+            "[limiter]\nnamespaces = [\"a\", \"b\"]\n[[access]]\ngid = 7\nnamespaces = [\"b\"]\n";
+        assert_eq!(Config::parse(ok).unwrap().access[0].gid, Some(7));
         let err = Config::parse("[limiter]\nbackend = \"redis\"\n").unwrap_err();
         assert!(err.contains("redis"), "{err}");
     }

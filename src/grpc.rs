@@ -7,6 +7,9 @@ use std::time::{Duration, Instant};
 
 use tonic::{Request, Response, Status};
 
+use std::sync::Arc;
+
+use crate::access::{Access, Caller};
 use crate::domain::bucket::LimitStatus;
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName, MAX_TOKENS, MILLI, canonical};
@@ -23,6 +26,7 @@ pub fn status(e: LimiterError) -> Status {
         LimiterError::AlreadyExists(_) => Status::already_exists(message),
         LimiterError::Unavailable(_) => Status::unavailable(message),
         LimiterError::DeadlineExceeded => Status::deadline_exceeded(message),
+        LimiterError::PermissionDenied(_) => Status::permission_denied(message),
         LimiterError::Internal(_) => Status::internal(message),
     }
 }
@@ -55,22 +59,52 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
-/// Who is calling: the peer's uid over the Unix socket, else the TCP peer address.
-fn principal<T>(req: &Request<T>) -> String {
-    if let Some(cred) = req
-        .extensions()
+/// The calling process's credentials, when it came through the Unix socket.
+fn caller<T>(req: &Request<T>) -> Caller {
+    req.extensions()
         .get::<tonic::transport::server::UdsConnectInfo>()
         .and_then(|i| i.peer_cred)
-    {
-        return format!("uid:{}", cred.uid());
+        .map_or_else(Caller::default, |c| Caller {
+            uid: Some(c.uid()),
+            gid: Some(c.gid()),
+        })
+}
+
+/// Who is calling, for audit records: the peer's uid over the Unix socket, else the TCP peer.
+fn principal<T>(req: &Request<T>) -> String {
+    if let Some(uid) = caller(req).uid {
+        return format!("uid:{uid}");
     }
     req.remote_addr()
         .map_or_else(|| "unknown".to_owned(), |a| format!("tcp:{a}"))
 }
 
-fn key(limiter: &Limiter, ns: &str, entity: &str, resource: &str) -> Result<BucketKey, Status> {
+/// The namespace a request names, provided the caller may use it.
+fn namespace(
+    limiter: &Limiter,
+    access: &Access,
+    caller: Caller,
+    requested: &str,
+) -> Result<Namespace, Status> {
+    let ns = limiter.namespace(requested).map_err(status)?;
+    permit(access, caller, &ns)?;
+    Ok(ns)
+}
+
+fn permit(access: &Access, caller: Caller, ns: &Namespace) -> Result<(), Status> {
+    if access.allows(caller, ns) {
+        Ok(())
+    } else {
+        Err(status(LimiterError::PermissionDenied(format!(
+            "{caller} may not use namespace {:?}",
+            ns.as_str()
+        ))))
+    }
+}
+
+fn key(namespace: Namespace, entity: &str, resource: &str) -> Result<BucketKey, Status> {
     Ok(BucketKey {
-        namespace: limiter.namespace(ns).map_err(status)?,
+        namespace,
         entity: EntityId::new(entity).map_err(|e| invalid("entity_id", e))?,
         resource: ResourceId::new(resource).map_err(|e| invalid("resource", e))?,
     })
@@ -155,15 +189,40 @@ fn lease_id(s: &str) -> Result<LeaseId, Status> {
 #[derive(Debug, Clone)]
 pub struct RateLimiterService {
     limiter: Limiter,
+    access: Arc<Access>,
     request_timeout: Duration,
 }
 
 impl RateLimiterService {
-    pub fn new(limiter: Limiter, request_timeout: Duration) -> Self {
+    pub fn new(limiter: Limiter, access: Arc<Access>, request_timeout: Duration) -> Self {
         Self {
             limiter,
+            access,
             request_timeout,
         }
+    }
+
+    fn key<T>(
+        &self,
+        req: &Request<T>,
+        ns: &str,
+        entity: &str,
+        resource: &str,
+    ) -> Result<BucketKey, Status> {
+        key(
+            namespace(&self.limiter, &self.access, caller(req), ns)?,
+            entity,
+            resource,
+        )
+    }
+
+    /// A lease id the caller may use: leases of namespaces it may not use are refused.
+    fn lease<T>(&self, req: &Request<T>, id: &str) -> Result<LeaseId, Status> {
+        let lease = lease_id(id)?;
+        if let Some(ns) = self.limiter.lease_namespace(lease) {
+            permit(&self.access, caller(req), &ns)?;
+        }
+        Ok(lease)
     }
 }
 
@@ -174,9 +233,11 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
         req: Request<proto::AcquireRequest>,
     ) -> Result<Response<proto::AcquireResponse>, Status> {
         let deadline = deadline(&req, self.request_timeout);
+        let r = req.get_ref();
+        let key = self.key(&req, &r.namespace, &r.entity_id, &r.resource)?;
         let r = req.into_inner();
         let request = AcquireRequest {
-            key: key(&self.limiter, &r.namespace, &r.entity_id, &r.resource)?,
+            key,
             amounts: amounts("consume", &r.consume, false)?,
             limits: limits(&r.limits)?,
             lease: !r.commit,
@@ -207,8 +268,8 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
         req: Request<proto::AdjustRequest>,
     ) -> Result<Response<proto::LeaseResponse>, Status> {
         let deadline = deadline(&req, self.request_timeout);
+        let lease = self.lease(&req, &req.get_ref().lease_id)?;
         let r = req.into_inner();
-        let lease = lease_id(&r.lease_id)?;
         let delta = amounts("delta", &r.delta, true)?;
         self.limiter
             .adjust(lease, delta, deadline)
@@ -222,7 +283,7 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
         req: Request<proto::LeaseRequest>,
     ) -> Result<Response<proto::LeaseResponse>, Status> {
         let deadline = deadline(&req, self.request_timeout);
-        let lease = lease_id(&req.get_ref().lease_id)?;
+        let lease = self.lease(&req, &req.get_ref().lease_id)?;
         self.limiter.commit(lease, deadline).await.map_err(status)?;
         Ok(Response::new(proto::LeaseResponse {}))
     }
@@ -232,7 +293,7 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
         req: Request<proto::LeaseRequest>,
     ) -> Result<Response<proto::LeaseResponse>, Status> {
         let deadline = deadline(&req, self.request_timeout);
-        let lease = lease_id(&req.get_ref().lease_id)?;
+        let lease = self.lease(&req, &req.get_ref().lease_id)?;
         self.limiter
             .rollback(lease, deadline)
             .await
@@ -245,8 +306,9 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
         req: Request<proto::AvailableRequest>,
     ) -> Result<Response<proto::AvailableResponse>, Status> {
         let deadline = deadline(&req, self.request_timeout);
+        let r = req.get_ref();
+        let key = self.key(&req, &r.namespace, &r.entity_id, &r.resource)?;
         let r = req.into_inner();
-        let key = key(&self.limiter, &r.namespace, &r.entity_id, &r.resource)?;
         let statuses = self
             .limiter
             .peek(key, limits(&r.limits)?, Vec::new(), deadline)
@@ -262,8 +324,9 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
         req: Request<proto::TimeUntilAvailableRequest>,
     ) -> Result<Response<proto::TimeUntilAvailableResponse>, Status> {
         let deadline = deadline(&req, self.request_timeout);
+        let r = req.get_ref();
+        let key = self.key(&req, &r.namespace, &r.entity_id, &r.resource)?;
         let r = req.into_inner();
-        let key = key(&self.limiter, &r.namespace, &r.entity_id, &r.resource)?;
         let want = amounts("consume", &r.consume, false)?;
         let statuses = self
             .limiter
@@ -285,11 +348,16 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
 #[derive(Debug, Clone)]
 pub struct AdminService {
     limiter: Limiter,
+    access: Arc<Access>,
 }
 
 impl AdminService {
-    pub fn new(limiter: Limiter) -> Self {
-        Self { limiter }
+    pub fn new(limiter: Limiter, access: Arc<Access>) -> Self {
+        Self { limiter, access }
+    }
+
+    fn namespace<T>(&self, req: &Request<T>, requested: &str) -> Result<Namespace, Status> {
+        namespace(&self.limiter, &self.access, caller(req), requested)
     }
 
     fn actor<T>(&self, req: &Request<T>) -> Actor {
@@ -299,12 +367,13 @@ impl AdminService {
         }
     }
 
-    fn scope(
+    fn scope<T>(
         &self,
+        req: &Request<T>,
         ns: &str,
         scope: Option<&proto::LimitScope>,
     ) -> Result<(Namespace, LimitScope), Status> {
-        let ns = self.limiter.namespace(ns).map_err(status)?;
+        let ns = self.namespace(req, ns)?;
         let scope = scope.cloned().unwrap_or_default();
         let entity = scope
             .entity_id
@@ -347,8 +416,8 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::CreateEntityRequest>,
     ) -> Result<Response<proto::EntityResponse>, Status> {
         let by = self.actor(&req);
+        let ns = self.namespace(&req, &req.get_ref().namespace)?;
         let r = req.into_inner();
-        let ns = self.limiter.namespace(&r.namespace).map_err(status)?;
         let e = r.entity.ok_or_else(|| invalid("entity", "is missing"))?;
         let entity = Entity {
             id: EntityId::new(e.id).map_err(|e| invalid("entity.id", e))?,
@@ -381,8 +450,8 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::EntityRequest>,
     ) -> Result<Response<proto::EntityResponse>, Status> {
+        let ns = self.namespace(&req, &req.get_ref().namespace)?;
         let r = req.into_inner();
-        let ns = self.limiter.namespace(&r.namespace).map_err(status)?;
         let id = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
         let entity = self
             .limiter
@@ -401,8 +470,8 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::EntityRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
         let by = self.actor(&req);
+        let ns = self.namespace(&req, &req.get_ref().namespace)?;
         let r = req.into_inner();
-        let ns = self.limiter.namespace(&r.namespace).map_err(status)?;
         let id = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
         self.limiter
             .store()
@@ -416,8 +485,8 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::EntityRequest>,
     ) -> Result<Response<proto::ListChildrenResponse>, Status> {
+        let ns = self.namespace(&req, &req.get_ref().namespace)?;
         let r = req.into_inner();
-        let ns = self.limiter.namespace(&r.namespace).map_err(status)?;
         let id = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
         let children = self
             .limiter
@@ -435,8 +504,9 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::SetLimitsRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
         let by = self.actor(&req);
+        let (ns, scope) =
+            self.scope(&req, &req.get_ref().namespace, req.get_ref().scope.as_ref())?;
         let r = req.into_inner();
-        let (ns, scope) = self.scope(&r.namespace, r.scope.as_ref())?;
         let limits = limits(&r.limits)?.ok_or_else(|| invalid("limits", "is empty"))?;
         self.limiter
             .store()
@@ -451,8 +521,8 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::LimitsRequest>,
     ) -> Result<Response<proto::LimitsResponse>, Status> {
-        let r = req.into_inner();
-        let (ns, scope) = self.scope(&r.namespace, r.scope.as_ref())?;
+        let (ns, scope) =
+            self.scope(&req, &req.get_ref().namespace, req.get_ref().scope.as_ref())?;
         let limits = self
             .limiter
             .store()
@@ -470,8 +540,8 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::LimitsRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
         let by = self.actor(&req);
-        let r = req.into_inner();
-        let (ns, scope) = self.scope(&r.namespace, r.scope.as_ref())?;
+        let (ns, scope) =
+            self.scope(&req, &req.get_ref().namespace, req.get_ref().scope.as_ref())?;
         self.limiter
             .store()
             .delete_limits(&ns, &scope, &by)

@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
+pub mod access;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod clock;

@@ -84,6 +84,8 @@ pub enum LimiterError {
     Unavailable(String),
     #[error("deadline exceeded before the decision was made")]
     DeadlineExceeded,
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -236,6 +238,14 @@ impl Limiter {
             ));
         }
         Ok(ns)
+    }
+
+    /// The namespace an open lease belongs to (`None`: unknown, closed, expired or unbacked).
+    pub fn lease_namespace(&self, lease: LeaseId) -> Option<Namespace> {
+        match lease {
+            LeaseId::Backed(id) => self.shared.leases.get(&id).map(|g| g.0.clone()),
+            LeaseId::Unbacked(_) => None,
+        }
     }
 
     /// Number of live entity actors.

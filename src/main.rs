@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use zae_limiter::Limit;
+use zae_limiter::access::Access;
 use zae_limiter::client::{Acquire, Client, ClientError};
 use zae_limiter::clock::SystemClock;
 use zae_limiter::config::{Backend, Config, FailurePolicy};
@@ -438,6 +439,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             tcp: config.server.tcp,
             request_timeout: Duration::from_millis(config.server.request_timeout_ms),
             drain_timeout: Duration::from_millis(config.server.drain_timeout_ms),
+            access: Arc::new(Access::new(config.access.clone())),
         };
         tracing::info!(backend = ?config.limiter.backend, policy = ?config.limiter.failure_policy, "starting");
         server::run(limiter, settings, shutdown_signal())

@@ -5,12 +5,14 @@
 use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
 
+use crate::access::Access;
 use crate::grpc::{AdminService, RateLimiterService};
 use crate::limiter::Limiter;
 use crate::proto::admin_server::AdminServer;
@@ -23,6 +25,8 @@ pub struct ServerSettings {
     pub tcp: Option<std::net::SocketAddr>,
     pub request_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Which callers may use which namespaces.
+    pub access: Arc<Access>,
 }
 
 /// Why the server could not start or run.
@@ -114,9 +118,13 @@ pub async fn run(
         .add_service(reflection)
         .add_service(RateLimiterServer::new(RateLimiterService::new(
             limiter.clone(),
+            settings.access.clone(),
             settings.request_timeout,
         )))
-        .add_service(AdminServer::new(AdminService::new(limiter.clone())));
+        .add_service(AdminServer::new(AdminService::new(
+            limiter.clone(),
+            settings.access.clone(),
+        )));
 
     tracing::info!(socket = %settings.socket.display(), tcp = ?settings.tcp, "serving");
     let uds_server = router

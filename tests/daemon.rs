@@ -630,3 +630,52 @@ async fn an_overloaded_bucket_sheds_load_with_unavailable() {
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_may_use_only_the_namespaces_its_uid_is_granted() {
+    // SAFETY: getuid and getgid cannot fail and touch no memory.
+    #[allow(unsafe_code)]
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let config = format!(
+        "[limiter]\nnamespaces = [\"alpha\", \"beta\"]\n\
+         [[access]]\nuid = {uid}\nnamespaces = [\"alpha\"]\n\
+         [[access]]\ngid = {}\nnamespaces = [\"beta\"]\n",
+        gid.wrapping_add(1)
+    );
+    let daemon = Daemon::start(&config, &[]);
+    let client = daemon.client().await;
+    let limits = [rpm(10)];
+    let req = |ns: &str| {
+        Acquire::new("k", "gpt-4")
+            .limits(&limits)
+            .consume("rpm", 1)
+            .namespace(ns)
+    };
+    let lease = client.acquire(req("alpha")).await.unwrap();
+    let (c, message) = code(client.acquire(req("beta")).await.unwrap_err());
+    assert_eq!(c, Code::PermissionDenied);
+    assert!(
+        message.contains(&format!("uid {uid}")) && message.contains("\"beta\""),
+        "{message}"
+    );
+    // The default namespace is the first configured one, which this caller may use.
+    client
+        .acquire(req(""))
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    let mut admin = client.admin();
+    let denied = admin
+        .get_limits(proto::LimitsRequest {
+            namespace: "beta".into(),
+            scope: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    lease.commit().await.unwrap();
+    // Nothing was touched in the refused namespace.
+    assert_eq!(daemon.metric("zae_limiter_decisions_total", &[]), 2.0);
+}
