@@ -550,6 +550,43 @@ impl proto::admin_server::Admin for AdminService {
         self.limiter.forget_resolved_limits();
         Ok(Response::new(proto::Empty {}))
     }
+
+    async fn list_audit(
+        &self,
+        req: Request<proto::ListAuditRequest>,
+    ) -> Result<Response<proto::ListAuditResponse>, Status> {
+        let ns = self.namespace(&req, &req.get_ref().namespace)?;
+        let r = req.into_inner();
+        if r.subject.is_empty() {
+            return Err(invalid("subject", "is empty"));
+        }
+        let page_size = match r.page_size {
+            0 => 50,
+            n => n.min(1_000) as usize,
+        };
+        let after = (!r.page.is_empty()).then_some(r.page.as_str());
+        let page = self
+            .limiter
+            .store()
+            .list_audit(&ns, &r.subject, page_size, after)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(proto::ListAuditResponse {
+            records: page
+                .entries
+                .into_iter()
+                .map(|e| proto::AuditRecord {
+                    subject: e.subject,
+                    action: e.action.to_string(),
+                    principal: e.principal,
+                    at_ms: e.at_ms,
+                    before: e.before,
+                    after: e.after,
+                })
+                .collect(),
+            next_page: page.next.unwrap_or_default(),
+        }))
+    }
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@
 
 pub mod access;
 #[cfg(feature = "client")]
+pub mod cli;
+#[cfg(feature = "client")]
 pub mod client;
 pub mod clock;
 pub mod config;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use zae_limiter::Limit;
 use zae_limiter::access::Access;
+use zae_limiter::cli::{self, AdminOp, Output};
 use zae_limiter::client::{Acquire, Client, ClientError};
 use zae_limiter::clock::SystemClock;
 use zae_limiter::config::{Backend, Config, FailurePolicy};
@@ -41,6 +42,32 @@ enum Command {
     /// Acquire from a running daemon, then commit (or roll back, or keep the lease open).
     /// Exit status: 0 admitted, 3 over limit, 1 error.
     Acquire(AcquireArgs),
+    /// Create, show, delete entities and list their children (through a running daemon).
+    Entity {
+        #[command(subcommand)]
+        op: EntityOp,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Set, show or delete stored limits: system default, resource default (--resource), entity
+    /// default (--entity) or entity + resource (both).
+    Limits {
+        #[command(subcommand)]
+        op: LimitsOp,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
+    /// Audit records of an entity (or `#resource:NAME`, `#system`), newest first.
+    Audit {
+        subject: String,
+        #[arg(long, default_value_t = 50)]
+        page_size: u32,
+        /// The `next_page` token of the previous page.
+        #[arg(long, default_value = "")]
+        page: String,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
     /// Adjust, commit or roll back an open lease on a running daemon.
     Lease {
         #[command(subcommand)]
@@ -119,6 +146,85 @@ struct AcquireArgs {
     /// Leave the lease open and print its id (close it with `zae-limiter lease`).
     #[arg(long)]
     keep_open: bool,
+}
+
+#[derive(Args)]
+struct DaemonArgs {
+    #[arg(long, env = "ZAE_LIMITER_SOCKET", default_value = DEFAULT_SOCKET, global = true)]
+    socket: PathBuf,
+    #[arg(long, default_value = "", global = true)]
+    namespace: String,
+    /// `table` for people, `json` for scripts.
+    #[arg(long, value_enum, default_value = "table", global = true)]
+    output: Output,
+}
+
+#[derive(Subcommand)]
+enum EntityOp {
+    Create {
+        id: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        #[arg(long)]
+        parent: Option<String>,
+        /// Acquires for this entity also charge its parent.
+        #[arg(long)]
+        cascade: bool,
+        /// KEY=VALUE (repeatable).
+        #[arg(long, value_parser = parse_pair)]
+        meta: Vec<(String, String)>,
+    },
+    Get {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+    Children {
+        id: String,
+    },
+}
+
+#[derive(Args)]
+struct ScopeArgs {
+    #[arg(long)]
+    entity: Option<String>,
+    #[arg(long)]
+    resource: Option<String>,
+}
+
+impl ScopeArgs {
+    fn scope(self) -> proto::LimitScope {
+        proto::LimitScope {
+            entity_id: self.entity,
+            resource: self.resource,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum LimitsOp {
+    Set {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// NAME=RATE/PERIOD[,burst=N] (repeatable), e.g. rpm=100/1m.
+        #[arg(long, required = true)]
+        limit: Vec<Limit>,
+    },
+    Get {
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    Delete {
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+}
+
+fn parse_pair(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
 }
 
 #[derive(Subcommand)]
@@ -233,6 +339,51 @@ async fn run(command: Command) -> Result<ExitCode, String> {
     match command {
         Command::Serve(_) => unreachable!("serve runs on its own runtime"),
         Command::Acquire(args) => return acquire(args).await,
+        Command::Entity { op, daemon } => {
+            let op = match op {
+                EntityOp::Create {
+                    id,
+                    name,
+                    parent,
+                    cascade,
+                    meta,
+                } => AdminOp::CreateEntity {
+                    id,
+                    name,
+                    parent,
+                    cascade,
+                    metadata: meta.into_iter().collect(),
+                },
+                EntityOp::Get { id } => AdminOp::GetEntity(id),
+                EntityOp::Delete { id } => AdminOp::DeleteEntity(id),
+                EntityOp::Children { id } => AdminOp::Children(id),
+            };
+            admin(daemon, op).await?;
+        }
+        Command::Limits { op, daemon } => {
+            let op = match op {
+                LimitsOp::Set { scope, limit } => AdminOp::SetLimits {
+                    scope: scope.scope(),
+                    limits: limit,
+                },
+                LimitsOp::Get { scope } => AdminOp::GetLimits(scope.scope()),
+                LimitsOp::Delete { scope } => AdminOp::DeleteLimits(scope.scope()),
+            };
+            admin(daemon, op).await?;
+        }
+        Command::Audit {
+            subject,
+            page_size,
+            page,
+            daemon,
+        } => {
+            let op = AdminOp::Audit {
+                subject,
+                page_size,
+                page,
+            };
+            admin(daemon, op).await?;
+        }
         Command::Lease { op, socket } => {
             let client = Client::connect(&socket).await.map_err(|e| e.to_string())?;
             let mut raw = client.raw();
@@ -310,6 +461,17 @@ async fn run(command: Command) -> Result<ExitCode, String> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn admin(daemon: DaemonArgs, op: AdminOp) -> Result<(), String> {
+    let client = Client::connect(&daemon.socket)
+        .await
+        .map_err(|e| e.to_string())?;
+    println!(
+        "{}",
+        cli::run(&client, &daemon.namespace, op, daemon.output).await?
+    );
+    Ok(())
 }
 
 /// Exit status of `acquire` when the request is over limit.

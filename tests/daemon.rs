@@ -679,3 +679,142 @@ async fn a_caller_may_use_only_the_namespaces_its_uid_is_granted() {
     // Nothing was touched in the refused namespace.
     assert_eq!(daemon.metric("zae_limiter_decisions_total", &[]), 2.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_limits_resolve_entity_resource_then_entity_then_resource_then_system() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let client = daemon.client().await;
+    let mut admin = client.admin();
+    let scope = |e: Option<&str>, r: Option<&str>| proto::LimitScope {
+        entity_id: e.map(Into::into),
+        resource: r.map(Into::into),
+    };
+    for (capacity, s) in [
+        (1, scope(None, None)),
+        (2, scope(None, Some("gpt-4"))),
+        (3, scope(Some("e"), None)),
+        (4, scope(Some("e"), Some("gpt-4"))),
+    ] {
+        admin
+            .set_limits(proto::SetLimitsRequest {
+                namespace: String::new(),
+                scope: Some(s),
+                limits: vec![zae_limiter::client::proto_limit(
+                    &Limit::per_hour("rpm", capacity).unwrap(),
+                )],
+            })
+            .await
+            .unwrap();
+    }
+    let capacity = |entity: &'static str, resource: &'static str| {
+        let client = client.clone();
+        async move { client.available(entity, resource, &[]).await.unwrap()["rpm"] }
+    };
+    assert_eq!(capacity("e", "gpt-4").await, 4, "entity + resource");
+    assert_eq!(capacity("e", "other").await, 3, "entity default");
+    assert_eq!(capacity("x", "gpt-4").await, 2, "resource default");
+    assert_eq!(capacity("x", "other").await, 1, "system default");
+    // Limits in the call win over stored ones.
+    let explicit = client
+        .available("e", "gpt-4", &[Limit::per_hour("rpm", 7).unwrap()])
+        .await
+        .unwrap();
+    assert_eq!(explicit["rpm"], 7);
+    // A change made through the daemon applies at once, cache or not.
+    admin
+        .delete_limits(proto::LimitsRequest {
+            namespace: String::new(),
+            scope: Some(scope(Some("e"), Some("gpt-4"))),
+        })
+        .await
+        .unwrap();
+    assert_eq!(capacity("e", "gpt-4").await, 3);
+    // The stored limits decide acquires too.
+    for _ in 0..3 {
+        client
+            .consume(Acquire::new("e", "gpt-4").consume("rpm", 1))
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        client
+            .consume(Acquire::new("e", "gpt-4").consume("rpm", 1))
+            .await,
+        Err(ClientError::OverLimit { .. })
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entities_limits_and_audit_from_the_command_line() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zae-limiter"))
+            .args(args)
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, table, _) = cli(&["entity", "create", "proj-1", "--name", "Production"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        table.starts_with("ID") && table.contains("proj-1  Production"),
+        "{table}"
+    );
+    cli(&[
+        "entity",
+        "create",
+        "key-1",
+        "--parent",
+        "proj-1",
+        "--cascade",
+        "--meta",
+        "team=ml",
+    ]);
+    let (_, json, _) = cli(&["entity", "children", "proj-1", "--output", "json"]);
+    let children: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(children[0]["id"], "key-1");
+    assert_eq!(children[0]["cascade"], true);
+    assert_eq!(children[0]["metadata"]["team"], "ml");
+    let (code, _, _) = cli(&[
+        "limits",
+        "set",
+        "--entity",
+        "proj-1",
+        "--limit",
+        "rpm=100/1m",
+        "--limit",
+        "tpm=10000/1m,burst=15000",
+    ]);
+    assert_eq!(code, Some(0));
+    let (_, json, _) = cli(&["limits", "get", "--entity", "proj-1", "--output", "json"]);
+    let limits: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(limits[1]["name"], "tpm");
+    assert_eq!(limits[1]["capacity"], 15000);
+    let (_, json, _) = cli(&["audit", "proj-1", "--output", "json"]);
+    let audit: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let actions: Vec<&str> = audit["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["limits_set", "entity_created"]);
+    assert!(
+        audit["records"][0]["principal"]
+            .as_str()
+            .unwrap()
+            .starts_with("uid:")
+    );
+    let (code, _, err) = cli(&["entity", "create", "proj-1"]);
+    assert_eq!(code, Some(1));
+    assert!(err.starts_with("error: AlreadyExists:"), "{err}");
+    let (code, _, err) = cli(&["limits", "set", "--limit", "rpm=0/1m"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("rpm"), "{err}");
+}

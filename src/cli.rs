@@ -1,0 +1,297 @@
+//! The administrative commands of the `zae-limiter` binary (entities, stored limits, audit),
+//! spoken through a running daemon's `Admin` service, with output as a table for people or as
+//! JSON for scripts. Flag parsing stays in the binary; this module runs and renders.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use crate::Limit;
+use crate::client::{Client, proto_limit};
+use crate::proto;
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+/// An administrative operation.
+#[derive(Debug, Clone)]
+pub enum AdminOp {
+    CreateEntity {
+        id: String,
+        name: String,
+        parent: Option<String>,
+        cascade: bool,
+        metadata: BTreeMap<String, String>,
+    },
+    GetEntity(String),
+    DeleteEntity(String),
+    Children(String),
+    SetLimits {
+        scope: proto::LimitScope,
+        limits: Vec<Limit>,
+    },
+    GetLimits(proto::LimitScope),
+    DeleteLimits(proto::LimitScope),
+    Audit {
+        subject: String,
+        page_size: u32,
+        page: String,
+    },
+}
+
+fn status_text(s: tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+fn entity_json(e: &proto::Entity) -> Value {
+    json!({
+        "id": e.id,
+        "name": e.name,
+        "parent_id": e.parent_id,
+        "cascade": e.cascade,
+        "metadata": e.metadata.iter().collect::<BTreeMap<_, _>>(),
+    })
+}
+
+fn limit_json(l: &proto::Limit) -> Value {
+    json!({
+        "name": l.name,
+        "capacity": l.capacity,
+        "refill_amount": l.refill_amount,
+        "refill_period_ms": l.refill_period_ms,
+    })
+}
+
+/// Left-aligned columns under a header.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_owned()
+    };
+    let mut out = vec![line(header.iter().map(|h| h.to_uppercase()).collect())];
+    out.extend(rows.iter().map(|r| line(r.clone())));
+    out.join("\n")
+}
+
+fn entity_rows(entities: &[proto::Entity]) -> String {
+    let rows: Vec<Vec<String>> = entities
+        .iter()
+        .map(|e| {
+            vec![
+                e.id.clone(),
+                e.name.clone(),
+                e.parent_id.clone().unwrap_or_else(|| "-".into()),
+                e.cascade.to_string(),
+                e.metadata
+                    .iter()
+                    .collect::<BTreeMap<_, _>>()
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ]
+        })
+        .collect();
+    table(&["id", "name", "parent", "cascade", "metadata"], &rows)
+}
+
+fn limit_rows(limits: &[proto::Limit]) -> String {
+    let rows: Vec<Vec<String>> = limits
+        .iter()
+        .map(|l| {
+            vec![
+                l.name.clone(),
+                l.capacity.to_string(),
+                l.refill_amount.to_string(),
+                format!("{} ms", l.refill_period_ms),
+            ]
+        })
+        .collect();
+    table(&["limit", "capacity", "refill", "period"], &rows)
+}
+
+/// Runs an operation against the daemon and returns what to print.
+///
+/// # Errors
+/// One line saying what the daemon refused.
+pub async fn run(
+    client: &Client,
+    namespace: &str,
+    op: AdminOp,
+    output: Output,
+) -> Result<String, String> {
+    let mut admin = client.admin();
+    let ns = namespace.to_owned();
+    let (json, text) = match op {
+        AdminOp::CreateEntity {
+            id,
+            name,
+            parent,
+            cascade,
+            metadata,
+        } => {
+            let entity = admin
+                .create_entity(proto::CreateEntityRequest {
+                    namespace: ns,
+                    entity: Some(proto::Entity {
+                        id,
+                        name,
+                        parent_id: parent,
+                        cascade,
+                        metadata: metadata.into_iter().collect(),
+                    }),
+                })
+                .await
+                .map_err(status_text)?
+                .into_inner()
+                .entity
+                .unwrap_or_default();
+            (entity_json(&entity), entity_rows(&[entity]))
+        }
+        AdminOp::GetEntity(id) => {
+            let entity = admin
+                .get_entity(proto::EntityRequest {
+                    namespace: ns,
+                    entity_id: id,
+                })
+                .await
+                .map_err(status_text)?
+                .into_inner()
+                .entity
+                .unwrap_or_default();
+            (entity_json(&entity), entity_rows(&[entity]))
+        }
+        AdminOp::DeleteEntity(id) => {
+            admin
+                .delete_entity(proto::EntityRequest {
+                    namespace: ns,
+                    entity_id: id.clone(),
+                })
+                .await
+                .map_err(status_text)?;
+            (json!({ "deleted": id }), format!("deleted entity {id}"))
+        }
+        AdminOp::Children(id) => {
+            let children = admin
+                .list_children(proto::EntityRequest {
+                    namespace: ns,
+                    entity_id: id,
+                })
+                .await
+                .map_err(status_text)?
+                .into_inner()
+                .children;
+            (
+                Value::Array(children.iter().map(entity_json).collect()),
+                entity_rows(&children),
+            )
+        }
+        AdminOp::SetLimits { scope, limits } => {
+            let limits: Vec<proto::Limit> = limits.iter().map(proto_limit).collect();
+            admin
+                .set_limits(proto::SetLimitsRequest {
+                    namespace: ns,
+                    scope: Some(scope),
+                    limits: limits.clone(),
+                })
+                .await
+                .map_err(status_text)?;
+            (
+                Value::Array(limits.iter().map(limit_json).collect()),
+                limit_rows(&limits),
+            )
+        }
+        AdminOp::GetLimits(scope) => {
+            let limits = admin
+                .get_limits(proto::LimitsRequest {
+                    namespace: ns,
+                    scope: Some(scope),
+                })
+                .await
+                .map_err(status_text)?
+                .into_inner()
+                .limits;
+            (
+                Value::Array(limits.iter().map(limit_json).collect()),
+                limit_rows(&limits),
+            )
+        }
+        AdminOp::DeleteLimits(scope) => {
+            admin
+                .delete_limits(proto::LimitsRequest {
+                    namespace: ns,
+                    scope: Some(scope),
+                })
+                .await
+                .map_err(status_text)?;
+            (json!({ "deleted": true }), "deleted limits".to_owned())
+        }
+        AdminOp::Audit {
+            subject,
+            page_size,
+            page,
+        } => {
+            let answer = admin
+                .list_audit(proto::ListAuditRequest {
+                    namespace: ns,
+                    subject,
+                    page_size,
+                    page,
+                })
+                .await
+                .map_err(status_text)?
+                .into_inner();
+            let records: Vec<Value> = answer
+                .records
+                .iter()
+                .map(|r| {
+                    json!({
+                        "subject": r.subject, "action": r.action, "principal": r.principal,
+                        "at_ms": r.at_ms, "before": r.before, "after": r.after,
+                    })
+                })
+                .collect();
+            let rows: Vec<Vec<String>> = answer
+                .records
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.at_ms.to_string(),
+                        r.action.clone(),
+                        r.principal.clone(),
+                        r.before.clone().unwrap_or_else(|| "-".into()),
+                        r.after.clone().unwrap_or_else(|| "-".into()),
+                    ]
+                })
+                .collect();
+            let mut text = table(&["at_ms", "action", "principal", "before", "after"], &rows);
+            if !answer.next_page.is_empty() {
+                text += &format!("\nmore: --page {}", answer.next_page);
+            }
+            (
+                json!({ "records": records, "next_page": answer.next_page }),
+                text,
+            )
+        }
+    };
+    Ok(match output {
+        Output::Json => json.to_string(),
+        Output::Table => text,
+    })
+}
