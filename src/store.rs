@@ -15,9 +15,9 @@ pub mod metered;
 use async_trait::async_trait;
 
 use crate::domain::bucket::{Bucket, Write};
-use crate::domain::ids::{BucketKey, EntityId, Namespace};
+use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName};
-use crate::domain::records::{Actor, AuditEntry, Entity, LimitScope};
+use crate::domain::records::{Actor, AuditEntry, Entity, LimitScope, Period, Usage};
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -163,6 +163,22 @@ pub trait Store: Send + Sync + 'static {
         page_size: usize,
         after: Option<&str>,
     ) -> Result<AuditPage, StoreError>;
+
+    /// Adds consumption to usage snapshots. Additions commute, so several daemons flushing the
+    /// same snapshot add up.
+    async fn add_usage(&self, ns: &Namespace, usage: &[Usage]) -> Result<(), StoreError>;
+
+    /// Snapshots of `period` of an entity (one resource, or all) that start in `from_ms..to_ms`,
+    /// oldest first.
+    async fn usage(
+        &self,
+        ns: &Namespace,
+        entity: &EntityId,
+        resource: Option<&ResourceId>,
+        period: Period,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<Usage>, StoreError>;
 }
 
 /// A sort key for an audit record: time first (so a query can return newest first), then a

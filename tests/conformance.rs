@@ -13,7 +13,7 @@ use zae_limiter::clock::{Clock, SystemClock};
 use zae_limiter::consume::{Outcome, Seen, consume};
 use zae_limiter::domain::bucket::{Plan, Write, plan};
 use zae_limiter::domain::limit::{MILLI, canonical};
-use zae_limiter::domain::records::{Actor, AuditAction, Entity, LimitScope};
+use zae_limiter::domain::records::{Actor, AuditAction, Entity, LimitScope, Period, Usage};
 use zae_limiter::store::{BucketOp, KeyedWrite, Store, StoreError};
 use zae_limiter::{BucketKey, EntityId, Limit, LimitName, Namespace, ResourceId};
 
@@ -740,6 +740,107 @@ async fn audit_pages_newest_first(store: Arc<dyn Store>, ns: Namespace) {
     assert_eq!(pages, 3);
 }
 
+async fn usage_snapshots_add_up_and_query_by_range(store: Arc<dyn Store>, ns: Namespace) {
+    let entity = EntityId::new("e").unwrap();
+    let usage = |resource: &str, period: Period, start_ms: i64, amounts: &[(&str, i64)]| Usage {
+        entity: entity.clone(),
+        resource: ResourceId::new(resource).unwrap(),
+        period,
+        start_ms,
+        amounts: tokens(amounts),
+    };
+    let hour = Period::Hour.start(T0);
+    let day = Period::Day.start(T0);
+    // Two daemons flushing the same snapshots: their additions add up; a refund subtracts.
+    store
+        .add_usage(
+            &ns,
+            &[
+                usage("gpt-4", Period::Hour, hour, &[("rpm", 3), ("tpm", 500)]),
+                usage("gpt-4", Period::Day, day, &[("rpm", 3)]),
+            ],
+        )
+        .await
+        .unwrap();
+    store
+        .add_usage(
+            &ns,
+            &[
+                usage("gpt-4", Period::Hour, hour, &[("rpm", 2), ("tpm", -100)]),
+                usage("gpt-4", Period::Day, day, &[("rpm", 2)]),
+            ],
+        )
+        .await
+        .unwrap();
+    store
+        .add_usage(
+            &ns,
+            &[usage(
+                "gpt-4",
+                Period::Hour,
+                hour + 3_600_000,
+                &[("rpm", 1)],
+            )],
+        )
+        .await
+        .unwrap();
+    store
+        .add_usage(&ns, &[usage("embed", Period::Hour, hour, &[("rpm", 9)])])
+        .await
+        .unwrap();
+    let found = store
+        .usage(
+            &ns,
+            &entity,
+            Some(&ResourceId::new("gpt-4").unwrap()),
+            Period::Hour,
+            hour,
+            hour + 1,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        found,
+        [usage(
+            "gpt-4",
+            Period::Hour,
+            hour,
+            &[("rpm", 5), ("tpm", 400)]
+        )]
+    );
+    let both_hours = store
+        .usage(
+            &ns,
+            &entity,
+            Some(&ResourceId::new("gpt-4").unwrap()),
+            Period::Hour,
+            hour,
+            hour + 7_200_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(both_hours.len(), 2);
+    assert_eq!(both_hours[1].start_ms, hour + 3_600_000);
+    let all_resources = store
+        .usage(&ns, &entity, None, Period::Hour, hour, hour + 1)
+        .await
+        .unwrap();
+    assert_eq!(all_resources.len(), 2);
+    let days = store
+        .usage(&ns, &entity, None, Period::Day, day, day + 86_400_000)
+        .await
+        .unwrap();
+    assert_eq!(days, [usage("gpt-4", Period::Day, day, &[("rpm", 5)])]);
+    let elsewhere = Namespace::new(format!("{ns}-x")).unwrap();
+    assert!(
+        store
+            .usage(&elsewhere, &entity, None, Period::Hour, 0, i64::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 /// Stamps out every test of the suite for one store.
 macro_rules! conformance {
     ($store:ident, $make:expr) => {
@@ -758,6 +859,7 @@ macro_rules! conformance {
                 entities_and_children,
                 stored_limits_at_four_scopes,
                 audit_pages_newest_first,
+                usage_snapshots_add_up_and_query_by_range,
             );
         }
     };

@@ -119,3 +119,63 @@ impl AuditEntry {
         }
     }
 }
+
+/// The length of a usage snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Period {
+    Hour,
+    Day,
+}
+
+impl Period {
+    pub const ALL: [Self; 2] = [Self::Hour, Self::Day];
+
+    pub fn millis(self) -> i64 {
+        match self {
+            Self::Hour => 3_600_000,
+            Self::Day => 86_400_000,
+        }
+    }
+
+    /// The start of the period (UTC) that contains `at_ms`.
+    pub fn start(self, at_ms: i64) -> i64 {
+        at_ms - at_ms.rem_euclid(self.millis())
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hour => "hour",
+            Self::Day => "day",
+        }
+    }
+}
+
+/// Consumption (milli-tokens per limit) of one (entity, resource) in one period: what a daemon
+/// adds to the stored snapshot, or what the snapshot holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Usage {
+    pub entity: EntityId,
+    pub resource: ResourceId,
+    pub period: Period,
+    /// Start of the period, ms since the epoch.
+    pub start_ms: i64,
+    pub amounts: Vec<(crate::domain::limit::LimitName, i64)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_start_on_utc_boundaries() {
+        let t = 1_800_000_123_456; // 2027-01-15T08:02:03.456Z
+        assert_eq!(Period::Hour.start(t), 1_800_000_000_000);
+        assert_eq!(Period::Hour.start(t) % 3_600_000, 0);
+        assert_eq!(Period::Day.start(t) % 86_400_000, 0);
+        assert!(Period::Day.start(t) <= Period::Hour.start(t));
+        assert_eq!(
+            Period::Hour.start(Period::Hour.start(t)),
+            Period::Hour.start(t)
+        );
+    }
+}

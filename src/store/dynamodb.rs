@@ -29,9 +29,9 @@ use aws_smithy_types::timeout::TimeoutConfig;
 
 use super::{AuditPage, BucketOp, KeyedWrite, Store, StoreError, audit_sort_key, entity_json};
 use crate::domain::bucket::{Bucket, Change, LimitChange, LimitState, Write};
-use crate::domain::ids::{BucketKey, EntityId, Namespace};
+use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{self, Limit, LimitName, encode};
-use crate::domain::records::{Actor, AuditAction, AuditEntry, Entity, LimitScope};
+use crate::domain::records::{Actor, AuditAction, AuditEntry, Entity, LimitScope, Period, Usage};
 
 pub mod table;
 
@@ -984,6 +984,79 @@ impl Store for DynamoStore {
             .collect::<Result<_, StoreError>>()?;
         Ok(AuditPage { entries, next })
     }
+
+    async fn add_usage(&self, ns: &Namespace, usage: &[Usage]) -> Result<(), StoreError> {
+        for u in usage {
+            let mut e = Expr::default();
+            let res = e.name("res");
+            let res_v = e.value(s(u.resource.to_string()));
+            let start = e.name("start");
+            let start_v = e.value(n(u.start_ms));
+            e.set.push(format!("{res} = {res_v}"));
+            e.set.push(format!("{start} = {start_v}"));
+            for (name, amount) in &u.amounts {
+                let a = e.name(&usage_attr(name));
+                let v = e.value(n(*amount));
+                e.add.push(format!("{a} {v}"));
+            }
+            let (pk, sk) = usage_key(ns, &u.entity, u.period, u.start_ms, Some(&u.resource));
+            self.client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(keys(pk, sk)))
+                .update_expression(e.update_expression())
+                .set_expression_attribute_names(maybe(e.names))
+                .set_expression_attribute_values(maybe(e.values))
+                .send()
+                .await
+                .map_err(|e| classify(e, &self.table))?;
+        }
+        Ok(())
+    }
+
+    async fn usage(
+        &self,
+        ns: &Namespace,
+        entity: &EntityId,
+        resource: Option<&ResourceId>,
+        period: Period,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<Usage>, StoreError> {
+        let (pk, low) = usage_key(ns, entity, period, from_ms, None);
+        // Sort keys are `{period}#{start}#{resource}`: `{period}#{to}` sorts before every key of
+        // the period starting at `to`, so BETWEEN keeps exactly the starts in from..to.
+        let (_, high) = usage_key(ns, entity, period, to_ms, None);
+        let mut found = Vec::new();
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("#pk = :pk AND #sk BETWEEN :lo AND :hi")
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_names("#sk", SK)
+                .expression_attribute_values(":pk", s(pk.clone()))
+                .expression_attribute_values(":lo", s(low.clone()))
+                .expression_attribute_values(":hi", s(high.clone()))
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| classify(e, &self.table))?;
+            for item in out.items() {
+                let usage = decode_usage(item, entity, period)?;
+                if resource.is_none_or(|r| *r == usage.resource) {
+                    found.push(usage);
+                }
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                break;
+            }
+        }
+        Ok(found)
+    }
 }
 
 fn decode_entity(item: &Item) -> Result<Entity, StoreError> {
@@ -1009,5 +1082,56 @@ fn decode_entity(item: &Item) -> Result<Entity, StoreError> {
                 .collect(),
             _ => Default::default(),
         },
+    })
+}
+
+fn usage_attr(name: &LimitName) -> String {
+    format!("u:{name}")
+}
+
+/// Usage snapshot keys: one partition per entity, sorted by period, start and resource.
+fn usage_key(
+    ns: &Namespace,
+    entity: &EntityId,
+    period: Period,
+    start_ms: i64,
+    resource: Option<&ResourceId>,
+) -> (String, String) {
+    let p = match period {
+        Period::Hour => 'H',
+        Period::Day => 'D',
+    };
+    let mut sk = format!("{p}#{:020}", start_ms.max(0));
+    if let Some(r) = resource {
+        sk.push('#');
+        sk.push_str(r.as_str());
+    }
+    (format!("{ns}#U#{entity}"), sk)
+}
+
+fn decode_usage(item: &Item, entity: &EntityId, period: Period) -> Result<Usage, StoreError> {
+    let resource =
+        ResourceId::new(string(item, "res")?).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let mut amounts = item
+        .iter()
+        .filter_map(|(attr, value)| Some((attr.strip_prefix("u:")?, value)))
+        .map(|(name, value)| {
+            let name = LimitName::new(name).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let amount = match value {
+                AttributeValue::N(v) => v
+                    .parse()
+                    .map_err(|_| StoreError::Corrupt(format!("usage {v:?}")))?,
+                _ => return Err(StoreError::Corrupt("usage is not a number".into())),
+            };
+            Ok((name, amount))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    amounts.sort();
+    Ok(Usage {
+        entity: entity.clone(),
+        resource,
+        period,
+        start_ms: number(item, "start")?,
+        amounts,
     })
 }

@@ -11,9 +11,9 @@ use async_trait::async_trait;
 
 use super::{AuditPage, BucketOp, KeyedWrite, Store, StoreError, audit_sort_key, entity_json};
 use crate::domain::bucket::{Bucket, Write};
-use crate::domain::ids::{BucketKey, EntityId, Namespace};
+use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName, encode};
-use crate::domain::records::{Actor, AuditAction, AuditEntry, Entity, LimitScope};
+use crate::domain::records::{Actor, AuditAction, AuditEntry, Entity, LimitScope, Period, Usage};
 
 #[derive(Debug, Default)]
 struct State {
@@ -21,6 +21,7 @@ struct State {
     entities: BTreeMap<(Namespace, EntityId), Entity>,
     limits: HashMap<(Namespace, LimitScope), Vec<Limit>>,
     audit: HashMap<(Namespace, String), BTreeMap<String, AuditEntry>>,
+    usage: BTreeMap<(Namespace, EntityId, Period, i64, ResourceId), Vec<(LimitName, i64)>>,
 }
 
 /// The embedded in-memory store. Data lives as long as the process.
@@ -270,5 +271,57 @@ impl Store for MemoryStore {
                 .flatten(),
             entries: page.into_iter().map(|(_, e)| e.clone()).collect(),
         })
+    }
+
+    async fn add_usage(&self, ns: &Namespace, usage: &[Usage]) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        for u in usage {
+            let key = (
+                ns.clone(),
+                u.entity.clone(),
+                u.period,
+                u.start_ms,
+                u.resource.clone(),
+            );
+            let totals = state.usage.entry(key).or_default();
+            for (name, amount) in &u.amounts {
+                match totals.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, total)) => *total += amount,
+                    None => totals.push((name.clone(), *amount)),
+                }
+            }
+            totals.sort();
+        }
+        Ok(())
+    }
+
+    async fn usage(
+        &self,
+        ns: &Namespace,
+        entity: &EntityId,
+        resource: Option<&ResourceId>,
+        period: Period,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<Usage>, StoreError> {
+        Ok(self
+            .lock()
+            .usage
+            .iter()
+            .filter(|((n, e, p, start, r), _)| {
+                n == ns
+                    && e == entity
+                    && *p == period
+                    && (from_ms..to_ms).contains(start)
+                    && resource.is_none_or(|want| want == r)
+            })
+            .map(|((_, e, p, start, r), amounts)| Usage {
+                entity: e.clone(),
+                resource: r.clone(),
+                period: *p,
+                start_ms: *start,
+                amounts: amounts.clone(),
+            })
+            .collect())
     }
 }

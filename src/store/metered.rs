@@ -8,9 +8,9 @@ use async_trait::async_trait;
 
 use super::{AuditPage, KeyedWrite, Store, StoreError};
 use crate::domain::bucket::{Bucket, Write};
-use crate::domain::ids::{BucketKey, EntityId, Namespace};
+use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName};
-use crate::domain::records::{Actor, Entity, LimitScope};
+use crate::domain::records::{Actor, Entity, LimitScope, Period, Usage};
 use crate::metrics::{STORE_CALLS, WRITE_UNITS};
 
 /// Counts calls and write units of the store it wraps.
@@ -162,6 +162,29 @@ impl Store for Metered {
     ) -> Result<AuditPage, StoreError> {
         let r = self.inner.list_audit(ns, subject, page_size, after).await;
         record("audit", 0, &r);
+        r
+    }
+
+    async fn add_usage(&self, ns: &Namespace, usage: &[Usage]) -> Result<(), StoreError> {
+        let r = self.inner.add_usage(ns, usage).await;
+        record("usage", usage.len() as u64, &r);
+        r
+    }
+
+    async fn usage(
+        &self,
+        ns: &Namespace,
+        entity: &EntityId,
+        resource: Option<&ResourceId>,
+        period: Period,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<Usage>, StoreError> {
+        let r = self
+            .inner
+            .usage(ns, entity, resource, period, from_ms, to_ms)
+            .await;
+        record("usage", 0, &r);
         r
     }
 }

@@ -85,9 +85,9 @@ mod counting {
 
     use async_trait::async_trait;
     use zae_limiter::domain::bucket::{Bucket, Write};
-    use zae_limiter::domain::records::{Actor, Entity, LimitScope};
+    use zae_limiter::domain::records::{Actor, Entity, LimitScope, Period, Usage};
     use zae_limiter::store::{AuditPage, KeyedWrite, Store, StoreError};
-    use zae_limiter::{BucketKey, EntityId, Limit, LimitName, Namespace};
+    use zae_limiter::{BucketKey, EntityId, Limit, LimitName, Namespace, ResourceId};
 
     use super::Counting;
 
@@ -175,6 +175,22 @@ mod counting {
             after: Option<&str>,
         ) -> Result<AuditPage, StoreError> {
             self.inner.list_audit(ns, subject, page_size, after).await
+        }
+        async fn add_usage(&self, ns: &Namespace, usage: &[Usage]) -> Result<(), StoreError> {
+            self.inner.add_usage(ns, usage).await
+        }
+        async fn usage(
+            &self,
+            ns: &Namespace,
+            entity: &EntityId,
+            resource: Option<&ResourceId>,
+            period: Period,
+            from_ms: i64,
+            to_ms: i64,
+        ) -> Result<Vec<Usage>, StoreError> {
+            self.inner
+                .usage(ns, entity, resource, period, from_ms, to_ms)
+                .await
         }
     }
 }
