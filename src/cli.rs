@@ -41,6 +41,7 @@ pub enum AdminOp {
         page_size: u32,
         page: String,
     },
+    Usage(proto::UsageRequest),
 }
 
 fn status_text(s: tonic::Status) -> String {
@@ -287,6 +288,49 @@ pub async fn run(
             (
                 json!({ "records": records, "next_page": answer.next_page }),
                 text,
+            )
+        }
+        AdminOp::Usage(mut request) => {
+            request.namespace = ns;
+            let snapshots = admin
+                .get_usage(request)
+                .await
+                .map_err(status_text)?
+                .into_inner()
+                .snapshots;
+            let json = Value::Array(
+                snapshots
+                    .iter()
+                    .map(|u| {
+                        json!({
+                            "resource": u.resource, "period": u.period, "start_ms": u.start_ms,
+                            "consumed": u.consumed_milli.iter()
+                                .map(|(k, v)| (k.clone(), json!(*v as f64 / 1000.0)))
+                                .collect::<serde_json::Map<_, _>>(),
+                        })
+                    })
+                    .collect(),
+            );
+            let rows: Vec<Vec<String>> = snapshots
+                .iter()
+                .map(|u| {
+                    vec![
+                        u.start_ms.to_string(),
+                        u.period.clone(),
+                        u.resource.clone(),
+                        u.consumed_milli
+                            .iter()
+                            .collect::<BTreeMap<_, _>>()
+                            .iter()
+                            .map(|(k, v)| format!("{k}={}", **v as f64 / 1000.0))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    ]
+                })
+                .collect();
+            (
+                json,
+                table(&["start_ms", "period", "resource", "consumed"], &rows),
             )
         }
     };

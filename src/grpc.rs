@@ -13,7 +13,7 @@ use crate::access::{Access, Caller};
 use crate::domain::bucket::LimitStatus;
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName, MAX_TOKENS, MILLI, canonical};
-use crate::domain::records::{Actor, Entity, LimitScope};
+use crate::domain::records::{Actor, Entity, LimitScope, Period};
 use crate::limiter::{AcquireRequest, Decision, LeaseId, Limiter, LimiterError};
 use crate::proto;
 
@@ -585,6 +585,53 @@ impl proto::admin_server::Admin for AdminService {
                 })
                 .collect(),
             next_page: page.next.unwrap_or_default(),
+        }))
+    }
+
+    async fn get_usage(
+        &self,
+        req: Request<proto::UsageRequest>,
+    ) -> Result<Response<proto::UsageResponse>, Status> {
+        let ns = self.namespace(&req, &req.get_ref().namespace)?;
+        let r = req.into_inner();
+        let entity = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
+        let resource = r
+            .resource
+            .map(|r| ResourceId::new(r).map_err(|e| invalid("resource", e)))
+            .transpose()?;
+        let period = match r.period.as_str() {
+            "" | "hour" => Period::Hour,
+            "day" => Period::Day,
+            other => return Err(invalid("period", format!("{other:?} is not hour or day"))),
+        };
+        let (from, to) = match (r.from_ms, r.to_ms) {
+            (0, 0) => {
+                let now = self.limiter.now_ms();
+                (now - 86_400_000, now + 1)
+            }
+            (from, 0) => (from, i64::MAX),
+            range => range,
+        };
+        let snapshots = self
+            .limiter
+            .store()
+            .usage(&ns, &entity, resource.as_ref(), period, from, to)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(proto::UsageResponse {
+            snapshots: snapshots
+                .into_iter()
+                .map(|u| proto::UsageSnapshot {
+                    resource: u.resource.to_string(),
+                    period: u.period.as_str().to_owned(),
+                    start_ms: u.start_ms,
+                    consumed_milli: u
+                        .amounts
+                        .into_iter()
+                        .map(|(n, a)| (n.to_string(), a))
+                        .collect(),
+                })
+                .collect(),
         }))
     }
 }

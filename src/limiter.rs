@@ -37,6 +37,7 @@ pub struct LimiterSettings {
     pub lease_ttl: Duration,
     pub idle_timeout: Duration,
     pub limits_cache: Duration,
+    pub usage_flush: Duration,
 }
 
 impl LimiterSettings {
@@ -58,6 +59,7 @@ impl LimiterSettings {
             lease_ttl: Duration::from_millis(c.lease_ttl_ms),
             idle_timeout: Duration::from_millis(c.idle_timeout_ms),
             limits_cache: Duration::from_millis(c.limits_cache_ms),
+            usage_flush: Duration::from_millis(c.usage_flush_ms),
         })
     }
 }

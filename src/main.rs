@@ -68,6 +68,23 @@ enum Command {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
+    /// Hourly or daily consumption of an entity (after adjustments and rollbacks).
+    Usage {
+        entity: String,
+        #[arg(long)]
+        resource: Option<String>,
+        /// `hour` or `day`.
+        #[arg(long, default_value = "hour")]
+        period: String,
+        /// Snapshots starting at or after this time (ms since the epoch) [default: 24 h ago].
+        #[arg(long, default_value_t = 0)]
+        from_ms: i64,
+        /// Snapshots starting before this time (ms since the epoch) [default: now].
+        #[arg(long, default_value_t = 0)]
+        to_ms: i64,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
     /// Adjust, commit or roll back an open lease on a running daemon.
     Lease {
         #[command(subcommand)]
@@ -369,6 +386,24 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                 LimitsOp::Get { scope } => AdminOp::GetLimits(scope.scope()),
                 LimitsOp::Delete { scope } => AdminOp::DeleteLimits(scope.scope()),
             };
+            admin(daemon, op).await?;
+        }
+        Command::Usage {
+            entity,
+            resource,
+            period,
+            from_ms,
+            to_ms,
+            daemon,
+        } => {
+            let op = AdminOp::Usage(proto::UsageRequest {
+                namespace: String::new(),
+                entity_id: entity,
+                resource,
+                period,
+                from_ms,
+                to_ms,
+            });
             admin(daemon, op).await?;
         }
         Command::Audit {

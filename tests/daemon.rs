@@ -818,3 +818,70 @@ async fn entities_limits_and_audit_from_the_command_line() {
     assert_ne!(code, Some(0));
     assert!(err.contains("rpm"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_totals_follow_adjustments_and_rollbacks() {
+    let daemon = Daemon::start("[limiter]\nusage_flush_ms = 100\n", &[]);
+    let client = daemon.client().await;
+    let limits = [Limit::per_hour("tpm", 10_000).unwrap()];
+    let mut lease = acquire(&client, "u", &limits, &[("tpm", 100)])
+        .await
+        .unwrap();
+    lease.adjust([("tpm", 50)]).await.unwrap();
+    lease.commit().await.unwrap();
+    acquire(&client, "u", &limits, &[("tpm", 30)])
+        .await
+        .unwrap()
+        .rollback()
+        .await
+        .unwrap();
+    client
+        .consume(Acquire::new("u", "gpt-4").limits(&limits).consume("tpm", 7))
+        .await
+        .unwrap();
+    let mut admin = client.admin();
+    let mut totals: Vec<i64> = Vec::new();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let snapshots = |period: &str| proto::UsageRequest {
+            entity_id: "u".into(),
+            period: period.into(),
+            ..Default::default()
+        };
+        let hour = admin
+            .get_usage(snapshots("hour"))
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshots;
+        let day = admin
+            .get_usage(snapshots("day"))
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshots;
+        // Summed, in case the test straddles an hour (or day) boundary.
+        totals = [hour, day]
+            .iter()
+            .map(|snapshots| snapshots.iter().map(|s| s.consumed_milli["tpm"]).sum())
+            .collect();
+        if totals == [157_000, 157_000] {
+            break;
+        }
+    }
+    assert_eq!(
+        totals,
+        [157_000, 157_000],
+        "100 + 50 adjusted, 30 rolled back, 7 consumed"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zae-limiter"))
+        .args(["usage", "u", "--socket"])
+        .arg(&daemon.socket)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("hour") && table.contains("tpm=157"),
+        "{table}"
+    );
+}

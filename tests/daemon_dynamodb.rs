@@ -199,3 +199,49 @@ async fn an_unreachable_store_is_answered_by_the_policy_within_the_deadline() {
         assert_eq!(counted, 20.0, "{policy}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_of_two_daemons_adds_up_in_the_store() {
+    use zae_limiter::domain::records::Period;
+    let store = common::dynamodb().await;
+    let ns = common::unique_namespace();
+    let cfg = config(&ns, &common::endpoint(), "usage_flush_ms = 200\n");
+    let mut daemons: Vec<Daemon> = (0..2).map(|_| Daemon::start(&cfg, &[])).collect();
+    let limits = [Limit::per_hour("tpm", 1_000_000).unwrap()];
+    let mut expected = 0;
+    for (i, daemon) in daemons.iter().enumerate() {
+        let client = daemon.client().await;
+        for n in 0..20 {
+            let req = Acquire::new("metered", "gpt-4")
+                .limits(&limits)
+                .consume("tpm", 10);
+            let mut lease = client.acquire(req).await.unwrap();
+            if n % 5 == 0 {
+                lease.rollback().await.unwrap();
+            } else {
+                lease.adjust([("tpm", i as i64 + 1)]).await.unwrap();
+                lease.commit().await.unwrap();
+                expected += 10 + i as i64 + 1;
+            }
+        }
+    }
+    // Stopping flushes what is left.
+    for d in &mut daemons {
+        assert!(d.terminate().success());
+    }
+    let entity = EntityId::new("metered").unwrap();
+    let hours = store
+        .usage(&ns, &entity, None, Period::Hour, 0, i64::MAX)
+        .await
+        .unwrap();
+    let total: i64 = hours.iter().flat_map(|u| &u.amounts).map(|(_, a)| a).sum();
+    assert_eq!(
+        total,
+        expected * 1_000,
+        "usage equals the admitted consumption"
+    );
+    assert_eq!(
+        consumed(&*store, &ns, "metered", "tpm").await,
+        expected * 1_000
+    );
+}

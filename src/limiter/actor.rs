@@ -26,6 +26,7 @@ use crate::domain::bucket::{
 };
 use crate::domain::ids::{BucketKey, ResourceId};
 use crate::domain::limit::{Limit, LimitName};
+use crate::domain::records::{Period, Usage};
 use crate::metrics::{self as m, outcome};
 use crate::store::StoreError;
 
@@ -59,6 +60,9 @@ pub(super) enum Msg {
     Written(ResourceId, Result<Option<Bucket>, StoreError>),
     Pump(ResourceId),
     Tick,
+    FlushUsage,
+    /// A usage flush that failed: added back, to go with the next one.
+    UsageNotFlushed(Vec<Usage>),
 }
 
 /// The last stored state of one bucket that the store confirmed.
@@ -119,6 +123,9 @@ pub(super) struct State {
     last_active: Instant,
     /// When the next scheduled tick fires, if one is.
     tick_at: Option<Instant>,
+    /// Consumption not yet added to the stored usage snapshots, per (resource, period, start).
+    usage: HashMap<(ResourceId, Period, i64), Amounts>,
+    flush_scheduled: bool,
 }
 
 impl Actor for GroupActor {
@@ -140,6 +147,8 @@ impl Actor for GroupActor {
             expiry: VecDeque::new(),
             last_active: Instant::now(),
             tick_at: None,
+            usage: HashMap::new(),
+            flush_scheduled: false,
         })
     }
 
@@ -159,6 +168,13 @@ impl Actor for GroupActor {
             state.shared.leases.remove(id);
         }
         metrics::gauge!(m::LEASES_OPEN).decrement(state.leases.len() as f64);
+        // The last consumption goes to the usage snapshots before the actor is gone.
+        let usage = state.take_usage();
+        if !usage.is_empty()
+            && let Err(e) = state.shared.store.add_usage(&state.group.0, &usage).await
+        {
+            tracing::warn!("usage of a stopping entity could not be flushed: {e}");
+        }
         Ok(())
     }
 
@@ -189,6 +205,28 @@ impl Actor for GroupActor {
             Msg::Pump(resource) => {
                 state.slot(&resource).pump_scheduled = false;
                 state.pump(&resource, &myself);
+            }
+            Msg::FlushUsage => {
+                state.flush_scheduled = false;
+                let usage = state.take_usage();
+                if !usage.is_empty() {
+                    let store = state.shared.store.clone();
+                    let ns = state.group.0.clone();
+                    let me = myself.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = store.add_usage(&ns, &usage).await {
+                            tracing::warn!("usage flush failed, kept for the next one: {e}");
+                            let _ = me.cast(Msg::UsageNotFlushed(usage));
+                        }
+                    });
+                }
+            }
+            Msg::UsageNotFlushed(usage) => {
+                for u in usage {
+                    let key = (u.resource, u.period, u.start_ms);
+                    add(state.usage.entry(key).or_default(), &u.amounts, 1);
+                }
+                state.schedule_flush(&myself);
             }
             Msg::Tick => {
                 state.tick_at = None;
@@ -510,9 +548,12 @@ impl State {
                     }
                 }
                 add(&mut slot.reserved, &batch.amounts, -1);
+                let mut used = batch.amounts.clone();
                 for a in batch.adjusts {
+                    add(&mut used, &a.amounts, 1);
                     let _ = a.reply.send(Ok(()));
                 }
+                self.record_usage(resource, &used, myself);
                 for (job, statuses) in batch.admitted {
                     m::decision(outcome::ADMITTED);
                     if !job.lease {
@@ -708,6 +749,45 @@ impl State {
             let _ = myself.drain();
         }
         idle
+    }
+
+    /// Adds consumption that the store recorded to the usage waiting to be flushed.
+    fn record_usage(
+        &mut self,
+        resource: &ResourceId,
+        used: &[(LimitName, i64)],
+        myself: &ActorRef<Msg>,
+    ) {
+        if used.is_empty() {
+            return;
+        }
+        let now = self.shared.clock.now_ms();
+        for period in Period::ALL {
+            let key = (resource.clone(), period, period.start(now));
+            add(self.usage.entry(key).or_default(), used, 1);
+        }
+        self.schedule_flush(myself);
+    }
+
+    fn schedule_flush(&mut self, myself: &ActorRef<Msg>) {
+        if !self.flush_scheduled && !self.usage.is_empty() {
+            self.flush_scheduled = true;
+            myself.send_after(self.shared.settings.usage_flush, || Msg::FlushUsage);
+        }
+    }
+
+    fn take_usage(&mut self) -> Vec<Usage> {
+        self.usage
+            .drain()
+            .filter(|(_, amounts)| !amounts.is_empty())
+            .map(|((resource, period, start_ms), amounts)| Usage {
+                entity: self.group.1.clone(),
+                resource,
+                period,
+                start_ms,
+                amounts,
+            })
+            .collect()
     }
 
     fn schedule_tick(&mut self, myself: &ActorRef<Msg>) {

@@ -15,13 +15,16 @@ use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName, encode};
 use crate::domain::records::{Actor, AuditAction, AuditEntry, Entity, LimitScope, Period, Usage};
 
+/// A usage snapshot: namespace, entity, period, start, resource.
+type UsageKey = (Namespace, EntityId, Period, i64, ResourceId);
+
 #[derive(Debug, Default)]
 struct State {
     buckets: HashMap<BucketKey, Bucket>,
     entities: BTreeMap<(Namespace, EntityId), Entity>,
     limits: HashMap<(Namespace, LimitScope), Vec<Limit>>,
     audit: HashMap<(Namespace, String), BTreeMap<String, AuditEntry>>,
-    usage: BTreeMap<(Namespace, EntityId, Period, i64, ResourceId), Vec<(LimitName, i64)>>,
+    usage: BTreeMap<UsageKey, Vec<(LimitName, i64)>>,
 }
 
 /// The embedded in-memory store. Data lives as long as the process.
