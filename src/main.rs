@@ -4,25 +4,16 @@ use std::process::ExitCode;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use zae_limiter::Limit;
-use zae_limiter::access::Access;
 use zae_limiter::cli::{self, AdminOp, Output};
 use zae_limiter::client::{Acquire, Client, ClientError};
-use zae_limiter::clock::SystemClock;
 use zae_limiter::config::{Backend, Config, FailurePolicy};
-use zae_limiter::limiter::{Limiter, LimiterSettings};
 use zae_limiter::proto;
-use zae_limiter::server::{self, ServerSettings};
-use zae_limiter::store::Store;
+use zae_limiter::server;
 use zae_limiter::store::dynamodb::DynamoSettings;
-use zae_limiter::store::dynamodb::DynamoStore;
 use zae_limiter::store::dynamodb::table::{self, Deployed};
-use zae_limiter::store::memory::MemoryStore;
-use zae_limiter::store::metered::Metered;
 
 #[derive(Parser)]
 #[command(
@@ -600,7 +591,6 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         config.server.worker_threads = threads;
     }
     config.validate()?;
-    let limiter_settings = LimiterSettings::from_config(&config.limiter)?;
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -617,32 +607,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(async move {
-        if let Some(addr) = config.server.metrics_addr {
-            zae_limiter::metrics::install(addr)
-                .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
-        }
-        let store: Arc<dyn Store> = match config.limiter.backend {
-            Backend::Memory => Arc::new(MemoryStore::new()),
-            Backend::Dynamodb => Arc::new(DynamoStore::connect(&dynamo).await),
-        };
-        let limiter = Limiter::new(
-            Arc::new(Metered::new(store)),
-            Arc::new(SystemClock),
-            limiter_settings,
-        );
-        let settings = ServerSettings {
-            socket: config.server.socket.clone(),
-            tcp: config.server.tcp,
-            request_timeout: Duration::from_millis(config.server.request_timeout_ms),
-            drain_timeout: Duration::from_millis(config.server.drain_timeout_ms),
-            access: Arc::new(Access::new(config.access.clone())),
-        };
-        tracing::info!(backend = ?config.limiter.backend, policy = ?config.limiter.failure_policy, "starting");
-        server::run(limiter, settings, shutdown_signal())
-            .await
-            .map_err(|e| e.to_string())
-    })
+    runtime.block_on(server::serve(config, dynamo, shutdown_signal()))
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -13,10 +13,17 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
 
 use crate::access::Access;
+use crate::clock::SystemClock;
+use crate::config::{Backend, Config};
 use crate::grpc::{AdminService, RateLimiterService};
 use crate::limiter::Limiter;
+use crate::limiter::LimiterSettings;
 use crate::proto::admin_server::AdminServer;
 use crate::proto::rate_limiter_server::RateLimiterServer;
+use crate::store::Store;
+use crate::store::dynamodb::{DynamoSettings, DynamoStore};
+use crate::store::memory::MemoryStore;
+use crate::store::metered::Metered;
 
 /// Where and how the daemon listens.
 #[derive(Debug, Clone)]
@@ -166,4 +173,45 @@ pub async fn run(
     let _ = std::fs::remove_file(&settings.socket);
     tracing::info!("stopped");
     served.map(drop).map_err(ServerError::from)
+}
+
+/// The daemon as `zae-limiter serve` runs it: metrics exporter, store, limiter and listeners from a
+/// validated configuration, until `shutdown` resolves.
+///
+/// # Errors
+/// One line saying what could not start or failed.
+pub async fn serve(
+    config: Config,
+    dynamo: DynamoSettings,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    let limiter_settings = LimiterSettings::from_config(&config.limiter)?;
+    if let Some(addr) = config.server.metrics_addr {
+        crate::metrics::install(addr)
+            .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+    }
+    let store: Arc<dyn Store> = match config.limiter.backend {
+        Backend::Memory => Arc::new(MemoryStore::new()),
+        Backend::Dynamodb => Arc::new(DynamoStore::connect(&dynamo).await),
+    };
+    let limiter = Limiter::new(
+        Arc::new(Metered::new(store)),
+        Arc::new(SystemClock),
+        limiter_settings,
+    );
+    let settings = ServerSettings {
+        socket: config.server.socket.clone(),
+        tcp: config.server.tcp,
+        request_timeout: Duration::from_millis(config.server.request_timeout_ms),
+        drain_timeout: Duration::from_millis(config.server.drain_timeout_ms),
+        access: Arc::new(Access::new(config.access.clone())),
+    };
+    tracing::info!(
+        backend = ?config.limiter.backend,
+        policy = ?config.limiter.failure_policy,
+        "starting"
+    );
+    run(limiter, settings, shutdown)
+        .await
+        .map_err(|e| e.to_string())
 }
