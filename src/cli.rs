@@ -28,7 +28,14 @@ pub enum AdminOp {
         metadata: BTreeMap<String, String>,
     },
     GetEntity(String),
-    DeleteEntity(String),
+    DeleteEntity {
+        id: String,
+        force: bool,
+    },
+    MoveEntity {
+        id: String,
+        parent: Option<String>,
+    },
     Children(String),
     SetLimits {
         scope: proto::LimitScope,
@@ -170,6 +177,7 @@ pub async fn run(
                 .get_entity(proto::EntityRequest {
                     namespace: ns,
                     entity_id: id,
+                    force: false,
                 })
                 .await
                 .map_err(status_text)?
@@ -178,11 +186,26 @@ pub async fn run(
                 .unwrap_or_default();
             (entity_json(&entity), entity_rows(&[entity]))
         }
-        AdminOp::DeleteEntity(id) => {
+        AdminOp::MoveEntity { id, parent } => {
+            let entity = admin
+                .move_entity(proto::MoveEntityRequest {
+                    namespace: ns,
+                    entity_id: id,
+                    parent_id: parent,
+                })
+                .await
+                .map_err(status_text)?
+                .into_inner()
+                .entity
+                .unwrap_or_default();
+            (entity_json(&entity), entity_rows(&[entity]))
+        }
+        AdminOp::DeleteEntity { id, force } => {
             admin
                 .delete_entity(proto::EntityRequest {
                     namespace: ns,
                     entity_id: id.clone(),
+                    force,
                 })
                 .await
                 .map_err(status_text)?;
@@ -193,6 +216,7 @@ pub async fn run(
                 .list_children(proto::EntityRequest {
                     namespace: ns,
                     entity_id: id,
+                    force: false,
                 })
                 .await
                 .map_err(status_text)?

@@ -27,6 +27,7 @@ pub fn status(e: LimiterError) -> Status {
         LimiterError::Unavailable(_) => Status::unavailable(message),
         LimiterError::DeadlineExceeded => Status::deadline_exceeded(message),
         LimiterError::PermissionDenied(_) => Status::permission_denied(message),
+        LimiterError::FailedPrecondition(_) => Status::failed_precondition(message),
         LimiterError::Internal(_) => Status::internal(message),
     }
 }
@@ -360,6 +361,18 @@ impl AdminService {
         namespace(&self.limiter, &self.access, caller(req), requested)
     }
 
+    /// Refuses (`FAILED_PRECONDITION`) a parent that does not exist.
+    async fn require_entity(&self, ns: &Namespace, id: &EntityId) -> Result<(), Status> {
+        match self.limiter.store().get_entity(ns, id).await {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(status(LimiterError::FailedPrecondition(format!(
+                "parent {:?} does not exist",
+                id.as_str()
+            )))),
+            Err(e) => Err(store_status(e)),
+        }
+    }
+
     fn actor<T>(&self, req: &Request<T>) -> Actor {
         Actor {
             principal: principal(req),
@@ -436,6 +449,9 @@ impl proto::admin_server::Admin for AdminService {
                 "an entity cannot be its own parent",
             ));
         }
+        if let Some(parent) = &entity.parent {
+            self.require_entity(&ns, parent).await?;
+        }
         self.limiter
             .store()
             .create_entity(&ns, &entity, &by)
@@ -475,10 +491,42 @@ impl proto::admin_server::Admin for AdminService {
         let id = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
         self.limiter
             .store()
-            .delete_entity(&ns, &id, &by)
+            .delete_entity(&ns, &id, r.force, &by)
             .await
             .map_err(store_status)?;
+        // Its entity-level limits went with it.
+        self.limiter.forget_resolved_limits();
         Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn move_entity(
+        &self,
+        req: Request<proto::MoveEntityRequest>,
+    ) -> Result<Response<proto::EntityResponse>, Status> {
+        let by = self.actor(&req);
+        let ns = self.namespace(&req, &req.get_ref().namespace)?;
+        let r = req.into_inner();
+        let id = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
+        let parent = r
+            .parent_id
+            .filter(|p| !p.is_empty())
+            .map(|p| EntityId::new(p).map_err(|e| invalid("parent_id", e)))
+            .transpose()?;
+        if let Some(parent) = &parent {
+            if *parent == id {
+                return Err(invalid("parent_id", "an entity cannot be its own parent"));
+            }
+            self.require_entity(&ns, parent).await?;
+        }
+        let moved = self
+            .limiter
+            .store()
+            .move_entity(&ns, &id, parent.as_ref(), &by)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(proto::EntityResponse {
+            entity: Some(to_proto_entity(moved)),
+        }))
     }
 
     async fn list_children(

@@ -88,6 +88,8 @@ pub enum LimiterError {
     DeadlineExceeded,
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -108,6 +110,7 @@ impl From<StoreError> for LimiterError {
                 Self::AlreadyExists(format!("{what} already exists"))
             }
             StoreError::NotFound(what) => Self::NotFound(format!("{what} does not exist")),
+            StoreError::Refused(why) => Self::FailedPrecondition(why),
             StoreError::Transient(_) | StoreError::Backend(_) => Self::Unavailable(e.to_string()),
             StoreError::Conflict { .. } | StoreError::Corrupt(_) => Self::Internal(e.to_string()),
         }

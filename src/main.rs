@@ -185,8 +185,20 @@ enum EntityOp {
     Get {
         id: String,
     },
+    /// Delete an entity with its buckets and entity-level limits.
     Delete {
         id: String,
+        /// Delete even if it has children.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Give an entity another parent (or none).
+    Move {
+        id: String,
+        #[arg(long, required_unless_present = "no_parent")]
+        parent: Option<String>,
+        #[arg(long, conflicts_with = "parent")]
+        no_parent: bool,
     },
     Children {
         id: String,
@@ -363,7 +375,8 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                     metadata: meta.into_iter().collect(),
                 },
                 EntityOp::Get { id } => AdminOp::GetEntity(id),
-                EntityOp::Delete { id } => AdminOp::DeleteEntity(id),
+                EntityOp::Delete { id, force } => AdminOp::DeleteEntity { id, force },
+                EntityOp::Move { id, parent, .. } => AdminOp::MoveEntity { id, parent },
                 EntityOp::Children { id } => AdminOp::Children(id),
             };
             admin(daemon, op).await?;

@@ -33,6 +33,9 @@ pub enum StoreError {
     AlreadyExists(String),
     #[error("{0} does not exist")]
     NotFound(String),
+    /// The operation is refused in the current state (e.g. deleting an entity with children).
+    #[error("{0}")]
+    Refused(String),
     /// Throttling, time-outs, an unreachable endpoint: retrying later may succeed.
     #[error("store temporarily unavailable: {0}")]
     Transient(String),
@@ -115,14 +118,32 @@ pub trait Store: Send + Sync + 'static {
     async fn get_entity(&self, ns: &Namespace, id: &EntityId)
     -> Result<Option<Entity>, StoreError>;
 
+    /// Deletes an entity with its buckets and its entity-level stored limits (its audit records
+    /// and usage snapshots stay). Refused while it has children, unless `force` (the children
+    /// then keep a parent that no longer exists).
+    ///
     /// # Errors
-    /// [`StoreError::NotFound`] when there is no such entity.
+    /// [`StoreError::NotFound`] when there is no such entity; [`StoreError::Refused`] when it has
+    /// children and `force` is off.
     async fn delete_entity(
         &self,
         ns: &Namespace,
         id: &EntityId,
+        force: bool,
         by: &Actor,
     ) -> Result<(), StoreError>;
+
+    /// Gives an entity another parent (or none); returns it as it is now.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when there is no such entity.
+    async fn move_entity(
+        &self,
+        ns: &Namespace,
+        id: &EntityId,
+        parent: Option<&EntityId>,
+        by: &Actor,
+    ) -> Result<Entity, StoreError>;
 
     /// The entities whose parent is `parent`, ordered by id.
     async fn list_children(

@@ -610,10 +610,12 @@ async fn entities_and_children(store: Arc<dyn Store>, ns: Namespace) {
     );
     let key_b = EntityId::new("key-b").unwrap();
     store
-        .delete_entity(&ns, &key_b, &actor(T0 + 20))
+        .delete_entity(&ns, &key_b, false, &actor(T0 + 20))
         .await
         .unwrap();
-    let again = store.delete_entity(&ns, &key_b, &actor(T0 + 21)).await;
+    let again = store
+        .delete_entity(&ns, &key_b, false, &actor(T0 + 21))
+        .await;
     assert!(matches!(again, Err(StoreError::NotFound(_))), "{again:?}");
     assert_eq!(
         store.list_children(&ns, &project.id).await.unwrap().len(),
@@ -841,6 +843,140 @@ async fn usage_snapshots_add_up_and_query_by_range(store: Arc<dyn Store>, ns: Na
     );
 }
 
+async fn deleting_and_moving_entities(store: Arc<dyn Store>, ns: Namespace) {
+    let entity = |id: &str, parent: Option<&str>| Entity {
+        id: EntityId::new(id).unwrap(),
+        name: id.to_owned(),
+        parent: parent.map(|p| EntityId::new(p).unwrap()),
+        cascade: false,
+        metadata: BTreeMap::new(),
+    };
+    let (proj, other, child) = (
+        EntityId::new("proj").unwrap(),
+        EntityId::new("other").unwrap(),
+        EntityId::new("child").unwrap(),
+    );
+    for e in [
+        entity("proj", None),
+        entity("other", None),
+        entity("child", Some("proj")),
+    ] {
+        store.create_entity(&ns, &e, &actor(T0)).await.unwrap();
+    }
+    // Buckets and entity-level limits of the project, and a system default that must survive.
+    let limits = vec![Limit::per_minute("rpm", 10).unwrap()];
+    for resource in ["gpt-4", "embed"] {
+        let out = consume(
+            &*store,
+            &key(&ns, "proj", resource),
+            &limits,
+            &tokens(&[("rpm", 1)]),
+            T0,
+            Seen::Unread,
+        )
+        .await
+        .unwrap();
+        assert!(admitted(&out));
+    }
+    store
+        .set_limits(&ns, &LimitScope::Entity(proj.clone()), &limits, &actor(T0))
+        .await
+        .unwrap();
+    let proj_gpt4 = LimitScope::EntityResource(proj.clone(), ResourceId::new("gpt-4").unwrap());
+    store
+        .set_limits(&ns, &proj_gpt4, &limits, &actor(T0))
+        .await
+        .unwrap();
+    store
+        .set_limits(&ns, &LimitScope::System, &limits, &actor(T0))
+        .await
+        .unwrap();
+
+    // With a child, deleting is refused and changes nothing.
+    let refused = store.delete_entity(&ns, &proj, false, &actor(T0 + 1)).await;
+    assert!(
+        matches!(refused, Err(StoreError::Refused(_))),
+        "{refused:?}"
+    );
+    assert!(store.get_entity(&ns, &proj).await.unwrap().is_some());
+
+    // Moving the child to another parent, then deleting the project.
+    let moved = store
+        .move_entity(&ns, &child, Some(&other), &actor(T0 + 2))
+        .await
+        .unwrap();
+    assert_eq!(moved.parent.as_ref(), Some(&other));
+    assert!(store.list_children(&ns, &proj).await.unwrap().is_empty());
+    assert_eq!(store.list_children(&ns, &other).await.unwrap(), [moved]);
+    store
+        .delete_entity(&ns, &proj, false, &actor(T0 + 3))
+        .await
+        .unwrap();
+    assert_eq!(store.get_entity(&ns, &proj).await.unwrap(), None);
+    for resource in ["gpt-4", "embed"] {
+        assert_eq!(
+            store
+                .load_bucket(&key(&ns, "proj", resource))
+                .await
+                .unwrap(),
+            None,
+            "buckets go with it"
+        );
+    }
+    assert_eq!(
+        store
+            .get_limits(&ns, &LimitScope::Entity(proj.clone()))
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(store.get_limits(&ns, &proj_gpt4).await.unwrap(), None);
+    assert_eq!(
+        store.get_limits(&ns, &LimitScope::System).await.unwrap(),
+        Some(limits.clone())
+    );
+    // The audit trail stays, in order.
+    let actions: Vec<AuditAction> = store
+        .list_audit(&ns, "proj", 10, None)
+        .await
+        .unwrap()
+        .entries
+        .iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(actions[0], AuditAction::EntityDeleted);
+    let moves = store.list_audit(&ns, "child", 10, None).await.unwrap();
+    assert_eq!(moves.entries[0].action, AuditAction::EntityMoved);
+    assert!(
+        moves.entries[0]
+            .after
+            .as_deref()
+            .unwrap()
+            .contains("\"parent\":\"other\"")
+    );
+    // Forced: the child keeps its (now missing) parent.
+    store
+        .delete_entity(&ns, &other, true, &actor(T0 + 4))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_entity(&ns, &child).await.unwrap().unwrap().parent,
+        Some(other.clone())
+    );
+    // Moving to no parent.
+    let freed = store
+        .move_entity(&ns, &child, None, &actor(T0 + 5))
+        .await
+        .unwrap();
+    assert_eq!(freed.parent, None);
+    assert!(store.list_children(&ns, &other).await.unwrap().is_empty());
+    let missing = store.move_entity(&ns, &proj, None, &actor(T0 + 6)).await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound(_))),
+        "{missing:?}"
+    );
+}
+
 /// Stamps out every test of the suite for one store.
 macro_rules! conformance {
     ($store:ident, $make:expr) => {
@@ -860,6 +996,7 @@ macro_rules! conformance {
                 stored_limits_at_four_scopes,
                 audit_pages_newest_first,
                 usage_snapshots_add_up_and_query_by_range,
+                deleting_and_moving_entities,
             );
         }
     };

@@ -814,6 +814,29 @@ async fn entities_limits_and_audit_from_the_command_line() {
     let (code, _, err) = cli(&["entity", "create", "proj-1"]);
     assert_eq!(code, Some(1));
     assert!(err.starts_with("error: AlreadyExists:"), "{err}");
+    let (code, _, err) = cli(&["entity", "create", "orphan", "--parent", "nope"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.starts_with("error: FailedPrecondition: parent \"nope\""),
+        "{err}"
+    );
+    // A parent with children is not deleted; after moving the child away it is.
+    let (code, _, err) = cli(&["entity", "delete", "proj-1"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.starts_with("error: FailedPrecondition:") && err.contains("children"),
+        "{err}"
+    );
+    let (code, table, _) = cli(&["entity", "move", "key-1", "--no-parent"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        table.contains("key-1") && table.contains("  -  "),
+        "{table}"
+    );
+    assert_eq!(cli(&["entity", "delete", "proj-1"]).0, Some(0));
+    let (code, _, err) = cli(&["entity", "get", "proj-1"]);
+    assert_eq!(code, Some(1));
+    assert!(err.starts_with("error: NotFound:"), "{err}");
     let (code, _, err) = cli(&["limits", "set", "--limit", "rpm=0/1m"]);
     assert_ne!(code, Some(0));
     assert!(err.contains("rpm"), "{err}");

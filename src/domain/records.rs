@@ -46,6 +46,7 @@ impl LimitScope {
 pub enum AuditAction {
     EntityCreated,
     EntityDeleted,
+    EntityMoved,
     LimitsSet,
     LimitsDeleted,
 }
@@ -55,6 +56,7 @@ impl AuditAction {
         match self {
             Self::EntityCreated => "entity_created",
             Self::EntityDeleted => "entity_deleted",
+            Self::EntityMoved => "entity_moved",
             Self::LimitsSet => "limits_set",
             Self::LimitsDeleted => "limits_deleted",
         }
@@ -66,6 +68,7 @@ impl AuditAction {
         [
             Self::EntityCreated,
             Self::EntityDeleted,
+            Self::EntityMoved,
             Self::LimitsSet,
             Self::LimitsDeleted,
         ]

@@ -809,10 +809,19 @@ impl Store for DynamoStore {
         &self,
         ns: &Namespace,
         id: &EntityId,
+        force: bool,
         by: &Actor,
     ) -> Result<(), StoreError> {
         let not_found = || StoreError::NotFound(format!("entity {:?}", id.as_str()));
         let old = self.get_entity(ns, id).await?.ok_or_else(not_found)?;
+        // The parent index is eventually consistent: a child created a moment ago may be missed.
+        let children = self.list_children(ns, id).await?.len();
+        if children > 0 && !force {
+            return Err(StoreError::Refused(format!(
+                "entity {:?} has {children} children; delete them first or force",
+                id.as_str()
+            )));
+        }
         let entry = AuditEntry::new(
             id.to_string(),
             AuditAction::EntityDeleted,
@@ -821,7 +830,76 @@ impl Store for DynamoStore {
             None,
         );
         self.delete_audited(ns, entity_keys(ns, id), &entry, not_found)
-            .await
+            .await?;
+        // Then its buckets and entity-level limits: every other item of its partition.
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("#pk = :pk")
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_values(":pk", s(entity_pk(ns, id)))
+                .projection_expression("#pk, SK")
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| classify(e, &self.table))?;
+            for item in out.items() {
+                self.client
+                    .delete_item()
+                    .table_name(&self.table)
+                    .set_key(Some(keys(
+                        string(item, PK)?.to_owned(),
+                        string(item, SK)?.to_owned(),
+                    )))
+                    .send()
+                    .await
+                    .map_err(|e| classify(e, &self.table))?;
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn move_entity(
+        &self,
+        ns: &Namespace,
+        id: &EntityId,
+        parent: Option<&EntityId>,
+        by: &Actor,
+    ) -> Result<Entity, StoreError> {
+        let not_found = || StoreError::NotFound(format!("entity {:?}", id.as_str()));
+        let old = self.get_entity(ns, id).await?.ok_or_else(not_found)?;
+        let moved = Entity {
+            parent: parent.cloned(),
+            ..old.clone()
+        };
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(self.entity_item(ns, &moved)))
+            .condition_expression("attribute_exists(#pk)")
+            .expression_attribute_names("#pk", PK)
+            .build()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let entry = AuditEntry::new(
+            id.to_string(),
+            AuditAction::EntityMoved,
+            by,
+            Some(entity_json(&old)),
+            Some(entity_json(&moved)),
+        );
+        let audit = self.audit_put(ns, &entry)?;
+        self.audited(
+            TransactWriteItem::builder().put(put).build(),
+            audit,
+            not_found,
+        )
+        .await?;
+        Ok(moved)
     }
 
     async fn list_children(

@@ -159,13 +159,33 @@ impl Store for MemoryStore {
         &self,
         ns: &Namespace,
         id: &EntityId,
+        force: bool,
         by: &Actor,
     ) -> Result<(), StoreError> {
         let mut state = self.lock();
-        let old = state
+        let key = (ns.clone(), id.clone());
+        if !state.entities.contains_key(&key) {
+            return Err(StoreError::NotFound(format!("entity {:?}", id.as_str())));
+        }
+        let children = state
             .entities
-            .remove(&(ns.clone(), id.clone()))
-            .ok_or_else(|| StoreError::NotFound(format!("entity {:?}", id.as_str())))?;
+            .iter()
+            .filter(|((n, _), e)| n == ns && e.parent.as_ref() == Some(id))
+            .count();
+        if children > 0 && !force {
+            return Err(StoreError::Refused(format!(
+                "entity {:?} has {children} children; delete them first or force",
+                id.as_str()
+            )));
+        }
+        let old = state.entities.remove(&key).expect("checked above");
+        state
+            .buckets
+            .retain(|k, _| !(k.namespace == *ns && k.entity == *id));
+        state.limits.retain(|(n, scope), _| {
+            !(n == ns
+                && matches!(scope, LimitScope::Entity(e) | LimitScope::EntityResource(e, _) if e == id))
+        });
         let e = AuditEntry::new(
             id.to_string(),
             AuditAction::EntityDeleted,
@@ -175,6 +195,32 @@ impl Store for MemoryStore {
         );
         state.audit(ns, e);
         Ok(())
+    }
+
+    async fn move_entity(
+        &self,
+        ns: &Namespace,
+        id: &EntityId,
+        parent: Option<&EntityId>,
+        by: &Actor,
+    ) -> Result<Entity, StoreError> {
+        let mut state = self.lock();
+        let entity = state
+            .entities
+            .get_mut(&(ns.clone(), id.clone()))
+            .ok_or_else(|| StoreError::NotFound(format!("entity {:?}", id.as_str())))?;
+        let before = entity_json(entity);
+        entity.parent = parent.cloned();
+        let moved = entity.clone();
+        let e = AuditEntry::new(
+            id.to_string(),
+            AuditAction::EntityMoved,
+            by,
+            Some(before),
+            Some(entity_json(&moved)),
+        );
+        state.audit(ns, e);
+        Ok(moved)
     }
 
     async fn list_children(

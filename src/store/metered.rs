@@ -103,9 +103,22 @@ impl Store for Metered {
         &self,
         ns: &Namespace,
         id: &EntityId,
+        force: bool,
         by: &Actor,
     ) -> Result<(), StoreError> {
-        let r = self.inner.delete_entity(ns, id, by).await;
+        let r = self.inner.delete_entity(ns, id, force, by).await;
+        record("entity", 4, &r);
+        r
+    }
+
+    async fn move_entity(
+        &self,
+        ns: &Namespace,
+        id: &EntityId,
+        parent: Option<&EntityId>,
+        by: &Actor,
+    ) -> Result<Entity, StoreError> {
+        let r = self.inner.move_entity(ns, id, parent, by).await;
         record("entity", 4, &r);
         r
     }

@@ -132,9 +132,19 @@ mod counting {
             &self,
             ns: &Namespace,
             id: &EntityId,
+            force: bool,
             by: &Actor,
         ) -> Result<(), StoreError> {
-            self.inner.delete_entity(ns, id, by).await
+            self.inner.delete_entity(ns, id, force, by).await
+        }
+        async fn move_entity(
+            &self,
+            ns: &Namespace,
+            id: &EntityId,
+            parent: Option<&EntityId>,
+            by: &Actor,
+        ) -> Result<Entity, StoreError> {
+            self.inner.move_entity(ns, id, parent, by).await
         }
         async fn list_children(
             &self,
