@@ -61,7 +61,9 @@ fn bench(c: &mut Criterion) {
                                     let lease = lease.expect("a lease was asked for");
                                     limiter.commit(lease, deadline).await.unwrap();
                                 }
-                                Decision::Rejected(_) => assert!(!admitted, "a full bucket admits"),
+                                Decision::Rejected { .. } => {
+                                    assert!(!admitted, "a full bucket admits")
+                                }
                             }
                         }
                         started.elapsed()

@@ -51,6 +51,8 @@ pub enum ClientError {
         /// The longest wait over the violated limits; `None` if the request can never fit.
         retry_after: Option<Duration>,
         violations: Vec<Violation>,
+        /// The cascade parent whose limits refused, when it was not the entity asked for.
+        refused_by: Option<String>,
     },
     #[error("cannot connect to the zae-limiter daemon: {0}")]
     Connect(#[from] tonic::transport::Error),
@@ -217,6 +219,7 @@ impl Client {
 fn over_limit(answer: &proto::AcquireResponse) -> Option<ClientError> {
     (!answer.allowed).then(|| ClientError::OverLimit {
         retry_after: answer.retry_after_ms.map(Duration::from_millis),
+        refused_by: (!answer.refused_by.is_empty()).then(|| answer.refused_by.clone()),
         violations: answer
             .statuses
             .iter()

@@ -254,12 +254,17 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
                 lease_id: lease.map(|l| l.to_string()).unwrap_or_default(),
                 statuses: statuses.iter().map(to_proto_status).collect(),
                 retry_after_ms: None,
+                refused_by: String::new(),
             },
-            Decision::Rejected(rejection) => proto::AcquireResponse {
+            Decision::Rejected {
+                rejection,
+                refused_by,
+            } => proto::AcquireResponse {
                 allowed: false,
                 lease_id: String::new(),
                 statuses: rejection.statuses.iter().map(to_proto_status).collect(),
                 retry_after_ms: rejection.retry_after_ms(),
+                refused_by: refused_by.map(|e| e.to_string()).unwrap_or_default(),
             },
         }))
     }

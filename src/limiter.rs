@@ -157,7 +157,12 @@ pub enum Decision {
         lease: Option<LeaseId>,
         statuses: Vec<LimitStatus>,
     },
-    Rejected(Rejection),
+    Rejected {
+        rejection: Rejection,
+        /// The entity whose limits refused, when it is not the one asked for (a cascade
+        /// parent).
+        refused_by: Option<EntityId>,
+    },
 }
 
 /// A validated acquire.
@@ -183,6 +188,7 @@ struct Shared {
     leases: DashMap<u64, GroupKey>,
     next_lease: AtomicU64,
     resolved: DashMap<(Namespace, EntityId, ResourceId), ResolvedLimits>,
+    entities: DashMap<(Namespace, EntityId), (Instant, Option<crate::domain::records::Entity>)>,
 }
 
 /// The limiter handle; cheap to clone.
@@ -211,6 +217,7 @@ impl Limiter {
                 leases: DashMap::new(),
                 next_lease: AtomicU64::new(1),
                 resolved: DashMap::new(),
+                entities: DashMap::new(),
             }),
         }
     }
@@ -293,6 +300,18 @@ impl Limiter {
                 format!("unknown limit \"{name}\"; configured: {}", names(&limits)),
             ));
         }
+        let parent = match tokio::time::timeout_at(deadline.into(), self.cascade_parent(&req.key))
+            .await
+        {
+            Ok(Ok(parent)) => parent,
+            Ok(Err(LimiterError::Unavailable(why))) => {
+                return self.fail_open_or_closed(why, req.lease);
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return self.fail_open_or_closed("no answer within the deadline".into(), req.lease);
+            }
+        };
         let group = (req.key.namespace.clone(), req.key.entity.clone());
         let resource = req.key.resource;
         let amounts = req.amounts;
@@ -303,6 +322,7 @@ impl Limiter {
                     resource,
                     limits,
                     amounts,
+                    parent,
                     deadline,
                     lease,
                     reply,
@@ -421,9 +441,56 @@ impl Limiter {
         })
     }
 
-    /// Forgets cached stored-limit resolutions (after a change made through this daemon).
+    /// The parent an acquire for `key` also charges: set when the entity exists, cascades and
+    /// has a parent that has limits of its own (stored at any level). Entities are cached like
+    /// stored limits.
+    async fn cascade_parent(
+        &self,
+        key: &BucketKey,
+    ) -> Result<Option<actor::ParentSpec>, LimiterError> {
+        let cache_key = (key.namespace.clone(), key.entity.clone());
+        let fresh = self
+            .shared
+            .entities
+            .get(&cache_key)
+            .filter(|e| e.0.elapsed() < self.shared.settings.limits_cache)
+            .map(|e| e.1.clone());
+        let entity = match fresh {
+            Some(entity) => entity,
+            None => {
+                let entity = self
+                    .shared
+                    .store
+                    .get_entity(&key.namespace, &key.entity)
+                    .await?;
+                self.shared
+                    .entities
+                    .insert(cache_key, (Instant::now(), entity.clone()));
+                entity
+            }
+        };
+        let Some(parent) = entity.filter(|e| e.cascade).and_then(|e| e.parent) else {
+            return Ok(None);
+        };
+        let parent_key = BucketKey {
+            entity: parent.clone(),
+            ..key.clone()
+        };
+        match self.resolve(&parent_key).await {
+            Ok(limits) => Ok(Some(actor::ParentSpec {
+                entity: parent,
+                limits,
+            })),
+            // A parent with no limits anywhere constrains nothing.
+            Err(LimiterError::InvalidArgument { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Forgets cached stored limits and entities (after a change made through this daemon).
     pub fn forget_resolved_limits(&self) {
         self.shared.resolved.clear();
+        self.shared.entities.clear();
     }
 
     /// Stops every actor after it has answered what it holds; waits up to `timeout`.

@@ -531,6 +531,7 @@ async fn acquire(args: AcquireArgs) -> Result<ExitCode, String> {
         Err(ClientError::OverLimit {
             retry_after,
             violations,
+            refused_by,
         }) => {
             let violations: Vec<_> = violations
                 .iter()
@@ -547,6 +548,7 @@ async fn acquire(args: AcquireArgs) -> Result<ExitCode, String> {
                 "{}",
                 serde_json::json!({
                     "allowed": false,
+                    "refused_by": refused_by,
                     "retry_after_ms": retry_after.map(|d| d.as_millis() as u64),
                     "violations": violations,
                 })

@@ -58,6 +58,7 @@ async fn admits_then_rejects_with_retry_after() {
         Err(ClientError::OverLimit {
             retry_after,
             violations,
+            refused_by: None,
         }) => {
             // One token of 3 per minute: at most 20 s away, less the time the test took.
             let wait = retry_after.unwrap();

@@ -24,11 +24,11 @@ use crate::config::FailurePolicy;
 use crate::domain::bucket::{
     Admission, Bucket, LimitChange, LimitStatus, Plan, Rejection, Write, admit, plan,
 };
-use crate::domain::ids::{BucketKey, ResourceId};
+use crate::domain::ids::{BucketKey, EntityId, ResourceId};
 use crate::domain::limit::{Limit, LimitName};
 use crate::domain::records::{Period, Usage};
 use crate::metrics::{self as m, outcome};
-use crate::store::StoreError;
+use crate::store::{BucketOp, KeyedWrite, StoreError};
 
 pub(super) struct GroupActor;
 
@@ -40,10 +40,30 @@ pub(super) struct Args {
 type Amounts = Vec<(LimitName, i64)>;
 type Reply<T> = RpcReplyPort<Result<T, LimiterError>>;
 
+/// The parent a cascading entity's acquire also charges, with the parent's own limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct ParentSpec {
+    pub entity: EntityId,
+    pub limits: Vec<Limit>,
+}
+
+impl ParentSpec {
+    /// The part of `amounts` the parent's limits take (limits it lacks are not charged).
+    fn amounts(&self, amounts: &[(LimitName, i64)]) -> Amounts {
+        amounts
+            .iter()
+            .filter(|(n, _)| self.limits.iter().any(|l| l.name() == n))
+            .cloned()
+            .collect()
+    }
+}
+
 pub(super) struct AcquireJob {
     pub resource: ResourceId,
     pub limits: Vec<Limit>,
     pub amounts: Amounts,
+    /// Set for a cascading entity: charge this parent too, in the same atomic commit.
+    pub parent: Option<ParentSpec>,
     pub deadline: Instant,
     /// Whether the caller wants a lease (else the acquire is committed at once).
     pub lease: bool,
@@ -56,8 +76,12 @@ pub(super) enum Msg {
     Commit(u64, Reply<()>),
     Rollback(u64, Reply<()>),
     Peek(ResourceId, Vec<Limit>, Amounts, Reply<Vec<LimitStatus>>),
-    Loaded(ResourceId, Result<Option<Bucket>, StoreError>),
-    Written(ResourceId, Result<Option<Bucket>, StoreError>),
+    /// The bucket as read, and the parent's when the slot cascades.
+    Loaded(
+        ResourceId,
+        Result<(Option<Bucket>, Option<Option<Bucket>>), StoreError>,
+    ),
+    Written(ResourceId, Result<Written, StoreError>),
     Pump(ResourceId),
     Tick,
     FlushUsage,
@@ -73,9 +97,26 @@ struct Cached {
     from_store: bool,
 }
 
+/// What a finished write tells about the buckets it wrote.
+pub(super) enum Written {
+    /// One bucket, as the store returned it.
+    Stored(Bucket),
+    /// A transaction (no item comes back): the states it was planned to leave.
+    Planned {
+        bucket: Option<Bucket>,
+        parent: Option<Bucket>,
+    },
+    /// Unconditional adjustments, applied as sent.
+    Adjusted,
+    /// Nothing needed writing.
+    Nothing,
+}
+
 /// A commit delta or rollback refund waiting for the next write.
 struct PendingAdjust {
     amounts: Amounts,
+    /// The cascade parent's share.
+    parent: Option<(EntityId, Amounts)>,
     reply: Reply<()>,
 }
 
@@ -85,6 +126,23 @@ struct Batch {
     adjusts: Vec<PendingAdjust>,
     /// Sum of the admitted amounts.
     amounts: Amounts,
+    /// Sum of what the admitted charge the cascade parent.
+    parent_amounts: Amounts,
+    /// Which bucket each write of a transaction is (a conflict names its position).
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Own,
+    Parent,
+}
+
+/// The cascade parent's bucket as this slot last saw it.
+struct ParentSlot {
+    entity: EntityId,
+    cache: Option<Cached>,
+    reserved: Amounts,
 }
 
 enum Busy {
@@ -103,6 +161,8 @@ struct Slot {
     peeks: Vec<(Vec<Limit>, Amounts, Reply<Vec<LimitStatus>>)>,
     last_write: Option<Instant>,
     pump_scheduled: bool,
+    /// Set while the entity cascades to a parent.
+    parent: Option<ParentSlot>,
 }
 
 struct Lease {
@@ -110,6 +170,7 @@ struct Lease {
     limits: Vec<Limit>,
     acquired: Amounts,
     delta: Amounts,
+    parent: Option<ParentSpec>,
 }
 
 pub(super) struct State {
@@ -123,8 +184,9 @@ pub(super) struct State {
     last_active: Instant,
     /// When the next scheduled tick fires, if one is.
     tick_at: Option<Instant>,
-    /// Consumption not yet added to the stored usage snapshots, per (resource, period, start).
-    usage: HashMap<(ResourceId, Period, i64), Amounts>,
+    /// Consumption not yet added to the stored usage snapshots, per (entity, resource, period,
+    /// start); the entity is this actor's, or a cascade parent.
+    usage: HashMap<(EntityId, ResourceId, Period, i64), Amounts>,
     flush_scheduled: bool,
 }
 
@@ -223,7 +285,7 @@ impl Actor for GroupActor {
             }
             Msg::UsageNotFlushed(usage) => {
                 for u in usage {
-                    let key = (u.resource, u.period, u.start_ms);
+                    let key = (u.entity, u.resource, u.period, u.start_ms);
                     add(state.usage.entry(key).or_default(), &u.amounts, 1);
                 }
                 state.schedule_flush(&myself);
@@ -237,6 +299,68 @@ impl Actor for GroupActor {
         }
         state.schedule_tick(&myself);
         Ok(())
+    }
+}
+
+/// A rejection that a fresh cached state decides: the state, refilled to now, less what is
+/// already reserved, cannot cover the request.
+fn cached_rejection(
+    cache: Option<&Cached>,
+    max_staleness: Duration,
+    reserved: &[(LimitName, i64)],
+    limits: &[Limit],
+    amounts: &[(LimitName, i64)],
+    now: i64,
+) -> Option<Rejection> {
+    let cached = cache.filter(|c| c.fetched.elapsed() <= max_staleness)?;
+    let mut projected = match &cached.bucket {
+        Some(b)
+            if b.limits.len() == limits.len()
+                && b.limits.iter().zip(limits).all(|(s, l)| s.limit == *l) =>
+        {
+            b.at(now)
+        }
+        Some(_) => return None,
+        None => Bucket::full(limits.to_vec(), now),
+    };
+    projected.adjust(reserved).ok()?;
+    match plan(Some(&projected), limits, amounts, now) {
+        Ok(Plan::Reject(r)) => Some(r),
+        _ => None,
+    }
+}
+
+impl Slot {
+    /// Points the slot at the parent the next jobs cascade to (or none); a change of parent
+    /// starts from an empty cache and recounts what the queue reserves of the new one.
+    fn follow_parent(&mut self, spec: Option<&ParentSpec>) {
+        let current = self.parent.as_ref().map(|p| &p.entity);
+        if current == spec.map(|s| &s.entity) {
+            return;
+        }
+        self.parent = spec.map(|spec| {
+            let mut reserved = Vec::new();
+            for job in &self.pending {
+                if let Some(s) = job.parent.as_ref().filter(|s| s.entity == spec.entity) {
+                    add(&mut reserved, &s.amounts(&job.amounts), 1);
+                }
+            }
+            ParentSlot {
+                entity: spec.entity.clone(),
+                cache: None,
+                reserved,
+            }
+        });
+    }
+
+    /// Adds (`sign` 1) or releases (-1) what a job holds of the bucket and of its parent.
+    fn reserve(&mut self, job: &AcquireJob, sign: i64) {
+        add(&mut self.reserved, &job.amounts, sign);
+        if let (Some(spec), Some(parent)) = (&job.parent, &mut self.parent)
+            && parent.entity == spec.entity
+        {
+            add(&mut parent.reserved, &spec.amounts(&job.amounts), sign);
+        }
     }
 }
 
@@ -263,15 +387,14 @@ impl State {
         }
     }
 
-    fn fresh(&self, cached: &Cached) -> bool {
-        cached.fetched.elapsed() <= self.shared.settings.max_staleness
-    }
-
     fn acquire(&mut self, job: AcquireJob, myself: &ActorRef<Msg>) {
         let now = self.shared.clock.now_ms();
-        if let Some(rejection) = self.fast_reject(&job, now) {
+        if let Some((rejection, refused_by)) = self.fast_reject(&job, now) {
             m::decision(outcome::REJECTED_CACHED);
-            let _ = job.reply.send(Ok(Decision::Rejected(rejection)));
+            let _ = job.reply.send(Ok(Decision::Rejected {
+                rejection,
+                refused_by,
+            }));
             return;
         }
         let resource = job.resource.clone();
@@ -284,36 +407,46 @@ impl State {
             ))));
             return;
         }
-        add(&mut slot.reserved, &job.amounts, 1);
+        if slot.busy.is_none() && slot.pending.is_empty() {
+            slot.follow_parent(job.parent.as_ref());
+        }
+        slot.reserve(&job, 1);
         slot.pending.push_back(job);
         self.pump(&resource, myself);
     }
 
-    /// A rejection decided from the cache alone, or `None` when the store must decide.
-    fn fast_reject(&mut self, job: &AcquireJob, now: i64) -> Option<Rejection> {
+    /// A rejection decided from the cache alone (with the parent that refused, for a cascade),
+    /// or `None` when the store must decide.
+    fn fast_reject(&mut self, job: &AcquireJob, now: i64) -> Option<(Rejection, Option<EntityId>)> {
         // More than a limit's capacity never fits, whatever is stored.
         if let Ok(Plan::Reject(r)) = plan(None, &job.limits, &job.amounts, now)
             && r.retry_after_ms().is_none()
         {
-            return Some(r);
+            return Some((r, None));
         }
+        let max_staleness = self.shared.settings.max_staleness;
         let slot = self.slots.get(&job.resource)?;
-        let cached = slot.cache.as_ref().filter(|c| self.fresh(c))?;
-        let mut projected = match &cached.bucket {
-            Some(b)
-                if b.limits.len() == job.limits.len()
-                    && b.limits.iter().zip(&job.limits).all(|(s, l)| s.limit == *l) =>
-            {
-                b.at(now)
-            }
-            Some(_) => return None,
-            None => Bucket::full(job.limits.clone(), now),
-        };
-        projected.adjust(&slot.reserved).ok()?;
-        match plan(Some(&projected), &job.limits, &job.amounts, now) {
-            Ok(Plan::Reject(r)) => Some(r),
-            _ => None,
+        if let Some(r) = cached_rejection(
+            slot.cache.as_ref(),
+            max_staleness,
+            &slot.reserved,
+            &job.limits,
+            &job.amounts,
+            now,
+        ) {
+            return Some((r, None));
         }
+        let spec = job.parent.as_ref()?;
+        let parent = slot.parent.as_ref().filter(|p| p.entity == spec.entity)?;
+        cached_rejection(
+            parent.cache.as_ref(),
+            max_staleness,
+            &parent.reserved,
+            &spec.limits,
+            &spec.amounts(&job.amounts),
+            now,
+        )
+        .map(|r| (r, Some(spec.entity.clone())))
     }
 
     /// Starts the next store call of a bucket, if it has work and none is in flight.
@@ -327,16 +460,37 @@ impl State {
         {
             return;
         }
-        let fresh = slot
-            .cache
-            .as_ref()
-            .is_some_and(|c| c.fetched.elapsed() <= settings.max_staleness);
-        if (!slot.pending.is_empty() || !slot.peeks.is_empty()) && !fresh {
+        if let Some(front) = slot.pending.front() {
+            let spec = front.parent.clone();
+            slot.follow_parent(spec.as_ref());
+        }
+        // A state the store just returned serves one round of decisions, however short the
+        // staleness bound; after that, age decides.
+        let fresh = |c: &Option<Cached>| {
+            c.as_ref()
+                .is_some_and(|c| c.from_store || c.fetched.elapsed() <= settings.max_staleness)
+        };
+        let parent_fresh = slot.parent.as_ref().is_none_or(|p| fresh(&p.cache));
+        let has_decisions = !slot.pending.is_empty() || !slot.peeks.is_empty();
+        let has_state = fresh(&slot.cache) && parent_fresh;
+        if has_decisions && !has_state {
             slot.busy = Some(Busy::Loading);
+            let parent_key = slot.parent.as_ref().map(|p| BucketKey {
+                entity: p.entity.clone(),
+                ..key.clone()
+            });
             let me = myself.clone();
             let resource = resource.clone();
             tokio::spawn(async move {
-                let result = store.load_bucket(&key).await;
+                let result = async {
+                    let own = store.load_bucket(&key).await?;
+                    let parent = match parent_key {
+                        Some(k) => Some(store.load_bucket(&k).await?),
+                        None => None,
+                    };
+                    Ok((own, parent))
+                }
+                .await;
                 let _ = me.cast(Msg::Loaded(resource, result));
             });
             return;
@@ -363,16 +517,42 @@ impl State {
             }
             return;
         }
-        let from_store = slot.cache.as_ref().is_some_and(|c| c.from_store);
-        let Some(limits) = slot.pending.front().map(|j| j.limits.clone()) else {
+        let from_store = slot.cache.as_ref().is_some_and(|c| c.from_store)
+            || slot
+                .parent
+                .as_ref()
+                .is_some_and(|p| p.cache.as_ref().is_some_and(|c| c.from_store));
+        // This round uses up the store's answer; the next one goes by age.
+        for c in [
+            slot.cache.as_mut(),
+            slot.parent.as_mut().and_then(|p| p.cache.as_mut()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            c.from_store = false;
+        }
+        let Some((limits, spec)) = slot
+            .pending
+            .front()
+            .map(|j| (j.limits.clone(), j.parent.clone()))
+        else {
             return self.write_adjustments(resource, myself);
         };
-        // Decide, in order, what the cached state covers.
+        let parent_cached = slot
+            .parent
+            .as_ref()
+            .and_then(|p| p.cache.as_ref().and_then(|c| c.bucket.clone()));
+        // Decide, in order, what the cached states cover: the bucket and, for a cascade, the
+        // parent, each against what the previous acquires of the batch left.
         let mut base = cached.clone();
+        let mut parent_base = parent_cached.clone();
         let mut batch = Batch {
             admitted: Vec::new(),
             adjusts: Vec::new(),
             amounts: Vec::new(),
+            parent_amounts: Vec::new(),
+            parts: Vec::new(),
         };
         let mut later = VecDeque::new();
         while let Some(job) = slot.pending.pop_front() {
@@ -380,33 +560,61 @@ impl State {
                 slot.pending.push_front(job);
                 break;
             }
-            if job.limits != limits {
+            if job.limits != limits || job.parent != spec {
                 later.push_back(job);
                 continue;
             }
             if Instant::now() >= job.deadline {
                 // The caller has gone: charge nothing for it.
-                add(&mut slot.reserved, &job.amounts, -1);
+                slot.reserve(&job, -1);
                 continue;
             }
-            match admit(base.as_ref(), &limits, &job.amounts, now) {
-                Ok(Admission::Admitted { statuses, after }) => {
+            let own = admit(base.as_ref(), &limits, &job.amounts, now);
+            let parent = spec.as_ref().map(|spec| {
+                admit(
+                    parent_base.as_ref(),
+                    &spec.limits,
+                    &spec.amounts(&job.amounts),
+                    now,
+                )
+            });
+            let refusal = match (&own, &parent) {
+                (Err(e), _) | (_, Some(Err(e))) => Some(Err(LimiterError::invalid("consume", e))),
+                (Ok(Admission::Rejected(r)), _) => Some(Ok((r.clone(), None))),
+                (_, Some(Ok(Admission::Rejected(r)))) => {
+                    Some(Ok((r.clone(), spec.as_ref().map(|s| s.entity.clone()))))
+                }
+                _ => None,
+            };
+            match refusal {
+                Some(answer) => {
+                    slot.reserve(&job, -1);
+                    let answer = answer.map(|(rejection, refused_by)| {
+                        m::decision(if from_store {
+                            outcome::REJECTED_STORE
+                        } else {
+                            outcome::REJECTED_CACHED
+                        });
+                        Decision::Rejected {
+                            rejection,
+                            refused_by,
+                        }
+                    });
+                    let _ = job.reply.send(answer);
+                }
+                None => {
+                    let Ok(Admission::Admitted { statuses, after }) = own else {
+                        unreachable!("a job that was not refused was admitted");
+                    };
                     base = Some(after);
+                    if let (Some(Ok(Admission::Admitted { after, .. })), Some(spec)) =
+                        (parent, &spec)
+                    {
+                        parent_base = Some(after);
+                        add(&mut batch.parent_amounts, &spec.amounts(&job.amounts), 1);
+                    }
                     add(&mut batch.amounts, &job.amounts, 1);
                     batch.admitted.push((job, statuses));
-                }
-                Ok(Admission::Rejected(rejection)) => {
-                    add(&mut slot.reserved, &job.amounts, -1);
-                    m::decision(if from_store {
-                        outcome::REJECTED_STORE
-                    } else {
-                        outcome::REJECTED_CACHED
-                    });
-                    let _ = job.reply.send(Ok(Decision::Rejected(rejection)));
-                }
-                Err(e) => {
-                    add(&mut slot.reserved, &job.amounts, -1);
-                    let _ = job.reply.send(Err(LimiterError::invalid("consume", e)));
                 }
             }
         }
@@ -419,39 +627,97 @@ impl State {
             }
             return self.pump(resource, myself);
         }
-        let Ok(Plan::Admit { write, expected }) =
-            plan(cached.as_ref(), &limits, &batch.amounts, now)
-        else {
-            // Admitting one by one and all at once agree; if they ever did not, decide again.
-            for (job, _) in batch.admitted.into_iter().rev() {
-                slot.pending.push_front(job);
-            }
-            slot.cache = None;
-            return self.pump(resource, myself);
-        };
-        let mut write = write;
-        batch.adjusts = fold_adjustments(&mut write, &mut slot.adjusts);
-        if let Write::Change(change) = &write
-            && change.is_noop()
-        {
-            // Nothing to record (all amounts zero, no refill due): answer from the cache.
-            // The cache stays as the store last confirmed it.
-            let _ = expected;
-            slot.busy = Some(Busy::Writing(batch));
-            return self.finish(resource, Ok(None), myself);
-        }
-        metrics::histogram!(m::BATCH_SIZE).record(batch.admitted.len() as f64);
-        slot.busy = Some(Busy::Writing(batch));
-        slot.last_write = Some(Instant::now());
-        let me = myself.clone();
-        let resource = resource.clone();
-        tokio::spawn(async move {
-            let result = store.write_bucket(&key, &write).await.map(Some);
-            let _ = me.cast(Msg::Written(resource, result));
+        let own = plan(cached.as_ref(), &limits, &batch.amounts, now);
+        let parent = spec.as_ref().map(|spec| {
+            plan(
+                parent_cached.as_ref(),
+                &spec.limits,
+                &batch.parent_amounts,
+                now,
+            )
         });
+        let (own, parent) = match (own, parent) {
+            (Ok(Plan::Admit { write, expected }), None) => ((write, expected), None),
+            (
+                Ok(Plan::Admit { write, expected }),
+                Some(Ok(Plan::Admit {
+                    write: pw,
+                    expected: pe,
+                })),
+            ) => ((write, expected), Some((pw, pe))),
+            _ => {
+                // Admitting one by one and all at once agree; if they ever did not, decide again.
+                for (job, _) in batch.admitted.into_iter().rev() {
+                    slot.pending.push_front(job);
+                }
+                slot.cache = None;
+                return self.pump(resource, myself);
+            }
+        };
+        let ((mut write, expected), parent) = (own, parent);
+        let noop = |w: &Write| matches!(w, Write::Change(c) if c.is_noop());
+        metrics::histogram!(m::BATCH_SIZE).record(batch.admitted.len() as f64);
+        match parent.filter(|(pw, _)| !noop(pw)) {
+            None => {
+                if slot.parent.is_none() {
+                    batch.adjusts = fold_adjustments(&mut write, &mut slot.adjusts);
+                }
+                if noop(&write) {
+                    // Nothing to record (all amounts zero, no refill due): answer from the
+                    // cache, which stays as the store last confirmed it.
+                    slot.busy = Some(Busy::Writing(batch));
+                    return self.finish(resource, Ok(Written::Nothing), myself);
+                }
+                batch.parts = vec![Part::Own];
+                slot.busy = Some(Busy::Writing(batch));
+                slot.last_write = Some(Instant::now());
+                let me = myself.clone();
+                let resource = resource.clone();
+                tokio::spawn(async move {
+                    let result = store.write_bucket(&key, &write).await.map(Written::Stored);
+                    let _ = me.cast(Msg::Written(resource, result));
+                });
+            }
+            Some((parent_write, parent_expected)) => {
+                // The bucket and its parent change together or not at all.
+                let parent_key = BucketKey {
+                    entity: spec
+                        .as_ref()
+                        .expect("a parent write has a parent")
+                        .entity
+                        .clone(),
+                    ..key.clone()
+                };
+                let mut writes = Vec::new();
+                if !noop(&write) {
+                    writes.push(KeyedWrite {
+                        key: key.clone(),
+                        op: BucketOp::Write(write),
+                    });
+                    batch.parts.push(Part::Own);
+                }
+                writes.push(KeyedWrite {
+                    key: parent_key,
+                    op: BucketOp::Write(parent_write),
+                });
+                batch.parts.push(Part::Parent);
+                slot.busy = Some(Busy::Writing(batch));
+                slot.last_write = Some(Instant::now());
+                let me = myself.clone();
+                let resource = resource.clone();
+                tokio::spawn(async move {
+                    let result = store.commit(&writes).await.map(|()| Written::Planned {
+                        bucket: Some(expected),
+                        parent: Some(parent_expected),
+                    });
+                    let _ = me.cast(Msg::Written(resource, result));
+                });
+            }
+        }
     }
 
-    /// Writes queued lease adjustments on their own (no acquire to carry them).
+    /// Writes queued lease adjustments on their own (no acquire to carry them); with a cascade
+    /// parent's share, both buckets in one transaction.
     fn write_adjustments(&mut self, resource: &ResourceId, myself: &ActorRef<Msg>) {
         let key = self.key(resource);
         let store = self.shared.store.clone();
@@ -460,23 +726,51 @@ impl State {
             return;
         }
         let adjusts: Vec<PendingAdjust> = std::mem::take(&mut slot.adjusts);
-        let mut total = Vec::new();
+        let mut writes = Vec::new();
+        let mut parts = Vec::new();
+        let mut own = Vec::new();
+        let mut parents: Vec<(EntityId, Amounts)> = Vec::new();
         for a in &adjusts {
-            add(&mut total, &a.amounts, 1);
+            add(&mut own, &a.amounts, 1);
+            if let Some((entity, amounts)) = &a.parent {
+                match parents.iter_mut().find(|(e, _)| e == entity) {
+                    Some((_, total)) => add(total, amounts, 1),
+                    None => parents.push((entity.clone(), amounts.clone())),
+                }
+            }
+        }
+        if !own.is_empty() {
+            writes.push(KeyedWrite {
+                key: key.clone(),
+                op: BucketOp::Adjust(own),
+            });
+            parts.push(Part::Own);
+        }
+        for (entity, amounts) in parents.into_iter().filter(|(_, a)| !a.is_empty()) {
+            writes.push(KeyedWrite {
+                key: BucketKey {
+                    entity,
+                    ..key.clone()
+                },
+                op: BucketOp::Adjust(amounts),
+            });
+            parts.push(Part::Parent);
         }
         slot.busy = Some(Busy::Writing(Batch {
             admitted: Vec::new(),
             adjusts,
             amounts: Vec::new(),
+            parent_amounts: Vec::new(),
+            parts,
         }));
-        if total.is_empty() {
-            return self.finish(resource, Ok(None), myself);
+        if writes.is_empty() {
+            return self.finish(resource, Ok(Written::Nothing), myself);
         }
         slot.last_write = Some(Instant::now());
         let me = myself.clone();
         let resource = resource.clone();
         tokio::spawn(async move {
-            let result = store.adjust_bucket(&key, &total).await.map(|()| None);
+            let result = store.commit(&writes).await.map(|()| Written::Adjusted);
             let _ = me.cast(Msg::Written(resource, result));
         });
     }
@@ -484,23 +778,30 @@ impl State {
     fn loaded(
         &mut self,
         resource: ResourceId,
-        result: Result<Option<Bucket>, StoreError>,
+        result: Result<(Option<Bucket>, Option<Option<Bucket>>), StoreError>,
         myself: &ActorRef<Msg>,
     ) {
         let policy = self.shared.settings.failure_policy;
         let slot = self.slots.entry(resource.clone()).or_default();
         slot.busy = None;
+        let confirmed = |bucket| Cached {
+            bucket,
+            fetched: Instant::now(),
+            from_store: true,
+        };
         match result {
-            Ok(bucket) => {
-                slot.cache = Some(Cached {
-                    bucket,
-                    fetched: Instant::now(),
-                    from_store: true,
-                });
+            Ok((own, parent)) => {
+                slot.cache = Some(confirmed(own));
+                if let (Some(bucket), Some(p)) = (parent, &mut slot.parent) {
+                    p.cache = Some(confirmed(bucket));
+                }
             }
             Err(e) => {
                 let jobs: Vec<AcquireJob> = slot.pending.drain(..).collect();
                 slot.reserved.clear();
+                if let Some(p) = &mut slot.parent {
+                    p.reserved.clear();
+                }
                 for (_, _, reply) in slot.peeks.drain(..) {
                     let _ = reply.send(Err(LimiterError::from(e.clone())));
                 }
@@ -516,7 +817,7 @@ impl State {
     fn finish(
         &mut self,
         resource: &ResourceId,
-        result: Result<Option<Bucket>, StoreError>,
+        result: Result<Written, StoreError>,
         myself: &ActorRef<Msg>,
     ) {
         let policy = self.shared.settings.failure_policy;
@@ -526,34 +827,71 @@ impl State {
             return;
         };
         match result {
-            Ok(bucket) => {
-                match bucket {
-                    Some(bucket) => {
+            Ok(written) => {
+                match written {
+                    Written::Stored(bucket) => {
                         slot.cache = Some(Cached {
                             bucket: Some(bucket),
                             fetched: Instant::now(),
                             from_store: false,
                         });
                     }
-                    None => {
-                        // An adjustment-only write: apply it to the cache as the store did.
-                        if let Some(Cached {
-                            bucket: Some(b), ..
-                        }) = &mut slot.cache
-                        {
-                            for a in &batch.adjusts {
+                    Written::Planned { bucket, parent } => {
+                        // No item comes back from a transaction: keep what it was planned to
+                        // leave, but only as fresh as the last confirmed read (other writers
+                        // may have changed the items since).
+                        if let Some(c) = &mut slot.cache {
+                            c.bucket = bucket;
+                            c.from_store = false;
+                        }
+                        if let Some(c) = slot.parent.as_mut().and_then(|p| p.cache.as_mut()) {
+                            c.bucket = parent;
+                            c.from_store = false;
+                        }
+                    }
+                    Written::Adjusted => {
+                        // Apply the adjustments to the caches as the store did.
+                        for a in &batch.adjusts {
+                            if let Some(Cached {
+                                bucket: Some(b), ..
+                            }) = &mut slot.cache
+                            {
                                 let _ = b.adjust(&a.amounts);
+                            }
+                            if let (Some((entity, amounts)), Some(p)) =
+                                (&a.parent, &mut slot.parent)
+                                && p.entity == *entity
+                                && let Some(Cached {
+                                    bucket: Some(b), ..
+                                }) = &mut p.cache
+                            {
+                                let _ = b.adjust(amounts);
                             }
                         }
                     }
+                    Written::Nothing => {}
                 }
                 add(&mut slot.reserved, &batch.amounts, -1);
+                if let Some(p) = &mut slot.parent {
+                    add(&mut p.reserved, &batch.parent_amounts, -1);
+                }
                 let mut used = batch.amounts.clone();
+                let mut parent_used: Vec<(EntityId, Amounts)> = Vec::new();
+                if let Some(spec) = batch.admitted.first().and_then(|(j, _)| j.parent.as_ref()) {
+                    parent_used.push((spec.entity.clone(), batch.parent_amounts.clone()));
+                }
                 for a in batch.adjusts {
                     add(&mut used, &a.amounts, 1);
+                    if let Some((entity, amounts)) = a.parent {
+                        parent_used.push((entity, amounts));
+                    }
                     let _ = a.reply.send(Ok(()));
                 }
-                self.record_usage(resource, &used, myself);
+                let own = self.group.1.clone();
+                self.record_usage(&own, resource, &used, myself);
+                for (entity, amounts) in parent_used {
+                    self.record_usage(&entity, resource, &amounts, myself);
+                }
                 for (job, statuses) in batch.admitted {
                     m::decision(outcome::ADMITTED);
                     if !job.lease {
@@ -578,6 +916,7 @@ impl State {
                             limits: job.limits,
                             acquired: job.amounts,
                             delta: Vec::new(),
+                            parent: job.parent,
                         },
                     );
                     let _ = job.reply.send(Ok(Decision::Admitted {
@@ -586,13 +925,17 @@ impl State {
                     }));
                 }
             }
-            Err(StoreError::Conflict { current, .. }) => {
+            Err(StoreError::Conflict { index, current }) => {
                 metrics::counter!(m::CONFLICTS).increment(1);
-                slot.cache = Some(Cached {
+                let fresh = Cached {
                     bucket: current.map(|b| *b),
                     fetched: Instant::now(),
                     from_store: true,
-                });
+                };
+                match (batch.parts.get(index), &mut slot.parent) {
+                    (Some(Part::Parent), Some(p)) => p.cache = Some(fresh),
+                    _ => slot.cache = Some(fresh),
+                }
                 for (job, _) in batch.admitted.into_iter().rev() {
                     slot.pending.push_front(job);
                 }
@@ -606,12 +949,30 @@ impl State {
                         a.amounts.retain(|(n, _)| b.limit(n).is_some());
                     }
                 }
+                if let Some(ParentSlot {
+                    cache:
+                        Some(Cached {
+                            bucket: Some(b), ..
+                        }),
+                    ..
+                }) = &slot.parent
+                {
+                    for a in &mut adjusts {
+                        if let Some((_, amounts)) = &mut a.parent {
+                            amounts.retain(|(n, _)| b.limit(n).is_some());
+                        }
+                    }
+                }
                 adjusts.append(&mut slot.adjusts);
                 slot.adjusts = adjusts;
             }
             Err(e) => {
                 slot.cache = None;
                 add(&mut slot.reserved, &batch.amounts, -1);
+                if let Some(p) = &mut slot.parent {
+                    p.cache = None;
+                    add(&mut p.reserved, &batch.parent_amounts, -1);
+                }
                 for a in batch.adjusts {
                     let _ = a.reply.send(Err(LimiterError::from(e.clone())));
                 }
@@ -708,13 +1069,21 @@ impl State {
         } else {
             add(&mut amounts, &lease.delta, 1);
         }
+        // A cascade lease settles the parent's share the same way, in the same write.
+        let parent = lease
+            .parent
+            .as_ref()
+            .map(|spec| (spec.entity.clone(), spec.amounts(&amounts)))
+            .filter(|(_, a)| !a.is_empty());
         if amounts.is_empty() {
             let _ = reply.send(Ok(()));
             return;
         }
-        self.slot(&lease.resource)
-            .adjusts
-            .push(PendingAdjust { amounts, reply });
+        self.slot(&lease.resource).adjusts.push(PendingAdjust {
+            amounts,
+            parent,
+            reply,
+        });
         self.pump(&lease.resource, myself);
     }
 
@@ -754,6 +1123,7 @@ impl State {
     /// Adds consumption that the store recorded to the usage waiting to be flushed.
     fn record_usage(
         &mut self,
+        entity: &EntityId,
         resource: &ResourceId,
         used: &[(LimitName, i64)],
         myself: &ActorRef<Msg>,
@@ -763,7 +1133,7 @@ impl State {
         }
         let now = self.shared.clock.now_ms();
         for period in Period::ALL {
-            let key = (resource.clone(), period, period.start(now));
+            let key = (entity.clone(), resource.clone(), period, period.start(now));
             add(self.usage.entry(key).or_default(), used, 1);
         }
         self.schedule_flush(myself);
@@ -780,8 +1150,8 @@ impl State {
         self.usage
             .drain()
             .filter(|(_, amounts)| !amounts.is_empty())
-            .map(|((resource, period, start_ms), amounts)| Usage {
-                entity: self.group.1.clone(),
+            .map(|((entity, resource, period, start_ms), amounts)| Usage {
+                entity,
                 resource,
                 period,
                 start_ms,
