@@ -97,7 +97,8 @@ pub struct LimiterConfig {
     /// How long stored limit configurations are cached (changes made through this daemon apply
     /// at once).
     pub limits_cache_ms: u64,
-    /// How often an entity's consumption is added to its hourly and daily usage snapshots.
+    /// How often an entity's consumption is added to its hourly and daily usage snapshots
+    /// (two writes per entity and resource each time); 0 keeps no snapshots.
     pub usage_flush_ms: u64,
 }
 
@@ -114,7 +115,7 @@ impl Default for LimiterConfig {
             lease_ttl_ms: 60_000,
             idle_timeout_ms: 60_000,
             limits_cache_ms: 60_000,
-            usage_flush_ms: 5_000,
+            usage_flush_ms: 60_000,
         }
     }
 }
@@ -228,7 +229,6 @@ impl Config {
             ("limiter.max_queue", l.max_queue as u64),
             ("limiter.lease_ttl_ms", l.lease_ttl_ms),
             ("limiter.idle_timeout_ms", l.idle_timeout_ms),
-            ("limiter.usage_flush_ms", l.usage_flush_ms),
         ] {
             if value == 0 {
                 return Err(format!("{key} must be greater than zero"));

@@ -10,6 +10,9 @@
 //! consumption succeeded. A lost race returns the current item, which becomes the cache, and the
 //! batch is decided again. Lease adjustments, commits and rollbacks ride along in the same writes.
 //!
+//! For an entity that cascades, a slot also keeps the parent's bucket for the resource: every
+//! acquire must fit both, and both items are written in one transaction (see docs/daemon.md).
+//!
 //! Store calls run in spawned tasks that report back as messages, so the actor never blocks on I/O
 //! and keeps answering cached rejections while a write is in flight.
 
@@ -1128,7 +1131,7 @@ impl State {
         used: &[(LimitName, i64)],
         myself: &ActorRef<Msg>,
     ) {
-        if used.is_empty() {
+        if used.is_empty() || self.shared.settings.usage_flush.is_zero() {
             return;
         }
         let now = self.shared.clock.now_ms();
