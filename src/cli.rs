@@ -10,6 +10,9 @@ use crate::Limit;
 use crate::client::{Client, proto_limit};
 use crate::proto;
 
+/// The request header that names the person behind an administrative change.
+pub const PRINCIPAL_HEADER: &str = "zae-principal";
+
 /// How results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
@@ -49,6 +52,9 @@ pub enum AdminOp {
         page: String,
     },
     Usage(proto::UsageRequest),
+    CreateNamespace(String),
+    ListNamespaces,
+    DeleteNamespace(String),
 }
 
 fn status_text(s: tonic::Status) -> String {
@@ -141,10 +147,26 @@ fn limit_rows(limits: &[proto::Limit]) -> String {
 pub async fn run(
     client: &Client,
     namespace: &str,
+    principal: Option<&str>,
     op: AdminOp,
     output: Output,
 ) -> Result<String, String> {
-    let mut admin = client.admin();
+    // A name for the audit records, sent beside the peer credentials the daemon reads itself.
+    let principal = principal
+        .map(|p| {
+            tonic::metadata::MetadataValue::try_from(p)
+                .map_err(|_| format!("--principal {p:?} is not a valid header value"))
+        })
+        .transpose()?;
+    let mut admin = proto::admin_client::AdminClient::with_interceptor(
+        client.channel(),
+        move |mut req: tonic::Request<()>| {
+            if let Some(p) = &principal {
+                req.metadata_mut().insert(PRINCIPAL_HEADER, p.clone());
+            }
+            Ok(req)
+        },
+    );
     let ns = namespace.to_owned();
     let (json, text) = match op {
         AdminOp::CreateEntity {
@@ -312,6 +334,40 @@ pub async fn run(
             (
                 json!({ "records": records, "next_page": answer.next_page }),
                 text,
+            )
+        }
+        AdminOp::CreateNamespace(name) => {
+            admin
+                .create_namespace(proto::NamespaceRequest {
+                    namespace: name.clone(),
+                })
+                .await
+                .map_err(status_text)?;
+            (
+                json!({ "created": name }),
+                format!("namespace {name} created"),
+            )
+        }
+        AdminOp::ListNamespaces => {
+            let names = admin
+                .list_namespaces(proto::Empty {})
+                .await
+                .map_err(status_text)?
+                .into_inner()
+                .namespaces;
+            let rows: Vec<Vec<String>> = names.iter().map(|n| vec![n.clone()]).collect();
+            (json!(names), table(&["namespace"], &rows))
+        }
+        AdminOp::DeleteNamespace(name) => {
+            admin
+                .delete_namespace(proto::NamespaceRequest {
+                    namespace: name.clone(),
+                })
+                .await
+                .map_err(status_text)?;
+            (
+                json!({ "deleted": name }),
+                format!("namespace {name} deleted"),
             )
         }
         AdminOp::Usage(mut request) => {

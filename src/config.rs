@@ -77,7 +77,8 @@ impl Default for ServerConfig {
 pub struct LimiterConfig {
     pub backend: Backend,
     pub failure_policy: FailurePolicy,
-    /// Namespaces callers may use; a request naming no namespace uses the first.
+    /// Namespaces callers may use; a request naming no namespace uses the first. `"*"` also
+    /// admits every namespace registered in the store (`zae-limiter namespace create`).
     pub namespaces: Vec<String>,
     /// A cached bucket older than this is re-read before it may reject a request, so refunds and
     /// limit raises made by other daemons are seen within this time.
@@ -207,9 +208,10 @@ impl Config {
         if l.namespaces.is_empty() {
             return Err("limiter.namespaces must name at least one namespace".into());
         }
-        for ns in &l.namespaces {
+        for ns in l.namespaces.iter().filter(|n| *n != "*") {
             crate::Namespace::new(ns.as_str()).map_err(|e| format!("limiter.namespaces: {e}"))?;
         }
+        let any_registered = l.namespaces.iter().any(|n| n == "*");
         for (i, rule) in self.access.iter().enumerate() {
             if rule.namespaces.is_empty() {
                 return Err(format!("access[{i}].namespaces is empty"));
@@ -217,7 +219,7 @@ impl Config {
             if let Some(unknown) = rule
                 .namespaces
                 .iter()
-                .find(|n| *n != "*" && !l.namespaces.contains(n))
+                .find(|n| *n != "*" && !any_registered && !l.namespaces.contains(n))
             {
                 return Err(format!(
                     "access[{i}].namespaces: {unknown:?} is not in limiter.namespaces"

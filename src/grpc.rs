@@ -71,23 +71,37 @@ fn caller<T>(req: &Request<T>) -> Caller {
         })
 }
 
-/// Who is calling, for audit records: the peer's uid over the Unix socket, else the TCP peer.
+/// Who is calling, for audit records: the peer's uid over the Unix socket (else the TCP peer),
+/// preceded by the name the caller gives in the `zae-principal` header, if any. The name is the
+/// caller's word; the uid is the kernel's.
 fn principal<T>(req: &Request<T>) -> String {
-    if let Some(uid) = caller(req).uid {
-        return format!("uid:{uid}");
+    let peer = match caller(req).uid {
+        Some(uid) => format!("uid:{uid}"),
+        None => req
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| format!("tcp:{a}")),
+    };
+    let given = req
+        .metadata()
+        .get("zae-principal")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|n| n.chars().take(128).collect::<String>());
+    match given {
+        Some(name) => format!("{name} ({peer})"),
+        None => peer,
     }
-    req.remote_addr()
-        .map_or_else(|| "unknown".to_owned(), |a| format!("tcp:{a}"))
 }
 
 /// The namespace a request names, provided the caller may use it.
-fn namespace(
+async fn namespace(
     limiter: &Limiter,
     access: &Access,
     caller: Caller,
     requested: &str,
 ) -> Result<Namespace, Status> {
-    let ns = limiter.namespace(requested).map_err(status)?;
+    let ns = limiter.namespace(requested).await.map_err(status)?;
     permit(access, caller, &ns)?;
     Ok(ns)
 }
@@ -203,7 +217,7 @@ impl RateLimiterService {
         }
     }
 
-    fn key<T>(
+    async fn key<T>(
         &self,
         req: &Request<T>,
         ns: &str,
@@ -211,7 +225,7 @@ impl RateLimiterService {
         resource: &str,
     ) -> Result<BucketKey, Status> {
         key(
-            namespace(&self.limiter, &self.access, caller(req), ns)?,
+            namespace(&self.limiter, &self.access, caller(req), ns).await?,
             entity,
             resource,
         )
@@ -235,7 +249,9 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
     ) -> Result<Response<proto::AcquireResponse>, Status> {
         let deadline = deadline(&req, self.request_timeout);
         let r = req.get_ref();
-        let key = self.key(&req, &r.namespace, &r.entity_id, &r.resource)?;
+        let key = self
+            .key(&req, &r.namespace, &r.entity_id, &r.resource)
+            .await?;
         let r = req.into_inner();
         let request = AcquireRequest {
             key,
@@ -313,7 +329,9 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
     ) -> Result<Response<proto::AvailableResponse>, Status> {
         let deadline = deadline(&req, self.request_timeout);
         let r = req.get_ref();
-        let key = self.key(&req, &r.namespace, &r.entity_id, &r.resource)?;
+        let key = self
+            .key(&req, &r.namespace, &r.entity_id, &r.resource)
+            .await?;
         let r = req.into_inner();
         let statuses = self
             .limiter
@@ -331,7 +349,9 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
     ) -> Result<Response<proto::TimeUntilAvailableResponse>, Status> {
         let deadline = deadline(&req, self.request_timeout);
         let r = req.get_ref();
-        let key = self.key(&req, &r.namespace, &r.entity_id, &r.resource)?;
+        let key = self
+            .key(&req, &r.namespace, &r.entity_id, &r.resource)
+            .await?;
         let r = req.into_inner();
         let want = amounts("consume", &r.consume, false)?;
         let statuses = self
@@ -362,8 +382,8 @@ impl AdminService {
         Self { limiter, access }
     }
 
-    fn namespace<T>(&self, req: &Request<T>, requested: &str) -> Result<Namespace, Status> {
-        namespace(&self.limiter, &self.access, caller(req), requested)
+    async fn namespace<T>(&self, req: &Request<T>, requested: &str) -> Result<Namespace, Status> {
+        namespace(&self.limiter, &self.access, caller(req), requested).await
     }
 
     /// Refuses (`FAILED_PRECONDITION`) a parent that does not exist.
@@ -385,13 +405,13 @@ impl AdminService {
         }
     }
 
-    fn scope<T>(
+    async fn scope<T>(
         &self,
         req: &Request<T>,
         ns: &str,
         scope: Option<&proto::LimitScope>,
     ) -> Result<(Namespace, LimitScope), Status> {
-        let ns = self.namespace(req, ns)?;
+        let ns = self.namespace(req, ns).await?;
         let scope = scope.cloned().unwrap_or_default();
         let entity = scope
             .entity_id
@@ -434,7 +454,7 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::CreateEntityRequest>,
     ) -> Result<Response<proto::EntityResponse>, Status> {
         let by = self.actor(&req);
-        let ns = self.namespace(&req, &req.get_ref().namespace)?;
+        let ns = self.namespace(&req, &req.get_ref().namespace).await?;
         let r = req.into_inner();
         let e = r.entity.ok_or_else(|| invalid("entity", "is missing"))?;
         let entity = Entity {
@@ -471,7 +491,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::EntityRequest>,
     ) -> Result<Response<proto::EntityResponse>, Status> {
-        let ns = self.namespace(&req, &req.get_ref().namespace)?;
+        let ns = self.namespace(&req, &req.get_ref().namespace).await?;
         let r = req.into_inner();
         let id = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
         let entity = self
@@ -491,7 +511,7 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::EntityRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
         let by = self.actor(&req);
-        let ns = self.namespace(&req, &req.get_ref().namespace)?;
+        let ns = self.namespace(&req, &req.get_ref().namespace).await?;
         let r = req.into_inner();
         let id = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
         self.limiter
@@ -509,7 +529,7 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::MoveEntityRequest>,
     ) -> Result<Response<proto::EntityResponse>, Status> {
         let by = self.actor(&req);
-        let ns = self.namespace(&req, &req.get_ref().namespace)?;
+        let ns = self.namespace(&req, &req.get_ref().namespace).await?;
         let r = req.into_inner();
         let id = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
         let parent = r
@@ -538,7 +558,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::EntityRequest>,
     ) -> Result<Response<proto::ListChildrenResponse>, Status> {
-        let ns = self.namespace(&req, &req.get_ref().namespace)?;
+        let ns = self.namespace(&req, &req.get_ref().namespace).await?;
         let r = req.into_inner();
         let id = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
         let children = self
@@ -557,8 +577,9 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::SetLimitsRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
         let by = self.actor(&req);
-        let (ns, scope) =
-            self.scope(&req, &req.get_ref().namespace, req.get_ref().scope.as_ref())?;
+        let (ns, scope) = self
+            .scope(&req, &req.get_ref().namespace, req.get_ref().scope.as_ref())
+            .await?;
         let r = req.into_inner();
         let limits = limits(&r.limits)?.ok_or_else(|| invalid("limits", "is empty"))?;
         self.limiter
@@ -574,8 +595,9 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::LimitsRequest>,
     ) -> Result<Response<proto::LimitsResponse>, Status> {
-        let (ns, scope) =
-            self.scope(&req, &req.get_ref().namespace, req.get_ref().scope.as_ref())?;
+        let (ns, scope) = self
+            .scope(&req, &req.get_ref().namespace, req.get_ref().scope.as_ref())
+            .await?;
         let limits = self
             .limiter
             .store()
@@ -593,8 +615,9 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::LimitsRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
         let by = self.actor(&req);
-        let (ns, scope) =
-            self.scope(&req, &req.get_ref().namespace, req.get_ref().scope.as_ref())?;
+        let (ns, scope) = self
+            .scope(&req, &req.get_ref().namespace, req.get_ref().scope.as_ref())
+            .await?;
         self.limiter
             .store()
             .delete_limits(&ns, &scope, &by)
@@ -608,7 +631,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::ListAuditRequest>,
     ) -> Result<Response<proto::ListAuditResponse>, Status> {
-        let ns = self.namespace(&req, &req.get_ref().namespace)?;
+        let ns = self.namespace(&req, &req.get_ref().namespace).await?;
         let r = req.into_inner();
         if r.subject.is_empty() {
             return Err(invalid("subject", "is empty"));
@@ -641,11 +664,63 @@ impl proto::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn create_namespace(
+        &self,
+        req: Request<proto::NamespaceRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let ns = Namespace::new(req.get_ref().namespace.as_str())
+            .map_err(|e| invalid("namespace", e))?;
+        permit(&self.access, caller(&req), &ns)?;
+        self.limiter
+            .store()
+            .create_namespace(&ns)
+            .await
+            .map_err(store_status)?;
+        self.limiter.forget_resolved_limits();
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn list_namespaces(
+        &self,
+        req: Request<proto::Empty>,
+    ) -> Result<Response<proto::ListNamespacesResponse>, Status> {
+        let caller = caller(&req);
+        let namespaces = self
+            .limiter
+            .store()
+            .list_namespaces()
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(proto::ListNamespacesResponse {
+            namespaces: namespaces
+                .into_iter()
+                .filter(|ns| self.access.allows(caller, ns))
+                .map(|ns| ns.to_string())
+                .collect(),
+        }))
+    }
+
+    async fn delete_namespace(
+        &self,
+        req: Request<proto::NamespaceRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let ns = Namespace::new(req.get_ref().namespace.as_str())
+            .map_err(|e| invalid("namespace", e))?;
+        permit(&self.access, caller(&req), &ns)?;
+        self.limiter
+            .store()
+            .delete_namespace(&ns)
+            .await
+            .map_err(store_status)?;
+        self.limiter.forget_resolved_limits();
+        Ok(Response::new(proto::Empty {}))
+    }
+
     async fn get_usage(
         &self,
         req: Request<proto::UsageRequest>,
     ) -> Result<Response<proto::UsageResponse>, Status> {
-        let ns = self.namespace(&req, &req.get_ref().namespace)?;
+        let ns = self.namespace(&req, &req.get_ref().namespace).await?;
         let r = req.into_inner();
         let entity = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
         let resource = r

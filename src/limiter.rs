@@ -29,7 +29,10 @@ use actor::{GroupActor, Msg};
 #[derive(Debug, Clone)]
 pub struct LimiterSettings {
     pub failure_policy: FailurePolicy,
+    /// Namespaces callers may use; a request naming none uses the first.
     pub namespaces: Vec<Namespace>,
+    /// Also every namespace registered in the store (`"*"` in the configuration).
+    pub registered: bool,
     pub max_staleness: Duration,
     pub min_commit_interval: Duration,
     pub max_batch: usize,
@@ -47,11 +50,14 @@ impl LimiterSettings {
         let namespaces = c
             .namespaces
             .iter()
+            .filter(|n| *n != "*")
             .map(|n| Namespace::new(n.as_str()).map_err(|e| format!("limiter.namespaces: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
+        let registered = c.namespaces.iter().any(|n| n == "*");
         Ok(Self {
             failure_policy: c.failure_policy,
             namespaces,
+            registered,
             max_staleness: Duration::from_millis(c.max_staleness_ms),
             min_commit_interval: Duration::from_millis(c.min_commit_interval_ms),
             max_batch: c.max_batch.max(1),
@@ -189,6 +195,7 @@ struct Shared {
     next_lease: AtomicU64,
     resolved: DashMap<(Namespace, EntityId, ResourceId), ResolvedLimits>,
     entities: DashMap<(Namespace, EntityId), (Instant, Option<crate::domain::records::Entity>)>,
+    registry: std::sync::Mutex<Option<(Instant, Vec<Namespace>)>>,
 }
 
 /// The limiter handle; cheap to clone.
@@ -218,6 +225,7 @@ impl Limiter {
                 next_lease: AtomicU64::new(1),
                 resolved: DashMap::new(),
                 entities: DashMap::new(),
+                registry: std::sync::Mutex::new(None),
             }),
         }
     }
@@ -234,22 +242,52 @@ impl Limiter {
         self.shared.clock.now_ms()
     }
 
-    /// The namespace a request names (empty: the first configured one).
+    /// The namespace a request names (empty: the first configured one): one of the configured
+    /// namespaces or, with `"*"` configured, one registered in the store.
     ///
     /// # Errors
-    /// [`LimiterError::InvalidArgument`] for a malformed or unconfigured namespace.
-    pub fn namespace(&self, requested: &str) -> Result<Namespace, LimiterError> {
+    /// [`LimiterError::InvalidArgument`] for a malformed or unknown namespace;
+    /// [`LimiterError::Unavailable`] when the registry cannot be read.
+    pub async fn namespace(&self, requested: &str) -> Result<Namespace, LimiterError> {
+        let settings = &self.shared.settings;
         if requested.is_empty() {
-            return Ok(self.shared.settings.namespaces[0].clone());
+            return settings.namespaces.first().cloned().ok_or_else(|| {
+                LimiterError::invalid("namespace", "is required (no default is configured)")
+            });
         }
         let ns = Namespace::new(requested).map_err(|e| LimiterError::invalid("namespace", e))?;
-        if !self.shared.settings.namespaces.contains(&ns) {
-            return Err(LimiterError::invalid(
-                "namespace",
-                format!("unknown namespace {requested:?}"),
-            ));
+        if settings.namespaces.contains(&ns)
+            || (settings.registered && self.registered(&ns).await?)
+        {
+            return Ok(ns);
         }
-        Ok(ns)
+        Err(LimiterError::invalid(
+            "namespace",
+            format!("unknown namespace {requested:?}"),
+        ))
+    }
+
+    /// Whether the store's registry has `ns` (the list is cached like stored limits).
+    async fn registered(&self, ns: &Namespace) -> Result<bool, LimiterError> {
+        let fresh = self
+            .shared
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < self.shared.settings.limits_cache)
+            .map(|(_, list)| list.contains(ns));
+        if let Some(found) = fresh {
+            return Ok(found);
+        }
+        let list = self.shared.store.list_namespaces().await?;
+        let found = list.contains(ns);
+        *self
+            .shared
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), list));
+        Ok(found)
     }
 
     /// The namespace an open lease belongs to (`None`: unknown, closed, expired or unbacked).
@@ -491,6 +529,11 @@ impl Limiter {
     pub fn forget_resolved_limits(&self) {
         self.shared.resolved.clear();
         self.shared.entities.clear();
+        *self
+            .shared
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// Stops every actor after it has answered what it holds; waits up to `timeout`.

@@ -59,6 +59,13 @@ enum Command {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
+    /// Register, list or delete namespaces (through a running daemon).
+    Namespace {
+        #[command(subcommand)]
+        op: NamespaceOp,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
     /// Hourly or daily consumption of an entity (after adjustments and rollbacks).
     Usage {
         entity: String,
@@ -165,6 +172,9 @@ struct DaemonArgs {
     /// `table` for people, `json` for scripts.
     #[arg(long, value_enum, default_value = "table", global = true)]
     output: Output,
+    /// Your name for the audit records (beside the uid the daemon sees).
+    #[arg(long, env = "ZAE_LIMITER_PRINCIPAL", global = true)]
+    principal: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -220,6 +230,22 @@ impl ScopeArgs {
             resource: self.resource,
         }
     }
+}
+
+#[derive(Subcommand)]
+enum NamespaceOp {
+    /// Register a namespace (a daemon configured with namespaces = ["*"] then accepts it).
+    Create {
+        name: String,
+    },
+    List,
+    /// Delete a namespace with every entity, limit, bucket, audit record and usage snapshot in it.
+    Delete {
+        name: String,
+        /// Confirm the deletion.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -392,6 +418,21 @@ async fn run(command: Command) -> Result<ExitCode, String> {
             };
             admin(daemon, op).await?;
         }
+        Command::Namespace { op, daemon } => {
+            let op = match op {
+                NamespaceOp::Create { name } => AdminOp::CreateNamespace(name),
+                NamespaceOp::List => AdminOp::ListNamespaces,
+                NamespaceOp::Delete { name, yes } => {
+                    if !yes {
+                        return Err(format!(
+                            "refusing to delete namespace {name:?} and everything in it without --yes"
+                        ));
+                    }
+                    AdminOp::DeleteNamespace(name)
+                }
+            };
+            admin(daemon, op).await?;
+        }
         Command::Usage {
             entity,
             resource,
@@ -506,10 +547,15 @@ async fn admin(daemon: DaemonArgs, op: AdminOp) -> Result<(), String> {
     let client = Client::connect(&daemon.socket)
         .await
         .map_err(|e| e.to_string())?;
-    println!(
-        "{}",
-        cli::run(&client, &daemon.namespace, op, daemon.output).await?
-    );
+    let output = cli::run(
+        &client,
+        &daemon.namespace,
+        daemon.principal.as_deref(),
+        op,
+        daemon.output,
+    )
+    .await?;
+    println!("{output}");
     Ok(())
 }
 

@@ -185,6 +185,19 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&str>,
     ) -> Result<AuditPage, StoreError>;
 
+    /// Registers a namespace (idempotent: registering it again is no error).
+    async fn create_namespace(&self, ns: &Namespace) -> Result<(), StoreError>;
+
+    /// The registered namespaces, in order.
+    async fn list_namespaces(&self) -> Result<Vec<Namespace>, StoreError>;
+
+    /// Removes a namespace and everything in it: entities, limits, buckets, audit records and
+    /// usage snapshots. Not atomic: on DynamoDB it scans the table and deletes item by item.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when the namespace is not registered.
+    async fn delete_namespace(&self, ns: &Namespace) -> Result<(), StoreError>;
+
     /// Adds consumption to usage snapshots. Additions commute, so several daemons flushing the
     /// same snapshot add up.
     async fn add_usage(&self, ns: &Namespace, usage: &[Usage]) -> Result<(), StoreError>;

@@ -977,6 +977,90 @@ async fn deleting_and_moving_entities(store: Arc<dyn Store>, ns: Namespace) {
     );
 }
 
+async fn deleting_a_namespace_removes_everything_in_it_only(store: Arc<dyn Store>, ns: Namespace) {
+    let other = Namespace::new(format!("{ns}-keep")).unwrap();
+    let limits = vec![Limit::per_minute("rpm", 10).unwrap()];
+    let e = EntityId::new("e").unwrap();
+    for n in [&ns, &other] {
+        store.create_namespace(n).await.unwrap();
+        store.create_namespace(n).await.unwrap(); // idempotent
+        let entity = Entity {
+            id: e.clone(),
+            name: "e".into(),
+            parent: None,
+            cascade: false,
+            metadata: BTreeMap::new(),
+        };
+        store.create_entity(n, &entity, &actor(T0)).await.unwrap();
+        store
+            .set_limits(n, &LimitScope::System, &limits, &actor(T0))
+            .await
+            .unwrap();
+        assert!(admitted(
+            &consume(
+                &*store,
+                &key(n, "e", "r"),
+                &limits,
+                &tokens(&[("rpm", 1)]),
+                T0,
+                Seen::Unread
+            )
+            .await
+            .unwrap()
+        ));
+        let usage = Usage {
+            entity: e.clone(),
+            resource: ResourceId::new("r").unwrap(),
+            period: Period::Hour,
+            start_ms: Period::Hour.start(T0),
+            amounts: tokens(&[("rpm", 1)]),
+        };
+        store.add_usage(n, &[usage]).await.unwrap();
+    }
+    let listed = store.list_namespaces().await.unwrap();
+    assert!(
+        listed.contains(&ns) && listed.contains(&other),
+        "{listed:?}"
+    );
+    store.delete_namespace(&ns).await.unwrap();
+    let listed = store.list_namespaces().await.unwrap();
+    assert!(!listed.contains(&ns) && listed.contains(&other));
+    let missing = store.delete_namespace(&ns).await;
+    assert!(
+        matches!(missing, Err(StoreError::NotFound(_))),
+        "{missing:?}"
+    );
+    for (n, kept) in [(&ns, false), (&other, true)] {
+        assert_eq!(store.get_entity(n, &e).await.unwrap().is_some(), kept);
+        assert_eq!(
+            store
+                .get_limits(n, &LimitScope::System)
+                .await
+                .unwrap()
+                .is_some(),
+            kept
+        );
+        assert_eq!(
+            store
+                .load_bucket(&key(n, "e", "r"))
+                .await
+                .unwrap()
+                .is_some(),
+            kept
+        );
+        assert_eq!(audit_count(&*store, n, "e").await > 0, kept);
+        assert_eq!(
+            !store
+                .usage(n, &e, None, Period::Hour, 0, i64::MAX)
+                .await
+                .unwrap()
+                .is_empty(),
+            kept
+        );
+    }
+    store.delete_namespace(&other).await.unwrap();
+}
+
 /// Stamps out every test of the suite for one store.
 macro_rules! conformance {
     ($store:ident, $make:expr) => {
@@ -997,6 +1081,7 @@ macro_rules! conformance {
                 audit_pages_newest_first,
                 usage_snapshots_add_up_and_query_by_range,
                 deleting_and_moving_entities,
+                deleting_a_namespace_removes_everything_in_it_only,
             );
         }
     };

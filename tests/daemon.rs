@@ -806,12 +806,19 @@ async fn entities_limits_and_audit_from_the_command_line() {
         .map(|r| r["action"].as_str().unwrap())
         .collect();
     assert_eq!(actions, ["limits_set", "entity_created"]);
+    // The entity was created without a name given, the limits too: the uid alone.
     assert!(
         audit["records"][0]["principal"]
             .as_str()
             .unwrap()
             .starts_with("uid:")
     );
+    // A name given by the caller is recorded before the uid the daemon saw.
+    cli(&["entity", "create", "named", "--principal", "alice"]);
+    let (_, json, _) = cli(&["audit", "named", "--output", "json"]);
+    let audit: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let principal = audit["records"][0]["principal"].as_str().unwrap();
+    assert!(principal.starts_with("alice (uid:"), "{principal}");
     let (code, _, err) = cli(&["entity", "create", "proj-1"]);
     assert_eq!(code, Some(1));
     assert!(err.starts_with("error: AlreadyExists:"), "{err}");
@@ -908,4 +915,67 @@ async fn usage_totals_follow_adjustments_and_rollbacks() {
         table.contains("hour") && table.contains("tpm=157"),
         "{table}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_namespaces_are_created_listed_used_and_deleted() {
+    let daemon = Daemon::start("[limiter]\nnamespaces = [\"default\", \"*\"]\n", &[]);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zae-limiter"))
+            .args(args)
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let client = daemon.client().await;
+    let limits = [rpm(10)];
+    let req = |ns: &str| {
+        Acquire::new("k", "gpt-4")
+            .limits(&limits)
+            .consume("rpm", 1)
+            .namespace(ns)
+    };
+    let (c, message) = code(client.acquire(req("tenant-x")).await.unwrap_err());
+    assert_eq!(c, Code::InvalidArgument);
+    assert!(message.contains("unknown namespace"), "{message}");
+    assert_eq!(cli(&["namespace", "create", "tenant-x"]).0, Some(0));
+    client
+        .acquire(req("tenant-x"))
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
+    let (_, json, _) = cli(&["namespace", "list", "--output", "json"]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&json).unwrap(),
+        serde_json::json!(["tenant-x"])
+    );
+    let (code_, _, err) = cli(&["namespace", "delete", "tenant-x"]);
+    assert_eq!(code_, Some(1));
+    assert!(err.contains("without --yes"), "{err}");
+    assert_eq!(
+        cli(&["namespace", "delete", "tenant-x", "--yes"]).0,
+        Some(0)
+    );
+    let (c, _) = code(client.acquire(req("tenant-x")).await.unwrap_err());
+    assert_eq!(
+        c,
+        Code::InvalidArgument,
+        "a deleted namespace is unknown again"
+    );
+    // The configured namespace needs no registration.
+    client
+        .acquire(req("default"))
+        .await
+        .unwrap()
+        .commit()
+        .await
+        .unwrap();
 }

@@ -169,6 +169,9 @@ fn keys(pk: String, sk: String) -> HashMap<String, AttributeValue> {
 
 // ---- bucket codec ------------------------------------------------------------------------------
 
+/// The partition of the namespace registry (outside every namespace: `#` cannot start one).
+const NAMESPACES_PK: &str = "#NS";
+
 const CONFIG: &str = "cfg";
 const REFILLED_AT: &str = "rt";
 
@@ -1061,6 +1064,94 @@ impl Store for DynamoStore {
             })
             .collect::<Result<_, StoreError>>()?;
         Ok(AuditPage { entries, next })
+    }
+
+    async fn create_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(keys(NAMESPACES_PK.into(), ns.to_string())))
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.table))?;
+        Ok(())
+    }
+
+    async fn list_namespaces(&self) -> Result<Vec<Namespace>, StoreError> {
+        let mut found = Vec::new();
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .key_condition_expression("#pk = :pk")
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_values(":pk", s(NAMESPACES_PK))
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| classify(e, &self.table))?;
+            for item in out.items() {
+                found.push(
+                    Namespace::new(string(item, SK)?)
+                        .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                );
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                return Ok(found);
+            }
+        }
+    }
+
+    async fn delete_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
+        let registration = keys(NAMESPACES_PK.into(), ns.to_string());
+        let out = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(registration))
+            .return_values(ReturnValue::AllOld)
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.table))?;
+        if out.attributes.is_none() {
+            return Err(StoreError::NotFound(format!("namespace {:?}", ns.as_str())));
+        }
+        // Every key of the namespace starts with `{ns}#`; no index lists them, so scan.
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .filter_expression("begins_with(#pk, :prefix)")
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_values(":prefix", s(format!("{ns}#")))
+                .projection_expression("#pk, SK")
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| classify(e, &self.table))?;
+            for item in out.items() {
+                self.client
+                    .delete_item()
+                    .table_name(&self.table)
+                    .set_key(Some(keys(
+                        string(item, PK)?.to_owned(),
+                        string(item, SK)?.to_owned(),
+                    )))
+                    .send()
+                    .await
+                    .map_err(|e| classify(e, &self.table))?;
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                return Ok(());
+            }
+        }
     }
 
     async fn add_usage(&self, ns: &Namespace, usage: &[Usage]) -> Result<(), StoreError> {

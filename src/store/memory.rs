@@ -25,6 +25,7 @@ struct State {
     limits: HashMap<(Namespace, LimitScope), Vec<Limit>>,
     audit: HashMap<(Namespace, String), BTreeMap<String, AuditEntry>>,
     usage: BTreeMap<UsageKey, Vec<(LimitName, i64)>>,
+    namespaces: std::collections::BTreeSet<Namespace>,
 }
 
 /// The embedded in-memory store. Data lives as long as the process.
@@ -372,5 +373,27 @@ impl Store for MemoryStore {
                 amounts: amounts.clone(),
             })
             .collect())
+    }
+
+    async fn create_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
+        self.lock().namespaces.insert(ns.clone());
+        Ok(())
+    }
+
+    async fn list_namespaces(&self) -> Result<Vec<Namespace>, StoreError> {
+        Ok(self.lock().namespaces.iter().cloned().collect())
+    }
+
+    async fn delete_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        if !state.namespaces.remove(ns) {
+            return Err(StoreError::NotFound(format!("namespace {:?}", ns.as_str())));
+        }
+        state.buckets.retain(|k, _| k.namespace != *ns);
+        state.entities.retain(|(n, _), _| n != ns);
+        state.limits.retain(|(n, _), _| n != ns);
+        state.audit.retain(|(n, _), _| n != ns);
+        state.usage.retain(|(n, ..), _| n != ns);
+        Ok(())
     }
 }

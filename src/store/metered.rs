@@ -200,4 +200,22 @@ impl Store for Metered {
         record("usage", 0, &r);
         r
     }
+
+    async fn create_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
+        let r = self.inner.create_namespace(ns).await;
+        record("namespace", 1, &r);
+        r
+    }
+
+    async fn list_namespaces(&self) -> Result<Vec<Namespace>, StoreError> {
+        let r = self.inner.list_namespaces().await;
+        record("namespace", 0, &r);
+        r
+    }
+
+    async fn delete_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
+        let r = self.inner.delete_namespace(ns).await;
+        record("namespace", 1, &r);
+        r
+    }
 }

@@ -186,6 +186,15 @@ mod counting {
         ) -> Result<AuditPage, StoreError> {
             self.inner.list_audit(ns, subject, page_size, after).await
         }
+        async fn create_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
+            self.inner.create_namespace(ns).await
+        }
+        async fn list_namespaces(&self) -> Result<Vec<Namespace>, StoreError> {
+            self.inner.list_namespaces().await
+        }
+        async fn delete_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
+            self.inner.delete_namespace(ns).await
+        }
         async fn add_usage(&self, ns: &Namespace, usage: &[Usage]) -> Result<(), StoreError> {
             self.inner.add_usage(ns, usage).await
         }
