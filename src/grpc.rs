@@ -386,6 +386,13 @@ impl AdminService {
         namespace(&self.limiter, &self.access, caller(req), requested).await
     }
 
+    /// A namespace to register or delete: well formed, and one the caller may use.
+    fn registry_namespace<T>(&self, req: &Request<T>, name: &str) -> Result<Namespace, Status> {
+        let ns = Namespace::new(name).map_err(|e| invalid("namespace", e))?;
+        permit(&self.access, caller(req), &ns)?;
+        Ok(ns)
+    }
+
     /// Refuses (`FAILED_PRECONDITION`) a parent that does not exist.
     async fn require_entity(&self, ns: &Namespace, id: &EntityId) -> Result<(), Status> {
         match self.limiter.store().get_entity(ns, id).await {
@@ -668,9 +675,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::NamespaceRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
-        let ns = Namespace::new(req.get_ref().namespace.as_str())
-            .map_err(|e| invalid("namespace", e))?;
-        permit(&self.access, caller(&req), &ns)?;
+        let ns = self.registry_namespace(&req, &req.get_ref().namespace)?;
         self.limiter
             .store()
             .create_namespace(&ns)
@@ -704,9 +709,7 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::NamespaceRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
-        let ns = Namespace::new(req.get_ref().namespace.as_str())
-            .map_err(|e| invalid("namespace", e))?;
-        permit(&self.access, caller(&req), &ns)?;
+        let ns = self.registry_namespace(&req, &req.get_ref().namespace)?;
         self.limiter
             .store()
             .delete_namespace(&ns)

@@ -34,6 +34,21 @@ async fn acquire(
     client.acquire(req).await
 }
 
+/// Runs the command line against the daemon: exit status, stdout, stderr.
+fn run_cli(daemon: &Daemon, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zae-limiter"))
+        .args(args)
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn code(e: ClientError) -> (Code, String) {
     match e {
         ClientError::Status(s) => (s.code(), s.message().to_owned()),
@@ -748,19 +763,7 @@ async fn stored_limits_resolve_entity_resource_then_entity_then_resource_then_sy
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entities_limits_and_audit_from_the_command_line() {
     let daemon = Daemon::start(MEMORY, &[]);
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zae-limiter"))
-            .args(args)
-            .arg("--socket")
-            .arg(&daemon.socket)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&str]| run_cli(&daemon, args);
     let (code, table, _) = cli(&["entity", "create", "proj-1", "--name", "Production"]);
     assert_eq!(code, Some(0));
     assert!(
@@ -920,19 +923,7 @@ async fn usage_totals_follow_adjustments_and_rollbacks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registered_namespaces_are_created_listed_used_and_deleted() {
     let daemon = Daemon::start("[limiter]\nnamespaces = [\"default\", \"*\"]\n", &[]);
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_zae-limiter"))
-            .args(args)
-            .arg("--socket")
-            .arg(&daemon.socket)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&str]| run_cli(&daemon, args);
     let client = daemon.client().await;
     let limits = [rpm(10)];
     let req = |ns: &str| {

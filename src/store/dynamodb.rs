@@ -558,6 +558,23 @@ impl DynamoStore {
         }
     }
 
+    /// Deletes the items whose keys (`PK`, `SK`) the given items carry, one by one.
+    async fn delete_keys(&self, items: &[Item]) -> Result<(), StoreError> {
+        for item in items {
+            self.client
+                .delete_item()
+                .table_name(&self.table)
+                .set_key(Some(keys(
+                    string(item, PK)?.to_owned(),
+                    string(item, SK)?.to_owned(),
+                )))
+                .send()
+                .await
+                .map_err(|e| classify(e, &self.table))?;
+        }
+        Ok(())
+    }
+
     /// Deletes an existing item together with its audit record.
     async fn delete_audited(
         &self,
@@ -849,18 +866,7 @@ impl Store for DynamoStore {
                 .send()
                 .await
                 .map_err(|e| classify(e, &self.table))?;
-            for item in out.items() {
-                self.client
-                    .delete_item()
-                    .table_name(&self.table)
-                    .set_key(Some(keys(
-                        string(item, PK)?.to_owned(),
-                        string(item, SK)?.to_owned(),
-                    )))
-                    .send()
-                    .await
-                    .map_err(|e| classify(e, &self.table))?;
-            }
+            self.delete_keys(out.items()).await?;
             start = out.last_evaluated_key;
             if start.is_none() {
                 return Ok(());
@@ -1135,18 +1141,7 @@ impl Store for DynamoStore {
                 .send()
                 .await
                 .map_err(|e| classify(e, &self.table))?;
-            for item in out.items() {
-                self.client
-                    .delete_item()
-                    .table_name(&self.table)
-                    .set_key(Some(keys(
-                        string(item, PK)?.to_owned(),
-                        string(item, SK)?.to_owned(),
-                    )))
-                    .send()
-                    .await
-                    .map_err(|e| classify(e, &self.table))?;
-            }
+            self.delete_keys(out.items()).await?;
             start = out.last_evaluated_key;
             if start.is_none() {
                 return Ok(());
