@@ -970,3 +970,35 @@ async fn registered_namespaces_are_created_listed_used_and_deleted() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_reflection_lists_the_services_for_grpcurl() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let daemon = Daemon::start(MEMORY, &[]);
+    let client = daemon.client().await;
+    let mut reflection = ServerReflectionClient::new(client.channel());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("expected a service list, got {answer:?}");
+    };
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    for service in [
+        "zae_limiter.v1.RateLimiter",
+        "zae_limiter.v1.Admin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(names.contains(&service), "{service} missing from {names:?}");
+    }
+}
