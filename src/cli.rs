@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use crate::Limit;
-use crate::client::{Client, proto_limit};
+use crate::client::Client;
 use crate::proto;
 
 /// The request header that names the person behind an administrative change.
@@ -250,7 +250,7 @@ pub async fn run(
             )
         }
         AdminOp::SetLimits { scope, limits } => {
-            let limits: Vec<proto::Limit> = limits.iter().map(proto_limit).collect();
+            let limits: Vec<proto::Limit> = limits.iter().map(proto::Limit::from).collect();
             admin
                 .set_limits(proto::SetLimitsRequest {
                     namespace: ns,

@@ -89,23 +89,13 @@ impl Acquire {
     pub fn limits<'a>(mut self, limits: impl IntoIterator<Item = &'a Limit>) -> Self {
         self.request
             .limits
-            .extend(limits.into_iter().map(proto_limit));
+            .extend(limits.into_iter().map(proto::Limit::from));
         self
     }
 
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         self.request.namespace = namespace.into();
         self
-    }
-}
-
-/// A limit in its wire form.
-pub fn proto_limit(l: &Limit) -> proto::Limit {
-    proto::Limit {
-        name: l.name().to_string(),
-        capacity: (l.capacity() / MILLI) as u64,
-        refill_amount: (l.refill_amount() / MILLI) as u64,
-        refill_period_ms: l.refill_period_ms() as u64,
     }
 }
 
@@ -203,7 +193,7 @@ impl Client {
             .available(proto::AvailableRequest {
                 entity_id: entity_id.into(),
                 resource: resource.into(),
-                limits: limits.iter().map(proto_limit).collect(),
+                limits: limits.iter().map(proto::Limit::from).collect(),
                 ..Default::default()
             })
             .await?

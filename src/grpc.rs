@@ -174,15 +174,6 @@ fn limits(given: &[proto::Limit]) -> Result<Option<Vec<Limit>>, Status> {
     canonical(list).map(Some).map_err(|e| invalid("limits", e))
 }
 
-fn to_proto_limit(l: &Limit) -> proto::Limit {
-    proto::Limit {
-        name: l.name().to_string(),
-        capacity: (l.capacity() / MILLI) as u64,
-        refill_amount: (l.refill_amount() / MILLI) as u64,
-        refill_period_ms: l.refill_period_ms() as u64,
-    }
-}
-
 fn to_proto_status(s: &LimitStatus) -> proto::LimitStatus {
     proto::LimitStatus {
         name: s.limit.name().to_string(),
@@ -613,7 +604,7 @@ impl proto::admin_server::Admin for AdminService {
             .map_err(store_status)?
             .unwrap_or_default();
         Ok(Response::new(proto::LimitsResponse {
-            limits: limits.iter().map(to_proto_limit).collect(),
+            limits: limits.iter().map(proto::Limit::from).collect(),
         }))
     }
 

@@ -298,11 +298,6 @@ impl Limiter {
         }
     }
 
-    /// Number of live entity actors.
-    pub fn live_actors(&self) -> usize {
-        self.shared.actors.len()
-    }
-
     /// Decides an acquire, answering by `deadline` at the latest.
     ///
     /// # Errors
@@ -314,19 +309,25 @@ impl Limiter {
         deadline: Instant,
     ) -> Result<Decision, LimiterError> {
         let started = Instant::now();
-        let limits = match req.limits {
-            Some(limits) => limits,
-            None => match tokio::time::timeout_at(deadline.into(), self.resolve(&req.key)).await {
-                Ok(Ok(limits)) => limits,
-                Ok(Err(LimiterError::Unavailable(why))) => {
-                    return self.fail_open_or_closed(why, req.lease);
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    return self
-                        .fail_open_or_closed("no answer within the deadline".into(), req.lease);
-                }
-            },
+        // What the decision needs from the store (stored limits, the cascade parent), within the
+        // deadline; a store that cannot say is answered by the failure policy.
+        let looked_up = async {
+            let limits = match req.limits {
+                Some(limits) => limits,
+                None => self.resolve(&req.key).await?,
+            };
+            let parent = self.cascade_parent(&req.key).await?;
+            Ok::<_, LimiterError>((limits, parent))
+        };
+        let (limits, parent) = match tokio::time::timeout_at(deadline.into(), looked_up).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(LimiterError::Unavailable(why))) => {
+                return self.fail_open_or_closed(why, req.lease);
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return self.fail_open_or_closed("no answer within the deadline".into(), req.lease);
+            }
         };
         if let Some((name, _)) = req
             .amounts
@@ -338,18 +339,6 @@ impl Limiter {
                 format!("unknown limit \"{name}\"; configured: {}", names(&limits)),
             ));
         }
-        let parent = match tokio::time::timeout_at(deadline.into(), self.cascade_parent(&req.key))
-            .await
-        {
-            Ok(Ok(parent)) => parent,
-            Ok(Err(LimiterError::Unavailable(why))) => {
-                return self.fail_open_or_closed(why, req.lease);
-            }
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return self.fail_open_or_closed("no answer within the deadline".into(), req.lease);
-            }
-        };
         let group = (req.key.namespace.clone(), req.key.entity.clone());
         let resource = req.key.resource;
         let amounts = req.amounts;

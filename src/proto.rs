@@ -5,3 +5,16 @@ tonic::include_proto!("zae_limiter.v1");
 
 /// The encoded descriptor set of the API, for gRPC server reflection.
 pub const DESCRIPTOR: &[u8] = tonic::include_file_descriptor_set!("zae_limiter_descriptor");
+
+impl From<&crate::Limit> for Limit {
+    /// A limit in its wire form (whole tokens).
+    fn from(l: &crate::Limit) -> Self {
+        use crate::domain::limit::MILLI;
+        Self {
+            name: l.name().to_string(),
+            capacity: (l.capacity() / MILLI) as u64,
+            refill_amount: (l.refill_amount() / MILLI) as u64,
+            refill_period_ms: l.refill_period_ms() as u64,
+        }
+    }
+}

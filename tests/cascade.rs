@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use common::daemon::Daemon;
 use zae_limiter::Limit;
-use zae_limiter::client::{Acquire, Client, ClientError, proto_limit};
+use zae_limiter::client::{Acquire, Client, ClientError};
 use zae_limiter::proto;
 
 /// Every read goes to the store, so availability shows what other entities' actors wrote.
@@ -53,7 +53,7 @@ async fn entity(client: &Client, id: &str, parent: Option<&str>, cascade: bool, 
                 entity_id: Some(id.into()),
                 resource: None,
             }),
-            limits: vec![proto_limit(&Limit::per_hour("rpm", rpm).unwrap())],
+            limits: vec![proto::Limit::from(&Limit::per_hour("rpm", rpm).unwrap())],
         })
         .await
         .unwrap();

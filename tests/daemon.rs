@@ -587,10 +587,7 @@ async fn time_until_available_reports_the_wait_without_consuming() {
         entity_id: "t".into(),
         resource: "gpt-4".into(),
         consume: [("rps".to_owned(), n)].into(),
-        limits: limits
-            .iter()
-            .map(zae_limiter::client::proto_limit)
-            .collect(),
+        limits: limits.iter().map(proto::Limit::from).collect(),
         ..Default::default()
     };
     let wait = raw.time_until_available(ask(5)).await.unwrap().into_inner();
@@ -715,7 +712,7 @@ async fn stored_limits_resolve_entity_resource_then_entity_then_resource_then_sy
             .set_limits(proto::SetLimitsRequest {
                 namespace: String::new(),
                 scope: Some(s),
-                limits: vec![zae_limiter::client::proto_limit(
+                limits: vec![proto::Limit::from(
                     &Limit::per_hour("rpm", capacity).unwrap(),
                 )],
             })

@@ -160,10 +160,7 @@ async fn an_unreachable_store_is_answered_by_the_policy_within_the_deadline() {
                         entity_id: format!("e{}", i % 3),
                         resource: "gpt-4".into(),
                         consume: [("rpm".to_owned(), 1)].into(),
-                        limits: limits
-                            .iter()
-                            .map(zae_limiter::client::proto_limit)
-                            .collect(),
+                        limits: limits.iter().map(proto::Limit::from).collect(),
                         ..Default::default()
                     });
                     // The caller's own deadline; the daemon must answer before it.
