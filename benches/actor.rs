@@ -3,10 +3,13 @@
 //! (measuring on the `block_on` thread would add a cross-thread wake-up to every call).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use zae_limiter::clock::SystemClock;
+use zae_limiter::domain::amounts::Amounts;
 use zae_limiter::domain::limit::{Limit, LimitName, MILLI};
 use zae_limiter::limiter::{AcquireRequest, Decision, Limiter, LimiterSettings};
 use zae_limiter::store::memory::MemoryStore;
@@ -19,7 +22,7 @@ fn request(limit: &Limit) -> AcquireRequest {
             entity: EntityId::new("hot").unwrap(),
             resource: ResourceId::new("model").unwrap(),
         },
-        amounts: vec![(LimitName::new("rpm").unwrap(), MILLI)],
+        amounts: Amounts::new([(LimitName::new("rpm").unwrap(), MILLI)]).unwrap(),
         limits: Some(vec![limit.clone()]),
         lease: true,
     }

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::domain::ids::Namespace;
+use crate::limiter::LimiterSettings;
 use crate::store::dynamodb::DynamoSettings;
 
 /// The whole configuration file.
@@ -30,15 +32,7 @@ pub enum Backend {
     Dynamodb,
 }
 
-/// What a decision does when the store cannot be reached in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum FailurePolicy {
-    /// Refuse (gRPC `UNAVAILABLE`): never admit what the store has not recorded.
-    Block,
-    /// Admit without recording (the lease writes nothing); counted as `failed_open`.
-    Allow,
-}
+pub use crate::limiter::FailurePolicy;
 
 /// The `[server]` section.
 #[derive(Debug, Clone, Deserialize)]
@@ -98,9 +92,41 @@ pub struct LimiterConfig {
     /// How long stored limit configurations are cached (changes made through this daemon apply
     /// at once).
     pub limits_cache_ms: u64,
+    /// Most entries each look-up cache (stored limits, entities) keeps.
+    pub max_cached_lookups: usize,
     /// How often an entity's consumption is added to its hourly and daily usage snapshots
     /// (two writes per entity and resource each time); 0 keeps no snapshots.
     pub usage_flush_ms: u64,
+}
+
+impl LimiterConfig {
+    /// The limiter's typed settings.
+    ///
+    /// # Errors
+    /// A message naming the bad namespace.
+    pub fn settings(&self) -> Result<LimiterSettings, String> {
+        let namespaces = self
+            .namespaces
+            .iter()
+            .filter(|n| *n != "*")
+            .map(|n| Namespace::new(n.as_str()).map_err(|e| format!("limiter.namespaces: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ms = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        Ok(LimiterSettings {
+            failure_policy: self.failure_policy,
+            namespaces,
+            registered: self.namespaces.iter().any(|n| n == "*"),
+            max_staleness_ms: ms(self.max_staleness_ms),
+            min_commit_interval_ms: ms(self.min_commit_interval_ms),
+            max_batch: self.max_batch.max(1),
+            max_queue: self.max_queue.max(1),
+            lease_ttl_ms: ms(self.lease_ttl_ms),
+            idle_timeout_ms: ms(self.idle_timeout_ms),
+            limits_cache_ms: ms(self.limits_cache_ms),
+            max_cached_lookups: self.max_cached_lookups.max(1),
+            usage_flush_ms: ms(self.usage_flush_ms),
+        })
+    }
 }
 
 impl Default for LimiterConfig {
@@ -116,6 +142,7 @@ impl Default for LimiterConfig {
             lease_ttl_ms: 60_000,
             idle_timeout_ms: 60_000,
             limits_cache_ms: 60_000,
+            max_cached_lookups: 100_000,
             usage_flush_ms: 60_000,
         }
     }

@@ -3,13 +3,17 @@
 //! gRPC codes; over-limit is a normal answer (`allowed = false`), never an error.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tonic::{Request, Response, Status};
 
 use std::sync::Arc;
 
 use crate::access::{Access, Caller};
+use crate::admin::Admin;
+use crate::domain::amounts::Amounts;
 use crate::domain::bucket::LimitStatus;
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName, MAX_TOKENS, MILLI, canonical};
@@ -22,13 +26,16 @@ pub fn status(e: LimiterError) -> Status {
     let message = e.to_string();
     match e {
         LimiterError::InvalidArgument { .. } => Status::invalid_argument(message),
+        LimiterError::OutOfRange { .. } => Status::out_of_range(message),
         LimiterError::LeaseNotFound(_) | LimiterError::NotFound(_) => Status::not_found(message),
         LimiterError::AlreadyExists(_) => Status::already_exists(message),
         LimiterError::Unavailable(_) => Status::unavailable(message),
         LimiterError::DeadlineExceeded => Status::deadline_exceeded(message),
         LimiterError::PermissionDenied(_) => Status::permission_denied(message),
         LimiterError::FailedPrecondition(_) => Status::failed_precondition(message),
-        LimiterError::Internal(_) => Status::internal(message),
+        // A permanent store failure (missing table, refused credentials, corrupt item): retrying
+        // will not help until an operator acts, so it is not UNAVAILABLE.
+        LimiterError::Store(_) => Status::failed_precondition(message),
     }
 }
 
@@ -100,8 +107,12 @@ async fn namespace(
     access: &Access,
     caller: Caller,
     requested: &str,
+    deadline: Instant,
 ) -> Result<Namespace, Status> {
-    let ns = limiter.namespace(requested).await.map_err(status)?;
+    let ns = limiter
+        .namespace(requested, deadline)
+        .await
+        .map_err(status)?;
     permit(access, caller, &ns)?;
     Ok(ns)
 }
@@ -126,12 +137,8 @@ fn key(namespace: Namespace, entity: &str, resource: &str) -> Result<BucketKey, 
 }
 
 /// Whole tokens per limit name into milli-tokens; `signed` allows negative values (adjust).
-fn amounts(
-    field: &str,
-    map: &HashMap<String, i64>,
-    signed: bool,
-) -> Result<Vec<(LimitName, i64)>, Status> {
-    let mut out: Vec<(LimitName, i64)> = map
+fn amounts(field: &str, map: &HashMap<String, i64>, signed: bool) -> Result<Amounts, Status> {
+    let pairs: Vec<(LimitName, i64)> = map
         .iter()
         .map(|(name, &tokens)| {
             let limit = LimitName::new(name.as_str()).map_err(|e| invalid(field, e))?;
@@ -142,16 +149,16 @@ fn amounts(
                 ));
             }
             if tokens.unsigned_abs() > MAX_TOKENS {
-                return Err(invalid(
+                return Err(status(LimiterError::out_of_range(
                     format!("{field}[{name}]"),
                     format!("{tokens} is beyond the maximum of {MAX_TOKENS} tokens"),
-                ));
+                )));
             }
             Ok((limit, tokens * MILLI))
         })
         .collect::<Result<_, _>>()?;
-    out.sort();
-    Ok(out)
+    // Each name appears once in a map, so nothing is summed here.
+    Amounts::new(pairs).map_err(|e| invalid(field, e))
 }
 
 fn limits(given: &[proto::Limit]) -> Result<Option<Vec<Limit>>, Status> {
@@ -214,9 +221,10 @@ impl RateLimiterService {
         ns: &str,
         entity: &str,
         resource: &str,
+        deadline: Instant,
     ) -> Result<BucketKey, Status> {
         key(
-            namespace(&self.limiter, &self.access, caller(req), ns).await?,
+            namespace(&self.limiter, &self.access, caller(req), ns, deadline).await?,
             entity,
             resource,
         )
@@ -241,7 +249,7 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
         let deadline = deadline(&req, self.request_timeout);
         let r = req.get_ref();
         let key = self
-            .key(&req, &r.namespace, &r.entity_id, &r.resource)
+            .key(&req, &r.namespace, &r.entity_id, &r.resource, deadline)
             .await?;
         let r = req.into_inner();
         let request = AcquireRequest {
@@ -321,12 +329,12 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
         let deadline = deadline(&req, self.request_timeout);
         let r = req.get_ref();
         let key = self
-            .key(&req, &r.namespace, &r.entity_id, &r.resource)
+            .key(&req, &r.namespace, &r.entity_id, &r.resource, deadline)
             .await?;
         let r = req.into_inner();
         let statuses = self
             .limiter
-            .peek(key, limits(&r.limits)?, Vec::new(), deadline)
+            .peek(key, limits(&r.limits)?, Amounts::default(), deadline)
             .await
             .map_err(status)?;
         Ok(Response::new(proto::AvailableResponse {
@@ -341,7 +349,7 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
         let deadline = deadline(&req, self.request_timeout);
         let r = req.get_ref();
         let key = self
-            .key(&req, &r.namespace, &r.entity_id, &r.resource)
+            .key(&req, &r.namespace, &r.entity_id, &r.resource, deadline)
             .await?;
         let r = req.into_inner();
         let want = amounts("consume", &r.consume, false)?;
@@ -361,20 +369,41 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
     }
 }
 
-/// The `Admin` service: entities and stored limits, audited with the caller as principal.
+/// The `Admin` service: converts, checks the caller's namespace, and calls [`Admin`].
 #[derive(Debug, Clone)]
 pub struct AdminService {
     limiter: Limiter,
+    admin: Admin,
     access: Arc<Access>,
+    request_timeout: Duration,
 }
 
 impl AdminService {
-    pub fn new(limiter: Limiter, access: Arc<Access>) -> Self {
-        Self { limiter, access }
+    pub fn new(limiter: Limiter, access: Arc<Access>, request_timeout: Duration) -> Self {
+        Self {
+            admin: Admin::new(limiter.clone()),
+            limiter,
+            access,
+            request_timeout,
+        }
     }
 
-    async fn namespace<T>(&self, req: &Request<T>, requested: &str) -> Result<Namespace, Status> {
-        namespace(&self.limiter, &self.access, caller(req), requested).await
+    /// The request's namespace, checked against the caller's access, and its deadline.
+    async fn namespace<T>(
+        &self,
+        req: &Request<T>,
+        requested: &str,
+    ) -> Result<(Namespace, Instant), Status> {
+        let deadline = deadline(req, self.request_timeout);
+        let ns = namespace(
+            &self.limiter,
+            &self.access,
+            caller(req),
+            requested,
+            deadline,
+        )
+        .await?;
+        Ok((ns, deadline))
     }
 
     /// A namespace to register or delete: well formed, and one the caller may use.
@@ -382,18 +411,6 @@ impl AdminService {
         let ns = Namespace::new(name).map_err(|e| invalid("namespace", e))?;
         permit(&self.access, caller(req), &ns)?;
         Ok(ns)
-    }
-
-    /// Refuses (`FAILED_PRECONDITION`) a parent that does not exist.
-    async fn require_entity(&self, ns: &Namespace, id: &EntityId) -> Result<(), Status> {
-        match self.limiter.store().get_entity(ns, id).await {
-            Ok(Some(_)) => Ok(()),
-            Ok(None) => Err(status(LimiterError::FailedPrecondition(format!(
-                "parent {:?} does not exist",
-                id.as_str()
-            )))),
-            Err(e) => Err(store_status(e)),
-        }
     }
 
     fn actor<T>(&self, req: &Request<T>) -> Actor {
@@ -408,8 +425,8 @@ impl AdminService {
         req: &Request<T>,
         ns: &str,
         scope: Option<&proto::LimitScope>,
-    ) -> Result<(Namespace, LimitScope), Status> {
-        let ns = self.namespace(req, ns).await?;
+    ) -> Result<(Namespace, LimitScope, Instant), Status> {
+        let (ns, deadline) = self.namespace(req, ns).await?;
         let scope = scope.cloned().unwrap_or_default();
         let entity = scope
             .entity_id
@@ -419,15 +436,13 @@ impl AdminService {
             .resource
             .map(|r| ResourceId::new(r).map_err(|e| invalid("scope.resource", e)))
             .transpose()?;
-        Ok((
-            ns,
-            match (entity, resource) {
-                (Some(e), Some(r)) => LimitScope::EntityResource(e, r),
-                (Some(e), None) => LimitScope::Entity(e),
-                (None, Some(r)) => LimitScope::Resource(r),
-                (None, None) => LimitScope::System,
-            },
-        ))
+        let scope = match (entity, resource) {
+            (Some(e), Some(r)) => LimitScope::EntityResource(e, r),
+            (Some(e), None) => LimitScope::Entity(e),
+            (None, Some(r)) => LimitScope::Resource(r),
+            (None, None) => LimitScope::System,
+        };
+        Ok((ns, scope, deadline))
     }
 }
 
@@ -441,8 +456,14 @@ fn to_proto_entity(e: Entity) -> proto::Entity {
     }
 }
 
-fn store_status(e: crate::store::StoreError) -> Status {
-    status(LimiterError::from(e))
+fn entity_id(field: &str, id: String) -> Result<EntityId, Status> {
+    EntityId::new(id).map_err(|e| invalid(field, e))
+}
+
+fn parent_id(field: &str, id: Option<String>) -> Result<Option<EntityId>, Status> {
+    id.filter(|p| !p.is_empty())
+        .map(|p| entity_id(field, p))
+        .transpose()
 }
 
 #[tonic::async_trait]
@@ -452,34 +473,22 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::CreateEntityRequest>,
     ) -> Result<Response<proto::EntityResponse>, Status> {
         let by = self.actor(&req);
-        let ns = self.namespace(&req, &req.get_ref().namespace).await?;
-        let r = req.into_inner();
-        let e = r.entity.ok_or_else(|| invalid("entity", "is missing"))?;
+        let (ns, deadline) = self.namespace(&req, &req.get_ref().namespace).await?;
+        let e = req
+            .into_inner()
+            .entity
+            .ok_or_else(|| invalid("entity", "is missing"))?;
         let entity = Entity {
-            id: EntityId::new(e.id).map_err(|e| invalid("entity.id", e))?,
+            id: entity_id("entity.id", e.id)?,
             name: e.name,
-            parent: e
-                .parent_id
-                .filter(|p| !p.is_empty())
-                .map(|p| EntityId::new(p).map_err(|e| invalid("entity.parent_id", e)))
-                .transpose()?,
+            parent: parent_id("entity.parent_id", e.parent_id)?,
             cascade: e.cascade,
             metadata: e.metadata.into_iter().collect::<BTreeMap<_, _>>(),
         };
-        if entity.parent.as_ref() == Some(&entity.id) {
-            return Err(invalid(
-                "entity.parent_id",
-                "an entity cannot be its own parent",
-            ));
-        }
-        if let Some(parent) = &entity.parent {
-            self.require_entity(&ns, parent).await?;
-        }
-        self.limiter
-            .store()
-            .create_entity(&ns, &entity, &by)
+        self.admin
+            .create_entity(&ns, &entity, &by, deadline)
             .await
-            .map_err(store_status)?;
+            .map_err(status)?;
         Ok(Response::new(proto::EntityResponse {
             entity: Some(to_proto_entity(entity)),
         }))
@@ -489,16 +498,13 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::EntityRequest>,
     ) -> Result<Response<proto::EntityResponse>, Status> {
-        let ns = self.namespace(&req, &req.get_ref().namespace).await?;
-        let r = req.into_inner();
-        let id = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
+        let (ns, deadline) = self.namespace(&req, &req.get_ref().namespace).await?;
+        let id = entity_id("entity_id", req.into_inner().entity_id)?;
         let entity = self
-            .limiter
-            .store()
-            .get_entity(&ns, &id)
+            .admin
+            .entity(&ns, &id, deadline)
             .await
-            .map_err(store_status)?
-            .ok_or_else(|| Status::not_found(format!("entity {:?} does not exist", id.as_str())))?;
+            .map_err(status)?;
         Ok(Response::new(proto::EntityResponse {
             entity: Some(to_proto_entity(entity)),
         }))
@@ -509,16 +515,13 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::EntityRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
         let by = self.actor(&req);
-        let ns = self.namespace(&req, &req.get_ref().namespace).await?;
+        let (ns, deadline) = self.namespace(&req, &req.get_ref().namespace).await?;
         let r = req.into_inner();
-        let id = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
-        self.limiter
-            .store()
-            .delete_entity(&ns, &id, r.force, &by)
+        let id = entity_id("entity_id", r.entity_id)?;
+        self.admin
+            .delete_entity(&ns, &id, r.force, &by, deadline)
             .await
-            .map_err(store_status)?;
-        // Its entity-level limits went with it.
-        self.limiter.forget_resolved_limits();
+            .map_err(status)?;
         Ok(Response::new(proto::Empty {}))
     }
 
@@ -527,26 +530,15 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::MoveEntityRequest>,
     ) -> Result<Response<proto::EntityResponse>, Status> {
         let by = self.actor(&req);
-        let ns = self.namespace(&req, &req.get_ref().namespace).await?;
+        let (ns, deadline) = self.namespace(&req, &req.get_ref().namespace).await?;
         let r = req.into_inner();
-        let id = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
-        let parent = r
-            .parent_id
-            .filter(|p| !p.is_empty())
-            .map(|p| EntityId::new(p).map_err(|e| invalid("parent_id", e)))
-            .transpose()?;
-        if let Some(parent) = &parent {
-            if *parent == id {
-                return Err(invalid("parent_id", "an entity cannot be its own parent"));
-            }
-            self.require_entity(&ns, parent).await?;
-        }
+        let id = entity_id("entity_id", r.entity_id)?;
+        let parent = parent_id("parent_id", r.parent_id)?;
         let moved = self
-            .limiter
-            .store()
-            .move_entity(&ns, &id, parent.as_ref(), &by)
+            .admin
+            .move_entity(&ns, &id, parent.as_ref(), &by, deadline)
             .await
-            .map_err(store_status)?;
+            .map_err(status)?;
         Ok(Response::new(proto::EntityResponse {
             entity: Some(to_proto_entity(moved)),
         }))
@@ -556,15 +548,13 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::EntityRequest>,
     ) -> Result<Response<proto::ListChildrenResponse>, Status> {
-        let ns = self.namespace(&req, &req.get_ref().namespace).await?;
-        let r = req.into_inner();
-        let id = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
+        let (ns, deadline) = self.namespace(&req, &req.get_ref().namespace).await?;
+        let id = entity_id("entity_id", req.into_inner().entity_id)?;
         let children = self
-            .limiter
-            .store()
-            .list_children(&ns, &id)
+            .admin
+            .children(&ns, &id, deadline)
             .await
-            .map_err(store_status)?;
+            .map_err(status)?;
         Ok(Response::new(proto::ListChildrenResponse {
             children: children.into_iter().map(to_proto_entity).collect(),
         }))
@@ -575,17 +565,14 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::SetLimitsRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
         let by = self.actor(&req);
-        let (ns, scope) = self
+        let (ns, scope, deadline) = self
             .scope(&req, &req.get_ref().namespace, req.get_ref().scope.as_ref())
             .await?;
-        let r = req.into_inner();
-        let limits = limits(&r.limits)?.ok_or_else(|| invalid("limits", "is empty"))?;
-        self.limiter
-            .store()
-            .set_limits(&ns, &scope, &limits, &by)
+        let limits = limits(&req.into_inner().limits)?.unwrap_or_default();
+        self.admin
+            .set_limits(&ns, &scope, &limits, &by, deadline)
             .await
-            .map_err(store_status)?;
-        self.limiter.forget_resolved_limits();
+            .map_err(status)?;
         Ok(Response::new(proto::Empty {}))
     }
 
@@ -593,16 +580,14 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::LimitsRequest>,
     ) -> Result<Response<proto::LimitsResponse>, Status> {
-        let (ns, scope) = self
+        let (ns, scope, deadline) = self
             .scope(&req, &req.get_ref().namespace, req.get_ref().scope.as_ref())
             .await?;
         let limits = self
-            .limiter
-            .store()
-            .get_limits(&ns, &scope)
+            .admin
+            .limits(&ns, &scope, deadline)
             .await
-            .map_err(store_status)?
-            .unwrap_or_default();
+            .map_err(status)?;
         Ok(Response::new(proto::LimitsResponse {
             limits: limits.iter().map(proto::Limit::from).collect(),
         }))
@@ -613,15 +598,13 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::LimitsRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
         let by = self.actor(&req);
-        let (ns, scope) = self
+        let (ns, scope, deadline) = self
             .scope(&req, &req.get_ref().namespace, req.get_ref().scope.as_ref())
             .await?;
-        self.limiter
-            .store()
-            .delete_limits(&ns, &scope, &by)
+        self.admin
+            .delete_limits(&ns, &scope, &by, deadline)
             .await
-            .map_err(store_status)?;
-        self.limiter.forget_resolved_limits();
+            .map_err(status)?;
         Ok(Response::new(proto::Empty {}))
     }
 
@@ -629,22 +612,18 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::ListAuditRequest>,
     ) -> Result<Response<proto::ListAuditResponse>, Status> {
-        let ns = self.namespace(&req, &req.get_ref().namespace).await?;
+        let (ns, deadline) = self.namespace(&req, &req.get_ref().namespace).await?;
         let r = req.into_inner();
-        if r.subject.is_empty() {
-            return Err(invalid("subject", "is empty"));
-        }
         let page_size = match r.page_size {
             0 => 50,
             n => n.min(1_000) as usize,
         };
         let after = (!r.page.is_empty()).then_some(r.page.as_str());
         let page = self
-            .limiter
-            .store()
-            .list_audit(&ns, &r.subject, page_size, after)
+            .admin
+            .audit(&ns, &r.subject, page_size, after, deadline)
             .await
-            .map_err(store_status)?;
+            .map_err(status)?;
         Ok(Response::new(proto::ListAuditResponse {
             records: page
                 .entries
@@ -667,12 +646,11 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::NamespaceRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
         let ns = self.registry_namespace(&req, &req.get_ref().namespace)?;
-        self.limiter
-            .store()
-            .create_namespace(&ns)
+        let deadline = deadline(&req, self.request_timeout);
+        self.admin
+            .create_namespace(&ns, deadline)
             .await
-            .map_err(store_status)?;
-        self.limiter.forget_resolved_limits();
+            .map_err(status)?;
         Ok(Response::new(proto::Empty {}))
     }
 
@@ -681,12 +659,8 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::Empty>,
     ) -> Result<Response<proto::ListNamespacesResponse>, Status> {
         let caller = caller(&req);
-        let namespaces = self
-            .limiter
-            .store()
-            .list_namespaces()
-            .await
-            .map_err(store_status)?;
+        let deadline = deadline(&req, self.request_timeout);
+        let namespaces = self.admin.namespaces(deadline).await.map_err(status)?;
         Ok(Response::new(proto::ListNamespacesResponse {
             namespaces: namespaces
                 .into_iter()
@@ -701,12 +675,11 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::NamespaceRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
         let ns = self.registry_namespace(&req, &req.get_ref().namespace)?;
-        self.limiter
-            .store()
-            .delete_namespace(&ns)
+        let deadline = deadline(&req, self.request_timeout);
+        self.admin
+            .delete_namespace(&ns, deadline)
             .await
-            .map_err(store_status)?;
-        self.limiter.forget_resolved_limits();
+            .map_err(status)?;
         Ok(Response::new(proto::Empty {}))
     }
 
@@ -714,9 +687,9 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::UsageRequest>,
     ) -> Result<Response<proto::UsageResponse>, Status> {
-        let ns = self.namespace(&req, &req.get_ref().namespace).await?;
+        let (ns, deadline) = self.namespace(&req, &req.get_ref().namespace).await?;
         let r = req.into_inner();
-        let entity = EntityId::new(r.entity_id).map_err(|e| invalid("entity_id", e))?;
+        let entity = entity_id("entity_id", r.entity_id)?;
         let resource = r
             .resource
             .map(|r| ResourceId::new(r).map_err(|e| invalid("resource", e)))
@@ -735,11 +708,10 @@ impl proto::admin_server::Admin for AdminService {
             range => range,
         };
         let snapshots = self
-            .limiter
-            .store()
-            .usage(&ns, &entity, resource.as_ref(), period, from, to)
+            .admin
+            .usage(&ns, &entity, resource.as_ref(), period, from, to, deadline)
             .await
-            .map_err(store_status)?;
+            .map_err(status)?;
         Ok(Response::new(proto::UsageResponse {
             snapshots: snapshots
                 .into_iter()

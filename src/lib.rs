@@ -17,6 +17,7 @@
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
 pub mod access;
+pub mod admin;
 #[cfg(feature = "client")]
 pub mod cli;
 #[cfg(feature = "client")]

@@ -24,6 +24,11 @@ pub const ACTORS: &str = "zae_limiter_actors";
 pub const LEASES_OPEN: &str = "zae_limiter_leases_open";
 /// Leases that expired without commit or rollback (their consumption stays).
 pub const LEASES_EXPIRED: &str = "zae_limiter_leases_expired_total";
+/// Admissions given back because their caller had gone (deadline passed) when the write returned.
+pub const COMPENSATIONS: &str = "zae_limiter_compensations_total";
+/// Settlements (lease closes, compensations) the store did not confirm before their lease's
+/// time was up: dropped, their consumption stays.
+pub const SETTLEMENTS_ABANDONED: &str = "zae_limiter_settlements_abandoned_total";
 
 /// Decision outcomes, the values of the `outcome` label of [`DECISIONS`].
 pub mod outcome {
@@ -50,6 +55,14 @@ pub fn describe() {
     describe_gauge!(ACTORS, "Live entity actors");
     describe_gauge!(LEASES_OPEN, "Open leases");
     describe_counter!(LEASES_EXPIRED, "Leases that expired unclosed");
+    describe_counter!(
+        COMPENSATIONS,
+        "Admissions given back because their caller had gone"
+    );
+    describe_counter!(
+        SETTLEMENTS_ABANDONED,
+        "Settlements not confirmed before their lease expired"
+    );
 }
 
 /// Installs the Prometheus recorder with an HTTP listener serving `/metrics` at `addr`, with

@@ -17,7 +17,6 @@ use crate::clock::SystemClock;
 use crate::config::{Backend, Config};
 use crate::grpc::{AdminService, RateLimiterService};
 use crate::limiter::Limiter;
-use crate::limiter::LimiterSettings;
 use crate::proto::admin_server::AdminServer;
 use crate::proto::rate_limiter_server::RateLimiterServer;
 use crate::store::Store;
@@ -132,6 +131,7 @@ pub async fn run(
         .add_service(AdminServer::new(AdminService::new(
             limiter.clone(),
             settings.access.clone(),
+            settings.request_timeout,
         )));
 
     tracing::info!(socket = %settings.socket.display(), tcp = ?settings.tcp, "serving");
@@ -186,7 +186,7 @@ pub async fn serve(
     dynamo: DynamoSettings,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
-    let limiter_settings = LimiterSettings::from_config(&config.limiter)?;
+    let limiter_settings = config.limiter.settings()?;
     if let Some(addr) = config.server.metrics_addr {
         crate::metrics::install(addr)
             .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;

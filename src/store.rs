@@ -16,7 +16,7 @@ use async_trait::async_trait;
 
 use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
-use crate::domain::limit::{Limit, LimitName};
+use crate::domain::limit::Limit;
 use crate::domain::records::{Actor, AuditEntry, Entity, LimitScope, Period, Usage};
 
 /// Why a store operation failed.
@@ -53,19 +53,12 @@ impl StoreError {
     }
 }
 
-/// One bucket operation inside an atomic [`Store::commit`].
+/// One bucket's conditional write inside an atomic [`Store::commit`] (planned by
+/// [`crate::domain::bucket::plan`] or [`crate::domain::bucket::plan_settle`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyedWrite {
     pub key: BucketKey,
-    pub op: BucketOp,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BucketOp {
-    /// A conditional write planned by [`crate::domain::bucket::plan`].
-    Write(Write),
-    /// Unconditional consumption (negative: refund) per limit, milli-tokens; see [`Store::adjust_bucket`].
-    Adjust(Vec<(LimitName, i64)>),
+    pub write: Write,
 }
 
 /// One page of audit records, newest first; `next` continues after the last one.
@@ -88,19 +81,7 @@ pub trait Store: Send + Sync + 'static {
     /// the bucket already there included).
     async fn write_bucket(&self, key: &BucketKey, write: &Write) -> Result<Bucket, StoreError>;
 
-    /// Adds consumption to existing limits without any balance condition (adjustments, commits of
-    /// a lease's delta, refunds). Balances may go negative.
-    ///
-    /// # Errors
-    /// [`StoreError::NotFound`] when the bucket does not exist; [`StoreError::Conflict`] with the
-    /// current item when it lacks one of the limits.
-    async fn adjust_bucket(
-        &self,
-        key: &BucketKey,
-        amounts: &[(LimitName, i64)],
-    ) -> Result<(), StoreError>;
-
-    /// Applies several bucket operations all or nothing.
+    /// Applies several bucket writes all or nothing (each bucket at most once).
     ///
     /// # Errors
     /// [`StoreError::Conflict`] naming the first failing write; nothing is applied.

@@ -11,10 +11,10 @@ use std::time::Duration;
 use common::Counting;
 use zae_limiter::clock::{Clock, SystemClock};
 use zae_limiter::consume::{Outcome, Seen, consume};
-use zae_limiter::domain::bucket::{Plan, Write, plan};
+use zae_limiter::domain::bucket::{Plan, Write, plan, plan_settle};
 use zae_limiter::domain::limit::{MILLI, canonical};
 use zae_limiter::domain::records::{Actor, AuditAction, Entity, LimitScope, Period, Usage};
-use zae_limiter::store::{BucketOp, KeyedWrite, Store, StoreError};
+use zae_limiter::store::{KeyedWrite, Store, StoreError};
 use zae_limiter::{BucketKey, EntityId, Limit, LimitName, Namespace, ResourceId};
 
 const T0: i64 = 1_800_000_000_000;
@@ -60,7 +60,7 @@ fn stored_balance(b: &zae_limiter::Bucket, limit: &str) -> i64 {
 }
 
 fn stored_consumed(b: &zae_limiter::Bucket, limit: &str) -> i64 {
-    b.limit(&name(limit)).unwrap().consumed
+    i64::try_from(b.limit(&name(limit)).unwrap().consumed).expect("small totals in these tests")
 }
 
 async fn create_then_load_round_trips(store: Arc<dyn Store>, ns: Namespace) {
@@ -351,14 +351,33 @@ async fn a_rejection_writes_nothing(store: Arc<dyn Store>, ns: Namespace) {
     assert_eq!(counting.writes(), 1, "only the admit wrote");
 }
 
-async fn adjust_is_unconditional_and_may_go_negative(store: Arc<dyn Store>, ns: Namespace) {
+/// Settles `amounts` (signed) on a stored bucket the way the daemon does: plan from what was
+/// seen, write conditionally, re-plan from the returned item on a conflict.
+async fn settle(store: &dyn Store, k: &BucketKey, amounts: &[(LimitName, i64)], now: i64) {
+    let mut seen = store
+        .load_bucket(k)
+        .await
+        .unwrap()
+        .expect("a stored bucket");
+    for _ in 0..8 {
+        let Some((write, _)) = plan_settle(&seen, amounts, now).unwrap() else {
+            return;
+        };
+        match store.write_bucket(k, &write).await {
+            Ok(_) => return,
+            Err(StoreError::Conflict { current, .. }) => seen = *current.unwrap(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("a settlement kept conflicting");
+}
+
+async fn settlements_go_into_debt_and_refunds_stop_at_capacity(
+    store: Arc<dyn Store>,
+    ns: Namespace,
+) {
     let limits = vec![Limit::per_minute("tpm", 1_000).unwrap()];
     let k = key(&ns, "e", "r");
-    let missing = store.adjust_bucket(&k, &tokens(&[("tpm", 1)])).await;
-    assert!(
-        matches!(missing, Err(StoreError::NotFound(_))),
-        "{missing:?}"
-    );
     let out = consume(
         &*store,
         &k,
@@ -370,10 +389,7 @@ async fn adjust_is_unconditional_and_may_go_negative(store: Arc<dyn Store>, ns: 
     .await
     .unwrap();
     assert!(admitted(&out));
-    store
-        .adjust_bucket(&k, &tokens(&[("tpm", 2_000)]))
-        .await
-        .unwrap();
+    settle(&*store, &k, &tokens(&[("tpm", 2_000)]), T0).await;
     let stored = store.load_bucket(&k).await.unwrap().unwrap();
     assert_eq!(stored_balance(&stored, "tpm"), -1_100 * MILLI);
     assert_eq!(stored_consumed(&stored, "tpm"), 2_100 * MILLI);
@@ -393,28 +409,46 @@ async fn adjust_is_unconditional_and_may_go_negative(store: Arc<dyn Store>, ns: 
     };
     assert_eq!(rejection.retry_after_ms(), Some(66_060));
     // A refund (negative consumption).
-    store
-        .adjust_bucket(&k, &tokens(&[("tpm", -1_100)]))
-        .await
-        .unwrap();
+    settle(&*store, &k, &tokens(&[("tpm", -1_100)]), T0).await;
     let stored = store.load_bucket(&k).await.unwrap().unwrap();
     assert_eq!(stored_balance(&stored, "tpm"), 0);
     assert_eq!(stored_consumed(&stored, "tpm"), 1_000 * MILLI);
-    // An unknown limit: a conflict carrying the item, and nothing changed.
-    let unknown = store
-        .adjust_bucket(&k, &tokens(&[("tpm", 1), ("rpm", 1)]))
-        .await;
-    assert!(
-        matches!(
-            unknown,
-            Err(StoreError::Conflict {
-                current: Some(_),
-                ..
-            })
-        ),
-        "{unknown:?}"
+    // A refund planned from a stale state: the commutative write's ceiling fails against the
+    // stored balance, and the re-plan from the returned item clamps at the capacity.
+    let stale = store.load_bucket(&k).await.unwrap().unwrap();
+    settle(&*store, &k, &tokens(&[("tpm", -900)]), T0).await;
+    let (write, _) = plan_settle(&stale, &tokens(&[("tpm", -900)]), T0)
+        .unwrap()
+        .unwrap();
+    let conflict = store.write_bucket(&k, &write).await;
+    let Err(StoreError::Conflict {
+        current: Some(current),
+        ..
+    }) = conflict
+    else {
+        panic!("expected a conflict, got {conflict:?}")
+    };
+    assert_eq!(stored_balance(&current, "tpm"), 900 * MILLI);
+    settle(&*store, &k, &tokens(&[("tpm", -900)]), T0).await;
+    let stored = store.load_bucket(&k).await.unwrap().unwrap();
+    assert_eq!(
+        stored_balance(&stored, "tpm"),
+        1_000 * MILLI,
+        "never above capacity"
     );
-    assert_eq!(store.load_bucket(&k).await.unwrap(), Some(stored));
+    assert_eq!(
+        stored_consumed(&stored, "tpm"),
+        -800 * MILLI,
+        "the ledger counts it all"
+    );
+    // A charge past the deepest debt is refused before anything is written.
+    let deep = vec![(name("tpm"), zae_limiter::domain::amounts::MAX_AMOUNT)];
+    for _ in 0..4 {
+        settle(&*store, &k, &deep, T0).await;
+    }
+    let floor = store.load_bucket(&k).await.unwrap().unwrap();
+    assert!(plan_settle(&floor, &deep, T0).is_err());
+    assert!(stored_balance(&floor, "tpm") >= zae_limiter::domain::amounts::MIN_BALANCE);
 }
 
 async fn commit_is_all_or_nothing(store: Arc<dyn Store>, ns: Namespace) {
@@ -436,11 +470,11 @@ async fn commit_is_all_or_nothing(store: Arc<dyn Store>, ns: Namespace) {
         .commit(&[
             KeyedWrite {
                 key: child.clone(),
-                op: BucketOp::Write(write(None, 2)),
+                write: write(None, 2),
             },
             KeyedWrite {
                 key: parent.clone(),
-                op: BucketOp::Write(write(None, 2)),
+                write: write(None, 2),
             },
         ])
         .await
@@ -448,20 +482,17 @@ async fn commit_is_all_or_nothing(store: Arc<dyn Store>, ns: Namespace) {
     let child_seen = store.load_bucket(&child).await.unwrap().unwrap();
     let parent_seen = store.load_bucket(&parent).await.unwrap().unwrap();
     // The parent is drained elsewhere; a commit planned from the old state must fail whole.
-    store
-        .adjust_bucket(&parent, &tokens(&[("rpm", 7)]))
-        .await
-        .unwrap();
+    settle(&*store, &parent, &tokens(&[("rpm", 7)]), T0).await;
     let parent_now = store.load_bucket(&parent).await.unwrap().unwrap();
     let result = store
         .commit(&[
             KeyedWrite {
                 key: child.clone(),
-                op: BucketOp::Write(write(Some(&child_seen), 3)),
+                write: write(Some(&child_seen), 3),
             },
             KeyedWrite {
                 key: parent.clone(),
-                op: BucketOp::Write(write(Some(&parent_seen), 3)),
+                write: write(Some(&parent_seen), 3),
             },
         ])
         .await;
@@ -477,16 +508,19 @@ async fn commit_is_all_or_nothing(store: Arc<dyn Store>, ns: Namespace) {
         Some(child_seen.clone()),
         "child untouched"
     );
-    // A mix of a change and an adjustment succeeds together.
+    // A consumption and a settlement succeed together.
+    let (refund, _) = plan_settle(&parent_now, &tokens(&[("rpm", -1)]), T0)
+        .unwrap()
+        .unwrap();
     store
         .commit(&[
             KeyedWrite {
                 key: child.clone(),
-                op: BucketOp::Write(write(Some(&child_seen), 3)),
+                write: write(Some(&child_seen), 3),
             },
             KeyedWrite {
                 key: parent.clone(),
-                op: BucketOp::Adjust(tokens(&[("rpm", -1)])),
+                write: refund,
             },
         ])
         .await
@@ -503,7 +537,7 @@ async fn commit_is_all_or_nothing(store: Arc<dyn Store>, ns: Namespace) {
     let single = store
         .commit(&[KeyedWrite {
             key: key(&ns, "solo", "m"),
-            op: BucketOp::Write(write(None, 1)),
+            write: write(None, 1),
         }])
         .await;
     assert!(single.is_ok(), "{single:?}");
@@ -1073,7 +1107,7 @@ macro_rules! conformance {
                 racing_creators_charge_once,
                 a_refill_conflict_retries_without_a_read,
                 a_rejection_writes_nothing,
-                adjust_is_unconditional_and_may_go_negative,
+                settlements_go_into_debt_and_refunds_stop_at_capacity,
                 commit_is_all_or_nothing,
                 limit_changes_reconfigure_stored_buckets,
                 entities_and_children,

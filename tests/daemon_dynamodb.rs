@@ -32,10 +32,11 @@ async fn consumed(store: &dyn Store, ns: &Namespace, entity: &str, limit: &str) 
         .await
         .unwrap()
         .expect("the bucket is stored");
-    bucket
+    let total = bucket
         .limit(&LimitName::new(limit).unwrap())
         .unwrap()
-        .consumed
+        .consumed;
+    i64::try_from(total).expect("small totals in these tests")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -14,6 +14,7 @@
 //! right; [`Bucket::apply`] is the reference semantics of those conditions (the memory store uses
 //! it, the DynamoDB store translates it into condition expressions).
 
+use super::amounts::MIN_BALANCE;
 use super::limit::{Limit, LimitName, encode};
 
 /// The state of one limit inside a bucket. Balances and totals are milli-tokens.
@@ -24,8 +25,9 @@ pub struct LimitState {
     pub balance: i64,
     /// Refill accrued but not yet worth a milli-token, in milli-token-milliseconds (< period).
     pub carry: i64,
-    /// Total ever consumed through this bucket (consumptions, adjustments and refunds).
-    pub consumed: i64,
+    /// Total ever consumed through this bucket (consumptions, adjustments and refunds). Wider
+    /// than a balance: it only grows with use, refill pays for more, and it must never wrap.
+    pub consumed: i128,
 }
 
 impl LimitState {
@@ -259,7 +261,7 @@ pub fn admit(
             retry_after_ms: Some(0),
         });
         l.balance -= requested;
-        l.consumed += requested;
+        l.consumed += i128::from(requested);
     }
     Ok(Admission::Admitted { statuses, after })
 }
@@ -292,7 +294,7 @@ pub fn plan(
                 for l in &mut created.limits {
                     let a = amount_of(l.limit.name());
                     l.balance -= a;
-                    l.consumed += a;
+                    l.consumed += i128::from(a);
                 }
                 Plan::Admit {
                     write: Write::Create(created.clone()),
@@ -313,7 +315,7 @@ pub fn plan(
     for (state, after) in target.limits.iter().zip(&mut expected.limits) {
         let amount = amount_of(state.limit.name());
         after.balance -= amount;
-        after.consumed += amount;
+        after.consumed += i128::from(amount);
         let before = seen.limit(state.limit.name());
         changes.push(match before {
             None => LimitChange::Insert(after.clone()),
@@ -361,6 +363,124 @@ pub fn plan(
         }),
         expected,
     })
+}
+
+/// A settlement that would take a balance below [`MIN_BALANCE`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "limit \"{name}\" would fall below the deepest debt a bucket may hold ({} tokens)",
+    MIN_BALANCE / super::limit::MILLI
+)]
+pub struct DebtTooDeep {
+    pub name: LimitName,
+}
+
+/// Plans settling lease amounts on a stored bucket (`settle`: milli-tokens per limit; positive
+/// charges more, which may go into debt down to [`MIN_BALANCE`]; negative gives back, and a
+/// refund never lifts a balance above its capacity). Limits the bucket no longer has are
+/// skipped: there is nothing left to settle on them. `None` when nothing needs writing.
+///
+/// While no refund would pass the capacity, the write commutes with every other writer (it only
+/// adds, under conditions that keep the floor and the ceiling). Otherwise it refills to `now` and
+/// clamps, guarded on the exact refill time and on balances no higher than seen (a concurrent
+/// consumption only lowers them, and the write then credits at most what it would have).
+///
+/// # Errors
+/// [`DebtTooDeep`] naming the first limit a charge would take below the floor.
+pub fn plan_settle(
+    seen: &Bucket,
+    settle: &[(LimitName, i64)],
+    now: i64,
+) -> Result<Option<(Write, Bucket)>, DebtTooDeep> {
+    let amount_of = |name: &LimitName| amount_for(settle, name);
+    if seen.limits.iter().all(|l| amount_of(l.limit.name()) == 0) {
+        return Ok(None);
+    }
+    for l in &seen.limits {
+        let a = amount_of(l.limit.name());
+        if i128::from(l.balance) - i128::from(a) < i128::from(MIN_BALANCE) {
+            return Err(DebtTooDeep {
+                name: l.limit.name().clone(),
+            });
+        }
+    }
+    let clamps = seen.limits.iter().any(|l| {
+        let a = amount_of(l.limit.name());
+        a < 0 && i128::from(l.balance) - i128::from(a) > i128::from(l.limit.capacity())
+    });
+    let seen_config = encode(&seen.limit_set());
+    if !clamps {
+        let mut expected = seen.clone();
+        let mut changes = Vec::new();
+        for (l, after) in seen.limits.iter().zip(&mut expected.limits) {
+            let a = amount_of(l.limit.name());
+            if a == 0 {
+                continue;
+            }
+            after.balance -= a;
+            after.consumed += i128::from(a);
+            changes.push(LimitChange::Update {
+                name: l.limit.name().clone(),
+                delta: -a,
+                consumed: a,
+                // A charge keeps the floor; a refund keeps the ceiling.
+                min_balance: if a > 0 { MIN_BALANCE + a } else { MIN_BALANCE },
+                max_balance: (a < 0).then(|| l.limit.capacity() + a),
+                carry: None,
+            });
+        }
+        let write = Write::Change(Change {
+            seen_config,
+            refill: None,
+            limits: changes,
+        });
+        return Ok(Some((write, expected)));
+    }
+    let target = seen.at(now);
+    let mut expected = target.clone();
+    let mut changes = Vec::with_capacity(seen.limits.len());
+    for ((before, now_state), after) in seen
+        .limits
+        .iter()
+        .zip(&target.limits)
+        .zip(&mut expected.limits)
+    {
+        let a = amount_of(before.limit.name());
+        let capacity = before.limit.capacity();
+        let balance = if a < 0 {
+            (i128::from(now_state.balance) - i128::from(a)).min(i128::from(capacity)) as i64
+        } else {
+            now_state.balance - a
+        };
+        let carry = if balance >= capacity {
+            0
+        } else {
+            now_state.carry
+        };
+        after.balance = balance;
+        after.carry = carry;
+        after.consumed += i128::from(a);
+        let delta = balance - before.balance;
+        changes.push(LimitChange::Update {
+            name: before.limit.name().clone(),
+            delta,
+            consumed: a,
+            min_balance: MIN_BALANCE.saturating_sub(delta.min(0)),
+            max_balance: Some(before.balance),
+            carry: Some(carry),
+        });
+    }
+    let write = Write::Change(Change {
+        seen_config,
+        refill: Some(Refill {
+            seen_refilled_at: seen.refilled_at,
+            refilled_at: target.refilled_at,
+            limits: seen.limit_set(),
+            removed: Vec::new(),
+        }),
+        limits: changes,
+    });
+    Ok(Some((write, expected)))
 }
 
 fn amount_for(amounts: &[(LimitName, i64)], name: &LimitName) -> i64 {
@@ -515,8 +635,8 @@ impl Bucket {
                     ..
                 } => {
                     let mut state = self.limit(name).cloned().ok_or(ConditionFailed)?;
-                    state.balance += delta;
-                    state.consumed += consumed;
+                    state.balance = state.balance.checked_add(*delta).ok_or(ConditionFailed)?;
+                    state.consumed += i128::from(*consumed);
                     if let Some(carry) = carry {
                         state.carry = *carry;
                     }
@@ -551,10 +671,11 @@ impl Bucket {
     }
 
     /// Unconditionally adds `amount` milli-tokens of consumption (negative: a refund) to each named
-    /// limit. Balances may go negative; a refund above capacity is trimmed by the next refill.
+    /// limit, without the clamp or floor of [`plan_settle`]: for building states in tests.
     ///
     /// # Errors
     /// [`UnknownLimit`] (and no change) when a name is not in the bucket.
+    #[cfg(test)]
     pub fn adjust(&mut self, amounts: &[(LimitName, i64)]) -> Result<(), UnknownLimit> {
         if let Some((name, _)) = amounts.iter().find(|(n, _)| self.limit(n).is_none()) {
             return Err(UnknownLimit(name.to_string()));
@@ -566,7 +687,7 @@ impl Bucket {
                 .find(|l| l.limit.name() == name)
                 .expect("every name was checked above");
             state.balance -= amount;
-            state.consumed += amount;
+            state.consumed += i128::from(*amount);
         }
         Ok(())
     }

@@ -17,6 +17,10 @@ pub const MAX_TOKENS: u64 = 1_000_000_000_000_000;
 pub const MAX_PERIOD_MS: i64 = 10 * 366 * 24 * 3_600 * 1_000;
 /// The longest limit name.
 pub const MAX_NAME_LEN: usize = 64;
+/// The most limits one bucket may have. All of a bucket's limits live in one stored item, and
+/// DynamoDB bills a write by the item's size (1 write unit per KB; at most 400 KB): 32 limits
+/// with the longest names make an item of about 12 KB.
+pub const MAX_LIMITS: usize = 32;
 
 /// Why a limit definition was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +44,8 @@ pub enum LimitError {
     },
     #[error("limit {name:?} is given more than once")]
     Duplicate { name: String },
+    #[error("{count} limits given, the most one bucket may have is {MAX_LIMITS}")]
+    TooMany { count: usize },
     #[error("malformed limit encoding {0:?}")]
     Malformed(String),
 }
@@ -303,6 +309,11 @@ fn whole_tokens(name: &LimitName, field: &'static str, tokens: u64) -> Result<i6
 /// # Errors
 /// [`LimitError::Duplicate`] when two limits share a name.
 pub fn canonical(mut limits: Vec<Limit>) -> Result<Vec<Limit>, LimitError> {
+    if limits.len() > MAX_LIMITS {
+        return Err(LimitError::TooMany {
+            count: limits.len(),
+        });
+    }
     limits.sort_by(|a, b| a.name.cmp(&b.name));
     if let Some(w) = limits.windows(2).find(|w| w[0].name == w[1].name) {
         return Err(LimitError::Duplicate {

@@ -1,6 +1,9 @@
-//! The pure core: limits, bucket math, identifiers and records. No I/O, no clock, no async: every
-//! function here is deterministic in its arguments, so it is tested exhaustively without a store.
+//! The pure core: limits, amounts, bucket math, the batch decision, identifiers and records. No
+//! I/O, no clock, no async: every function here is deterministic in its arguments, so it is tested
+//! exhaustively without a store.
 
+pub mod amounts;
+pub mod batch;
 pub mod bucket;
 pub mod ids;
 pub mod limit;

@@ -27,7 +27,7 @@ use aws_sdk_dynamodb::types::{
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
 
-use super::{AuditPage, BucketOp, KeyedWrite, Store, StoreError, audit_sort_key, entity_json};
+use super::{AuditPage, KeyedWrite, Store, StoreError, audit_sort_key, entity_json};
 use crate::domain::bucket::{Bucket, Change, LimitChange, LimitState, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{self, Limit, LimitName, encode};
@@ -130,6 +130,10 @@ fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
 
+fn wide(v: i128) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
 fn n(v: i64) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
@@ -195,12 +199,24 @@ fn bucket_item(key: &BucketKey, bucket: &Bucket) -> Item {
         let name = l.limit.name();
         item.insert(balance_attr(name), n(l.balance));
         item.insert(carry_attr(name), n(l.carry));
-        item.insert(consumed_attr(name), n(l.consumed));
+        item.insert(consumed_attr(name), wide(l.consumed));
     }
     item
 }
 
 fn number(item: &Item, attr: &str) -> Result<i64, StoreError> {
+    match item.get(attr) {
+        Some(AttributeValue::N(v)) => v.parse().map_err(|_| {
+            StoreError::Corrupt(format!("attribute {attr} = {v:?} is not an integer"))
+        }),
+        _ => Err(StoreError::Corrupt(format!(
+            "attribute {attr} is missing or not a number"
+        ))),
+    }
+}
+
+/// A consumed total: wider than `i64` (see [`LimitState::consumed`]).
+fn wide_number(item: &Item, attr: &str) -> Result<i128, StoreError> {
     match item.get(attr) {
         Some(AttributeValue::N(v)) => v.parse().map_err(|_| {
             StoreError::Corrupt(format!("attribute {attr} = {v:?} is not an integer"))
@@ -230,7 +246,7 @@ fn decode_bucket(item: &Item) -> Result<Bucket, StoreError> {
             Ok(LimitState {
                 balance: number(item, &balance_attr(&name))?,
                 carry: number(item, &carry_attr(&name))?,
-                consumed: number(item, &consumed_attr(&name))?,
+                consumed: wide_number(item, &consumed_attr(&name))?,
                 limit,
             })
         })
@@ -356,36 +372,16 @@ impl Expr {
                 LimitChange::Insert(state) => {
                     let name = state.limit.name();
                     for (attr, value) in [
-                        (balance_attr(name), state.balance),
-                        (carry_attr(name), state.carry),
-                        (consumed_attr(name), state.consumed),
+                        (balance_attr(name), n(state.balance)),
+                        (carry_attr(name), n(state.carry)),
+                        (consumed_attr(name), wide(state.consumed)),
                     ] {
                         let a = e.name(&attr);
-                        let v = e.value(n(value));
+                        let v = e.value(value);
                         e.set.push(format!("{a} = {v}"));
                     }
                 }
             }
-        }
-        e
-    }
-
-    /// Unconditional consumption; only requires the limits to exist.
-    fn adjust(amounts: &[(LimitName, i64)]) -> Self {
-        let mut e = Self::default();
-        let pk = e.name(PK);
-        e.conditions.push(format!("attribute_exists({pk})"));
-        for (name, amount) in amounts {
-            let b = e.name(&balance_attr(name));
-            let c = e.name(&consumed_attr(name));
-            e.conditions.push(format!("attribute_exists({b})"));
-            let neg = e.value(n(-amount));
-            let pos = e.value(n(*amount));
-            e.add.push(format!("{b} {neg}"));
-            e.add.push(format!("{c} {pos}"));
-        }
-        if e.add.is_empty() {
-            e.set.push(format!("{pk} = {pk}"));
         }
         e
     }
@@ -614,8 +610,8 @@ impl DynamoStore {
 
     fn transact_item(&self, w: &KeyedWrite) -> Result<TransactWriteItem, StoreError> {
         let item = TransactWriteItem::builder();
-        Ok(match &w.op {
-            BucketOp::Write(Write::Create(bucket)) => item
+        Ok(match &w.write {
+            Write::Create(bucket) => item
                 .put(
                     Put::builder()
                         .table_name(&self.table)
@@ -629,21 +625,13 @@ impl DynamoStore {
                         .map_err(|e| StoreError::Backend(e.to_string()))?,
                 )
                 .build(),
-            BucketOp::Write(Write::Change(change)) => item
+            Write::Change(change) => item
                 .update(self.update_for(&w.key, Expr::change(change))?)
-                .build(),
-            BucketOp::Adjust(amounts) => item
-                .update(self.update_for(&w.key, Expr::adjust(amounts))?)
                 .build(),
         })
     }
 
-    async fn run_update(
-        &self,
-        key: &BucketKey,
-        e: Expr,
-        want_new: bool,
-    ) -> Result<Option<Item>, StoreError> {
+    async fn run_update(&self, key: &BucketKey, e: Expr) -> Result<Option<Item>, StoreError> {
         let result = self
             .client
             .update_item()
@@ -653,11 +641,7 @@ impl DynamoStore {
             .set_condition_expression(e.condition_expression())
             .set_expression_attribute_names(maybe(e.names))
             .set_expression_attribute_values(maybe(e.values))
-            .return_values(if want_new {
-                ReturnValue::AllNew
-            } else {
-                ReturnValue::None
-            })
+            .return_values(ReturnValue::AllNew)
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
             .send()
             .await;
@@ -720,32 +704,19 @@ impl Store for DynamoStore {
                 }
             }
             Write::Change(change) => {
-                let item = self.run_update(key, Expr::change(change), true).await?;
+                let item = self.run_update(key, Expr::change(change)).await?;
                 decode_bucket(&item.unwrap_or_default())
             }
-        }
-    }
-
-    async fn adjust_bucket(
-        &self,
-        key: &BucketKey,
-        amounts: &[(LimitName, i64)],
-    ) -> Result<(), StoreError> {
-        match self.run_update(key, Expr::adjust(amounts), false).await {
-            Err(StoreError::Conflict { current: None, .. }) => {
-                Err(StoreError::NotFound(format!("bucket {key:?}")))
-            }
-            other => other.map(drop),
         }
     }
 
     async fn commit(&self, writes: &[KeyedWrite]) -> Result<(), StoreError> {
         // One item needs no transaction (half the write cost).
         if let [single] = writes {
-            return match &single.op {
-                BucketOp::Write(w) => self.write_bucket(&single.key, w).await.map(drop),
-                BucketOp::Adjust(a) => self.adjust_bucket(&single.key, a).await,
-            };
+            return self
+                .write_bucket(&single.key, &single.write)
+                .await
+                .map(drop);
         }
         let items = writes
             .iter()

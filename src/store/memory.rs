@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{AuditPage, BucketOp, KeyedWrite, Store, StoreError, audit_sort_key, entity_json};
+use super::{AuditPage, KeyedWrite, Store, StoreError, audit_sort_key, entity_json};
 use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName, encode};
@@ -47,27 +47,20 @@ impl MemoryStore {
 }
 
 impl State {
-    fn apply(&self, key: &BucketKey, op: &BucketOp, index: usize) -> Result<Bucket, StoreError> {
+    fn apply(&self, key: &BucketKey, write: &Write, index: usize) -> Result<Bucket, StoreError> {
         let current = self.buckets.get(key);
         let conflict = || StoreError::Conflict {
             index,
             current: current.cloned().map(Box::new),
         };
-        match op {
-            BucketOp::Write(Write::Create(bucket)) => match current {
+        match write {
+            Write::Create(bucket) => match current {
                 Some(_) => Err(conflict()),
                 None => Ok(bucket.clone()),
             },
-            BucketOp::Write(Write::Change(change)) => {
+            Write::Change(change) => {
                 let mut next = current.cloned().ok_or_else(conflict)?;
                 next.apply(change).map_err(|_| conflict())?;
-                Ok(next)
-            }
-            BucketOp::Adjust(amounts) => {
-                let mut next = current
-                    .cloned()
-                    .ok_or_else(|| StoreError::NotFound(format!("bucket {key:?}")))?;
-                next.adjust(amounts).map_err(|_| conflict())?;
                 Ok(next)
             }
         }
@@ -89,20 +82,9 @@ impl Store for MemoryStore {
 
     async fn write_bucket(&self, key: &BucketKey, write: &Write) -> Result<Bucket, StoreError> {
         let mut state = self.lock();
-        let next = state.apply(key, &BucketOp::Write(write.clone()), 0)?;
+        let next = state.apply(key, write, 0)?;
         state.buckets.insert(key.clone(), next.clone());
         Ok(next)
-    }
-
-    async fn adjust_bucket(
-        &self,
-        key: &BucketKey,
-        amounts: &[(LimitName, i64)],
-    ) -> Result<(), StoreError> {
-        let mut state = self.lock();
-        let next = state.apply(key, &BucketOp::Adjust(amounts.to_vec()), 0)?;
-        state.buckets.insert(key.clone(), next);
-        Ok(())
     }
 
     async fn commit(&self, writes: &[KeyedWrite]) -> Result<(), StoreError> {
@@ -114,7 +96,7 @@ impl Store for MemoryStore {
                     "a commit may touch each bucket only once".into(),
                 ));
             }
-            staged.insert(&w.key, state.apply(&w.key, &w.op, index)?);
+            staged.insert(&w.key, state.apply(&w.key, &w.write, index)?);
         }
         for (key, bucket) in staged {
             state.buckets.insert(key.clone(), bucket);

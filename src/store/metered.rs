@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use super::{AuditPage, KeyedWrite, Store, StoreError};
 use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
-use crate::domain::limit::{Limit, LimitName};
+use crate::domain::limit::Limit;
 use crate::domain::records::{Actor, Entity, LimitScope, Period, Usage};
 use crate::metrics::{STORE_CALLS, WRITE_UNITS};
 
@@ -55,16 +55,6 @@ impl Store for Metered {
     async fn write_bucket(&self, key: &BucketKey, write: &Write) -> Result<Bucket, StoreError> {
         let r = self.inner.write_bucket(key, write).await;
         record("write", 1, &r);
-        r
-    }
-
-    async fn adjust_bucket(
-        &self,
-        key: &BucketKey,
-        amounts: &[(LimitName, i64)],
-    ) -> Result<(), StoreError> {
-        let r = self.inner.adjust_bucket(key, amounts).await;
-        record("adjust", 1, &r);
         r
     }
 

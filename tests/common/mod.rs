@@ -55,11 +55,16 @@ pub async fn dynamodb() -> Arc<dyn Store> {
     Arc::new(DynamoStore::connect(&settings).await)
 }
 
-/// A store that counts the calls it passes on, to show which paths touch the store.
+/// A store that counts the calls it passes on, to show which paths touch the store; it can also
+/// slow bucket writes down (applying them only after the delay) and fail the next ones.
 pub struct Counting {
     pub inner: Arc<dyn Store>,
     pub loads: AtomicU64,
     pub writes: AtomicU64,
+    /// Milliseconds each bucket write waits before it is applied.
+    pub write_delay_ms: AtomicU64,
+    /// How many of the next bucket writes and loads fail (transiently, applying nothing).
+    pub failures: AtomicU64,
 }
 
 impl Counting {
@@ -68,7 +73,29 @@ impl Counting {
             inner,
             loads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            write_delay_ms: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
         }
+    }
+
+    /// Whether this call is one of those that fail; waits out the write delay first for writes.
+    async fn fault(&self, write: bool) -> Result<(), zae_limiter::StoreError> {
+        if write {
+            let delay = self.write_delay_ms.load(Ordering::SeqCst);
+            if delay > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+            }
+        }
+        let failing = self
+            .failures
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(zae_limiter::StoreError::Transient(
+                "injected failure".into(),
+            ));
+        }
+        Ok(())
     }
 
     pub fn loads(&self) -> u64 {
@@ -87,7 +114,7 @@ mod counting {
     use zae_limiter::domain::bucket::{Bucket, Write};
     use zae_limiter::domain::records::{Actor, Entity, LimitScope, Period, Usage};
     use zae_limiter::store::{AuditPage, KeyedWrite, Store, StoreError};
-    use zae_limiter::{BucketKey, EntityId, Limit, LimitName, Namespace, ResourceId};
+    use zae_limiter::{BucketKey, EntityId, Limit, Namespace, ResourceId};
 
     use super::Counting;
 
@@ -95,22 +122,17 @@ mod counting {
     impl Store for Counting {
         async fn load_bucket(&self, key: &BucketKey) -> Result<Option<Bucket>, StoreError> {
             self.loads.fetch_add(1, Ordering::SeqCst);
+            self.fault(false).await?;
             self.inner.load_bucket(key).await
         }
         async fn write_bucket(&self, key: &BucketKey, write: &Write) -> Result<Bucket, StoreError> {
             self.writes.fetch_add(1, Ordering::SeqCst);
+            self.fault(true).await?;
             self.inner.write_bucket(key, write).await
-        }
-        async fn adjust_bucket(
-            &self,
-            key: &BucketKey,
-            amounts: &[(LimitName, i64)],
-        ) -> Result<(), StoreError> {
-            self.writes.fetch_add(1, Ordering::SeqCst);
-            self.inner.adjust_bucket(key, amounts).await
         }
         async fn commit(&self, writes: &[KeyedWrite]) -> Result<(), StoreError> {
             self.writes.fetch_add(1, Ordering::SeqCst);
+            self.fault(true).await?;
             self.inner.commit(writes).await
         }
         async fn create_entity(

@@ -129,7 +129,10 @@ fn adjust_into_debt_then_retry_after_grows_and_recovers_exactly() {
     assert!(!acquire(&mut b, &limits, &[], T0 + 66_000 - 1));
     assert!(!acquire(&mut b, &limits, &tokens("tpm", 1), T0 + 66_059));
     assert!(acquire(&mut b, &limits, &tokens("tpm", 1), T0 + 66_060));
-    assert_eq!(b.as_ref().unwrap().limits[0].consumed, 2_101 * MILLI);
+    assert_eq!(
+        b.as_ref().unwrap().limits[0].consumed,
+        i128::from(2_101 * MILLI)
+    );
 }
 
 #[test]
@@ -218,7 +221,7 @@ fn plain_consumptions_commute_but_only_one_refill_wins() {
         stored.apply(&plain).unwrap();
     }
     assert_eq!(stored.limits[0].balance, 0);
-    assert_eq!(stored.limits[0].consumed, 10 * MILLI);
+    assert_eq!(stored.limits[0].consumed, i128::from(10 * MILLI));
     // A fourth one would overdraw: refused.
     assert_eq!(stored.apply(&plain), Err(ConditionFailed));
     // Two refills planned from the same state: the second fails.
@@ -248,7 +251,10 @@ fn reconfiguring_clamps_shrinks_keeps_debt_and_starts_new_limits_full() {
     let stored = b.as_ref().unwrap();
     assert_eq!(stored.limit_set(), new);
     assert_eq!(stored.limit(&name("rpm")).unwrap().balance, 50 * MILLI);
-    assert_eq!(stored.limit(&name("rpm")).unwrap().consumed, 10 * MILLI);
+    assert_eq!(
+        stored.limit(&name("rpm")).unwrap().consumed,
+        i128::from(10 * MILLI)
+    );
     assert_eq!(stored.limit(&name("tpm")).unwrap().balance, 990 * MILLI);
     // Dropping a limit removes it.
     let only_tpm = vec![Limit::per_minute("tpm", 1_000).unwrap()];
@@ -318,7 +324,7 @@ proptest! {
         let refill = i128::from(now - T0) * i128::from(limit.refill_amount()) / i128::from(limit.refill_period_ms());
         prop_assert!(i128::from(admitted) <= i128::from(limit.capacity()) + refill);
         if let Some(bucket) = &b {
-            prop_assert_eq!(bucket.limits[0].consumed, admitted);
+            prop_assert_eq!(bucket.limits[0].consumed, i128::from(admitted));
         }
     }
 

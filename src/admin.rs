@@ -1,0 +1,377 @@
+//! The administration rules: entities (a parent must exist, no entity is its own ancestor),
+//! stored limits, the namespace registry, audit pages and usage. The gRPC layer only converts;
+//! the CLI and tests may call this directly.
+//!
+//! Every call runs under the caller's deadline (a store that cannot answer in time is
+//! `Unavailable`), and every change made here is seen at once by this daemon's decisions (its
+//! look-up caches are cleared).
+
+use tokio::time::Instant;
+
+use crate::domain::ids::{EntityId, Namespace, ResourceId};
+use crate::domain::limit::Limit;
+use crate::domain::records::{Actor, Entity, LimitScope, Period, Usage};
+use crate::limiter::{Limiter, LimiterError, within};
+use crate::store::AuditPage;
+
+/// The deepest hierarchy a move may create (and the longest chain a cycle check walks).
+pub const MAX_DEPTH: usize = 64;
+
+/// The administration calls, over one limiter's store.
+#[derive(Debug, Clone)]
+pub struct Admin {
+    limiter: Limiter,
+}
+
+fn quoted(id: &EntityId) -> String {
+    format!("{:?}", id.as_str())
+}
+
+/// Whether `token` has the form of an audit page token (a record's sort key: 20 digits of time,
+/// `#`, 16 hex digits), so a garbage token is refused instead of read as "no more records".
+pub fn valid_page_token(token: &str) -> bool {
+    let Some((time, suffix)) = token.split_once('#') else {
+        return false;
+    };
+    time.len() == 20
+        && time.bytes().all(|b| b.is_ascii_digit())
+        && suffix.len() == 16
+        && suffix
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+impl Admin {
+    pub fn new(limiter: Limiter) -> Self {
+        Self { limiter }
+    }
+
+    /// Creates an entity whose parent (if any) exists.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for an entity that is its own parent, `FailedPrecondition` for a
+    /// missing parent, `AlreadyExists`, or the store's error.
+    pub async fn create_entity(
+        &self,
+        ns: &Namespace,
+        entity: &Entity,
+        by: &Actor,
+        deadline: Instant,
+    ) -> Result<(), LimiterError> {
+        if entity.parent.as_ref() == Some(&entity.id) {
+            return Err(LimiterError::invalid(
+                "entity.parent_id",
+                "an entity cannot be its own parent",
+            ));
+        }
+        within(deadline, async {
+            if let Some(parent) = &entity.parent {
+                self.require(ns, parent).await?;
+            }
+            Ok(self.store().create_entity(ns, entity, by).await?)
+        })
+        .await?;
+        self.limiter.forget_lookups();
+        Ok(())
+    }
+
+    /// # Errors
+    /// `NotFound` when there is no such entity, or the store's error.
+    pub async fn entity(
+        &self,
+        ns: &Namespace,
+        id: &EntityId,
+        deadline: Instant,
+    ) -> Result<Entity, LimiterError> {
+        within(deadline, async {
+            Ok(self.store().get_entity(ns, id).await?)
+        })
+        .await?
+        .ok_or_else(|| LimiterError::NotFound(format!("entity {} does not exist", quoted(id))))
+    }
+
+    /// Deletes an entity with its buckets and entity-level limits.
+    ///
+    /// # Errors
+    /// `NotFound`, `FailedPrecondition` while it has children (unless `force`), or the store's.
+    pub async fn delete_entity(
+        &self,
+        ns: &Namespace,
+        id: &EntityId,
+        force: bool,
+        by: &Actor,
+        deadline: Instant,
+    ) -> Result<(), LimiterError> {
+        within(deadline, async {
+            Ok(self.store().delete_entity(ns, id, force, by).await?)
+        })
+        .await?;
+        self.limiter.forget_lookups();
+        Ok(())
+    }
+
+    /// Gives an entity another parent (or none). The new parent must exist and must not be the
+    /// entity itself or one of its descendants (that would make a cycle).
+    ///
+    /// # Errors
+    /// `InvalidArgument` for the entity as its own parent; `FailedPrecondition` for a missing
+    /// parent or a cycle (naming it); `NotFound`, or the store's error.
+    pub async fn move_entity(
+        &self,
+        ns: &Namespace,
+        id: &EntityId,
+        parent: Option<&EntityId>,
+        by: &Actor,
+        deadline: Instant,
+    ) -> Result<Entity, LimiterError> {
+        if parent == Some(id) {
+            return Err(LimiterError::invalid(
+                "parent_id",
+                "an entity cannot be its own parent",
+            ));
+        }
+        let moved = within(deadline, async {
+            if let Some(parent) = parent {
+                self.refuse_cycle(ns, id, parent).await?;
+            }
+            Ok(self.store().move_entity(ns, id, parent, by).await?)
+        })
+        .await?;
+        self.limiter.forget_lookups();
+        Ok(moved)
+    }
+
+    /// Walks up from `parent`: reaching `id` means the move would close a cycle.
+    async fn refuse_cycle(
+        &self,
+        ns: &Namespace,
+        id: &EntityId,
+        parent: &EntityId,
+    ) -> Result<(), LimiterError> {
+        let mut chain = vec![id.clone(), parent.clone()];
+        let mut current = self.require(ns, parent).await?;
+        while let Some(up) = current.parent {
+            chain.push(up.clone());
+            if up == *id {
+                let path: Vec<&str> = chain.iter().map(EntityId::as_str).collect();
+                return Err(LimiterError::FailedPrecondition(format!(
+                    "moving {} under {} would make a cycle: {}",
+                    quoted(id),
+                    quoted(parent),
+                    path.join(" -> ")
+                )));
+            }
+            if chain.len() > MAX_DEPTH {
+                return Err(LimiterError::FailedPrecondition(format!(
+                    "moving {} under {} would make a hierarchy deeper than {MAX_DEPTH}",
+                    quoted(id),
+                    quoted(parent)
+                )));
+            }
+            match self.store().get_entity(ns, &up).await? {
+                Some(e) => current = e,
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// The entity `id`, which must exist to be a parent.
+    async fn require(&self, ns: &Namespace, id: &EntityId) -> Result<Entity, LimiterError> {
+        self.store().get_entity(ns, id).await?.ok_or_else(|| {
+            LimiterError::FailedPrecondition(format!("parent {} does not exist", quoted(id)))
+        })
+    }
+
+    /// # Errors
+    /// The store's error.
+    pub async fn children(
+        &self,
+        ns: &Namespace,
+        id: &EntityId,
+        deadline: Instant,
+    ) -> Result<Vec<Entity>, LimiterError> {
+        within(deadline, async {
+            Ok(self.store().list_children(ns, id).await?)
+        })
+        .await
+    }
+
+    /// Replaces the limits stored at `scope`.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for an empty set, or the store's error.
+    pub async fn set_limits(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        limits: &[Limit],
+        by: &Actor,
+        deadline: Instant,
+    ) -> Result<(), LimiterError> {
+        if limits.is_empty() {
+            return Err(LimiterError::invalid("limits", "is empty"));
+        }
+        within(deadline, async {
+            Ok(self.store().set_limits(ns, scope, limits, by).await?)
+        })
+        .await?;
+        self.limiter.forget_lookups();
+        Ok(())
+    }
+
+    /// The limits stored at `scope` (empty when none).
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn limits(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        deadline: Instant,
+    ) -> Result<Vec<Limit>, LimiterError> {
+        within(deadline, async {
+            Ok(self
+                .store()
+                .get_limits(ns, scope)
+                .await?
+                .unwrap_or_default())
+        })
+        .await
+    }
+
+    /// # Errors
+    /// `NotFound` when nothing is stored at `scope`, or the store's error.
+    pub async fn delete_limits(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        by: &Actor,
+        deadline: Instant,
+    ) -> Result<(), LimiterError> {
+        within(deadline, async {
+            Ok(self.store().delete_limits(ns, scope, by).await?)
+        })
+        .await?;
+        self.limiter.forget_lookups();
+        Ok(())
+    }
+
+    /// One page of audit records of `subject`, newest first; `page` continues a previous page.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for an empty subject or a malformed page token, or the store's error.
+    pub async fn audit(
+        &self,
+        ns: &Namespace,
+        subject: &str,
+        page_size: usize,
+        page: Option<&str>,
+        deadline: Instant,
+    ) -> Result<AuditPage, LimiterError> {
+        if subject.is_empty() {
+            return Err(LimiterError::invalid("subject", "is empty"));
+        }
+        if let Some(token) = page
+            && !valid_page_token(token)
+        {
+            return Err(LimiterError::invalid(
+                "page",
+                format!("{token:?} is not a page token (pass the next_page of a previous answer)"),
+            ));
+        }
+        within(deadline, async {
+            Ok(self
+                .store()
+                .list_audit(ns, subject, page_size, page)
+                .await?)
+        })
+        .await
+    }
+
+    /// # Errors
+    /// The store's error.
+    pub async fn create_namespace(
+        &self,
+        ns: &Namespace,
+        deadline: Instant,
+    ) -> Result<(), LimiterError> {
+        within(deadline, async {
+            Ok(self.store().create_namespace(ns).await?)
+        })
+        .await?;
+        self.limiter.forget_lookups();
+        Ok(())
+    }
+
+    /// # Errors
+    /// The store's error.
+    pub async fn namespaces(&self, deadline: Instant) -> Result<Vec<Namespace>, LimiterError> {
+        within(deadline, async {
+            Ok(self.store().list_namespaces().await?)
+        })
+        .await
+    }
+
+    /// # Errors
+    /// `NotFound` for a namespace not registered, or the store's error.
+    pub async fn delete_namespace(
+        &self,
+        ns: &Namespace,
+        deadline: Instant,
+    ) -> Result<(), LimiterError> {
+        within(deadline, async {
+            Ok(self.store().delete_namespace(ns).await?)
+        })
+        .await?;
+        self.limiter.forget_lookups();
+        Ok(())
+    }
+
+    /// Usage snapshots of `period` starting in `from_ms..to_ms`.
+    ///
+    /// # Errors
+    /// The store's error.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn usage(
+        &self,
+        ns: &Namespace,
+        entity: &EntityId,
+        resource: Option<&ResourceId>,
+        period: Period,
+        from_ms: i64,
+        to_ms: i64,
+        deadline: Instant,
+    ) -> Result<Vec<Usage>, LimiterError> {
+        within(deadline, async {
+            Ok(self
+                .store()
+                .usage(ns, entity, resource, period, from_ms, to_ms)
+                .await?)
+        })
+        .await
+    }
+
+    fn store(&self) -> &dyn crate::store::Store {
+        &**self.limiter.store()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_tokens_have_the_form_of_a_sort_key() {
+        let real = crate::store::audit_sort_key(1_700_000_000_000);
+        assert!(valid_page_token(&real), "{real}");
+        for bad in [
+            "",
+            "garbage",
+            "00000000000000000001#zz",
+            "1#0123456789abcdef",
+        ] {
+            assert!(!valid_page_token(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! The batch decision: which queued acquires one write admits, and that write.
+//!
+//! Pure and deterministic, called once per round trip of a consistency group (an entity with its
+//! cascading children). Each acquire touches its own bucket and, for a cascading child, its
+//! parent's. They are decided one after another, in arrival order, each against the state the
+//! admitted ones before it left, starting from the states the store last confirmed; a refusal
+//! changes nothing. Every bucket the admitted acquires touch then gets one conditional write for
+//! their sum, planned from its confirmed state, so the store checks the whole batch at once.
+//!
+//! A bucket is planned under one limit set per batch: the first acquire that reaches it fixes
+//! it, and an acquire asking another set for it ends the batch (it and everything after it wait
+//! for the next round, so the order is kept).
+
+use super::amounts::Amounts;
+use super::bucket::{Admission, Bucket, LimitStatus, Plan, Rejection, UnknownLimit, Write};
+use super::bucket::{admit, plan};
+use super::limit::Limit;
+
+/// What one acquire asks of one bucket: `item` indexes the batch's confirmed states.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    pub item: usize,
+    pub limits: &'a [Limit],
+    pub amounts: &'a Amounts,
+}
+
+/// One queued acquire: its own bucket, and its parent's when it cascades.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub own: Ask<'a>,
+    pub parent: Option<Ask<'a>>,
+}
+
+/// The decision on one queued acquire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Carried by this batch's writes: how each limit of its own bucket stood.
+    Admitted(Vec<LimitStatus>),
+    /// Refused (by the parent's limits when `by_parent`); nothing of it is written.
+    Rejected {
+        rejection: Rejection,
+        by_parent: bool,
+    },
+    /// It names a limit its limit set does not have.
+    Invalid(UnknownLimit),
+    /// Not decided in this batch (another limit set for a bucket came first).
+    Deferred,
+}
+
+/// One bucket's write: `expected` is the state it leaves if nobody else wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemWrite {
+    pub item: usize,
+    pub write: Write,
+    pub expected: Bucket,
+}
+
+/// The decisions, one per queued acquire in order, and the writes that carry the admitted ones.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchPlan {
+    pub verdicts: Vec<Verdict>,
+    pub writes: Vec<ItemWrite>,
+}
+
+impl BatchPlan {
+    pub fn admitted(&self) -> usize {
+        self.verdicts
+            .iter()
+            .filter(|v| matches!(v, Verdict::Admitted(_)))
+            .count()
+    }
+}
+
+/// Decides `queue` against the `confirmed` bucket states (`None`: not stored) at `now`.
+///
+/// # Panics
+/// Never for valid input: an `Ask::item` out of range of `confirmed` is a caller bug and panics
+/// with that message.
+pub fn decide_batch(confirmed: &[Option<Bucket>], queue: &[Request<'_>], now: i64) -> BatchPlan {
+    let mut running: Vec<Option<Bucket>> = confirmed.to_vec();
+    let mut sets: Vec<Option<&[Limit]>> = vec![None; confirmed.len()];
+    let mut totals: Vec<Amounts> = vec![Amounts::default(); confirmed.len()];
+    let mut verdicts = Vec::with_capacity(queue.len());
+    let mut deferring = false;
+    for req in queue {
+        let asks = std::iter::once(&req.own).chain(req.parent.as_ref());
+        let other_set = asks
+            .clone()
+            .any(|a| sets[a.item].is_some_and(|s| s != a.limits));
+        if deferring || other_set {
+            deferring = true;
+            verdicts.push(Verdict::Deferred);
+            continue;
+        }
+        let own = match admit(
+            running[req.own.item].as_ref(),
+            req.own.limits,
+            req.own.amounts,
+            now,
+        ) {
+            Err(e) => {
+                verdicts.push(Verdict::Invalid(e));
+                continue;
+            }
+            Ok(Admission::Rejected(rejection)) => {
+                verdicts.push(Verdict::Rejected {
+                    rejection,
+                    by_parent: false,
+                });
+                continue;
+            }
+            Ok(Admission::Admitted { statuses, after }) => (statuses, after),
+        };
+        let parent = match req.parent {
+            None => None,
+            Some(p) => match admit(running[p.item].as_ref(), p.limits, p.amounts, now) {
+                Err(e) => {
+                    verdicts.push(Verdict::Invalid(e));
+                    continue;
+                }
+                Ok(Admission::Rejected(rejection)) => {
+                    verdicts.push(Verdict::Rejected {
+                        rejection,
+                        by_parent: true,
+                    });
+                    continue;
+                }
+                Ok(Admission::Admitted { after, .. }) => Some((p, after)),
+            },
+        };
+        let (statuses, after) = own;
+        for (ask, after) in std::iter::once((req.own, after)).chain(parent) {
+            running[ask.item] = Some(after);
+            sets[ask.item] = Some(ask.limits);
+            totals[ask.item]
+                .try_add(ask.amounts)
+                .expect("admitted amounts fit in a balance, so their sum fits in i64");
+        }
+        verdicts.push(Verdict::Admitted(statuses));
+    }
+    let writes = sets
+        .iter()
+        .enumerate()
+        .filter_map(|(item, set)| {
+            let set = (*set)?;
+            match plan(confirmed[item].as_ref(), set, &totals[item], now) {
+                Ok(Plan::Admit { write, expected }) => {
+                    let noop = matches!(&write, Write::Change(c) if c.is_noop());
+                    (!noop).then_some(ItemWrite {
+                        item,
+                        write,
+                        expected,
+                    })
+                }
+                // Each admitted acquire fitted the state the previous ones left, so their sum
+                // fits the confirmed state: `plan` checks exactly what `admit` checked, at once.
+                Ok(Plan::Reject(_)) | Err(_) => {
+                    unreachable!("the sum of acquires admitted one by one is admitted at once")
+                }
+            }
+        })
+        .collect();
+    BatchPlan { verdicts, writes }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,477 @@
+//! The actor of one consistency group: an entity and its cascading children (routed here by the
+//! root's id), sole owner of their cached buckets, queued acquires, open leases and unflushed
+//! usage. One [`Lane`] per resource does the deciding; this module wires lanes to the store and
+//! to time.
+//!
+//! Store calls run in tracked tasks that report back as messages, so the actor never waits on
+//! I/O and keeps answering cached rejections while a write is in flight; shutdown waits for the
+//! tasks. Every time-based rule (staleness, lease expiry, idleness, commit spacing) reads the
+//! limiter's [`crate::clock::Clock`]; timers only say when to look again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::oneshot;
+
+use super::lane::{Io, Lane, Settle};
+use super::leases::Leases;
+use super::registry::{GroupKey, Routes, Ticket};
+use super::usage::UsageLog;
+use super::{Decision, Deps, LimiterError};
+use crate::domain::amounts::Amounts;
+use crate::domain::bucket::{Bucket, LimitStatus};
+use crate::domain::ids::{BucketKey, EntityId, ResourceId};
+use crate::domain::limit::Limit;
+use crate::domain::records::Usage;
+use crate::metrics as m;
+use crate::store::{KeyedWrite, StoreError};
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, LimiterError>>;
+
+/// The parent a cascading entity's acquire also charges, with the parent's own limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ParentSpec {
+    pub entity: EntityId,
+    pub limits: Vec<Limit>,
+}
+
+pub(crate) struct AcquireJob {
+    pub entity: EntityId,
+    pub resource: ResourceId,
+    pub limits: Vec<Limit>,
+    pub amounts: Amounts,
+    /// Set for a cascading child: charge this parent too, in the same atomic write.
+    pub parent: Option<ParentSpec>,
+    pub deadline: tokio::time::Instant,
+    /// Whether the caller wants a lease (else the acquire is committed at once).
+    pub lease: bool,
+    pub reply: Reply<Decision>,
+    /// The job's place in its group's bound (see [`super::registry`]).
+    pub ticket: Option<Ticket>,
+}
+
+impl AcquireJob {
+    /// What the job charges its cascade parent: its amounts on the limits the parent has.
+    pub fn parent_share(&self) -> Amounts {
+        match &self.parent {
+            Some(p) => self
+                .amounts
+                .only(|n| p.limits.iter().any(|l| l.name() == n)),
+            None => Amounts::default(),
+        }
+    }
+}
+
+pub(crate) struct PeekJob {
+    pub entity: EntityId,
+    pub limits: Vec<Limit>,
+    pub amounts: Amounts,
+    pub reply: Reply<Vec<LimitStatus>>,
+}
+
+pub(crate) enum Msg {
+    Acquire(AcquireJob),
+    Adjust(u64, Amounts, Reply<()>),
+    /// Commit (`false`) or roll back (`true`) a lease.
+    Close(u64, bool, Reply<()>),
+    Peek(
+        EntityId,
+        ResourceId,
+        Vec<Limit>,
+        Amounts,
+        Reply<Vec<LimitStatus>>,
+    ),
+    Loaded(
+        ResourceId,
+        Result<Vec<(EntityId, Option<Bucket>)>, StoreError>,
+    ),
+    Written(ResourceId, Result<Option<Bucket>, StoreError>),
+    /// A lane's wait (commit spacing, back-off) is over.
+    Wake(ResourceId),
+    Tick,
+    FlushUsage,
+    UsageNotFlushed(Vec<Usage>),
+    /// Settle what is owed, flush usage, then stop.
+    Shutdown,
+}
+
+pub(crate) struct GroupActor;
+
+pub(crate) struct Args {
+    pub deps: Arc<Deps>,
+    pub routes: Arc<dyn Routes>,
+    pub group: GroupKey,
+}
+
+pub(crate) struct State {
+    deps: Arc<Deps>,
+    routes: Arc<dyn Routes>,
+    group: GroupKey,
+    lanes: HashMap<ResourceId, Lane>,
+    leases: Leases,
+    usage: UsageLog,
+    last_active_ms: i64,
+    /// When the next tick is due (clock ms), if one is scheduled.
+    tick_at: Option<i64>,
+    flush_scheduled: bool,
+    /// Stopping: idle, or the limiter is shutting down.
+    stopping: bool,
+}
+
+/// What a lane may touch besides itself while deciding.
+pub(crate) struct Ctx<'a> {
+    pub deps: &'a Deps,
+    pub routes: &'a dyn Routes,
+    pub group: &'a GroupKey,
+    pub resource: &'a ResourceId,
+    pub leases: &'a mut Leases,
+    pub usage: &'a mut UsageLog,
+    pub now: i64,
+}
+
+impl Actor for GroupActor {
+    type Msg = Msg;
+    type State = State;
+    type Arguments = Args;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Msg>,
+        args: Args,
+    ) -> Result<State, ActorProcessingErr> {
+        metrics::gauge!(m::ACTORS).increment(1.0);
+        let now = args.deps.clock.now_ms();
+        Ok(State {
+            deps: args.deps,
+            routes: args.routes,
+            group: args.group,
+            lanes: HashMap::new(),
+            leases: Leases::default(),
+            usage: UsageLog::default(),
+            last_active_ms: now,
+            tick_at: None,
+            flush_scheduled: false,
+            stopping: false,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        myself: ActorRef<Msg>,
+        state: &mut State,
+    ) -> Result<(), ActorProcessingErr> {
+        metrics::gauge!(m::ACTORS).decrement(1.0);
+        state.routes.unpublish(&state.group, myself.get_id());
+        // Leases still open stay consumed; forget their routes.
+        for id in state.leases.drain() {
+            state.routes.lease_closed(id);
+        }
+        // The last consumption goes to the usage snapshots before the actor is gone.
+        let usage = state.usage.take();
+        if !usage.is_empty()
+            && let Err(e) = state.deps.store.add_usage(&state.group.0, &usage).await
+        {
+            tracing::warn!("usage of a stopping entity could not be flushed: {e}");
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Msg>,
+        msg: Msg,
+        state: &mut State,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = state.deps.clock.now_ms();
+        let resource = match msg {
+            Msg::Acquire(job) => {
+                state.last_active_ms = now;
+                let resource = job.resource.clone();
+                state.with_lane(&resource, now, |lane, ctx| lane.acquire(job, ctx));
+                Some(resource)
+            }
+            Msg::Adjust(id, delta, reply) => {
+                state.last_active_ms = now;
+                state.expire_leases(now);
+                let _ = reply.send(state.leases.adjust(id, &delta));
+                None
+            }
+            Msg::Close(id, rollback, reply) => {
+                state.last_active_ms = now;
+                state.expire_leases(now);
+                let give_up_ms = state.leases.expires_ms(id).unwrap_or(now);
+                state.leases.close(id, rollback, reply).map(|settlement| {
+                    let lane = state.lanes.entry(settlement.resource.clone()).or_default();
+                    lane.settle(Settle {
+                        parts: settlement.parts,
+                        lease: Some(id),
+                        give_up_ms,
+                    });
+                    settlement.resource
+                })
+            }
+            Msg::Peek(entity, resource, limits, amounts, reply) => {
+                state.last_active_ms = now;
+                let lane = state.lanes.entry(resource.clone()).or_default();
+                lane.peek(PeekJob {
+                    entity,
+                    limits,
+                    amounts,
+                    reply,
+                });
+                Some(resource)
+            }
+            Msg::Loaded(resource, result) => {
+                state.with_lane(&resource, now, |lane, ctx| lane.loaded(result, ctx));
+                Some(resource)
+            }
+            Msg::Written(resource, result) => {
+                state.with_lane(&resource, now, |lane, ctx| lane.written(result, ctx));
+                Some(resource)
+            }
+            Msg::Wake(resource) => {
+                if let Some(lane) = state.lanes.get_mut(&resource) {
+                    lane.wake_scheduled = false;
+                }
+                Some(resource)
+            }
+            Msg::Tick => {
+                state.tick_at = None;
+                state.expire_leases(now);
+                let resources: Vec<ResourceId> = state.lanes.keys().cloned().collect();
+                for r in resources {
+                    state.drive(&r, now, &myself);
+                }
+                if !state.stopping
+                    && state.quiet(false)
+                    && now - state.last_active_ms >= state.deps.settings.idle_timeout_ms
+                {
+                    // Unpublish first, so new callers get a fresh actor.
+                    state.routes.unpublish(&state.group, myself.get_id());
+                    state.stopping = true;
+                }
+                None
+            }
+            Msg::FlushUsage => {
+                state.flush_scheduled = false;
+                state.flush_usage(&myself);
+                None
+            }
+            Msg::UsageNotFlushed(usage) => {
+                state.usage.restore(usage);
+                state.schedule_flush(&myself);
+                None
+            }
+            Msg::Shutdown => {
+                state.stopping = true;
+                state.routes.unpublish(&state.group, myself.get_id());
+                None
+            }
+        };
+        if let Some(resource) = resource {
+            state.drive(&resource, now, &myself);
+        }
+        if !state.usage.is_empty() {
+            state.schedule_flush(&myself);
+        }
+        if state.stopping && state.quiet(true) {
+            myself.stop(None);
+            return Ok(());
+        }
+        state.schedule_tick(now, &myself);
+        Ok(())
+    }
+}
+
+/// The parts of the state a lane's context borrows, split from the lanes.
+struct CtxParts<'a> {
+    deps: &'a Deps,
+    routes: &'a dyn Routes,
+    group: &'a GroupKey,
+    leases: &'a mut Leases,
+    usage: &'a mut UsageLog,
+    now: i64,
+}
+
+impl<'a> CtxParts<'a> {
+    fn with<'b>(&'b mut self, resource: &'b ResourceId) -> Ctx<'b> {
+        Ctx {
+            deps: self.deps,
+            routes: self.routes,
+            group: self.group,
+            resource,
+            leases: self.leases,
+            usage: self.usage,
+            now: self.now,
+        }
+    }
+}
+
+impl State {
+    fn ctx_parts(&mut self, now: i64) -> (&mut HashMap<ResourceId, Lane>, CtxParts<'_>) {
+        (
+            &mut self.lanes,
+            CtxParts {
+                deps: &self.deps,
+                routes: &*self.routes,
+                group: &self.group,
+                leases: &mut self.leases,
+                usage: &mut self.usage,
+                now,
+            },
+        )
+    }
+
+    fn with_lane<T>(
+        &mut self,
+        resource: &ResourceId,
+        now: i64,
+        f: impl FnOnce(&mut Lane, &mut Ctx<'_>) -> T,
+    ) -> T {
+        let (lanes, mut parts) = self.ctx_parts(now);
+        let lane = lanes.entry(resource.clone()).or_default();
+        f(lane, &mut parts.with(resource))
+    }
+
+    fn expire_leases(&mut self, now: i64) {
+        for id in self.leases.expire(now) {
+            self.routes.lease_closed(id);
+        }
+    }
+
+    /// Whether nothing is queued, in flight or owed (and, unless `ignore_leases`, no lease is
+    /// open).
+    fn quiet(&self, ignore_leases: bool) -> bool {
+        self.lanes.values().all(Lane::is_idle)
+            && !self.leases.closing()
+            && (ignore_leases || !self.leases.any_open())
+    }
+
+    /// Runs a lane's rounds and starts the store call it asks for.
+    fn drive(&mut self, resource: &ResourceId, now: i64, myself: &ActorRef<Msg>) {
+        let io = self.with_lane(resource, now, |lane, ctx| lane.round(ctx));
+        let wait = match io {
+            None => None,
+            Some(Io::Wait(ms)) => Some(ms),
+            Some(Io::Load(entities)) => {
+                self.spawn_load(resource.clone(), entities, myself);
+                None
+            }
+            Some(Io::Write(writes)) => {
+                self.spawn_write(resource.clone(), writes, myself);
+                None
+            }
+        };
+        if let Some(ms) = wait {
+            let lane = self
+                .lanes
+                .get_mut(resource)
+                .expect("the lane was just used");
+            if !lane.wake_scheduled {
+                lane.wake_scheduled = true;
+                let resource = resource.clone();
+                let delay = Duration::from_millis(ms.max(1) as u64);
+                myself.send_after(delay, move || Msg::Wake(resource));
+            }
+        }
+    }
+
+    fn key(&self, entity: EntityId, resource: &ResourceId) -> BucketKey {
+        BucketKey {
+            namespace: self.group.0.clone(),
+            entity,
+            resource: resource.clone(),
+        }
+    }
+
+    fn spawn_load(&self, resource: ResourceId, entities: Vec<EntityId>, myself: &ActorRef<Msg>) {
+        let store = self.deps.store.clone();
+        let keys: Vec<BucketKey> = entities
+            .into_iter()
+            .map(|e| self.key(e, &resource))
+            .collect();
+        let me = myself.clone();
+        self.deps.tasks.spawn(async move {
+            let mut states = Vec::with_capacity(keys.len());
+            let mut result = Ok(());
+            for key in keys {
+                match store.load_bucket(&key).await {
+                    Ok(b) => states.push((key.entity, b)),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            let _ = me.cast(Msg::Loaded(resource, result.map(|()| states)));
+        });
+    }
+
+    fn spawn_write(
+        &self,
+        resource: ResourceId,
+        writes: Vec<(EntityId, crate::domain::bucket::Write)>,
+        myself: &ActorRef<Msg>,
+    ) {
+        let store = self.deps.store.clone();
+        let writes: Vec<KeyedWrite> = writes
+            .into_iter()
+            .map(|(e, write)| KeyedWrite {
+                key: self.key(e, &resource),
+                write,
+            })
+            .collect();
+        let me = myself.clone();
+        self.deps.tasks.spawn(async move {
+            let result = match writes.as_slice() {
+                [one] => store.write_bucket(&one.key, &one.write).await.map(Some),
+                many => store.commit(many).await.map(|()| None),
+            };
+            let _ = me.cast(Msg::Written(resource, result));
+        });
+    }
+
+    fn flush_usage(&mut self, myself: &ActorRef<Msg>) {
+        let usage = self.usage.take();
+        if usage.is_empty() {
+            return;
+        }
+        let store = self.deps.store.clone();
+        let ns = self.group.0.clone();
+        let me = myself.clone();
+        self.deps.tasks.spawn(async move {
+            if let Err(e) = store.add_usage(&ns, &usage).await {
+                tracing::warn!("usage flush failed, kept for the next one: {e}");
+                let _ = me.cast(Msg::UsageNotFlushed(usage));
+            }
+        });
+    }
+
+    fn schedule_flush(&mut self, myself: &ActorRef<Msg>) {
+        let every = self.deps.settings.usage_flush_ms;
+        if every <= 0 {
+            let _ = self.usage.take();
+            return;
+        }
+        if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            myself.send_after(Duration::from_millis(every as u64), || Msg::FlushUsage);
+        }
+    }
+
+    fn schedule_tick(&mut self, now: i64, myself: &ActorRef<Msg>) {
+        let idle_at = self.last_active_ms + self.deps.settings.idle_timeout_ms;
+        let next = self
+            .leases
+            .next_expiry()
+            .map_or(idle_at, |e| e.min(idle_at));
+        if self.tick_at.is_some_and(|at| at <= next) {
+            return;
+        }
+        let wait = (next - now).clamp(10, 60_000);
+        self.tick_at = Some(next);
+        myself.send_after(Duration::from_millis(wait as u64), || Msg::Tick);
+    }
+}

@@ -1,0 +1,223 @@
+//! One actor per consistency group (an entity with its cascading children, keyed by the root),
+//! found through a `DashMap`, spawned on first use and stopped when idle; and the index that
+//! routes a lease id to its group.
+//!
+//! Mailboxes are bounded here, before a message is sent: every acquire holds a [`Ticket`] from
+//! the moment it is sent until it is answered (it is dropped with the job), and a group already
+//! holding `max_queue` of them sheds the next with `UNAVAILABLE`. The actors see only the narrow
+//! [`Routes`] side of the registry.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use dashmap::DashMap;
+use ractor::{ActorRef, MessagingErr};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::group::{Args, GroupActor, Msg};
+use super::{Deps, LimiterError};
+use crate::domain::ids::{EntityId, Namespace};
+use crate::metrics::{self as m, outcome};
+
+/// A consistency group: the namespace and the root entity.
+pub(crate) type GroupKey = (Namespace, EntityId);
+
+#[derive(Clone)]
+struct Handle {
+    actor: ActorRef<Msg>,
+    tickets: Arc<AtomicUsize>,
+}
+
+/// An acquire's place in its group's bound; given back when dropped.
+pub(crate) struct Ticket(Arc<AtomicUsize>);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What an actor may do to the registry: publish and withdraw its leases, withdraw itself.
+pub(crate) trait Routes: Send + Sync + 'static {
+    fn lease_opened(&self, id: u64, group: &GroupKey);
+    fn lease_closed(&self, id: u64);
+    fn next_lease_id(&self) -> u64;
+    /// Stops routing to the actor `actor` of `group` (new work spawns a fresh actor).
+    fn unpublish(&self, group: &GroupKey, actor: ractor::ActorId);
+}
+
+pub(crate) struct Registry {
+    deps: Arc<Deps>,
+    actors: DashMap<GroupKey, Handle>,
+    leases: DashMap<u64, GroupKey>,
+    next_lease: AtomicU64,
+    /// Set once at construction: the registry itself, as the actors see it.
+    me: std::sync::OnceLock<std::sync::Weak<Registry>>,
+}
+
+impl Routes for Registry {
+    fn lease_opened(&self, id: u64, group: &GroupKey) {
+        self.leases.insert(id, group.clone());
+    }
+
+    fn lease_closed(&self, id: u64) {
+        self.leases.remove(&id);
+    }
+
+    fn next_lease_id(&self) -> u64 {
+        self.next_lease.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn unpublish(&self, group: &GroupKey, actor: ractor::ActorId) {
+        self.actors
+            .remove_if(group, |_, h| h.actor.get_id() == actor);
+    }
+}
+
+impl Registry {
+    pub fn new(deps: Arc<Deps>) -> Self {
+        Self {
+            deps,
+            actors: DashMap::new(),
+            leases: DashMap::new(),
+            next_lease: AtomicU64::new(1),
+            me: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Called once the registry is in its `Arc`, so actors can reach it.
+    pub fn publish_self(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
+    }
+
+    pub fn len(&self) -> usize {
+        self.actors.len()
+    }
+
+    pub fn lease_group(&self, id: u64) -> Option<GroupKey> {
+        self.leases.get(&id).map(|g| g.clone())
+    }
+
+    /// Sends a call to the group's actor and waits for the answer until `deadline`. An acquire
+    /// (`acquire`: it takes a [`Ticket`]) is shed when the group holds `max_queue` already.
+    ///
+    /// When the deadline passes, the answer channel is closed first and then read once more: an
+    /// answer the actor sent before the close is taken (the caller gets what was decided); after
+    /// the close, the actor's send fails, and it gives back what it had admitted. So exactly one
+    /// of the two sides owns the outcome.
+    ///
+    /// # Errors
+    /// [`LimiterError::Unavailable`] when shed or when the actor stopped without answering;
+    /// [`LimiterError::DeadlineExceeded`] when no answer came in time.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        group: &GroupKey,
+        deadline: Instant,
+        acquire: bool,
+        build: impl FnOnce(super::group::Reply<T>) -> Msg,
+    ) -> Result<T, LimiterError> {
+        let (tx, mut rx) = oneshot::channel();
+        let mut msg = build(tx);
+        for _ in 0..3 {
+            let handle = self.handle(group)?;
+            if acquire {
+                let max = self.deps.settings.max_queue;
+                let held = handle.tickets.fetch_add(1, Ordering::Relaxed);
+                if held >= max {
+                    handle.tickets.fetch_sub(1, Ordering::Relaxed);
+                    m::decision(outcome::SHED);
+                    return Err(LimiterError::Unavailable(format!(
+                        "overloaded: {max} acquires already wait for this entity"
+                    )));
+                }
+                if let Msg::Acquire(job) = &mut msg {
+                    job.ticket = Some(Ticket(handle.tickets.clone()));
+                }
+            }
+            match handle.actor.send_message(msg) {
+                Ok(()) => return wait(&mut rx, deadline).await,
+                Err(MessagingErr::SendErr(mut back)) => {
+                    if let Msg::Acquire(job) = &mut back {
+                        job.ticket = None;
+                    }
+                    msg = back;
+                }
+                Err(e) => return Err(LimiterError::Unavailable(format!("actor unreachable: {e}"))),
+            }
+            // The actor was stopping (idle): route to a fresh one.
+            self.unpublish(group, handle.actor.get_id());
+        }
+        Err(LimiterError::Unavailable(
+            "could not reach the entity's actor".into(),
+        ))
+    }
+
+    /// Sends `msg()` to every live actor.
+    pub fn broadcast(&self, msg: impl Fn() -> Msg) {
+        for h in self.actors.iter() {
+            let _ = h.actor.send_message(msg());
+        }
+    }
+
+    /// Asks every actor to settle what it holds and stop; waits for them until `until`.
+    pub async fn stop_all(&self, until: Instant) {
+        let handles: Vec<Handle> = self.actors.iter().map(|h| h.value().clone()).collect();
+        self.actors.clear();
+        for h in &handles {
+            let _ = h.actor.send_message(Msg::Shutdown);
+        }
+        for h in &handles {
+            let left = until.saturating_duration_since(Instant::now());
+            let _ = h.actor.wait(Some(left)).await;
+        }
+    }
+
+    fn handle(&self, group: &GroupKey) -> Result<Handle, LimiterError> {
+        if let Some(h) = self.actors.get(group) {
+            return Ok(h.clone());
+        }
+        let routes: Arc<dyn Routes> = self
+            .me
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .ok_or_else(|| LimiterError::Unavailable("the limiter is shutting down".into()))?;
+        let entry = self
+            .actors
+            .entry(group.clone())
+            .or_try_insert_with(|| {
+                let args = Args {
+                    deps: self.deps.clone(),
+                    routes,
+                    group: group.clone(),
+                };
+                ractor::ActorRuntime::spawn_instant(None, GroupActor, args).map(|(actor, _)| {
+                    Handle {
+                        actor,
+                        tickets: Arc::new(AtomicUsize::new(0)),
+                    }
+                })
+            })
+            .map_err(|e| LimiterError::Unavailable(format!("cannot start an entity actor: {e}")))?;
+        Ok(entry.clone())
+    }
+}
+
+async fn wait<T>(
+    rx: &mut oneshot::Receiver<Result<T, LimiterError>>,
+    deadline: Instant,
+) -> Result<T, LimiterError> {
+    match tokio::time::timeout_at(deadline, &mut *rx).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_)) => Err(LimiterError::Unavailable(
+            "the entity's actor stopped before answering".into(),
+        )),
+        Err(_) => {
+            rx.close();
+            match rx.try_recv() {
+                Ok(answer) => answer,
+                Err(_) => Err(LimiterError::DeadlineExceeded),
+            }
+        }
+    }
+}

@@ -1,0 +1,500 @@
+//! The limiter in process, with a manual clock and a store that counts, slows and fails calls:
+//! group commit, conflicts re-planned from the returned item, staleness, lease expiry, idle
+//! eviction, shutdown flush, and the ledger at the edges (deadlines, overflow, refunds, retries).
+//! Each test runs on the memory store and on DynamoDB Local.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::Counting;
+use tokio::time::Instant;
+use zae_limiter::clock::{Clock, ManualClock};
+use zae_limiter::consume::{Seen, consume};
+use zae_limiter::domain::amounts::Amounts;
+use zae_limiter::domain::limit::MILLI;
+use zae_limiter::domain::records::Period;
+use zae_limiter::limiter::{
+    AcquireRequest, Decision, FailurePolicy, LeaseId, Limiter, LimiterError, LimiterSettings,
+};
+use zae_limiter::store::Store;
+use zae_limiter::{BucketKey, EntityId, Limit, LimitName, Namespace, ResourceId};
+
+const T0: i64 = 1_700_000_000_000;
+
+struct Fixture {
+    limiter: Limiter,
+    store: Arc<Counting>,
+    clock: Arc<ManualClock>,
+    ns: Namespace,
+}
+
+fn fixture(
+    inner: Arc<dyn Store>,
+    ns: Namespace,
+    tune: impl FnOnce(&mut LimiterSettings),
+) -> Fixture {
+    let store = Arc::new(Counting::new(inner));
+    let clock = Arc::new(ManualClock::new(T0));
+    let mut settings = LimiterSettings {
+        namespaces: vec![ns.clone()],
+        ..LimiterSettings::default()
+    };
+    tune(&mut settings);
+    let limiter = Limiter::new(store.clone(), clock.clone(), settings);
+    Fixture {
+        limiter,
+        store,
+        clock,
+        ns,
+    }
+}
+
+fn key(ns: &Namespace, entity: &str) -> BucketKey {
+    BucketKey {
+        namespace: ns.clone(),
+        entity: EntityId::new(entity).unwrap(),
+        resource: ResourceId::new("model").unwrap(),
+    }
+}
+
+fn amounts(pairs: &[(&str, i64)]) -> Amounts {
+    Amounts::new(
+        pairs
+            .iter()
+            .map(|(n, a)| (LimitName::new(*n).unwrap(), a * MILLI)),
+    )
+    .unwrap()
+}
+
+fn within(ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(ms)
+}
+
+impl Fixture {
+    fn request(
+        &self,
+        entity: &str,
+        limits: &[Limit],
+        take: &[(&str, i64)],
+        lease: bool,
+    ) -> AcquireRequest {
+        AcquireRequest {
+            key: key(&self.ns, entity),
+            amounts: amounts(take),
+            limits: Some(limits.to_vec()),
+            lease,
+        }
+    }
+
+    async fn acquire(
+        &self,
+        entity: &str,
+        limits: &[Limit],
+        take: &[(&str, i64)],
+        lease: bool,
+    ) -> Result<Decision, LimiterError> {
+        self.limiter
+            .acquire(self.request(entity, limits, take, lease), within(5_000))
+            .await
+    }
+
+    async fn lease(&self, entity: &str, limits: &[Limit], take: &[(&str, i64)]) -> LeaseId {
+        match self.acquire(entity, limits, take, true).await.unwrap() {
+            Decision::Admitted { lease, .. } => lease.expect("a lease was asked for"),
+            other => panic!("expected an admission, got {other:?}"),
+        }
+    }
+
+    /// The stored (balance, consumed) of a limit, in milli-tokens.
+    async fn stored(&self, entity: &str, limit: &str) -> (i64, i128) {
+        let bucket = self
+            .store
+            .inner
+            .load_bucket(&key(&self.ns, entity))
+            .await
+            .unwrap()
+            .expect("the bucket is stored");
+        let l = bucket.limit(&LimitName::new(limit).unwrap()).unwrap();
+        (l.balance, l.consumed)
+    }
+}
+
+fn admitted(d: &Result<Decision, LimiterError>) -> bool {
+    matches!(d, Ok(Decision::Admitted { .. }))
+}
+
+async fn group_commit_carries_many_admits_in_few_writes(inner: Arc<dyn Store>, ns: Namespace) {
+    let f = Arc::new(fixture(inner, ns, |_| {}));
+    f.store.write_delay_ms.store(20, Ordering::SeqCst);
+    let limits = [Limit::per_hour("rpm", 1_000).unwrap()];
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let (f, limits) = (f.clone(), limits.clone());
+            tokio::spawn(async move { f.acquire("hot", &limits, &[("rpm", 1)], false).await })
+        })
+        .collect();
+    for t in tasks {
+        assert!(admitted(&t.await.unwrap()));
+    }
+    let writes = f.store.writes();
+    assert!(writes <= 32, "64 admits took {writes} writes");
+    assert_eq!(f.stored("hot", "rpm").await.1, i128::from(64 * MILLI));
+}
+
+async fn a_lost_race_is_replanned_from_the_returned_item_without_a_read(
+    inner: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    let f = fixture(inner, ns, |_| {});
+    let limits = [Limit::per_hour("rpm", 100).unwrap()];
+    assert!(admitted(
+        &f.acquire("e", &limits, &[("rpm", 1)], false).await
+    ));
+    assert_eq!((f.store.loads(), f.store.writes()), (1, 1));
+    // Another daemon consumes 90 behind this one's back.
+    let other = consume(
+        &*f.store.inner,
+        &key(&f.ns, "e"),
+        &limits,
+        &amounts(&[("rpm", 90)]),
+        f.clock.now_ms(),
+        Seen::Unread,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        other,
+        zae_limiter::consume::Outcome::Admitted { .. }
+    ));
+    // The cache says 99 are left: 20 fits there, so the write is tried, loses, and the returned
+    // item (9 left) refuses it, with no read.
+    let d = f
+        .acquire("e", &limits, &[("rpm", 20)], false)
+        .await
+        .unwrap();
+    assert!(matches!(d, Decision::Rejected { .. }), "{d:?}");
+    assert_eq!((f.store.loads(), f.store.writes()), (1, 2));
+    // And 9 still fit, decided on the returned item.
+    assert!(admitted(
+        &f.acquire("e", &limits, &[("rpm", 9)], false).await
+    ));
+    assert_eq!((f.store.loads(), f.store.writes()), (1, 3));
+    assert_eq!(f.stored("e", "rpm").await, (0, i128::from(100 * MILLI)));
+}
+
+async fn a_stale_cache_is_read_again_before_it_may_refuse(inner: Arc<dyn Store>, ns: Namespace) {
+    let f = fixture(inner, ns, |s| s.max_staleness_ms = 1_000);
+    let limits = [Limit::per_hour("rpm", 5).unwrap()];
+    assert!(admitted(
+        &f.acquire("e", &limits, &[("rpm", 5)], false).await
+    ));
+    let calls = || (f.store.loads(), f.store.writes());
+    assert_eq!(calls(), (1, 1));
+    // Fresh: refused from the cache, at no store cost.
+    let d = f.acquire("e", &limits, &[("rpm", 1)], false).await.unwrap();
+    assert!(matches!(d, Decision::Rejected { .. }));
+    assert_eq!(calls(), (1, 1));
+    // Stale: read again first (a refund elsewhere would be seen), then refused.
+    f.clock.advance(1_001);
+    let d = f.acquire("e", &limits, &[("rpm", 1)], false).await.unwrap();
+    assert!(matches!(d, Decision::Rejected { .. }));
+    assert_eq!(calls(), (2, 1));
+}
+
+async fn leases_expire_by_the_clock_and_stay_consumed(inner: Arc<dyn Store>, ns: Namespace) {
+    let f = fixture(inner, ns, |s| s.lease_ttl_ms = 60_000);
+    let limits = [Limit::per_hour("tpm", 1_000).unwrap()];
+    let lease = f.lease("e", &limits, &[("tpm", 100)]).await;
+    f.clock.advance(59_999);
+    f.limiter
+        .adjust(lease, amounts(&[("tpm", 1)]), within(5_000))
+        .await
+        .unwrap();
+    f.clock.advance(2);
+    f.limiter.tick();
+    let err = f.limiter.rollback(lease, within(5_000)).await.unwrap_err();
+    assert!(matches!(err, LimiterError::LeaseNotFound(_)), "{err:?}");
+    assert_eq!(
+        f.stored("e", "tpm").await,
+        (900 * MILLI, i128::from(100 * MILLI))
+    );
+}
+
+async fn idle_groups_stop_and_come_back(inner: Arc<dyn Store>, ns: Namespace) {
+    let f = fixture(inner, ns, |s| s.idle_timeout_ms = 1_000);
+    let limits = [Limit::per_hour("rpm", 10).unwrap()];
+    assert!(admitted(
+        &f.acquire("e", &limits, &[("rpm", 1)], false).await
+    ));
+    assert_eq!(f.limiter.live_groups(), 1);
+    f.clock.advance(999);
+    f.limiter.tick();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(f.limiter.live_groups(), 1, "not idle long enough yet");
+    f.clock.advance(2);
+    f.limiter.tick();
+    let until = Instant::now() + Duration::from_secs(10);
+    while f.limiter.live_groups() > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(f.limiter.live_groups(), 0, "the idle group stopped");
+    assert!(admitted(
+        &f.acquire("e", &limits, &[("rpm", 1)], false).await
+    ));
+    assert_eq!(f.stored("e", "rpm").await.1, i128::from(2 * MILLI));
+}
+
+async fn shutdown_writes_what_is_owed_and_flushes_usage(inner: Arc<dyn Store>, ns: Namespace) {
+    let f = fixture(inner, ns, |s| s.usage_flush_ms = 3_600_000);
+    let limits = [Limit::per_hour("tpm", 1_000).unwrap()];
+    assert!(admitted(
+        &f.acquire("e", &limits, &[("tpm", 30)], false).await
+    ));
+    let lease = f.lease("e", &limits, &[("tpm", 50)]).await;
+    // The rollback's write is slow: its caller gives up first, the write still lands.
+    f.store.write_delay_ms.store(300, Ordering::SeqCst);
+    let err = f.limiter.rollback(lease, within(50)).await.unwrap_err();
+    assert!(matches!(err, LimiterError::Unavailable(_)), "{err:?}");
+    f.limiter.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(
+        f.stored("e", "tpm").await,
+        (970 * MILLI, i128::from(30 * MILLI))
+    );
+    let usage = f
+        .store
+        .inner
+        .usage(
+            &f.ns,
+            &EntityId::new("e").unwrap(),
+            None,
+            Period::Hour,
+            0,
+            i64::MAX,
+        )
+        .await
+        .unwrap();
+    let total: i64 = usage
+        .iter()
+        .flat_map(|u| u.amounts.iter().map(|(_, a)| *a))
+        .sum();
+    assert_eq!(total, 30 * MILLI, "usage counts what stayed consumed");
+}
+
+/// Finding 2: a caller told UNAVAILABLE (its deadline passed while the write was in flight) is
+/// not charged once the compensation settles; under `allow` it is admitted without a charge.
+async fn callers_told_not_admitted_are_not_charged(inner: Arc<dyn Store>, ns: Namespace) {
+    for policy in [FailurePolicy::Block, FailurePolicy::Allow] {
+        let f = fixture(inner.clone(), ns.clone(), |s| s.failure_policy = policy);
+        let entity = format!("e-{policy:?}");
+        let limits = [Limit::per_hour("tpm", 1_000).unwrap()];
+        assert!(admitted(
+            &f.acquire(&entity, &limits, &[("tpm", 1)], false).await
+        ));
+        f.store.write_delay_ms.store(300, Ordering::SeqCst);
+        let answer = f
+            .limiter
+            .acquire(
+                f.request(&entity, &limits, &[("tpm", 100)], false),
+                within(100),
+            )
+            .await;
+        match policy {
+            FailurePolicy::Block => {
+                assert!(
+                    matches!(answer, Err(LimiterError::Unavailable(_))),
+                    "{answer:?}"
+                )
+            }
+            FailurePolicy::Allow => assert!(
+                matches!(answer, Ok(Decision::Admitted { lease: None, ref statuses }) if statuses.is_empty()),
+                "{answer:?}"
+            ),
+        }
+        f.store.write_delay_ms.store(0, Ordering::SeqCst);
+        f.limiter.shutdown(Duration::from_secs(10)).await;
+        assert_eq!(
+            f.stored(&entity, "tpm").await,
+            (999 * MILLI, i128::from(MILLI))
+        );
+    }
+}
+
+/// Finding 3: a store answering around the deadline never yields anything but an admission, a
+/// refusal or UNAVAILABLE, and the stored total is exactly what was acknowledged.
+async fn deadlines_near_the_store_latency_never_answer_internal(
+    inner: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    let f = Arc::new(fixture(inner, ns, |_| {}));
+    let limits = [Limit::per_hour("rpm", 1_000).unwrap()];
+    assert!(admitted(
+        &f.acquire("e", &limits, &[("rpm", 1)], false).await
+    ));
+    f.store.write_delay_ms.store(40, Ordering::SeqCst);
+    let tasks: Vec<_> = (0..30u64)
+        .map(|i| {
+            let (f, limits) = (f.clone(), limits.clone());
+            tokio::spawn(async move {
+                let req = f.request("e", &limits, &[("rpm", 1)], false);
+                f.limiter.acquire(req, within(20 + i * 3)).await
+            })
+        })
+        .collect();
+    let mut acknowledged = 1;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(Decision::Admitted { .. }) => acknowledged += 1,
+            Ok(Decision::Rejected { .. }) | Err(LimiterError::Unavailable(_)) => {}
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    f.store.write_delay_ms.store(0, Ordering::SeqCst);
+    f.limiter.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(
+        f.stored("e", "rpm").await.1,
+        i128::from(acknowledged * MILLI)
+    );
+}
+
+/// Findings 1 and 4: adjustments are summed with checks (no wrap, nothing unreadable), a lease
+/// never gives back more than it took, and a refund stops at the capacity.
+async fn lease_amounts_stay_in_range(inner: Arc<dyn Store>, ns: Namespace) {
+    let f = fixture(inner, ns, |_| {});
+    let big = [Limit::per_hour("tok", 1_000_000_000_000_000).unwrap()];
+    let lease = f.lease("big", &big, &[("tok", 1)]).await;
+    for _ in 0..10 {
+        let err = f
+            .limiter
+            .adjust(
+                lease,
+                amounts(&[("tok", 1_000_000_000_000_000)]),
+                within(5_000),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LimiterError::OutOfRange { .. }), "{err:?}");
+    }
+    f.limiter
+        .adjust(
+            lease,
+            amounts(&[("tok", 900_000_000_000_000)]),
+            within(5_000),
+        )
+        .await
+        .unwrap();
+    f.limiter.commit(lease, within(5_000)).await.unwrap();
+    let (balance, consumed) = f.stored("big", "tok").await;
+    assert_eq!(balance, 100_000_000_000_000 * MILLI - MILLI);
+    assert_eq!(consumed, i128::from(900_000_000_000_001 * MILLI));
+
+    // Capacity 100, acquire 10: giving back 50 is refused; giving back 10 restores exactly 100.
+    let small = [Limit::per_hour("tok", 100).unwrap()];
+    let lease = f.lease("small", &small, &[("tok", 10)]).await;
+    let err = f
+        .limiter
+        .adjust(lease, amounts(&[("tok", -50)]), within(5_000))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, LimiterError::OutOfRange { ref field, .. } if field == "delta[tok]"),
+        "{err:?}"
+    );
+    f.limiter
+        .adjust(lease, amounts(&[("tok", -10)]), within(5_000))
+        .await
+        .unwrap();
+    f.limiter.commit(lease, within(5_000)).await.unwrap();
+    assert_eq!(f.stored("small", "tok").await, (100 * MILLI, 0));
+}
+
+/// A charge that would take a bucket past the deepest debt is refused at commit, and the lease
+/// stays open (a rollback still works).
+async fn debt_has_a_floor(inner: Arc<dyn Store>, ns: Namespace) {
+    let f = fixture(inner, ns, |_| {});
+    let big = [Limit::per_hour("tok", 1_000_000_000_000_000).unwrap()];
+    let mut leases = Vec::new();
+    for _ in 0..8 {
+        let lease = f.lease("deep", &big, &[("tok", 1)]).await;
+        f.limiter
+            .adjust(
+                lease,
+                amounts(&[("tok", 999_999_999_999_999)]),
+                within(5_000),
+            )
+            .await
+            .unwrap();
+        leases.push(lease);
+    }
+    let mut refused = None;
+    for lease in leases {
+        match f.limiter.commit(lease, within(5_000)).await {
+            Ok(()) => {}
+            Err(e) => {
+                assert!(matches!(e, LimiterError::OutOfRange { .. }), "{e:?}");
+                refused = Some(lease);
+                break;
+            }
+        }
+    }
+    let lease = refused.expect("the floor refuses a commit");
+    let before = f.stored("deep", "tok").await;
+    assert!(before.0 >= zae_limiter::domain::amounts::MIN_BALANCE);
+    f.limiter.rollback(lease, within(5_000)).await.unwrap();
+    let after = f.stored("deep", "tok").await;
+    assert_eq!(
+        after.1,
+        before.1 - i128::from(MILLI),
+        "the rollback gave back its 1 token"
+    );
+}
+
+/// Finding 7: a rollback whose write fails transiently is retried until written.
+async fn a_rollback_survives_transient_failures(inner: Arc<dyn Store>, ns: Namespace) {
+    let f = fixture(inner, ns, |_| {});
+    let limits = [Limit::per_hour("tpm", 1_000).unwrap()];
+    let lease = f.lease("e", &limits, &[("tpm", 100)]).await;
+    f.store.failures.store(3, Ordering::SeqCst);
+    // Retried with back-off; answered once written.
+    f.limiter.rollback(lease, within(10_000)).await.unwrap();
+    assert_eq!(f.store.failures.load(Ordering::SeqCst), 0);
+    assert_eq!(f.stored("e", "tpm").await, (1_000 * MILLI, 0));
+}
+
+macro_rules! both_stores {
+    ($($test:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::common::memory(), super::common::unique_namespace()).await;
+                }
+            )*
+        }
+        mod dynamodb {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::common::dynamodb().await, super::common::unique_namespace())
+                        .await;
+                }
+            )*
+        }
+    };
+}
+
+both_stores!(
+    group_commit_carries_many_admits_in_few_writes,
+    a_lost_race_is_replanned_from_the_returned_item_without_a_read,
+    a_stale_cache_is_read_again_before_it_may_refuse,
+    leases_expire_by_the_clock_and_stay_consumed,
+    idle_groups_stop_and_come_back,
+    shutdown_writes_what_is_owed_and_flushes_usage,
+    callers_told_not_admitted_are_not_charged,
+    deadlines_near_the_store_latency_never_answer_internal,
+    lease_amounts_stay_in_range,
+    debt_has_a_floor,
+    a_rollback_survives_transient_failures,
+);
