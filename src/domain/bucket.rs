@@ -84,6 +84,9 @@ pub struct Bucket {
     /// When the balances were last refilled (ms since the epoch). Never moves backwards.
     pub refilled_at: i64,
     pub limits: Vec<LimitState>,
+    /// The mark of the last write this process's store made to the item (see [`Fence`]); `None`
+    /// when it never wrote it. Each store reads its own writer's mark only.
+    pub mark: Option<u64>,
 }
 
 /// How one limit stands for one request, at the time of the decision.
@@ -138,6 +141,16 @@ pub enum Write {
     Change(Change),
 }
 
+/// Makes a write recognisable: it requires the stored mark of this process's writer to be `seen`
+/// and sets it to `seq` (unique per write). Only this process moves its own mark, so after a
+/// write whose answer was lost, the stored mark tells whether it landed (`seq`) or not (`seen`,
+/// and then it never will: a later write has moved the mark on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub seen: Option<u64>,
+    pub seq: u64,
+}
+
 /// A change to an existing bucket.
 ///
 /// It always requires the stored limit configuration to be `seen_config`. A plain consumption
@@ -150,12 +163,50 @@ pub struct Change {
     pub seen_config: String,
     pub refill: Option<Refill>,
     pub limits: Vec<LimitChange>,
+    /// Set by the writer just before sending (see [`Write::stamp`]).
+    pub fence: Option<Fence>,
+}
+
+impl Write {
+    /// Stamps the write with this process's mark: `seen` is the mark of the state it was planned
+    /// from, `seq` a number no other write of this process uses. Returns the mark the bucket
+    /// carries once the write has landed.
+    pub fn stamp(&mut self, seen: Option<u64>, seq: u64) -> Option<u64> {
+        match self {
+            Self::Create(b) => b.mark = Some(seq),
+            Self::Change(c) => c.fence = Some(Fence { seen, seq }),
+        }
+        Some(seq)
+    }
+
+    /// The mark the write sets, once stamped.
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            Self::Create(b) => b.mark,
+            Self::Change(c) => c.fence.map(|f| f.seq),
+        }
+    }
 }
 
 impl Change {
+    /// A change that only moves the writer's mark (after a write whose outcome is unknown: once
+    /// it lands, that write never can).
+    pub fn fence_only(seen: &Bucket, seq: u64) -> Self {
+        Self {
+            seen_config: encode(&seen.limit_set()),
+            refill: None,
+            limits: Vec::new(),
+            fence: Some(Fence {
+                seen: seen.mark,
+                seq,
+            }),
+        }
+    }
+
     /// Whether applying the change would alter nothing (a plain change of zero amounts).
     pub fn is_noop(&self) -> bool {
-        self.refill.is_none()
+        self.fence.is_none()
+            && self.refill.is_none()
             && self.limits.iter().all(|c| {
                 matches!(
                     c,
@@ -360,6 +411,7 @@ pub fn plan(
             seen_config: encode(&seen.limit_set()),
             refill,
             limits: changes,
+            fence: None,
         }),
         expected,
     })
@@ -433,6 +485,7 @@ pub fn plan_settle(
             seen_config,
             refill: None,
             limits: changes,
+            fence: None,
         });
         return Ok(Some((write, expected)));
     }
@@ -479,6 +532,7 @@ pub fn plan_settle(
             removed: Vec::new(),
         }),
         limits: changes,
+        fence: None,
     });
     Ok(Some((write, expected)))
 }
@@ -495,6 +549,7 @@ impl Bucket {
     /// A bucket with every limit at capacity.
     pub fn full(limits: Vec<Limit>, now: i64) -> Self {
         Self {
+            mark: None,
             refilled_at: now,
             limits: limits.into_iter().map(LimitState::full).collect(),
         }
@@ -525,6 +580,7 @@ impl Bucket {
         }
         let elapsed = now.saturating_sub(self.refilled_at);
         Self {
+            mark: self.mark,
             refilled_at: now,
             limits: self
                 .limits
@@ -563,6 +619,7 @@ impl Bucket {
             })
             .collect();
         Self {
+            mark: self.mark,
             refilled_at: self.refilled_at,
             limits: states,
         }
@@ -599,6 +656,11 @@ impl Bucket {
         }
         if let Some(refill) = &change.refill
             && refill.seen_refilled_at != self.refilled_at
+        {
+            return Err(ConditionFailed);
+        }
+        if let Some(fence) = change.fence
+            && fence.seen != self.mark
         {
             return Err(ConditionFailed);
         }
@@ -666,6 +728,9 @@ impl Bucket {
         self.limits = next;
         if let Some(refill) = &change.refill {
             self.refilled_at = refill.refilled_at;
+        }
+        if let Some(fence) = change.fence {
+            self.mark = Some(fence.seq);
         }
         Ok(())
     }

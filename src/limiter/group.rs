@@ -21,7 +21,7 @@ use super::registry::{GroupKey, Routes, Ticket};
 use super::usage::UsageLog;
 use super::{Decision, Deps, LimiterError};
 use crate::domain::amounts::Amounts;
-use crate::domain::bucket::{Bucket, LimitStatus};
+use crate::domain::bucket::{Bucket, Change, LimitStatus, Write};
 use crate::domain::ids::{BucketKey, EntityId, ResourceId};
 use crate::domain::limit::Limit;
 use crate::domain::records::Usage;
@@ -88,6 +88,8 @@ pub(crate) enum Msg {
         Result<Vec<(EntityId, Option<Bucket>)>, StoreError>,
     ),
     Written(ResourceId, Result<Option<Bucket>, StoreError>),
+    /// Whether a write of unknown outcome landed, with the bucket as it is now.
+    Resolved(ResourceId, Result<(bool, Option<Bucket>), StoreError>),
     /// A lane's wait (commit spacing, back-off) is over.
     Wake(ResourceId),
     Tick,
@@ -118,6 +120,12 @@ pub(crate) struct State {
     flush_scheduled: bool,
     /// Stopping: idle, or the limiter is shutting down.
     stopping: bool,
+}
+
+/// A mark no other write of this process uses (see [`crate::domain::bucket::Fence`]).
+pub(crate) fn next_mark() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// What a lane may touch besides itself while deciding.
@@ -231,6 +239,10 @@ impl Actor for GroupActor {
                 state.with_lane(&resource, now, |lane, ctx| lane.written(result, ctx));
                 Some(resource)
             }
+            Msg::Resolved(resource, result) => {
+                state.with_lane(&resource, now, |lane, ctx| lane.resolved(result, ctx));
+                Some(resource)
+            }
             Msg::Wake(resource) => {
                 if let Some(lane) = state.lanes.get_mut(&resource) {
                     lane.wake_scheduled = false;
@@ -293,6 +305,12 @@ struct CtxParts<'a> {
     leases: &'a mut Leases,
     usage: &'a mut UsageLog,
     now: i64,
+}
+
+impl Ctx<'_> {
+    pub fn next_mark(&self) -> u64 {
+        next_mark()
+    }
 }
 
 impl<'a> CtxParts<'a> {
@@ -363,6 +381,10 @@ impl State {
                 self.spawn_write(resource.clone(), writes, myself);
                 None
             }
+            Some(Io::Resolve(entity, seq)) => {
+                self.spawn_resolve(resource.clone(), entity, seq, myself);
+                None
+            }
         };
         if let Some(ms) = wait {
             let lane = self
@@ -412,7 +434,7 @@ impl State {
     fn spawn_write(
         &self,
         resource: ResourceId,
-        writes: Vec<(EntityId, crate::domain::bucket::Write)>,
+        writes: Vec<(EntityId, Write)>,
         myself: &ActorRef<Msg>,
     ) {
         let store = self.deps.store.clone();
@@ -430,6 +452,44 @@ impl State {
                 many => store.commit(many).await.map(|()| None),
             };
             let _ = me.cast(Msg::Written(resource, result));
+        });
+    }
+
+    /// Finds out whether the write marked `seq` landed: the stored mark says so; if it does not
+    /// (yet), a write that only moves the mark fences the lost write off for good.
+    fn spawn_resolve(
+        &self,
+        resource: ResourceId,
+        entity: EntityId,
+        seq: u64,
+        myself: &ActorRef<Msg>,
+    ) {
+        let store = self.deps.store.clone();
+        let key = self.key(entity, &resource);
+        let me = myself.clone();
+        self.deps.tasks.spawn(async move {
+            let result = async {
+                for _ in 0..crate::consume::MAX_ATTEMPTS {
+                    let Some(current) = store.load_bucket(&key).await? else {
+                        // Never created: the lost write was a create that did not land.
+                        return Ok((false, None));
+                    };
+                    if current.mark == Some(seq) {
+                        return Ok((true, Some(current)));
+                    }
+                    let fence = Write::Change(Change::fence_only(&current, next_mark()));
+                    match store.write_bucket(&key, &fence).await {
+                        Ok(stored) => return Ok((false, Some(stored))),
+                        Err(StoreError::Conflict { .. }) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Err(StoreError::Transient(
+                    "could not fence off a lost write: the bucket keeps changing".into(),
+                ))
+            }
+            .await;
+            let _ = me.cast(Msg::Resolved(resource, result));
         });
     }
 

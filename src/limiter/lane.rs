@@ -41,6 +41,9 @@ pub(crate) enum Io {
     Load(Vec<EntityId>),
     /// Write these buckets all or nothing and report with [`Lane::written`].
     Write(Vec<(EntityId, Write)>),
+    /// Find out whether the write marked `seq` landed on this bucket, fencing it off if not, and
+    /// report with [`Lane::resolved`].
+    Resolve(EntityId, u64),
     /// Nothing can start before this many milliseconds: call [`Lane::round`] again then.
     Wait(i64),
 }
@@ -60,6 +63,37 @@ struct Cached {
     from_store: bool,
 }
 
+/// Gives back an admission whose caller was told it was not admitted.
+fn refund(
+    entity: &EntityId,
+    amounts: &Amounts,
+    parent: Option<&super::group::ParentSpec>,
+    share: &Amounts,
+    ctx: &Ctx<'_>,
+) -> Option<Settle> {
+    let back = |a: &Amounts| a.negated().expect("acquired amounts are bounded");
+    let mut parts = vec![(entity.clone(), back(amounts))];
+    if let Some(p) = parent {
+        parts.push((p.entity.clone(), back(share)));
+    }
+    parts.retain(|(_, a)| !a.is_zero());
+    (!parts.is_empty()).then(|| Settle {
+        parts,
+        lease: None,
+        give_up_ms: ctx.now.saturating_add(ctx.deps.settings.lease_ttl_ms),
+    })
+}
+
+fn compensation(job: &AcquireJob, ctx: &Ctx<'_>) -> Option<Settle> {
+    refund(
+        &job.entity,
+        &job.amounts,
+        job.parent.as_ref(),
+        &job.parent_share(),
+        ctx,
+    )
+}
+
 /// Milli-tokens that queued acquires hold of a bucket (wider than `i64`: a long queue of large
 /// requests must not wrap it).
 type Reserved = BTreeMap<LimitName, i128>;
@@ -70,9 +104,24 @@ struct Item {
     reserved: Reserved,
 }
 
+/// A write whose outcome is unknown (its answer was lost): what is owed either way.
+struct Unresolved {
+    entity: EntityId,
+    seq: u64,
+    owed: Owed,
+}
+
+enum Owed {
+    /// Admissions whose callers were told "unavailable": given back if the write landed.
+    Refunds(Vec<Settle>),
+    /// Settlements: done if the write landed, written again if not.
+    Settles(Vec<Settle>),
+}
+
 enum Busy {
     Idle,
     Loading,
+    Resolving,
     Acquiring {
         admitted: Vec<(AcquireJob, Vec<LimitStatus>)>,
         written: Vec<(EntityId, Bucket)>,
@@ -96,6 +145,8 @@ pub(crate) struct Lane {
     retry_at: Option<tokio::time::Instant>,
     /// Settle one at a time: a sum went past a bound that one of its parts may not.
     one_settle: bool,
+    /// Nothing else is written until this is resolved.
+    unresolved: Option<Unresolved>,
     pub wake_scheduled: bool,
 }
 
@@ -111,6 +162,7 @@ impl Default for Lane {
             failures: 0,
             retry_at: None,
             one_settle: false,
+            unresolved: None,
             wake_scheduled: false,
         }
     }
@@ -150,6 +202,7 @@ impl Lane {
     /// Whether nothing is queued, in flight or owed.
     pub fn is_idle(&self) -> bool {
         matches!(self.busy, Busy::Idle)
+            && self.unresolved.is_none()
             && self.queue.is_empty()
             && self.settles.is_empty()
             && self.peeks.is_empty()
@@ -237,14 +290,16 @@ impl Lane {
         if !matches!(self.busy, Busy::Idle) {
             return None;
         }
+        if let Some(u) = &self.unresolved {
+            if let Some(wait) = self.backing_off() {
+                return Some(Io::Wait(wait));
+            }
+            self.busy = Busy::Resolving;
+            return Some(Io::Resolve(u.entity.clone(), u.seq));
+        }
         self.give_up_settles(ctx);
         // Settlements wait out the back-off after a failure; acquires need not.
-        let settle_wait = self
-            .retry_at
-            .filter(|_| !self.settles.is_empty())
-            .map(|at| at.saturating_duration_since(tokio::time::Instant::now()))
-            .filter(|left| !left.is_zero())
-            .map(|left| i64::try_from(left.as_millis()).unwrap_or(i64::MAX).max(1));
+        let settle_wait = self.backing_off().filter(|_| !self.settles.is_empty());
         if settle_wait.is_none() {
             // Each pass writes, waits for a read, or answers (or refuses) what it took.
             while !self.settles.is_empty() {
@@ -449,16 +504,15 @@ impl Lane {
             self.admit(admitted, ctx);
             return None;
         }
-        let written = decided
-            .writes
-            .iter()
-            .map(|w| (entities[w.item].clone(), w.expected.clone()))
-            .collect();
-        let writes = decided
-            .writes
-            .into_iter()
-            .map(|w| (entities[w.item].clone(), w.write))
-            .collect();
+        let seq = ctx.next_mark();
+        let mut written = Vec::with_capacity(decided.writes.len());
+        let mut writes = Vec::with_capacity(decided.writes.len());
+        for mut w in decided.writes {
+            let seen = confirmed[w.item].as_ref().and_then(|b| b.mark);
+            w.expected.mark = w.write.stamp(seen, seq);
+            written.push((entities[w.item].clone(), w.expected));
+            writes.push((entities[w.item].clone(), w.write));
+        }
         self.busy = Busy::Acquiring { admitted, written };
         self.last_write_ms = Some(ctx.now);
         Some(Io::Write(writes))
@@ -483,42 +537,37 @@ impl Lane {
             if let Some(p) = &parent {
                 ctx.usage.record(&p.entity, ctx.resource, &share, ctx.now);
             }
-            let lease = lease.then(|| ctx.routes.next_lease_id());
+            // The lease is routable before its id reaches the caller (who may use it at once).
+            let lease = lease.then(|| {
+                let id = ctx.routes.next_lease_id();
+                let expires = ctx.now.saturating_add(ctx.deps.settings.lease_ttl_ms);
+                let lease = Lease::new(
+                    entity.clone(),
+                    ctx.resource.clone(),
+                    limits,
+                    amounts.clone(),
+                    parent.clone(),
+                    expires,
+                );
+                ctx.leases.open(id, lease);
+                ctx.routes.lease_opened(id, ctx.group);
+                id
+            });
             let answer = Ok(Decision::Admitted {
                 lease: lease.map(super::LeaseId::Backed),
                 statuses,
             });
             if reply.send(answer).is_ok() {
                 m::decision(outcome::ADMITTED);
-                if let Some(id) = lease {
-                    let expires = ctx.now.saturating_add(ctx.deps.settings.lease_ttl_ms);
-                    let lease = Lease::new(
-                        entity,
-                        ctx.resource.clone(),
-                        limits,
-                        amounts,
-                        parent,
-                        expires,
-                    );
-                    ctx.leases.open(id, lease);
-                    ctx.routes.lease_opened(id, ctx.group);
-                }
                 continue;
             }
+            if let Some(id) = lease {
+                ctx.leases.withdraw(id);
+                ctx.routes.lease_closed(id);
+            }
             metrics::counter!(m::COMPENSATIONS).increment(1);
-            let refund = |a: &Amounts| a.negated().expect("acquired amounts are bounded");
-            let mut parts = vec![(entity, refund(&amounts))];
-            if let Some(p) = parent {
-                parts.push((p.entity, refund(&share)));
-            }
-            parts.retain(|(_, a)| !a.is_zero());
-            if !parts.is_empty() {
-                self.settles.push_back(Settle {
-                    parts,
-                    lease: None,
-                    give_up_ms: ctx.now.saturating_add(ctx.deps.settings.lease_ttl_ms),
-                });
-            }
+            self.settles
+                .extend(refund(&entity, &amounts, parent.as_ref(), &share, ctx));
         }
     }
 
@@ -573,6 +622,7 @@ impl Lane {
         }
         let mut writes = Vec::new();
         let mut written = Vec::new();
+        let seq = ctx.next_mark();
         for (entity, sum) in &sums {
             let seen = self.items[entity]
                 .cache
@@ -582,7 +632,8 @@ impl Lane {
             let Some(seen) = seen else { continue };
             match plan_settle(seen, sum, ctx.now) {
                 Ok(None) => {}
-                Ok(Some((write, expected))) => {
+                Ok(Some((mut write, mut expected))) => {
+                    expected.mark = write.stamp(seen.mark, seq);
                     writes.push((entity.clone(), write));
                     written.push((entity.clone(), expected));
                 }
@@ -677,15 +728,16 @@ impl Lane {
                     }
                 }
                 Err(e) => {
-                    // The outcome is unknown to the lane: forget the states, answer the policy.
-                    for (entity, _) in &written {
-                        self.item(entity).cache = None;
-                    }
+                    // The callers hear the policy now. Whether the write landed is found out
+                    // before anything else is written; if it did, it is given back.
                     let err = LimiterError::from(e);
+                    let mut refunds = Vec::new();
                     for (job, _) in admitted {
                         self.release(&job);
+                        refunds.extend(compensation(&job, ctx));
                         let _ = job.reply.send(Err(err.clone()));
                     }
+                    self.unsure(&written, Owed::Refunds(refunds));
                 }
             },
             Busy::Settling { settles, written } => match result {
@@ -699,16 +751,20 @@ impl Lane {
                     self.requeue(settles);
                 }
                 Err(e) => {
-                    tracing::debug!("settlement not written, retried: {e}");
-                    for (entity, _) in &written {
-                        self.item(entity).cache = None;
-                    }
-                    self.failed();
-                    self.requeue(settles);
+                    tracing::debug!("settlement write failed, resolving it: {e}");
+                    self.unsure(&written, Owed::Settles(settles));
                 }
             },
             other => self.busy = other,
         }
+    }
+
+    /// Milliseconds left of the back-off, if any.
+    fn backing_off(&self) -> Option<i64> {
+        self.retry_at
+            .map(|at| at.saturating_duration_since(tokio::time::Instant::now()))
+            .filter(|left| !left.is_zero())
+            .map(|left| i64::try_from(left.as_millis()).unwrap_or(i64::MAX).max(1))
     }
 
     /// Backs off settlement retries: 50 ms doubling to 2 s.
@@ -716,6 +772,64 @@ impl Lane {
         self.failures = self.failures.saturating_add(1);
         let wait = (25u64 << self.failures.min(7)).min(2_000);
         self.retry_at = Some(tokio::time::Instant::now() + std::time::Duration::from_millis(wait));
+    }
+
+    /// A write of `written` failed without an answer: it may or may not have landed.
+    fn unsure(&mut self, written: &[(EntityId, Bucket)], owed: Owed) {
+        for (entity, _) in written {
+            self.item(entity).cache = None;
+        }
+        // One write is all or nothing, so its first bucket tells for all of them.
+        let (entity, expected) = written
+            .first()
+            .expect("a write touches at least one bucket");
+        let seq = expected
+            .mark
+            .expect("every write is stamped before it is sent");
+        self.failed();
+        self.unresolved = Some(Unresolved {
+            entity: entity.clone(),
+            seq,
+            owed,
+        });
+    }
+
+    /// The outcome of an unknown write is known: `landed`, with the bucket as it is now.
+    pub fn resolved(
+        &mut self,
+        result: Result<(bool, Option<Bucket>), StoreError>,
+        ctx: &mut Ctx<'_>,
+    ) {
+        if !matches!(self.busy, Busy::Resolving) {
+            return;
+        }
+        self.busy = Busy::Idle;
+        let (landed, current) = match result {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::debug!("the outcome of a write is still unknown: {e}");
+                self.failed();
+                return;
+            }
+        };
+        let Some(u) = self.unresolved.take() else {
+            return;
+        };
+        self.failures = 0;
+        self.item(&u.entity).cache = Some(Cached {
+            bucket: current,
+            at_ms: ctx.now,
+            from_store: true,
+        });
+        match (u.owed, landed) {
+            (Owed::Refunds(refunds), true) => {
+                metrics::counter!(m::COMPENSATIONS).increment(refunds.len() as u64);
+                self.settles.extend(refunds);
+            }
+            (Owed::Refunds(_), false) => {}
+            (Owed::Settles(settles), true) => self.settled(settles, ctx),
+            (Owed::Settles(settles), false) => self.requeue(settles),
+        }
     }
 
     fn requeue(&mut self, settles: Vec<Settle>) {

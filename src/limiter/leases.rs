@@ -101,6 +101,13 @@ impl Leases {
         metrics::gauge!(m::LEASES_OPEN).increment(1.0);
     }
 
+    /// Forgets a lease whose id never reached its caller.
+    pub fn withdraw(&mut self, id: u64) {
+        if self.map.remove(&id).is_some() {
+            metrics::gauge!(m::LEASES_OPEN).decrement(1.0);
+        }
+    }
+
     /// Records an adjustment. The lease's total per limit (acquired plus adjustments) must stay
     /// within `0..=MAX_AMOUNT`: a lease never gives back more than it took.
     ///

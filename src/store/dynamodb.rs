@@ -112,14 +112,62 @@ pub struct DynamoStore {
     client: Client,
     table: String,
     audit_retention: Duration,
+    /// This process's writer id: its bucket writes carry their mark in the attribute
+    /// `w:<writer>` (see [`crate::domain::bucket::Fence`]). Random per process, so two daemons
+    /// never share one.
+    writer: String,
 }
 
 impl DynamoStore {
     pub async fn connect(settings: &DynamoSettings) -> Self {
+        use std::hash::BuildHasher;
+        let seed = (std::process::id(), std::time::SystemTime::now());
+        let writer = format!("{:016x}", std::hash::RandomState::new().hash_one(seed));
         Self {
             client: settings.client().await,
             table: settings.table.clone(),
             audit_retention: settings.audit_retention,
+            writer,
+        }
+    }
+
+    fn mark_attr(&self) -> String {
+        format!("w:{}", self.writer)
+    }
+
+    fn decode_bucket(&self, item: &Item) -> Result<Bucket, StoreError> {
+        let mut bucket = decode_bucket(item)?;
+        bucket.mark = match item.get(&self.mark_attr()) {
+            Some(AttributeValue::N(v)) => Some(v.parse().map_err(|_| {
+                StoreError::Corrupt(format!(
+                    "attribute {} = {v:?} is not a mark",
+                    self.mark_attr()
+                ))
+            })?),
+            _ => None,
+        };
+        Ok(bucket)
+    }
+
+    /// A failed condition with the item as it is now (`old`). When the item already carries
+    /// this write's own mark, the write has landed (an earlier attempt whose answer was lost, and
+    /// the SDK's retry found it done): that is success, with the item as stored.
+    fn conflict(
+        &self,
+        index: usize,
+        old: Option<&Item>,
+        seq: Option<u64>,
+    ) -> Result<Bucket, StoreError> {
+        let current = match old.filter(|item| !item.is_empty()) {
+            Some(item) => Some(self.decode_bucket(item)?),
+            None => None,
+        };
+        match current {
+            Some(b) if seq.is_some() && b.mark == seq => Ok(b),
+            current => Err(StoreError::Conflict {
+                index,
+                current: current.map(Box::new),
+            }),
         }
     }
 }
@@ -191,8 +239,11 @@ fn consumed_attr(name: &LimitName) -> String {
 
 type Item = HashMap<String, AttributeValue>;
 
-fn bucket_item(key: &BucketKey, bucket: &Bucket) -> Item {
+fn bucket_item(key: &BucketKey, bucket: &Bucket, mark_attr: &str) -> Item {
     let mut item = bucket_keys(key);
+    if let Some(mark) = bucket.mark {
+        item.insert(mark_attr.to_owned(), AttributeValue::N(mark.to_string()));
+    }
     item.insert(CONFIG.into(), s(encode(&bucket.limit_set())));
     item.insert(REFILLED_AT.into(), n(bucket.refilled_at));
     for l in &bucket.limits {
@@ -254,21 +305,8 @@ fn decode_bucket(item: &Item) -> Result<Bucket, StoreError> {
     Ok(Bucket {
         refilled_at: number(item, REFILLED_AT)?,
         limits,
+        mark: None,
     })
-}
-
-fn conflict(index: usize, old: Option<&Item>) -> StoreError {
-    match old.filter(|item| !item.is_empty()).map(decode_bucket) {
-        Some(Err(e)) => e,
-        Some(Ok(bucket)) => StoreError::Conflict {
-            index,
-            current: Some(Box::new(bucket)),
-        },
-        None => StoreError::Conflict {
-            index,
-            current: None,
-        },
-    }
 }
 
 /// An update expression with its placeholders, built clause by clause.
@@ -314,11 +352,24 @@ impl Expr {
     }
 
     /// The expression for a [`Change`]: the same conditions as `Bucket::apply`.
-    fn change(change: &Change) -> Self {
+    fn change(change: &Change, mark_attr: &str) -> Self {
         let mut e = Self::default();
         let cfg = e.name(CONFIG);
         let seen = e.value(s(change.seen_config.clone()));
         e.conditions.push(format!("{cfg} = {seen}"));
+        if let Some(fence) = change.fence {
+            let w = e.name(mark_attr);
+            let condition = match fence.seen {
+                Some(seen) => {
+                    let v = e.value(AttributeValue::N(seen.to_string()));
+                    format!("{w} = {v}")
+                }
+                None => format!("attribute_not_exists({w})"),
+            };
+            e.conditions.push(condition);
+            let v = e.value(AttributeValue::N(fence.seq.to_string()));
+            e.set.push(format!("{w} = {v}"));
+        }
         if let Some(refill) = &change.refill {
             let rt = e.name(REFILLED_AT);
             let seen_rt = e.value(n(refill.seen_refilled_at));
@@ -333,7 +384,7 @@ impl Expr {
                     e.remove.push(a);
                 }
             }
-        } else if change.is_noop() {
+        } else if change.is_noop() || (change.limits.is_empty() && change.fence.is_none()) {
             // Nothing to add: rewrite the configuration with itself so the write still checks.
             e.set.push(format!("{cfg} = {seen}"));
         }
@@ -615,7 +666,7 @@ impl DynamoStore {
                 .put(
                     Put::builder()
                         .table_name(&self.table)
-                        .set_item(Some(bucket_item(&w.key, bucket)))
+                        .set_item(Some(bucket_item(&w.key, bucket, &self.mark_attr())))
                         .condition_expression("attribute_not_exists(#pk)")
                         .expression_attribute_names("#pk", PK)
                         .return_values_on_condition_check_failure(
@@ -626,12 +677,17 @@ impl DynamoStore {
                 )
                 .build(),
             Write::Change(change) => item
-                .update(self.update_for(&w.key, Expr::change(change))?)
+                .update(self.update_for(&w.key, Expr::change(change, &self.mark_attr()))?)
                 .build(),
         })
     }
 
-    async fn run_update(&self, key: &BucketKey, e: Expr) -> Result<Option<Item>, StoreError> {
+    async fn run_update(
+        &self,
+        key: &BucketKey,
+        e: Expr,
+        seq: Option<u64>,
+    ) -> Result<Bucket, StoreError> {
         let result = self
             .client
             .update_item()
@@ -646,13 +702,13 @@ impl DynamoStore {
             .send()
             .await;
         match result {
-            Ok(out) => Ok(out.attributes),
+            Ok(out) => self.decode_bucket(&out.attributes.unwrap_or_default()),
             Err(SdkError::ServiceError(se)) if se.err().is_conditional_check_failed_exception() => {
                 let old = match se.err() {
                     UpdateItemError::ConditionalCheckFailedException(c) => c.item(),
                     _ => None,
                 };
-                Err(conflict(0, old))
+                self.conflict(0, old, seq)
             }
             Err(e) => Err(classify(e, &self.table)),
         }
@@ -671,7 +727,10 @@ impl Store for DynamoStore {
             .send()
             .await
             .map_err(|e| classify(e, &self.table))?;
-        out.item.as_ref().map(decode_bucket).transpose()
+        out.item
+            .as_ref()
+            .map(|item| self.decode_bucket(item))
+            .transpose()
     }
 
     async fn write_bucket(&self, key: &BucketKey, write: &Write) -> Result<Bucket, StoreError> {
@@ -681,7 +740,7 @@ impl Store for DynamoStore {
                     .client
                     .put_item()
                     .table_name(&self.table)
-                    .set_item(Some(bucket_item(key, bucket)))
+                    .set_item(Some(bucket_item(key, bucket, &self.mark_attr())))
                     .condition_expression("attribute_not_exists(#pk)")
                     .expression_attribute_names("#pk", PK)
                     .return_values_on_condition_check_failure(
@@ -698,14 +757,14 @@ impl Store for DynamoStore {
                             PutItemError::ConditionalCheckFailedException(c) => c.item(),
                             _ => None,
                         };
-                        Err(conflict(0, old))
+                        self.conflict(0, old, bucket.mark)
                     }
                     Err(e) => Err(classify(e, &self.table)),
                 }
             }
             Write::Change(change) => {
-                let item = self.run_update(key, Expr::change(change)).await?;
-                decode_bucket(&item.unwrap_or_default())
+                let e = Expr::change(change, &self.mark_attr());
+                self.run_update(key, e, write.seq()).await
             }
         }
     }
@@ -739,7 +798,10 @@ impl Store for DynamoStore {
                     .iter()
                     .position(|r| r.code() == Some("ConditionalCheckFailed"))
                 {
-                    Some(index) => Err(conflict(index, reasons[index].item())),
+                    Some(index) => {
+                        let seq = writes[index].write.seq();
+                        self.conflict(index, reasons[index].item(), seq).map(drop)
+                    }
                     None => Err(StoreError::Transient(format!(
                         "transaction cancelled: {:?}",
                         reasons.iter().filter_map(|r| r.code()).collect::<Vec<_>>()
