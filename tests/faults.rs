@@ -1,0 +1,285 @@
+//! The ledger under store faults: a proxy between the daemon and DynamoDB Local slows answers,
+//! resets connections after the writes landed, or black-holes traffic while concurrent clients
+//! acquire. Whatever happens, every request is answered near its deadline with the configured
+//! policy, never `INTERNAL`, nothing is admitted above the bound, and once compensations settle
+//! the stored consumed total equals what was acknowledged.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::daemon::Daemon;
+use common::proxy::{Fault, FaultProxy};
+use tonic::Code;
+use zae_limiter::client::Client;
+use zae_limiter::store::Store;
+use zae_limiter::{BucketKey, EntityId, Limit, LimitName, Namespace, ResourceId, proto};
+
+const DEADLINE_MS: u64 = 1_000;
+
+fn config(ns: &Namespace, endpoint: &str, policy: &str) -> String {
+    format!(
+        "[server]\nrequest_timeout_ms = {DEADLINE_MS}\n\
+         [limiter]\nbackend = \"dynamodb\"\nnamespaces = [\"{ns}\"]\nfailure_policy = \"{policy}\"\n\
+         [dynamodb]\ntable = \"{}\"\nendpoint_url = \"{endpoint}\"\nmax_attempts = 2\n",
+        common::TEST_TABLE
+    )
+}
+
+/// The stored consumed total of `entity`'s `tok` limit, in whole tokens (0 when not stored).
+async fn stored(store: &dyn Store, ns: &Namespace, entity: &str) -> i64 {
+    let key = BucketKey {
+        namespace: ns.clone(),
+        entity: EntityId::new(entity).unwrap(),
+        resource: ResourceId::new("model").unwrap(),
+    };
+    match store.load_bucket(&key).await.unwrap() {
+        None => 0,
+        Some(b) => {
+            let milli = b.limit(&LimitName::new("tok").unwrap()).unwrap().consumed;
+            i64::try_from(milli / 1_000).unwrap()
+        }
+    }
+}
+
+/// Waits (bounded) until the stored total equals `expected`, then returns it.
+async fn settled(store: &dyn Store, ns: &Namespace, entity: &str, expected: i64) -> i64 {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = stored(store, ns, entity).await;
+        if now == expected || Instant::now() > until {
+            return now;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    /// Admissions the daemon acknowledged with a decision from the store (tokens).
+    admitted: AtomicI64,
+    /// Admissions under the `allow` policy, never written.
+    unbacked: AtomicI64,
+    refused: AtomicI64,
+    unavailable: AtomicI64,
+    slowest_ms: AtomicU64,
+}
+
+/// `tasks` clients acquire 1 token (committed at once) of `entity` in a loop for `run`.
+async fn load(client: &Client, entity: &str, cap: u64, tasks: usize, run: Duration) -> Arc<Tally> {
+    let tally = Arc::new(Tally::default());
+    let limits = [Limit::per_hour("tok", cap).unwrap()];
+    let started = Instant::now();
+    let handles: Vec<_> = (0..tasks)
+        .map(|_| {
+            let (mut raw, tally, limits) = (client.raw(), tally.clone(), limits.clone());
+            let entity = entity.to_owned();
+            tokio::spawn(async move {
+                while started.elapsed() < run {
+                    let req = proto::AcquireRequest {
+                        entity_id: entity.clone(),
+                        resource: "model".into(),
+                        consume: [("tok".to_owned(), 1)].into(),
+                        limits: limits.iter().map(proto::Limit::from).collect(),
+                        commit: true,
+                        ..Default::default()
+                    };
+                    let asked = Instant::now();
+                    let answer = raw.acquire(req).await;
+                    let took = asked.elapsed().as_millis() as u64;
+                    tally.slowest_ms.fetch_max(took, Ordering::Relaxed);
+                    match answer {
+                        Ok(a) => {
+                            let a = a.into_inner();
+                            let counter = match (a.allowed, a.statuses.is_empty()) {
+                                (true, false) => &tally.admitted,
+                                (true, true) => &tally.unbacked,
+                                (false, _) => &tally.refused,
+                            };
+                            counter.fetch_add(1, Ordering::Relaxed);
+                            if !a.allowed {
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                        Err(s) if s.code() == Code::Unavailable => {
+                            tally.unavailable.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(s) => panic!("unexpected answer under faults: {s:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    tally
+}
+
+/// Runs load through `fault` for a while, then with the store healthy again, and checks the
+/// ledger. Returns the tally for fault-specific checks.
+async fn under(fault: Fault, policy: &str, cap: u64) -> Arc<Tally> {
+    let store = common::dynamodb().await;
+    let proxy = FaultProxy::start(&common::endpoint()).await;
+    let ns = common::unique_namespace();
+    let daemon = Daemon::start(&config(&ns, &proxy.endpoint(), policy), &[]);
+    let client = daemon.client().await;
+    let entity = "e";
+    // Warm: the bucket exists and is cached.
+    let warm = load(&client, entity, cap, 1, Duration::from_millis(200)).await;
+    proxy.set(fault);
+    let faulty = load(&client, entity, cap, 16, Duration::from_secs(3)).await;
+    proxy.set(Fault::Pass);
+    let healthy = load(&client, entity, cap, 4, Duration::from_secs(1)).await;
+    let tally = Arc::new(Tally::default());
+    for t in [&warm, &faulty, &healthy] {
+        for (sum, part) in [
+            (&tally.admitted, &t.admitted),
+            (&tally.unbacked, &t.unbacked),
+            (&tally.refused, &t.refused),
+            (&tally.unavailable, &t.unavailable),
+        ] {
+            sum.fetch_add(part.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        tally
+            .slowest_ms
+            .fetch_max(t.slowest_ms.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+    let acknowledged = tally.admitted.load(Ordering::Relaxed);
+    let total = settled(&*store, &ns, entity, acknowledged).await;
+    let slowest = tally.slowest_ms.load(Ordering::Relaxed);
+    println!(
+        "{fault:?}/{policy}: {acknowledged} admitted, {} unbacked, {} refused, {} unavailable, \
+         slowest answer {slowest} ms; stored {total}; {} compensations",
+        tally.unbacked.load(Ordering::Relaxed),
+        tally.refused.load(Ordering::Relaxed),
+        tally.unavailable.load(Ordering::Relaxed),
+        daemon.metric("zae_limiter_compensations_total", &[]),
+    );
+    assert_eq!(
+        total, acknowledged,
+        "the stored total is what was acknowledged"
+    );
+    assert!(
+        acknowledged <= cap as i64,
+        "over-admitted: {acknowledged} > {cap}"
+    );
+    // Answered near the deadline (with room for a slow machine), never hung.
+    assert!(slowest < 3 * DEADLINE_MS, "an answer took {slowest} ms");
+    tally
+}
+
+/// Finding 2: DynamoDB answers after the caller's deadline; the writes land. Callers told
+/// UNAVAILABLE are given back by compensating writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_answers_charge_only_what_was_acknowledged() {
+    let tally = under(
+        Fault::SlowAnswers(Duration::from_millis(1_500)),
+        "block",
+        1_000_000,
+    )
+    .await;
+    assert!(
+        tally.unavailable.load(Ordering::Relaxed) > 0,
+        "the fault bit"
+    );
+}
+
+/// Finding 3: answers right around the deadline never come back as INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_near_the_deadline_are_never_internal() {
+    under(
+        Fault::SlowAnswers(Duration::from_millis(DEADLINE_MS - 50)),
+        "block",
+        1_000_000,
+    )
+    .await;
+}
+
+/// Writes land but their answers are lost to connection resets (the SDK retries): each is
+/// counted once, acknowledged or given back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_answers_neither_double_charge_nor_lose_admits() {
+    under(Fault::ResetAnswers, "block", 1_000_000).await;
+}
+
+/// With a bound that the load exhausts: nothing above it, under resets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_answers_never_over_admit() {
+    let tally = under(Fault::ResetAnswers, "block", 40).await;
+    assert!(
+        tally.refused.load(Ordering::Relaxed) > 0,
+        "the bound was reached"
+    );
+}
+
+/// A black-holed store: every caller is answered by the policy within the deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_hole_is_answered_by_the_policy() {
+    let blocked = under(Fault::Blackhole, "block", 1_000_000).await;
+    assert!(blocked.unavailable.load(Ordering::Relaxed) > 0);
+    let allowed = under(Fault::Blackhole, "allow", 1_000_000).await;
+    assert!(allowed.unbacked.load(Ordering::Relaxed) > 0);
+}
+
+/// Finding 7: a rollback or commit whose answers are lost is still written once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_closes_survive_lost_answers() {
+    let store = common::dynamodb().await;
+    let proxy = FaultProxy::start(&common::endpoint()).await;
+    let ns = common::unique_namespace();
+    let daemon = Daemon::start(&config(&ns, &proxy.endpoint(), "block"), &[]);
+    let client = daemon.client().await;
+    let limits = [Limit::per_hour("tok", 1_000).unwrap()];
+    let acquire = |n: i64| {
+        zae_limiter::client::Acquire::new("e", "model")
+            .limits(&limits)
+            .consume("tok", n)
+    };
+    let rolled = client.acquire(acquire(100)).await.unwrap();
+    let mut committed = client.acquire(acquire(10)).await.unwrap();
+    committed.adjust([("tok", 5)]).await.unwrap();
+    let (rolled_id, committed_id) = (rolled.into_id(), committed.into_id());
+    proxy.set(Fault::ResetAnswers);
+    let mut raw = client.raw();
+    // The answers may say UNAVAILABLE (not confirmed in time); the writes are retried.
+    for (id, rollback) in [(&rolled_id, true), (&committed_id, false)] {
+        let req = proto::LeaseRequest {
+            lease_id: id.clone(),
+        };
+        let answer = if rollback {
+            raw.rollback(req).await
+        } else {
+            raw.commit(req).await
+        };
+        if let Err(s) = answer {
+            assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.set(Fault::Pass);
+    // Repeating a close reports its outcome once it is written.
+    let until = Instant::now() + Duration::from_secs(20);
+    for (id, rollback) in [(&rolled_id, true), (&committed_id, false)] {
+        loop {
+            let req = proto::LeaseRequest {
+                lease_id: id.clone(),
+            };
+            let answer = if rollback {
+                raw.rollback(req).await
+            } else {
+                raw.commit(req).await
+            };
+            match answer {
+                Ok(_) => break,
+                Err(s) if s.code() == Code::Unavailable && Instant::now() < until => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(s) => panic!("{s:?}"),
+            }
+        }
+    }
+    assert_eq!(settled(&*store, &ns, "e", 15).await, 15);
+}
