@@ -19,7 +19,11 @@ mod lane;
 mod leases;
 mod lookup;
 mod registry;
+mod types;
 mod usage;
+
+pub(crate) use types::Deps;
+pub use types::{AcquireRequest, Decision, FailurePolicy, LeaseId, LimiterError, LimiterSettings};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,196 +33,14 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
 use crate::domain::amounts::{Amounts, MAX_AMOUNT};
-use crate::domain::bucket::{LimitStatus, Rejection};
-use crate::domain::ids::{BucketKey, EntityId, Namespace};
+use crate::domain::bucket::LimitStatus;
+use crate::domain::ids::{BucketKey, Namespace};
 use crate::domain::limit::Limit;
 use crate::metrics::{self as m, outcome};
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use group::{AcquireJob, Msg};
 use lookup::Lookups;
 use registry::{Registry, Routes};
-
-/// What a decision does when the store cannot answer in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum FailurePolicy {
-    /// Refuse (gRPC `UNAVAILABLE`): never admit what the store has not recorded.
-    Block,
-    /// Admit without recording (the lease writes nothing); counted as `failed_open`.
-    Allow,
-}
-
-/// Limiter settings (see `[limiter]` in `config/zae-limiter.toml`). Times are milliseconds of the
-/// limiter's [`Clock`].
-#[derive(Debug, Clone)]
-pub struct LimiterSettings {
-    pub failure_policy: FailurePolicy,
-    /// Namespaces callers may use; a request naming none uses the first.
-    pub namespaces: Vec<Namespace>,
-    /// Also every namespace registered in the store (`"*"` in the configuration).
-    pub registered: bool,
-    pub max_staleness_ms: i64,
-    pub min_commit_interval_ms: i64,
-    pub max_batch: usize,
-    /// Most acquires one consistency group may have waiting (in its mailbox or its queues).
-    pub max_queue: usize,
-    pub lease_ttl_ms: i64,
-    pub idle_timeout_ms: i64,
-    pub limits_cache_ms: i64,
-    /// Most entries each look-up cache keeps (stored limits, entities).
-    pub max_cached_lookups: usize,
-    pub usage_flush_ms: i64,
-}
-
-impl Default for LimiterSettings {
-    fn default() -> Self {
-        Self {
-            failure_policy: FailurePolicy::Block,
-            namespaces: vec![Namespace::new("default").expect("\"default\" is a valid namespace")],
-            registered: false,
-            max_staleness_ms: 1_000,
-            min_commit_interval_ms: 0,
-            max_batch: 256,
-            max_queue: 10_000,
-            lease_ttl_ms: 60_000,
-            idle_timeout_ms: 60_000,
-            limits_cache_ms: 60_000,
-            max_cached_lookups: 100_000,
-            usage_flush_ms: 60_000,
-        }
-    }
-}
-
-/// Why a limiter call failed. Over-limit is not an error: it is [`Decision::Rejected`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum LimiterError {
-    #[error("{field}: {message}")]
-    InvalidArgument { field: String, message: String },
-    /// A value that is well formed but outside what the limiter can represent or allow.
-    #[error("{field}: {message}")]
-    OutOfRange { field: String, message: String },
-    #[error("lease {0:?} is unknown, closed or expired")]
-    LeaseNotFound(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    AlreadyExists(String),
-    /// The store failed or did not answer in time, and the policy is `block`: retry later.
-    #[error("rate-limit store unavailable: {0}")]
-    Unavailable(String),
-    #[error("deadline exceeded before the decision was made")]
-    DeadlineExceeded,
-    #[error("{0}")]
-    PermissionDenied(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    /// The store refused in a way retrying will not fix (missing table, refused credentials,
-    /// corrupt item): an operator must act.
-    #[error("rate-limit store refused: {0}")]
-    Store(String),
-}
-
-impl LimiterError {
-    pub fn invalid(field: impl Into<String>, message: impl std::fmt::Display) -> Self {
-        Self::InvalidArgument {
-            field: field.into(),
-            message: message.to_string(),
-        }
-    }
-
-    pub fn out_of_range(field: impl Into<String>, message: impl std::fmt::Display) -> Self {
-        Self::OutOfRange {
-            field: field.into(),
-            message: message.to_string(),
-        }
-    }
-}
-
-impl From<StoreError> for LimiterError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::AlreadyExists(what) => {
-                Self::AlreadyExists(format!("{what} already exists"))
-            }
-            StoreError::NotFound(what) => Self::NotFound(format!("{what} does not exist")),
-            StoreError::Refused(why) => Self::FailedPrecondition(why),
-            StoreError::Transient(_) => Self::Unavailable(e.to_string()),
-            StoreError::Backend(_) | StoreError::Corrupt(_) => Self::Store(e.to_string()),
-            // Conflicts are re-planned where they happen; one that escapes is another writer's
-            // progress, worth a retry.
-            StoreError::Conflict { .. } => Self::Unavailable(e.to_string()),
-        }
-    }
-}
-
-/// A lease handle as callers see it. Leases admitted while the store was unreachable under the
-/// `allow` policy were never written; closing them writes nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LeaseId {
-    Backed(u64),
-    Unbacked(u64),
-}
-
-impl std::fmt::Display for LeaseId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Backed(n) => write!(f, "{n:x}"),
-            Self::Unbacked(n) => write!(f, "open-{n:x}"),
-        }
-    }
-}
-
-impl std::str::FromStr for LeaseId {
-    type Err = LimiterError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || LimiterError::invalid("lease_id", format!("{s:?} is not a lease id"));
-        match s.strip_prefix("open-") {
-            Some(hex) => u64::from_str_radix(hex, 16)
-                .map(Self::Unbacked)
-                .map_err(|_| bad()),
-            None => u64::from_str_radix(s, 16)
-                .map(Self::Backed)
-                .map_err(|_| bad()),
-        }
-    }
-}
-
-/// The answer to an acquire.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    Admitted {
-        /// `None` when the acquire was committed at once.
-        lease: Option<LeaseId>,
-        statuses: Vec<LimitStatus>,
-    },
-    Rejected {
-        rejection: Rejection,
-        /// The entity whose limits refused, when it is not the one asked for (a cascade
-        /// parent).
-        refused_by: Option<EntityId>,
-    },
-}
-
-/// A validated acquire.
-#[derive(Debug, Clone)]
-pub struct AcquireRequest {
-    pub key: BucketKey,
-    /// Milli-tokens per limit name, each in `0..=MAX_AMOUNT`.
-    pub amounts: Amounts,
-    /// Explicit limits (canonical order); `None` resolves the stored ones.
-    pub limits: Option<Vec<Limit>>,
-    /// Return a lease to adjust, commit or roll back; `false` commits at once.
-    pub lease: bool,
-}
-
-/// What every actor may read: the store, the clock, the settings and the task tracker.
-pub(crate) struct Deps {
-    pub store: Arc<dyn Store>,
-    pub clock: Arc<dyn Clock>,
-    pub settings: LimiterSettings,
-    /// Every store call an actor spawns; shutdown waits for them.
-    pub tasks: TaskTracker,
-}
 
 /// The limiter handle; cheap to clone.
 #[derive(Clone)]

@@ -17,9 +17,9 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use super::LimiterError;
 use super::group::{AcquireJob, Ctx, PeekJob};
 use super::leases::Lease;
+use super::types::{Decision, LeaseId, LimiterError};
 use crate::domain::amounts::Amounts;
 use crate::domain::batch::{Ask, Request, Verdict, decide_batch};
 use crate::domain::bucket::{
@@ -27,7 +27,6 @@ use crate::domain::bucket::{
 };
 use crate::domain::ids::EntityId;
 use crate::domain::limit::{Limit, LimitName};
-use crate::limiter::Decision;
 use crate::metrics::{self as m, outcome};
 use crate::store::StoreError;
 
@@ -554,7 +553,7 @@ impl Lane {
                 id
             });
             let answer = Ok(Decision::Admitted {
-                lease: lease.map(super::LeaseId::Backed),
+                lease: lease.map(LeaseId::Backed),
                 statuses,
             });
             if reply.send(answer).is_ok() {

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use super::group::{ParentSpec, Reply};
-use super::{LeaseId, LimiterError};
+use super::types::{LeaseId, LimiterError};
 use crate::domain::amounts::{Amounts, MAX_AMOUNT};
 use crate::domain::ids::{EntityId, ResourceId};
 use crate::domain::limit::Limit;

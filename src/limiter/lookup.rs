@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::cache::Cache;
 use super::group::ParentSpec;
-use super::{Deps, LimiterError};
+use super::types::{Deps, LimiterError};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
 use crate::domain::records::{Entity, LimitScope};

@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::group::{Args, GroupActor, Msg};
-use super::{Deps, LimiterError};
+use super::types::{Deps, LimiterError};
 use crate::domain::ids::{EntityId, Namespace};
 use crate::metrics::{self as m, outcome};
 

@@ -99,6 +99,12 @@ impl Daemon {
         metric_in(&self.scrape(), metric, labels)
     }
 
+    /// Kills the daemon outright (SIGKILL: no drain, no flush), as a crash would.
+    pub fn kill9(&mut self) {
+        unsafe_kill(self.child.id(), libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
         unsafe_kill(self.child.id(), libc::SIGTERM);

@@ -1,0 +1,366 @@
+//! Hostile input through the socket: arbitrary sequences of acquires, adjustments, closes, peeks,
+//! moves and audit reads with extreme and overflowing amounts, unicode and NUL in ids, huge
+//! maps, garbage lease ids and page tokens. Whatever comes in: no panic, no `INTERNAL` or
+//! `UNKNOWN`, nothing written for a refused request, and every stored item stays readable.
+//!
+//! CI runs a few thousand cases per store; `ZAE_ADVERSARIAL_CASES=100000 scripts/test.sh
+//! --test adversarial` runs a longer search.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use common::daemon::Daemon;
+use proptest::prelude::*;
+use tonic::Code;
+use zae_limiter::client::Client;
+use zae_limiter::store::Store;
+use zae_limiter::{BucketKey, EntityId, Namespace, ResourceId, proto};
+
+#[derive(Debug, Clone)]
+enum Op {
+    Acquire {
+        entity: String,
+        resource: String,
+        consume: Vec<(String, i64)>,
+        limits: Vec<(String, u64, u64, u64)>,
+        commit: bool,
+    },
+    Adjust {
+        lease: Option<String>,
+        delta: Vec<(String, i64)>,
+    },
+    Close {
+        lease: Option<String>,
+        rollback: bool,
+    },
+    Available {
+        entity: String,
+        consume: Vec<(String, i64)>,
+    },
+    Audit {
+        subject: String,
+        page: String,
+    },
+    Move {
+        entity: String,
+        parent: Option<String>,
+    },
+}
+
+fn id() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => "k[0-3]",
+        1 => any::<String>(),
+        1 => "[\\x00-\\x1f]{1,4}",
+        1 => "\\PC{200,300}",
+        1 => Just(String::new()),
+    ]
+}
+
+fn name() -> impl Strategy<Value = String> {
+    prop_oneof![4 => Just("tok".to_owned()), 2 => Just("rpm".to_owned()), 1 => any::<String>()]
+}
+
+fn amount() -> impl Strategy<Value = i64> {
+    prop_oneof![
+        6 => 0..100i64,
+        1 => -100..0i64,
+        1 => any::<i64>(),
+        1 => Just(i64::MAX),
+        1 => Just(i64::MIN),
+        1 => Just(1_000_000_000_000_000i64),
+        1 => Just(-1_000_000_000_000_000i64),
+    ]
+}
+
+fn amounts() -> impl Strategy<Value = Vec<(String, i64)>> {
+    prop_oneof![
+        8 => prop::collection::vec((name(), amount()), 0..3),
+        1 => prop::collection::vec((any::<String>(), amount()), 100..300),
+    ]
+}
+
+fn quantity() -> impl Strategy<Value = u64> {
+    prop_oneof![
+        6 => 1..1_000u64,
+        1 => Just(0u64),
+        1 => any::<u64>(),
+        1 => Just(1_000_000_000_000_000u64),
+    ]
+}
+
+fn limits() -> impl Strategy<Value = Vec<(String, u64, u64, u64)>> {
+    let one = || (name(), quantity(), quantity(), quantity());
+    prop_oneof![
+        8 => prop::collection::vec(one(), 0..3),
+        1 => prop::collection::vec(one(), 30..40),
+    ]
+}
+
+fn lease() -> impl Strategy<Value = Option<String>> {
+    // `None`: the lease of the last admitted acquire; else a forged id.
+    prop_oneof![
+        4 => Just(None),
+        1 => any::<String>().prop_map(Some),
+        1 => "[0-9a-f]{1,20}".prop_map(Some),
+        1 => "open-[0-9a-f]{1,20}".prop_map(Some),
+    ]
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (id(), id(), amounts(), limits(), any::<bool>()).prop_map(
+            |(entity, resource, consume, limits, commit)| Op::Acquire {
+                entity,
+                resource,
+                consume,
+                limits,
+                commit
+            }
+        ),
+        3 => (lease(), amounts()).prop_map(|(lease, delta)| Op::Adjust { lease, delta }),
+        2 => (lease(), any::<bool>()).prop_map(|(lease, rollback)| Op::Close { lease, rollback }),
+        1 => (id(), amounts()).prop_map(|(entity, consume)| Op::Available { entity, consume }),
+        1 => (id(), any::<String>()).prop_map(|(subject, page)| Op::Audit { subject, page }),
+        1 => (id(), prop::option::of(id())).prop_map(|(entity, parent)| Op::Move { entity, parent }),
+    ]
+}
+
+/// A daemon, a client, the store it writes to, and the buckets admissions created.
+struct Target {
+    rt: tokio::runtime::Runtime,
+    _daemon: Daemon,
+    client: Client,
+    /// The daemon's store, where the test can read it (DynamoDB; the memory store lives in the
+    /// daemon's process).
+    store: Option<Arc<dyn Store>>,
+    ns: Namespace,
+    /// Resource ids that have had an admission (their buckets may exist).
+    admitted: Mutex<HashSet<(String, String)>>,
+    /// Whether the store may answer UNAVAILABLE (DynamoDB Local under load).
+    may_be_unavailable: bool,
+}
+
+fn target(dynamodb: bool) -> Target {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ns = common::unique_namespace();
+    let (config, store) = if dynamodb {
+        let store = Some(rt.block_on(common::dynamodb()));
+        let config = format!(
+            "[limiter]\nbackend = \"dynamodb\"\nnamespaces = [\"{ns}\"]\n\
+             [dynamodb]\ntable = \"{}\"\nendpoint_url = \"{}\"\n",
+            common::TEST_TABLE,
+            common::endpoint()
+        );
+        (config, store)
+    } else {
+        let config = format!("[limiter]\nbackend = \"memory\"\nnamespaces = [\"{ns}\"]\n");
+        (config, None)
+    };
+    let daemon = Daemon::start(&config, &[]);
+    let client = rt.block_on(daemon.client());
+    Target {
+        rt,
+        _daemon: daemon,
+        client,
+        store,
+        ns,
+        admitted: Mutex::new(HashSet::new()),
+        may_be_unavailable: dynamodb,
+    }
+}
+
+fn to_limits(limits: &[(String, u64, u64, u64)]) -> Vec<proto::Limit> {
+    limits
+        .iter()
+        .map(
+            |(name, capacity, refill_amount, refill_period_ms)| proto::Limit {
+                name: name.clone(),
+                capacity: *capacity,
+                refill_amount: *refill_amount,
+                refill_period_ms: *refill_period_ms,
+            },
+        )
+        .collect()
+}
+
+impl Target {
+    fn acceptable(&self, status: &tonic::Status) -> bool {
+        match status.code() {
+            Code::InvalidArgument
+            | Code::OutOfRange
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::AlreadyExists => true,
+            Code::Unavailable => self.may_be_unavailable,
+            _ => false,
+        }
+    }
+
+    /// The bucket of an entity and resource, as the store has it (`None`: not stored, or the
+    /// ids are not valid ids). Reading it proves it readable.
+    async fn bucket(&self, entity: &str, resource: &str) -> Option<zae_limiter::Bucket> {
+        let store = self.store.as_ref()?;
+        let key = BucketKey {
+            namespace: self.ns.clone(),
+            entity: EntityId::new(entity).ok()?,
+            resource: ResourceId::new(resource).ok()?,
+        };
+        store
+            .load_bucket(&key)
+            .await
+            .expect("every stored item stays readable")
+    }
+
+    async fn run(&self, ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let mut raw = self.client.raw();
+        let mut admin = self.client.admin();
+        let mut last_lease = String::new();
+        for op in ops {
+            let answer: Result<(), tonic::Status> = match op.clone() {
+                Op::Acquire {
+                    entity,
+                    resource,
+                    consume,
+                    limits,
+                    commit,
+                } => {
+                    let fresh = !self
+                        .admitted
+                        .lock()
+                        .unwrap()
+                        .contains(&(entity.clone(), resource.clone()));
+                    let before = self.bucket(&entity, &resource).await;
+                    let req = proto::AcquireRequest {
+                        namespace: String::new(),
+                        entity_id: entity.clone(),
+                        resource: resource.clone(),
+                        consume: consume.into_iter().collect(),
+                        limits: to_limits(&limits),
+                        commit,
+                    };
+                    match raw.acquire(req).await {
+                        Ok(a) => {
+                            let a = a.into_inner();
+                            if a.allowed {
+                                self.admitted.lock().unwrap().insert((entity, resource));
+                                last_lease = a.lease_id;
+                            }
+                            Ok(())
+                        }
+                        Err(s) => {
+                            if fresh {
+                                let after = self.bucket(&entity, &resource).await;
+                                prop_assert_eq!(before, after, "a refused acquire wrote: {:?}", s);
+                            }
+                            Err(s)
+                        }
+                    }
+                }
+                Op::Adjust { lease, delta } => raw
+                    .adjust(proto::AdjustRequest {
+                        lease_id: lease.unwrap_or_else(|| last_lease.clone()),
+                        delta: delta.into_iter().collect(),
+                    })
+                    .await
+                    .map(drop),
+                Op::Close { lease, rollback } => {
+                    let req = proto::LeaseRequest {
+                        lease_id: lease.unwrap_or_else(|| last_lease.clone()),
+                    };
+                    if rollback {
+                        raw.rollback(req).await.map(drop)
+                    } else {
+                        raw.commit(req).await.map(drop)
+                    }
+                }
+                Op::Available { entity, consume } => raw
+                    .time_until_available(proto::TimeUntilAvailableRequest {
+                        entity_id: entity,
+                        resource: "model".into(),
+                        consume: consume.into_iter().collect(),
+                        limits: to_limits(&[("tok".into(), 10, 10, 1_000)]),
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop),
+                Op::Audit { subject, page } => admin
+                    .list_audit(proto::ListAuditRequest {
+                        subject,
+                        page,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop),
+                Op::Move { entity, parent } => admin
+                    .move_entity(proto::MoveEntityRequest {
+                        entity_id: entity,
+                        parent_id: parent,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(drop),
+            };
+            if let Err(s) = answer {
+                prop_assert!(self.acceptable(&s), "{:?} answered {:?}", op, s);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn cases(default: u32) -> u32 {
+    std::env::var("ZAE_ADVERSARIAL_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn check(dynamodb: bool, default_cases: u32) {
+    let t = target(dynamodb);
+    let config = ProptestConfig {
+        cases: cases(default_cases),
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    let mut runner = proptest::test_runner::TestRunner::new(config);
+    let result = runner.run(&prop::collection::vec(op(), 1..8), |ops| {
+        t.rt.block_on(t.run(ops))
+    });
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+    // Every bucket an admission touched is still readable.
+    let keys: Vec<(String, String)> = t.admitted.lock().unwrap().iter().cloned().collect();
+    if dynamodb {
+        for (entity, resource) in keys {
+            t.rt.block_on(t.bucket(&entity, &resource))
+                .expect("an admitted bucket is stored");
+        }
+    }
+    // And the daemon still serves.
+    let health =
+        t.rt.block_on(t.client.raw().available(proto::AvailableRequest {
+            entity_id: "k0".into(),
+            resource: "model".into(),
+            limits: to_limits(&[("tok".into(), 10, 10, 1_000)]),
+            ..Default::default()
+        }));
+    assert!(health.is_ok(), "{health:?}");
+}
+
+#[test]
+fn hostile_requests_on_the_memory_store() {
+    check(false, 2_000);
+}
+
+#[test]
+fn hostile_requests_on_dynamodb() {
+    check(true, 1_000);
+}
