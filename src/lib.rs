@@ -38,3 +38,8 @@ pub use domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 pub use domain::limit::{Limit, LimitError, LimitName};
 pub use domain::records::{Entity, LimitScope};
 pub use store::{Store, StoreError};
+
+/// The README's Rust examples, compiled as doc tests so they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -40,7 +40,8 @@ use crate::metrics::{self as m, outcome};
 use crate::store::Store;
 use group::{AcquireJob, Msg};
 use lookup::Lookups;
-use registry::{Registry, Routes};
+use registry::Registry;
+use types::Routes;
 
 /// The limiter handle; cheap to clone.
 #[derive(Clone)]

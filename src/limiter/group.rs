@@ -17,8 +17,7 @@ use tokio::sync::oneshot;
 
 use super::lane::{Io, Lane, Settle};
 use super::leases::Leases;
-use super::registry::{GroupKey, Routes, Ticket};
-use super::types::{Decision, Deps, LimiterError};
+use super::types::{Decision, Deps, GroupKey, LimiterError, Routes, Ticket};
 use super::usage::UsageLog;
 use crate::domain::amounts::Amounts;
 use crate::domain::bucket::{Bucket, Change, LimitStatus, Write};

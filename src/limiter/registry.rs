@@ -16,35 +16,13 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::group::{Args, GroupActor, Msg};
-use super::types::{Deps, LimiterError};
-use crate::domain::ids::{EntityId, Namespace};
+use super::types::{Deps, GroupKey, LimiterError, Routes, Ticket};
 use crate::metrics::{self as m, outcome};
-
-/// A consistency group: the namespace and the root entity.
-pub(crate) type GroupKey = (Namespace, EntityId);
 
 #[derive(Clone)]
 struct Handle {
     actor: ActorRef<Msg>,
     tickets: Arc<AtomicUsize>,
-}
-
-/// An acquire's place in its group's bound; given back when dropped.
-pub(crate) struct Ticket(Arc<AtomicUsize>);
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// What an actor may do to the registry: publish and withdraw its leases, withdraw itself.
-pub(crate) trait Routes: Send + Sync + 'static {
-    fn lease_opened(&self, id: u64, group: &GroupKey);
-    fn lease_closed(&self, id: u64);
-    fn next_lease_id(&self) -> u64;
-    /// Stops routing to the actor `actor` of `group` (new work spawns a fresh actor).
-    fn unpublish(&self, group: &GroupKey, actor: ractor::ActorId);
 }
 
 pub(crate) struct Registry {

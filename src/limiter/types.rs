@@ -193,3 +193,24 @@ pub struct Deps {
     /// Every store call an actor spawns; shutdown waits for them.
     pub tasks: TaskTracker,
 }
+
+/// A consistency group: the namespace and the root entity.
+pub(crate) type GroupKey = (Namespace, EntityId);
+
+/// An acquire's place in its group's bound; given back when dropped.
+pub(crate) struct Ticket(pub(crate) Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// What an actor may do to the registry: publish and withdraw its leases, withdraw itself.
+pub(crate) trait Routes: Send + Sync + 'static {
+    fn lease_opened(&self, id: u64, group: &GroupKey);
+    fn lease_closed(&self, id: u64);
+    fn next_lease_id(&self) -> u64;
+    /// Stops routing to the actor `actor` of `group` (new work spawns a fresh actor).
+    fn unpublish(&self, group: &GroupKey, actor: ractor::ActorId);
+}
