@@ -9,6 +9,7 @@
 //! cargo bench --bench loadgen -- --mode reject --clients 64 --seconds 5              # cached rejections
 //! cargo bench --bench loadgen -- --backend dynamodb --endpoint http://127.0.0.1:8000 # DynamoDB Local
 //! cargo bench --bench loadgen -- --mode memory --entities 1000000                    # RSS per entity
+//! cargo bench --bench loadgen -- --entities 100 --cascade --one-call                 # 100 children, one parent
 //! ```
 //! `--backend dynamodb` without `--endpoint` uses `ZAE_TEST_DYNAMODB_ENDPOINT` (as set by
 //! `scripts/test.sh`).
@@ -59,6 +60,10 @@ struct Args {
     /// Acquire and commit in one call (`Client::consume`) instead of acquire, then commit.
     #[arg(long)]
     one_call: bool,
+    /// Make the entities cascading children of one parent with a stored limit of its own: every
+    /// decision charges the child and the shared parent in one atomic write.
+    #[arg(long)]
+    cascade: bool,
     /// The daemon's runtime threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     daemon_threads: usize,
@@ -221,6 +226,9 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
         _ => vec![Limit::per_second("rps", 100_000_000).unwrap()],
     });
     let name = limits[0].name().to_string();
+    if args.cascade {
+        make_children(&clients[0], args.entities, &limits).await;
+    }
     // Warm up: create every bucket (and, for the reject mode, drain it).
     for e in 0..args.entities {
         let req = Acquire::new(format!("entity-{e}"), "model")
@@ -292,15 +300,21 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
     let writes = delta("zae_limiter_store_calls_total", "operation=\"write\"");
     let store_calls = delta("zae_limiter_store_calls_total", "");
     let cached = delta("zae_limiter_decisions_total", "outcome=\"rejected_cached\"");
+    let conflicts = delta("zae_limiter_conflicts_total", "");
     let decisions = admitted + rejected;
     println!(
-        "mode={:?} backend={:?} daemon_threads={} clients={} connections={} entities={} calls/decision={}",
+        "mode={:?} backend={:?} daemon_threads={} clients={} connections={} entities={}{} calls/decision={}",
         args.mode,
         args.backend,
         args.daemon_threads,
         args.clients,
         args.connections,
         args.entities,
+        if args.cascade {
+            " (cascading children of one parent)"
+        } else {
+            ""
+        },
         if args.one_call { 1 } else { 2 }
     );
     println!(
@@ -324,12 +338,48 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
             0.0
         }
     );
-    println!("rejections served from cache: {cached:.0} of {rejected}");
+    println!("rejections served from cache: {cached:.0} of {rejected}; conflicts: {conflicts:.0}");
     println!(
         "daemon CPU: {:.2} s = {:.1} us per decision",
         cpu.as_secs_f64(),
         cpu.as_secs_f64() * 1e6 / decisions.max(1) as f64
     );
+}
+
+/// A parent with `limits` stored as its own, and `n` cascading children `entity-{i}`.
+async fn make_children(client: &Client, n: usize, limits: &[Limit]) {
+    use zae_limiter::proto;
+    let mut admin = client.admin();
+    let entity = |id: String, parent: Option<&str>| proto::CreateEntityRequest {
+        entity: Some(proto::Entity {
+            id,
+            parent_id: parent.map(Into::into),
+            cascade: parent.is_some(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    admin
+        .create_entity(entity("parent".into(), None))
+        .await
+        .unwrap();
+    admin
+        .set_limits(proto::SetLimitsRequest {
+            scope: Some(proto::LimitScope {
+                entity_id: Some("parent".into()),
+                resource: None,
+            }),
+            limits: limits.iter().map(proto::Limit::from).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    for i in 0..n {
+        admin
+            .create_entity(entity(format!("entity-{i}"), Some("parent")))
+            .await
+            .unwrap();
+    }
 }
 
 async fn memory(args: &Args, clients: &[Client], pid: u32) {

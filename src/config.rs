@@ -82,8 +82,8 @@ pub struct LimiterConfig {
     pub min_commit_interval_ms: u64,
     /// Most acquires one write carries.
     pub max_batch: usize,
-    /// Most acquires one bucket may have waiting; more are refused with `UNAVAILABLE` (overload
-    /// protection: the daemon sheds load instead of queueing without bound).
+    /// Most acquires one consistency group may hold (mailbox, queue, in flight); more are refused
+    /// with `UNAVAILABLE` (the daemon sheds load instead of queueing without bound).
     pub max_queue: usize,
     /// A lease neither committed nor rolled back expires after this; its consumption stays.
     pub lease_ttl_ms: u64,

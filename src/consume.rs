@@ -1,8 +1,9 @@
 //! The store-level acquire: plan against a seen bucket state, write conditionally, and on a
 //! conflict re-plan from the item the store returned (no extra read).
 //!
-//! This is the path every decision that reaches the store takes: the daemon's actors call it with
-//! their cached state, tools and tests call it with none (it then reads once).
+//! A single acquire with no daemon around it, for tools and tests (the daemon decides batches with
+//! [`crate::domain::batch::decide_batch`] and writes them itself). It reads once when it has seen
+//! nothing.
 
 use crate::domain::bucket::{Bucket, Plan, Rejection, UnknownLimit, Write, plan};
 use crate::domain::ids::BucketKey;
