@@ -10,6 +10,7 @@
 //! cargo bench --bench loadgen -- --backend dynamodb --endpoint http://127.0.0.1:8000 # DynamoDB Local
 //! cargo bench --bench loadgen -- --mode memory --entities 1000000                    # RSS per entity
 //! cargo bench --bench loadgen -- --entities 100 --cascade --one-call                 # 100 children, one parent
+//! cargo bench --bench loadgen -- --daemon path/to/older/zae-limiter                  # before/after
 //! ```
 //! `--backend dynamodb` without `--endpoint` uses `ZAE_TEST_DYNAMODB_ENDPOINT` (as set by
 //! `scripts/test.sh`).
@@ -64,6 +65,10 @@ struct Args {
     /// decision charges the child and the shared parent in one atomic write.
     #[arg(long)]
     cascade: bool,
+    /// The daemon binary to drive (default: this build's), e.g. an older build for a before/after
+    /// comparison in the same run.
+    #[arg(long)]
+    daemon: Option<std::path::PathBuf>,
     /// The daemon's runtime threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     daemon_threads: usize,
@@ -95,7 +100,11 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start(endpoint: Option<&str>, threads: usize) -> (Daemon, std::path::PathBuf) {
+fn start(
+    binary: Option<&std::path::Path>,
+    endpoint: Option<&str>,
+    threads: usize,
+) -> (Daemon, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("zl.sock");
     let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -108,7 +117,8 @@ fn start(endpoint: Option<&str>, threads: usize) -> (Daemon, std::path::PathBuf)
     }
     let config_path = dir.path().join("config.toml");
     std::fs::write(&config_path, config).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_zae-limiter"))
+    let binary = binary.unwrap_or(std::path::Path::new(env!("CARGO_BIN_EXE_zae-limiter")));
+    let child = Command::new(binary)
         .args(["serve", "--config"])
         .arg(&config_path)
         .arg("--socket")
@@ -208,7 +218,7 @@ async fn main() {
             .await
             .expect("deploy the bench table");
     }
-    let (daemon, socket) = start(endpoint.as_deref(), args.daemon_threads);
+    let (daemon, socket) = start(args.daemon.as_deref(), endpoint.as_deref(), args.daemon_threads);
     let pid = daemon.child.id();
     let mut clients = Vec::new();
     for _ in 0..args.connections.max(1) {
