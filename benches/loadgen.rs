@@ -218,7 +218,11 @@ async fn main() {
             .await
             .expect("deploy the bench table");
     }
-    let (daemon, socket) = start(args.daemon.as_deref(), endpoint.as_deref(), args.daemon_threads);
+    let (daemon, socket) = start(
+        args.daemon.as_deref(),
+        endpoint.as_deref(),
+        args.daemon_threads,
+    );
     let pid = daemon.child.id();
     let mut clients = Vec::new();
     for _ in 0..args.connections.max(1) {

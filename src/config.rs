@@ -130,20 +130,23 @@ impl LimiterConfig {
 }
 
 impl Default for LimiterConfig {
+    /// The limiter's own defaults, in the file's units.
     fn default() -> Self {
+        let d = LimiterSettings::default();
+        let ms = |v: i64| u64::try_from(v).unwrap_or(0);
         Self {
             backend: Backend::Memory,
-            failure_policy: FailurePolicy::Block,
-            namespaces: vec!["default".into()],
-            max_staleness_ms: 1_000,
-            min_commit_interval_ms: 0,
-            max_batch: 256,
-            max_queue: 10_000,
-            lease_ttl_ms: 60_000,
-            idle_timeout_ms: 60_000,
-            limits_cache_ms: 60_000,
-            max_cached_lookups: 100_000,
-            usage_flush_ms: 60_000,
+            failure_policy: d.failure_policy,
+            namespaces: d.namespaces.iter().map(ToString::to_string).collect(),
+            max_staleness_ms: ms(d.max_staleness_ms),
+            min_commit_interval_ms: ms(d.min_commit_interval_ms),
+            max_batch: d.max_batch,
+            max_queue: d.max_queue,
+            lease_ttl_ms: ms(d.lease_ttl_ms),
+            idle_timeout_ms: ms(d.idle_timeout_ms),
+            limits_cache_ms: ms(d.limits_cache_ms),
+            max_cached_lookups: d.max_cached_lookups,
+            usage_flush_ms: ms(d.usage_flush_ms),
         }
     }
 }

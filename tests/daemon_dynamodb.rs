@@ -14,11 +14,7 @@ use zae_limiter::store::Store;
 use zae_limiter::{BucketKey, EntityId, Limit, LimitName, Namespace, ResourceId, proto};
 
 fn config(ns: &Namespace, endpoint: &str, extra: &str) -> String {
-    format!(
-        "[limiter]\nbackend = \"dynamodb\"\nnamespaces = [\"{ns}\"]\n{extra}\n\
-         [dynamodb]\ntable = \"{}\"\nendpoint_url = \"{endpoint}\"\n",
-        common::TEST_TABLE
-    )
+    common::dynamodb_config(ns, endpoint, extra)
 }
 
 async fn consumed(store: &dyn Store, ns: &Namespace, entity: &str, limit: &str) -> i64 {

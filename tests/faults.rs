@@ -20,12 +20,29 @@ use zae_limiter::{BucketKey, EntityId, Limit, LimitName, Namespace, ResourceId, 
 const DEADLINE_MS: u64 = 1_000;
 
 fn config(ns: &Namespace, endpoint: &str, policy: &str) -> String {
-    format!(
-        "[server]\nrequest_timeout_ms = {DEADLINE_MS}\n\
-         [limiter]\nbackend = \"dynamodb\"\nnamespaces = [\"{ns}\"]\nfailure_policy = \"{policy}\"\n\
-         [dynamodb]\ntable = \"{}\"\nendpoint_url = \"{endpoint}\"\nmax_attempts = 2\n",
-        common::TEST_TABLE
-    )
+    common::dynamodb_config(ns, endpoint, &format!("failure_policy = \"{policy}\""))
+        + &format!(
+            "max_attempts = 2
+[server]
+request_timeout_ms = {DEADLINE_MS}
+"
+        )
+}
+
+/// Commits or rolls back a lease through the raw API.
+async fn close(
+    raw: &mut proto::rate_limiter_client::RateLimiterClient<tonic::transport::Channel>,
+    lease_id: &str,
+    rollback: bool,
+) -> Result<(), tonic::Status> {
+    let req = proto::LeaseRequest {
+        lease_id: lease_id.to_owned(),
+    };
+    if rollback {
+        raw.rollback(req).await.map(drop)
+    } else {
+        raw.commit(req).await.map(drop)
+    }
 }
 
 /// The stored consumed total of `entity`'s `tok` limit, in whole tokens (0 when not stored).
@@ -246,15 +263,7 @@ async fn lease_closes_survive_lost_answers() {
     let mut raw = client.raw();
     // The answers may say UNAVAILABLE (not confirmed in time); the writes are retried.
     for (id, rollback) in [(&rolled_id, true), (&committed_id, false)] {
-        let req = proto::LeaseRequest {
-            lease_id: id.clone(),
-        };
-        let answer = if rollback {
-            raw.rollback(req).await
-        } else {
-            raw.commit(req).await
-        };
-        if let Err(s) = answer {
+        if let Err(s) = close(&mut raw, id, rollback).await {
             assert_eq!(s.code(), Code::Unavailable, "{s:?}");
         }
     }
@@ -264,15 +273,7 @@ async fn lease_closes_survive_lost_answers() {
     let until = Instant::now() + Duration::from_secs(20);
     for (id, rollback) in [(&rolled_id, true), (&committed_id, false)] {
         loop {
-            let req = proto::LeaseRequest {
-                lease_id: id.clone(),
-            };
-            let answer = if rollback {
-                raw.rollback(req).await
-            } else {
-                raw.commit(req).await
-            };
-            match answer {
+            match close(&mut raw, id, rollback).await {
                 Ok(_) => break,
                 Err(s) if s.code() == Code::Unavailable && Instant::now() < until => {
                     tokio::time::sleep(Duration::from_millis(100)).await;

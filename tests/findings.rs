@@ -10,12 +10,7 @@ use zae_limiter::store::Store;
 use zae_limiter::{BucketKey, EntityId, LimitName, Namespace, ResourceId, proto};
 
 fn config(ns: &Namespace) -> String {
-    format!(
-        "[limiter]\nbackend = \"dynamodb\"\nnamespaces = [\"{ns}\"]\n\
-         [dynamodb]\ntable = \"{}\"\nendpoint_url = \"{}\"\n",
-        common::TEST_TABLE,
-        common::endpoint()
-    )
+    common::dynamodb_config(ns, &common::endpoint(), "")
 }
 
 fn limit(name: &str, tokens_per_hour: u64) -> proto::Limit {
@@ -35,6 +30,17 @@ fn acquire(entity: &str, limits: &[proto::Limit], take: i64) -> proto::AcquireRe
         limits: limits.to_vec(),
         ..Default::default()
     }
+}
+
+/// Acquires `take` of `entity` with a lease; returns the lease id.
+async fn open_lease(
+    raw: &mut proto::rate_limiter_client::RateLimiterClient<tonic::transport::Channel>,
+    entity: &str,
+    limits: &[proto::Limit],
+    take: i64,
+) -> String {
+    let answer = raw.acquire(acquire(entity, limits, take)).await.unwrap();
+    answer.into_inner().lease_id
 }
 
 /// (balance, consumed) in milli-tokens, as every daemon would read them.
@@ -62,12 +68,7 @@ async fn overflowing_adjustments_are_refused_and_the_bucket_stays_readable() {
     let daemon = Daemon::start(&config(&ns), &[]);
     let mut raw = daemon.client().await.raw();
     let limits = [limit("tok", 1_000_000_000_000_000)];
-    let lease = raw
-        .acquire(acquire("e", &limits, 1))
-        .await
-        .unwrap()
-        .into_inner()
-        .lease_id;
+    let lease = open_lease(&mut raw, "e", &limits, 1).await;
     for _ in 0..10 {
         let err = raw
             .adjust(proto::AdjustRequest {
@@ -107,12 +108,7 @@ async fn a_lease_gives_back_at_most_what_it_took() {
     let daemon = Daemon::start(&config(&ns), &[]);
     let mut raw = daemon.client().await.raw();
     let limits = [limit("tok", 100)];
-    let lease = raw
-        .acquire(acquire("e", &limits, 10))
-        .await
-        .unwrap()
-        .into_inner()
-        .lease_id;
+    let lease = open_lease(&mut raw, "e", &limits, 10).await;
     let err = raw
         .adjust(proto::AdjustRequest {
             lease_id: lease.clone(),
@@ -126,12 +122,7 @@ async fn a_lease_gives_back_at_most_what_it_took() {
         .unwrap();
     assert_eq!(stored(&*store, &ns, "e", "tok").await, (90_000, 10_000));
     // A rollback gives back exactly what was taken, never above capacity.
-    let lease = raw
-        .acquire(acquire("e", &limits, 10))
-        .await
-        .unwrap()
-        .into_inner()
-        .lease_id;
+    let lease = open_lease(&mut raw, "e", &limits, 10).await;
     raw.rollback(proto::LeaseRequest { lease_id: lease })
         .await
         .unwrap();

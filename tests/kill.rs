@@ -15,12 +15,7 @@ use zae_limiter::client::Client;
 use zae_limiter::{BucketKey, EntityId, Limit, LimitName, Namespace, ResourceId, proto};
 
 fn config(ns: &Namespace) -> String {
-    format!(
-        "[limiter]\nbackend = \"dynamodb\"\nnamespaces = [\"{ns}\"]\n\
-         [dynamodb]\ntable = \"{}\"\nendpoint_url = \"{}\"\n",
-        common::TEST_TABLE,
-        common::endpoint()
-    )
+    common::dynamodb_config(ns, &common::endpoint(), "")
 }
 
 #[derive(Default)]

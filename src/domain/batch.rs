@@ -71,6 +71,24 @@ impl BatchPlan {
     }
 }
 
+/// One ask against the state the admitted ones before it left: how its limits stood and the
+/// state after it, or the verdict that refuses it.
+fn check(
+    running: &[Option<Bucket>],
+    ask: Ask<'_>,
+    by_parent: bool,
+    now: i64,
+) -> Result<(Vec<LimitStatus>, Bucket), Verdict> {
+    match admit(running[ask.item].as_ref(), ask.limits, ask.amounts, now) {
+        Err(e) => Err(Verdict::Invalid(e)),
+        Ok(Admission::Rejected(rejection)) => Err(Verdict::Rejected {
+            rejection,
+            by_parent,
+        }),
+        Ok(Admission::Admitted { statuses, after }) => Ok((statuses, after)),
+    }
+}
+
 /// Decides `queue` against the `confirmed` bucket states (`None`: not stored) at `now`.
 ///
 /// # Panics
@@ -92,41 +110,20 @@ pub fn decide_batch(confirmed: &[Option<Bucket>], queue: &[Request<'_>], now: i6
             verdicts.push(Verdict::Deferred);
             continue;
         }
-        let own = match admit(
-            running[req.own.item].as_ref(),
-            req.own.limits,
-            req.own.amounts,
-            now,
-        ) {
-            Err(e) => {
-                verdicts.push(Verdict::Invalid(e));
+        let own = match check(&running, req.own, false, now) {
+            Ok(own) => own,
+            Err(verdict) => {
+                verdicts.push(verdict);
                 continue;
             }
-            Ok(Admission::Rejected(rejection)) => {
-                verdicts.push(Verdict::Rejected {
-                    rejection,
-                    by_parent: false,
-                });
-                continue;
-            }
-            Ok(Admission::Admitted { statuses, after }) => (statuses, after),
         };
-        let parent = match req.parent {
+        let parent = match req.parent.map(|p| check(&running, p, true, now)) {
             None => None,
-            Some(p) => match admit(running[p.item].as_ref(), p.limits, p.amounts, now) {
-                Err(e) => {
-                    verdicts.push(Verdict::Invalid(e));
-                    continue;
-                }
-                Ok(Admission::Rejected(rejection)) => {
-                    verdicts.push(Verdict::Rejected {
-                        rejection,
-                        by_parent: true,
-                    });
-                    continue;
-                }
-                Ok(Admission::Admitted { after, .. }) => Some((p, after)),
-            },
+            Some(Ok((_, after))) => req.parent.map(|p| (p, after)),
+            Some(Err(verdict)) => {
+                verdicts.push(verdict);
+                continue;
+            }
         };
         let (statuses, after) = own;
         for (ask, after) in std::iter::once((req.own, after)).chain(parent) {

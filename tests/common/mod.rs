@@ -26,6 +26,16 @@ pub fn endpoint() -> String {
     })
 }
 
+/// A daemon configuration on the test table of DynamoDB Local (`endpoint`), in namespace `ns`;
+/// `limiter` is added to the `[limiter]` section, and anything after the result goes into
+/// `[dynamodb]`.
+pub fn dynamodb_config(ns: &Namespace, endpoint: &str, limiter: &str) -> String {
+    format!(
+        "[limiter]\nbackend = \"dynamodb\"\nnamespaces = [\"{ns}\"]\n{limiter}\n\
+         [dynamodb]\ntable = \"{TEST_TABLE}\"\nendpoint_url = \"{endpoint}\"\n"
+    )
+}
+
 pub fn settings(table: &str) -> DynamoSettings {
     let mut s = DynamoSettings::new(table);
     s.endpoint_url = Some(endpoint());
