@@ -256,6 +256,7 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
     let cpu_before = cpu_time(pid);
     let admitted = Arc::new(AtomicU64::new(0));
     let rejected = Arc::new(AtomicU64::new(0));
+    let unavailable = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let until = started + Duration::from_secs(args.seconds);
     let tasks: Vec<_> = (0..args.clients)
@@ -263,6 +264,7 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
             let client = clients[i % clients.len()].clone();
             let (limits, name) = (limits.clone(), name.clone());
             let (admitted, rejected) = (admitted.clone(), rejected.clone());
+            let unavailable = unavailable.clone();
             let entities = args.entities;
             let one_call = args.one_call;
             tokio::spawn(async move {
@@ -291,6 +293,9 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
                         Err(ClientError::OverLimit { .. }) => {
                             rejected.fetch_add(1, Ordering::Relaxed);
                         }
+                        Err(ClientError::Status(s)) if s.code() == tonic::Code::Unavailable => {
+                            unavailable.fetch_add(1, Ordering::Relaxed);
+                        }
                         Err(e) => panic!("{e}"),
                     }
                 }
@@ -308,11 +313,13 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
     latencies.sort_unstable();
     let admitted = admitted.load(Ordering::Relaxed);
     let rejected = rejected.load(Ordering::Relaxed);
+    let unavailable = unavailable.load(Ordering::Relaxed);
     let delta =
         |name: &str, label: &str| metric(&after, name, label) - metric(&before, name, label);
     let units = delta("zae_limiter_store_write_units_total", "");
     let writes = delta("zae_limiter_store_calls_total", "operation=\"write\"");
     let store_calls = delta("zae_limiter_store_calls_total", "");
+    let commits = delta("zae_limiter_store_calls_total", "operation=\"commit\"");
     let cached = delta("zae_limiter_decisions_total", "outcome=\"rejected_cached\"");
     let conflicts = delta("zae_limiter_conflicts_total", "");
     let decisions = admitted + rejected;
@@ -345,14 +352,17 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
         latencies.last().copied().unwrap_or(0)
     );
     println!(
-        "store: {writes:.0} bucket writes, {units:.0} write units = {:.4} per admitted decision; {store_calls:.0} calls in all",
+        "store: {writes:.0} bucket writes, {commits:.0} transactions, {units:.0} write units = {:.4} per admitted decision; {store_calls:.0} calls in all",
         if admitted > 0 {
             units / admitted as f64
         } else {
             0.0
         }
     );
-    println!("rejections served from cache: {cached:.0} of {rejected}; conflicts: {conflicts:.0}");
+    println!(
+        "rejections served from cache: {cached:.0} of {rejected}; conflicts: {conflicts:.0}; \
+         UNAVAILABLE answers: {unavailable}"
+    );
     println!(
         "daemon CPU: {:.2} s = {:.1} us per decision",
         cpu.as_secs_f64(),

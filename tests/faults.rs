@@ -183,8 +183,8 @@ async fn under(fault: Fault, policy: &str, cap: u64) -> Arc<Tally> {
         acknowledged <= cap as i64,
         "over-admitted: {acknowledged} > {cap}"
     );
-    // Answered near the deadline (with room for a slow machine), never hung.
-    assert!(slowest < 3 * DEADLINE_MS, "an answer took {slowest} ms");
+    // Answered by the deadline (with room for a slow machine), never left waiting on the store.
+    assert!(slowest < 5 * DEADLINE_MS, "an answer took {slowest} ms");
     tally
 }
 

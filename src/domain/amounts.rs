@@ -68,11 +68,18 @@ impl Amounts {
     /// # Errors
     /// [`Overflow`] (and `self` unchanged) when a sum leaves `i64`.
     pub fn try_add(&mut self, other: &Self) -> Result<(), Overflow> {
-        let mut next = self.clone();
-        for (name, amount) in other.iter() {
-            next.add_one(name, amount)?;
+        // Check every sum first, so a refusal changes nothing (and the common case allocates
+        // nothing beyond new names).
+        if let Some((name, _)) = other
+            .iter()
+            .find(|(name, amount)| self.get(name).checked_add(*amount).is_none())
+        {
+            return Err(Overflow { name: name.clone() });
         }
-        *self = next;
+        for (name, amount) in other.iter() {
+            self.add_one(name, amount)
+                .expect("every sum was checked above");
+        }
         Ok(())
     }
 

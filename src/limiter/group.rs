@@ -284,6 +284,9 @@ impl Actor for GroupActor {
         if let Some(resource) = resource {
             state.drive(&resource, now, &myself);
         }
+        for id in state.leases.take_forgotten() {
+            state.routes.lease_closed(id);
+        }
         if !state.usage.is_empty() {
             state.schedule_flush(&myself);
         }

@@ -62,6 +62,31 @@ struct Cached {
     from_store: bool,
 }
 
+/// Consumption summed per bucket over one write, recorded once for the usage snapshots.
+#[derive(Default)]
+struct Used(Vec<(EntityId, Amounts)>);
+
+impl Used {
+    fn add(&mut self, entity: &EntityId, amounts: &Amounts) {
+        let sum = match self.0.iter_mut().find(|(e, _)| e == entity) {
+            Some((_, sum)) => sum.try_add(amounts),
+            None => {
+                self.0.push((entity.clone(), amounts.clone()));
+                Ok(())
+            }
+        };
+        if let Err(e) = sum {
+            tracing::warn!("usage snapshot not counted: {e}");
+        }
+    }
+
+    fn record(self, ctx: &mut Ctx<'_>) {
+        for (entity, amounts) in self.0 {
+            ctx.usage.record(&entity, ctx.resource, &amounts, ctx.now);
+        }
+    }
+}
+
 /// Gives back an admission whose caller was told it was not admitted.
 fn refund(
     entity: &EntityId,
@@ -169,10 +194,18 @@ impl Default for Lane {
 
 fn reserve(r: &mut Reserved, amounts: &Amounts, sign: i128) {
     for (name, a) in amounts.iter() {
-        let total = r.entry(name.clone()).or_insert(0);
-        *total += sign * i128::from(a);
-        if *total == 0 {
-            r.remove(name);
+        let delta = sign * i128::from(a);
+        match r.get_mut(name) {
+            Some(total) => {
+                *total += delta;
+                if *total == 0 {
+                    r.remove(name);
+                }
+            }
+            None if delta != 0 => {
+                r.insert(name.clone(), delta);
+            }
+            None => {}
         }
     }
 }
@@ -383,6 +416,9 @@ impl Lane {
     /// Callers whose deadline has passed are answered so and charged nothing.
     fn drop_late_jobs(&mut self) {
         let now = tokio::time::Instant::now();
+        if self.queue.iter().all(|j| j.deadline > now) {
+            return;
+        }
         let (late, keep): (Vec<_>, Vec<_>) = self.queue.drain(..).partition(|j| j.deadline <= now);
         self.queue = keep.into();
         for job in late {
@@ -520,6 +556,8 @@ impl Lane {
     /// Answers acquires whose consumption is durable. One whose caller has gone (its deadline
     /// passed and it was told so) is given back by a compensating settlement.
     fn admit(&mut self, admitted: Vec<(AcquireJob, Vec<LimitStatus>)>, ctx: &mut Ctx<'_>) {
+        // What the write recorded, per bucket, for the usage snapshots (summed over the batch).
+        let mut used = Used::default();
         for (job, statuses) in admitted {
             self.release(&job);
             let share = job.parent_share();
@@ -532,9 +570,9 @@ impl Lane {
                 reply,
                 ..
             } = job;
-            ctx.usage.record(&entity, ctx.resource, &amounts, ctx.now);
+            used.add(&entity, &amounts);
             if let Some(p) = &parent {
-                ctx.usage.record(&p.entity, ctx.resource, &share, ctx.now);
+                used.add(&p.entity, &share);
             }
             // The lease is routable before its id reaches the caller (who may use it at once).
             let lease = lease.then(|| {
@@ -667,14 +705,16 @@ impl Lane {
 
     fn settled(&mut self, settles: Vec<Settle>, ctx: &mut Ctx<'_>) {
         self.one_settle = false;
+        let mut used = Used::default();
         for s in settles {
             for (entity, amounts) in &s.parts {
-                ctx.usage.record(entity, ctx.resource, amounts, ctx.now);
+                used.add(entity, amounts);
             }
             if let Some(id) = s.lease {
                 ctx.leases.settled(id, Ok(()));
             }
         }
+        used.record(ctx);
     }
 
     /// A read finished: the states become the cache, or everything waiting on them fails.
@@ -837,28 +877,22 @@ impl Lane {
         }
     }
 
+    /// A write landed: the buckets are as the store returned (one bucket) or as planned (a
+    /// transaction returns nothing). Either is an upper bound on the truth as of now: the write's
+    /// conditions held, and other writers can only have lowered the balances since (refunds and
+    /// raised limits elsewhere are what the staleness bound is for), so the age restarts.
     fn confirm(&mut self, written: Vec<(EntityId, Bucket)>, stored: Option<Bucket>, ctx: &Ctx<'_>) {
         let single = written.len() == 1;
         for (entity, expected) in written {
-            let item = self.item(&entity);
-            match (&stored, single) {
-                // One bucket comes back as stored: a fresh confirmation.
-                (Some(b), true) => {
-                    item.cache = Some(Cached {
-                        bucket: Some(b.clone()),
-                        at_ms: ctx.now,
-                        from_store: false,
-                    });
-                }
-                // A transaction returns nothing: keep what it was planned to leave, only as
-                // fresh as the last read (others may have written since).
-                _ => {
-                    if let Some(c) = &mut item.cache {
-                        c.bucket = Some(expected);
-                        c.from_store = false;
-                    }
-                }
-            }
+            let bucket = match (&stored, single) {
+                (Some(b), true) => b.clone(),
+                _ => expected,
+            };
+            self.item(&entity).cache = Some(Cached {
+                bucket: Some(bucket),
+                at_ms: ctx.now,
+                from_store: false,
+            });
         }
     }
 

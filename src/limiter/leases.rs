@@ -3,8 +3,9 @@
 //! A lease is open until commit or rollback; closing it queues a settlement (the net delta, or a
 //! refund of everything acquired) that the lane writes durably, retrying transient failures. The
 //! closing caller is answered once the write is confirmed; a repeated close joins the one in
-//! progress, and after it the same close answers OK again until the lease's time is up (so a
-//! caller whose first try timed out learns the outcome). Expiry is by the limiter's clock: an
+//! progress. A lease whose closer heard the outcome is forgotten at once; one whose closer had
+//! gone (its deadline passed first) is kept, closed, until its time is up, so that repeating the
+//! same close answers OK (the caller learns the outcome) and the other close is refused. Expiry is by the limiter's clock: an
 //! open lease whose time is up is forgotten and what it acquired stays consumed.
 
 use std::collections::{HashMap, VecDeque};
@@ -50,6 +51,8 @@ pub(crate) struct Leases {
     map: HashMap<u64, Lease>,
     /// Ids in expiry order (one TTL for all, so creation order); ids already gone are skipped.
     expiry: VecDeque<(i64, u64)>,
+    /// Leases forgotten since the last [`Leases::take_forgotten`] (their routes go too).
+    forgotten: Vec<u64>,
 }
 
 fn not_found(id: u64) -> LimiterError {
@@ -189,9 +192,11 @@ impl Leases {
                 };
                 let settlement = lease.settlement(&amounts);
                 if settlement.parts.is_empty() {
-                    lease.phase = Phase::Closed { rollback };
-                    metrics::gauge!(m::LEASES_OPEN).decrement(1.0);
-                    let _ = reply.send(Ok(()));
+                    lease.phase = Phase::Closing {
+                        rollback,
+                        waiters: vec![reply],
+                    };
+                    self.settled(id, Ok(()));
                     return None;
                 }
                 lease.phase = Phase::Closing {
@@ -213,13 +218,24 @@ impl Leases {
         else {
             return;
         };
-        if outcome.is_ok() {
-            lease.phase = Phase::Closed { rollback };
-            metrics::gauge!(m::LEASES_OPEN).decrement(1.0);
-        }
+        let mut heard = true;
         for w in waiters {
-            let _ = w.send(outcome.clone());
+            heard &= w.send(outcome.clone()).is_ok();
         }
+        if outcome.is_ok() {
+            metrics::gauge!(m::LEASES_OPEN).decrement(1.0);
+            if heard {
+                self.map.remove(&id);
+                self.forgotten.push(id);
+            } else if let Some(lease) = self.map.get_mut(&id) {
+                lease.phase = Phase::Closed { rollback };
+            }
+        }
+    }
+
+    /// The leases forgotten since the last call (closed and answered, or expired).
+    pub fn take_forgotten(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.forgotten)
     }
 
     /// Forgets the leases whose time is up at `now`; returns their ids. What an open lease
