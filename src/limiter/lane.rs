@@ -606,6 +606,7 @@ impl Lane {
             self.settles
                 .extend(refund(&entity, &amounts, parent.as_ref(), &share, ctx));
         }
+        used.record(ctx);
     }
 
     /// Settlements whose time is up are dropped (their lease has expired and told its closers).
