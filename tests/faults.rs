@@ -284,3 +284,48 @@ async fn lease_closes_survive_lost_answers() {
     }
     assert_eq!(settled(&*store, &ns, "e", 15).await, 15);
 }
+
+/// The look-ups of a decision run under the same deadline: stored-limit resolution for
+/// `TimeUntilAvailable` and the namespace registry (`"*"`) answer `UNAVAILABLE` by the deadline
+/// when the store is a black hole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn look_ups_are_answered_by_the_deadline() {
+    common::dynamodb().await;
+    let proxy = FaultProxy::start(&common::endpoint()).await;
+    let ns = common::unique_namespace();
+    let cfg = config(&ns, &proxy.endpoint(), "block").replace(
+        &format!("namespaces = [\"{ns}\"]"),
+        &format!("namespaces = [\"{ns}\", \"*\"]"),
+    );
+    let daemon = Daemon::start(&cfg, &[]);
+    let mut raw = daemon.client().await.raw();
+    proxy.set(Fault::Blackhole);
+    let started = Instant::now();
+    let peek = raw
+        .time_until_available(proto::TimeUntilAvailableRequest {
+            entity_id: "never-seen".into(),
+            resource: "model".into(),
+            consume: [("tok".to_owned(), 1)].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(peek.code(), Code::Unavailable, "{peek:?}");
+    let registered = raw
+        .acquire(proto::AcquireRequest {
+            namespace: "registered-elsewhere".into(),
+            entity_id: "e".into(),
+            resource: "model".into(),
+            consume: [("tok".to_owned(), 1)].into(),
+            limits: vec![proto::Limit::from(&Limit::per_hour("tok", 10).unwrap())],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(registered.code(), Code::Unavailable, "{registered:?}");
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(5 * DEADLINE_MS),
+        "two look-ups took {took:?}"
+    );
+}
