@@ -136,7 +136,7 @@ impl Leases {
             LimiterError::out_of_range(
                 format!("delta[{name}]"),
                 format!(
-                    "the lease's total for \"{name}\" would leave 0..={} tokens (a lease gives \
+                    "the lease's total for \"{name}\" would fall outside 0..={} tokens (a lease gives \
                      back at most what it acquired)",
                     MAX_AMOUNT / crate::domain::limit::MILLI
                 ),
