@@ -149,7 +149,8 @@ async fn under(fault: Fault, policy: &str, cap: u64) -> Arc<Tally> {
     proxy.set(fault);
     let faulty = load(&client, entity, cap, 16, Duration::from_secs(3)).await;
     proxy.set(Fault::Pass);
-    let healthy = load(&client, entity, cap, 4, Duration::from_secs(1)).await;
+    // Longer than the longest retry back-off (2 s), so the store's recovery is always reached.
+    let healthy = load(&client, entity, cap, 4, Duration::from_secs(4)).await;
     let tally = Arc::new(Tally::default());
     for t in [&warm, &faulty, &healthy] {
         for (sum, part) in [
