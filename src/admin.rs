@@ -14,8 +14,7 @@ use crate::domain::records::{Actor, Entity, LimitScope, Period, Usage};
 use crate::limiter::{Limiter, LimiterError, within};
 use crate::store::AuditPage;
 
-/// The deepest hierarchy a move may create (and the longest chain a cycle check walks).
-pub const MAX_DEPTH: usize = 64;
+pub use crate::domain::records::MAX_DEPTH;
 
 /// The administration calls, over one limiter's store.
 #[derive(Debug, Clone)]

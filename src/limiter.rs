@@ -167,13 +167,14 @@ impl Limiter {
             ));
         }
         let key = req.key;
-        let (limits, parent) = within(deadline, async {
+        let (limits, parent, root) = within(deadline, async {
             let limits = match req.limits {
                 Some(limits) => limits,
                 None => self.lookups.resolve(&key).await?,
             };
             let parent = self.lookups.cascade_parent(&key).await?;
-            Ok((limits, parent))
+            let root = self.lookups.group_root(&key, parent.as_ref()).await?;
+            Ok((limits, parent, root))
         })
         .await?;
         if let Some((name, _)) = req
@@ -186,10 +187,7 @@ impl Limiter {
                 format!("unknown limit \"{name}\"; configured: {}", names(&limits)),
             ));
         }
-        let group = match &parent {
-            Some(p) => (key.namespace.clone(), p.entity.clone()),
-            None => (key.namespace.clone(), key.entity.clone()),
-        };
+        let group = (key.namespace.clone(), root);
         let job = |reply| {
             Msg::Acquire(AcquireJob {
                 entity: key.entity.clone(),
@@ -256,18 +254,19 @@ impl Limiter {
         amounts: Amounts,
         deadline: Instant,
     ) -> Result<Vec<LimitStatus>, LimiterError> {
-        let (limits, parent) = within(deadline, async {
+        let (limits, root) = within(deadline, async {
             let limits = match limits {
                 Some(l) => l,
                 None => self.lookups.resolve(&key).await?,
             };
-            Ok((limits, self.lookups.cascade_parent(&key).await?))
+            let parent = self.lookups.cascade_parent(&key).await?;
+            Ok((
+                limits,
+                self.lookups.group_root(&key, parent.as_ref()).await?,
+            ))
         })
         .await?;
-        let group = match &parent {
-            Some(p) => (key.namespace.clone(), p.entity.clone()),
-            None => (key.namespace.clone(), key.entity.clone()),
-        };
+        let group = (key.namespace.clone(), root);
         self.registry
             .call(&group, deadline, false, |reply| {
                 Msg::Peek(key.entity, key.resource, limits, amounts, reply)

@@ -463,6 +463,63 @@ async fn a_rollback_survives_transient_failures(inner: Arc<dyn Store>, ns: Names
     assert_eq!(f.stored("e", "tpm").await, (1_000 * MILLI, 0));
 }
 
+/// A chain of cascading entities (key -> project -> org) is one consistency group: every bucket
+/// of the chain is decided by one actor, each acquire charging its entity and its direct parent.
+async fn a_cascade_chain_is_one_group(inner: Arc<dyn Store>, ns: Namespace) {
+    use zae_limiter::domain::records::{Actor, Entity, LimitScope};
+    let f = fixture(inner, ns, |_| {});
+    let by = Actor {
+        principal: "test".into(),
+        at_ms: T0,
+    };
+    for (id, parent) in [
+        ("org", None),
+        ("project", Some("org")),
+        ("key", Some("project")),
+    ] {
+        let entity = Entity {
+            id: EntityId::new(id).unwrap(),
+            name: String::new(),
+            parent: parent.map(|p| EntityId::new(p).unwrap()),
+            cascade: parent.is_some(),
+            metadata: Default::default(),
+        };
+        f.store
+            .inner
+            .create_entity(&f.ns, &entity, &by)
+            .await
+            .unwrap();
+        let scope = LimitScope::Entity(entity.id.clone());
+        let limits = [Limit::per_hour("tok", 100).unwrap()];
+        f.store
+            .inner
+            .set_limits(&f.ns, &scope, &limits, &by)
+            .await
+            .unwrap();
+    }
+    for entity in ["key", "project", "org"] {
+        let req = AcquireRequest {
+            key: key(&f.ns, entity),
+            amounts: amounts(&[("tok", 1)]),
+            limits: None,
+            lease: false,
+        };
+        assert!(admitted(&f.limiter.acquire(req, within(5_000)).await));
+    }
+    assert_eq!(
+        f.limiter.live_groups(),
+        1,
+        "one actor decides the whole chain"
+    );
+    for (entity, charged) in [("key", 1), ("project", 2), ("org", 2)] {
+        assert_eq!(
+            f.stored(entity, "tok").await.1,
+            i128::from(charged * MILLI),
+            "{entity}"
+        );
+    }
+}
+
 macro_rules! both_stores {
     ($($test:ident),* $(,)?) => {
         mod memory {
@@ -497,4 +554,5 @@ both_stores!(
     lease_amounts_stay_in_range,
     debt_has_a_floor,
     a_rollback_survives_transient_failures,
+    a_cascade_chain_is_one_group,
 );

@@ -7,6 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use super::ids::{EntityId, ResourceId};
 
+/// The deepest entity hierarchy: moves that would make a deeper one are refused, and walks up a
+/// hierarchy stop there.
+pub const MAX_DEPTH: usize = 64;
+
 /// Something limits apply to: an API key, a user, a project. An entity with `cascade` on charges
 /// its parent's buckets too, in the same atomic commit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,4 +1,4 @@
-//! The actor of one consistency group: an entity and its cascading children (routed here by the
+//! The actor of one consistency group: an entity and its cascading descendants (routed here by the
 //! root's id), sole owner of their cached buckets, queued acquires, open leases and unflushed
 //! usage. One [`Lane`] per resource does the deciding; this module wires lanes to the store and
 //! to time.

@@ -1,4 +1,4 @@
-//! One resource of a consistency group: the buckets of the root and its cascading children for
+//! One resource of a consistency group: the buckets of the root and its cascading descendants for
 //! that resource, the acquires queued on them, the settlements to write, and the one store call
 //! in flight.
 //!

@@ -10,7 +10,7 @@ use super::group::ParentSpec;
 use super::types::{Deps, LimiterError};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
-use crate::domain::records::{Entity, LimitScope};
+use crate::domain::records::{Entity, LimitScope, MAX_DEPTH};
 
 pub(crate) struct Lookups {
     deps: Arc<Deps>,
@@ -111,6 +111,32 @@ impl Lookups {
                 ),
             )
         })
+    }
+
+    /// The consistency group of `key`'s entity: the top of its chain of cascading parents (each
+    /// step by the rule of [`Lookups::cascade_parent`]), so that every bucket of a chain, for
+    /// this resource, is decided by one actor. `first` is the entity's own cascade parent, already
+    /// looked up.
+    pub async fn group_root(
+        &self,
+        key: &BucketKey,
+        first: Option<&ParentSpec>,
+    ) -> Result<EntityId, LimiterError> {
+        let Some(first) = first else {
+            return Ok(key.entity.clone());
+        };
+        let mut up = BucketKey {
+            entity: first.entity.clone(),
+            ..key.clone()
+        };
+        // Bounded: moves refuse cycles, and a chain is at most MAX_DEPTH long.
+        for _ in 0..MAX_DEPTH {
+            match self.cascade_parent(&up).await? {
+                Some(p) if p.entity != key.entity => up.entity = p.entity,
+                _ => break,
+            }
+        }
+        Ok(up.entity)
     }
 
     /// The parent an acquire for `key` also charges: set when the entity exists, cascades and

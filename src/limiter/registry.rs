@@ -1,4 +1,4 @@
-//! One actor per consistency group (an entity with its cascading children, keyed by the root),
+//! One actor per consistency group (an entity with its cascading descendants, keyed by the root),
 //! found through a `DashMap`, spawned on first use and stopped when idle; and the index that
 //! routes a lease id to its group.
 //!
