@@ -25,6 +25,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod authority;
 #[cfg(feature = "client")]
 pub mod cli;
 #[cfg(feature = "client")]

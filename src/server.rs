@@ -9,10 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
 
 use crate::access::Access;
+use crate::authority::LocalAuthority;
 use crate::clock::SystemClock;
 use crate::config::{Backend, Config};
 use crate::grpc::{AdminService, RateLimiterService};
@@ -135,9 +137,11 @@ pub async fn run(
         )));
 
     tracing::info!(socket = %settings.socket.display(), tcp = ?settings.tcp, "serving");
+    // Stock gRPC clients send the socket path as the authority: see `authority`.
+    let uds_incoming = UnixListenerStream::new(uds).map(|conn| conn.map(LocalAuthority::new));
     let uds_server = router
         .clone()
-        .serve_with_incoming_shutdown(UnixListenerStream::new(uds), stopped(stop_rx.clone()));
+        .serve_with_incoming_shutdown(uds_incoming, stopped(stop_rx.clone()));
     let tcp_server = async {
         match tcp {
             Some(l) => {

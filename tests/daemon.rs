@@ -1009,3 +1009,97 @@ async fn server_reflection_lists_the_services_for_grpcurl() {
         assert!(names.contains(&service), "{service} missing from {names:?}");
     }
 }
+
+/// Sends one gRPC health check over the socket as gRPC's C core does (Python's `grpcio`, Ruby,
+/// C++, ...): `:authority` is the socket path, percent-encoded; the second request refers to the
+/// first one's authority through the HPACK dynamic table. Returns, per request, the response's
+/// `grpc-status` or how the stream ended.
+fn raw_health_checks(socket: &std::path::Path, authority: &str, requests: u32) -> Vec<String> {
+    use std::io::{Read, Write};
+    fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        out.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes()[1..]);
+        out.extend_from_slice(&[kind, flags]);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+    }
+    let mut conn = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    frame(&mut out, 0x4, 0, 0, &[]);
+    let mut encoder = loona_hpack::Encoder::new();
+    for i in 0..requests {
+        let stream = 1 + 2 * i;
+        let fields: [(&[u8], &[u8]); 6] = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", b"/grpc.health.v1.Health/Check"),
+            (b":authority", authority.as_bytes()),
+            (b"te", b"trailers"),
+            (b"content-type", b"application/grpc"),
+        ];
+        frame(&mut out, 0x1, 0x4, stream, &encoder.encode(fields));
+        frame(&mut out, 0x0, 0x1, stream, &[0, 0, 0, 0, 0]);
+    }
+    conn.write_all(&out).unwrap();
+
+    let mut decoder = loona_hpack::Decoder::new();
+    let mut ended = std::collections::BTreeMap::new();
+    let mut buf = Vec::new();
+    while ended.len() < requests as usize {
+        let mut chunk = [0u8; 4096];
+        let n = conn.read(&mut chunk).expect("the daemon answers");
+        assert!(n > 0, "the daemon closed the connection: {ended:?}");
+        buf.extend_from_slice(&chunk[..n]);
+        while buf.len() >= 9 {
+            let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (buf[3], buf[4]);
+            let stream = u32::from_be_bytes(buf[5..9].try_into().unwrap());
+            let payload: Vec<u8> = buf.drain(..9 + len).skip(9).collect();
+            match kind {
+                0x1 => {
+                    for (name, value) in decoder.decode(&payload).unwrap() {
+                        if name == b"grpc-status" {
+                            ended.insert(
+                                stream,
+                                format!("grpc-status {}", String::from_utf8_lossy(&value)),
+                            );
+                        }
+                    }
+                }
+                0x3 => {
+                    ended.insert(stream, format!("RST_STREAM {payload:?}"));
+                }
+                0x4 if flags & 0x1 == 0 => {
+                    let mut ack = Vec::new();
+                    frame(&mut ack, 0x4, 0x1, 0, &[]);
+                    conn.write_all(&ack).unwrap();
+                }
+                _ => {}
+            }
+        }
+    }
+    ended.into_values().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_send_the_socket_path_as_authority_are_served() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let encoded = daemon
+        .socket
+        .to_str()
+        .unwrap()
+        .trim_start_matches('/')
+        .replace('/', "%2F");
+    for authority in [
+        encoded.as_str(),
+        daemon.socket.to_str().unwrap(),
+        "localhost",
+    ] {
+        let answers = raw_health_checks(&daemon.socket, authority, 3);
+        assert_eq!(answers, vec!["grpc-status 0"; 3], "authority {authority:?}");
+    }
+}
