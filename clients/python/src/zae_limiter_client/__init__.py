@@ -1,0 +1,56 @@
+"""Python client of the zae-limiter daemon.
+
+The API follows the Python zae-limiter (``zae_limiter``), so moving an application over means
+changing how the limiter is built::
+
+    from zae_limiter_client import Limit, RateLimiter, RateLimitExceeded
+
+    limiter = RateLimiter()  # $ZAE_LIMITER_SOCKET, else /tmp/zae-limiter.sock
+    async with limiter.acquire(
+        "api-key-123", "gpt-4", {"rpm": 1, "tpm": 500},
+        limits=[Limit.per_minute("rpm", 100), Limit.per_minute("tpm", 10_000)],
+    ) as lease:
+        response = await call_llm()
+        await lease.adjust(tpm=response.usage.total_tokens - 500)
+"""
+
+from ._client import DEFAULT_SOCKET, DEFAULT_TIMEOUT, Lease, RateLimiter, SyncRateLimiter
+from ._errors import (
+    EntityExistsError,
+    EntityNotFoundError,
+    FailedPrecondition,
+    LeaseExpiredError,
+    LeaseNotFound,
+    NotFound,
+    PermissionDenied,
+    RateLimiterUnavailable,
+    RateLimitExceeded,
+    ValidationError,
+    ZAELimiterError,
+)
+from ._models import AuditEvent, AuditPage, Entity, Limit, LimitStatus, UsageSnapshot
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "DEFAULT_TIMEOUT",
+    "AuditEvent",
+    "AuditPage",
+    "Entity",
+    "EntityExistsError",
+    "EntityNotFoundError",
+    "FailedPrecondition",
+    "Lease",
+    "LeaseExpiredError",
+    "LeaseNotFound",
+    "Limit",
+    "LimitStatus",
+    "NotFound",
+    "PermissionDenied",
+    "RateLimitExceeded",
+    "RateLimiter",
+    "RateLimiterUnavailable",
+    "SyncRateLimiter",
+    "UsageSnapshot",
+    "ValidationError",
+    "ZAELimiterError",
+]

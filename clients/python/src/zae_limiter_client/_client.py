@@ -1,0 +1,713 @@
+"""RateLimiter (asyncio) and SyncRateLimiter: the daemon's API with the Python zae-limiter's shape.
+
+Both share every method through ``_Api``: a method builds its request (checking what cannot be
+sent), then hands it to ``_call`` with a function that turns the answer into the result.
+``RateLimiter._call`` is a coroutine and ``SyncRateLimiter._call`` returns at once, so the same
+method is awaited on one and called on the other.
+
+One channel per limiter, shared by every task or thread that uses it, made on first use. gRPC
+channels do not survive ``fork()``: a limiter notices that it runs in a new process (or, for
+``RateLimiter``, on another event loop) and makes a fresh channel, but the clean way under pre-fork
+servers (gunicorn, uvicorn workers) is to create the limiter in each worker after the fork.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import math
+import os
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from ._errors import (
+    EntityNotFoundError,
+    LeaseNotFound,
+    NotFound,
+    RateLimitExceeded,
+    ValidationError,
+    ZAELimiterError,
+    from_rpc,
+)
+from ._models import (
+    AuditEvent,
+    AuditPage,
+    Entity,
+    Limit,
+    LimitStatus,
+    UsageSnapshot,
+    amounts,
+    limits_to_pb,
+    message,
+)
+from ._proto import ratelimit_pb2 as pb
+from ._proto import ratelimit_pb2_grpc as pb_grpc
+
+#: The daemon's default socket (``zae-limiter serve`` without ``--socket``).
+DEFAULT_SOCKET = "/tmp/zae-limiter.sock"
+#: Seconds a call may take before it fails with ``RateLimiterUnavailable``.
+DEFAULT_TIMEOUT = 5.0
+
+# The socket's authority means nothing; `localhost` is what the daemon's HTTP/2 server expects
+# (it also accepts gRPC's default, the socket path, at a little more cost per request).
+_CHANNEL_OPTIONS = [("grpc.default_authority", "localhost")]
+
+_RAISE = object()
+_DateOrMs = datetime.datetime | int | None
+
+
+def _rate_limiter_method(name: str) -> Callable[[Any], Any]:
+    return lambda stubs: getattr(stubs[0], name)
+
+
+def _admin_method(name: str) -> Callable[[Any], Any]:
+    return lambda stubs: getattr(stubs[1], name)
+
+
+def _ms(value: _DateOrMs, field: str) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, datetime.datetime):
+        return int(value.timestamp() * 1000)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValidationError(
+        f"{field}: expected a datetime or milliseconds since the epoch, got {value!r}",
+        field=field,
+    )
+
+
+def _socket_path(socket: str | None) -> str:
+    if socket is not None:
+        return os.fspath(socket)
+    return os.environ.get("ZAE_LIMITER_SOCKET") or DEFAULT_SOCKET
+
+
+def _refused(
+    response: pb.AcquireResponse,
+    entity_id: str,
+    resource: str,
+    limits: Mapping[str, Limit],
+) -> RateLimitExceeded:
+    who = response.refused_by or entity_id
+    statuses = [
+        LimitStatus._from_pb(s, who, resource, limits) for s in response.statuses
+    ]
+    retry = (
+        response.retry_after_ms / 1000 if response.HasField("retry_after_ms") else None
+    )
+    return RateLimitExceeded(
+        statuses, retry_after_seconds=retry, refused_by=response.refused_by or None
+    )
+
+
+def _by_name(limits: Sequence[Limit] | None) -> dict[str, Limit]:
+    return {limit.name: limit for limit in limits or [] if isinstance(limit, Limit)}
+
+
+class _Api:
+    """The methods both limiters share (see the module documentation)."""
+
+    def __init__(
+        self, socket: str | None, namespace: str | None, timeout: float
+    ) -> None:
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or timeout <= 0
+        ):
+            raise ValidationError(
+                f"timeout: must be a positive number of seconds, got {timeout!r}"
+            )
+        self.socket = _socket_path(socket)
+        self.namespace = namespace or ""
+        self.timeout = float(timeout)
+
+    def _call(
+        self,
+        method: Callable[[Any], Any],
+        request: Any,
+        convert: Callable[[Any], Any],
+        *,
+        missing: Any = _RAISE,
+        not_found: type = NotFound,
+    ) -> Any:
+        raise NotImplementedError
+
+    def _error(self, err: grpc.RpcError, missing: Any, not_found: type) -> Any:
+        """The result for NOT_FOUND when the call has one, else the exception to raise."""
+        if missing is not _RAISE and err.code() == grpc.StatusCode.NOT_FOUND:
+            return missing
+        raise from_rpc(err, socket=self.socket, not_found=not_found) from None
+
+    # --- rate limiting ---------------------------------------------------------------------------
+
+    def _acquire_request(
+        self,
+        entity_id: str,
+        resource: str,
+        consume: Mapping[str, int],
+        limits: Sequence[Limit] | None,
+        commit: bool,
+    ) -> pb.AcquireRequest:
+        return message(
+            pb.AcquireRequest,
+            namespace=self.namespace,
+            entity_id=entity_id,
+            resource=resource,
+            consume=amounts("consume", consume, allow_negative=False),
+            limits=limits_to_pb(limits),
+            commit=commit,
+        )
+
+    def acquire(
+        self,
+        entity_id: str,
+        resource: str,
+        consume: Mapping[str, int],
+        limits: Sequence[Limit] | None = None,
+    ) -> _Acquire:
+        """Consumes ``consume`` (tokens by limit name) on enter and yields a ``Lease``; a clean
+        exit commits, an exception rolls everything back and is re-raised. Refused:
+        ``RateLimitExceeded`` on enter, nothing consumed. ``limits=None`` resolves the stored
+        limits (entity + resource > entity > resource > system)."""
+        request = self._acquire_request(
+            entity_id, resource, consume, limits, commit=False
+        )
+        return _Acquire(self, request, _by_name(limits))
+
+    def consume(
+        self,
+        entity_id: str,
+        resource: str,
+        consume: Mapping[str, int],
+        limits: Sequence[Limit] | None = None,
+    ) -> Any:
+        """Consumption known upfront, in one call: acquire and commit. Returns the statuses;
+        refused: ``RateLimitExceeded``, nothing consumed."""
+        request = self._acquire_request(
+            entity_id, resource, consume, limits, commit=True
+        )
+        by_name = _by_name(limits)
+
+        def convert(response: pb.AcquireResponse) -> list[LimitStatus]:
+            if not response.allowed:
+                raise _refused(response, entity_id, resource, by_name)
+            return [
+                LimitStatus._from_pb(s, entity_id, resource, by_name)
+                for s in response.statuses
+            ]
+
+        return self._call(_rate_limiter_method("Acquire"), request, convert)
+
+    def available(
+        self, entity_id: str, resource: str, limits: Sequence[Limit] | None = None
+    ) -> Any:
+        """Tokens available now per limit name (negative in debt); nothing is consumed."""
+        request = message(
+            pb.AvailableRequest,
+            namespace=self.namespace,
+            entity_id=entity_id,
+            resource=resource,
+            limits=limits_to_pb(limits),
+        )
+        return self._call(
+            _rate_limiter_method("Available"),
+            request,
+            lambda r: {s.name: s.available_milli // 1000 for s in r.statuses},
+        )
+
+    def time_until_available(
+        self,
+        entity_id: str,
+        resource: str,
+        needed: Mapping[str, int],
+        limits: Sequence[Limit] | None = None,
+    ) -> Any:
+        """Seconds until ``needed`` would be admitted (0 now); ``math.inf`` when it never can."""
+        request = message(
+            pb.TimeUntilAvailableRequest,
+            namespace=self.namespace,
+            entity_id=entity_id,
+            resource=resource,
+            consume=amounts("needed", needed, allow_negative=False),
+            limits=limits_to_pb(limits),
+        )
+        return self._call(
+            _rate_limiter_method("TimeUntilAvailable"),
+            request,
+            lambda r: (
+                r.retry_after_ms / 1000 if r.HasField("retry_after_ms") else math.inf
+            ),
+        )
+
+    # --- entities --------------------------------------------------------------------------------
+
+    def create_entity(
+        self,
+        entity_id: str,
+        name: str | None = None,
+        parent_id: str | None = None,
+        cascade: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Any:
+        optional = {} if parent_id is None else {"parent_id": parent_id}
+        entity = message(
+            pb.Entity,
+            id=entity_id,
+            name=name or "",
+            cascade=cascade,
+            metadata=dict(metadata or {}),
+            **optional,
+        )
+        request = message(
+            pb.CreateEntityRequest, namespace=self.namespace, entity=entity
+        )
+        return self._call(
+            _admin_method("CreateEntity"), request, lambda r: Entity._from_pb(r.entity)
+        )
+
+    def get_entity(self, entity_id: str) -> Any:
+        """The entity, or ``None`` when it does not exist."""
+        request = message(
+            pb.EntityRequest, namespace=self.namespace, entity_id=entity_id
+        )
+        return self._call(
+            _admin_method("GetEntity"),
+            request,
+            lambda r: Entity._from_pb(r.entity),
+            missing=None,
+        )
+
+    def delete_entity(self, entity_id: str, force: bool = False) -> Any:
+        """Deletes the entity, its buckets and its limits; refused while it has children unless
+        ``force``."""
+        request = message(
+            pb.EntityRequest, namespace=self.namespace, entity_id=entity_id, force=force
+        )
+        return self._call(
+            _admin_method("DeleteEntity"),
+            request,
+            lambda r: None,
+            not_found=EntityNotFoundError,
+        )
+
+    def get_children(self, parent_id: str) -> Any:
+        request = message(
+            pb.EntityRequest, namespace=self.namespace, entity_id=parent_id
+        )
+        return self._call(
+            _admin_method("ListChildren"),
+            request,
+            lambda r: [Entity._from_pb(e) for e in r.children],
+            not_found=EntityNotFoundError,
+        )
+
+    def set_parent(self, entity_id: str, parent_id: str | None) -> Any:
+        """Moves the entity under ``parent_id`` (``None``: no parent); returns it."""
+        optional = {} if parent_id is None else {"parent_id": parent_id}
+        request = message(
+            pb.MoveEntityRequest,
+            namespace=self.namespace,
+            entity_id=entity_id,
+            **optional,
+        )
+        return self._call(
+            _admin_method("MoveEntity"),
+            request,
+            lambda r: Entity._from_pb(r.entity),
+            not_found=EntityNotFoundError,
+        )
+
+    move_entity = set_parent
+
+    # --- stored limits ---------------------------------------------------------------------------
+
+    def _scope(self, entity_id: str | None, resource: str | None) -> pb.LimitScope:
+        present = {"entity_id": entity_id, "resource": resource}
+        return message(
+            pb.LimitScope, **{k: v for k, v in present.items() if v is not None}
+        )
+
+    def _set(
+        self, entity_id: str | None, resource: str | None, limits: Sequence[Limit]
+    ) -> Any:
+        request = message(
+            pb.SetLimitsRequest,
+            namespace=self.namespace,
+            scope=self._scope(entity_id, resource),
+            limits=limits_to_pb(limits),
+        )
+        return self._call(_admin_method("SetLimits"), request, lambda r: None)
+
+    def _get(self, entity_id: str | None, resource: str | None) -> Any:
+        request = message(
+            pb.LimitsRequest,
+            namespace=self.namespace,
+            scope=self._scope(entity_id, resource),
+        )
+        return self._call(
+            _admin_method("GetLimits"),
+            request,
+            lambda r: [Limit._from_pb(limit) for limit in r.limits],
+            missing=[],
+        )
+
+    def _delete(self, entity_id: str | None, resource: str | None) -> Any:
+        request = message(
+            pb.LimitsRequest,
+            namespace=self.namespace,
+            scope=self._scope(entity_id, resource),
+        )
+        return self._call(_admin_method("DeleteLimits"), request, lambda r: None)
+
+    def set_limits(
+        self, entity_id: str, limits: Sequence[Limit], resource: str | None = None
+    ) -> Any:
+        """Stores the entity's limits: for ``resource``, or its default for every resource."""
+        return self._set(entity_id, resource, limits)
+
+    def get_limits(self, entity_id: str, resource: str | None = None) -> Any:
+        """The entity's stored limits (for ``resource``, or its default); ``[]`` when none."""
+        return self._get(entity_id, resource)
+
+    def delete_limits(self, entity_id: str, resource: str | None = None) -> Any:
+        return self._delete(entity_id, resource)
+
+    def set_resource_defaults(self, resource: str, limits: Sequence[Limit]) -> Any:
+        return self._set(None, resource, limits)
+
+    def get_resource_defaults(self, resource: str) -> Any:
+        return self._get(None, resource)
+
+    def delete_resource_defaults(self, resource: str) -> Any:
+        return self._delete(None, resource)
+
+    def set_system_defaults(self, limits: Sequence[Limit]) -> Any:
+        return self._set(None, None, limits)
+
+    def get_system_defaults(self) -> Any:
+        return self._get(None, None)
+
+    def delete_system_defaults(self) -> Any:
+        return self._delete(None, None)
+
+    # --- audit, usage, namespaces ----------------------------------------------------------------
+
+    def get_audit_events(
+        self, subject: str, limit: int = 100, page: str | None = None
+    ) -> Any:
+        """Audit events of an entity (or ``#resource:NAME``, ``#system``), newest first, ``limit``
+        at a time; pass the result's ``next_page`` as ``page`` for older ones."""
+        request = message(
+            pb.ListAuditRequest,
+            namespace=self.namespace,
+            subject=subject,
+            page_size=limit,
+            page=page or "",
+        )
+        return self._call(
+            _admin_method("ListAudit"),
+            request,
+            lambda r: AuditPage(
+                [AuditEvent._from_pb(record) for record in r.records],
+                r.next_page or None,
+            ),
+        )
+
+    def get_usage_snapshots(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        window_type: str = "hour",
+        start_time: _DateOrMs = None,
+        end_time: _DateOrMs = None,
+    ) -> Any:
+        """Hourly (``window_type="hour"``) or daily (``"day"``) consumption of the entity, of one
+        resource or all; between ``start_time`` and ``end_time`` (default: the last 24 hours)."""
+        optional = {} if resource is None else {"resource": resource}
+        request = message(
+            pb.UsageRequest,
+            namespace=self.namespace,
+            entity_id=entity_id,
+            period=window_type,
+            from_ms=_ms(start_time, "start_time"),
+            to_ms=_ms(end_time, "end_time"),
+            **optional,
+        )
+        return self._call(
+            _admin_method("GetUsage"),
+            request,
+            lambda r: [UsageSnapshot._from_pb(s) for s in r.snapshots],
+        )
+
+    def create_namespace(self, namespace: str) -> Any:
+        request = message(pb.NamespaceRequest, namespace=namespace)
+        return self._call(_admin_method("CreateNamespace"), request, lambda r: None)
+
+    def list_namespaces(self) -> Any:
+        return self._call(
+            _admin_method("ListNamespaces"), pb.Empty(), lambda r: list(r.namespaces)
+        )
+
+    def delete_namespace(self, namespace: str) -> Any:
+        request = message(pb.NamespaceRequest, namespace=namespace)
+        return self._call(_admin_method("DeleteNamespace"), request, lambda r: None)
+
+
+class Lease:
+    """Capacity taken by ``acquire``. ``adjust`` reports the real usage (negative gives back; a
+    balance may go into debt); the ``acquire`` block commits or rolls back. ``consumed`` is what
+    the lease holds now, in tokens by limit name."""
+
+    def __init__(
+        self,
+        limiter: _Api,
+        lease_id: str,
+        request: pb.AcquireRequest,
+        statuses: list[LimitStatus],
+    ) -> None:
+        self._limiter = limiter
+        self.lease_id = lease_id
+        self.entity_id = request.entity_id
+        self.resource = request.resource
+        self.statuses = statuses
+        self.consumed: dict[str, int] = dict(request.consume)
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LeaseNotFound(f"lease {self.lease_id} is closed")
+
+    def adjust(
+        self, amounts_by_name: Mapping[str, int] | None = None, **amounts_kw: int
+    ) -> Any:
+        """Adds consumption to the lease (``lease.adjust(tpm=1234)``); negative amounts give back,
+        never more than the lease holds."""
+        self._check_open()
+        delta = amounts(
+            "delta", {**(amounts_by_name or {}), **amounts_kw}, allow_negative=True
+        )
+
+        def record(_: Any) -> None:
+            for name, value in delta.items():
+                self.consumed[name] = self.consumed.get(name, 0) + value
+
+        request = message(pb.AdjustRequest, lease_id=self.lease_id, delta=delta)
+        return self._limiter._call(
+            _rate_limiter_method("Adjust"), request, record, not_found=LeaseNotFound
+        )
+
+    def _close(self, method: str) -> Any:
+        self._check_open()
+        self._closed = True
+        request = message(pb.LeaseRequest, lease_id=self.lease_id)
+        return self._limiter._call(
+            _rate_limiter_method(method),
+            request,
+            lambda r: None,
+            not_found=LeaseNotFound,
+        )
+
+    def commit(self) -> Any:
+        """Makes the consumption final now (the ``acquire`` block then has nothing left to do)."""
+        return self._close("Commit")
+
+    def rollback(self) -> Any:
+        """Gives everything back now."""
+        return self._close("Rollback")
+
+
+class _Acquire:
+    """The context manager ``acquire`` returns: ``async with`` on a ``RateLimiter``, ``with`` on a
+    ``SyncRateLimiter``."""
+
+    def __init__(
+        self, limiter: _Api, request: pb.AcquireRequest, limits: dict[str, Limit]
+    ) -> None:
+        self._limiter = limiter
+        self._request = request
+        self._limits = limits
+        self._lease: Lease | None = None
+
+    def _lease_from(self, response: pb.AcquireResponse) -> Lease:
+        request = self._request
+        if not response.allowed:
+            raise _refused(response, request.entity_id, request.resource, self._limits)
+        statuses = [
+            LimitStatus._from_pb(s, request.entity_id, request.resource, self._limits)
+            for s in response.statuses
+        ]
+        self._lease = Lease(self._limiter, response.lease_id, request, statuses)
+        return self._lease
+
+    async def __aenter__(self) -> Lease:
+        if not isinstance(self._limiter, RateLimiter):
+            raise TypeError("use `with limiter.acquire(...)` with a SyncRateLimiter")
+        return await self._limiter._call(
+            _rate_limiter_method("Acquire"), self._request, self._lease_from
+        )
+
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> bool:
+        lease = self._lease
+        if lease is None or lease.closed:
+            return False
+        if exc_type is None:
+            await lease.commit()
+            return False
+        try:
+            await lease.rollback()
+        except ZAELimiterError:
+            # The original exception matters more; the daemon rolls back a lease whose closer is
+            # gone only when it hears of it, else the lease expires and stays consumed.
+            pass
+        return False
+
+    def __enter__(self) -> Lease:
+        if not isinstance(self._limiter, SyncRateLimiter):
+            raise TypeError("use `async with limiter.acquire(...)` with a RateLimiter")
+        return self._limiter._call(
+            _rate_limiter_method("Acquire"), self._request, self._lease_from
+        )
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool:
+        lease = self._lease
+        if lease is None or lease.closed:
+            return False
+        if exc_type is None:
+            lease.commit()
+            return False
+        try:
+            lease.rollback()
+        except ZAELimiterError:
+            pass
+        return False
+
+
+class RateLimiter(_Api):
+    """The daemon's API for asyncio code (``grpc.aio``).
+
+    ``socket``: the daemon's Unix socket (default: ``$ZAE_LIMITER_SOCKET``, then
+    ``/tmp/zae-limiter.sock``). ``namespace``: the namespace of every call (default: the daemon's
+    first). ``timeout``: seconds per call; past it a call raises ``RateLimiterUnavailable`` and
+    the daemon does not charge it.
+    """
+
+    def __init__(
+        self,
+        socket: str | None = None,
+        namespace: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        super().__init__(socket, namespace, timeout)
+        self._channel: grpc.aio.Channel | None = None
+        self._stubs: Any = None
+        self._owner: Any = None
+
+    def _current_stubs(self) -> Any:
+        owner = (os.getpid(), asyncio.get_running_loop())
+        if self._stubs is None or self._owner != owner:
+            # A new process or event loop: a channel belongs to the one that made it.
+            self._channel = grpc.aio.insecure_channel(
+                f"unix:{self.socket}", options=_CHANNEL_OPTIONS
+            )
+            self._stubs = (
+                pb_grpc.RateLimiterStub(self._channel),
+                pb_grpc.AdminStub(self._channel),
+            )
+            self._owner = owner
+        return self._stubs
+
+    async def _call(  # type: ignore[override]
+        self,
+        method: Callable[[Any], Any],
+        request: Any,
+        convert: Callable[[Any], Any],
+        *,
+        missing: Any = _RAISE,
+        not_found: type = NotFound,
+    ) -> Any:
+        try:
+            response = await method(self._current_stubs())(
+                request, timeout=self.timeout
+            )
+        except grpc.RpcError as err:
+            return self._error(err, missing, not_found)
+        return convert(response)
+
+    async def close(self) -> None:
+        """Closes the channel (a later call opens a new one)."""
+        channel, self._channel, self._stubs = self._channel, None, None
+        if channel is not None:
+            await channel.close()
+
+    async def __aenter__(self) -> RateLimiter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class SyncRateLimiter(_Api):
+    """The same API for code without an event loop; thread-safe (one channel shared by every
+    thread)."""
+
+    def __init__(
+        self,
+        socket: str | None = None,
+        namespace: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        super().__init__(socket, namespace, timeout)
+        self._channel: grpc.Channel | None = None
+        self._stubs: Any = None
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+
+    def _current_stubs(self) -> Any:
+        with self._lock:
+            if self._stubs is None or self._pid != os.getpid():
+                self._channel = grpc.insecure_channel(
+                    f"unix:{self.socket}", options=_CHANNEL_OPTIONS
+                )
+                self._stubs = (
+                    pb_grpc.RateLimiterStub(self._channel),
+                    pb_grpc.AdminStub(self._channel),
+                )
+                self._pid = os.getpid()
+            return self._stubs
+
+    def _call(
+        self,
+        method: Callable[[Any], Any],
+        request: Any,
+        convert: Callable[[Any], Any],
+        *,
+        missing: Any = _RAISE,
+        not_found: type = NotFound,
+    ) -> Any:
+        try:
+            response = method(self._current_stubs())(request, timeout=self.timeout)
+        except grpc.RpcError as err:
+            return self._error(err, missing, not_found)
+        return convert(response)
+
+    def close(self) -> None:
+        with self._lock:
+            channel, self._channel, self._stubs = self._channel, None, None
+        if channel is not None:
+            channel.close()
+
+    def __enter__(self) -> SyncRateLimiter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

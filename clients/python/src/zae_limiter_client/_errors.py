@@ -1,0 +1,173 @@
+"""The package's exceptions. Every failure of a call is one of these, carrying the daemon's message;
+no raw gRPC exception leaves the package."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+if TYPE_CHECKING:
+    from ._models import LimitStatus
+
+
+class ZAELimiterError(Exception):
+    """Base of every exception of this package. ``code`` is the daemon's gRPC status name (for
+    example ``"INVALID_ARGUMENT"``) when the daemon answered, else ``None``."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class RateLimitExceeded(ZAELimiterError):
+    """The daemon refused: one or more limits would be exceeded. Nothing was consumed.
+
+    ``statuses`` has every limit checked, ``violations`` the exceeded ones and ``passed`` the
+    others. ``retry_after_seconds`` is the longest wait over the violations, ``None`` when the
+    request can never fit (it asks more than a limit's capacity). ``refused_by`` is the cascade
+    parent whose limits refused (the statuses are then the parent's), else ``None``.
+    """
+
+    def __init__(
+        self,
+        statuses: Sequence[LimitStatus],
+        *,
+        retry_after_seconds: float | None,
+        refused_by: str | None = None,
+    ) -> None:
+        self.statuses = list(statuses)
+        self.violations = [s for s in self.statuses if s.exceeded]
+        self.passed = [s for s in self.statuses if not s.exceeded]
+        self.retry_after_seconds = retry_after_seconds
+        self.refused_by = refused_by
+        waits = [s for s in self.violations if s.retry_after_seconds is not None]
+        self.primary_violation = (
+            max(waits, key=lambda s: s.retry_after_seconds or 0.0)
+            if waits and len(waits) == len(self.violations)
+            else (self.violations[0] if self.violations else None)
+        )
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        names = ", ".join(s.limit_name for s in self.violations) or "?"
+        first = self.statuses[0] if self.statuses else None
+        where = f"{first.entity_id}/{first.resource}" if first else "?"
+        by = (
+            f" (refused by cascade parent {self.refused_by})" if self.refused_by else ""
+        )
+        if self.retry_after_seconds is None:
+            wait = "the request is larger than a limit's capacity and can never fit"
+        else:
+            wait = f"retry after {self.retry_after_seconds:.3f}s"
+        return f"rate limit exceeded for {where}{by}: [{names}]; {wait}"
+
+    @property
+    def retry_after_header(self) -> str | None:
+        """The HTTP ``Retry-After`` value: whole seconds, rounded up (as the Python zae-limiter
+        does, one more than the whole seconds); ``None`` when the request can never fit."""
+        if self.retry_after_seconds is None:
+            return None
+        return str(int(self.retry_after_seconds) + 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready body for a 429 answer."""
+        return {
+            "error": "rate_limit_exceeded",
+            "message": str(self),
+            "retry_after_seconds": self.retry_after_seconds,
+            "retry_after_ms": (
+                None
+                if self.retry_after_seconds is None
+                else round(self.retry_after_seconds * 1000)
+            ),
+            "refused_by": self.refused_by,
+            "limits": [s.as_dict() for s in self.statuses],
+        }
+
+
+class RateLimiterUnavailable(ZAELimiterError):
+    """The daemon could not decide now: it is not running or not reachable, its store did not
+    answer in time, it shed load, or the call's deadline passed. Retrying later can help."""
+
+
+class ValidationError(ZAELimiterError, ValueError):
+    """Bad input (the daemon's ``INVALID_ARGUMENT`` or ``OUT_OF_RANGE``, or a value that cannot be
+    sent). ``field`` names the offending field when the message does."""
+
+    def __init__(
+        self, message: str, *, field: str | None = None, code: str | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.field = field if field is not None else _field_of(message)
+
+
+class PermissionDenied(ZAELimiterError):
+    """The daemon's access rules do not let this process do that."""
+
+
+class NotFound(ZAELimiterError):
+    """What the call names does not exist."""
+
+
+class LeaseNotFound(NotFound):
+    """The lease is unknown to the daemon (expired, already closed, or never this caller's), or it
+    was already closed here."""
+
+
+#: The Python zae-limiter's name for using a lease after its block ended.
+LeaseExpiredError = LeaseNotFound
+
+
+class EntityNotFoundError(NotFound):
+    """The entity does not exist."""
+
+
+class EntityExistsError(ZAELimiterError):
+    """An entity with that id exists already."""
+
+
+class FailedPrecondition(ZAELimiterError):
+    """The daemon refused a call that cannot succeed as things stand (a lease closed the other
+    way, a parent cycle, a store the daemon cannot use); retrying the same call will not help."""
+
+
+_FIELD = re.compile(r"^([A-Za-z_][\w.\[\]-]*):")
+
+
+def _field_of(message: str) -> str | None:
+    """``consume[rpm]`` from ``"consume[rpm]: ..."``: the daemon's messages start with the field."""
+    match = _FIELD.match(message)
+    return match.group(1) if match else None
+
+
+def from_rpc(
+    err: grpc.RpcError, *, socket: str, not_found: type = NotFound
+) -> ZAELimiterError:
+    """The package's exception for a failed call."""
+    code = err.code() if hasattr(err, "code") else None
+    details = (err.details() if hasattr(err, "details") else None) or str(err)
+    name = code.name if code is not None else None
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
+        return ValidationError(details, code=name)
+    if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        return PermissionDenied(details, code=name)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return not_found(details, code=name)
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        return EntityExistsError(details, code=name)
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return FailedPrecondition(details, code=name)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return RateLimiterUnavailable(
+            f"the zae-limiter daemon at {socket} did not answer in time: {details}",
+            code=name,
+        )
+    if code == grpc.StatusCode.UNAVAILABLE and "connect" in details:
+        return RateLimiterUnavailable(
+            f"cannot reach the zae-limiter daemon at {socket}: {details}", code=name
+        )
+    return RateLimiterUnavailable(details, code=name)

@@ -1,0 +1,312 @@
+"""Limits, statuses and admin records as plain Python values, and their protobuf forms."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+from ._errors import ValidationError
+from ._proto import ratelimit_pb2 as pb
+
+_SECOND_MS = 1_000
+_MINUTE_MS = 60 * _SECOND_MS
+_HOUR_MS = 60 * _MINUTE_MS
+_DAY_MS = 24 * _HOUR_MS
+_U64_MAX = 2**64 - 1
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
+
+def _whole(field: str, value: Any, *, low: int, high: int) -> int:
+    """An integer in [low, high], else a ValidationError naming the field."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(
+            f"{field}: must be a whole number, got {value!r}", field=field
+        )
+    if not low <= value <= high:
+        raise ValidationError(
+            f"{field}: {value} is outside {low}..={high}", field=field
+        )
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Limit:
+    """A token bucket: ``capacity`` tokens (the burst), refilled by ``refill_amount`` tokens every
+    ``refill_period_ms`` milliseconds. Build it with the class methods, as in the Python
+    zae-limiter."""
+
+    name: str
+    capacity: int
+    refill_amount: int
+    refill_period_ms: int
+
+    def __post_init__(self) -> None:
+        _whole(f"limit {self.name}: capacity", self.capacity, low=0, high=_U64_MAX)
+        _whole(
+            f"limit {self.name}: refill_amount",
+            self.refill_amount,
+            low=0,
+            high=_U64_MAX,
+        )
+        _whole(
+            f"limit {self.name}: refill_period_ms",
+            self.refill_period_ms,
+            low=0,
+            high=_U64_MAX,
+        )
+
+    @property
+    def burst(self) -> int:
+        """The most tokens one burst can take: the capacity."""
+        return self.capacity
+
+    @property
+    def refill_period_seconds(self) -> float:
+        return self.refill_period_ms / 1000
+
+    @classmethod
+    def _per(cls, name: str, rate: int, burst: int | None, period_ms: int) -> Limit:
+        return cls(name, rate if burst is None else burst, rate, period_ms)
+
+    @classmethod
+    def per_second(cls, name: str, rate: int, burst: int | None = None) -> Limit:
+        """``rate`` tokens per second; capacity ``burst`` (default: ``rate``)."""
+        return cls._per(name, rate, burst, _SECOND_MS)
+
+    @classmethod
+    def per_minute(cls, name: str, rate: int, burst: int | None = None) -> Limit:
+        return cls._per(name, rate, burst, _MINUTE_MS)
+
+    @classmethod
+    def per_hour(cls, name: str, rate: int, burst: int | None = None) -> Limit:
+        return cls._per(name, rate, burst, _HOUR_MS)
+
+    @classmethod
+    def per_day(cls, name: str, rate: int, burst: int | None = None) -> Limit:
+        return cls._per(name, rate, burst, _DAY_MS)
+
+    @classmethod
+    def custom(
+        cls, name: str, capacity: int, refill_amount: int, refill_period_seconds: float
+    ) -> Limit:
+        """``capacity`` tokens, refilled by ``refill_amount`` every ``refill_period_seconds``
+        (millisecond resolution)."""
+        if isinstance(refill_period_seconds, bool) or not isinstance(
+            refill_period_seconds, (int, float)
+        ):
+            raise ValidationError(
+                f"limit {name}: refill_period_seconds must be a number, "
+                f"got {refill_period_seconds!r}",
+                field="refill_period_seconds",
+            )
+        return cls(name, capacity, refill_amount, round(refill_period_seconds * 1000))
+
+    def _to_pb(self) -> pb.Limit:
+        return pb.Limit(
+            name=self.name,
+            capacity=self.capacity,
+            refill_amount=self.refill_amount,
+            refill_period_ms=self.refill_period_ms,
+        )
+
+    @classmethod
+    def _from_pb(cls, limit: pb.Limit) -> Limit:
+        return cls(
+            limit.name, limit.capacity, limit.refill_amount, limit.refill_period_ms
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitStatus:
+    """One limit as the daemon saw it when it decided. ``available`` is in whole tokens (rounded
+    down, negative in debt); ``retry_after_seconds`` is 0 when the request fits and ``None`` when it
+    never can (more than the capacity)."""
+
+    entity_id: str
+    resource: str
+    limit_name: str
+    available: int
+    requested: int
+    exceeded: bool
+    retry_after_seconds: float | None
+    available_milli: int
+    requested_milli: int
+    limit: Limit | None = None
+
+    @classmethod
+    def _from_pb(
+        cls,
+        status: pb.LimitStatus,
+        entity_id: str,
+        resource: str,
+        limits: Mapping[str, Limit],
+    ) -> LimitStatus:
+        retry = (
+            status.retry_after_ms / 1000 if status.HasField("retry_after_ms") else None
+        )
+        return cls(
+            entity_id=entity_id,
+            resource=resource,
+            limit_name=status.name,
+            available=status.available_milli // 1000,
+            requested=-(-status.requested_milli // 1000),
+            exceeded=not status.allowed,
+            retry_after_seconds=retry,
+            available_milli=status.available_milli,
+            requested_milli=status.requested_milli,
+            limit=limits.get(status.name),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "entity_id": self.entity_id,
+            "resource": self.resource,
+            "limit_name": self.limit_name,
+            "available": self.available,
+            "requested": self.requested,
+            "exceeded": self.exceeded,
+            "retry_after_seconds": self.retry_after_seconds,
+        }
+        if self.limit is not None:
+            body.update(
+                capacity=self.limit.capacity,
+                refill_amount=self.limit.refill_amount,
+                refill_period_seconds=self.limit.refill_period_seconds,
+            )
+        return body
+
+
+@dataclasses.dataclass(frozen=True)
+class Entity:
+    id: str
+    name: str = ""
+    parent_id: str | None = None
+    cascade: bool = False
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def _from_pb(cls, entity: pb.Entity) -> Entity:
+        return cls(
+            id=entity.id,
+            name=entity.name,
+            parent_id=entity.parent_id if entity.HasField("parent_id") else None,
+            cascade=entity.cascade,
+            metadata=dict(entity.metadata),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditEvent:
+    """One change of an entity or of stored limits. ``before``/``after`` are the daemon's text
+    forms; ``at_ms`` is milliseconds since the Unix epoch."""
+
+    subject: str
+    action: str
+    principal: str
+    at_ms: int
+    before: str | None
+    after: str | None
+
+    @classmethod
+    def _from_pb(cls, record: pb.AuditRecord) -> AuditEvent:
+        return cls(
+            subject=record.subject,
+            action=record.action,
+            principal=record.principal,
+            at_ms=record.at_ms,
+            before=record.before if record.HasField("before") else None,
+            after=record.after if record.HasField("after") else None,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditPage:
+    """A page of audit events, newest first; iterating it iterates the events."""
+
+    events: Sequence[AuditEvent]
+    #: Pass as ``page`` for the next (older) events; ``None`` when there are none.
+    next_page: str | None
+
+    def __iter__(self) -> Iterator[AuditEvent]:
+        return iter(self.events)
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+
+@dataclasses.dataclass(frozen=True)
+class UsageSnapshot:
+    """Consumption of one resource in one hour or day, after adjustments and rollbacks."""
+
+    resource: str
+    period: str
+    start_ms: int
+    consumed_milli: Mapping[str, int]
+
+    @property
+    def consumed(self) -> dict[str, float]:
+        """Consumption per limit in tokens."""
+        return {name: milli / 1000 for name, milli in self.consumed_milli.items()}
+
+    @classmethod
+    def _from_pb(cls, snapshot: pb.UsageSnapshot) -> UsageSnapshot:
+        return cls(
+            resource=snapshot.resource,
+            period=snapshot.period,
+            start_ms=snapshot.start_ms,
+            consumed_milli=dict(snapshot.consumed_milli),
+        )
+
+
+def amounts(
+    field: str, values: Mapping[str, int], *, allow_negative: bool
+) -> dict[str, int]:
+    """Checks amounts by limit name before they are sent (the daemon checks the rest)."""
+    if not isinstance(values, Mapping):
+        raise ValidationError(
+            f"{field}: must be a mapping of limit name to tokens, got {values!r}",
+            field=field,
+        )
+    low = _I64_MIN if allow_negative else 0
+    checked = {}
+    for name, value in values.items():
+        if not isinstance(name, str):
+            raise ValidationError(
+                f"{field}: limit names are strings, got {name!r}", field=field
+            )
+        checked[name] = _whole(f"{field}[{name}]", value, low=low, high=_I64_MAX)
+    return checked
+
+
+def limits_to_pb(limits: Sequence[Limit] | None) -> list[pb.Limit]:
+    if limits is None:
+        return []
+    out = []
+    for i, limit in enumerate(limits):
+        if not isinstance(limit, Limit):
+            raise ValidationError(
+                f"limits[{i}]: expected a Limit, got {limit!r}", field="limits"
+            )
+        out.append(limit._to_pb())
+    return out
+
+
+def message(cls: Any, **fields: Any) -> Any:
+    """A request message; a value of the wrong type is a ValidationError naming the field."""
+    try:
+        return cls(**fields)
+    except (TypeError, ValueError) as err:
+        field = next(
+            (name for name, value in fields.items() if not _fits(cls, name, value)),
+            None,
+        )
+        raise ValidationError(f"{field or cls.__name__}: {err}", field=field) from None
+
+
+def _fits(cls: Any, name: str, value: Any) -> bool:
+    try:
+        cls(**{name: value})
+        return True
+    except (TypeError, ValueError):
+        return False

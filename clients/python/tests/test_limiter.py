@@ -1,0 +1,294 @@
+"""The client against the real daemon, with the memory store and with DynamoDB Local."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from conftest import run
+
+from zae_limiter_client import (
+    EntityExistsError,
+    FailedPrecondition,
+    LeaseNotFound,
+    Limit,
+    RateLimiter,
+    RateLimitExceeded,
+    SyncRateLimiter,
+    ValidationError,
+)
+
+
+def limiter(daemon) -> RateLimiter:
+    return RateLimiter(socket=daemon.socket, namespace=daemon.namespace)
+
+
+def test_admits_then_refuses_with_retry_after(daemon, entity):
+    limits = [Limit.per_minute("rpm", 2)]
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            for _ in range(2):
+                statuses = await zl.consume(entity, "gpt-4", {"rpm": 1}, limits=limits)
+                assert [s.limit_name for s in statuses] == ["rpm"]
+            with pytest.raises(RateLimitExceeded) as refused:
+                await zl.consume(entity, "gpt-4", {"rpm": 1}, limits=limits)
+            return refused.value
+
+    err = run(scenario())
+    # One token comes back every 30 s.
+    assert 0 < err.retry_after_seconds <= 30
+    assert err.retry_after_header == str(int(err.retry_after_seconds) + 1)
+    assert [v.limit_name for v in err.violations] == ["rpm"]
+    assert err.passed == []
+    assert err.primary_violation.limit_name == "rpm"
+    assert err.refused_by is None
+    body = json.loads(json.dumps(err.as_dict()))
+    assert body["error"] == "rate_limit_exceeded"
+    assert body["limits"][0]["entity_id"] == entity
+    assert body["limits"][0]["available"] == 0
+    assert body["limits"][0]["requested"] == 1
+    assert body["limits"][0]["capacity"] == 2
+
+
+def test_adjust_into_debt_makes_the_next_wait_longer(daemon, entity):
+    # The Python zae-limiter's measured case: capacity 1000/min, consume 100, adjust +2000.
+    limits = [Limit.per_minute("tpm", 1000)]
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            async with zl.acquire(entity, "gpt-4", {"tpm": 100}, limits=limits) as lease:
+                await lease.adjust(tpm=2000)
+                assert lease.consumed == {"tpm": 2100}
+            available = await zl.available(entity, "gpt-4", limits=limits)
+            with pytest.raises(RateLimitExceeded) as refused:
+                await zl.consume(entity, "gpt-4", {"tpm": 1}, limits=limits)
+            return available, refused.value
+
+    available, err = run(scenario())
+    assert -1100 <= available["tpm"] < -1090
+    # 1,101 tokens at 1000/min: about 66 s.
+    assert 60 < err.retry_after_seconds <= 66.1
+    assert err.violations[0].available < -1090
+
+
+def test_an_exception_rolls_back_and_is_reraised(daemon, entity):
+    limits = [Limit.per_minute("rpm", 10), Limit.per_minute("tpm", 1000)]
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            before = await zl.available(entity, "gpt-4", limits=limits)
+            with pytest.raises(KeyError, match="boom"):
+                async with zl.acquire(entity, "gpt-4", {"rpm": 1, "tpm": 500}, limits=limits) as lease:
+                    await lease.adjust(tpm=300)
+                    raise KeyError("boom")
+            after = await zl.available(entity, "gpt-4", limits=limits)
+            return before, after, lease
+
+    before, after, lease = run(scenario())
+    assert before == {"rpm": 10, "tpm": 1000}
+    assert after == before
+    assert lease.closed
+
+
+def test_a_clean_exit_commits_what_was_adjusted(daemon, entity):
+    limits = [Limit.per_minute("rpm", 10), Limit.per_minute("tpm", 1000)]
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            async with zl.acquire(entity, "gpt-4", {"rpm": 1, "tpm": 500}, limits=limits) as lease:
+                await lease.adjust(tpm=-200)
+            after = await zl.available(entity, "gpt-4", limits=limits)
+            with pytest.raises(LeaseNotFound):
+                await lease.adjust(tpm=1)
+            with pytest.raises(LeaseNotFound):
+                await lease.commit()
+            return after
+
+    after = run(scenario())
+    # Refill during the test is at most a few tokens of tpm (1000/min).
+    assert after["rpm"] == 9
+    assert 700 <= after["tpm"] < 710
+
+
+def test_a_cascading_child_is_refused_by_its_parent(daemon, entity):
+    parent, child = f"{entity}-project", f"{entity}-key"
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            await zl.create_entity(parent, name="Production")
+            await zl.set_limits(parent, [Limit.per_day("rpm", 2)])
+            created = await zl.create_entity(child, parent_id=parent, cascade=True)
+            assert created.parent_id == parent and created.cascade
+            await zl.set_limits(child, [Limit.per_day("rpm", 100)])
+            with pytest.raises(EntityExistsError):
+                await zl.create_entity(parent)
+            assert [c.id for c in await zl.get_children(parent)] == [child]
+            for _ in range(2):
+                await zl.consume(child, "gpt-4", {"rpm": 1})
+            with pytest.raises(RateLimitExceeded) as refused:
+                await zl.consume(child, "gpt-4", {"rpm": 1})
+            child_left = await zl.available(child, "gpt-4")
+            return refused.value, child_left
+
+    err, child_left = run(scenario())
+    assert err.refused_by == parent
+    assert parent in str(err)
+    assert err.violations[0].entity_id == parent
+    assert child_left == {"rpm": 98}
+
+
+def test_stored_limits_resolve_entity_resource_then_entity_then_resource_then_system(
+    daemon, entity
+):
+    resource = f"model-{entity}"
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            seen = []
+            await zl.set_system_defaults([Limit.per_day("rpm", 1000)])
+            await zl.set_resource_defaults(resource, [Limit.per_day("rpm", 50)])
+            seen.append(await zl.available(entity, resource))
+            await zl.set_limits(entity, [Limit.per_day("rpm", 40)])
+            seen.append(await zl.available(entity, resource))
+            await zl.set_limits(entity, [Limit.per_day("rpm", 30, burst=35)], resource=resource)
+            seen.append(await zl.available(entity, resource))
+            stored = await zl.get_limits(entity, resource=resource)
+            await zl.delete_limits(entity, resource=resource)
+            await zl.delete_limits(entity)
+            seen.append(await zl.available(entity, resource))
+            await zl.delete_resource_defaults(resource)
+            defaults = await zl.get_resource_defaults(resource)
+            events = await zl.get_audit_events(entity)
+            return seen, stored, defaults, events
+
+    seen, stored, defaults, events = run(scenario())
+    # A fresh bucket of each resolved set starts full.
+    assert seen[:3] == [{"rpm": 50}, {"rpm": 40}, {"rpm": 35}]
+    assert stored == [Limit("rpm", 35, 30, 86_400_000)]
+    assert defaults == []
+    assert [e.action for e in events] == ["limits_deleted"] * 2 + ["limits_set"] * 2
+    assert all(e.subject == entity for e in events)
+
+
+def test_the_sync_limiter_has_the_same_methods(daemon, entity):
+    limits = [Limit.per_minute("rpm", 5)]
+    with SyncRateLimiter(socket=daemon.socket, namespace=daemon.namespace) as zl:
+        with zl.acquire(entity, "gpt-4", {"rpm": 1}, limits=limits) as lease:
+            lease.adjust(rpm=1)
+        with pytest.raises(RuntimeError):
+            with zl.acquire(entity, "gpt-4", {"rpm": 1}, limits=limits):
+                raise RuntimeError("rolled back")
+        zl.consume(entity, "gpt-4", {"rpm": 1}, limits=limits)
+        assert zl.available(entity, "gpt-4", limits=limits) == {"rpm": 2}
+        with pytest.raises(RateLimitExceeded):
+            zl.consume(entity, "gpt-4", {"rpm": 3}, limits=limits)
+        assert zl.time_until_available(entity, "gpt-4", {"rpm": 2}, limits=limits) == 0
+        assert zl.time_until_available(entity, "gpt-4", {"rpm": 6}, limits=limits) == float("inf")
+        assert 0 < zl.time_until_available(entity, "gpt-4", {"rpm": 3}, limits=limits) <= 12
+        zl.create_entity(entity, name="sync")
+        assert zl.get_entity(entity).name == "sync"
+        assert zl.get_entity(entity + "-missing") is None
+        zl.delete_entity(entity)
+        assert zl.get_entity(entity) is None
+
+
+def test_32_concurrent_tasks_never_over_admit(daemon, entity):
+    limits = [Limit.per_day("rpm", 20)]
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            admitted = refused = 0
+
+            async def worker():
+                nonlocal admitted, refused
+                for _ in range(3):
+                    try:
+                        async with zl.acquire(entity, "gpt-4", {"rpm": 1}, limits=limits) as lease:
+                            await asyncio.sleep(0)
+                            await lease.adjust(rpm=0)
+                        admitted += 1
+                    except RateLimitExceeded:
+                        refused += 1
+
+            await asyncio.gather(*(worker() for _ in range(32)))
+            left = await zl.available(entity, "gpt-4", limits=limits)
+            return admitted, refused, left
+
+    admitted, refused, left = run(scenario())
+    # Per day: no token comes back while the test runs.
+    assert admitted == 20
+    assert refused == 32 * 3 - 20
+    assert left == {"rpm": 0}
+
+
+def test_bad_input_is_a_validation_error_naming_the_field(daemon, entity):
+    limits = [Limit.per_minute("rpm", 5)]
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            errors = []
+            for call in (
+                lambda: zl.consume("", "gpt-4", {"rpm": 1}, limits=limits),
+                lambda: zl.consume(entity, "gpt-4", {"rpm": 10**16}, limits=limits),
+                lambda: zl.consume(entity, "gpt-4", {"tpm": 1}, limits=limits),
+                lambda: zl.consume(entity, "gpt-4", {"rpm": 1}, limits=[Limit("rpm", 0, 1, 1000)]),
+                lambda: zl.consume(entity, "gpt-4", {"rpm": -1}, limits=limits),
+                lambda: zl.consume(entity, 7, {"rpm": 1}, limits=limits),
+            ):
+                with pytest.raises(ValidationError) as err:
+                    await call()
+                errors.append(err.value)
+            return errors, await zl.available(entity, "gpt-4", limits=limits)
+
+    errors, left = run(scenario())
+    fields = [(e.code, e.field) for e in errors]
+    assert fields[0] == ("INVALID_ARGUMENT", "entity_id")
+    assert fields[1] == ("OUT_OF_RANGE", "consume[rpm]")
+    assert fields[2][0] == "INVALID_ARGUMENT" and "tpm" in errors[2].message
+    assert fields[3][0] == "INVALID_ARGUMENT" and fields[3][1].startswith("limits[0]")
+    assert fields[4] == (None, "consume[rpm]")  # refused before sending
+    assert fields[5] == (None, "resource")
+    assert left == {"rpm": 5}, "nothing was consumed"
+
+
+def test_closing_a_lease_twice_or_the_other_way(daemon, entity):
+    limits = [Limit.per_minute("rpm", 5)]
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            async with zl.acquire(entity, "gpt-4", {"rpm": 2}, limits=limits) as lease:
+                await lease.rollback()
+            with pytest.raises(LeaseNotFound):
+                await lease.commit()
+            return await zl.available(entity, "gpt-4", limits=limits)
+
+    assert run(scenario()) == {"rpm": 5}
+
+
+def test_entities_audit_and_usage(daemon, entity):
+    parent = f"{entity}-p"
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            await zl.create_entity(parent)
+            await zl.create_entity(entity, name="key", metadata={"team": "a"})
+            moved = await zl.set_parent(entity, parent)
+            with pytest.raises(FailedPrecondition):
+                await zl.set_parent(parent, entity)  # a cycle
+            await zl.consume(entity, "gpt-4", {"tpm": 7}, limits=[Limit.per_minute("tpm", 100)])
+            deadline = time.monotonic() + 30
+            usage = []
+            while not usage and time.monotonic() < deadline:
+                usage = await zl.get_usage_snapshots(entity, resource="gpt-4")
+                await asyncio.sleep(0.1)
+            events = await zl.get_audit_events(entity, limit=10)
+            return moved, usage, events, await zl.get_entity(entity)
+
+    moved, usage, events, got = run(scenario())
+    assert moved.parent_id == parent
+    assert got.metadata == {"team": "a"}
+    assert usage and usage[0].consumed == {"tpm": 7.0} and usage[0].period == "hour"
+    assert len(events) >= 2 and events.next_page is None

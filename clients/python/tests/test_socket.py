@@ -1,0 +1,115 @@
+"""The socket as other programs reach it: a stock grpcio client with default options, and what a
+caller sees when no daemon answers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+import threading
+
+import grpc
+import pytest
+from conftest import run
+
+from zae_limiter_client import RateLimiter, RateLimiterUnavailable, SyncRateLimiter
+from zae_limiter_client._proto import ratelimit_pb2 as pb
+from zae_limiter_client._proto import ratelimit_pb2_grpc as pb_grpc
+
+HEALTH = "/grpc.health.v1.Health/Check"
+
+
+def test_a_stock_grpcio_client_with_default_options(daemon, entity):
+    # gRPC's C core sends the socket path as the HTTP/2 authority; no options set here.
+    with grpc.insecure_channel(f"unix:{daemon.socket}") as channel:
+        check = channel.unary_unary(HEALTH)
+        # HealthCheckRequest{} is empty; SERVING is field 1 = 1.
+        assert check(b"", timeout=10) == b"\x08\x01"
+        stub = pb_grpc.RateLimiterStub(channel)
+        limit = pb.Limit(name="rpm", capacity=3, refill_amount=3, refill_period_ms=86_400_000)
+        answers = [
+            stub.Acquire(
+                pb.AcquireRequest(
+                    namespace=daemon.namespace,
+                    entity_id=entity,
+                    resource="gpt-4",
+                    consume={"rpm": 1},
+                    limits=[limit],
+                    commit=True,
+                ),
+                timeout=10,
+            ).allowed
+            for _ in range(4)
+        ]
+    assert answers == [True, True, True, False]
+
+
+def test_a_stock_grpc_aio_client_with_default_options(daemon, entity):
+    async def scenario():
+        async with grpc.aio.insecure_channel(f"unix:{daemon.socket}") as channel:
+            stub = pb_grpc.RateLimiterStub(channel)
+            request = pb.AvailableRequest(
+                namespace=daemon.namespace,
+                entity_id=entity,
+                resource="gpt-4",
+                limits=[pb.Limit(name="rpm", capacity=3, refill_amount=3, refill_period_ms=60_000)],
+            )
+            answers = await asyncio.gather(*(stub.Available(request, timeout=10) for _ in range(8)))
+            return [a.statuses[0].available_milli for a in answers]
+
+    assert run(scenario()) == [3000] * 8
+
+
+def test_no_daemon_is_unavailable_naming_the_socket():
+    missing = os.path.join(tempfile.mkdtemp(), "none.sock")
+
+    async def scenario():
+        async with RateLimiter(socket=missing, timeout=2) as zl:
+            with pytest.raises(RateLimiterUnavailable) as err:
+                await asyncio.wait_for(zl.consume("e", "r", {"rpm": 1}), 30)
+            return err.value
+
+    err = run(scenario())
+    assert missing in str(err)
+    with pytest.raises(RateLimiterUnavailable, match="none.sock"):
+        SyncRateLimiter(socket=missing, timeout=2).available("e", "r")
+
+
+def test_a_daemon_that_never_answers_fails_by_the_timeout():
+    """Something listens on the socket but never speaks HTTP/2 (a hung daemon): the call ends
+    with RateLimiterUnavailable when its timeout passes, not a hang."""
+    path = os.path.join(tempfile.mkdtemp(), "hung.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(16)
+    held = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+
+        async def scenario():
+            async with RateLimiter(socket=path, timeout=0.5) as zl:
+                with pytest.raises(RateLimiterUnavailable) as err:
+                    await asyncio.wait_for(zl.consume("e", "r", {"rpm": 1}), 30)
+                return err.value
+
+        err = run(scenario())
+        assert err.code == "DEADLINE_EXCEEDED"
+        assert path in str(err)
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
