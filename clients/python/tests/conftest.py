@@ -39,11 +39,17 @@ def dynamodb_endpoint() -> str:
 class Daemon:
     """A running `zae-limiter serve`; `namespace` is the one its configuration admits."""
 
-    def __init__(self, backend: str, extra: str = "") -> None:
+    def __init__(
+        self,
+        backend: str,
+        extra: str = "",
+        socket_path: str | None = None,
+        namespace: str | None = None,
+    ) -> None:
         self.backend = backend
         self.dir = tempfile.TemporaryDirectory(prefix="zl-py-")
-        self.socket = os.path.join(self.dir.name, "zl.sock")
-        self.namespace = "t" + uuid.uuid4().hex[:12]
+        self.socket = socket_path or os.path.join(self.dir.name, "zl.sock")
+        self.namespace = namespace or "t" + uuid.uuid4().hex[:12]
         env = dict(os.environ, AWS_ACCESS_KEY_ID="local", AWS_SECRET_ACCESS_KEY="local")
         config = (
             f'[limiter]\nbackend = "{backend}"\nnamespaces = ["{self.namespace}"]\n'
@@ -63,7 +69,15 @@ class Daemon:
             f.write(config)
         self.log = open(os.path.join(self.dir.name, "daemon.log"), "w")
         self.process = subprocess.Popen(
-            [binary(), "serve", "--config", path, "--socket", self.socket, "--no-metrics"],
+            [
+                binary(),
+                "serve",
+                "--config",
+                path,
+                "--socket",
+                self.socket,
+                "--no-metrics",
+            ],
             env=dict(env, RUST_LOG="warn"),
             stdout=self.log,
             stderr=subprocess.STDOUT,

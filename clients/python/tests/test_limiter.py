@@ -81,7 +81,9 @@ def test_an_exception_rolls_back_and_is_reraised(daemon, entity):
         async with limiter(daemon) as zl:
             before = await zl.available(entity, "gpt-4", limits=limits)
             with pytest.raises(KeyError, match="boom"):
-                async with zl.acquire(entity, "gpt-4", {"rpm": 1, "tpm": 500}, limits=limits) as lease:
+                async with zl.acquire(
+                    entity, "gpt-4", {"rpm": 1, "tpm": 500}, limits=limits
+                ) as lease:
                     await lease.adjust(tpm=300)
                     raise KeyError("boom")
             after = await zl.available(entity, "gpt-4", limits=limits)

@@ -9,7 +9,9 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 
 def test_the_committed_stubs_match_proto():
-    spec = importlib.util.spec_from_file_location("generate_stubs", HERE.parent / "generate_stubs.py")
+    spec = importlib.util.spec_from_file_location(
+        "generate_stubs", HERE.parent / "generate_stubs.py"
+    )
     generate_stubs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generate_stubs)
     for name, text in generate_stubs.generate().items():

@@ -14,7 +14,13 @@ changing how the limiter is built::
         await lease.adjust(tpm=response.usage.total_tokens - 500)
 """
 
-from ._client import DEFAULT_SOCKET, DEFAULT_TIMEOUT, Lease, RateLimiter, SyncRateLimiter
+from ._client import (
+    DEFAULT_SOCKET,
+    DEFAULT_TIMEOUT,
+    Lease,
+    RateLimiter,
+    SyncRateLimiter,
+)
 from ._errors import (
     EntityExistsError,
     EntityNotFoundError,

@@ -56,9 +56,7 @@ class RateLimitExceeded(ZAELimiterError):
         names = ", ".join(s.limit_name for s in self.violations) or "?"
         first = self.statuses[0] if self.statuses else None
         where = f"{first.entity_id}/{first.resource}" if first else "?"
-        by = (
-            f" (refused by cascade parent {self.refused_by})" if self.refused_by else ""
-        )
+        by = f" (refused by cascade parent {self.refused_by})" if self.refused_by else ""
         if self.retry_after_seconds is None:
             wait = "the request is larger than a limit's capacity and can never fit"
         else:
@@ -80,9 +78,7 @@ class RateLimitExceeded(ZAELimiterError):
             "message": str(self),
             "retry_after_seconds": self.retry_after_seconds,
             "retry_after_ms": (
-                None
-                if self.retry_after_seconds is None
-                else round(self.retry_after_seconds * 1000)
+                None if self.retry_after_seconds is None else round(self.retry_after_seconds * 1000)
             ),
             "refused_by": self.refused_by,
             "limits": [s.as_dict() for s in self.statuses],
@@ -98,9 +94,7 @@ class ValidationError(ZAELimiterError, ValueError):
     """Bad input (the daemon's ``INVALID_ARGUMENT`` or ``OUT_OF_RANGE``, or a value that cannot be
     sent). ``field`` names the offending field when the message does."""
 
-    def __init__(
-        self, message: str, *, field: str | None = None, code: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.field = field if field is not None else _field_of(message)
 
@@ -144,30 +138,39 @@ def _field_of(message: str) -> str | None:
     return match.group(1) if match else None
 
 
-def from_rpc(
-    err: grpc.RpcError, *, socket: str, not_found: type = NotFound
-) -> ZAELimiterError:
-    """The package's exception for a failed call."""
+def from_rpc(err: grpc.RpcError, *, socket: str, not_found: type = NotFound) -> ZAELimiterError:
+    """The package's exception for a failed grpcio call."""
     code = err.code() if hasattr(err, "code") else None
     details = (err.details() if hasattr(err, "details") else None) or str(err)
-    name = code.name if code is not None else None
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
-        return ValidationError(details, code=name)
-    if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-        return PermissionDenied(details, code=name)
-    if code == grpc.StatusCode.NOT_FOUND:
-        return not_found(details, code=name)
-    if code == grpc.StatusCode.ALREADY_EXISTS:
-        return EntityExistsError(details, code=name)
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        return FailedPrecondition(details, code=name)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    return from_status(
+        code.name if code is not None else None,
+        details,
+        socket=socket,
+        not_found=not_found,
+    )
+
+
+def from_status(
+    code: str | None, details: str, *, socket: str, not_found: type = NotFound
+) -> ZAELimiterError:
+    """The package's exception for a call that ended with gRPC status ``code`` (its name)."""
+    if code in ("INVALID_ARGUMENT", "OUT_OF_RANGE"):
+        return ValidationError(details, code=code)
+    if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
+        return PermissionDenied(details, code=code)
+    if code == "NOT_FOUND":
+        return not_found(details, code=code)
+    if code == "ALREADY_EXISTS":
+        return EntityExistsError(details, code=code)
+    if code == "FAILED_PRECONDITION":
+        return FailedPrecondition(details, code=code)
+    if code == "DEADLINE_EXCEEDED":
         return RateLimiterUnavailable(
             f"the zae-limiter daemon at {socket} did not answer in time: {details}",
-            code=name,
+            code=code,
         )
-    if code == grpc.StatusCode.UNAVAILABLE and "connect" in details:
+    if code == "UNAVAILABLE" and "connect" in details:
         return RateLimiterUnavailable(
-            f"cannot reach the zae-limiter daemon at {socket}: {details}", code=name
+            f"cannot reach the zae-limiter daemon at {socket}: {details}", code=code
         )
-    return RateLimiterUnavailable(details, code=name)
+    return RateLimiterUnavailable(details, code=code)

@@ -20,13 +20,9 @@ _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 def _whole(field: str, value: Any, *, low: int, high: int) -> int:
     """An integer in [low, high], else a ValidationError naming the field."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValidationError(
-            f"{field}: must be a whole number, got {value!r}", field=field
-        )
+        raise ValidationError(f"{field}: must be a whole number, got {value!r}", field=field)
     if not low <= value <= high:
-        raise ValidationError(
-            f"{field}: {value} is outside {low}..={high}", field=field
-        )
+        raise ValidationError(f"{field}: {value} is outside {low}..={high}", field=field)
     return value
 
 
@@ -112,12 +108,10 @@ class Limit:
 
     @classmethod
     def _from_pb(cls, limit: pb.Limit) -> Limit:
-        return cls(
-            limit.name, limit.capacity, limit.refill_amount, limit.refill_period_ms
-        )
+        return cls(limit.name, limit.capacity, limit.refill_amount, limit.refill_period_ms)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True)
 class LimitStatus:
     """One limit as the daemon saw it when it decided. ``available`` is in whole tokens (rounded
     down, negative in debt); ``retry_after_seconds`` is 0 when the request fits and ``None`` when it
@@ -142,9 +136,7 @@ class LimitStatus:
         resource: str,
         limits: Mapping[str, Limit],
     ) -> LimitStatus:
-        retry = (
-            status.retry_after_ms / 1000 if status.HasField("retry_after_ms") else None
-        )
+        retry = status.retry_after_ms / 1000 if status.HasField("retry_after_ms") else None
         return cls(
             entity_id=entity_id,
             resource=resource,
@@ -259,9 +251,7 @@ class UsageSnapshot:
         )
 
 
-def amounts(
-    field: str, values: Mapping[str, int], *, allow_negative: bool
-) -> dict[str, int]:
+def amounts(field: str, values: Mapping[str, int], *, allow_negative: bool) -> dict[str, int]:
     """Checks amounts by limit name before they are sent (the daemon checks the rest)."""
     if not isinstance(values, Mapping):
         raise ValidationError(
@@ -271,10 +261,11 @@ def amounts(
     low = _I64_MIN if allow_negative else 0
     checked = {}
     for name, value in values.items():
+        if type(name) is str and type(value) is int and low <= value <= _I64_MAX:
+            checked[name] = value
+            continue
         if not isinstance(name, str):
-            raise ValidationError(
-                f"{field}: limit names are strings, got {name!r}", field=field
-            )
+            raise ValidationError(f"{field}: limit names are strings, got {name!r}", field=field)
         checked[name] = _whole(f"{field}[{name}]", value, low=low, high=_I64_MAX)
     return checked
 
@@ -285,9 +276,7 @@ def limits_to_pb(limits: Sequence[Limit] | None) -> list[pb.Limit]:
     out = []
     for i, limit in enumerate(limits):
         if not isinstance(limit, Limit):
-            raise ValidationError(
-                f"limits[{i}]: expected a Limit, got {limit!r}", field="limits"
-            )
+            raise ValidationError(f"limits[{i}]: expected a Limit, got {limit!r}", field="limits")
         out.append(limit._to_pb())
     return out
 
@@ -310,3 +299,25 @@ def _fits(cls: Any, name: str, value: Any) -> bool:
         return True
     except (TypeError, ValueError):
         return False
+
+
+_serialized: dict[tuple[Any, str, tuple[Limit, ...]], tuple[bytes, dict[str, Limit]]] = {}
+
+
+def serialized_limits(
+    cls: Any, field: str, limits: Sequence[Limit] | None
+) -> tuple[bytes, dict[str, Limit]]:
+    """``limits`` as the serialized ``field`` of message ``cls`` (protobuf messages concatenate, so
+    this part is appended to the rest of the request), and the limits by name. Cached: a service
+    uses a few sets of limits again and again."""
+    if not limits:
+        return b"", {}
+    key = (cls, field, tuple(limits)) if all(isinstance(x, Limit) for x in limits) else None
+    cached = _serialized.get(key) if key is not None else None
+    if cached is not None:
+        return cached
+    part = message(cls, **{field: limits_to_pb(limits)}).SerializeToString()
+    result = (part, {limit.name: limit for limit in limits})
+    if key is not None and len(_serialized) < 1024:
+        _serialized[key] = result
+    return result
