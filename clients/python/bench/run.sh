@@ -37,6 +37,9 @@ venv="$root/.cache/bench-venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check 'zae-limiter==0.17.0' "$root/clients/python"
 rm -rf "$root/clients/python/build"
 
+# DynamoDB Local is a fresh JVM: warm it (JIT) before measuring anything.
+"$venv/bin/python" "$root/clients/python/bench/bench.py" --target daemon --socket "$work/zl.sock" \
+  --mode consume --tasks 32 --seconds 8 --prefix warmup >/dev/null
 results="$work/results.jsonl"
 bench() { "$venv/bin/python" "$root/clients/python/bench/bench.py" --seconds "$seconds" "$@" | tee -a "$results"; }
 for entities in 1 100; do

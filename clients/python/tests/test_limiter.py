@@ -60,6 +60,9 @@ def test_adjust_into_debt_makes_the_next_wait_longer(daemon, entity):
     async def scenario():
         async with limiter(daemon) as zl:
             async with zl.acquire(entity, "gpt-4", {"tpm": 100}, limits=limits) as lease:
+                assert [(st.limit_name, st.requested, st.exceeded) for st in lease.statuses] == [
+                    ("tpm", 100, False)
+                ]
                 await lease.adjust(tpm=2000)
                 assert lease.consumed == {"tpm": 2100}
             available = await zl.available(entity, "gpt-4", limits=limits)

@@ -463,15 +463,23 @@ class Lease:
         entity_id: str,
         resource: str,
         consumed: dict[str, int],
-        statuses: list[LimitStatus],
+        statuses: Callable[[], list[LimitStatus]],
     ) -> None:
         self._limiter = limiter
         self.lease_id = lease_id
         self.entity_id = entity_id
         self.resource = resource
-        self.statuses = statuses
+        self._statuses = statuses
+        self._converted: list[LimitStatus] | None = None
         self.consumed = consumed
         self._closed = False
+
+    @property
+    def statuses(self) -> list[LimitStatus]:
+        """The limits as the daemon saw them when it admitted (converted when first read)."""
+        if self._converted is None:
+            self._converted = self._statuses()
+        return self._converted
 
     @property
     def closed(self) -> bool:
@@ -540,10 +548,13 @@ class _Acquire:
     def _lease_from(self, response: pb.AcquireResponse) -> Lease:
         if not response.allowed:
             raise _refused(response, self._entity_id, self._resource, self._limits)
-        statuses = [
-            LimitStatus._from_pb(s, self._entity_id, self._resource, self._limits)
-            for s in response.statuses
-        ]
+        raw = response.statuses
+
+        def statuses() -> list[LimitStatus]:
+            return [
+                LimitStatus._from_pb(s, self._entity_id, self._resource, self._limits) for s in raw
+            ]
+
         self._lease = Lease(
             self._limiter,
             response.lease_id,
