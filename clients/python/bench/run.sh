@@ -50,6 +50,18 @@ done
 bench --target daemon --socket "$work/zl.sock" --mode acquire --tasks 1
 bench --target python --endpoint "$ZAE_TEST_DYNAMODB_ENDPOINT" --tasks 1
 
+# One task against a daemon with the memory store: the client's and the daemon's own latency,
+# without DynamoDB Local's write (its p50 alone is ~2 ms here).
+RUST_LOG=warn "$bin" serve --socket "$work/zlm.sock" --no-metrics --worker-threads "$threads" \
+  >"$work/memory-daemon.log" 2>&1 &
+memory_pid=$!
+trap 'kill "$daemon_pid" "$memory_pid" 2>/dev/null || true; kill "$ddb_pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+for _ in $(seq 1 100); do [ -S "$work/zlm.sock" ] && break; sleep 0.1; done
+for mode in acquire consume; do
+  "$venv/bin/python" "$root/clients/python/bench/bench.py" --seconds "$seconds" --target daemon \
+    --socket "$work/zlm.sock" --mode "$mode" --tasks 1 | sed 's/"target": "daemon"/"target": "daemon-memory"/'
+done
+
 "$venv/bin/python" - "$results" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
