@@ -5,10 +5,11 @@ sent), then hands it to ``_call`` with a function that turns the answer into the
 ``RateLimiter._call`` is a coroutine and ``SyncRateLimiter._call`` returns at once, so the same
 method is awaited on one and called on the other.
 
-One channel per limiter, shared by every task or thread that uses it, made on first use. gRPC
-channels do not survive ``fork()``: a limiter notices that it runs in a new process (or, for
-``RateLimiter``, on another event loop) and makes a fresh channel, but the clean way under pre-fork
-servers (gunicorn, uvicorn workers) is to create the limiter in each worker after the fork.
+One connection per limiter, shared by every task or thread that uses it, made on first use:
+``RateLimiter`` speaks HTTP/2 itself on the event loop (``_h2``), ``SyncRateLimiter`` uses a
+``grpcio`` channel. Neither survives ``fork()``: a limiter notices that it runs in a new process
+(or, for ``RateLimiter``, on another event loop) and connects again, but the clean way under
+pre-fork servers (gunicorn, uvicorn workers) is to create the limiter in each worker after the fork.
 """
 
 from __future__ import annotations
@@ -582,8 +583,8 @@ class _Acquire:
         try:
             await lease.rollback()
         except ZAELimiterError:
-            # The original exception matters more; the daemon rolls back a lease whose closer is
-            # gone only when it hears of it, else the lease expires and stays consumed.
+            # The caller's exception matters more. A rollback the daemon never heard of leaves
+            # the lease to expire, and what it took stays consumed.
             pass
         return False
 

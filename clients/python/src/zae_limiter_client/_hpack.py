@@ -437,6 +437,16 @@ class Decoder:
         self.size += 32 + len(name) + len(value)
         self._evict()
 
+    def _literal(self, block: bytes, at: int, prefix: int) -> tuple[bytes, bytes, int]:
+        """A literal field: its name indexed (prefix bits) or literal, then its value."""
+        index, at = _integer(block, at, prefix)
+        if index:
+            name = self._field(index)[0]
+        else:
+            name, at = _string(block, at)
+        value, at = _string(block, at)
+        return name, value, at
+
     def decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
         fields = []
         at = 0
@@ -447,12 +457,7 @@ class Decoder:
                 index, at = _integer(block, at, 7)
                 fields.append(self._field(index))
             elif byte & 0xC0 == 0x40:  # literal with incremental indexing
-                index, at = _integer(block, at, 6)
-                if index:
-                    name = self._field(index)[0]
-                else:
-                    name, at = _string(block, at)
-                value, at = _string(block, at)
+                name, value, at = self._literal(block, at, 6)
                 fields.append((name, value))
                 self._add(name, value)
             elif byte & 0xE0 == 0x20:  # dynamic table size update
@@ -462,11 +467,6 @@ class Decoder:
                 self.max_size = size
                 self._evict()
             else:  # literal without indexing / never indexed
-                index, at = _integer(block, at, 4)
-                if index:
-                    name = self._field(index)[0]
-                else:
-                    name, at = _string(block, at)
-                value, at = _string(block, at)
+                name, value, at = self._literal(block, at, 4)
                 fields.append((name, value))
         return fields
