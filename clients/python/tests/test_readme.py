@@ -1,0 +1,47 @@
+"""The Python examples of the READMEs run as written against the daemon (with `call_llm`
+standing for the application's model call)."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import types
+
+import pytest
+from conftest import run
+
+REPO = pathlib.Path(__file__).resolve().parents[3]
+
+
+def python_blocks(path: pathlib.Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("readme", ["README.md", "clients/python/README.md"])
+def test_the_readme_example_admits_then_answers_429(daemon, monkeypatch, readme):
+    (block,) = python_blocks(REPO / readme)
+    monkeypatch.setenv("ZAE_LIMITER_SOCKET", daemon.socket)
+    calls = []
+
+    async def call_llm(prompt):
+        calls.append(prompt)
+        return types.SimpleNamespace(usage=types.SimpleNamespace(total_tokens=9_000))
+
+    scope = {"call_llm": call_llm}
+    exec(compile(block, readme, "exec"), scope)  # noqa: S102 - our own README
+    handler = scope["handle"]
+
+    async def scenario():
+        # Each call takes 9,000 tokens of a 10,000/min (burst 15,000) budget: the second still
+        # fits (debt allowed after admission), the third is refused with a 429.
+        answers = [await handler(f"prompt {i}") for i in range(3)]
+        await scope["limiter"].close()
+        return answers
+
+    answers = run(scenario())
+    assert [a[0] for a in answers] == [200, 200, 429]
+    status, headers, body = answers[2]
+    assert int(headers["Retry-After"]) >= 1
+    assert body["error"] == "rate_limit_exceeded"
+    assert [v["limit_name"] for v in body["limits"] if v["exceeded"]] == ["tpm"]
+    assert calls == ["prompt 0", "prompt 1"]
