@@ -20,6 +20,8 @@ pub struct Config {
     pub dynamodb: DynamoConfig,
     /// `[[access]]` rules: which uids/gids may use which namespaces (none: all may use all).
     pub access: Vec<crate::access::AccessRule>,
+    /// Envoy's rate limit service: descriptor rules and response headers.
+    pub envoy: crate::envoy::rules::EnvoyConfig,
 }
 
 /// Which store the daemon uses.
@@ -242,6 +244,18 @@ impl Config {
             crate::Namespace::new(ns.as_str()).map_err(|e| format!("limiter.namespaces: {e}"))?;
         }
         let any_registered = l.namespaces.iter().any(|n| n == "*");
+        crate::envoy::rules::Rules::new(&self.envoy)?;
+        for (i, rule) in self.envoy.rules.iter().enumerate() {
+            if !rule.namespace.is_empty()
+                && !any_registered
+                && !l.namespaces.contains(&rule.namespace)
+            {
+                return Err(format!(
+                    "envoy.rules[{i}] ({:?}): namespace {:?} is not in limiter.namespaces",
+                    rule.name, rule.namespace
+                ));
+            }
+        }
         for (i, rule) in self.access.iter().enumerate() {
             if rule.namespaces.is_empty() {
                 return Err(format!("access[{i}].namespaces is empty"));
@@ -285,6 +299,22 @@ impl DynamoConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_readme_s_envoy_rules_parse() {
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find("```toml\n[envoy]")
+            .expect("the README shows [envoy]")
+            + 8;
+        let end = start + readme[start..].find("```").expect("the block ends");
+        let config = Config::parse(&readme[start..end]).unwrap();
+        assert_eq!(config.envoy.rules.len(), 1);
+        assert_eq!(
+            config.envoy.headers,
+            crate::envoy::rules::HeaderStyle::Draft
+        );
+    }
 
     #[test]
     fn the_shipped_example_parses_and_matches_the_defaults() {

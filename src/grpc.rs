@@ -44,7 +44,7 @@ fn invalid(field: impl Into<String>, e: impl std::fmt::Display) -> Status {
 }
 
 /// The deadline of a request: its own `grpc-timeout`, capped by the configured default.
-fn deadline<T>(req: &Request<T>, default: Duration) -> Instant {
+pub(crate) fn deadline<T>(req: &Request<T>, default: Duration) -> Instant {
     let own = req
         .metadata()
         .get("grpc-timeout")
@@ -68,7 +68,7 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 }
 
 /// The calling process's credentials, when it came through the Unix socket.
-fn caller<T>(req: &Request<T>) -> Caller {
+pub(crate) fn caller<T>(req: &Request<T>) -> Caller {
     req.extensions()
         .get::<tonic::transport::server::UdsConnectInfo>()
         .and_then(|i| i.peer_cred)
@@ -102,7 +102,7 @@ fn principal<T>(req: &Request<T>) -> String {
 }
 
 /// The namespace a request names, provided the caller may use it.
-async fn namespace(
+pub(crate) async fn namespace(
     limiter: &Limiter,
     access: &Access,
     caller: Caller,

@@ -34,6 +34,7 @@ pub mod clock;
 pub mod config;
 pub mod consume;
 pub mod domain;
+pub mod envoy;
 pub mod grpc;
 pub mod limiter;
 pub mod metrics;

@@ -30,6 +30,25 @@ pub const COMPENSATIONS: &str = "zae_limiter_compensations_total";
 /// time was up: dropped, their consumption stays.
 pub const SETTLEMENTS_ABANDONED: &str = "zae_limiter_settlements_abandoned_total";
 
+/// Envoy descriptors (`ShouldRateLimit`) by `domain` (configured domains; others are `other`),
+/// `rule` (the rule's name; `none` when no rule matched) and `outcome` (see [`envoy_outcome`]).
+pub const ENVOY_DESCRIPTORS: &str = "zae_limiter_envoy_descriptors_total";
+
+/// Values of the `outcome` label of [`ENVOY_DESCRIPTORS`].
+pub mod envoy_outcome {
+    /// Admitted (and charged, unless another descriptor of the request refused).
+    pub const OK: &str = "ok";
+    pub const OVER_LIMIT: &str = "over_limit";
+    /// A shadow rule would have refused: answered OK, nothing charged.
+    pub const SHADOW_REFUSED: &str = "shadow_refused";
+    /// No rule matched: allowed.
+    pub const UNMATCHED: &str = "unmatched";
+    /// Not charged because another descriptor of the same request refused.
+    pub const ROLLED_BACK: &str = "rolled_back";
+    /// The store could not decide (the failure policy answered).
+    pub const UNAVAILABLE: &str = "unavailable";
+}
+
 /// Decision outcomes, the values of the `outcome` label of [`DECISIONS`].
 pub mod outcome {
     pub const ADMITTED: &str = "admitted";
@@ -62,6 +81,10 @@ pub fn describe() {
     describe_counter!(
         SETTLEMENTS_ABANDONED,
         "Settlements not confirmed before their lease expired"
+    );
+    describe_counter!(
+        ENVOY_DESCRIPTORS,
+        "Envoy rate limit service descriptors by domain, rule and outcome"
     );
 }
 

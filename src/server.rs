@@ -17,6 +17,8 @@ use crate::access::Access;
 use crate::authority::LocalAuthority;
 use crate::clock::SystemClock;
 use crate::config::{Backend, Config};
+use crate::envoy::RlsService;
+use crate::envoy::rules::Rules;
 use crate::grpc::{AdminService, RateLimiterService};
 use crate::limiter::Limiter;
 use crate::proto::admin_server::AdminServer;
@@ -25,6 +27,7 @@ use crate::store::Store;
 use crate::store::dynamodb::{DynamoSettings, DynamoStore};
 use crate::store::memory::MemoryStore;
 use crate::store::metered::Metered;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 
 /// Where and how the daemon listens.
 #[derive(Debug, Clone)]
@@ -35,6 +38,8 @@ pub struct ServerSettings {
     pub drain_timeout: Duration,
     /// Which callers may use which namespaces.
     pub access: Arc<Access>,
+    /// Envoy's rate limit service's descriptor rules.
+    pub envoy: Arc<Rules>,
 }
 
 /// Why the server could not start or run.
@@ -134,6 +139,12 @@ pub async fn run(
             limiter.clone(),
             settings.access.clone(),
             settings.request_timeout,
+        )))
+        .add_service(RateLimitServiceServer::new(RlsService::new(
+            limiter.clone(),
+            settings.access.clone(),
+            settings.request_timeout,
+            settings.envoy.clone(),
         )));
 
     tracing::info!(socket = %settings.socket.display(), tcp = ?settings.tcp, "serving");
@@ -210,6 +221,7 @@ pub async fn serve(
         request_timeout: Duration::from_millis(config.server.request_timeout_ms),
         drain_timeout: Duration::from_millis(config.server.drain_timeout_ms),
         access: Arc::new(Access::new(config.access.clone())),
+        envoy: Arc::new(Rules::new(&config.envoy)?),
     };
     tracing::info!(
         backend = ?config.limiter.backend,

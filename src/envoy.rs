@@ -1,0 +1,522 @@
+//! Envoy's rate limit service (`envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`):
+//! a thin translation onto the limiter, as the RateLimiter service is.
+//!
+//! Each descriptor is matched against the configured rules ([`rules`]); a matched descriptor is an
+//! acquire of its rule's hit limits for the entity and resource its entries name. A request is
+//! decided all or nothing: with several matched descriptors each is acquired as a lease and, if a
+//! non-shadow one is refused, every admitted lease is rolled back (nothing charged); otherwise all
+//! are committed. A lone matched descriptor is one call (acquire and commit at once). Descriptors
+//! no rule matches are allowed. When the store cannot decide, the limiter's failure policy answers
+//! (block: `UNAVAILABLE`, for Envoy's own `failure_mode_deny` to decide; allow: admitted), within
+//! the request's deadline either way.
+
+pub mod rules;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::HeaderValue;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
+    Code, DescriptorStatus, RateLimit,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitService;
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use envoy_types::pb::envoy::r#type::v3::RateLimitUnit;
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use crate::access::Access;
+use crate::domain::bucket::LimitStatus;
+use crate::domain::ids::BucketKey;
+use crate::domain::limit::{Limit, MILLI};
+use crate::grpc::{caller, deadline, namespace, status};
+use crate::limiter::{AcquireRequest, Decision, LeaseId, Limiter};
+use crate::metrics::{self as m, envoy_outcome};
+use rules::{HeaderStyle, Override, Planned, Rules};
+
+/// Most descriptors one request may carry.
+pub const MAX_DESCRIPTORS: usize = 64;
+
+/// The `RateLimitService`.
+#[derive(Debug, Clone)]
+pub struct RlsService {
+    limiter: Limiter,
+    access: Arc<Access>,
+    request_timeout: Duration,
+    rules: Arc<Rules>,
+}
+
+/// How one matched descriptor was decided.
+enum Outcome {
+    Admitted {
+        lease: Option<LeaseId>,
+        statuses: Vec<LimitStatus>,
+    },
+    Refused(Vec<LimitStatus>),
+}
+
+impl RlsService {
+    pub fn new(
+        limiter: Limiter,
+        access: Arc<Access>,
+        request_timeout: Duration,
+        rules: Arc<Rules>,
+    ) -> Self {
+        Self {
+            limiter,
+            access,
+            request_timeout,
+            rules,
+        }
+    }
+
+    /// Validates the request and plans each descriptor (`None`: no rule matched).
+    fn plan<'r>(&'r self, r: &RateLimitRequest) -> Result<Vec<Option<Planned<'r>>>, Status> {
+        if r.domain.is_empty() {
+            return Err(Status::invalid_argument("domain: is empty"));
+        }
+        if r.descriptors.is_empty() {
+            return Err(Status::invalid_argument("descriptors: none given"));
+        }
+        if r.descriptors.len() > MAX_DESCRIPTORS {
+            return Err(Status::invalid_argument(format!(
+                "descriptors: {} given, at most {MAX_DESCRIPTORS}",
+                r.descriptors.len()
+            )));
+        }
+        let request_hits = if r.hits_addend == 0 {
+            1
+        } else {
+            u64::from(r.hits_addend)
+        };
+        r.descriptors
+            .iter()
+            .enumerate()
+            .map(|(i, d)| self.plan_one(&r.domain, i, d, request_hits))
+            .collect()
+    }
+
+    fn plan_one<'r>(
+        &'r self,
+        domain: &str,
+        i: usize,
+        d: &RateLimitDescriptor,
+        request_hits: u64,
+    ) -> Result<Option<Planned<'r>>, Status> {
+        let field = |f: &str| format!("descriptors[{i}].{f}");
+        if d.entries.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "{}: none given",
+                field("entries")
+            )));
+        }
+        if let Some(j) = d.entries.iter().position(|e| e.key.is_empty()) {
+            return Err(Status::invalid_argument(format!(
+                "{}: is empty",
+                field(&format!("entries[{j}].key"))
+            )));
+        }
+        if d.is_negative_hits {
+            return Err(Status::invalid_argument(format!(
+                "{}: not supported (give back through a lease of the RateLimiter service)",
+                field("is_negative_hits")
+            )));
+        }
+        let limit_override = d
+            .limit
+            .as_ref()
+            .map(|o| limit_override(o.requests_per_unit, o.unit))
+            .transpose()
+            .map_err(|e| Status::invalid_argument(format!("{}: {e}", field("limit"))))?;
+        let hits = d.hits_addend.as_ref().map_or(request_hits, |h| h.value);
+        let entries: Vec<(&str, &str)> = d
+            .entries
+            .iter()
+            .map(|e| (e.key.as_str(), e.value.as_str()))
+            .collect();
+        self.rules
+            .plan(domain, &entries, limit_override, hits)
+            .map_err(|e| {
+                let message = format!("{}: {}", field(&e.field), e.message);
+                if e.out_of_range {
+                    Status::out_of_range(message)
+                } else {
+                    Status::invalid_argument(message)
+                }
+            })
+    }
+
+    async fn decide(
+        &self,
+        caller: crate::access::Caller,
+        planned: &Planned<'_>,
+        lease: bool,
+        deadline: Instant,
+    ) -> Result<Outcome, Status> {
+        let ns = namespace(
+            &self.limiter,
+            &self.access,
+            caller,
+            &planned.rule.namespace,
+            deadline,
+        )
+        .await?;
+        let request = AcquireRequest {
+            key: BucketKey {
+                namespace: ns,
+                entity: planned.entity.clone(),
+                resource: planned.resource.clone(),
+            },
+            amounts: planned.amounts.clone(),
+            limits: planned.limits.clone(),
+            lease,
+        };
+        match self
+            .limiter
+            .acquire(request, deadline)
+            .await
+            .map_err(status)?
+        {
+            Decision::Admitted { lease, statuses } => Ok(Outcome::Admitted { lease, statuses }),
+            Decision::Rejected { rejection, .. } => Ok(Outcome::Refused(rejection.statuses)),
+        }
+    }
+
+    async fn settle(&self, leases: Vec<LeaseId>, commit: bool, deadline: Instant) {
+        let closes = leases.into_iter().map(|lease| async move {
+            let closed = if commit {
+                self.limiter.commit(lease, deadline).await
+            } else {
+                self.limiter.rollback(lease, deadline).await
+            };
+            if let Err(e) = closed {
+                // The limiter keeps retrying a settlement until the lease expires; an unclosed
+                // lease stays consumed.
+                tracing::warn!(%lease, commit, error = %e, "envoy: lease not closed in time");
+            }
+        });
+        futures_util::future::join_all(closes).await;
+    }
+}
+
+#[tonic::async_trait]
+impl RateLimitService for RlsService {
+    async fn should_rate_limit(
+        &self,
+        req: Request<RateLimitRequest>,
+    ) -> Result<Response<RateLimitResponse>, Status> {
+        let deadline = deadline(&req, self.request_timeout);
+        let caller = caller(&req);
+        let r = req.into_inner();
+        let plans = self.plan(&r)?;
+        let matched = plans.iter().flatten().count();
+        let lease = matched > 1;
+        let decisions = futures_util::future::join_all(plans.iter().map(|p| async move {
+            match p {
+                Some(planned) => Some(self.decide(caller, planned, lease, deadline).await),
+                None => None,
+            }
+        }))
+        .await;
+
+        let domain_label = if self.rules.knows_domain(&r.domain) {
+            r.domain.clone()
+        } else {
+            "other".to_owned()
+        };
+        let count = |rule: &str, outcome: &'static str| {
+            metrics::counter!(m::ENVOY_DESCRIPTORS, "domain" => domain_label.clone(),
+                "rule" => rule.to_owned(), "outcome" => outcome)
+            .increment(1);
+        };
+        let leases: Vec<LeaseId> = decisions
+            .iter()
+            .flatten()
+            .filter_map(|d| match d {
+                Ok(Outcome::Admitted { lease: Some(l), .. }) => Some(*l),
+                _ => None,
+            })
+            .collect();
+        if let Some(err) = decisions.iter().flatten().find_map(|d| d.as_ref().err()) {
+            let err = err.clone();
+            self.settle(leases, false, deadline).await;
+            for p in plans.iter().flatten() {
+                count(&p.rule.name, envoy_outcome::UNAVAILABLE);
+            }
+            return Err(err);
+        }
+        let refused = plans.iter().zip(&decisions).any(
+            |(p, d)| matches!((p, d), (Some(p), Some(Ok(Outcome::Refused(_)))) if !p.rule.shadow),
+        );
+        self.settle(leases, !refused, deadline).await;
+
+        let mut statuses = Vec::with_capacity(plans.len());
+        let mut headers: Vec<HeaderValue> = Vec::new();
+        let mut tightest: Option<Shown> = None;
+        let mut longest_wait_ms: Option<u64> = None;
+        for (plan, decision) in plans.iter().zip(decisions) {
+            let (Some(plan), Some(Ok(decision))) = (plan, decision) else {
+                count("none", envoy_outcome::UNMATCHED);
+                statuses.push(DescriptorStatus {
+                    code: Code::Ok as i32,
+                    ..DescriptorStatus::default()
+                });
+                continue;
+            };
+            let rule = &plan.rule.name;
+            let status = match decision {
+                Outcome::Admitted { statuses: s, .. } => {
+                    count(
+                        rule,
+                        if refused {
+                            envoy_outcome::ROLLED_BACK
+                        } else {
+                            envoy_outcome::OK
+                        },
+                    );
+                    shown(plan, &s, true)
+                }
+                Outcome::Refused(s) if plan.rule.shadow => {
+                    count(rule, envoy_outcome::SHADOW_REFUSED);
+                    shown(plan, &s, false).map(|mut sh| {
+                        sh.over_limit = false;
+                        sh
+                    })
+                }
+                Outcome::Refused(s) => {
+                    count(rule, envoy_outcome::OVER_LIMIT);
+                    shown(plan, &s, false)
+                }
+            };
+            let Some(shown) = status else {
+                // Admitted by the failure policy: nothing to show.
+                statuses.push(DescriptorStatus {
+                    code: Code::Ok as i32,
+                    ..DescriptorStatus::default()
+                });
+                continue;
+            };
+            if shown.over_limit {
+                longest_wait_ms = Some(longest_wait_ms.unwrap_or(0).max(shown.reset_ms));
+            }
+            statuses.push(shown.status());
+            if tightest
+                .as_ref()
+                .is_none_or(|t| shown.remaining < t.remaining)
+            {
+                tightest = Some(shown);
+            }
+        }
+        if let Some(t) = &tightest {
+            headers.extend(t.headers(self.rules.headers));
+        }
+        if refused {
+            let seconds = longest_wait_ms.unwrap_or(0).div_ceil(1_000).max(1);
+            headers.push(header("retry-after", seconds.to_string()));
+        }
+        Ok(Response::new(RateLimitResponse {
+            overall_code: if refused { Code::OverLimit } else { Code::Ok } as i32,
+            statuses,
+            response_headers_to_add: headers,
+            ..RateLimitResponse::default()
+        }))
+    }
+}
+
+/// A descriptor's limit override as a period.
+fn limit_override(requests_per_unit: u32, unit: i32) -> Result<Override, String> {
+    const DAY: u64 = 86_400_000;
+    let period_ms = match RateLimitUnit::try_from(unit) {
+        Ok(RateLimitUnit::Second) => 1_000,
+        Ok(RateLimitUnit::Minute) => 60_000,
+        Ok(RateLimitUnit::Hour) => 3_600_000,
+        Ok(RateLimitUnit::Day) => DAY,
+        Ok(RateLimitUnit::Month) => 30 * DAY,
+        Ok(RateLimitUnit::Year) => 365 * DAY,
+        _ => return Err(format!("unit {unit} is not a known time unit")),
+    };
+    if requests_per_unit == 0 {
+        return Err("requests_per_unit is 0".into());
+    }
+    Ok(Override {
+        requests_per_unit: u64::from(requests_per_unit),
+        period: Duration::from_millis(period_ms),
+    })
+}
+
+/// What a descriptor's status shows: its governing limit.
+struct Shown {
+    limit: Limit,
+    over_limit: bool,
+    /// Whole tokens left after this decision.
+    remaining: i64,
+    /// Over limit: until the request would fit; else: until the bucket is full again.
+    reset_ms: u64,
+}
+
+/// The governing limit among the descriptor's hit limits: over limit, the violated one with the
+/// longest wait; else the one with the fewest tokens left. `None` without statuses (failed open).
+fn shown(plan: &Planned<'_>, statuses: &[LimitStatus], admitted: bool) -> Option<Shown> {
+    let hit = |s: &&LimitStatus| plan.amounts.iter().any(|(n, _)| n == s.limit.name());
+    if !admitted {
+        let s = statuses
+            .iter()
+            .filter(hit)
+            .filter(|s| !s.allowed())
+            .max_by_key(|s| s.retry_after_ms.unwrap_or(u64::MAX))?;
+        let reset_ms = s
+            .retry_after_ms
+            .unwrap_or_else(|| until_full(&s.limit, s.available));
+        return Some(Shown {
+            limit: s.limit.clone(),
+            over_limit: true,
+            remaining: s.available.div_euclid(MILLI).max(0),
+            reset_ms,
+        });
+    }
+    let s = statuses
+        .iter()
+        .filter(hit)
+        .min_by_key(|s| s.available.saturating_sub(s.requested))?;
+    let left = s.available.saturating_sub(s.requested);
+    Some(Shown {
+        limit: s.limit.clone(),
+        over_limit: false,
+        remaining: left.div_euclid(MILLI).max(0),
+        reset_ms: until_full(&s.limit, left),
+    })
+}
+
+/// Milliseconds until a bucket holding `balance` milli-tokens refills to its capacity.
+fn until_full(limit: &Limit, balance: i64) -> u64 {
+    let missing = i128::from(limit.capacity()) - i128::from(balance);
+    if missing <= 0 {
+        return 0;
+    }
+    let amount = i128::from(limit.refill_amount());
+    let ms = (missing * i128::from(limit.refill_period_ms()) + amount - 1) / amount;
+    u64::try_from(ms).unwrap_or(u64::MAX)
+}
+
+/// A limit's rate in Envoy's terms: its own period when that is a unit, else the first unit in
+/// which the rate is a whole number (a day at the most, rounded down).
+fn rate(limit: &Limit) -> (u32, Unit) {
+    const UNITS: [(Unit, i64); 4] = [
+        (Unit::Second, 1_000),
+        (Unit::Minute, 60_000),
+        (Unit::Hour, 3_600_000),
+        (Unit::Day, 86_400_000),
+    ];
+    let amount = i128::from(limit.refill_amount());
+    let period = i128::from(limit.refill_period_ms());
+    let per = |unit_ms: i64| amount * i128::from(unit_ms) / period / i128::from(MILLI);
+    let exact = |unit_ms: i64| (amount * i128::from(unit_ms)) % (period * i128::from(MILLI)) == 0;
+    let (unit, unit_ms) = UNITS
+        .iter()
+        .find(|(_, ms)| i128::from(*ms) == period)
+        .or_else(|| UNITS.iter().find(|(_, ms)| exact(*ms)))
+        .unwrap_or(&UNITS[3]);
+    (u32::try_from(per(*unit_ms)).unwrap_or(u32::MAX), *unit)
+}
+
+impl Shown {
+    fn status(&self) -> DescriptorStatus {
+        let (requests_per_unit, unit) = rate(&self.limit);
+        DescriptorStatus {
+            code: if self.over_limit {
+                Code::OverLimit
+            } else {
+                Code::Ok
+            } as i32,
+            current_limit: Some(RateLimit {
+                name: self.limit.name().to_string(),
+                requests_per_unit,
+                unit: unit as i32,
+            }),
+            limit_remaining: u32::try_from(self.remaining).unwrap_or(u32::MAX),
+            duration_until_reset: Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: i64::try_from(self.reset_ms / 1_000).unwrap_or(i64::MAX),
+                nanos: i32::try_from((self.reset_ms % 1_000) * 1_000_000).expect("below 1e9"),
+            }),
+            ..DescriptorStatus::default()
+        }
+    }
+
+    fn headers(&self, style: HeaderStyle) -> Vec<HeaderValue> {
+        let quota = self.limit.capacity().div_euclid(MILLI);
+        let window_s = u64::try_from(self.limit.refill_period_ms())
+            .unwrap_or(0)
+            .div_ceil(1_000);
+        let reset_s = self.reset_ms.div_ceil(1_000);
+        let name = self.limit.name().to_string();
+        match style {
+            HeaderStyle::None => Vec::new(),
+            HeaderStyle::Draft => vec![
+                header(
+                    "ratelimit-policy",
+                    format!("\"{name}\";q={quota};w={window_s}"),
+                ),
+                header(
+                    "ratelimit",
+                    format!("\"{name}\";r={};t={reset_s}", self.remaining),
+                ),
+            ],
+            HeaderStyle::XRatelimit => vec![
+                header(
+                    "x-ratelimit-limit",
+                    format!("{quota}, {quota};w={window_s}"),
+                ),
+                header("x-ratelimit-remaining", self.remaining.to_string()),
+                header("x-ratelimit-reset", reset_s.to_string()),
+            ],
+        }
+    }
+}
+
+fn header(key: &str, value: String) -> HeaderValue {
+    HeaderValue {
+        key: key.to_owned(),
+        value,
+        ..HeaderValue::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_keep_their_own_unit_or_find_a_whole_one() {
+        let l = |spec: &str| spec.parse::<Limit>().unwrap();
+        assert_eq!(rate(&l("rpm=100/1m")), (100, Unit::Minute));
+        assert_eq!(rate(&l("rps=5/1s")), (5, Unit::Second));
+        assert_eq!(rate(&l("r=120/2m")), (1, Unit::Second));
+        assert_eq!(rate(&l("r=7/10m")), (42, Unit::Hour));
+        assert_eq!(rate(&l("r=1/7d")), (0, Unit::Day));
+    }
+
+    #[test]
+    fn until_full_rounds_up_and_is_zero_when_full() {
+        let limit: Limit = "rpm=60/1m".parse().unwrap();
+        assert_eq!(until_full(&limit, 60_000), 0);
+        assert_eq!(until_full(&limit, 59_000), 1_000);
+        assert_eq!(until_full(&limit, 58_999), 1_001);
+        assert_eq!(until_full(&limit, -60_000), 120_000);
+    }
+
+    #[test]
+    fn overrides_map_units_and_refuse_unknown_ones() {
+        assert_eq!(
+            limit_override(10, RateLimitUnit::Minute as i32),
+            Ok(Override {
+                requests_per_unit: 10,
+                period: Duration::from_secs(60)
+            })
+        );
+        assert!(limit_override(10, 0).is_err());
+        assert!(limit_override(0, RateLimitUnit::Second as i32).is_err());
+        assert!(limit_override(1, 99).is_err());
+    }
+}
