@@ -302,9 +302,11 @@ impl RateLimitService for RlsService {
                 longest_wait_ms = Some(longest_wait_ms.unwrap_or(0).max(shown.reset_ms));
             }
             statuses.push(shown.status());
-            if tightest
-                .as_ref()
-                .is_none_or(|t| shown.remaining < t.remaining)
+            // Shadow rules stay invisible to clients: no headers from them.
+            if !plan.rule.shadow
+                && tightest
+                    .as_ref()
+                    .is_none_or(|t| shown.remaining < t.remaining)
             {
                 tightest = Some(shown);
             }

@@ -151,6 +151,15 @@ async fn an_api_key_is_admitted_then_refused_with_statuses_and_headers() {
     assert_eq!(header(refused, "x-ratelimit-remaining"), Some("0"));
     assert_eq!(header(&answers[0], "x-ratelimit-remaining"), Some("1"));
     assert!(header(&answers[0], "retry-after").is_none());
+    // A shadow rule shows nothing to the client, even when it would refuse.
+    for _ in 0..2 {
+        let trial = ask(
+            &mut client,
+            request(vec![descriptor(&[("trial_key", "t0")])]),
+        )
+        .await;
+        assert!(trial.response_headers_to_add.is_empty(), "{trial:?}");
+    }
     assert_eq!(
         daemon.metric(
             "zae_limiter_envoy_descriptors_total",
