@@ -11,6 +11,7 @@
 //! cargo bench --bench loadgen -- --mode memory --entities 1000000                    # RSS per entity
 //! cargo bench --bench loadgen -- --entities 100 --cascade --one-call                 # 100 children, one parent
 //! cargo bench --bench loadgen -- --daemon path/to/older/zae-limiter                  # before/after
+//! cargo bench --bench loadgen -- --envoy --clients 64                                # Envoy's ShouldRateLimit
 //! ```
 //! `--backend dynamodb` without `--endpoint` uses `ZAE_TEST_DYNAMODB_ENDPOINT` (as set by
 //! `scripts/test.sh`).
@@ -21,6 +22,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use zae_limiter::Limit;
 use zae_limiter::client::{Acquire, Client, ClientError};
 use zae_limiter::store::dynamodb::{DynamoSettings, table};
@@ -72,6 +77,10 @@ struct Args {
     /// The daemon's runtime threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     daemon_threads: usize,
+    /// Decide through Envoy's rate limit service (`ShouldRateLimit`, one descriptor `api_key`
+    /// per request, a rule with the same limit) instead of the RateLimiter service.
+    #[arg(long)]
+    envoy: bool,
     /// `cargo bench` passes --bench; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -104,6 +113,7 @@ fn start(
     binary: Option<&std::path::Path>,
     endpoint: Option<&str>,
     threads: usize,
+    extra_config: &str,
 ) -> (Daemon, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("zl.sock");
@@ -115,6 +125,7 @@ fn start(
             std::process::id()
         );
     }
+    config += extra_config;
     let config_path = dir.path().join("config.toml");
     std::fs::write(&config_path, config).unwrap();
     let binary = binary.unwrap_or(std::path::Path::new(env!("CARGO_BIN_EXE_zae-limiter")));
@@ -218,10 +229,19 @@ async fn main() {
             .await
             .expect("deploy the bench table");
     }
+    let envoy_rule = format!(
+        "\n[[envoy.rules]]\nname = \"bench\"\ndomain = \"bench\"\nentries = [{{ key = \"api_key\" }}]\n\
+         entity = \"api_key\"\nresource = \"model\"\nlimits = [\"{}\"]\n",
+        match args.mode {
+            Mode::Reject => "rpm=1/1h",
+            _ => "rps=100000000/1s",
+        }
+    );
     let (daemon, socket) = start(
         args.daemon.as_deref(),
         endpoint.as_deref(),
         args.daemon_threads,
+        if args.envoy { &envoy_rule } else { "" },
     );
     let pid = daemon.child.id();
     let mut clients = Vec::new();
@@ -267,6 +287,9 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
             let unavailable = unavailable.clone();
             let entities = args.entities;
             let one_call = args.one_call;
+            let mut envoy = args
+                .envoy
+                .then(|| RateLimitServiceClient::new(client.channel()));
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 let mut n = i;
@@ -277,6 +300,31 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
                         .limits(limits.iter())
                         .consume(&name, 1);
                     let t = Instant::now();
+                    if let Some(envoy) = envoy.as_mut() {
+                        let answer = envoy
+                            .should_rate_limit(RateLimitRequest {
+                                domain: "bench".into(),
+                                descriptors: vec![RateLimitDescriptor {
+                                    entries: vec![Entry {
+                                        key: "api_key".into(),
+                                        value: format!("entity-{}", n % entities),
+                                    }],
+                                    ..RateLimitDescriptor::default()
+                                }],
+                                hits_addend: 1,
+                            })
+                            .await;
+                        latencies.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        match answer.map(|a| a.into_inner().overall_code) {
+                            Ok(1) => admitted.fetch_add(1, Ordering::Relaxed),
+                            Ok(_) => rejected.fetch_add(1, Ordering::Relaxed),
+                            Err(s) if s.code() == tonic::Code::Unavailable => {
+                                unavailable.fetch_add(1, Ordering::Relaxed)
+                            }
+                            Err(e) => panic!("{e}"),
+                        };
+                        continue;
+                    }
                     let result = if one_call {
                         client.consume(req).await.map(|()| None)
                     } else {
@@ -336,8 +384,11 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
         } else {
             ""
         },
-        if args.one_call { 1 } else { 2 }
+        if args.one_call || args.envoy { 1 } else { 2 }
     );
+    if args.envoy {
+        println!("through Envoy's rate limit service (ShouldRateLimit)");
+    }
     println!(
         "decisions/s {:.0} (admitted/s {:.0}, rejected/s {:.0}) over {elapsed:.1} s",
         decisions as f64 / elapsed,
