@@ -61,6 +61,23 @@ def test_a_stock_grpc_aio_client_with_default_options(daemon, entity):
     assert run(scenario()) == [3000] * 8
 
 
+def test_is_available_follows_the_daemon_s_health(daemon):
+    async def scenario():
+        async with RateLimiter(socket=daemon.socket) as zl:
+            return await zl.is_available()
+
+    assert run(scenario()) is True
+    assert SyncRateLimiter(socket=daemon.socket).is_available() is True
+    missing = os.path.join(tempfile.mkdtemp(), "none.sock")
+
+    async def gone():
+        async with RateLimiter(socket=missing) as zl:
+            return await asyncio.wait_for(zl.is_available(timeout=1), 30)
+
+    assert run(gone()) is False
+    assert SyncRateLimiter(socket=missing).is_available(timeout=1) is False
+
+
 def test_no_daemon_is_unavailable_naming_the_socket():
     missing = os.path.join(tempfile.mkdtemp(), "none.sock")
 
@@ -100,6 +117,7 @@ def test_a_daemon_that_never_answers_fails_by_the_timeout():
 
         async def scenario():
             async with RateLimiter(socket=path, timeout=0.5) as zl:
+                assert await asyncio.wait_for(zl.is_available(timeout=0.5), 30) is False
                 with pytest.raises(RateLimiterUnavailable) as err:
                     await asyncio.wait_for(zl.consume("e", "r", {"rpm": 1}), 30)
                 return err.value

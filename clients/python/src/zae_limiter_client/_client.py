@@ -60,6 +60,9 @@ DEFAULT_TIMEOUT = 5.0
 _CHANNEL_OPTIONS = [("grpc.default_authority", "localhost")]
 
 _RAISE = object()
+# grpc.health.v1: HealthCheckRequest{} is empty; HealthCheckResponse{status: SERVING} is field 1 = 1.
+_HEALTH = "/grpc.health.v1.Health/Check"
+_SERVING = b"\x08\x01"
 _DateOrMs = datetime.datetime | int | None
 
 
@@ -662,6 +665,15 @@ class RateLimiter(_Api):
             raise from_status("INTERNAL", f"unreadable answer: {err}", socket=self.socket) from None
         return convert(response)
 
+    async def is_available(self, timeout: float = 1.0) -> bool:
+        """Whether the daemon answers its health check with SERVING within ``timeout`` seconds
+        (never raises)."""
+        try:
+            answer = await self._current_channel().unary(_HEALTH, b"", timeout)
+        except _h2.CallError:
+            return False
+        return answer == _SERVING
+
     async def close(self) -> None:
         """Closes the connection (a later call opens a new one)."""
         channel, self._channel = self._channel, None
@@ -691,7 +703,7 @@ class SyncRateLimiter(_Api):
         self._pid: int | None = None
         self._lock = threading.Lock()
 
-    def _callable(self, method: _Method) -> Any:
+    def _callable(self, path: str) -> Any:
         with self._lock:
             if self._channel is None or self._pid != os.getpid():
                 # A new process: a channel does not survive fork().
@@ -700,10 +712,10 @@ class SyncRateLimiter(_Api):
                 )
                 self._calls = {}
                 self._pid = os.getpid()
-            call = self._calls.get(method.path)
+            call = self._calls.get(path)
             if call is None:
                 # Bytes in and out: requests are serialized, answers parsed, by the caller.
-                call = self._calls[method.path] = self._channel.unary_unary(method.path)
+                call = self._calls[path] = self._channel.unary_unary(path)
             return call
 
     def _call(
@@ -717,13 +729,22 @@ class SyncRateLimiter(_Api):
     ) -> Any:
         payload = request if type(request) is bytes else request.SerializeToString()
         try:
-            answer = self._callable(method)(payload, timeout=self.timeout)
+            answer = self._callable(method.path)(payload, timeout=self.timeout)
             response = method.response.FromString(answer)
         except grpc.RpcError as err:
             return self._error(err, missing, not_found)
         except DecodeError as err:
             raise from_status("INTERNAL", f"unreadable answer: {err}", socket=self.socket) from None
         return convert(response)
+
+    def is_available(self, timeout: float = 1.0) -> bool:
+        """Whether the daemon answers its health check with SERVING within ``timeout`` seconds
+        (never raises)."""
+        try:
+            answer = self._callable(_HEALTH)(b"", timeout=timeout)
+        except grpc.RpcError:
+            return False
+        return answer == _SERVING
 
     def close(self) -> None:
         with self._lock:
