@@ -1,6 +1,6 @@
 //! Hostile input through the socket: arbitrary sequences of acquires, adjustments, closes, peeks,
-//! moves and audit reads with extreme and overflowing amounts, unicode and NUL in ids, huge
-//! maps, garbage lease ids and page tokens. Whatever comes in: no panic, no `INTERNAL` or
+//! moves, audit reads and Envoy `ShouldRateLimit` calls with extreme and overflowing amounts,
+//! unicode and NUL in ids, huge maps, garbage lease ids, page tokens, descriptors and overrides. Whatever comes in: no panic, no `INTERNAL` or
 //! `UNKNOWN`, nothing written for a refused request, and every stored item stays readable.
 //!
 //! CI runs a few thousand cases per store; `ZAE_ADVERSARIAL_CASES=100000 scripts/test.sh
@@ -12,6 +12,13 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use common::daemon::Daemon;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
+    Entry, RateLimitOverride,
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use envoy_types::pb::google::protobuf::UInt64Value;
 use proptest::prelude::*;
 use tonic::Code;
 use zae_limiter::client::Client;
@@ -47,6 +54,80 @@ enum Op {
         entity: String,
         parent: Option<String>,
     },
+    Envoy {
+        domain: String,
+        descriptors: Vec<HostileDescriptor>,
+        hits_addend: u32,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct HostileDescriptor {
+    entries: Vec<(String, String)>,
+    hits: Option<u64>,
+    limit: Option<(u32, i32)>,
+    negative: bool,
+}
+
+/// Rules for the Envoy calls: inline limits, and stored limits found by an entry's value.
+const ENVOY_RULES: &str = r#"
+[[envoy.rules]]
+name = "key"
+domain = "edge"
+entries = [{ key = "api_key" }]
+entity = "api_key"
+resource = "edge"
+limits = ["tok=10/1s"]
+[[envoy.rules]]
+name = "model"
+domain = "edge"
+entries = [{ key = "api_key" }, { key = "model" }]
+entity = "api_key"
+resource_key = "model"
+hits = ["tok"]
+shadow = true
+"#;
+
+fn descriptor() -> impl Strategy<Value = HostileDescriptor> {
+    let key = prop_oneof![4 => Just("api_key".to_owned()), 2 => Just("model".to_owned()), 1 => Just(String::new()), 1 => any::<String>()];
+    let hits = prop_oneof![
+        3 => Just(None),
+        2 => (0..20u64).prop_map(Some),
+        1 => any::<u64>().prop_map(Some),
+        1 => Just(Some(u64::MAX)),
+    ];
+    let limit = prop::option::of((any::<u32>(), -1..9i32));
+    (
+        prop::collection::vec((key, id()), 0..3),
+        hits,
+        limit,
+        prop::bool::weighted(0.1),
+    )
+        .prop_map(|(entries, hits, limit, negative)| HostileDescriptor {
+            entries,
+            hits,
+            limit,
+            negative,
+        })
+}
+
+fn envoy_request() -> impl Strategy<Value = Op> {
+    let domain =
+        prop_oneof![6 => Just("edge".to_owned()), 1 => Just(String::new()), 1 => any::<String>()];
+    let descriptors = prop_oneof![
+        8 => prop::collection::vec(descriptor(), 0..4),
+        1 => prop::collection::vec(descriptor(), 60..70),
+    ];
+    (
+        domain,
+        descriptors,
+        prop_oneof![3 => Just(0u32), 2 => 0..10u32, 1 => any::<u32>()],
+    )
+        .prop_map(|(domain, descriptors, hits_addend)| Op::Envoy {
+            domain,
+            descriptors,
+            hits_addend,
+        })
 }
 
 fn id() -> impl Strategy<Value = String> {
@@ -125,6 +206,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (id(), amounts()).prop_map(|(entity, consume)| Op::Available { entity, consume }),
         1 => (id(), any::<String>()).prop_map(|(subject, page)| Op::Audit { subject, page }),
         1 => (id(), prop::option::of(id())).prop_map(|(entity, parent)| Op::Move { entity, parent }),
+        2 => envoy_request(),
     ]
 }
 
@@ -154,13 +236,14 @@ fn target(dynamodb: bool) -> Target {
         let store = Some(rt.block_on(common::dynamodb()));
         let config = format!(
             "[limiter]\nbackend = \"dynamodb\"\nnamespaces = [\"{ns}\"]\n\
-             [dynamodb]\ntable = \"{}\"\nendpoint_url = \"{}\"\n",
+             [dynamodb]\ntable = \"{}\"\nendpoint_url = \"{}\"\n{ENVOY_RULES}",
             common::TEST_TABLE,
             common::endpoint()
         );
         (config, store)
     } else {
-        let config = format!("[limiter]\nbackend = \"memory\"\nnamespaces = [\"{ns}\"]\n");
+        let config =
+            format!("[limiter]\nbackend = \"memory\"\nnamespaces = [\"{ns}\"]\n{ENVOY_RULES}");
         (config, None)
     };
     let daemon = Daemon::start(&config, &[]);
@@ -221,6 +304,7 @@ impl Target {
     async fn run(&self, ops: Vec<Op>) -> Result<(), TestCaseError> {
         let mut raw = self.client.raw();
         let mut admin = self.client.admin();
+        let mut envoy = RateLimitServiceClient::new(self.client.channel());
         let mut last_lease = String::new();
         for op in ops {
             let answer: Result<(), tonic::Status> = match op.clone() {
@@ -303,6 +387,33 @@ impl Target {
                         entity_id: entity,
                         parent_id: parent,
                         ..Default::default()
+                    })
+                    .await
+                    .map(drop),
+                Op::Envoy {
+                    domain,
+                    descriptors,
+                    hits_addend,
+                } => envoy
+                    .should_rate_limit(RateLimitRequest {
+                        domain,
+                        descriptors: descriptors
+                            .into_iter()
+                            .map(|d| RateLimitDescriptor {
+                                entries: d
+                                    .entries
+                                    .into_iter()
+                                    .map(|(key, value)| Entry { key, value })
+                                    .collect(),
+                                limit: d.limit.map(|(requests_per_unit, unit)| RateLimitOverride {
+                                    requests_per_unit,
+                                    unit,
+                                }),
+                                hits_addend: d.hits.map(|value| UInt64Value { value }),
+                                is_negative_hits: d.negative,
+                            })
+                            .collect(),
+                        hits_addend,
                     })
                     .await
                     .map(drop),
