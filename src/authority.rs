@@ -116,11 +116,6 @@ impl<S> LocalAuthority<S> {
         }
     }
 
-    /// The wrapped connection.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// Whether this connection's header blocks are being rewritten.
     pub fn is_rewriting(&self) -> bool {
         self.mode == Mode::Rewrite
