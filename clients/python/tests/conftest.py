@@ -82,6 +82,14 @@ class Daemon:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
+        try:
+            self._wait_for_socket()
+        except BaseException:
+            self.process.kill()
+            self.process.wait()
+            raise
+
+    def _wait_for_socket(self) -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
