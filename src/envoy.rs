@@ -266,6 +266,7 @@ impl RateLimitService for RlsService {
                 continue;
             };
             let rule = &plan.rule.name;
+            let over_limit = matches!(decision, Outcome::Refused(_)) && !plan.rule.shadow;
             let status = match decision {
                 Outcome::Admitted { statuses: s, .. } => {
                     count(
@@ -291,9 +292,13 @@ impl RateLimitService for RlsService {
                 }
             };
             let Some(shown) = status else {
-                // Admitted by the failure policy: nothing to show.
+                // No statuses: admitted by the failure policy.
                 statuses.push(DescriptorStatus {
-                    code: Code::Ok as i32,
+                    code: if over_limit {
+                        Code::OverLimit
+                    } else {
+                        Code::Ok
+                    } as i32,
                     ..DescriptorStatus::default()
                 });
                 continue;
@@ -359,13 +364,12 @@ struct Shown {
 }
 
 /// The governing limit among the descriptor's hit limits: over limit, the violated one with the
-/// longest wait; else the one with the fewest tokens left. `None` without statuses (failed open).
+/// longest wait (a violated limit is always one the request asked of); else the one with the
+/// fewest tokens left. `None` without statuses (failed open).
 fn shown(plan: &Planned<'_>, statuses: &[LimitStatus], admitted: bool) -> Option<Shown> {
-    let hit = |s: &&LimitStatus| plan.amounts.iter().any(|(n, _)| n == s.limit.name());
     if !admitted {
         let s = statuses
             .iter()
-            .filter(hit)
             .filter(|s| !s.allowed())
             .max_by_key(|s| s.retry_after_ms.unwrap_or(u64::MAX))?;
         let reset_ms = s
@@ -378,6 +382,7 @@ fn shown(plan: &Planned<'_>, statuses: &[LimitStatus], admitted: bool) -> Option
             reset_ms,
         });
     }
+    let hit = |s: &&LimitStatus| plan.amounts.iter().any(|(n, _)| n == s.limit.name());
     let s = statuses
         .iter()
         .filter(hit)

@@ -153,12 +153,6 @@ class _Api:
     ) -> Any:
         raise NotImplementedError
 
-    def _error(self, err: grpc.RpcError, missing: Any, not_found: type) -> Any:
-        """The result for NOT_FOUND when the call has one, else the exception to raise."""
-        if missing is not _RAISE and err.code() == grpc.StatusCode.NOT_FOUND:
-            return missing
-        raise from_rpc(err, socket=self.socket, not_found=not_found) from None
-
     # --- rate limiting ---------------------------------------------------------------------------
 
     def _acquire_request(
@@ -745,6 +739,12 @@ class SyncRateLimiter(_Api):
         except grpc.RpcError:
             return False
         return answer == _SERVING
+
+    def _error(self, err: grpc.RpcError, missing: Any, not_found: type) -> Any:
+        """The result for NOT_FOUND when the call has one, else the exception to raise."""
+        if missing is not _RAISE and err.code() == grpc.StatusCode.NOT_FOUND:
+            return missing
+        raise from_rpc(err, socket=self.socket, not_found=not_found) from None
 
     def close(self) -> None:
         with self._lock:
