@@ -25,6 +25,7 @@ fn request(limit: &Limit) -> AcquireRequest {
         amounts: Amounts::new([(LimitName::new("rpm").unwrap(), MILLI)]).unwrap(),
         limits: Some(vec![limit.clone()]),
         lease: true,
+        owner: zae_limiter::limiter::Owner::InProcess,
     }
 }
 

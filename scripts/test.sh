@@ -19,7 +19,9 @@ cargo test "$@"
 cargo build --quiet --bin zae-limiter
 venv="$root/.cache/python-venv"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "$root/clients/python[test]"
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade "$root/clients/python[test]" \
+  "pyyaml==6.0.2"
 rm -rf "$root/clients/python/build"
+# The Python client's tests, then the operator kit's (deploy/: dashboard, alert rules, configs).
 ZAE_LIMITER_BIN="$root/target/debug/zae-limiter" "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-  "$root/clients/python/tests"
+  "$root/clients/python/tests" "$root/deploy/tests"

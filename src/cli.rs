@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use crate::Limit;
 use crate::client::Client;
+use crate::domain::limit::{MILLI, period};
 use crate::proto;
 
 /// The request header that names the person behind an administrative change.
@@ -77,7 +78,59 @@ fn limit_json(l: &proto::Limit) -> Value {
         "capacity": l.capacity,
         "refill_amount": l.refill_amount,
         "refill_period_ms": l.refill_period_ms,
+        "refill_period": period(l.refill_period_ms as i64),
     })
+}
+
+/// A stored limit set (the audit's `before`/`after`) in tokens and periods; other values (an
+/// entity's JSON) as they are.
+fn audit_value(text: &str) -> (Value, String) {
+    match crate::domain::limit::decode(text) {
+        Ok(limits) if !limits.is_empty() => (
+            Value::Array(
+                limits
+                    .iter()
+                    .map(|l| {
+                        json!({
+                            "name": l.name().as_str(),
+                            "capacity": l.capacity() as f64 / MILLI as f64,
+                            "refill_amount": l.refill_amount() as f64 / MILLI as f64,
+                            "refill_period_ms": l.refill_period_ms(),
+                            "refill_period": period(l.refill_period_ms()),
+                        })
+                    })
+                    .collect(),
+            ),
+            limits
+                .iter()
+                .map(Limit::describe)
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        _ => (Value::String(text.to_owned()), text.to_owned()),
+    }
+}
+
+/// Epoch milliseconds as RFC 3339 in UTC (`2026-11-29T09:31:37.123Z`).
+pub fn rfc3339(ms: i64) -> String {
+    let (days, in_day) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (h, m, sec, milli) = (
+        in_day / 3_600_000,
+        in_day / 60_000 % 60,
+        in_day / 1_000 % 60,
+        in_day % 1_000,
+    );
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{sec:02}.{milli:03}Z")
 }
 
 /// Left-aligned columns under a header.
@@ -131,13 +184,12 @@ fn limit_rows(limits: &[proto::Limit]) -> String {
         .map(|l| {
             vec![
                 l.name.clone(),
+                format!("{}/{}", l.refill_amount, period(l.refill_period_ms as i64)),
                 l.capacity.to_string(),
-                l.refill_amount.to_string(),
-                format!("{} ms", l.refill_period_ms),
             ]
         })
         .collect();
-    table(&["limit", "capacity", "refill", "period"], &rows)
+    table(&["limit", "rate", "burst"], &rows)
 }
 
 /// Runs an operation against the daemon and returns what to print.
@@ -310,7 +362,9 @@ pub async fn run(
                 .map(|r| {
                     json!({
                         "subject": r.subject, "action": r.action, "principal": r.principal,
-                        "at_ms": r.at_ms, "before": r.before, "after": r.after,
+                        "at_ms": r.at_ms,
+                        "before": r.before.as_deref().map(|v| audit_value(v).0),
+                        "after": r.after.as_deref().map(|v| audit_value(v).0),
                     })
                 })
                 .collect();
@@ -319,15 +373,19 @@ pub async fn run(
                 .iter()
                 .map(|r| {
                     vec![
-                        r.at_ms.to_string(),
+                        rfc3339(r.at_ms),
                         r.action.clone(),
                         r.principal.clone(),
-                        r.before.clone().unwrap_or_else(|| "-".into()),
-                        r.after.clone().unwrap_or_else(|| "-".into()),
+                        r.before
+                            .as_deref()
+                            .map_or_else(|| "-".into(), |v| audit_value(v).1),
+                        r.after
+                            .as_deref()
+                            .map_or_else(|| "-".into(), |v| audit_value(v).1),
                     ]
                 })
                 .collect();
-            let mut text = table(&["at_ms", "action", "principal", "before", "after"], &rows);
+            let mut text = table(&["at", "action", "principal", "before", "after"], &rows);
             if !answer.next_page.is_empty() {
                 text += &format!("\nmore: --page {}", answer.next_page);
             }
@@ -343,10 +401,23 @@ pub async fn run(
                 })
                 .await
                 .map_err(status_text)?;
-            (
-                json!({ "created": name }),
-                format!("namespace {name} created"),
-            )
+            let usable = admin
+                .list_namespaces(proto::Empty {})
+                .await
+                .map_err(status_text)?
+                .into_inner()
+                .namespaces
+                .contains(&name);
+            let text = if usable {
+                format!("namespace {name} created")
+            } else {
+                format!(
+                    "namespace {name} registered; this daemon does not admit registered \
+                     namespaces: add \"*\" (or \"{name}\") to limiter.namespaces in its \
+                     configuration and restart it to use {name}"
+                )
+            };
+            (json!({ "created": name, "usable": usable }), text)
         }
         AdminOp::ListNamespaces => {
             let names = admin
@@ -395,7 +466,7 @@ pub async fn run(
                 .iter()
                 .map(|u| {
                     vec![
-                        u.start_ms.to_string(),
+                        rfc3339(u.start_ms),
                         u.period.clone(),
                         u.resource.clone(),
                         u.consumed_milli
@@ -410,7 +481,7 @@ pub async fn run(
                 .collect();
             (
                 json,
-                table(&["start_ms", "period", "resource", "consumed"], &rows),
+                table(&["start", "period", "resource", "consumed"], &rows),
             )
         }
     };

@@ -56,6 +56,9 @@ pub enum ClientError {
     },
     #[error("cannot connect to the zae-limiter daemon: {0}")]
     Connect(#[from] tonic::transport::Error),
+    /// The socket cannot be used: missing, not a socket, refused, no permission.
+    #[error("cannot connect to the zae-limiter daemon at {path}: {reason}")]
+    Socket { path: String, reason: String },
     #[error("{:?}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
     #[error("cannot start a runtime for the blocking client: {0}")]
@@ -113,8 +116,12 @@ impl Client {
     /// # Errors
     /// [`ClientError::Connect`] when nothing listens there.
     pub async fn connect(socket: impl AsRef<Path>) -> Result<Self, ClientError> {
-        let endpoint = Endpoint::from_shared(format!("unix://{}", socket.as_ref().display()))?;
-        Ok(Self::from_channel(endpoint.connect().await?))
+        let path = socket.as_ref();
+        let endpoint = Endpoint::from_shared(format!("unix://{}", path.display()))?;
+        match endpoint.connect().await {
+            Ok(channel) => Ok(Self::from_channel(channel)),
+            Err(e) => Err(diagnose(path).unwrap_or(ClientError::Connect(e))),
+        }
     }
 
     pub fn from_channel(channel: Channel) -> Self {
@@ -203,6 +210,42 @@ impl Client {
             .into_iter()
             .map(|s| (s.name, s.available_milli.div_euclid(MILLI)))
             .collect())
+    }
+}
+
+/// Why the socket at `path` cannot be used, in words that say what to do (`None`: it can).
+fn diagnose(path: &Path) -> Option<ClientError> {
+    use std::io::ErrorKind;
+    use std::os::unix::fs::FileTypeExt;
+    let why = |reason: String| ClientError::Socket {
+        path: path.display().to_string(),
+        reason,
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
+            return Some(why(
+                "it is not a socket (is --socket or ZAE_LIMITER_SOCKET the daemon's socket?)"
+                    .into(),
+            ));
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            return Some(why(format!(
+                "no such socket ({e}); is the daemon running (`zae-limiter serve`), and is this \
+                 its socket?"
+            )));
+        }
+        _ => {}
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => None,
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => Some(why(format!(
+            "{e}; this user may not open the socket (join the socket's group, see \
+             server.socket_group and server.socket_mode)"
+        ))),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => Some(why(format!(
+            "{e}; no daemon listens there (a socket file left behind?)"
+        ))),
+        Err(e) => Some(why(e.to_string())),
     }
 }
 

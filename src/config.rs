@@ -52,6 +52,56 @@ pub struct ServerConfig {
     pub drain_timeout_ms: u64,
     /// Threads of the daemon's runtime; 0: one per core.
     pub worker_threads: usize,
+    /// Group of the socket file (a name or a number): the group of the worker processes that
+    /// may connect. Default: the daemon's own group.
+    pub socket_group: Option<String>,
+    /// Permissions of the socket file, in octal ("0660": owner and group).
+    pub socket_mode: String,
+    /// How often the store is probed for health (`grpc.health.v1`, `/ready`).
+    pub health_probe_ms: u64,
+    /// Log filter (`info`, `debug`, `zae_limiter=debug,info`, ...): re-read on reload. Unset:
+    /// `RUST_LOG`, else `info`.
+    pub log_level: Option<String>,
+}
+
+impl ServerConfig {
+    /// The socket's mode bits.
+    ///
+    /// # Errors
+    /// A message naming `server.socket_mode`.
+    pub fn socket_mode(&self) -> Result<u32, String> {
+        let digits = self.socket_mode.trim_start_matches("0o");
+        u32::from_str_radix(digits, 8)
+            .ok()
+            .filter(|m| *m <= 0o777 && !digits.is_empty())
+            .ok_or_else(|| {
+                format!(
+                    "server.socket_mode = {:?} is not an octal mode such as \"0660\"",
+                    self.socket_mode
+                )
+            })
+    }
+
+    /// The socket's group id, `None` to leave the daemon's own.
+    ///
+    /// # Errors
+    /// A message naming `server.socket_group` when the group does not exist.
+    pub fn socket_gid(&self) -> Result<Option<u32>, String> {
+        let Some(group) = &self.socket_group else {
+            return Ok(None);
+        };
+        if let Ok(gid) = group.parse::<u32>() {
+            return Ok(Some(gid));
+        }
+        let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
+        groups
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.first() == Some(&group.as_str()))
+            .and_then(|f| f.get(2)?.parse().ok())
+            .map(Some)
+            .ok_or_else(|| format!("server.socket_group: no group {group:?} on this machine"))
+    }
 }
 
 impl Default for ServerConfig {
@@ -63,6 +113,10 @@ impl Default for ServerConfig {
             request_timeout_ms: 2_000,
             drain_timeout_ms: 10_000,
             worker_threads: 0,
+            socket_group: None,
+            socket_mode: "0660".into(),
+            health_probe_ms: 5_000,
+            log_level: None,
         }
     }
 }
@@ -209,9 +263,9 @@ impl Config {
     }
 
     /// # Errors
-    /// A message naming the offending key.
+    /// A message naming the offending key and, for a TOML error, its line and column.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let config: Self = toml::from_str(text).map_err(|e| e.message().to_owned())?;
+        let config: Self = toml::from_str(text).map_err(|e| locate(text, &e))?;
         config.validate()?;
         Ok(config)
     }
@@ -232,6 +286,15 @@ impl Config {
             return Err(format!(
                 "server.tcp = {tcp} is not a loopback address: the API has no authentication"
             ));
+        }
+        self.server.socket_mode()?;
+        self.server.socket_gid()?;
+        if self.server.health_probe_ms == 0 {
+            return Err("server.health_probe_ms must be greater than zero".into());
+        }
+        if let Some(level) = &self.server.log_level {
+            tracing_subscriber::EnvFilter::try_new(level)
+                .map_err(|e| format!("server.log_level = {level:?}: {e}"))?;
         }
         if self.server.request_timeout_ms == 0 {
             return Err("server.request_timeout_ms must be greater than zero".into());
@@ -282,6 +345,34 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A TOML error as a person can act on it: line, column, the key being read and the message.
+fn locate(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_owned();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let table = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_owned());
+    let key = line
+        .split_once('=')
+        .map(|(k, _)| k.trim())
+        .filter(|k| !k.is_empty() && !k.starts_with('['));
+    let key = match (table, key) {
+        (Some(t), Some(k)) => format!(", key {t}.{k}"),
+        (None, Some(k)) => format!(", key {k}"),
+        _ => String::new(),
+    };
+    format!("line {line_no}, column {column}{key}: {}", e.message())
 }
 
 impl DynamoConfig {
@@ -354,5 +445,24 @@ mod tests {
         assert_eq!(Config::parse(ok).unwrap().access[0].gid, Some(7));
         let err = Config::parse("[limiter]\nbackend = \"redis\"\n").unwrap_err();
         assert!(err.contains("redis"), "{err}");
+        let err = Config::parse("[server]\nsocket_mode = \"rw\"\n").unwrap_err();
+        assert!(err.contains("server.socket_mode"), "{err}");
+        let err = Config::parse("[server]\nsocket_group = \"no-such-group-here\"\n").unwrap_err();
+        assert!(err.contains("server.socket_group"), "{err}");
+    }
+
+    #[test]
+    fn toml_errors_give_line_column_and_key() {
+        let err =
+            Config::parse("# the daemon\n[server]\nmetrics_addr = 127.0.0.1:9\n").unwrap_err();
+        assert!(
+            err.starts_with("line 3, column 21, key server.metrics_addr: "),
+            "{err}"
+        );
+        let err = Config::parse("[limiter]\nmax_batch = \"many\"\n").unwrap_err();
+        assert!(
+            err.starts_with("line 2, column 13, key limiter.max_batch: "),
+            "{err}"
+        );
     }
 }

@@ -33,6 +33,7 @@ use crate::domain::ids::BucketKey;
 use crate::domain::limit::{Limit, MILLI};
 use crate::grpc::{caller, deadline, namespace, status};
 use crate::limiter::{AcquireRequest, Decision, LeaseId, Limiter};
+use crate::live::Live;
 use crate::metrics::{self as m, envoy_outcome};
 use rules::{HeaderStyle, Override, Planned, Rules};
 
@@ -43,9 +44,7 @@ pub const MAX_DESCRIPTORS: usize = 64;
 #[derive(Debug, Clone)]
 pub struct RlsService {
     limiter: Limiter,
-    access: Arc<Access>,
-    request_timeout: Duration,
-    rules: Arc<Rules>,
+    live: Arc<Live>,
 }
 
 /// How one matched descriptor was decided.
@@ -58,22 +57,15 @@ enum Outcome {
 }
 
 impl RlsService {
-    pub fn new(
-        limiter: Limiter,
-        access: Arc<Access>,
-        request_timeout: Duration,
-        rules: Arc<Rules>,
-    ) -> Self {
-        Self {
-            limiter,
-            access,
-            request_timeout,
-            rules,
-        }
+    pub fn new(limiter: Limiter, live: Arc<Live>) -> Self {
+        Self { limiter, live }
     }
 
     /// Validates the request and plans each descriptor (`None`: no rule matched).
-    fn plan<'r>(&'r self, r: &RateLimitRequest) -> Result<Vec<Option<Planned<'r>>>, Status> {
+    fn plan<'r>(
+        rules: &'r Rules,
+        r: &RateLimitRequest,
+    ) -> Result<Vec<Option<Planned<'r>>>, Status> {
         if r.domain.is_empty() {
             return Err(Status::invalid_argument("domain: is empty"));
         }
@@ -94,12 +86,12 @@ impl RlsService {
         r.descriptors
             .iter()
             .enumerate()
-            .map(|(i, d)| self.plan_one(&r.domain, i, d, request_hits))
+            .map(|(i, d)| Self::plan_one(rules, &r.domain, i, d, request_hits))
             .collect()
     }
 
     fn plan_one<'r>(
-        &'r self,
+        rules: &'r Rules,
         domain: &str,
         i: usize,
         d: &RateLimitDescriptor,
@@ -136,7 +128,7 @@ impl RlsService {
             .iter()
             .map(|e| (e.key.as_str(), e.value.as_str()))
             .collect();
-        self.rules
+        rules
             .plan(domain, &entries, limit_override, hits)
             .map_err(|e| {
                 let message = format!("{}: {}", field(&e.field), e.message);
@@ -151,13 +143,14 @@ impl RlsService {
     async fn decide(
         &self,
         caller: crate::access::Caller,
+        access: &Access,
         planned: &Planned<'_>,
         lease: bool,
         deadline: Instant,
     ) -> Result<Outcome, Status> {
         let ns = namespace(
             &self.limiter,
-            &self.access,
+            access,
             caller,
             &planned.rule.namespace,
             deadline,
@@ -172,6 +165,7 @@ impl RlsService {
             amounts: planned.amounts.clone(),
             limits: planned.limits.clone(),
             lease,
+            owner: crate::limiter::Owner::InProcess,
         };
         match self
             .limiter
@@ -207,21 +201,23 @@ impl RateLimitService for RlsService {
         &self,
         req: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        let deadline = deadline(&req, self.request_timeout);
+        let deadline = deadline(&req, self.live.request_timeout());
         let caller = caller(&req);
+        let (rules, access) = (self.live.envoy(), self.live.access());
         let r = req.into_inner();
-        let plans = self.plan(&r)?;
+        let plans = Self::plan(&rules, &r)?;
         let matched = plans.iter().flatten().count();
         let lease = matched > 1;
+        let access = &*access;
         let decisions = futures_util::future::join_all(plans.iter().map(|p| async move {
             match p {
-                Some(planned) => Some(self.decide(caller, planned, lease, deadline).await),
+                Some(planned) => Some(self.decide(caller, access, planned, lease, deadline).await),
                 None => None,
             }
         }))
         .await;
 
-        let domain_label = if self.rules.knows_domain(&r.domain) {
+        let domain_label = if rules.knows_domain(&r.domain) {
             r.domain.clone()
         } else {
             "other".to_owned()
@@ -317,7 +313,7 @@ impl RateLimitService for RlsService {
             }
         }
         if let Some(t) = &tightest {
-            headers.extend(t.headers(self.rules.headers));
+            headers.extend(t.headers(rules.headers));
         }
         if refused {
             let seconds = longest_wait_ms.unwrap_or(0).div_ceil(1_000).max(1);

@@ -19,6 +19,7 @@ use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName, MAX_TOKENS, MILLI, canonical};
 use crate::domain::records::{Actor, Entity, LimitScope, Period};
 use crate::limiter::{AcquireRequest, Decision, LeaseId, Limiter, LimiterError};
+use crate::live::Live;
 use crate::proto;
 
 /// The one mapping from errors to gRPC status codes.
@@ -67,15 +68,22 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     })
 }
 
-/// The calling process's credentials, when it came through the Unix socket.
+/// The calling process's credentials when it came through the Unix socket, else its TCP peer.
 pub(crate) fn caller<T>(req: &Request<T>) -> Caller {
     req.extensions()
         .get::<tonic::transport::server::UdsConnectInfo>()
         .and_then(|i| i.peer_cred)
-        .map_or_else(Caller::default, |c| Caller {
-            uid: Some(c.uid()),
-            gid: Some(c.gid()),
-        })
+        .map_or_else(
+            || Caller {
+                addr: req.remote_addr(),
+                ..Caller::default()
+            },
+            |c| Caller {
+                uid: Some(c.uid()),
+                gid: Some(c.gid()),
+                addr: None,
+            },
+        )
 }
 
 /// Who is calling, for audit records: the peer's uid over the Unix socket (else the TCP peer),
@@ -125,6 +133,21 @@ fn permit(access: &Access, caller: Caller, ns: &Namespace) -> Result<(), Status>
             "{caller} may not use namespace {:?}",
             ns.as_str()
         ))))
+    }
+}
+
+/// A changing Admin call needs a grant: `PERMISSION_DENIED` names the call, the caller and how
+/// to grant it.
+fn grant(access: &Access, caller: Caller, ns: &Namespace, call: Call) -> Result<(), Status> {
+    match call {
+        Call::Change(what) if !access.may_change(caller, ns) => {
+            Err(status(LimiterError::PermissionDenied(format!(
+                "{caller} may not {what} in namespace {:?}: changes need the daemon's own uid or \
+                 root, or an [[access]] rule with admin = true for this caller",
+                ns.as_str()
+            ))))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -202,17 +225,12 @@ fn lease_id(s: &str) -> Result<LeaseId, Status> {
 #[derive(Debug, Clone)]
 pub struct RateLimiterService {
     limiter: Limiter,
-    access: Arc<Access>,
-    request_timeout: Duration,
+    live: Arc<Live>,
 }
 
 impl RateLimiterService {
-    pub fn new(limiter: Limiter, access: Arc<Access>, request_timeout: Duration) -> Self {
-        Self {
-            limiter,
-            access,
-            request_timeout,
-        }
+    pub fn new(limiter: Limiter, live: Arc<Live>) -> Self {
+        Self { limiter, live }
     }
 
     async fn key<T>(
@@ -224,17 +242,29 @@ impl RateLimiterService {
         deadline: Instant,
     ) -> Result<BucketKey, Status> {
         key(
-            namespace(&self.limiter, &self.access, caller(req), ns, deadline).await?,
+            namespace(
+                &self.limiter,
+                &self.live.access(),
+                caller(req),
+                ns,
+                deadline,
+            )
+            .await?,
             entity,
             resource,
         )
     }
 
-    /// A lease id the caller may use: leases of namespaces it may not use are refused.
+    /// A lease id the caller may use. A lease opened by another caller (another uid, another TCP
+    /// connection) is `NOT_FOUND`, exactly as an unknown id: its existence is not disclosed.
     fn lease<T>(&self, req: &Request<T>, id: &str) -> Result<LeaseId, Status> {
         let lease = lease_id(id)?;
-        if let Some(ns) = self.limiter.lease_namespace(lease) {
-            permit(&self.access, caller(req), &ns)?;
+        if let Some((ns, owner)) = self.limiter.lease_owner(lease) {
+            let caller = caller(req);
+            if !owner.admits(caller) {
+                return Err(status(LimiterError::LeaseNotFound(lease.to_string())));
+            }
+            permit(&self.live.access(), caller, &ns)?;
         }
         Ok(lease)
     }
@@ -246,17 +276,19 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
         &self,
         req: Request<proto::AcquireRequest>,
     ) -> Result<Response<proto::AcquireResponse>, Status> {
-        let deadline = deadline(&req, self.request_timeout);
+        let deadline = deadline(&req, self.live.request_timeout());
         let r = req.get_ref();
         let key = self
             .key(&req, &r.namespace, &r.entity_id, &r.resource, deadline)
             .await?;
+        let owner = caller(&req).owner();
         let r = req.into_inner();
         let request = AcquireRequest {
             key,
             amounts: amounts("consume", &r.consume, false)?,
             limits: limits(&r.limits)?,
             lease: !r.commit,
+            owner,
         };
         let decision = self
             .limiter
@@ -288,7 +320,7 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
         &self,
         req: Request<proto::AdjustRequest>,
     ) -> Result<Response<proto::LeaseResponse>, Status> {
-        let deadline = deadline(&req, self.request_timeout);
+        let deadline = deadline(&req, self.live.request_timeout());
         let lease = self.lease(&req, &req.get_ref().lease_id)?;
         let r = req.into_inner();
         let delta = amounts("delta", &r.delta, true)?;
@@ -303,7 +335,7 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
         &self,
         req: Request<proto::LeaseRequest>,
     ) -> Result<Response<proto::LeaseResponse>, Status> {
-        let deadline = deadline(&req, self.request_timeout);
+        let deadline = deadline(&req, self.live.request_timeout());
         let lease = self.lease(&req, &req.get_ref().lease_id)?;
         self.limiter.commit(lease, deadline).await.map_err(status)?;
         Ok(Response::new(proto::LeaseResponse {}))
@@ -313,7 +345,7 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
         &self,
         req: Request<proto::LeaseRequest>,
     ) -> Result<Response<proto::LeaseResponse>, Status> {
-        let deadline = deadline(&req, self.request_timeout);
+        let deadline = deadline(&req, self.live.request_timeout());
         let lease = self.lease(&req, &req.get_ref().lease_id)?;
         self.limiter
             .rollback(lease, deadline)
@@ -326,7 +358,7 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
         &self,
         req: Request<proto::AvailableRequest>,
     ) -> Result<Response<proto::AvailableResponse>, Status> {
-        let deadline = deadline(&req, self.request_timeout);
+        let deadline = deadline(&req, self.live.request_timeout());
         let r = req.get_ref();
         let key = self
             .key(&req, &r.namespace, &r.entity_id, &r.resource, deadline)
@@ -346,7 +378,7 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
         &self,
         req: Request<proto::TimeUntilAvailableRequest>,
     ) -> Result<Response<proto::TimeUntilAvailableResponse>, Status> {
-        let deadline = deadline(&req, self.request_timeout);
+        let deadline = deadline(&req, self.live.request_timeout());
         let r = req.get_ref();
         let key = self
             .key(&req, &r.namespace, &r.entity_id, &r.resource, deadline)
@@ -374,42 +406,51 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
 pub struct AdminService {
     limiter: Limiter,
     admin: Admin,
-    access: Arc<Access>,
-    request_timeout: Duration,
+    live: Arc<Live>,
+}
+
+/// Whether an Admin call reads or changes: changing calls need a grant (see [`Access`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Read,
+    Change(&'static str),
 }
 
 impl AdminService {
-    pub fn new(limiter: Limiter, access: Arc<Access>, request_timeout: Duration) -> Self {
+    pub fn new(limiter: Limiter, live: Arc<Live>) -> Self {
         Self {
             admin: Admin::new(limiter.clone()),
             limiter,
-            access,
-            request_timeout,
+            live,
         }
     }
 
-    /// The request's namespace, checked against the caller's access, and its deadline.
+    /// The request's namespace, checked against the caller's access for `call`, and its
+    /// deadline.
     async fn namespace<T>(
         &self,
         req: &Request<T>,
         requested: &str,
+        call: Call,
     ) -> Result<(Namespace, Instant), Status> {
-        let deadline = deadline(req, self.request_timeout);
-        let ns = namespace(
-            &self.limiter,
-            &self.access,
-            caller(req),
-            requested,
-            deadline,
-        )
-        .await?;
+        let deadline = deadline(req, self.live.request_timeout());
+        let access = self.live.access();
+        let ns = namespace(&self.limiter, &access, caller(req), requested, deadline).await?;
+        grant(&access, caller(req), &ns, call)?;
         Ok((ns, deadline))
     }
 
-    /// A namespace to register or delete: well formed, and one the caller may use.
-    fn registry_namespace<T>(&self, req: &Request<T>, name: &str) -> Result<Namespace, Status> {
+    /// A namespace to register or delete: well formed, and one the caller may change.
+    fn registry_namespace<T>(
+        &self,
+        req: &Request<T>,
+        name: &str,
+        call: Call,
+    ) -> Result<Namespace, Status> {
         let ns = Namespace::new(name).map_err(|e| invalid("namespace", e))?;
-        permit(&self.access, caller(req), &ns)?;
+        let access = self.live.access();
+        permit(&access, caller(req), &ns)?;
+        grant(&access, caller(req), &ns, call)?;
         Ok(ns)
     }
 
@@ -425,8 +466,9 @@ impl AdminService {
         req: &Request<T>,
         ns: &str,
         scope: Option<&proto::LimitScope>,
+        call: Call,
     ) -> Result<(Namespace, LimitScope, Instant), Status> {
-        let (ns, deadline) = self.namespace(req, ns).await?;
+        let (ns, deadline) = self.namespace(req, ns, call).await?;
         let scope = scope.cloned().unwrap_or_default();
         let entity = scope
             .entity_id
@@ -473,7 +515,13 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::CreateEntityRequest>,
     ) -> Result<Response<proto::EntityResponse>, Status> {
         let by = self.actor(&req);
-        let (ns, deadline) = self.namespace(&req, &req.get_ref().namespace).await?;
+        let (ns, deadline) = self
+            .namespace(
+                &req,
+                &req.get_ref().namespace,
+                Call::Change("create entities"),
+            )
+            .await?;
         let e = req
             .into_inner()
             .entity
@@ -498,7 +546,9 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::EntityRequest>,
     ) -> Result<Response<proto::EntityResponse>, Status> {
-        let (ns, deadline) = self.namespace(&req, &req.get_ref().namespace).await?;
+        let (ns, deadline) = self
+            .namespace(&req, &req.get_ref().namespace, Call::Read)
+            .await?;
         let id = entity_id("entity_id", req.into_inner().entity_id)?;
         let entity = self
             .admin
@@ -515,7 +565,13 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::EntityRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
         let by = self.actor(&req);
-        let (ns, deadline) = self.namespace(&req, &req.get_ref().namespace).await?;
+        let (ns, deadline) = self
+            .namespace(
+                &req,
+                &req.get_ref().namespace,
+                Call::Change("delete entities"),
+            )
+            .await?;
         let r = req.into_inner();
         let id = entity_id("entity_id", r.entity_id)?;
         self.admin
@@ -530,7 +586,13 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::MoveEntityRequest>,
     ) -> Result<Response<proto::EntityResponse>, Status> {
         let by = self.actor(&req);
-        let (ns, deadline) = self.namespace(&req, &req.get_ref().namespace).await?;
+        let (ns, deadline) = self
+            .namespace(
+                &req,
+                &req.get_ref().namespace,
+                Call::Change("move entities"),
+            )
+            .await?;
         let r = req.into_inner();
         let id = entity_id("entity_id", r.entity_id)?;
         let parent = parent_id("parent_id", r.parent_id)?;
@@ -548,7 +610,9 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::EntityRequest>,
     ) -> Result<Response<proto::ListChildrenResponse>, Status> {
-        let (ns, deadline) = self.namespace(&req, &req.get_ref().namespace).await?;
+        let (ns, deadline) = self
+            .namespace(&req, &req.get_ref().namespace, Call::Read)
+            .await?;
         let id = entity_id("entity_id", req.into_inner().entity_id)?;
         let children = self
             .admin
@@ -566,7 +630,12 @@ impl proto::admin_server::Admin for AdminService {
     ) -> Result<Response<proto::Empty>, Status> {
         let by = self.actor(&req);
         let (ns, scope, deadline) = self
-            .scope(&req, &req.get_ref().namespace, req.get_ref().scope.as_ref())
+            .scope(
+                &req,
+                &req.get_ref().namespace,
+                req.get_ref().scope.as_ref(),
+                Call::Change("set limits"),
+            )
             .await?;
         let limits = limits(&req.into_inner().limits)?.unwrap_or_default();
         self.admin
@@ -581,7 +650,12 @@ impl proto::admin_server::Admin for AdminService {
         req: Request<proto::LimitsRequest>,
     ) -> Result<Response<proto::LimitsResponse>, Status> {
         let (ns, scope, deadline) = self
-            .scope(&req, &req.get_ref().namespace, req.get_ref().scope.as_ref())
+            .scope(
+                &req,
+                &req.get_ref().namespace,
+                req.get_ref().scope.as_ref(),
+                Call::Read,
+            )
             .await?;
         let limits = self
             .admin
@@ -599,7 +673,12 @@ impl proto::admin_server::Admin for AdminService {
     ) -> Result<Response<proto::Empty>, Status> {
         let by = self.actor(&req);
         let (ns, scope, deadline) = self
-            .scope(&req, &req.get_ref().namespace, req.get_ref().scope.as_ref())
+            .scope(
+                &req,
+                &req.get_ref().namespace,
+                req.get_ref().scope.as_ref(),
+                Call::Change("delete limits"),
+            )
             .await?;
         self.admin
             .delete_limits(&ns, &scope, &by, deadline)
@@ -612,7 +691,9 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::ListAuditRequest>,
     ) -> Result<Response<proto::ListAuditResponse>, Status> {
-        let (ns, deadline) = self.namespace(&req, &req.get_ref().namespace).await?;
+        let (ns, deadline) = self
+            .namespace(&req, &req.get_ref().namespace, Call::Read)
+            .await?;
         let r = req.into_inner();
         let page_size = match r.page_size {
             0 => 50,
@@ -645,8 +726,12 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::NamespaceRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
-        let ns = self.registry_namespace(&req, &req.get_ref().namespace)?;
-        let deadline = deadline(&req, self.request_timeout);
+        let ns = self.registry_namespace(
+            &req,
+            &req.get_ref().namespace,
+            Call::Change("register namespaces"),
+        )?;
+        let deadline = deadline(&req, self.live.request_timeout());
         self.admin
             .create_namespace(&ns, deadline)
             .await
@@ -654,17 +739,28 @@ impl proto::admin_server::Admin for AdminService {
         Ok(Response::new(proto::Empty {}))
     }
 
+    /// Every namespace the caller may use now: the configured ones and, when the configuration
+    /// admits them (`"*"`), the registered ones.
     async fn list_namespaces(
         &self,
         req: Request<proto::Empty>,
     ) -> Result<Response<proto::ListNamespacesResponse>, Status> {
         let caller = caller(&req);
-        let deadline = deadline(&req, self.request_timeout);
-        let namespaces = self.admin.namespaces(deadline).await.map_err(status)?;
+        let access = self.live.access();
+        let deadline = deadline(&req, self.live.request_timeout());
+        let settings = self.limiter.settings();
+        let mut usable = settings.namespaces.clone();
+        if settings.registered {
+            for ns in self.admin.namespaces(deadline).await.map_err(status)? {
+                if !usable.contains(&ns) {
+                    usable.push(ns);
+                }
+            }
+        }
         Ok(Response::new(proto::ListNamespacesResponse {
-            namespaces: namespaces
+            namespaces: usable
                 .into_iter()
-                .filter(|ns| self.access.allows(caller, ns))
+                .filter(|ns| access.allows(caller, ns))
                 .map(|ns| ns.to_string())
                 .collect(),
         }))
@@ -674,8 +770,12 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::NamespaceRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
-        let ns = self.registry_namespace(&req, &req.get_ref().namespace)?;
-        let deadline = deadline(&req, self.request_timeout);
+        let ns = self.registry_namespace(
+            &req,
+            &req.get_ref().namespace,
+            Call::Change("delete namespaces"),
+        )?;
+        let deadline = deadline(&req, self.live.request_timeout());
         self.admin
             .delete_namespace(&ns, deadline)
             .await
@@ -687,7 +787,9 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         req: Request<proto::UsageRequest>,
     ) -> Result<Response<proto::UsageResponse>, Status> {
-        let (ns, deadline) = self.namespace(&req, &req.get_ref().namespace).await?;
+        let (ns, deadline) = self
+            .namespace(&req, &req.get_ref().namespace, Call::Read)
+            .await?;
         let r = req.into_inner();
         let entity = entity_id("entity_id", r.entity_id)?;
         let resource = r

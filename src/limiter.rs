@@ -23,7 +23,9 @@ mod types;
 mod usage;
 
 pub(crate) use types::Deps;
-pub use types::{AcquireRequest, Decision, FailurePolicy, LeaseId, LimiterError, LimiterSettings};
+pub use types::{
+    AcquireRequest, Decision, FailurePolicy, LeaseId, LimiterError, LimiterSettings, Owner,
+};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,7 +43,6 @@ use crate::store::Store;
 use group::{AcquireJob, Msg};
 use lookup::Lookups;
 use registry::Registry;
-use types::Routes;
 
 /// The limiter handle; cheap to clone.
 #[derive(Clone)]
@@ -49,6 +50,8 @@ pub struct Limiter {
     deps: Arc<Deps>,
     lookups: Arc<Lookups>,
     registry: Arc<Registry>,
+    /// The failure policy in force: the configured one until a reload changes it.
+    fail_open: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -72,6 +75,9 @@ impl Limiter {
         Self {
             lookups: Arc::new(Lookups::new(deps.clone())),
             registry,
+            fail_open: Arc::new(std::sync::atomic::AtomicBool::new(
+                deps.settings.failure_policy == FailurePolicy::Allow,
+            )),
             deps,
         }
     }
@@ -82,6 +88,23 @@ impl Limiter {
 
     pub fn settings(&self) -> &LimiterSettings {
         &self.deps.settings
+    }
+
+    /// The failure policy in force.
+    pub fn failure_policy(&self) -> FailurePolicy {
+        if self.fail_open.load(std::sync::atomic::Ordering::Relaxed) {
+            FailurePolicy::Allow
+        } else {
+            FailurePolicy::Block
+        }
+    }
+
+    /// Changes the failure policy for the decisions made from now on (a reload).
+    pub fn set_failure_policy(&self, policy: FailurePolicy) {
+        self.fail_open.store(
+            policy == FailurePolicy::Allow,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     pub fn now_ms(&self) -> i64 {
@@ -102,10 +125,13 @@ impl Limiter {
         within(deadline, self.lookups.namespace(requested)).await
     }
 
-    /// The namespace an open lease belongs to (`None`: unknown, closed, expired or unbacked).
-    pub fn lease_namespace(&self, lease: LeaseId) -> Option<Namespace> {
+    /// The namespace and owner of an open lease (`None`: unknown, closed, expired or unbacked).
+    pub fn lease_owner(&self, lease: LeaseId) -> Option<(Namespace, Owner)> {
         match lease {
-            LeaseId::Backed(id) => self.registry.lease_group(id).map(|g| g.0),
+            LeaseId::Backed { seq, secret } => self
+                .registry
+                .lease_route(seq, secret)
+                .map(|((ns, _), owner)| (ns, owner)),
             LeaseId::Unbacked(_) => None,
         }
     }
@@ -136,7 +162,7 @@ impl Limiter {
 
     /// The one failure-policy path: what a decision the store could not make in time answers.
     fn fail(&self, why: String, lease: bool) -> Result<Decision, LimiterError> {
-        match self.deps.settings.failure_policy {
+        match self.failure_policy() {
             FailurePolicy::Block => {
                 m::decision(outcome::FAILED_CLOSED);
                 Err(LimiterError::Unavailable(why))
@@ -196,7 +222,7 @@ impl Limiter {
                 amounts: req.amounts,
                 parent,
                 deadline,
-                lease: req.lease,
+                lease: req.lease.then_some(req.owner),
                 reply,
                 ticket: None,
             })
@@ -306,13 +332,13 @@ impl Limiter {
         deadline: Instant,
         msg: impl FnOnce(u64, group::Reply<()>) -> Msg,
     ) -> Result<(), LimiterError> {
-        let id = match lease {
+        let (id, secret) = match lease {
             LeaseId::Unbacked(_) => return Ok(()),
-            LeaseId::Backed(id) => id,
+            LeaseId::Backed { seq, secret } => (seq, secret),
         };
-        let group = self
+        let (group, _) = self
             .registry
-            .lease_group(id)
+            .lease_route(id, secret)
             .ok_or_else(|| LimiterError::LeaseNotFound(lease.to_string()))?;
         match self
             .registry
@@ -320,6 +346,9 @@ impl Limiter {
             .await
         {
             Ok(()) => Ok(()),
+            Err(LimiterError::LeaseNotFound(_)) => {
+                Err(LimiterError::LeaseNotFound(lease.to_string()))
+            }
             Err(LimiterError::DeadlineExceeded) => Err(LimiterError::Unavailable(format!(
                 "lease {lease}: the store has not confirmed the write yet; it is retried until \
                  the lease would expire (repeat the call to learn the outcome)"

@@ -28,6 +28,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print shell completions (bash, zsh, fish, elvish, powershell) to standard output.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to standard output: `zae-limiter man > zae-limiter.1`.
+    Man,
     /// Run the daemon: gRPC on a Unix socket, Prometheus metrics, the configured store.
     Serve(Box<ServeArgs>),
     /// Acquire from a running daemon, then commit (or roll back, or keep the lease open).
@@ -134,6 +141,10 @@ struct ServeArgs {
     /// Runtime threads; 0: one per core [default: 0].
     #[arg(long, env = "ZAE_LIMITER_WORKER_THREADS")]
     worker_threads: Option<usize>,
+    /// Exit with an error when the store cannot serve at start-up (missing table, no
+    /// credentials, unreachable), instead of answering NOT_SERVING until it can.
+    #[arg(long)]
+    require_store: bool,
 }
 
 #[derive(Args)]
@@ -353,6 +364,29 @@ fn place(settings: &DynamoSettings) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "zae-limiter",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("error: cannot write the man page: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        _ => {}
+    }
     if let Command::Serve(args) = cli.command {
         return match serve(*args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -383,7 +417,9 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> Result<ExitCode, String> {
     match command {
-        Command::Serve(_) => unreachable!("serve runs on its own runtime"),
+        Command::Serve(_) | Command::Completions { .. } | Command::Man => {
+            unreachable!("handled before the runtime starts")
+        }
         Command::Acquire(args) => return acquire(args).await,
         Command::Entity { op, daemon } => {
             let op = match op {
@@ -627,11 +663,11 @@ async fn acquire(args: AcquireArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn serve(args: ServeArgs) -> Result<(), String> {
+/// The configuration `serve` runs with: the file (or the defaults), then the flags.
+fn serve_config(args: &ServeArgs) -> Result<Config, String> {
     let mut config = args.table.config()?;
-    let dynamo = args.table.settings_from(&config)?;
-    if let Some(socket) = args.socket {
-        config.server.socket = socket;
+    if let Some(socket) = &args.socket {
+        config.server.socket = socket.clone();
     }
     if let Some(tcp) = args.tcp {
         config.server.tcp = Some(tcp);
@@ -652,13 +688,27 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         config.server.worker_threads = threads;
     }
     config.validate()?;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    Ok(config)
+}
+
+fn serve(args: ServeArgs) -> Result<(), String> {
+    use tracing_subscriber::prelude::*;
+    let config = serve_config(&args)?;
+    let dynamo = args.table.settings_from(&config)?;
+    let filter = |level: Option<&str>| match level {
+        Some(level) => tracing_subscriber::EnvFilter::try_new(level).map_err(|e| e.to_string()),
+        None => Ok(tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))),
+    };
+    let (filter_layer, filter_handle) =
+        tracing_subscriber::reload::Layer::new(filter(config.server.log_level.as_deref())?);
+    tracing_subscriber::registry()
+        .with(filter_layer)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.server.worker_threads > 0 {
@@ -668,7 +718,20 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(server::serve(config, dynamo, shutdown_signal()))
+    let require_store = args.require_store;
+    let reload = server::Reload {
+        load: Box::new(move || serve_config(&args)),
+        set_log_level: Box::new(move |level: String| {
+            filter_handle
+                .reload(filter(Some(&level))?)
+                .map_err(|e| e.to_string())
+        }),
+    };
+    let options = server::ServeOptions {
+        require_store,
+        reload: Some(reload),
+    };
+    runtime.block_on(server::serve(config, dynamo, options, shutdown_signal()))
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -30,6 +30,30 @@ pub const COMPENSATIONS: &str = "zae_limiter_compensations_total";
 /// time was up: dropped, their consumption stays.
 pub const SETTLEMENTS_ABANDONED: &str = "zae_limiter_settlements_abandoned_total";
 
+/// Time of one store call, by `operation` (as [`STORE_CALLS`], plus `probe`).
+pub const STORE_SECONDS: &str = "zae_limiter_store_call_duration_seconds";
+/// 1 while the store answers the health probe, 0 while it does not.
+pub const STORE_UP: &str = "zae_limiter_store_up";
+/// Always 1; the labels say which build runs (`version`).
+pub const BUILD_INFO: &str = "zae_limiter_build_info";
+/// The daemon's resident memory, read when `/metrics` is scraped.
+pub const RESIDENT_MEMORY: &str = "zae_limiter_process_resident_memory_bytes";
+/// Configuration reloads by `outcome` (applied, refused).
+pub const RELOADS: &str = "zae_limiter_config_reloads_total";
+
+/// The `operation` label values of [`STORE_CALLS`] and [`STORE_SECONDS`].
+pub const STORE_OPERATIONS: [&str; 9] = [
+    "probe",
+    "load",
+    "write",
+    "commit",
+    "entity",
+    "limits",
+    "audit",
+    "namespace",
+    "usage",
+];
+
 /// Envoy descriptors (`ShouldRateLimit`) by `domain` (configured domains; others are `other`),
 /// `rule` (the rule's name; `none` when no rule matched) and `outcome` (see [`envoy_outcome`]).
 pub const ENVOY_DESCRIPTORS: &str = "zae_limiter_envoy_descriptors_total";
@@ -86,31 +110,113 @@ pub fn describe() {
         ENVOY_DESCRIPTORS,
         "Envoy rate limit service descriptors by domain, rule and outcome"
     );
+    describe_histogram!(
+        STORE_SECONDS,
+        Unit::Seconds,
+        "Time of one store call by operation"
+    );
+    describe_gauge!(STORE_UP, "Whether the store answers the health probe");
+    describe_gauge!(BUILD_INFO, "The running build");
+    describe_gauge!(
+        RESIDENT_MEMORY,
+        Unit::Bytes,
+        "Resident memory of the daemon"
+    );
+    describe_counter!(RELOADS, "Configuration reloads by outcome");
 }
 
-/// Installs the Prometheus recorder with an HTTP listener serving `/metrics` at `addr`, with
-/// real histogram buckets (not summaries) for latency and batch size, and the descriptions.
+/// Creates every series the dashboards and alerts read, at zero, so that a rate over a counter
+/// that has not moved yet is 0 rather than no data.
+pub fn register_all() {
+    for o in [
+        outcome::ADMITTED,
+        outcome::REJECTED_CACHED,
+        outcome::REJECTED_STORE,
+        outcome::FAILED_OPEN,
+        outcome::FAILED_CLOSED,
+        outcome::SHED,
+    ] {
+        metrics::counter!(DECISIONS, "outcome" => o).increment(0);
+    }
+    for op in STORE_OPERATIONS {
+        for o in ["ok", "conflict", "error"] {
+            metrics::counter!(STORE_CALLS, "operation" => op, "outcome" => o).increment(0);
+        }
+    }
+    for name in [
+        WRITE_UNITS,
+        CONFLICTS,
+        LEASES_EXPIRED,
+        COMPENSATIONS,
+        SETTLEMENTS_ABANDONED,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for o in ["applied", "refused"] {
+        metrics::counter!(RELOADS, "outcome" => o).increment(0);
+    }
+    for name in [ACTORS, LEASES_OPEN] {
+        metrics::gauge!(name).increment(0.0);
+    }
+    // Labelled by configured rules; the family is there from the start.
+    metrics::counter!(ENVOY_DESCRIPTORS, "domain" => "other", "rule" => "none",
+        "outcome" => envoy_outcome::UNMATCHED)
+    .increment(0);
+    // Histograms show their buckets (at zero) once registered.
+    let _ = metrics::histogram!(DECISION_SECONDS);
+    let _ = metrics::histogram!(BATCH_SIZE);
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    sample_memory();
+}
+
+/// Sets [`RESIDENT_MEMORY`] from `/proc/self/statm` (nothing where it cannot be read).
+pub fn sample_memory() {
+    let resident_pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok());
+    if let Some(pages) = resident_pages {
+        // Linux's page size on every platform the daemon is built for.
+        metrics::gauge!(RESIDENT_MEMORY).set((pages * 4096) as f64);
+    }
+}
+
+/// Installs the Prometheus recorder (rendered by [`crate::ops`] on `/metrics`), with real
+/// histogram buckets (not summaries) for latencies and batch size, the descriptions, and every
+/// series at zero.
 ///
 /// # Errors
-/// The exporter's error when the address cannot be bound or a recorder is already installed.
-pub fn install(addr: std::net::SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
+/// The exporter's error when a recorder is already installed.
+pub fn install() -> Result<metrics_exporter_prometheus::PrometheusHandle, String> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(STORE_SECONDS.to_owned()),
+            &[
+                0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ],
+        )
+        .map_err(|e| e.to_string())?
         .set_buckets_for_metric(
             Matcher::Full(DECISION_SECONDS.to_owned()),
             &[
                 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05,
                 0.1, 0.25, 0.5, 1.0, 2.5,
             ],
-        )?
+        )
+        .map_err(|e| e.to_string())?
         .set_buckets_for_metric(
             Matcher::Full(BATCH_SIZE.to_owned()),
             &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0],
-        )?
-        .install()?;
+        )
+        .map_err(|e| e.to_string())?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder)
+        .map_err(|_| "a metrics recorder is already installed".to_owned())?;
     describe();
-    Ok(())
+    register_all();
+    Ok(handle)
 }
 
 /// Counts one decision. The handles are looked up once (the recorder must be installed before

@@ -71,6 +71,12 @@ pub struct AuditPage {
 /// The storage operations the limiter needs. Object-safe: the daemon picks a backend at run time.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// Checks that the store can serve: for DynamoDB, that the table exists and is active. A
+    /// store that cannot fail (the embedded one) is always ready.
+    async fn probe(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Reads one bucket (`None` if it was never created).
     async fn load_bucket(&self, key: &BucketKey) -> Result<Option<Bucket>, StoreError>;
 

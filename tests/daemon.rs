@@ -246,7 +246,7 @@ async fn unclosed_leases_expire_and_stay_consumed() {
     // Ids that never existed, and ids that are not ids.
     assert_eq!(
         raw.commit(proto::LeaseRequest {
-            lease_id: "ffff".into()
+            lease_id: format!("ffff.{}", "0".repeat(32))
         })
         .await
         .unwrap_err()
@@ -950,10 +950,11 @@ async fn registered_namespaces_are_created_listed_used_and_deleted() {
         .commit()
         .await
         .unwrap();
+    // Every usable namespace: the configured one and the registered one.
     let (_, json, _) = cli(&["namespace", "list", "--output", "json"]);
     assert_eq!(
         serde_json::from_str::<serde_json::Value>(&json).unwrap(),
-        serde_json::json!(["tenant-x"])
+        serde_json::json!(["default", "tenant-x"])
     );
     let (code_, _, err) = cli(&["namespace", "delete", "tenant-x"]);
     assert_eq!(code_, Some(1));
@@ -976,6 +977,19 @@ async fn registered_namespaces_are_created_listed_used_and_deleted() {
         .commit()
         .await
         .unwrap();
+}
+
+#[test]
+fn registering_a_namespace_the_configuration_does_not_admit_says_how_to_use_it() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let (code, out, err) = run_cli(&daemon, &["namespace", "create", "tenant-y"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("add \"*\" (or \"tenant-y\") to limiter.namespaces"),
+        "{out}"
+    );
+    let (_, list, _) = run_cli(&daemon, &["namespace", "list"]);
+    assert_eq!(list.trim(), "NAMESPACE\ndefault");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1102,4 +1116,43 @@ async fn clients_that_send_the_socket_path_as_authority_are_served() {
         let answers = raw_health_checks(&daemon.socket, authority, 3);
         assert_eq!(answers, vec!["grpc-status 0"; 3], "authority {authority:?}");
     }
+}
+
+#[test]
+fn the_cli_speaks_in_the_users_units() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let cli = |args: &[&str]| run_cli(&daemon, args);
+    let (code, _, err) = cli(&["limits", "set", "--entity", "proj-1", "--limit", "rpm=1/1m"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, table, _) = cli(&["limits", "get", "--entity", "proj-1"]);
+    assert_eq!(
+        table.trim(),
+        "LIMIT  RATE  BURST\nrpm    1/1m  1",
+        "{table}"
+    );
+    let (_, audit, _) = cli(&["audit", "proj-1"]);
+    let row = audit.lines().nth(1).expect("one record");
+    assert!(
+        row.contains("limits_set") && row.contains("rpm 1/1m, burst 1"),
+        "{audit}"
+    );
+    let at = row.split_whitespace().next().unwrap();
+    assert!(
+        at.len() == 24 && at.ends_with('Z') && at.as_bytes()[10] == b'T' && at.starts_with("20"),
+        "RFC 3339: {at}"
+    );
+    let (_, json, _) = cli(&["audit", "proj-1", "--output", "json"]);
+    let record = &serde_json::from_str::<serde_json::Value>(&json).unwrap()["records"][0];
+    assert!(
+        record["at_ms"].as_i64().unwrap() > 1_700_000_000_000,
+        "{record}"
+    );
+    assert_eq!(record["after"][0]["refill_amount"], 1.0, "{record}");
+    assert_eq!(record["after"][0]["refill_period"], "1m", "{record}");
+    let (code, _, err) = cli(&["limits", "delete", "--entity", "nosuch"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("limits of entity nosuch does not exist"),
+        "{err}"
+    );
 }

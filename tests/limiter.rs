@@ -86,6 +86,7 @@ impl Fixture {
             amounts: amounts(take),
             limits: Some(limits.to_vec()),
             lease,
+            owner: zae_limiter::limiter::Owner::InProcess,
         }
     }
 
@@ -503,6 +504,7 @@ async fn a_cascade_chain_is_one_group(inner: Arc<dyn Store>, ns: Namespace) {
             amounts: amounts(&[("tok", 1)]),
             limits: None,
             lease: false,
+            owner: zae_limiter::limiter::Owner::InProcess,
         };
         assert!(admitted(&f.limiter.acquire(req, within(5_000)).await));
     }

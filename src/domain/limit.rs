@@ -340,6 +340,43 @@ pub fn encode(limits: &[Limit]) -> String {
     out
 }
 
+/// Milli-tokens as tokens: `1`, `0.5`.
+pub fn tokens(milli: i64) -> String {
+    if milli % MILLI == 0 {
+        (milli / MILLI).to_string()
+    } else {
+        format!("{}", milli as f64 / MILLI as f64)
+    }
+}
+
+/// A period as people write it: `1s`, `1m`, `1h`, `1d`, `90s`, `250ms`.
+pub fn period(ms: i64) -> String {
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
+        if ms >= size && ms % size == 0 {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
+impl Limit {
+    /// The limit in its user's units: `rpm 100/1m, burst 150`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {}/{}, burst {}",
+            self.name,
+            tokens(self.refill_amount),
+            period(self.refill_period_ms),
+            tokens(self.capacity)
+        )
+    }
+}
+
 /// Parses [`encode`]'s form.
 ///
 /// # Errors
@@ -363,6 +400,22 @@ pub fn decode(text: &str) -> Result<Vec<Limit>, LimitError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     canonical(limits)
+}
+
+#[cfg(test)]
+mod describe_tests {
+    use super::*;
+
+    #[test]
+    fn limits_read_in_tokens_and_periods() {
+        let l = decode("rpm:1000:1000:60000").unwrap();
+        assert_eq!(l[0].describe(), "rpm 1/1m, burst 1");
+        let l = decode("tps:1500:500:1000,tpd:250:5000:86400000").unwrap();
+        assert_eq!(l[0].describe(), "tpd 5/1d, burst 0.25");
+        assert_eq!(l[1].describe(), "tps 0.5/1s, burst 1.5");
+        assert_eq!(period(90_000), "90s");
+        assert_eq!(period(250), "250ms");
+    }
 }
 
 #[cfg(test)]

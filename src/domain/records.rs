@@ -32,6 +32,17 @@ pub enum LimitScope {
     System,
 }
 
+impl std::fmt::Display for LimitScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::EntityResource(e, r) => write!(f, "entity {e} on resource {r}"),
+            Self::Entity(e) => write!(f, "entity {e}"),
+            Self::Resource(r) => write!(f, "resource {r}"),
+            Self::System => f.write_str("the system level"),
+        }
+    }
+}
+
 impl LimitScope {
     /// The audit subject of a change at this scope: the entity id for entity scopes, otherwise a
     /// name that no entity id can clash with in meaning (`#resource:...`, `#system`).

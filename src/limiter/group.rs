@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 
 use super::lane::{Io, Lane, Settle};
 use super::leases::Leases;
-use super::types::{Decision, Deps, GroupKey, LimiterError, Routes, Ticket};
+use super::types::{Decision, Deps, GroupKey, LimiterError, Owner, Routes, Ticket};
 use super::usage::UsageLog;
 use crate::domain::amounts::Amounts;
 use crate::domain::bucket::{Bucket, Change, LimitStatus, Write};
@@ -44,8 +44,9 @@ pub(crate) struct AcquireJob {
     /// Set for a cascading child: charge this parent too, in the same atomic write.
     pub parent: Option<ParentSpec>,
     pub deadline: tokio::time::Instant,
-    /// Whether the caller wants a lease (else the acquire is committed at once).
-    pub lease: bool,
+    /// Whether the caller wants a lease, and who may use it (else the acquire is committed at
+    /// once).
+    pub lease: Option<Owner>,
     pub reply: Reply<Decision>,
     /// The job's place in its group's bound (see [`super::registry`]).
     pub ticket: Option<Ticket>,

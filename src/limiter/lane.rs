@@ -575,8 +575,8 @@ impl Lane {
                 used.add(&p.entity, &share);
             }
             // The lease is routable before its id reaches the caller (who may use it at once).
-            let lease = lease.then(|| {
-                let id = ctx.routes.next_lease_id();
+            let lease = lease.map(|owner| {
+                let (seq, secret) = ctx.routes.lease_opened(ctx.group, owner);
                 let expires = ctx.now.saturating_add(ctx.deps.settings.lease_ttl_ms);
                 let lease = Lease::new(
                     entity.clone(),
@@ -586,21 +586,20 @@ impl Lane {
                     parent.clone(),
                     expires,
                 );
-                ctx.leases.open(id, lease);
-                ctx.routes.lease_opened(id, ctx.group);
-                id
+                ctx.leases.open(seq, lease);
+                (seq, LeaseId::Backed { seq, secret })
             });
             let answer = Ok(Decision::Admitted {
-                lease: lease.map(LeaseId::Backed),
+                lease: lease.map(|(_, id)| id),
                 statuses,
             });
             if reply.send(answer).is_ok() {
                 m::decision(outcome::ADMITTED);
                 continue;
             }
-            if let Some(id) = lease {
-                ctx.leases.withdraw(id);
-                ctx.routes.lease_closed(id);
+            if let Some((seq, _)) = lease {
+                ctx.leases.withdraw(seq);
+                ctx.routes.lease_closed(seq);
             }
             metrics::counter!(m::COMPENSATIONS).increment(1);
             self.settles

@@ -11,7 +11,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use super::group::{ParentSpec, Reply};
-use super::types::{LeaseId, LimiterError};
+use super::types::LimiterError;
 use crate::domain::amounts::{Amounts, MAX_AMOUNT};
 use crate::domain::ids::{EntityId, ResourceId};
 use crate::domain::limit::Limit;
@@ -55,8 +55,9 @@ pub(crate) struct Leases {
     forgotten: Vec<u64>,
 }
 
+/// The limiter names the lease as its caller gave it (see `Limiter::lease_call`).
 fn not_found(id: u64) -> LimiterError {
-    LimiterError::LeaseNotFound(LeaseId::Backed(id).to_string())
+    LimiterError::LeaseNotFound(format!("{id:x}"))
 }
 
 impl Lease {
@@ -167,8 +168,7 @@ impl Leases {
             {
                 let was = if *done { "rolled back" } else { "committed" };
                 let _ = reply.send(Err(LimiterError::FailedPrecondition(format!(
-                    "lease {} was already {was}",
-                    LeaseId::Backed(id)
+                    "the lease was already {was}"
                 ))));
                 None
             }

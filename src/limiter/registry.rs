@@ -16,8 +16,15 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::group::{Args, GroupActor, Msg};
-use super::types::{Deps, GroupKey, LimiterError, Routes, Ticket};
+use super::types::{Deps, GroupKey, LimiterError, Owner, Routes, Ticket, lease_secret};
 use crate::metrics::{self as m, outcome};
+
+/// Where an open lease lives, the secret half of its id, and who may use it.
+struct Route {
+    group: GroupKey,
+    secret: u128,
+    owner: Owner,
+}
 
 #[derive(Clone)]
 struct Handle {
@@ -28,23 +35,29 @@ struct Handle {
 pub(crate) struct Registry {
     deps: Arc<Deps>,
     actors: DashMap<GroupKey, Handle>,
-    leases: DashMap<u64, GroupKey>,
+    leases: DashMap<u64, Route>,
     next_lease: AtomicU64,
     /// Set once at construction: the registry itself, as the actors see it.
     me: std::sync::OnceLock<std::sync::Weak<Registry>>,
 }
 
 impl Routes for Registry {
-    fn lease_opened(&self, id: u64, group: &GroupKey) {
-        self.leases.insert(id, group.clone());
+    fn lease_opened(&self, group: &GroupKey, owner: Owner) -> (u64, u128) {
+        let seq = self.next_lease_id();
+        let secret = lease_secret();
+        self.leases.insert(
+            seq,
+            Route {
+                group: group.clone(),
+                secret,
+                owner,
+            },
+        );
+        (seq, secret)
     }
 
-    fn lease_closed(&self, id: u64) {
-        self.leases.remove(&id);
-    }
-
-    fn next_lease_id(&self) -> u64 {
-        self.next_lease.fetch_add(1, Ordering::Relaxed)
+    fn lease_closed(&self, seq: u64) {
+        self.leases.remove(&seq);
     }
 
     fn unpublish(&self, group: &GroupKey, actor: ractor::ActorId) {
@@ -73,8 +86,17 @@ impl Registry {
         self.actors.len()
     }
 
-    pub fn lease_group(&self, id: u64) -> Option<GroupKey> {
-        self.leases.get(&id).map(|g| g.clone())
+    /// A sequence number for a lease id (unbacked leases number from the same counter).
+    pub fn next_lease_id(&self) -> u64 {
+        self.next_lease.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The group and owner of an open lease; `None` for an unknown id or a wrong secret.
+    pub fn lease_route(&self, seq: u64, secret: u128) -> Option<(GroupKey, Owner)> {
+        self.leases
+            .get(&seq)
+            .filter(|r| r.secret == secret)
+            .map(|r| (r.group.clone(), r.owner))
     }
 
     /// Sends a call to the group's actor and waits for the answer until `deadline`. An acquire

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use tokio_util::task::TaskTracker;
 
+pub use crate::access::Owner;
 use crate::clock::Clock;
 use crate::domain::amounts::Amounts;
 use crate::domain::bucket::{LimitStatus, Rejection};
@@ -125,18 +126,21 @@ impl From<StoreError> for LimiterError {
     }
 }
 
-/// A lease handle as callers see it. Leases admitted while the store was unreachable under the
-/// `allow` policy were never written; closing them writes nothing.
+/// A lease handle as callers see it: a capability. A backed lease's id carries 128 bits from the
+/// operating system's random source next to its sequence number, so an id cannot be guessed from
+/// another; the daemon also binds it to the caller that opened it (see [`Owner`]). Leases
+/// admitted while the store was unreachable under the `allow` policy were never written; closing
+/// them writes nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum LeaseId {
-    Backed(u64),
+    Backed { seq: u64, secret: u128 },
     Unbacked(u64),
 }
 
 impl std::fmt::Display for LeaseId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Backed(n) => write!(f, "{n:x}"),
+            Self::Backed { seq, secret } => write!(f, "{seq:x}.{secret:032x}"),
             Self::Unbacked(n) => write!(f, "open-{n:x}"),
         }
     }
@@ -146,15 +150,34 @@ impl std::str::FromStr for LeaseId {
     type Err = LimiterError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || LimiterError::invalid("lease_id", format!("{s:?} is not a lease id"));
-        match s.strip_prefix("open-") {
-            Some(hex) => u64::from_str_radix(hex, 16)
+        let hex = |h: &str| !h.is_empty() && h.bytes().all(|b| b.is_ascii_hexdigit());
+        if let Some(n) = s.strip_prefix("open-") {
+            return u64::from_str_radix(n, 16)
+                .ok()
+                .filter(|_| hex(n))
                 .map(Self::Unbacked)
-                .map_err(|_| bad()),
-            None => u64::from_str_radix(s, 16)
-                .map(Self::Backed)
-                .map_err(|_| bad()),
+                .ok_or_else(bad);
         }
+        let (seq, secret) = s.split_once('.').ok_or_else(bad)?;
+        if !hex(seq) || secret.len() != 32 || !hex(secret) {
+            return Err(bad());
+        }
+        Ok(Self::Backed {
+            seq: u64::from_str_radix(seq, 16).map_err(|_| bad())?,
+            secret: u128::from_str_radix(secret, 16).map_err(|_| bad())?,
+        })
     }
+}
+
+/// 128 bits from the operating system's random source.
+///
+/// # Panics
+/// When the operating system has no random source to give (the daemon cannot issue safe lease
+/// ids without one).
+pub(crate) fn lease_secret() -> u128 {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the operating system's random source failed");
+    u128::from_ne_bytes(bytes)
 }
 
 /// The answer to an acquire.
@@ -183,6 +206,9 @@ pub struct AcquireRequest {
     pub limits: Option<Vec<Limit>>,
     /// Return a lease to adjust, commit or roll back; `false` commits at once.
     pub lease: bool,
+    /// Who may use the lease (the gRPC layer checks it; in-process callers pass
+    /// [`Owner::InProcess`]).
+    pub owner: Owner,
 }
 
 /// What every actor may read: the store, the clock, the settings and the task tracker.
@@ -208,9 +234,10 @@ impl Drop for Ticket {
 
 /// What an actor may do to the registry: publish and withdraw its leases, withdraw itself.
 pub(crate) trait Routes: Send + Sync + 'static {
-    fn lease_opened(&self, id: u64, group: &GroupKey);
-    fn lease_closed(&self, id: u64);
-    fn next_lease_id(&self) -> u64;
+    /// Makes a new lease of `group` routable; returns the two halves of its id (the sequence
+    /// number keys the group's lease table).
+    fn lease_opened(&self, group: &GroupKey, owner: Owner) -> (u64, u128);
+    fn lease_closed(&self, seq: u64);
     /// Stops routing to the actor `actor` of `group` (new work spawns a fresh actor).
     fn unpublish(&self, group: &GroupKey, actor: ractor::ActorId);
 }

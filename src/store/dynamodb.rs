@@ -467,6 +467,12 @@ pub(crate) fn classify<E>(
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
+    if let Some(cause) = credentials_error(&err) {
+        return StoreError::Backend(format!(
+            "no usable AWS credentials: {cause} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, \
+             AWS_PROFILE, or run with an IAM role)"
+        ));
+    }
     match &err {
         SdkError::TimeoutError(_) => {
             StoreError::Transient("DynamoDB did not answer in time".into())
@@ -481,14 +487,20 @@ where
             "unreadable answer from DynamoDB: {}",
             innermost(&err)
         )),
+        SdkError::ServiceError(se) if se.err().code().is_none() => StoreError::Backend(format!(
+            "the endpoint answered HTTP {} without a DynamoDB error: is it a DynamoDB endpoint?",
+            se.raw().status().as_u16()
+        )),
         SdkError::ServiceError(se) => {
             let code = se.err().code().unwrap_or("Unknown");
             let message = se.err().message().unwrap_or("").to_owned();
             match code {
                 "ProvisionedThroughputExceededException"
                 | "ThrottlingException"
-                | "RequestLimitExceeded"
-                | "InternalServerError"
+                | "RequestLimitExceeded" => StoreError::Transient(format!(
+                    "DynamoDB throttled the request ({code}): {message}"
+                )),
+                "InternalServerError"
                 | "ServiceUnavailable"
                 | "TransactionConflictException"
                 | "TransactionInProgressException" => {
@@ -497,11 +509,14 @@ where
                 "ResourceNotFoundException" => StoreError::Backend(format!(
                     "table {table:?} does not exist (run `zae-limiter deploy`): {message}"
                 )),
+                "AccessDeniedException" => StoreError::Backend(format!(
+                    "access denied to table {table:?} (the IAM policy needs the dynamodb actions \
+                     listed in the README): {message}"
+                )),
                 "UnrecognizedClientException"
                 | "InvalidSignatureException"
                 | "MissingAuthenticationTokenException"
-                | "ExpiredTokenException"
-                | "AccessDeniedException" => {
+                | "ExpiredTokenException" => {
                     StoreError::Backend(format!("AWS refused the credentials ({code}): {message}"))
                 }
                 _ => StoreError::Backend(format!("{code}: {message}")),
@@ -509,6 +524,21 @@ where
         }
         _ => StoreError::Backend(DisplayErrorContext(&err).to_string()),
     }
+}
+
+/// The credentials provider's error, when the call failed for want of credentials (the SDK
+/// reports it as a dispatch failure, which would otherwise read as an outage).
+fn credentials_error(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.downcast_ref::<aws_credential_types::provider::error::CredentialsError>()
+            .is_some()
+        {
+            return Some(innermost(e));
+        }
+        cur = e.source();
+    }
+    None
 }
 
 /// The deepest cause in an error chain: for network failures, the one a person can act on
@@ -717,6 +747,10 @@ impl DynamoStore {
 
 #[async_trait]
 impl Store for DynamoStore {
+    async fn probe(&self) -> Result<(), StoreError> {
+        table::probe(&self.client, &self.table).await
+    }
+
     async fn load_bucket(&self, key: &BucketKey) -> Result<Option<Bucket>, StoreError> {
         let out = self
             .client
@@ -1036,7 +1070,7 @@ impl Store for DynamoStore {
         scope: &LimitScope,
         by: &Actor,
     ) -> Result<(), StoreError> {
-        let not_found = || StoreError::NotFound(format!("limits at {scope:?}"));
+        let not_found = || StoreError::NotFound(format!("limits of {scope}"));
         let old = self.get_limits(ns, scope).await?.ok_or_else(not_found)?;
         let entry = AuditEntry::new(
             scope.audit_subject(),

@@ -265,7 +265,7 @@ impl Store for MemoryStore {
         let old = state
             .limits
             .remove(&(ns.clone(), scope.clone()))
-            .ok_or_else(|| StoreError::NotFound(format!("limits at {scope:?}")))?;
+            .ok_or_else(|| StoreError::NotFound(format!("limits of {scope}")))?;
         let e = AuditEntry::new(
             scope.audit_subject(),
             AuditAction::LimitsDeleted,

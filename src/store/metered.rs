@@ -3,6 +3,8 @@
 //! (and a rejection served from cache shows as nothing at all).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use async_trait::async_trait;
 
@@ -11,12 +13,14 @@ use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
 use crate::domain::records::{Actor, Entity, LimitScope, Period, Usage};
-use crate::metrics::{STORE_CALLS, WRITE_UNITS};
+use crate::metrics::{STORE_CALLS, STORE_SECONDS, WRITE_UNITS};
 
 /// Counts calls and write units of the store it wraps.
 #[derive(Clone)]
 pub struct Metered {
     inner: Arc<dyn Store>,
+    /// Whether the last call failed (see [`Metered::note_state`]).
+    failing: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Metered {
@@ -27,44 +31,85 @@ impl std::fmt::Debug for Metered {
 
 impl Metered {
     pub fn new(inner: Arc<dyn Store>) -> Self {
-        Self { inner }
+        Self {
+            inner,
+            failing: Arc::new(AtomicBool::new(false)),
+        }
     }
 }
 
-fn record<T>(operation: &'static str, units: u64, result: &Result<T, StoreError>) {
-    let outcome = match result {
-        Ok(_) => "ok",
-        Err(StoreError::Conflict { .. }) => "conflict",
-        Err(_) => "error",
-    };
-    metrics::counter!(STORE_CALLS, "operation" => operation, "outcome" => outcome).increment(1);
-    // A write that reached DynamoDB is billed whether its condition held or not.
-    if units > 0 && matches!(result, Ok(_) | Err(StoreError::Conflict { .. })) {
-        metrics::counter!(WRITE_UNITS).increment(units);
+impl Metered {
+    fn record<T>(
+        &self,
+        operation: &'static str,
+        started: Instant,
+        units: u64,
+        result: &Result<T, StoreError>,
+    ) {
+        metrics::histogram!(STORE_SECONDS, "operation" => operation)
+            .record(started.elapsed().as_secs_f64());
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(StoreError::Conflict { .. }) => "conflict",
+            Err(_) => "error",
+        };
+        metrics::counter!(STORE_CALLS, "operation" => operation, "outcome" => outcome).increment(1);
+        // A write that reached DynamoDB is billed whether its condition held or not.
+        if units > 0 && matches!(result, Ok(_) | Err(StoreError::Conflict { .. })) {
+            metrics::counter!(WRITE_UNITS).increment(units);
+        }
+        self.note_state(result.as_ref().err());
+    }
+
+    /// Logs a change between "the store answers" and "the store fails" once, at WARN, with the
+    /// cause (answers such as "already exists" or a lost condition are not failures).
+    fn note_state(&self, error: Option<&StoreError>) {
+        let failure = error.filter(|e| {
+            matches!(
+                e,
+                StoreError::Transient(_) | StoreError::Backend(_) | StoreError::Corrupt(_)
+            )
+        });
+        let was_failing = self.failing.swap(failure.is_some(), Ordering::Relaxed);
+        match failure {
+            Some(e) if !was_failing => tracing::warn!("store calls are failing: {e}"),
+            None if was_failing => tracing::warn!("store calls succeed again"),
+            _ => {}
+        }
     }
 }
 
 #[async_trait]
 impl Store for Metered {
+    async fn probe(&self) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let r = self.inner.probe().await;
+        self.record("probe", started, 0, &r);
+        r
+    }
+
     async fn load_bucket(&self, key: &BucketKey) -> Result<Option<Bucket>, StoreError> {
+        let started = Instant::now();
         let r = self.inner.load_bucket(key).await;
-        record("load", 0, &r);
+        self.record("load", started, 0, &r);
         r
     }
 
     async fn write_bucket(&self, key: &BucketKey, write: &Write) -> Result<Bucket, StoreError> {
+        let started = Instant::now();
         let r = self.inner.write_bucket(key, write).await;
-        record("write", 1, &r);
+        self.record("write", started, 1, &r);
         r
     }
 
     async fn commit(&self, writes: &[KeyedWrite]) -> Result<(), StoreError> {
+        let started = Instant::now();
         let r = self.inner.commit(writes).await;
         let units = match writes {
             [_] => 1,
             many => 2 * many.len() as u64,
         };
-        record("commit", units, &r);
+        self.record("commit", started, units, &r);
         r
     }
 
@@ -74,8 +119,9 @@ impl Store for Metered {
         entity: &Entity,
         by: &Actor,
     ) -> Result<(), StoreError> {
+        let started = Instant::now();
         let r = self.inner.create_entity(ns, entity, by).await;
-        record("entity", 4, &r);
+        self.record("entity", started, 4, &r);
         r
     }
 
@@ -84,8 +130,9 @@ impl Store for Metered {
         ns: &Namespace,
         id: &EntityId,
     ) -> Result<Option<Entity>, StoreError> {
+        let started = Instant::now();
         let r = self.inner.get_entity(ns, id).await;
-        record("entity", 0, &r);
+        self.record("entity", started, 0, &r);
         r
     }
 
@@ -96,8 +143,9 @@ impl Store for Metered {
         force: bool,
         by: &Actor,
     ) -> Result<(), StoreError> {
+        let started = Instant::now();
         let r = self.inner.delete_entity(ns, id, force, by).await;
-        record("entity", 4, &r);
+        self.record("entity", started, 4, &r);
         r
     }
 
@@ -108,8 +156,9 @@ impl Store for Metered {
         parent: Option<&EntityId>,
         by: &Actor,
     ) -> Result<Entity, StoreError> {
+        let started = Instant::now();
         let r = self.inner.move_entity(ns, id, parent, by).await;
-        record("entity", 4, &r);
+        self.record("entity", started, 4, &r);
         r
     }
 
@@ -118,8 +167,9 @@ impl Store for Metered {
         ns: &Namespace,
         parent: &EntityId,
     ) -> Result<Vec<Entity>, StoreError> {
+        let started = Instant::now();
         let r = self.inner.list_children(ns, parent).await;
-        record("entity", 0, &r);
+        self.record("entity", started, 0, &r);
         r
     }
 
@@ -130,8 +180,9 @@ impl Store for Metered {
         limits: &[Limit],
         by: &Actor,
     ) -> Result<(), StoreError> {
+        let started = Instant::now();
         let r = self.inner.set_limits(ns, scope, limits, by).await;
-        record("limits", 4, &r);
+        self.record("limits", started, 4, &r);
         r
     }
 
@@ -140,8 +191,9 @@ impl Store for Metered {
         ns: &Namespace,
         scope: &LimitScope,
     ) -> Result<Option<Vec<Limit>>, StoreError> {
+        let started = Instant::now();
         let r = self.inner.get_limits(ns, scope).await;
-        record("limits", 0, &r);
+        self.record("limits", started, 0, &r);
         r
     }
 
@@ -151,8 +203,9 @@ impl Store for Metered {
         scope: &LimitScope,
         by: &Actor,
     ) -> Result<(), StoreError> {
+        let started = Instant::now();
         let r = self.inner.delete_limits(ns, scope, by).await;
-        record("limits", 4, &r);
+        self.record("limits", started, 4, &r);
         r
     }
 
@@ -163,14 +216,16 @@ impl Store for Metered {
         page_size: usize,
         after: Option<&str>,
     ) -> Result<AuditPage, StoreError> {
+        let started = Instant::now();
         let r = self.inner.list_audit(ns, subject, page_size, after).await;
-        record("audit", 0, &r);
+        self.record("audit", started, 0, &r);
         r
     }
 
     async fn add_usage(&self, ns: &Namespace, usage: &[Usage]) -> Result<(), StoreError> {
+        let started = Instant::now();
         let r = self.inner.add_usage(ns, usage).await;
-        record("usage", usage.len() as u64, &r);
+        self.record("usage", started, usage.len() as u64, &r);
         r
     }
 
@@ -183,29 +238,33 @@ impl Store for Metered {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<Usage>, StoreError> {
+        let started = Instant::now();
         let r = self
             .inner
             .usage(ns, entity, resource, period, from_ms, to_ms)
             .await;
-        record("usage", 0, &r);
+        self.record("usage", started, 0, &r);
         r
     }
 
     async fn create_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
+        let started = Instant::now();
         let r = self.inner.create_namespace(ns).await;
-        record("namespace", 1, &r);
+        self.record("namespace", started, 1, &r);
         r
     }
 
     async fn list_namespaces(&self) -> Result<Vec<Namespace>, StoreError> {
+        let started = Instant::now();
         let r = self.inner.list_namespaces().await;
-        record("namespace", 0, &r);
+        self.record("namespace", started, 0, &r);
         r
     }
 
     async fn delete_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
+        let started = Instant::now();
         let r = self.inner.delete_namespace(ns).await;
-        record("namespace", 1, &r);
+        self.record("namespace", started, 1, &r);
         r
     }
 }

@@ -38,6 +38,7 @@ impl Daemon {
         let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
         let config_path = dir.path().join("zae-limiter.toml");
         std::fs::write(&config_path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_zae-limiter"))
             .arg("serve")
             .arg("--config")
@@ -51,6 +52,7 @@ impl Daemon {
             .env("AWS_SECRET_ACCESS_KEY", "local")
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
+            .stderr(log)
             .spawn()
             .expect("start zae-limiter serve");
         let mut daemon = Self {
@@ -67,7 +69,10 @@ impl Daemon {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(30) {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("the daemon exited during start-up: {status}");
+                panic!(
+                    "the daemon exited during start-up: {status}\n{}",
+                    self.log()
+                );
             }
             if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
                 return;
@@ -75,6 +80,55 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("the daemon did not open its socket within 30 s");
+    }
+
+    /// What the daemon has logged so far (its standard error).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// The configuration file the daemon was started with (rewrite it, then [`Daemon::hangup`]).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("zae-limiter.toml")
+    }
+
+    /// Sends SIGHUP (reload).
+    pub fn hangup(&self) {
+        unsafe_kill(self.child.id(), libc::SIGHUP);
+    }
+
+    /// Waits (up to 30 s) until the log contains `text`; panics with the log otherwise.
+    pub fn wait_for_log(&self, text: &str) {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if self.log().contains(text) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "the daemon did not log {text:?} within 30 s; its log:\n{}",
+            self.log()
+        );
+    }
+
+    /// An HTTP GET on the metrics port: status code and body.
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(self.metrics).expect("connect to the metrics port");
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        let code = text
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        (code, body.to_owned())
     }
 
     pub async fn client(&self) -> Client {
@@ -134,6 +188,9 @@ fn unsafe_kill(pid: u32, signal: i32) {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- the daemon's log ---\n{}", self.log());
+        }
         if self.child.try_wait().ok().flatten().is_none() {
             unsafe_kill(self.child.id(), libc::SIGTERM);
             let _ = self.child.wait();

@@ -21,6 +21,8 @@ pub enum Fault {
     ResetAnswers,
     /// Accepts and reads, forwards nothing, answers nothing.
     Blackhole,
+    /// As if DynamoDB were stopped: every connection, new or open, is reset on its next request.
+    Down,
 }
 
 pub struct FaultProxy {
@@ -44,6 +46,10 @@ impl FaultProxy {
             while let Ok((client, _)) = listener.accept().await {
                 let fault = shared.clone();
                 tokio::spawn(async move {
+                    if FaultProxy::get(&fault) == Fault::Down {
+                        reset(client);
+                        return;
+                    }
                     if let Ok(server) = TcpStream::connect(upstream).await {
                         relay(client, server, fault).await;
                     }
@@ -90,8 +96,13 @@ async fn relay(mut client: TcpStream, mut server: TcpStream, fault: Arc<Mutex<Fa
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
-                if FaultProxy::get(&fault) == Fault::Blackhole {
-                    continue;
+                match FaultProxy::get(&fault) {
+                    Fault::Blackhole => continue,
+                    Fault::Down => {
+                        reset(client);
+                        return;
+                    }
+                    _ => {}
                 }
                 if server.write_all(&requests[..n]).await.is_err() {
                     break;
@@ -106,7 +117,7 @@ async fn relay(mut client: TcpStream, mut server: TcpStream, fault: Arc<Mutex<Fa
                     Fault::Pass => {}
                     Fault::SlowAnswers(d) => tokio::time::sleep(d).await,
                     Fault::Blackhole => continue,
-                    Fault::ResetAnswers => {
+                    Fault::ResetAnswers | Fault::Down => {
                         reset(client);
                         return;
                     }

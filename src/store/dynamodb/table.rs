@@ -123,6 +123,24 @@ pub async fn deploy(client: &Client, table: &str) -> Result<Deployed, StoreError
     Ok(outcome)
 }
 
+/// Whether the table can serve: it exists and is active (or updating, which serves too).
+///
+/// # Errors
+/// [`StoreError`] saying why not.
+pub(crate) async fn probe(client: &Client, table: &str) -> Result<(), StoreError> {
+    let out = describe(client, table).await?;
+    match out.table().and_then(|t| t.table_status()) {
+        Some(TableStatus::Active | TableStatus::Updating) => Ok(()),
+        Some(other) => Err(StoreError::Backend(format!(
+            "table {table:?} is {}, not ACTIVE",
+            other.as_str()
+        ))),
+        None => Err(StoreError::Backend(format!(
+            "DynamoDB described no table {table:?}"
+        ))),
+    }
+}
+
 async fn describe(
     client: &Client,
     table: &str,
