@@ -635,3 +635,28 @@ async fn metrics_are_there_from_the_start_with_build_info_and_store_latency() {
     }
     assert!(daemon.metric("zae_limiter_process_resident_memory_bytes", &[]) > 1e6);
 }
+
+#[test]
+fn completions_and_the_man_page_come_from_the_cli_definition() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_zae-limiter"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for shell in ["bash", "zsh", "fish"] {
+        let out = run(&["completions", shell]);
+        assert!(out.status.success(), "{shell}: {}", text(&out.stderr));
+        let script = text(&out.stdout);
+        for word in ["serve", "acquire", "namespace", "socket", "require-store"] {
+            assert!(script.contains(word), "{shell} completions lack {word}");
+        }
+    }
+    let out = run(&["man"]);
+    assert!(out.status.success());
+    let page = text(&out.stdout);
+    assert!(page.contains(".TH zae-limiter 1"), "{page}");
+    assert!(page.contains("serve") && page.contains("completions"), "{page}");
+    // A usage error exits 2, as the README lists.
+    assert_eq!(run(&["limits", "set", "rpm=1/1m"]).status.code(), Some(2));
+}
