@@ -656,7 +656,10 @@ fn completions_and_the_man_page_come_from_the_cli_definition() {
     assert!(out.status.success());
     let page = text(&out.stdout);
     assert!(page.contains(".TH zae-limiter 1"), "{page}");
-    assert!(page.contains("serve") && page.contains("completions"), "{page}");
+    assert!(
+        page.contains("serve") && page.contains("completions"),
+        "{page}"
+    );
     // A usage error exits 2, as the README lists.
     assert_eq!(run(&["limits", "set", "rpm=1/1m"]).status.code(), Some(2));
 }
