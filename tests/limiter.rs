@@ -522,6 +522,62 @@ async fn a_cascade_chain_is_one_group(inner: Arc<dyn Store>, ns: Namespace) {
     }
 }
 
+/// Look-ups of an entity in use are re-read in the background before they expire: past the
+/// first read, a steady entity's decisions never wait for an entity or limits read.
+async fn a_steady_entity_never_waits_for_a_look_up(inner: Arc<dyn Store>, ns: Namespace) {
+    use zae_limiter::domain::records::{Actor, LimitScope};
+    let f = fixture(inner, ns, |s| s.limits_cache_ms = 1_000);
+    let by = Actor {
+        principal: "test".into(),
+        at_ms: T0,
+    };
+    let limits = [Limit::per_hour("tok", 1_000).unwrap()];
+    let scope = LimitScope::Entity(EntityId::new("steady").unwrap());
+    f.store
+        .inner
+        .set_limits(&f.ns, &scope, &limits, &by)
+        .await
+        .unwrap();
+    let acquire = || async {
+        let req = AcquireRequest {
+            key: key(&f.ns, "steady"),
+            amounts: amounts(&[("tok", 1)]),
+            limits: None,
+            lease: false,
+            owner: zae_limiter::limiter::Owner::InProcess,
+        };
+        assert!(admitted(&f.limiter.acquire(req, within(5_000)).await));
+    };
+    let settled = || async {
+        // Background reads are counted once they have run; wait for the count to stop moving.
+        let mut last = f.store.lookups();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let now = f.store.lookups();
+            if now == last {
+                return now;
+            }
+            last = now;
+        }
+    };
+    acquire().await;
+    let first = settled().await;
+    assert!(first >= 2, "the entity and its limits were read: {first}");
+    // Within the first three quarters of the cache's life: no read at all.
+    f.clock.advance(700);
+    acquire().await;
+    assert_eq!(settled().await, first);
+    // In the last quarter: answered from the cache, refreshed in the background.
+    f.clock.advance(100);
+    acquire().await;
+    let refreshed = settled().await;
+    assert!(refreshed > first, "a background refresh ran");
+    // Past the first read's expiry, the refreshed values serve: no read, none waited for.
+    f.clock.advance(400);
+    acquire().await;
+    assert_eq!(settled().await, refreshed);
+}
+
 macro_rules! both_stores {
     ($($test:ident),* $(,)?) => {
         mod memory {
@@ -557,4 +613,5 @@ both_stores!(
     debt_has_a_floor,
     a_rollback_survives_transient_failures,
     a_cascade_chain_is_one_group,
+    a_steady_entity_never_waits_for_a_look_up,
 );

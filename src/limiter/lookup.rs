@@ -1,9 +1,14 @@
 //! What a decision needs from the store besides buckets: the stored limits that apply (entity +
 //! resource, entity, resource, system: the first level that has any supplies the whole set), the
 //! entity (does it cascade, to which parent) and the namespace registry. Each is cached for
-//! `limits_cache_ms` in a bounded [`Cache`]; the caller bounds the time a look-up may take.
+//! `limits_cache_ms` in a bounded [`Cache`]; the caller bounds the time a look-up may take. A
+//! cached value in the last quarter of its life is answered at once and re-read in the background
+//! (see [`Cache::get_or_claim`]), so an entity in steady use never waits for these reads.
 
+use std::future::Future;
+use std::hash::Hash;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::cache::Cache;
 use super::group::ParentSpec;
@@ -12,11 +17,17 @@ use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
 use crate::domain::records::{Entity, LimitScope, MAX_DEPTH};
 
+type LimitsKey = (Namespace, EntityId, ResourceId);
+type EntityKey = (Namespace, EntityId);
+
 pub(crate) struct Lookups {
     deps: Arc<Deps>,
-    limits: Cache<(Namespace, EntityId, ResourceId), Option<Vec<Limit>>>,
-    entities: Cache<(Namespace, EntityId), Option<Entity>>,
-    registry: Cache<(), Vec<Namespace>>,
+    limits: Arc<Cache<LimitsKey, Option<Vec<Limit>>>>,
+    entities: Arc<Cache<EntityKey, Option<Entity>>>,
+    registry: Arc<Cache<(), Vec<Namespace>>>,
+    /// Bumped by [`Lookups::clear`]: a read that started before a clear does not refill the
+    /// cache with what the change replaced.
+    generation: Arc<AtomicU64>,
 }
 
 impl Lookups {
@@ -24,21 +35,60 @@ impl Lookups {
         let age = deps.settings.limits_cache_ms;
         let size = deps.settings.max_cached_lookups;
         Self {
-            limits: Cache::new(age, size),
-            entities: Cache::new(age, size),
-            registry: Cache::new(age, 1),
+            limits: Arc::new(Cache::new(age, size)),
+            entities: Arc::new(Cache::new(age, size)),
+            registry: Arc::new(Cache::new(age, 1)),
+            generation: Arc::new(AtomicU64::new(0)),
             deps,
         }
     }
 
     pub fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.limits.clear();
         self.entities.clear();
         self.registry.clear();
     }
 
-    fn now(&self) -> i64 {
-        self.deps.clock.now_ms()
+    /// The cached value of `key`, else `load`'s (cached). A value due for refresh is answered
+    /// and re-read by a background task.
+    async fn cached<K, V, F, Fut>(
+        &self,
+        cache: &Arc<Cache<K, V>>,
+        key: K,
+        load: F,
+    ) -> Result<V, LimiterError>
+    where
+        K: Eq + Hash + Clone + Send + Sync + 'static,
+        V: Clone + Send + Sync + 'static,
+        F: Fn(Arc<Deps>, K) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<V, LimiterError>> + Send + 'static,
+    {
+        let clock = &self.deps.clock;
+        if let Some((value, refresh)) = cache.get_or_claim(&key, clock.now_ms()) {
+            if refresh {
+                let (deps, cache, generation) =
+                    (self.deps.clone(), cache.clone(), self.generation.clone());
+                let started = generation.load(Ordering::SeqCst);
+                self.deps.tasks.spawn(async move {
+                    match load(deps.clone(), key.clone()).await {
+                        Ok(fresh) if generation.load(Ordering::SeqCst) == started => {
+                            cache.insert(key, fresh, deps.clock.now_ms());
+                        }
+                        Ok(_) => {}
+                        // The entry stays until it expires; another reader retries.
+                        Err(e) => tracing::debug!("background look-up refresh failed: {e}"),
+                    }
+                });
+            }
+            return Ok(value);
+        }
+        let started = self.generation.load(Ordering::SeqCst);
+        let value = load(self.deps.clone(), key.clone()).await?;
+        if self.generation.load(Ordering::SeqCst) == started {
+            cache.insert(key, value.clone(), clock.now_ms());
+        }
+        Ok(value)
     }
 
     /// See [`super::Limiter::namespace`].
@@ -62,13 +112,12 @@ impl Lookups {
     }
 
     async fn registered(&self, ns: &Namespace) -> Result<bool, LimiterError> {
-        if let Some(list) = self.registry.get(&(), self.now()) {
-            return Ok(list.contains(ns));
-        }
-        let list = self.deps.store.list_namespaces().await?;
-        let found = list.contains(ns);
-        self.registry.insert((), list, self.now());
-        Ok(found)
+        let list = self
+            .cached(&self.registry, (), |deps, ()| async move {
+                Ok(deps.store.list_namespaces().await?)
+            })
+            .await?;
+        Ok(list.contains(ns))
     }
 
     /// The stored limits for a bucket.
@@ -81,26 +130,25 @@ impl Lookups {
             key.entity.clone(),
             key.resource.clone(),
         );
-        let found = match self.limits.get(&cache_key, self.now()) {
-            Some(found) => found,
-            None => {
-                let mut found = None;
-                for scope in [
-                    LimitScope::EntityResource(key.entity.clone(), key.resource.clone()),
-                    LimitScope::Entity(key.entity.clone()),
-                    LimitScope::Resource(key.resource.clone()),
-                    LimitScope::System,
-                ] {
-                    if let Some(limits) = self.deps.store.get_limits(&key.namespace, &scope).await?
-                    {
-                        found = Some(limits);
-                        break;
+        let found = self
+            .cached(
+                &self.limits,
+                cache_key,
+                |deps, (ns, entity, resource)| async move {
+                    for scope in [
+                        LimitScope::EntityResource(entity.clone(), resource.clone()),
+                        LimitScope::Entity(entity),
+                        LimitScope::Resource(resource),
+                        LimitScope::System,
+                    ] {
+                        if let Some(limits) = deps.store.get_limits(&ns, &scope).await? {
+                            return Ok(Some(limits));
+                        }
                     }
-                }
-                self.limits.insert(cache_key, found.clone(), self.now());
-                found
-            }
-        };
+                    Ok(None)
+                },
+            )
+            .await?;
         found.ok_or_else(|| {
             LimiterError::invalid(
                 "limits",
@@ -146,18 +194,11 @@ impl Lookups {
         key: &BucketKey,
     ) -> Result<Option<ParentSpec>, LimiterError> {
         let cache_key = (key.namespace.clone(), key.entity.clone());
-        let entity = match self.entities.get(&cache_key, self.now()) {
-            Some(entity) => entity,
-            None => {
-                let entity = self
-                    .deps
-                    .store
-                    .get_entity(&key.namespace, &key.entity)
-                    .await?;
-                self.entities.insert(cache_key, entity.clone(), self.now());
-                entity
-            }
-        };
+        let entity = self
+            .cached(&self.entities, cache_key, |deps, (ns, id)| async move {
+                Ok(deps.store.get_entity(&ns, &id).await?)
+            })
+            .await?;
         let Some(parent) = entity.filter(|e| e.cascade).and_then(|e| e.parent) else {
             return Ok(None);
         };

@@ -72,6 +72,8 @@ pub struct Counting {
     pub inner: Arc<dyn Store>,
     pub loads: AtomicU64,
     pub writes: AtomicU64,
+    /// Look-ups: entities, stored limits, the namespace registry.
+    pub lookups: AtomicU64,
     /// Milliseconds each bucket write waits before it is applied.
     pub write_delay_ms: AtomicU64,
     /// How many of the next bucket writes and loads fail (transiently, applying nothing).
@@ -84,6 +86,7 @@ impl Counting {
             inner,
             loads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            lookups: AtomicU64::new(0),
             write_delay_ms: AtomicU64::new(0),
             failures: AtomicU64::new(0),
         }
@@ -115,6 +118,10 @@ impl Counting {
 
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::SeqCst)
+    }
+
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::SeqCst)
     }
 }
 
@@ -159,6 +166,7 @@ mod counting {
             ns: &Namespace,
             id: &EntityId,
         ) -> Result<Option<Entity>, StoreError> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
             self.inner.get_entity(ns, id).await
         }
         async fn delete_entity(
@@ -200,6 +208,7 @@ mod counting {
             ns: &Namespace,
             scope: &LimitScope,
         ) -> Result<Option<Vec<Limit>>, StoreError> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
             self.inner.get_limits(ns, scope).await
         }
         async fn delete_limits(
@@ -223,6 +232,7 @@ mod counting {
             self.inner.create_namespace(ns).await
         }
         async fn list_namespaces(&self) -> Result<Vec<Namespace>, StoreError> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
             self.inner.list_namespaces().await
         }
         async fn delete_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
