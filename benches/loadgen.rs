@@ -366,7 +366,9 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
         |name: &str, label: &str| metric(&after, name, label) - metric(&before, name, label);
     let units = delta("zae_limiter_store_write_units_total", "");
     let writes = delta("zae_limiter_store_calls_total", "operation=\"write\"");
-    let store_calls = delta("zae_limiter_store_calls_total", "");
+    // Decisions' store calls: the health probe's (one per `health_probe_ms`) are not theirs.
+    let store_calls = delta("zae_limiter_store_calls_total", "")
+        - delta("zae_limiter_store_calls_total", "operation=\"probe\"");
     let commits = delta("zae_limiter_store_calls_total", "operation=\"commit\"");
     let cached = delta("zae_limiter_decisions_total", "outcome=\"rejected_cached\"");
     let conflicts = delta("zae_limiter_conflicts_total", "");
