@@ -82,6 +82,14 @@ pub mod outcome {
     pub const FAILED_CLOSED: &str = "failed_closed";
     /// Refused because too many acquires already wait for the bucket (load shedding).
     pub const SHED: &str = "shed";
+    pub const ALL: [&str; 6] = [
+        ADMITTED,
+        REJECTED_CACHED,
+        REJECTED_STORE,
+        FAILED_OPEN,
+        FAILED_CLOSED,
+        SHED,
+    ];
 }
 
 /// Registers the descriptions with the installed recorder (call once, after installing it).
@@ -128,14 +136,7 @@ pub fn describe() {
 /// Creates every series the dashboards and alerts read, at zero, so that a rate over a counter
 /// that has not moved yet is 0 rather than no data.
 pub fn register_all() {
-    for o in [
-        outcome::ADMITTED,
-        outcome::REJECTED_CACHED,
-        outcome::REJECTED_STORE,
-        outcome::FAILED_OPEN,
-        outcome::FAILED_CLOSED,
-        outcome::SHED,
-    ] {
+    for o in outcome::ALL {
         metrics::counter!(DECISIONS, "outcome" => o).increment(0);
     }
     for op in STORE_OPERATIONS {
@@ -222,15 +223,8 @@ pub fn install() -> Result<metrics_exporter_prometheus::PrometheusHandle, String
 /// Counts one decision. The handles are looked up once (the recorder must be installed before
 /// the first decision, as `serve` does), not on every call of the hot path.
 pub fn decision(outcome: &'static str) {
+    use outcome::ALL;
     use std::sync::OnceLock;
-    const ALL: [&str; 6] = [
-        outcome::ADMITTED,
-        outcome::REJECTED_CACHED,
-        outcome::REJECTED_STORE,
-        outcome::FAILED_OPEN,
-        outcome::FAILED_CLOSED,
-        outcome::SHED,
-    ];
     static HANDLES: OnceLock<Vec<metrics::Counter>> = OnceLock::new();
     let handles = HANDLES.get_or_init(|| {
         ALL.iter()

@@ -12,20 +12,22 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Whether the store answers, as the health probe last saw it; read by `/ready`.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Readiness {
     /// `None`: ready; `Some(cause)`: not ready, and why.
     not_ready: Mutex<Option<String>>,
 }
 
-impl Readiness {
+impl Default for Readiness {
     /// Not ready until the first probe answers.
-    pub fn new() -> Self {
+    fn default() -> Self {
         Self {
             not_ready: Mutex::new(Some("the store has not been probed yet".into())),
         }
     }
+}
 
+impl Readiness {
     /// Records a probe's result; returns whether readiness changed.
     pub fn set(&self, result: Result<(), String>) -> bool {
         let mut state = self.not_ready.lock().unwrap_or_else(|p| p.into_inner());

@@ -300,7 +300,7 @@ pub async fn serve(
     let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
     let limiter_settings = config.limiter.settings()?;
-    let readiness = Arc::new(Readiness::new());
+    let readiness = Arc::new(Readiness::default());
     if let Some(addr) = config.server.metrics_addr {
         let listener = TcpListener::bind(addr)
             .await

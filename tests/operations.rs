@@ -85,16 +85,21 @@ fn lease(id: &str) -> proto::LeaseRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lease_answers_only_the_caller_that_opened_it() {
+/// A daemon on a socket everyone may open (mode 0666, in [`open_dir`]) and a loopback TCP port.
+fn shared_daemon(config: &str) -> (tempfile::TempDir, u16, Daemon) {
     let dir = open_dir();
     let port = free_port();
-    let config = "[server]\nsocket_mode = \"0666\"\n";
     let daemon = Daemon::start_at(
         config,
         Some(dir.path().join("zl.sock")),
         &["--tcp", &format!("127.0.0.1:{port}")],
     );
+    (dir, port, daemon)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_answers_only_the_caller_that_opened_it() {
+    let (dir, port, daemon) = shared_daemon("[server]\nsocket_mode = \"0666\"\n");
     let mut mine = daemon.client().await.raw();
     let id = mine
         .acquire(acquire_request("k"))
@@ -192,14 +197,8 @@ fn limits_of(dir: &Path, daemon: &Daemon, uid: Option<u32>) -> Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_need_a_grant_and_a_reload_grants_it_without_dropping_requests() {
-    let dir = open_dir();
-    let port = free_port();
     let config = "[server]\nsocket_mode = \"0666\"\nlog_level = \"info\"\n";
-    let daemon = Daemon::start_at(
-        config,
-        Some(dir.path().join("zl.sock")),
-        &["--tcp", &format!("127.0.0.1:{port}")],
-    );
+    let (dir, port, daemon) = shared_daemon(config);
     let set = |tokens: u64| proto::SetLimitsRequest {
         scope: Some(proto::LimitScope {
             entity_id: Some("e".into()),
