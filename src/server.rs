@@ -121,6 +121,7 @@ pub async fn bind_socket(
 /// [`ServerError`] when a listener cannot be bound or the server fails.
 pub async fn run(
     limiter: Limiter,
+    store: Arc<Metered>,
     settings: ServerSettings,
     readiness: Arc<Readiness>,
     shutdown: impl Future<Output = ()>,
@@ -145,12 +146,7 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     // Health is in step with the store from the first request on.
     set_health(&health, readiness.get().is_ok()).await;
-    let probe = tokio::spawn(probe_store(
-        limiter.store().clone(),
-        settings.health_probe,
-        health,
-        readiness,
-    ));
+    let probe = tokio::spawn(probe_store(store, settings.health_probe, health, readiness));
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::DESCRIPTOR)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -218,21 +214,25 @@ pub async fn run(
 }
 
 /// Keeps `grpc.health.v1` (the whole server and the `RateLimiter` service) and `/ready` in step
-/// with whether the store answers. The store logs its own failures (see `Metered`); this logs the
-/// change of health.
+/// with whether the store answers: the calls the daemon makes anyway tell it when there are any
+/// (none failed, one succeeded within the interval), a probe of its own otherwise. The store logs
+/// its own failures (see `Metered`); this logs the change of health.
 async fn probe_store(
-    store: Arc<dyn Store>,
+    store: Arc<Metered>,
     every: Duration,
     health: tonic_health::server::HealthReporter,
     readiness: Arc<Readiness>,
 ) {
     loop {
         tokio::time::sleep(every).await;
-        let result =
+        let result = if store.answered_within(every) {
+            Ok(())
+        } else {
             match tokio::time::timeout(every.max(Duration::from_secs(1)), store.probe()).await {
                 Ok(r) => r.map_err(|e| e.to_string()),
                 Err(_) => Err("the store did not answer the health probe in time".to_owned()),
-            };
+            }
+        };
         metrics::gauge!(m::STORE_UP).set(if result.is_ok() { 1.0 } else { 0.0 });
         let cause = result.as_ref().err().cloned();
         if readiness.set(result) {
@@ -312,7 +312,8 @@ pub async fn serve(
         Backend::Memory => Arc::new(MemoryStore::new()),
         Backend::Dynamodb => Arc::new(DynamoStore::connect(&dynamo).await),
     };
-    let store: Arc<dyn Store> = Arc::new(Metered::new(store));
+    let metered = Arc::new(Metered::new(store));
+    let store: Arc<dyn Store> = metered.clone();
     let first = store.probe().await.map_err(|e| e.to_string());
     metrics::gauge!(m::STORE_UP).set(if first.is_ok() { 1.0 } else { 0.0 });
     if let Err(e) = &first {
@@ -352,7 +353,7 @@ pub async fn serve(
         limiter.clone(),
         live,
     ));
-    let served = run(limiter, settings, readiness, shutdown)
+    let served = run(limiter, metered, settings, readiness, shutdown)
         .await
         .map_err(|e| e.to_string());
     reloader.abort();

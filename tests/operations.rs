@@ -662,3 +662,37 @@ fn completions_and_the_man_page_come_from_the_cli_definition() {
     // A usage error exits 2, as the README lists.
     assert_eq!(run(&["limits", "set", "rpm=1/1m"]).status.code(), Some(2));
 }
+
+/// The health probe is a call of its own only when the daemon makes none: under traffic the
+/// store's answers to that traffic are the health (a probe there would only add load; on DynamoDB
+/// Local, whose `DescribeTable` counts every item, it held up the writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_is_the_health_probe_while_there_is_any() {
+    let daemon = Daemon::start("[server]\nhealth_probe_ms = 300\n", &[]);
+    let probes = || {
+        daemon.metric(
+            "zae_limiter_store_calls_total",
+            &["operation=\"probe\"", "outcome=\"ok\""],
+        )
+    };
+    let mut raw = daemon.client().await.raw();
+    let before = probes();
+    let started = Instant::now();
+    let mut answered = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let mut req = acquire_request("steady");
+        req.commit = true;
+        raw.acquire(req).await.unwrap();
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let under_traffic = probes() - before;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle = probes() - before - under_traffic;
+    assert!(answered > 10);
+    assert!(
+        under_traffic <= 2.0,
+        "{under_traffic} probes in 3 s of traffic (one every 300 ms when idle)"
+    );
+    assert!(idle >= 4.0, "{idle} probes in 3 s idle");
+}

@@ -3,7 +3,7 @@
 //! (and a rejection served from cache shows as nothing at all).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use async_trait::async_trait;
@@ -21,6 +21,9 @@ pub struct Metered {
     inner: Arc<dyn Store>,
     /// Whether the last call failed (see [`Metered::note_state`]).
     failing: Arc<AtomicBool>,
+    /// When a call last succeeded, in milliseconds since `started` (`u64::MAX`: never).
+    last_ok_ms: Arc<AtomicU64>,
+    started: Instant,
 }
 
 impl std::fmt::Debug for Metered {
@@ -34,7 +37,20 @@ impl Metered {
         Self {
             inner,
             failing: Arc::new(AtomicBool::new(false)),
+            last_ok_ms: Arc::new(AtomicU64::new(u64::MAX)),
+            started: Instant::now(),
         }
+    }
+
+    /// Whether the store answered a call within the last `window` and has not failed since:
+    /// the health probe needs no call of its own then (on DynamoDB Local, whose `DescribeTable`
+    /// counts every item, a probe under load would hold up the writes).
+    pub fn answered_within(&self, window: std::time::Duration) -> bool {
+        let last = self.last_ok_ms.load(Ordering::Relaxed);
+        let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        last != u64::MAX
+            && now.saturating_sub(last) <= u64::try_from(window.as_millis()).unwrap_or(u64::MAX)
+            && !self.failing.load(Ordering::Relaxed)
     }
 }
 
@@ -70,6 +86,10 @@ impl Metered {
                 StoreError::Transient(_) | StoreError::Backend(_) | StoreError::Corrupt(_)
             )
         });
+        if failure.is_none() {
+            let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+            self.last_ok_ms.store(now, Ordering::Relaxed);
+        }
         let was_failing = self.failing.swap(failure.is_some(), Ordering::Relaxed);
         match failure {
             Some(e) if !was_failing => tracing::warn!("store calls are failing: {e}"),
