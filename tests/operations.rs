@@ -568,6 +568,18 @@ fn status_without_credentials(endpoint: &str) -> Output {
         .unwrap()
 }
 
+/// What the CLI's `status` against `endpoint` (with test credentials) prints on stderr.
+fn status_error(endpoint: &str) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_zae-limiter"))
+        .args(["status", "--table", "t", "--endpoint-url", endpoint])
+        .env("AWS_ACCESS_KEY_ID", "local")
+        .env("AWS_SECRET_ACCESS_KEY", "local")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    text(&out.stderr)
+}
+
 #[test]
 fn store_errors_are_classified_with_their_cause() {
     let err = text(&status_without_credentials(&common::endpoint()).stderr);
@@ -587,28 +599,14 @@ fn store_errors_are_classified_with_their_cause() {
             );
         }
     });
-    let out = Command::new(env!("CARGO_BIN_EXE_zae-limiter"))
-        .args(["status", "--table", "t", "--endpoint-url"])
-        .arg(format!("http://{addr}"))
-        .env("AWS_ACCESS_KEY_ID", "local")
-        .env("AWS_SECRET_ACCESS_KEY", "local")
-        .output()
-        .unwrap();
-    let err = text(&out.stderr);
+    let err = status_error(&format!("http://{addr}"));
     assert!(
         err.contains("HTTP 404") && err.contains("is it a DynamoDB endpoint?"),
         "{err}"
     );
 
     // Nothing listening.
-    let closed = format!("http://127.0.0.1:{}", free_port());
-    let out = Command::new(env!("CARGO_BIN_EXE_zae-limiter"))
-        .args(["status", "--table", "t", "--endpoint-url", &closed])
-        .env("AWS_ACCESS_KEY_ID", "local")
-        .env("AWS_SECRET_ACCESS_KEY", "local")
-        .output()
-        .unwrap();
-    let err = text(&out.stderr);
+    let err = status_error(&format!("http://127.0.0.1:{}", free_port()));
     assert!(
         err.contains("cannot reach DynamoDB") && err.contains("Connection refused"),
         "{err}"
