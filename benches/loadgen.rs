@@ -81,6 +81,16 @@ struct Args {
     /// per request, a rule with the same limit) instead of the RateLimiter service.
     #[arg(long)]
     envoy: bool,
+    /// Memory mode: rounds of `--entities` new entities each, RSS reported after each.
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
+    /// Memory mode: the daemon's `entity_cache_ms` (unset: the daemon's default); after each
+    /// round the load generator also waits until the idle records are forgotten.
+    #[arg(long)]
+    entity_cache_ms: Option<u64>,
+    /// Memory mode: how long to wait for the actors to stop (and records to be forgotten).
+    #[arg(long, default_value_t = 30)]
+    settle_seconds: u64,
     /// `cargo bench` passes --bench; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -113,12 +123,14 @@ fn start(
     binary: Option<&std::path::Path>,
     endpoint: Option<&str>,
     threads: usize,
+    limiter_config: &str,
     extra_config: &str,
 ) -> (Daemon, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("zl.sock");
     let metrics = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut config = String::from("[limiter]\nidle_timeout_ms = 3600000\n");
+    let mut config = String::from("[limiter]\n");
+    config += limiter_config;
     if let Some(endpoint) = endpoint {
         config += &format!(
             "backend = \"dynamodb\"\nnamespaces = [\"bench{}\"]\n[dynamodb]\ntable = \"zae-limiter-bench\"\nendpoint_url = \"{endpoint}\"\n",
@@ -241,6 +253,13 @@ async fn main() {
         args.daemon.as_deref(),
         endpoint.as_deref(),
         args.daemon_threads,
+        &match (args.mode, args.entity_cache_ms) {
+            // Memory: the daemon's own idle settings, so actors stop and leave records.
+            (Mode::Memory, None) => String::new(),
+            (Mode::Memory, Some(ms)) => format!("entity_cache_ms = {ms}\n"),
+            // Throughput: every entity stays in its actor for the run.
+            _ => "idle_timeout_ms = 3600000\n".to_string(),
+        },
         if args.envoy { &envoy_rule } else { "" },
     );
     let pid = daemon.child.id();
@@ -249,7 +268,7 @@ async fn main() {
         clients.push(Client::connect(&socket).await.unwrap());
     }
     match args.mode {
-        Mode::Memory => memory(&args, &clients, pid).await,
+        Mode::Memory => memory(&args, &clients, &daemon, pid).await,
         Mode::Admit | Mode::Reject => throughput(&args, &clients, &daemon, pid).await,
     }
 }
@@ -459,45 +478,78 @@ async fn make_children(client: &Client, n: usize, limits: &[Limit]) {
     }
 }
 
-async fn memory(args: &Args, clients: &[Client], pid: u32) {
+async fn memory(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) {
     let limits = Arc::new(vec![Limit::per_minute("rpm", 100).unwrap()]);
     let base = rss_bytes(pid);
-    let next = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..args.clients)
-        .map(|i| {
-            let client = clients[i % clients.len()].clone();
-            let (limits, next) = (limits.clone(), next.clone());
-            let total = args.entities as u64;
-            tokio::spawn(async move {
-                loop {
-                    let e = next.fetch_add(1, Ordering::Relaxed);
-                    if e >= total {
-                        break;
-                    }
-                    let req = Acquire::new(format!("entity-{e}"), "model")
-                        .limits(limits.iter())
-                        .consume("rpm", 1);
-                    client.acquire(req).await.unwrap().commit().await.unwrap();
-                }
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let rss = rss_bytes(pid);
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let per_entity = |rss: u64| rss.saturating_sub(base) as f64 / args.entities as f64;
     println!(
-        "mode=memory backend={:?} entities={} in {elapsed:.1} s ({:.0}/s)",
+        "mode=memory backend={:?} daemon RSS at start {:.1} MiB",
         args.backend,
-        args.entities,
-        args.entities as f64 / elapsed
+        mib(base)
     );
-    println!(
-        "daemon RSS: {:.1} MiB before, {:.1} MiB after = {:.0} bytes per cached entity",
-        base as f64 / 1048576.0,
-        rss as f64 / 1048576.0,
-        (rss.saturating_sub(base)) as f64 / args.entities as f64
-    );
+    for round in 0..args.rounds {
+        let next = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let first = (round * args.entities) as u64;
+        let tasks: Vec<_> = (0..args.clients)
+            .map(|i| {
+                let client = clients[i % clients.len()].clone();
+                let (limits, next) = (limits.clone(), next.clone());
+                let total = args.entities as u64;
+                tokio::spawn(async move {
+                    loop {
+                        let e = next.fetch_add(1, Ordering::Relaxed);
+                        if e >= total {
+                            break;
+                        }
+                        let req = Acquire::new(format!("entity-{}", first + e), "model")
+                            .limits(limits.iter())
+                            .consume("rpm", 1);
+                        client.acquire(req).await.unwrap().commit().await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let active = rss_bytes(pid);
+        println!(
+            "round {}: {} entities in {elapsed:.1} s ({:.0}/s); RSS {:.1} MiB = {:.0} bytes per entity with its actor",
+            round + 1,
+            args.entities,
+            args.entities as f64 / elapsed,
+            mib(active),
+            per_entity(active)
+        );
+        let settled = |name: &str| {
+            let until = Instant::now() + Duration::from_secs(args.settle_seconds);
+            loop {
+                let left = metric(&scrape(daemon.metrics), name, "");
+                if left == 0.0 || Instant::now() >= until {
+                    return left;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        };
+        let actors = settled("zae_limiter_actors");
+        let records = metric(&scrape(daemon.metrics), "zae_limiter_cached_entities", "");
+        let idle = rss_bytes(pid);
+        println!(
+            "  idle: {actors} actors, {records} compact records; RSS {:.1} MiB = {:.0} bytes per cached entity",
+            mib(idle),
+            per_entity(idle)
+        );
+        if args.entity_cache_ms.is_some() {
+            let records = settled("zae_limiter_cached_entities");
+            let forgotten = rss_bytes(pid);
+            println!(
+                "  forgotten: {records} compact records left; RSS {:.1} MiB ({:+.1} MiB from the start)",
+                mib(forgotten),
+                mib(forgotten) - mib(base)
+            );
+        }
+    }
 }

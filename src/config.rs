@@ -143,8 +143,14 @@ pub struct LimiterConfig {
     pub max_queue: usize,
     /// A lease neither committed nor rolled back expires after this; its consumption stays.
     pub lease_ttl_ms: u64,
-    /// An entity's actor with no work and no open lease for this long stops, freeing its cache.
+    /// An entity's actor with no work and no open lease for this long stops; its cached buckets
+    /// stay behind as a compact record (a few hundred bytes).
     pub idle_timeout_ms: u64,
+    /// How long an idle entity's compact record is kept after its last use: an entity that
+    /// comes back within it is written without reading its buckets first.
+    pub entity_cache_ms: u64,
+    /// Most compact records kept at once; past it, idle entities are forgotten at once.
+    pub max_cached_entities: usize,
     /// How long stored limit configurations are cached (changes made through this daemon apply
     /// at once).
     pub limits_cache_ms: u64,
@@ -178,6 +184,8 @@ impl LimiterConfig {
             max_queue: self.max_queue.max(1),
             lease_ttl_ms: ms(self.lease_ttl_ms),
             idle_timeout_ms: ms(self.idle_timeout_ms),
+            entity_cache_ms: ms(self.entity_cache_ms),
+            max_cached_entities: self.max_cached_entities,
             limits_cache_ms: ms(self.limits_cache_ms),
             max_cached_lookups: self.max_cached_lookups.max(1),
             usage_flush_ms: ms(self.usage_flush_ms),
@@ -200,6 +208,8 @@ impl Default for LimiterConfig {
             max_queue: d.max_queue,
             lease_ttl_ms: ms(d.lease_ttl_ms),
             idle_timeout_ms: ms(d.idle_timeout_ms),
+            entity_cache_ms: ms(d.entity_cache_ms),
+            max_cached_entities: d.max_cached_entities,
             limits_cache_ms: ms(d.limits_cache_ms),
             max_cached_lookups: d.max_cached_lookups,
             usage_flush_ms: ms(d.usage_flush_ms),

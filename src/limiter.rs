@@ -27,7 +27,7 @@ pub use types::{
     AcquireRequest, Decision, FailurePolicy, LeaseId, LimiterError, LimiterSettings, Owner,
 };
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -69,17 +69,26 @@ impl Limiter {
             clock,
             settings,
             tasks: TaskTracker::new(),
+            usage: usage::UsageLog::default(),
         });
         let registry = Arc::new(Registry::new(deps.clone()));
         registry.publish_self();
-        Self {
+        let limiter = Self {
             lookups: Arc::new(Lookups::new(deps.clone())),
             registry,
             fail_open: Arc::new(std::sync::atomic::AtomicBool::new(
                 deps.settings.failure_policy == FailurePolicy::Allow,
             )),
             deps,
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(housekeeping(
+                Arc::downgrade(&limiter.deps),
+                Arc::downgrade(&limiter.registry),
+                Arc::downgrade(&limiter.lookups),
+            ));
         }
+        limiter
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -317,11 +326,32 @@ impl Limiter {
         self.registry.len()
     }
 
+    /// The number of idle groups whose cached buckets are kept as a compact record.
+    pub fn parked_groups(&self) -> usize {
+        self.registry.parked()
+    }
+
+    /// Forgets what has not been used for long enough by the limiter's clock (compact records
+    /// of idle entities, expired look-ups). A background task does this every few seconds; tests
+    /// that drive a manual clock call it instead.
+    pub fn sweep(&self) {
+        let now = self.deps.clock.now_ms();
+        self.registry.sweep(now);
+        self.lookups.purge(now);
+    }
+
+    /// Adds the consumption recorded so far to the stored usage snapshots now (a background task
+    /// does it every `usage_flush_ms`).
+    pub async fn flush_usage(&self) {
+        flush_usage(&self.deps).await;
+    }
+
     /// Stops every actor after it has written what it holds (lease settlements, compensations,
     /// usage), then waits for every store call still running; `timeout` bounds it all.
     pub async fn shutdown(&self, timeout: Duration) {
         let until = Instant::now() + timeout;
         self.registry.stop_all(until).await;
+        let _ = tokio::time::timeout_at(until, flush_usage(&self.deps)).await;
         self.deps.tasks.close();
         let _ = tokio::time::timeout_at(until, self.deps.tasks.wait()).await;
     }
@@ -359,6 +389,65 @@ impl Limiter {
 }
 
 /// Runs a store look-up under the caller's deadline: running out of time is `Unavailable`.
+/// Flushes usage every `usage_flush_ms` and sweeps what went unused, until the limiter is shut
+/// down or dropped.
+async fn housekeeping(deps: Weak<Deps>, registry: Weak<Registry>, lookups: Weak<Lookups>) {
+    let Some(settings) = deps.upgrade().map(|d| d.settings.clone()) else {
+        return;
+    };
+    let every = |ms: i64| Duration::from_millis(u64::try_from(ms).unwrap_or(0).max(10));
+    let mut flush = tokio::time::interval(every(settings.usage_flush_ms));
+    let mut sweep = tokio::time::interval(every((settings.entity_cache_ms / 4).min(SWEEP_MS)));
+    for timer in [&mut flush, &mut sweep] {
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        timer.tick().await;
+    }
+    loop {
+        let flushing = tokio::select! {
+            _ = flush.tick() => true,
+            _ = sweep.tick() => false,
+        };
+        let Some(deps) = deps.upgrade().filter(|d| !d.tasks.is_closed()) else {
+            return;
+        };
+        if flushing {
+            flush_usage(&deps).await;
+            continue;
+        }
+        let now = deps.clock.now_ms();
+        if let Some(registry) = registry.upgrade() {
+            registry.sweep(now);
+        }
+        if let Some(lookups) = lookups.upgrade() {
+            lookups.purge(now);
+        }
+    }
+}
+
+/// The longest time between two sweeps of unused records and look-ups.
+const SWEEP_MS: i64 = 5_000;
+
+/// Usage snapshot additions in flight at once during a flush.
+const USAGE_WRITES_AT_ONCE: usize = 16;
+
+/// Adds the pending usage to the store, one snapshot per call (so a failure puts back exactly
+/// what was not added), several calls at once.
+async fn flush_usage(deps: &Deps) {
+    use futures_util::StreamExt;
+    let pending = deps.usage.take();
+    let calls = pending
+        .into_iter()
+        .flat_map(|(ns, usage)| usage.into_iter().map(move |u| (ns.clone(), u)));
+    futures_util::stream::iter(calls)
+        .for_each_concurrent(USAGE_WRITES_AT_ONCE, |(ns, u)| async move {
+            if let Err(e) = deps.store.add_usage(&ns, std::slice::from_ref(&u)).await {
+                tracing::warn!("usage flush failed, kept for the next one: {e}");
+                deps.usage.restore(&ns, vec![u]);
+            }
+        })
+        .await;
+}
+
 pub(crate) async fn within<T>(
     deadline: Instant,
     work: impl Future<Output = Result<T, LimiterError>>,

@@ -18,8 +18,10 @@ pub const WRITE_UNITS: &str = "zae_limiter_store_write_units_total";
 pub const BATCH_SIZE: &str = "zae_limiter_batch_size";
 /// Conditional writes that lost to a concurrent change and were re-planned.
 pub const CONFLICTS: &str = "zae_limiter_conflicts_total";
-/// Entity actors alive (each holds the cached buckets of one entity).
+/// Entity actors alive: groups with work queued, a write in flight, a lease open, or recent use.
 pub const ACTORS: &str = "zae_limiter_actors";
+/// Idle entities (consistency groups) whose cached buckets are kept as a compact record.
+pub const CACHED_ENTITIES: &str = "zae_limiter_cached_entities";
 /// Leases acquired and not yet committed, rolled back or expired.
 pub const LEASES_OPEN: &str = "zae_limiter_leases_open";
 /// Leases that expired without commit or rollback (their consumption stays).
@@ -104,6 +106,10 @@ pub fn describe() {
         "Conditional writes that lost a race and were re-planned"
     );
     describe_gauge!(ACTORS, "Live entity actors");
+    describe_gauge!(
+        CACHED_ENTITIES,
+        "Idle entities whose cached buckets are kept as a compact record"
+    );
     describe_gauge!(LEASES_OPEN, "Open leases");
     describe_counter!(LEASES_EXPIRED, "Leases that expired unclosed");
     describe_counter!(
@@ -156,7 +162,7 @@ pub fn register_all() {
     for o in ["applied", "refused"] {
         metrics::counter!(RELOADS, "outcome" => o).increment(0);
     }
-    for name in [ACTORS, LEASES_OPEN] {
+    for name in [ACTORS, CACHED_ENTITIES, LEASES_OPEN] {
         metrics::gauge!(name).increment(0.0);
     }
     // Labelled by configured rules; the family is there from the start.

@@ -472,6 +472,14 @@ fn restart_only(a: &Config, b: &Config) -> Vec<&'static str> {
             l.idle_timeout_ms != k.idle_timeout_ms,
         ),
         (
+            "limiter.entity_cache_ms",
+            l.entity_cache_ms != k.entity_cache_ms,
+        ),
+        (
+            "limiter.max_cached_entities",
+            l.max_cached_entities != k.max_cached_entities,
+        ),
+        (
             "limiter.limits_cache_ms",
             l.limits_cache_ms != k.limits_cache_ms,
         ),

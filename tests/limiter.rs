@@ -109,6 +109,27 @@ impl Fixture {
         }
     }
 
+    /// The stored hourly usage of an entity, summed over its limits, in milli-tokens.
+    async fn hourly_usage(&self, entity: &str) -> i64 {
+        let usage = self
+            .store
+            .inner
+            .usage(
+                &self.ns,
+                &EntityId::new(entity).unwrap(),
+                None,
+                Period::Hour,
+                0,
+                i64::MAX,
+            )
+            .await
+            .unwrap();
+        usage
+            .iter()
+            .flat_map(|u| u.amounts.iter().map(|(_, a)| *a))
+            .sum()
+    }
+
     /// The stored (balance, consumed) of a limit, in milli-tokens.
     async fn stored(&self, entity: &str, limit: &str) -> (i64, i128) {
         let bucket = self
@@ -248,6 +269,122 @@ async fn idle_groups_stop_and_come_back(inner: Arc<dyn Store>, ns: Namespace) {
     assert_eq!(f.stored("e", "rpm").await.1, i128::from(2 * MILLI));
 }
 
+impl Fixture {
+    /// Lets every idle actor stop (by the clock), and waits until none runs.
+    async fn park_all(&self) {
+        self.clock
+            .advance(self.limiter.settings().idle_timeout_ms + 1);
+        self.limiter.tick();
+        let until = Instant::now() + Duration::from_secs(10);
+        while self.limiter.live_groups() > 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(self.limiter.live_groups(), 0, "the idle actors stopped");
+    }
+}
+
+/// An idle entity's actor stops and leaves a compact record of its buckets: when the entity comes
+/// back, even long after the staleness bound, an admission is written without a read (the write
+/// is conditional on what it was planned from). A refusal is never decided on a stale record.
+async fn an_idle_entity_comes_back_without_a_read(inner: Arc<dyn Store>, ns: Namespace) {
+    let f = fixture(inner, ns, |s| s.idle_timeout_ms = 1_000);
+    let limits = [Limit::per_hour("rpm", 10).unwrap()];
+    assert!(admitted(
+        &f.acquire("e", &limits, &[("rpm", 1)], false).await
+    ));
+    let calls = || (f.store.loads(), f.store.writes());
+    assert_eq!(calls(), (1, 1));
+    f.park_all().await;
+    assert_eq!(f.limiter.parked_groups(), 1);
+    f.clock.advance(30_000);
+    assert!(admitted(
+        &f.acquire("e", &limits, &[("rpm", 2)], false).await
+    ));
+    assert_eq!(calls(), (1, 2), "written from the record, not read");
+    assert_eq!(f.stored("e", "rpm").await.1, i128::from(3 * MILLI));
+    // Another writer took the rest meanwhile: the conditional write fails, the returned item
+    // decides.
+    f.park_all().await;
+    f.clock.advance(30_000);
+    let other = consume(
+        &*f.store.inner,
+        &key(&f.ns, "e"),
+        &limits,
+        &amounts(&[("rpm", 7)]),
+        f.clock.now_ms(),
+        Seen::Unread,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        other,
+        zae_limiter::consume::Outcome::Admitted { .. }
+    ));
+    let d = f.acquire("e", &limits, &[("rpm", 1)], false).await.unwrap();
+    assert!(matches!(d, Decision::Rejected { .. }), "{d:?}");
+    assert_eq!(f.stored("e", "rpm").await.1, i128::from(10 * MILLI));
+    // A refusal on a stale record is read first (a refund elsewhere would be seen).
+    f.park_all().await;
+    f.clock.advance(2_000);
+    let (loads, writes) = calls();
+    let d = f.acquire("e", &limits, &[("rpm", 1)], false).await.unwrap();
+    assert!(matches!(d, Decision::Rejected { .. }), "{d:?}");
+    assert_eq!(calls(), (loads + 1, writes));
+}
+
+/// Records of idle entities are forgotten after `entity_cache_ms` and never number more than
+/// `max_cached_entities`: memory follows the entities in use.
+async fn idle_records_are_bounded_in_age_and_number(inner: Arc<dyn Store>, ns: Namespace) {
+    let f = fixture(inner, ns, |s| {
+        s.idle_timeout_ms = 1_000;
+        s.entity_cache_ms = 10_000;
+        s.max_cached_entities = 2;
+    });
+    let limits = [Limit::per_hour("rpm", 10).unwrap()];
+    for e in ["a", "b", "c"] {
+        assert!(admitted(&f.acquire(e, &limits, &[("rpm", 1)], false).await));
+    }
+    f.park_all().await;
+    assert_eq!(f.limiter.parked_groups(), 2, "at most max_cached_entities");
+    // Last used 1,001 ms ago (park_all's wait).
+    f.clock.advance(8_000);
+    f.limiter.sweep();
+    assert_eq!(f.limiter.parked_groups(), 2, "not unused for long enough");
+    f.clock.advance(1_000);
+    f.limiter.sweep();
+    assert_eq!(f.limiter.parked_groups(), 0, "forgotten");
+    let loads = f.store.loads();
+    assert!(admitted(
+        &f.acquire("a", &limits, &[("rpm", 1)], false).await
+    ));
+    assert_eq!(
+        f.store.loads(),
+        loads + 1,
+        "a forgotten entity is read again"
+    );
+    assert_eq!(f.stored("a", "rpm").await.1, i128::from(2 * MILLI));
+}
+
+/// Usage is kept by the limiter, not by the actors: an entity whose actor stopped still has its
+/// consumption flushed.
+async fn usage_outlives_the_actor_that_recorded_it(inner: Arc<dyn Store>, ns: Namespace) {
+    let f = fixture(inner, ns, |s| {
+        s.idle_timeout_ms = 1_000;
+        s.usage_flush_ms = 3_600_000;
+    });
+    let limits = [Limit::per_hour("tpm", 1_000).unwrap()];
+    for take in [30, 12] {
+        assert!(admitted(
+            &f.acquire("e", &limits, &[("tpm", take)], false).await
+        ));
+        f.park_all().await;
+    }
+    f.limiter.flush_usage().await;
+    assert_eq!(f.hourly_usage("e").await, 42 * MILLI);
+    f.limiter.flush_usage().await;
+    assert_eq!(f.hourly_usage("e").await, 42 * MILLI, "flushed once");
+}
+
 async fn shutdown_writes_what_is_owed_and_flushes_usage(inner: Arc<dyn Store>, ns: Namespace) {
     let f = fixture(inner, ns, |s| s.usage_flush_ms = 3_600_000);
     let limits = [Limit::per_hour("tpm", 1_000).unwrap()];
@@ -264,24 +401,11 @@ async fn shutdown_writes_what_is_owed_and_flushes_usage(inner: Arc<dyn Store>, n
         f.stored("e", "tpm").await,
         (970 * MILLI, i128::from(30 * MILLI))
     );
-    let usage = f
-        .store
-        .inner
-        .usage(
-            &f.ns,
-            &EntityId::new("e").unwrap(),
-            None,
-            Period::Hour,
-            0,
-            i64::MAX,
-        )
-        .await
-        .unwrap();
-    let total: i64 = usage
-        .iter()
-        .flat_map(|u| u.amounts.iter().map(|(_, a)| *a))
-        .sum();
-    assert_eq!(total, 30 * MILLI, "usage counts what stayed consumed");
+    assert_eq!(
+        f.hourly_usage("e").await,
+        30 * MILLI,
+        "usage counts what stayed consumed"
+    );
 }
 
 /// Finding 2: a caller told UNAVAILABLE (its deadline passed while the write was in flight) is
@@ -606,6 +730,9 @@ both_stores!(
     a_stale_cache_is_read_again_before_it_may_refuse,
     leases_expire_by_the_clock_and_stay_consumed,
     idle_groups_stop_and_come_back,
+    an_idle_entity_comes_back_without_a_read,
+    idle_records_are_bounded_in_age_and_number,
+    usage_outlives_the_actor_that_recorded_it,
     shutdown_writes_what_is_owed_and_flushes_usage,
     callers_told_not_admitted_are_not_charged,
     deadlines_near_the_store_latency_never_answer_internal,

@@ -90,14 +90,19 @@ impl<K: Eq + Hash + Clone, V: Clone> Cache<K, V> {
         self.entries.clear();
     }
 
+    /// Drops the entries past the age bound (they would never be returned again).
+    pub fn purge(&self, now: i64) {
+        self.entries
+            .retain(|_, slot| now.saturating_sub(slot.at) < self.max_age_ms);
+    }
+
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.entries.len()
     }
 
     fn evict(&self, now: i64) {
-        self.entries
-            .retain(|_, slot| now.saturating_sub(slot.at) < self.max_age_ms);
+        self.purge(now);
         if self.entries.len() < self.max_entries {
             return;
         }

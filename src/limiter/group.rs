@@ -17,13 +17,13 @@ use tokio::sync::oneshot;
 
 use super::lane::{Io, Lane, Settle};
 use super::leases::Leases;
-use super::types::{Decision, Deps, GroupKey, LimiterError, Owner, Routes, Ticket};
-use super::usage::UsageLog;
+use super::types::{
+    Decision, Deps, GroupKey, LimiterError, Owner, Parked, ParkedBucket, Routes, Ticket,
+};
 use crate::domain::amounts::Amounts;
 use crate::domain::bucket::{Bucket, Change, LimitStatus, Write};
 use crate::domain::ids::{BucketKey, EntityId, ResourceId};
 use crate::domain::limit::Limit;
-use crate::domain::records::Usage;
 use crate::metrics as m;
 use crate::store::{KeyedWrite, StoreError};
 
@@ -93,8 +93,6 @@ pub(crate) enum Msg {
     /// A lane's wait (commit spacing, back-off) is over.
     Wake(ResourceId),
     Tick,
-    FlushUsage,
-    UsageNotFlushed(Vec<Usage>),
     /// Settle what is owed, flush usage, then stop.
     Shutdown,
 }
@@ -105,6 +103,8 @@ pub(crate) struct Args {
     pub deps: Arc<Deps>,
     pub routes: Arc<dyn Routes>,
     pub group: GroupKey,
+    /// What the group's previous actor cached, when it left a record.
+    pub parked: Option<Parked>,
 }
 
 pub(crate) struct State {
@@ -113,11 +113,9 @@ pub(crate) struct State {
     group: GroupKey,
     lanes: HashMap<ResourceId, Lane>,
     leases: Leases,
-    usage: UsageLog,
     last_active_ms: i64,
     /// When the next tick is due (clock ms), if one is scheduled.
     tick_at: Option<i64>,
-    flush_scheduled: bool,
     /// Stopping: idle, or the limiter is shutting down.
     stopping: bool,
 }
@@ -135,7 +133,6 @@ pub(crate) struct Ctx<'a> {
     pub group: &'a GroupKey,
     pub resource: &'a ResourceId,
     pub leases: &'a mut Leases,
-    pub usage: &'a mut UsageLog,
     pub now: i64,
 }
 
@@ -151,16 +148,21 @@ impl Actor for GroupActor {
     ) -> Result<State, ActorProcessingErr> {
         metrics::gauge!(m::ACTORS).increment(1.0);
         let now = args.deps.clock.now_ms();
+        let mut lanes: HashMap<ResourceId, Lane> = HashMap::new();
+        for b in args.parked.into_iter().flat_map(|p| p.buckets) {
+            lanes
+                .entry(b.resource)
+                .or_default()
+                .restore(b.entity, b.bucket, b.at_ms);
+        }
         Ok(State {
             deps: args.deps,
             routes: args.routes,
             group: args.group,
-            lanes: HashMap::new(),
+            lanes,
             leases: Leases::default(),
-            usage: UsageLog::default(),
             last_active_ms: now,
             tick_at: None,
-            flush_scheduled: false,
             stopping: false,
         })
     }
@@ -175,13 +177,6 @@ impl Actor for GroupActor {
         // Leases still open stay consumed; forget their routes.
         for id in state.leases.drain() {
             state.routes.lease_closed(id);
-        }
-        // The last consumption goes to the usage snapshots before the actor is gone.
-        let usage = state.usage.take();
-        if !usage.is_empty()
-            && let Err(e) = state.deps.store.add_usage(&state.group.0, &usage).await
-        {
-            tracing::warn!("usage of a stopping entity could not be flushed: {e}");
         }
         Ok(())
     }
@@ -260,20 +255,11 @@ impl Actor for GroupActor {
                     && state.quiet(false)
                     && now - state.last_active_ms >= state.deps.settings.idle_timeout_ms
                 {
-                    // Unpublish first, so new callers get a fresh actor.
-                    state.routes.unpublish(&state.group, myself.get_id());
+                    // Leave the record first, so new callers get a fresh actor starting from it.
+                    let parked = state.park();
+                    state.routes.park(&state.group, myself.get_id(), parked);
                     state.stopping = true;
                 }
-                None
-            }
-            Msg::FlushUsage => {
-                state.flush_scheduled = false;
-                state.flush_usage(&myself);
-                None
-            }
-            Msg::UsageNotFlushed(usage) => {
-                state.usage.restore(usage);
-                state.schedule_flush(&myself);
                 None
             }
             Msg::Shutdown => {
@@ -287,9 +273,6 @@ impl Actor for GroupActor {
         }
         for id in state.leases.take_forgotten() {
             state.routes.lease_closed(id);
-        }
-        if !state.usage.is_empty() {
-            state.schedule_flush(&myself);
         }
         if state.stopping && state.quiet(true) {
             myself.stop(None);
@@ -306,7 +289,6 @@ struct CtxParts<'a> {
     routes: &'a dyn Routes,
     group: &'a GroupKey,
     leases: &'a mut Leases,
-    usage: &'a mut UsageLog,
     now: i64,
 }
 
@@ -324,7 +306,6 @@ impl<'a> CtxParts<'a> {
             group: self.group,
             resource,
             leases: self.leases,
-            usage: self.usage,
             now: self.now,
         }
     }
@@ -339,7 +320,6 @@ impl State {
                 routes: &*self.routes,
                 group: &self.group,
                 leases: &mut self.leases,
-                usage: &mut self.usage,
                 now,
             },
         )
@@ -354,6 +334,26 @@ impl State {
         let (lanes, mut parts) = self.ctx_parts(now);
         let lane = lanes.entry(resource.clone()).or_default();
         f(lane, &mut parts.with(resource))
+    }
+
+    /// The compact record of what the lanes cache, for the group's next actor.
+    fn park(&self) -> Parked {
+        let buckets = self
+            .lanes
+            .iter()
+            .flat_map(|(resource, lane)| {
+                lane.cached().map(|(entity, bucket, at_ms)| ParkedBucket {
+                    resource: resource.clone(),
+                    entity: entity.clone(),
+                    bucket: bucket.cloned(),
+                    at_ms,
+                })
+            })
+            .collect();
+        Parked {
+            buckets,
+            last_active_ms: self.last_active_ms,
+        }
     }
 
     fn expire_leases(&mut self, now: i64) {
@@ -494,34 +494,6 @@ impl State {
             .await;
             let _ = me.cast(Msg::Resolved(resource, result));
         });
-    }
-
-    fn flush_usage(&mut self, myself: &ActorRef<Msg>) {
-        let usage = self.usage.take();
-        if usage.is_empty() {
-            return;
-        }
-        let store = self.deps.store.clone();
-        let ns = self.group.0.clone();
-        let me = myself.clone();
-        self.deps.tasks.spawn(async move {
-            if let Err(e) = store.add_usage(&ns, &usage).await {
-                tracing::warn!("usage flush failed, kept for the next one: {e}");
-                let _ = me.cast(Msg::UsageNotFlushed(usage));
-            }
-        });
-    }
-
-    fn schedule_flush(&mut self, myself: &ActorRef<Msg>) {
-        let every = self.deps.settings.usage_flush_ms;
-        if every <= 0 {
-            let _ = self.usage.take();
-            return;
-        }
-        if !self.flush_scheduled {
-            self.flush_scheduled = true;
-            myself.send_after(Duration::from_millis(every as u64), || Msg::FlushUsage);
-        }
     }
 
     fn schedule_tick(&mut self, now: i64, myself: &ActorRef<Msg>) {

@@ -81,8 +81,13 @@ impl Used {
     }
 
     fn record(self, ctx: &mut Ctx<'_>) {
+        if ctx.deps.settings.usage_flush_ms <= 0 {
+            return;
+        }
         for (entity, amounts) in self.0 {
-            ctx.usage.record(&entity, ctx.resource, &amounts, ctx.now);
+            ctx.deps
+                .usage
+                .record(&ctx.group.0, &entity, ctx.resource, &amounts, ctx.now);
         }
     }
 }
@@ -240,8 +245,29 @@ impl Lane {
             && self.peeks.is_empty()
     }
 
+    /// Starts from a state an earlier actor of the group confirmed at `at_ms`.
+    pub fn restore(&mut self, entity: EntityId, bucket: Option<Bucket>, at_ms: i64) {
+        self.items.entry(entity).or_default().cache = Some(Cached {
+            bucket,
+            at_ms,
+            from_store: false,
+        });
+    }
+
+    /// The cached buckets, with the time each was confirmed.
+    pub fn cached(&self) -> impl Iterator<Item = (&EntityId, Option<&Bucket>, i64)> {
+        self.items
+            .iter()
+            .filter_map(|(e, i)| i.cache.as_ref().map(|c| (e, c.bucket.as_ref(), c.at_ms)))
+    }
+
     fn item(&mut self, entity: &EntityId) -> &mut Item {
         self.items.entry(entity.clone()).or_default()
+    }
+
+    /// Whether the bucket's state is cached at all, however old.
+    fn seen(&self, entity: &EntityId) -> bool {
+        self.items.get(entity).is_some_and(|i| i.cache.is_some())
     }
 
     fn fresh(&self, entity: &EntityId, ctx: &Ctx<'_>) -> bool {
@@ -352,7 +378,10 @@ impl Lane {
                 .into_iter()
                 .filter(|e| !self.fresh(e, ctx))
                 .collect();
-            if !stale.is_empty() {
+            // A stale state may still carry admissions (their writes are conditional), but not a
+            // peek or a refusal, and a bucket never seen must be read.
+            let unseen = stale.iter().any(|e| !self.seen(e));
+            if unseen || (!stale.is_empty() && !self.peeks.is_empty()) {
                 self.busy = Busy::Loading;
                 return Some(Io::Load(stale));
             }
@@ -366,7 +395,7 @@ impl Lane {
                     return Some(Io::Wait(settle_wait.map_or(wait, |s| s.min(wait))));
                 }
             }
-            if let Some(io) = self.decide(batch, ctx) {
+            if let Some(io) = self.decide(batch, &stale, ctx) {
                 return Some(io);
             }
         }
@@ -445,7 +474,12 @@ impl Lane {
 
     /// Decides the next `batch` acquires. Returns the write to start, or `None` when the batch
     /// needed none (everything refused, or nothing to change); the caller then goes on.
-    fn decide(&mut self, batch: usize, ctx: &mut Ctx<'_>) -> Option<Io> {
+    ///
+    /// `stale` buckets are cached but older than the staleness bound. Admissions may be planned
+    /// on them: each write is conditional on what it was planned from, and a lost race returns
+    /// the stored item. A refusal may not (a refund elsewhere would be missed): a batch that would
+    /// refuse anything while some of its buckets are stale reads them first.
+    fn decide(&mut self, batch: usize, stale: &[EntityId], ctx: &mut Ctx<'_>) -> Option<Io> {
         let jobs: Vec<AcquireJob> = self.queue.drain(..batch).collect();
         let mut entities: Vec<EntityId> = Vec::new();
         let index =
@@ -468,11 +502,9 @@ impl Lane {
         let confirmed: Vec<Option<Bucket>> = entities
             .iter()
             .map(|e| {
-                let cache = self.items.get_mut(e).and_then(|i| i.cache.as_mut());
-                let cache = cache.expect("every bucket of the batch was loaded before deciding");
+                let cache = self.items.get(e).and_then(|i| i.cache.as_ref());
+                let cache = cache.expect("every bucket of the batch was seen before deciding");
                 from_store |= cache.from_store;
-                // This round uses up a state the store just returned; later ones go by age.
-                cache.from_store = false;
                 cache.bucket.clone()
             })
             .collect();
@@ -495,6 +527,20 @@ impl Lane {
             .collect();
         let decided = decide_batch(&confirmed, &requests, ctx.now);
         drop(requests);
+        let refuses = |v: &Verdict| matches!(v, Verdict::Rejected { .. });
+        if !stale.is_empty() && decided.verdicts.iter().any(refuses) {
+            for job in jobs.into_iter().rev() {
+                self.queue.push_front(job);
+            }
+            self.busy = Busy::Loading;
+            return Some(Io::Load(stale.to_vec()));
+        }
+        for e in &entities {
+            // This round uses up a state the store just returned; later ones go by age.
+            if let Some(cache) = self.items.get_mut(e).and_then(|i| i.cache.as_mut()) {
+                cache.from_store = false;
+            }
+        }
         let mut admitted = Vec::new();
         let mut deferred = Vec::new();
         for (job, verdict) in jobs.into_iter().zip(decided.verdicts) {

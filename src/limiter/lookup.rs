@@ -50,6 +50,12 @@ impl Lookups {
         self.registry.clear();
     }
 
+    /// Drops expired look-ups, so memory follows the entities in use now.
+    pub fn purge(&self, now: i64) {
+        self.limits.purge(now);
+        self.entities.purge(now);
+    }
+
     /// The cached value of `key`, else `load`'s (cached). A value due for refresh is answered
     /// and re-read by a background task.
     async fn cached<K, V, F, Fut>(

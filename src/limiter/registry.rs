@@ -2,6 +2,11 @@
 //! found through a `DashMap`, spawned on first use and stopped when idle; and the index that
 //! routes a lease id to its group.
 //!
+//! A stopped actor leaves its cached buckets behind in the same map, as a compact [`Parked`]
+//! record: the next actor of the group starts from it. Records are dropped once unused for
+//! `entity_cache_ms` ([`Registry::sweep`]) and never number more than `max_cached_entities`, so
+//! memory follows the entities in use, at a few hundred bytes for each idle one.
+//!
 //! Mailboxes are bounded here, before a message is sent: every acquire holds a [`Ticket`] from
 //! the moment it is sent until it is answered (it is dropped with the job), and a group already
 //! holding `max_queue` of them sheds the next with `UNAVAILABLE`. The actors see only the narrow
@@ -11,12 +16,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
 use ractor::{ActorRef, MessagingErr};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::group::{Args, GroupActor, Msg};
-use super::types::{Deps, GroupKey, LimiterError, Owner, Routes, Ticket, lease_secret};
+use super::types::{Deps, GroupKey, LimiterError, Owner, Parked, Routes, Ticket, lease_secret};
 use crate::metrics::{self as m, outcome};
 
 /// Where an open lease lives, the secret half of its id, and who may use it.
@@ -32,9 +38,17 @@ struct Handle {
     tickets: Arc<AtomicUsize>,
 }
 
+/// A group's entry: its running actor, or what its last actor cached.
+enum Slot {
+    Running(Handle),
+    Parked(Parked),
+}
+
 pub(crate) struct Registry {
     deps: Arc<Deps>,
-    actors: DashMap<GroupKey, Handle>,
+    actors: DashMap<GroupKey, Slot>,
+    /// How many slots are [`Slot::Parked`].
+    parked: AtomicUsize,
     leases: DashMap<u64, Route>,
     next_lease: AtomicU64,
     /// Set once at construction: the registry itself, as the actors see it.
@@ -62,8 +76,26 @@ impl Routes for Registry {
 
     fn unpublish(&self, group: &GroupKey, actor: ractor::ActorId) {
         self.actors
-            .remove_if(group, |_, h| h.actor.get_id() == actor);
+            .remove_if(group, |_, slot| is_actor(slot, actor));
     }
+
+    fn park(&self, group: &GroupKey, actor: ractor::ActorId, parked: Parked) {
+        let full = self.parked.load(Ordering::Relaxed) >= self.deps.settings.max_cached_entities;
+        if full || parked.buckets.is_empty() {
+            self.unpublish(group, actor);
+            return;
+        }
+        if let Some(mut slot) = self.actors.get_mut(group)
+            && is_actor(&slot, actor)
+        {
+            *slot = Slot::Parked(parked);
+            self.count_parked(1);
+        }
+    }
+}
+
+fn is_actor(slot: &Slot, actor: ractor::ActorId) -> bool {
+    matches!(slot, Slot::Running(h) if h.actor.get_id() == actor)
 }
 
 impl Registry {
@@ -71,6 +103,7 @@ impl Registry {
         Self {
             deps,
             actors: DashMap::new(),
+            parked: AtomicUsize::new(0),
             leases: DashMap::new(),
             next_lease: AtomicU64::new(1),
             me: std::sync::OnceLock::new(),
@@ -82,8 +115,37 @@ impl Registry {
         let _ = self.me.set(Arc::downgrade(self));
     }
 
+    /// Groups with a running actor.
     pub fn len(&self) -> usize {
-        self.actors.len()
+        self.actors.len() - self.parked.load(Ordering::Relaxed).min(self.actors.len())
+    }
+
+    /// Groups whose idle state is kept as a compact record.
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::Relaxed)
+    }
+
+    fn count_parked(&self, delta: isize) {
+        if delta > 0 {
+            self.parked
+                .fetch_add(delta.unsigned_abs(), Ordering::Relaxed);
+        } else {
+            self.parked
+                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+        }
+        metrics::gauge!(m::CACHED_ENTITIES).increment(delta as f64);
+    }
+
+    /// Drops the compact records unused since `entity_cache_ms` before `now`.
+    pub fn sweep(&self, now: i64) {
+        let keep = self.deps.settings.entity_cache_ms;
+        self.actors.retain(|_, slot| match slot {
+            Slot::Parked(p) if now.saturating_sub(p.last_active_ms) >= keep => {
+                self.count_parked(-1);
+                false
+            }
+            _ => true,
+        });
     }
 
     /// A sequence number for a lease id (unbacked leases number from the same counter).
@@ -155,15 +217,26 @@ impl Registry {
 
     /// Sends `msg()` to every live actor.
     pub fn broadcast(&self, msg: impl Fn() -> Msg) {
-        for h in self.actors.iter() {
-            let _ = h.actor.send_message(msg());
+        for slot in self.actors.iter() {
+            if let Slot::Running(h) = slot.value() {
+                let _ = h.actor.send_message(msg());
+            }
         }
     }
 
     /// Asks every actor to settle what it holds and stop; waits for them until `until`.
     pub async fn stop_all(&self, until: Instant) {
-        let handles: Vec<Handle> = self.actors.iter().map(|h| h.value().clone()).collect();
+        let handles: Vec<Handle> = self
+            .actors
+            .iter()
+            .filter_map(|slot| match slot.value() {
+                Slot::Running(h) => Some(h.clone()),
+                Slot::Parked(_) => None,
+            })
+            .collect();
         self.actors.clear();
+        let parked = self.parked.swap(0, Ordering::Relaxed);
+        metrics::gauge!(m::CACHED_ENTITIES).decrement(parked as f64);
         for h in &handles {
             let _ = h.actor.send_message(Msg::Shutdown);
         }
@@ -174,7 +247,9 @@ impl Registry {
     }
 
     fn handle(&self, group: &GroupKey) -> Result<Handle, LimiterError> {
-        if let Some(h) = self.actors.get(group) {
+        if let Some(slot) = self.actors.get(group)
+            && let Slot::Running(h) = slot.value()
+        {
             return Ok(h.clone());
         }
         let routes: Arc<dyn Routes> = self
@@ -182,24 +257,52 @@ impl Registry {
             .get()
             .and_then(std::sync::Weak::upgrade)
             .ok_or_else(|| LimiterError::Unavailable("the limiter is shutting down".into()))?;
-        let entry = self
-            .actors
-            .entry(group.clone())
-            .or_try_insert_with(|| {
-                let args = Args {
-                    deps: self.deps.clone(),
-                    routes,
-                    group: group.clone(),
-                };
-                ractor::ActorRuntime::spawn_instant(None, GroupActor, args).map(|(actor, _)| {
-                    Handle {
-                        actor,
-                        tickets: Arc::new(AtomicUsize::new(0)),
-                    }
+        let spawn = |parked: Option<Parked>| {
+            let args = Args {
+                deps: self.deps.clone(),
+                routes,
+                group: group.clone(),
+                parked,
+            };
+            ractor::ActorRuntime::spawn_instant(None, GroupActor, args)
+                .map(|(actor, _)| Handle {
+                    actor,
+                    tickets: Arc::new(AtomicUsize::new(0)),
                 })
-            })
-            .map_err(|e| LimiterError::Unavailable(format!("cannot start an entity actor: {e}")))?;
-        Ok(entry.clone())
+                .map_err(|e| {
+                    LimiterError::Unavailable(format!("cannot start an entity actor: {e}"))
+                })
+        };
+        match self.actors.entry(group.clone()) {
+            Entry::Occupied(mut slot) => {
+                let parked = match slot.get_mut() {
+                    Slot::Running(h) => return Ok(h.clone()),
+                    Slot::Parked(p) => std::mem::replace(
+                        p,
+                        Parked {
+                            buckets: Box::new([]),
+                            last_active_ms: 0,
+                        },
+                    ),
+                };
+                self.count_parked(-1);
+                match spawn(Some(parked)) {
+                    Ok(h) => {
+                        slot.insert(Slot::Running(h.clone()));
+                        Ok(h)
+                    }
+                    Err(e) => {
+                        slot.remove();
+                        Err(e)
+                    }
+                }
+            }
+            Entry::Vacant(slot) => {
+                let h = spawn(None)?;
+                slot.insert(Slot::Running(h.clone()));
+                Ok(h)
+            }
+        }
     }
 }
 

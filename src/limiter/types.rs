@@ -38,7 +38,13 @@ pub struct LimiterSettings {
     /// Most acquires one consistency group may have waiting (in its mailbox or its queues).
     pub max_queue: usize,
     pub lease_ttl_ms: i64,
+    /// An actor with nothing queued, in flight or open for this long stops; its cached buckets
+    /// stay behind as a compact record.
     pub idle_timeout_ms: i64,
+    /// How long an idle entity's compact record is kept after its last use.
+    pub entity_cache_ms: i64,
+    /// Most compact records kept at once (a bound against floods of new entity ids).
+    pub max_cached_entities: usize,
     pub limits_cache_ms: i64,
     /// Most entries each look-up cache keeps (stored limits, entities).
     pub max_cached_lookups: usize,
@@ -56,7 +62,9 @@ impl Default for LimiterSettings {
             max_batch: 256,
             max_queue: 10_000,
             lease_ttl_ms: 60_000,
-            idle_timeout_ms: 60_000,
+            idle_timeout_ms: 1_000,
+            entity_cache_ms: 600_000,
+            max_cached_entities: 1_000_000,
             limits_cache_ms: 60_000,
             max_cached_lookups: 100_000,
             usage_flush_ms: 60_000,
@@ -218,6 +226,8 @@ pub struct Deps {
     pub settings: LimiterSettings,
     /// Every store call an actor spawns; shutdown waits for them.
     pub tasks: TaskTracker,
+    /// Consumption for the usage snapshots, flushed on a timer.
+    pub(crate) usage: super::usage::UsageLog,
 }
 
 /// A consistency group: the namespace and the root entity.
@@ -240,4 +250,23 @@ pub(crate) trait Routes: Send + Sync + 'static {
     fn lease_closed(&self, seq: u64);
     /// Stops routing to the actor `actor` of `group` (new work spawns a fresh actor).
     fn unpublish(&self, group: &GroupKey, actor: ractor::ActorId);
+    /// Replaces the idle actor `actor` of `group` with the compact record of what it cached
+    /// (new work spawns a fresh actor that starts from it).
+    fn park(&self, group: &GroupKey, actor: ractor::ActorId, parked: Parked);
+}
+
+/// What an idle group's actor leaves behind: its cached buckets, with the time each was
+/// confirmed, in a record a fraction of an actor's size.
+pub(crate) struct Parked {
+    pub buckets: Box<[ParkedBucket]>,
+    /// The clock's time of the group's last work.
+    pub last_active_ms: i64,
+}
+
+pub(crate) struct ParkedBucket {
+    pub resource: crate::domain::ids::ResourceId,
+    pub entity: EntityId,
+    /// `None`: the store had no such bucket.
+    pub bucket: Option<crate::domain::bucket::Bucket>,
+    pub at_ms: i64,
 }

@@ -1,61 +1,89 @@
-//! Consumption waiting to be added to the stored usage snapshots: per (entity, resource, period,
-//! period start), what the store recorded (admissions, lease settlements and refunds, signed).
-//! Flushed with commutative additions, so several daemons' flushes add up.
+//! Consumption waiting to be added to the stored usage snapshots: per (namespace, entity,
+//! resource, period, period start), what the store recorded (admissions, lease settlements and
+//! refunds, signed). One log for the whole limiter, written to by every actor and flushed on a
+//! timer with commutative additions, so several daemons' flushes add up and an actor can stop
+//! (its entity idle) without waiting for the next flush.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 
 use crate::domain::amounts::Amounts;
-use crate::domain::ids::{EntityId, ResourceId};
+use crate::domain::ids::{EntityId, Namespace, ResourceId};
 use crate::domain::records::{Period, Usage};
+
+type Key = (Namespace, EntityId, ResourceId, Period, i64);
 
 #[derive(Default)]
 pub(crate) struct UsageLog {
-    pending: HashMap<(EntityId, ResourceId, Period, i64), Amounts>,
+    pending: Mutex<HashMap<Key, Amounts>>,
 }
 
 impl UsageLog {
-    pub fn is_empty(&self) -> bool {
-        self.pending.is_empty()
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Amounts>> {
+        // A panic while holding the lock leaves sums that are still valid.
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Adds what the store recorded at `now`. A total that would leave `i64` keeps its old value
     /// (the snapshot under-counts rather than wraps) and is logged.
-    pub fn record(&mut self, entity: &EntityId, resource: &ResourceId, used: &Amounts, now: i64) {
+    pub fn record(
+        &self,
+        ns: &Namespace,
+        entity: &EntityId,
+        resource: &ResourceId,
+        used: &Amounts,
+        now: i64,
+    ) {
         if used.is_zero() {
             return;
         }
+        let mut pending = self.pending();
         for period in Period::ALL {
-            let key = (entity.clone(), resource.clone(), period, period.start(now));
-            if let Err(e) = self.pending.entry(key).or_default().try_add(used) {
+            let key = (
+                ns.clone(),
+                entity.clone(),
+                resource.clone(),
+                period,
+                period.start(now),
+            );
+            if let Err(e) = pending.entry(key).or_default().try_add(used) {
                 tracing::warn!("usage snapshot not counted: {e}");
             }
         }
     }
 
     /// Puts back what a failed flush took.
-    pub fn restore(&mut self, usage: Vec<Usage>) {
+    pub fn restore(&self, ns: &Namespace, usage: Vec<Usage>) {
+        let mut pending = self.pending();
         for u in usage {
             let Ok(amounts) = Amounts::new(u.amounts) else {
                 continue;
             };
-            let key = (u.entity, u.resource, u.period, u.start_ms);
-            if let Err(e) = self.pending.entry(key).or_default().try_add(&amounts) {
+            let key = (ns.clone(), u.entity, u.resource, u.period, u.start_ms);
+            if let Err(e) = pending.entry(key).or_default().try_add(&amounts) {
                 tracing::warn!("usage snapshot not counted: {e}");
             }
         }
     }
 
-    pub fn take(&mut self) -> Vec<Usage> {
-        self.pending
-            .drain()
-            .filter(|(_, amounts)| !amounts.is_zero())
-            .map(|((entity, resource, period, start_ms), amounts)| Usage {
+    /// Everything pending, by namespace; the log is empty afterwards.
+    pub fn take(&self) -> HashMap<Namespace, Vec<Usage>> {
+        let drained: Vec<(Key, Amounts)> = self.pending().drain().collect();
+        let mut out: HashMap<Namespace, Vec<Usage>> = HashMap::new();
+        for ((ns, entity, resource, period, start_ms), amounts) in drained {
+            if amounts.is_zero() {
+                continue;
+            }
+            out.entry(ns).or_default().push(Usage {
                 entity,
                 resource,
                 period,
                 start_ms,
                 amounts: amounts.nonzero().to_vec(),
-            })
-            .collect()
+            });
+        }
+        out
     }
 }
