@@ -88,6 +88,10 @@ struct Args {
     /// round the load generator also waits until the idle records are forgotten.
     #[arg(long)]
     entity_cache_ms: Option<u64>,
+    /// A `[limiter]` setting for the daemon, `key = value` (repeatable), e.g.
+    /// `--set "idle_timeout_ms = 100"`.
+    #[arg(long = "set")]
+    settings: Vec<String>,
     /// Memory mode: how long to wait for the actors to stop (and records to be forgotten).
     #[arg(long, default_value_t = 30)]
     settle_seconds: u64,
@@ -253,13 +257,15 @@ async fn main() {
         args.daemon.as_deref(),
         endpoint.as_deref(),
         args.daemon_threads,
-        &match (args.mode, args.entity_cache_ms) {
-            // Memory: the daemon's own idle settings, so actors stop and leave records.
-            (Mode::Memory, None) => String::new(),
-            (Mode::Memory, Some(ms)) => format!("entity_cache_ms = {ms}\n"),
-            // Throughput: every entity stays in its actor for the run.
-            _ => "idle_timeout_ms = 3600000\n".to_string(),
-        },
+        &(args
+            .entity_cache_ms
+            .map(|ms| format!("entity_cache_ms = {ms}\n"))
+            .unwrap_or_default()
+            + &args
+                .settings
+                .iter()
+                .map(|l| format!("{l}\n"))
+                .collect::<String>()),
         if args.envoy { &envoy_rule } else { "" },
     );
     let pid = daemon.child.id();

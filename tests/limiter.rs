@@ -385,6 +385,33 @@ async fn usage_outlives_the_actor_that_recorded_it(inner: Arc<dyn Store>, ns: Na
     assert_eq!(f.hourly_usage("e").await, 42 * MILLI, "flushed once");
 }
 
+/// An actor goes idle while calls keep coming: a call already on its way keeps it running until
+/// answered, and one that finds the record goes to the group's next actor. None is dropped
+/// unanswered ("the entity's actor stopped before answering"), and every admission is stored.
+async fn calls_racing_an_idle_actor_are_answered(inner: Arc<dyn Store>, ns: Namespace) {
+    let f = fixture(inner, ns, |s| s.idle_timeout_ms = 1);
+    let limits = [Limit::per_hour("rpm", 1_000_000).unwrap()];
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ticker = tokio::spawn({
+        let (limiter, clock, stop) = (f.limiter.clone(), f.clock.clone(), stop.clone());
+        async move {
+            while !stop.load(Ordering::SeqCst) {
+                clock.advance(5);
+                limiter.tick();
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    let n = 300;
+    for i in 0..n {
+        let d = f.acquire("e", &limits, &[("rpm", 1)], false).await;
+        assert!(admitted(&d), "acquire {i}: {d:?}");
+    }
+    stop.store(true, Ordering::SeqCst);
+    ticker.await.unwrap();
+    assert_eq!(f.stored("e", "rpm").await.1, i128::from(n * MILLI));
+}
+
 async fn shutdown_writes_what_is_owed_and_flushes_usage(inner: Arc<dyn Store>, ns: Namespace) {
     let f = fixture(inner, ns, |s| s.usage_flush_ms = 3_600_000);
     let limits = [Limit::per_hour("tpm", 1_000).unwrap()];
@@ -630,7 +657,8 @@ async fn a_cascade_chain_is_one_group(inner: Arc<dyn Store>, ns: Namespace) {
             lease: false,
             owner: zae_limiter::limiter::Owner::InProcess,
         };
-        assert!(admitted(&f.limiter.acquire(req, within(5_000)).await));
+        let d = f.limiter.acquire(req, within(5_000)).await;
+        assert!(admitted(&d), "{d:?}");
     }
     assert_eq!(
         f.limiter.live_groups(),
@@ -670,7 +698,8 @@ async fn a_steady_entity_never_waits_for_a_look_up(inner: Arc<dyn Store>, ns: Na
             lease: false,
             owner: zae_limiter::limiter::Owner::InProcess,
         };
-        assert!(admitted(&f.limiter.acquire(req, within(5_000)).await));
+        let d = f.limiter.acquire(req, within(5_000)).await;
+        assert!(admitted(&d), "{d:?}");
     };
     let settled = || async {
         // Background reads are counted once they have run; wait for the count to stop moving.
@@ -733,6 +762,7 @@ both_stores!(
     an_idle_entity_comes_back_without_a_read,
     idle_records_are_bounded_in_age_and_number,
     usage_outlives_the_actor_that_recorded_it,
+    calls_racing_an_idle_actor_are_answered,
     shutdown_writes_what_is_owed_and_flushes_usage,
     callers_told_not_admitted_are_not_charged,
     deadlines_near_the_store_latency_never_answer_internal,

@@ -61,7 +61,9 @@ macro_rules! id_type {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        /// Shared text: a clone (every key, record and message holds one) is a reference count,
+        /// not a copy.
+        pub struct $name(std::sync::Arc<str>);
 
         impl $name {
             /// # Errors
@@ -69,7 +71,7 @@ macro_rules! id_type {
             pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
                 let value = value.into();
                 check($field, &value, $max, $allowed)?;
-                Ok(Self(value))
+                Ok(Self(value.into()))
             }
 
             pub fn as_str(&self) -> &str {
@@ -86,7 +88,7 @@ macro_rules! id_type {
 
         impl From<$name> for String {
             fn from(value: $name) -> String {
-                value.0
+                value.0.to_string()
             }
         }
 
@@ -123,7 +125,7 @@ id_type!(
 impl Namespace {
     /// The namespace used when a caller names none.
     pub fn default_namespace() -> Self {
-        Self("default".to_owned())
+        Self("default".into())
     }
 }
 

@@ -53,7 +53,7 @@ pub enum LimitError {
 /// A validated limit name: 1 to 64 characters of `[A-Za-z0-9_.-]`, starting with a letter or digit.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct LimitName(String);
+pub struct LimitName(std::sync::Arc<str>);
 
 impl LimitName {
     /// # Errors
@@ -75,7 +75,7 @@ impl LimitName {
         {
             return Err(LimitError::InvalidName { name, ch });
         }
-        Ok(Self(name))
+        Ok(Self(name.into()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -92,7 +92,7 @@ impl TryFrom<String> for LimitName {
 
 impl From<LimitName> for String {
     fn from(value: LimitName) -> Self {
-        value.0
+        value.0.to_string()
     }
 }
 
@@ -165,7 +165,7 @@ impl Limit {
         }
         if period > MAX_PERIOD_MS as u128 {
             return Err(LimitError::TooLarge {
-                name: name.0,
+                name: name.0.to_string(),
                 field: "refill period (ms)",
                 value: period,
                 max: MAX_PERIOD_MS as u128,
@@ -209,7 +209,7 @@ impl Limit {
             }
             if value > max {
                 return Err(LimitError::TooLarge {
-                    name: name.0,
+                    name: name.0.to_string(),
                     field,
                     value: value as u128,
                     max: max as u128,
@@ -284,7 +284,7 @@ impl std::str::FromStr for Limit {
 
 fn zero(name: &LimitName, field: &'static str) -> LimitError {
     LimitError::Zero {
-        name: name.0.clone(),
+        name: name.0.to_string(),
         field,
     }
 }
@@ -295,7 +295,7 @@ fn whole_tokens(name: &LimitName, field: &'static str, tokens: u64) -> Result<i6
     }
     if tokens > MAX_TOKENS {
         return Err(LimitError::TooLarge {
-            name: name.0.clone(),
+            name: name.0.to_string(),
             field,
             value: tokens.into(),
             max: MAX_TOKENS.into(),
@@ -317,7 +317,7 @@ pub fn canonical(mut limits: Vec<Limit>) -> Result<Vec<Limit>, LimitError> {
     limits.sort_by(|a, b| a.name.cmp(&b.name));
     if let Some(w) = limits.windows(2).find(|w| w[0].name == w[1].name) {
         return Err(LimitError::Duplicate {
-            name: w[0].name.0.clone(),
+            name: w[0].name.0.to_string(),
         });
     }
     Ok(limits)

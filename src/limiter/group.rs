@@ -1,7 +1,7 @@
 //! The actor of one consistency group: an entity and its cascading descendants (routed here by the
-//! root's id), sole owner of their cached buckets, queued acquires, open leases and unflushed
-//! usage. One [`Lane`] per resource does the deciding; this module wires lanes to the store and
-//! to time.
+//! root's id), sole owner of their cached buckets, queued acquires and open leases while it runs;
+//! idle, it leaves the buckets behind as a compact record and stops. One [`Lane`] per resource
+//! does the deciding; this module wires lanes to the store and to time.
 //!
 //! Store calls run in tracked tasks that report back as messages, so the actor never waits on
 //! I/O and keeps answering cached rejections while a write is in flight; shutdown waits for the
@@ -114,8 +114,10 @@ pub(crate) struct State {
     lanes: HashMap<ResourceId, Lane>,
     leases: Leases,
     last_active_ms: i64,
-    /// When the next tick is due (clock ms), if one is scheduled.
+    /// When the next tick is due (clock ms), if one is scheduled, and its timer: a timer holds
+    /// the actor's cell (mailbox included) until it fires, so a stopping actor aborts it.
     tick_at: Option<i64>,
+    tick_timer: Option<tokio::task::JoinHandle<Result<(), ractor::MessagingErr<Msg>>>>,
     /// Stopping: idle, or the limiter is shutting down.
     stopping: bool,
 }
@@ -163,6 +165,7 @@ impl Actor for GroupActor {
             leases: Leases::default(),
             last_active_ms: now,
             tick_at: None,
+            tick_timer: None,
             stopping: false,
         })
     }
@@ -173,6 +176,9 @@ impl Actor for GroupActor {
         state: &mut State,
     ) -> Result<(), ActorProcessingErr> {
         metrics::gauge!(m::ACTORS).decrement(1.0);
+        if let Some(timer) = state.tick_timer.take() {
+            timer.abort();
+        }
         state.routes.unpublish(&state.group, myself.get_id());
         // Leases still open stay consumed; forget their routes.
         for id in state.leases.drain() {
@@ -246,6 +252,7 @@ impl Actor for GroupActor {
             }
             Msg::Tick => {
                 state.tick_at = None;
+                state.tick_timer = None;
                 state.expire_leases(now);
                 let resources: Vec<ResourceId> = state.lanes.keys().cloned().collect();
                 for r in resources {
@@ -255,10 +262,10 @@ impl Actor for GroupActor {
                     && state.quiet(false)
                     && now - state.last_active_ms >= state.deps.settings.idle_timeout_ms
                 {
-                    // Leave the record first, so new callers get a fresh actor starting from it.
+                    // Leave the record first, so new callers get a fresh actor starting from it;
+                    // a call already on its way keeps this one running until it is answered.
                     let parked = state.park();
-                    state.routes.park(&state.group, myself.get_id(), parked);
-                    state.stopping = true;
+                    state.stopping = state.routes.park(&state.group, myself.get_id(), parked);
                 }
                 None
             }
@@ -496,17 +503,53 @@ impl State {
         });
     }
 
+    /// Arms the timer for the next lease expiry and, when nothing is queued, in flight or open,
+    /// for the moment the group becomes idle. A group that is not quiet has no idle moment to
+    /// wait for: the message that makes it quiet (a write's answer, a lease's close or expiry)
+    /// schedules again. (Waiting for it on a timer made every actor with an open lease tick
+    /// every 10 ms once its idle time had passed.)
     fn schedule_tick(&mut self, now: i64, myself: &ActorRef<Msg>) {
-        let idle_at = self.last_active_ms + self.deps.settings.idle_timeout_ms;
-        let next = self
-            .leases
-            .next_expiry()
-            .map_or(idle_at, |e| e.min(idle_at));
+        let idle_at = self
+            .quiet(false)
+            .then(|| self.last_active_ms + self.deps.settings.idle_timeout_ms);
+        let Some(next) = next_tick(idle_at, self.leases.next_expiry()) else {
+            return;
+        };
         if self.tick_at.is_some_and(|at| at <= next) {
             return;
         }
         let wait = (next - now).clamp(10, 60_000);
         self.tick_at = Some(next);
-        myself.send_after(Duration::from_millis(wait as u64), || Msg::Tick);
+        let timer = myself.send_after(Duration::from_millis(wait as u64), || Msg::Tick);
+        if let Some(earlier) = self.tick_timer.replace(timer) {
+            earlier.abort();
+        }
+    }
+}
+
+/// When the next tick is due: the earlier of the idle moment (`None` while the group is not
+/// quiet) and the next lease expiry; `None` when neither is coming.
+fn next_tick(idle_at: Option<i64>, lease_expiry: Option<i64>) -> Option<i64> {
+    match (idle_at, lease_expiry) {
+        (Some(i), Some(e)) => Some(i.min(e)),
+        (Some(at), None) | (None, Some(at)) => Some(at),
+        (None, None) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::next_tick;
+
+    #[test]
+    fn a_group_that_cannot_stop_waits_for_its_next_lease_expiry() {
+        // Quiet: the idle moment or an earlier expiry.
+        assert_eq!(next_tick(Some(1_000), None), Some(1_000));
+        assert_eq!(next_tick(Some(1_000), Some(900)), Some(900));
+        // A lease is open (not quiet): however long ago the group was last active, the next
+        // tick is the lease's expiry, not a timer that fires again and again meanwhile.
+        assert_eq!(next_tick(None, Some(60_000)), Some(60_000));
+        // Busy with nothing open: the answer of its store call schedules again.
+        assert_eq!(next_tick(None, None), None);
     }
 }

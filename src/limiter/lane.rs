@@ -10,7 +10,9 @@
 //! first (they are owed), then one batch of acquires decided by
 //! [`crate::domain::batch::decide_batch`] and carried by one write per bucket, all buckets in one
 //! transaction. A caller is answered only once its write is confirmed; a lost race returns the
-//! stored item, which becomes the cache, and the batch is decided again from it.
+//! stored item, which becomes the cache, and the batch is decided again from it. A state older than
+//! the staleness bound may still carry admissions (the writes are conditional on it), never a
+//! refusal: such a batch reads first.
 //!
 //! The lane does no I/O itself: a round returns the [`Io`] to start, and the actor reports the
 //! outcome back ([`Lane::loaded`], [`Lane::written`]).

@@ -36,6 +36,19 @@ struct Route {
 struct Handle {
     actor: ActorRef<Msg>,
     tickets: Arc<AtomicUsize>,
+    /// Calls sent (or about to be) and not yet answered: an actor with any may not stop, or a
+    /// message already in its mailbox would be dropped unanswered.
+    calls: Arc<AtomicUsize>,
+}
+
+/// One call's place in [`Handle::calls`], given back when dropped (answered, failed or the
+/// caller gone).
+struct Pending(Arc<AtomicUsize>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A group's entry: its running actor, or what its last actor cached.
@@ -79,18 +92,41 @@ impl Routes for Registry {
             .remove_if(group, |_, slot| is_actor(slot, actor));
     }
 
-    fn park(&self, group: &GroupKey, actor: ractor::ActorId, parked: Parked) {
-        let full = self.parked.load(Ordering::Relaxed) >= self.deps.settings.max_cached_entities;
-        if full || parked.buckets.is_empty() {
-            self.unpublish(group, actor);
-            return;
+    fn park(&self, group: &GroupKey, actor: ractor::ActorId, parked: Parked) -> bool {
+        // Under the slot's lock: a caller counts its call first and then checks the slot, so
+        // either it sees the record (and goes to a new actor) or this sees its call.
+        let idle = |slot: &Slot| match slot {
+            Slot::Running(h) => h.calls.load(Ordering::SeqCst) == 0,
+            Slot::Parked(_) => true,
+        };
+        // A place among the records is taken first, so racing actors cannot pass the bound.
+        let placed = !parked.buckets.is_empty()
+            && self.parked.fetch_add(1, Ordering::SeqCst) < self.deps.settings.max_cached_entities;
+        if !placed {
+            if !parked.buckets.is_empty() {
+                self.parked.fetch_sub(1, Ordering::SeqCst);
+            }
+            let mut busy = false;
+            self.actors.remove_if(group, |_, slot| {
+                busy = is_actor(slot, actor) && !idle(slot);
+                is_actor(slot, actor) && !busy
+            });
+            return !busy;
         }
-        if let Some(mut slot) = self.actors.get_mut(group)
-            && is_actor(&slot, actor)
-        {
-            *slot = Slot::Parked(parked);
-            self.count_parked(1);
-        }
+        let outcome = match self.actors.get_mut(group) {
+            Some(mut slot) if is_actor(&slot, actor) => {
+                if idle(&slot) {
+                    *slot = Slot::Parked(parked);
+                    metrics::gauge!(m::CACHED_ENTITIES).increment(1.0);
+                    return true;
+                }
+                false
+            }
+            // Not routed to this actor any more (shut down): it may stop.
+            _ => true,
+        };
+        self.parked.fetch_sub(1, Ordering::SeqCst);
+        outcome
     }
 }
 
@@ -125,15 +161,10 @@ impl Registry {
         self.parked.load(Ordering::Relaxed)
     }
 
-    fn count_parked(&self, delta: isize) {
-        if delta > 0 {
-            self.parked
-                .fetch_add(delta.unsigned_abs(), Ordering::Relaxed);
-        } else {
-            self.parked
-                .fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
-        }
-        metrics::gauge!(m::CACHED_ENTITIES).increment(delta as f64);
+    /// A record left the map.
+    fn unparked(&self) {
+        self.parked.fetch_sub(1, Ordering::SeqCst);
+        metrics::gauge!(m::CACHED_ENTITIES).decrement(1.0);
     }
 
     /// Drops the compact records unused since `entity_cache_ms` before `now`.
@@ -141,7 +172,7 @@ impl Registry {
         let keep = self.deps.settings.entity_cache_ms;
         self.actors.retain(|_, slot| match slot {
             Slot::Parked(p) if now.saturating_sub(p.last_active_ms) >= keep => {
-                self.count_parked(-1);
+                self.unparked();
                 false
             }
             _ => true,
@@ -183,6 +214,16 @@ impl Registry {
         let mut msg = build(tx);
         for _ in 0..3 {
             let handle = self.handle(group)?;
+            handle.calls.fetch_add(1, Ordering::SeqCst);
+            let pending = Pending(handle.calls.clone());
+            let current = self
+                .actors
+                .get(group)
+                .is_some_and(|slot| is_actor(&slot, handle.actor.get_id()));
+            if !current {
+                // It went idle and left its record meanwhile: go to the group's next actor.
+                continue;
+            }
             if acquire {
                 let max = self.deps.settings.max_queue;
                 let held = handle.tickets.fetch_add(1, Ordering::Relaxed);
@@ -198,7 +239,11 @@ impl Registry {
                 }
             }
             match handle.actor.send_message(msg) {
-                Ok(()) => return wait(&mut rx, deadline).await,
+                Ok(()) => {
+                    let answer = wait(&mut rx, deadline).await;
+                    drop(pending);
+                    return answer;
+                }
                 Err(MessagingErr::SendErr(mut back)) => {
                     if let Msg::Acquire(job) = &mut back {
                         job.ticket = None;
@@ -268,6 +313,7 @@ impl Registry {
                 .map(|(actor, _)| Handle {
                     actor,
                     tickets: Arc::new(AtomicUsize::new(0)),
+                    calls: Arc::new(AtomicUsize::new(0)),
                 })
                 .map_err(|e| {
                     LimiterError::Unavailable(format!("cannot start an entity actor: {e}"))
@@ -285,7 +331,7 @@ impl Registry {
                         },
                     ),
                 };
-                self.count_parked(-1);
+                self.unparked();
                 match spawn(Some(parked)) {
                     Ok(h) => {
                         slot.insert(Slot::Running(h.clone()));

@@ -62,7 +62,7 @@ impl Default for LimiterSettings {
             max_batch: 256,
             max_queue: 10_000,
             lease_ttl_ms: 60_000,
-            idle_timeout_ms: 1_000,
+            idle_timeout_ms: 100,
             entity_cache_ms: 600_000,
             max_cached_entities: 1_000_000,
             limits_cache_ms: 60_000,
@@ -251,8 +251,9 @@ pub(crate) trait Routes: Send + Sync + 'static {
     /// Stops routing to the actor `actor` of `group` (new work spawns a fresh actor).
     fn unpublish(&self, group: &GroupKey, actor: ractor::ActorId);
     /// Replaces the idle actor `actor` of `group` with the compact record of what it cached
-    /// (new work spawns a fresh actor that starts from it).
-    fn park(&self, group: &GroupKey, actor: ractor::ActorId, parked: Parked);
+    /// (new work spawns a fresh actor that starts from it). Returns whether the actor may stop:
+    /// `false` while a call to it is on its way (its message would be dropped unanswered).
+    fn park(&self, group: &GroupKey, actor: ractor::ActorId, parked: Parked) -> bool;
 }
 
 /// What an idle group's actor leaves behind: its cached buckets, with the time each was

@@ -70,7 +70,8 @@ impl UsageLog {
 
     /// Everything pending, by namespace; the log is empty afterwards.
     pub fn take(&self) -> HashMap<Namespace, Vec<Usage>> {
-        let drained: Vec<(Key, Amounts)> = self.pending().drain().collect();
+        // Taken whole, so the map's memory goes too (a drained map keeps its capacity).
+        let drained = std::mem::take(&mut *self.pending());
         let mut out: HashMap<Namespace, Vec<Usage>> = HashMap::new();
         for ((ns, entity, resource, period, start_ms), amounts) in drained {
             if amounts.is_zero() {
