@@ -9,6 +9,9 @@
 //! cargo bench --bench loadgen -- --mode reject --clients 64 --seconds 5              # cached rejections
 //! cargo bench --bench loadgen -- --backend dynamodb --endpoint http://127.0.0.1:8000 # DynamoDB Local
 //! cargo bench --bench loadgen -- --mode memory --entities 1000000                    # RSS per entity
+//! cargo bench --bench loadgen -- --mode memory --entities 20000 --rounds 3 --entity-cache-ms 3000
+//!                                                          # memory follows the entities in use
+//! cargo bench --bench loadgen -- --set "idle_timeout_ms = 50" ...                    # a daemon setting
 //! cargo bench --bench loadgen -- --entities 100 --cascade --one-call                 # 100 children, one parent
 //! cargo bench --bench loadgen -- --daemon path/to/older/zae-limiter                  # before/after
 //! cargo bench --bench loadgen -- --envoy --clients 64                                # Envoy's ShouldRateLimit
@@ -442,9 +445,10 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
          UNAVAILABLE answers: {unavailable}"
     );
     println!(
-        "daemon CPU: {:.2} s = {:.1} us per decision",
+        "daemon CPU: {:.2} s = {:.1} us per decision; RSS {:.1} MiB",
         cpu.as_secs_f64(),
-        cpu.as_secs_f64() * 1e6 / decisions.max(1) as f64
+        cpu.as_secs_f64() * 1e6 / decisions.max(1) as f64,
+        rss_bytes(pid) as f64 / 1048576.0
     );
 }
 
