@@ -388,7 +388,6 @@ impl Limiter {
     }
 }
 
-/// Runs a store look-up under the caller's deadline: running out of time is `Unavailable`.
 /// Flushes usage every `usage_flush_ms` and sweeps what went unused, until the limiter is shut
 /// down or dropped.
 async fn housekeeping(deps: Weak<Deps>, registry: Weak<Registry>, lookups: Weak<Lookups>) {
@@ -448,6 +447,7 @@ async fn flush_usage(deps: &Deps) {
         .await;
 }
 
+/// Runs a store look-up under the caller's deadline: running out of time is `Unavailable`.
 pub(crate) async fn within<T>(
     deadline: Instant,
     work: impl Future<Output = Result<T, LimiterError>>,

@@ -109,6 +109,25 @@ impl Fixture {
         }
     }
 
+    /// Another daemon's admitted consumption, written straight to the store behind the limiter's
+    /// back.
+    async fn consume_elsewhere(&self, entity: &str, limits: &[Limit], take: &[(&str, i64)]) {
+        let other = consume(
+            &*self.store.inner,
+            &key(&self.ns, entity),
+            limits,
+            &amounts(take),
+            self.clock.now_ms(),
+            Seen::Unread,
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            other,
+            zae_limiter::consume::Outcome::Admitted { .. }
+        ));
+    }
+
     /// The stored hourly usage of an entity, summed over its limits, in milli-tokens.
     async fn hourly_usage(&self, entity: &str) -> i64 {
         let usage = self
@@ -177,20 +196,7 @@ async fn a_lost_race_is_replanned_from_the_returned_item_without_a_read(
     ));
     assert_eq!((f.store.loads(), f.store.writes()), (1, 1));
     // Another daemon consumes 90 behind this one's back.
-    let other = consume(
-        &*f.store.inner,
-        &key(&f.ns, "e"),
-        &limits,
-        &amounts(&[("rpm", 90)]),
-        f.clock.now_ms(),
-        Seen::Unread,
-    )
-    .await
-    .unwrap();
-    assert!(matches!(
-        other,
-        zae_limiter::consume::Outcome::Admitted { .. }
-    ));
+    f.consume_elsewhere("e", &limits, &[("rpm", 90)]).await;
     // The cache says 99 are left: 20 fits there, so the write is tried, loses, and the returned
     // item (9 left) refuses it, with no read.
     let d = f
@@ -306,20 +312,7 @@ async fn an_idle_entity_comes_back_without_a_read(inner: Arc<dyn Store>, ns: Nam
     // decides.
     f.park_all().await;
     f.clock.advance(30_000);
-    let other = consume(
-        &*f.store.inner,
-        &key(&f.ns, "e"),
-        &limits,
-        &amounts(&[("rpm", 7)]),
-        f.clock.now_ms(),
-        Seen::Unread,
-    )
-    .await
-    .unwrap();
-    assert!(matches!(
-        other,
-        zae_limiter::consume::Outcome::Admitted { .. }
-    ));
+    f.consume_elsewhere("e", &limits, &[("rpm", 7)]).await;
     let d = f.acquire("e", &limits, &[("rpm", 1)], false).await.unwrap();
     assert!(matches!(d, Decision::Rejected { .. }), "{d:?}");
     assert_eq!(f.stored("e", "rpm").await.1, i128::from(10 * MILLI));

@@ -252,7 +252,10 @@ impl Actor for GroupActor {
             }
             Msg::Tick => {
                 state.tick_at = None;
-                state.tick_timer = None;
+                // Finished if this tick is its own; a tick sent from outside makes it moot.
+                if let Some(timer) = state.tick_timer.take() {
+                    timer.abort();
+                }
                 state.expire_leases(now);
                 let resources: Vec<ResourceId> = state.lanes.keys().cloned().collect();
                 for r in resources {
