@@ -394,8 +394,13 @@ async fn housekeeping(deps: Weak<Deps>, registry: Weak<Registry>, lookups: Weak<
     let Some(settings) = deps.upgrade().map(|d| d.settings.clone()) else {
         return;
     };
-    let every = |ms: i64| Duration::from_millis(u64::try_from(ms).unwrap_or(0).max(10));
-    let mut flush = tokio::time::interval(every(settings.usage_flush_ms));
+    let every = |ms: i64| Duration::from_millis(u64::try_from(ms.max(100)).unwrap_or(100));
+    // No snapshots kept (`usage_flush_ms = 0`): nothing is ever recorded, so rarely look.
+    let flush_ms = match settings.usage_flush_ms {
+        ms if ms > 0 => ms,
+        _ => 3_600_000,
+    };
+    let mut flush = tokio::time::interval(every(flush_ms));
     let mut sweep = tokio::time::interval(every((settings.entity_cache_ms / 4).min(SWEEP_MS)));
     for timer in [&mut flush, &mut sweep] {
         timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -423,7 +428,8 @@ async fn housekeeping(deps: Weak<Deps>, registry: Weak<Registry>, lookups: Weak<
     }
 }
 
-/// The longest time between two sweeps of unused records and look-ups.
+/// The longest time between two sweeps of unused records and look-ups (the shortest, and the
+/// shortest between two usage flushes, is 100 ms).
 const SWEEP_MS: i64 = 5_000;
 
 /// Usage snapshot additions in flight at once during a flush.
