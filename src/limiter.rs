@@ -87,6 +87,7 @@ impl Limiter {
                 Arc::downgrade(&limiter.registry),
                 Arc::downgrade(&limiter.lookups),
             ));
+            runtime.spawn(usage_flusher(Arc::downgrade(&limiter.deps)));
         }
         limiter
     }
@@ -388,36 +389,17 @@ impl Limiter {
     }
 }
 
-/// Flushes usage every `usage_flush_ms` and sweeps what went unused, until the limiter is shut
-/// down or dropped.
+/// Sweeps idle records and look-ups that went unused, until the limiter is shut down or dropped.
 async fn housekeeping(deps: Weak<Deps>, registry: Weak<Registry>, lookups: Weak<Lookups>) {
     let Some(settings) = deps.upgrade().map(|d| d.settings.clone()) else {
         return;
     };
-    let every = |ms: i64| Duration::from_millis(u64::try_from(ms.max(100)).unwrap_or(100));
-    // No snapshots kept (`usage_flush_ms = 0`): nothing is ever recorded, so rarely look.
-    let flush_ms = match settings.usage_flush_ms {
-        ms if ms > 0 => ms,
-        _ => 3_600_000,
-    };
-    let mut flush = tokio::time::interval(every(flush_ms));
-    let mut sweep = tokio::time::interval(every((settings.entity_cache_ms / 4).min(SWEEP_MS)));
-    for timer in [&mut flush, &mut sweep] {
-        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        timer.tick().await;
-    }
+    let mut sweep = interval((settings.entity_cache_ms / 4).min(SWEEP_MS)).await;
     loop {
-        let flushing = tokio::select! {
-            _ = flush.tick() => true,
-            _ = sweep.tick() => false,
-        };
+        sweep.tick().await;
         let Some(deps) = deps.upgrade().filter(|d| !d.tasks.is_closed()) else {
             return;
         };
-        if flushing {
-            flush_usage(&deps).await;
-            continue;
-        }
         let now = deps.clock.now_ms();
         if let Some(registry) = registry.upgrade() {
             registry.sweep(now);
@@ -426,6 +408,37 @@ async fn housekeeping(deps: Weak<Deps>, registry: Weak<Registry>, lookups: Weak<
             lookups.purge(now);
         }
     }
+}
+
+/// Adds the recorded usage to the stored snapshots every `usage_flush_ms`, on its own task: a
+/// long flush (a slow store, many entities) delays the next flush, never a sweep.
+async fn usage_flusher(deps: Weak<Deps>) {
+    let Some(settings) = deps.upgrade().map(|d| d.settings.clone()) else {
+        return;
+    };
+    // No snapshots kept (`usage_flush_ms = 0`): nothing is ever recorded, so rarely look.
+    let flush_ms = match settings.usage_flush_ms {
+        ms if ms > 0 => ms,
+        _ => 3_600_000,
+    };
+    let mut flush = interval(flush_ms).await;
+    loop {
+        flush.tick().await;
+        let Some(deps) = deps.upgrade().filter(|d| !d.tasks.is_closed()) else {
+            return;
+        };
+        flush_usage(&deps).await;
+    }
+}
+
+/// A timer every `ms` (at least 100 ms) whose first tick is one period away and whose missed
+/// ticks are not made up.
+async fn interval(ms: i64) -> tokio::time::Interval {
+    let period = Duration::from_millis(u64::try_from(ms.max(100)).unwrap_or(100));
+    let mut timer = tokio::time::interval(period);
+    timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    timer.tick().await;
+    timer
 }
 
 /// The longest time between two sweeps of unused records and look-ups (the shortest, and the

@@ -358,6 +358,35 @@ async fn idle_records_are_bounded_in_age_and_number(inner: Arc<dyn Store>, ns: N
     assert_eq!(f.stored("a", "rpm").await.1, i128::from(2 * MILLI));
 }
 
+/// Sweeps run on their own: a usage flush stuck on a slow store does not keep idle records (and
+/// their memory) past `entity_cache_ms`.
+async fn a_slow_usage_flush_does_not_hold_up_sweeps(inner: Arc<dyn Store>, ns: Namespace) {
+    let f = fixture(inner, ns, |s| {
+        s.idle_timeout_ms = 1_000;
+        s.entity_cache_ms = 2_000;
+        s.usage_flush_ms = 100;
+    });
+    f.store.usage_delay_ms.store(600_000, Ordering::SeqCst);
+    let limits = [Limit::per_hour("rpm", 10).unwrap()];
+    assert!(admitted(
+        &f.acquire("e", &limits, &[("rpm", 1)], false).await
+    ));
+    f.park_all().await;
+    // Let the flush start (and hang) before the record is due.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(f.limiter.parked_groups(), 1);
+    f.clock.advance(1_000);
+    let until = Instant::now() + Duration::from_secs(30);
+    while f.limiter.parked_groups() > 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        f.limiter.parked_groups(),
+        0,
+        "swept while the usage flush waits on the store"
+    );
+}
+
 /// Usage is kept by the limiter, not by the actors: an entity whose actor stopped still has its
 /// consumption flushed.
 async fn usage_outlives_the_actor_that_recorded_it(inner: Arc<dyn Store>, ns: Namespace) {
@@ -755,6 +784,7 @@ both_stores!(
     an_idle_entity_comes_back_without_a_read,
     idle_records_are_bounded_in_age_and_number,
     usage_outlives_the_actor_that_recorded_it,
+    a_slow_usage_flush_does_not_hold_up_sweeps,
     calls_racing_an_idle_actor_are_answered,
     shutdown_writes_what_is_owed_and_flushes_usage,
     callers_told_not_admitted_are_not_charged,

@@ -78,6 +78,8 @@ pub struct Counting {
     pub write_delay_ms: AtomicU64,
     /// How many of the next bucket writes and loads fail (transiently, applying nothing).
     pub failures: AtomicU64,
+    /// Milliseconds each usage snapshot addition waits before it is applied.
+    pub usage_delay_ms: AtomicU64,
 }
 
 impl Counting {
@@ -89,6 +91,7 @@ impl Counting {
             lookups: AtomicU64::new(0),
             write_delay_ms: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            usage_delay_ms: AtomicU64::new(0),
         }
     }
 
@@ -239,6 +242,8 @@ mod counting {
             self.inner.delete_namespace(ns).await
         }
         async fn add_usage(&self, ns: &Namespace, usage: &[Usage]) -> Result<(), StoreError> {
+            let delay = self.usage_delay_ms.load(Ordering::SeqCst);
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
             self.inner.add_usage(ns, usage).await
         }
         async fn usage(
