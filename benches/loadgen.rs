@@ -516,7 +516,21 @@ async fn memory(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) {
                         let req = Acquire::new(format!("entity-{}", first + e), "model")
                             .limits(limits.iter())
                             .consume("rpm", 1);
-                        client.acquire(req).await.unwrap().commit().await.unwrap();
+                        // A store that falls behind (a cold DynamoDB Local) is waited out.
+                        loop {
+                            match client.acquire(req.clone()).await {
+                                Ok(lease) => {
+                                    lease.commit().await.unwrap();
+                                    break;
+                                }
+                                Err(ClientError::Status(s))
+                                    if s.code() == tonic::Code::Unavailable =>
+                                {
+                                    tokio::time::sleep(Duration::from_millis(50)).await
+                                }
+                                Err(e) => panic!("acquire: {e}"),
+                            }
+                        }
                     }
                 })
             })
@@ -554,6 +568,7 @@ async fn memory(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) {
         );
         if args.entity_cache_ms.is_some() {
             let records = settled("zae_limiter_cached_entities");
+            settled("zae_limiter_usage_pending");
             let forgotten = rss_bytes(pid);
             println!(
                 "  forgotten: {records} compact records left; RSS {:.1} MiB ({:+.1} MiB from the start)",

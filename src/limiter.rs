@@ -462,6 +462,7 @@ async fn flush_usage(deps: &Deps) {
                 tracing::warn!("usage flush failed, kept for the next one: {e}");
                 deps.usage.restore(&ns, vec![u]);
             }
+            deps.usage.written();
         })
         .await;
 }

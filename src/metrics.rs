@@ -22,6 +22,9 @@ pub const CONFLICTS: &str = "zae_limiter_conflicts_total";
 pub const ACTORS: &str = "zae_limiter_actors";
 /// Idle entities (consistency groups) whose cached buckets are kept as a compact record.
 pub const CACHED_ENTITIES: &str = "zae_limiter_cached_entities";
+/// Usage snapshot additions recorded and not yet written to the store (waiting for the next
+/// flush, or being written): a value that keeps growing means the flushes fall behind.
+pub const USAGE_PENDING: &str = "zae_limiter_usage_pending";
 /// Leases acquired and not yet committed, rolled back or expired.
 pub const LEASES_OPEN: &str = "zae_limiter_leases_open";
 /// Leases that expired without commit or rollback (their consumption stays).
@@ -110,6 +113,10 @@ pub fn describe() {
         CACHED_ENTITIES,
         "Idle entities whose cached buckets are kept as a compact record"
     );
+    describe_gauge!(
+        USAGE_PENDING,
+        "Usage snapshot additions not yet written to the store"
+    );
     describe_gauge!(LEASES_OPEN, "Open leases");
     describe_counter!(LEASES_EXPIRED, "Leases that expired unclosed");
     describe_counter!(
@@ -162,7 +169,7 @@ pub fn register_all() {
     for o in ["applied", "refused"] {
         metrics::counter!(RELOADS, "outcome" => o).increment(0);
     }
-    for name in [ACTORS, CACHED_ENTITIES, LEASES_OPEN] {
+    for name in [ACTORS, CACHED_ENTITIES, USAGE_PENDING, LEASES_OPEN] {
         metrics::gauge!(name).increment(0.0);
     }
     // Labelled by configured rules; the family is there from the start.

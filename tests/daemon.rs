@@ -860,6 +860,34 @@ async fn entities_limits_and_audit_from_the_command_line() {
     assert!(err.contains("rpm"), "{err}");
 }
 
+/// `zae_limiter_usage_pending` counts the snapshot additions not written yet (an hour's and a
+/// day's per entity and resource) and drains once a flush has written them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_usage_is_counted_until_flushed() {
+    let limits = [Limit::per_hour("tpm", 10_000).unwrap()];
+    for (flush_ms, pending) in [(3_600_000, 4.0), (100, 0.0)] {
+        let daemon = Daemon::start(&format!("[limiter]\nusage_flush_ms = {flush_ms}\n"), &[]);
+        let client = daemon.client().await;
+        for entity in ["a", "b"] {
+            acquire(&client, entity, &limits, &[("tpm", 5)])
+                .await
+                .unwrap()
+                .commit()
+                .await
+                .unwrap();
+        }
+        let mut seen = daemon.metric("zae_limiter_usage_pending", &[]);
+        for _ in 0..200 {
+            if seen == pending {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            seen = daemon.metric("zae_limiter_usage_pending", &[]);
+        }
+        assert_eq!(seen, pending, "usage_flush_ms = {flush_ms}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_totals_follow_adjustments_and_rollbacks() {
     let daemon = Daemon::start("[limiter]\nusage_flush_ms = 100\n", &[]);

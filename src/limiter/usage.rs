@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::domain::amounts::Amounts;
 use crate::domain::ids::{EntityId, Namespace, ResourceId};
@@ -16,6 +17,8 @@ type Key = (Namespace, EntityId, ResourceId, Period, i64);
 #[derive(Default)]
 pub(crate) struct UsageLog {
     pending: Mutex<HashMap<Key, Amounts>>,
+    /// Snapshot additions taken by a flush and not finished yet.
+    writing: AtomicUsize,
 }
 
 impl UsageLog {
@@ -52,6 +55,7 @@ impl UsageLog {
                 tracing::warn!("usage snapshot not counted: {e}");
             }
         }
+        self.publish(pending.len());
     }
 
     /// Puts back what a failed flush took.
@@ -66,9 +70,11 @@ impl UsageLog {
                 tracing::warn!("usage snapshot not counted: {e}");
             }
         }
+        self.publish(pending.len());
     }
 
-    /// Everything pending, by namespace; the log is empty afterwards.
+    /// Everything pending, by namespace; the log is empty afterwards. Each snapshot taken is
+    /// counted as being written until [`UsageLog::written`] is called for it.
     pub fn take(&self) -> HashMap<Namespace, Vec<Usage>> {
         // Taken whole, so the map's memory goes too (a drained map keeps its capacity).
         let drained = std::mem::take(&mut *self.pending());
@@ -85,6 +91,21 @@ impl UsageLog {
                 amounts: amounts.nonzero().to_vec(),
             });
         }
+        let taken = out.values().map(Vec::len).sum::<usize>();
+        self.writing.fetch_add(taken, Ordering::Relaxed);
+        self.publish(self.pending().len());
         out
+    }
+
+    /// One snapshot taken by [`UsageLog::take`] is written (or put back with `restore`).
+    pub fn written(&self) {
+        self.writing.fetch_sub(1, Ordering::Relaxed);
+        self.publish(self.pending().len());
+    }
+
+    /// Sets the pending-snapshots gauge: `in_log` in the log plus those being written.
+    fn publish(&self, in_log: usize) {
+        let total = in_log + self.writing.load(Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::USAGE_PENDING).set(total as f64);
     }
 }
