@@ -336,7 +336,7 @@ async fn health_metrics_and_a_cached_rejection_that_costs_no_store_call() {
     );
     assert!(text.contains("zae_limiter_batch_size_bucket"));
     assert!(
-        !text.contains("entity=") && !text.contains("hot"),
+        !text.contains("entity=") && !text.contains("\"hot\""),
         "no entity ids in labels"
     );
 }
