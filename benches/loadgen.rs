@@ -29,6 +29,9 @@ use envoy_types::pb::envoy::extensions::common::ratelimit::v3::RateLimitDescript
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
 use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 use zae_limiter::Limit;
 use zae_limiter::client::{Acquire, Client, ClientError};
 use zae_limiter::store::dynamodb::{DynamoSettings, table};
@@ -41,6 +44,13 @@ enum Mode {
     Reject,
     /// One acquire for each of `--entities` distinct entities; reports resident memory per entity.
     Memory,
+    /// No daemon: conditional `UpdateItem` calls straight from this process, through a client
+    /// with the daemon's SDK settings (`--clients` at once, distinct items, `--seconds`); reports
+    /// this process's CPU per call, the SDK's floor under a cold decision. DynamoDB only.
+    Sdk,
+    /// The gRPC health check instead of a decision: the same socket, server and client with no
+    /// limiter work, the floor under the other modes' latency and CPU.
+    Health,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
@@ -95,6 +105,10 @@ struct Args {
     /// `--set "idle_timeout_ms = 100"`.
     #[arg(long = "set")]
     settings: Vec<String>,
+    /// SDK mode: trims to the client's configuration, comma-separated: `nostall` (no stalled
+    /// stream protection), `noretry`, `nocache` (no identity cache), `notimeout`.
+    #[arg(long, default_value = "")]
+    sdk_trims: String,
     /// Memory mode: how long to wait for the actors to stop (and records to be forgotten).
     #[arg(long, default_value_t = 30)]
     settle_seconds: u64,
@@ -248,6 +262,10 @@ async fn main() {
             .await
             .expect("deploy the bench table");
     }
+    if args.mode == Mode::Sdk {
+        let endpoint = endpoint.expect("--mode sdk needs --backend dynamodb");
+        return sdk_floor(&args, &endpoint).await;
+    }
     let envoy_rule = format!(
         "\n[[envoy.rules]]\nname = \"bench\"\ndomain = \"bench\"\nentries = [{{ key = \"api_key\" }}]\n\
          entity = \"api_key\"\nresource = \"model\"\nlimits = [\"{}\"]\n",
@@ -278,8 +296,83 @@ async fn main() {
     }
     match args.mode {
         Mode::Memory => memory(&args, &clients, &daemon, pid).await,
-        Mode::Admit | Mode::Reject => throughput(&args, &clients, &daemon, pid).await,
+        Mode::Admit | Mode::Reject | Mode::Health => {
+            throughput(&args, &clients, &daemon, pid).await
+        }
+        Mode::Sdk => unreachable!("no daemon in sdk mode"),
     }
+}
+
+/// `--mode sdk`: what one conditional `UpdateItem` costs this process through the SDK alone.
+async fn sdk_floor(args: &Args, endpoint: &str) {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let mut settings = DynamoSettings::new("zae-limiter-bench");
+    settings.endpoint_url = Some(endpoint.to_string());
+    settings.credentials = Some(("local".into(), "local".into()));
+    let client = settings.client().await;
+    let trims = &args.sdk_trims;
+    let mut conf = client.config().to_builder();
+    for trim in trims.split(',').filter(|t| !t.is_empty()) {
+        use aws_sdk_dynamodb::config;
+        conf = match trim {
+            "nostall" => {
+                conf.stalled_stream_protection(config::StalledStreamProtectionConfig::disabled())
+            }
+            "noretry" => conf.retry_config(config::retry::RetryConfig::disabled()),
+            "nocache" => conf.identity_cache(config::IdentityCache::no_cache()),
+            "notimeout" => conf.timeout_config(config::timeout::TimeoutConfig::disabled()),
+            other => panic!("--sdk-trims: unknown trim {other}"),
+        };
+    }
+    let client = aws_sdk_dynamodb::Client::from_conf(conf.build());
+    let calls = Arc::new(AtomicU64::new(0));
+    let until = Instant::now() + Duration::from_secs(args.seconds);
+    let call = |client: aws_sdk_dynamodb::Client, item: String| async move {
+        client
+            .update_item()
+            .table_name("zae-limiter-bench")
+            .key("PK", AttributeValue::S(format!("sdk-floor#{item}")))
+            .key("SK", AttributeValue::S("#N".into()))
+            .update_expression("ADD n :one")
+            .condition_expression("attribute_not_exists(v) OR v < :one")
+            .expression_attribute_values(":one", AttributeValue::N("1".into()))
+            .send()
+            .await
+            .expect("UpdateItem")
+    };
+    // Warm up: connections, credentials, the JIT of DynamoDB Local.
+    for i in 0..args.clients {
+        call(client.clone(), i.to_string()).await;
+    }
+    let me = std::process::id();
+    let cpu_before = cpu_time(me);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..args.clients)
+        .map(|i| {
+            let (client, calls) = (client.clone(), calls.clone());
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while Instant::now() < until {
+                    call(client.clone(), format!("{i}-{}", n % 1000)).await;
+                    n += 1;
+                    calls.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_time(me) - cpu_before;
+    let calls = calls.load(Ordering::Relaxed);
+    println!(
+        "mode=sdk clients={} trims=[{trims}]: {calls} UpdateItem calls, {:.0}/s; this process's CPU: {:.2} s = {:.1} us per call",
+        args.clients,
+        calls as f64 / elapsed,
+        cpu.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / calls.max(1) as f64
+    );
 }
 
 async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) {
@@ -318,6 +411,8 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
             let mut envoy = args
                 .envoy
                 .then(|| RateLimitServiceClient::new(client.channel()));
+            let mut health =
+                (args.mode == Mode::Health).then(|| HealthClient::new(client.channel()));
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 let mut n = i;
@@ -328,6 +423,20 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
                         .limits(limits.iter())
                         .consume(&name, 1);
                     let t = Instant::now();
+                    if let Some(health) = health.as_mut() {
+                        let serving = health
+                            .check(HealthCheckRequest {
+                                service: String::new(),
+                            })
+                            .await
+                            .unwrap()
+                            .into_inner()
+                            .status;
+                        latencies.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        assert_eq!(serving, ServingStatus::Serving as i32);
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
                     if let Some(envoy) = envoy.as_mut() {
                         let answer = envoy
                             .should_rate_limit(RateLimitRequest {
@@ -418,6 +527,9 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
     );
     if args.envoy {
         println!("through Envoy's rate limit service (ShouldRateLimit)");
+    }
+    if args.mode == Mode::Health {
+        println!("health checks, not decisions: the transport's floor (counted as admitted)");
     }
     println!(
         "decisions/s {:.0} (admitted/s {:.0}, rejected/s {:.0}) over {elapsed:.1} s",
