@@ -372,8 +372,16 @@ async fn a_slow_usage_flush_does_not_hold_up_sweeps(inner: Arc<dyn Store>, ns: N
         &f.acquire("e", &limits, &[("rpm", 1)], false).await
     ));
     f.park_all().await;
-    // Let the flush start (and hang) before the record is due.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The flush starts (and hangs) before the record is due.
+    let until = Instant::now() + Duration::from_secs(30);
+    while f.store.usage_adds.load(Ordering::SeqCst) == 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_ne!(
+        f.store.usage_adds.load(Ordering::SeqCst),
+        0,
+        "a flush hangs"
+    );
     assert_eq!(f.limiter.parked_groups(), 1);
     f.clock.advance(1_000);
     let until = Instant::now() + Duration::from_secs(30);

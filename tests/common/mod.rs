@@ -80,6 +80,8 @@ pub struct Counting {
     pub failures: AtomicU64,
     /// Milliseconds each usage snapshot addition waits before it is applied.
     pub usage_delay_ms: AtomicU64,
+    /// Usage snapshot additions started.
+    pub usage_adds: AtomicU64,
 }
 
 impl Counting {
@@ -92,6 +94,7 @@ impl Counting {
             write_delay_ms: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             usage_delay_ms: AtomicU64::new(0),
+            usage_adds: AtomicU64::new(0),
         }
     }
 
@@ -242,6 +245,7 @@ mod counting {
             self.inner.delete_namespace(ns).await
         }
         async fn add_usage(&self, ns: &Namespace, usage: &[Usage]) -> Result<(), StoreError> {
+            self.usage_adds.fetch_add(1, Ordering::SeqCst);
             let delay = self.usage_delay_ms.load(Ordering::SeqCst);
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
             self.inner.add_usage(ns, usage).await
