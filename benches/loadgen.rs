@@ -112,6 +112,10 @@ struct Args {
     /// Memory mode: how long to wait for the actors to stop (and records to be forgotten).
     #[arg(long, default_value_t = 30)]
     settle_seconds: u64,
+    /// Memory mode: after each round is forgotten, wait this long more and report RSS again
+    /// (idle connections to the store close after a while).
+    #[arg(long, default_value_t = 0)]
+    linger_seconds: u64,
     /// `cargo bench` passes --bench; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -686,6 +690,16 @@ async fn memory(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) {
                 "  forgotten: {records} compact records left; RSS {:.1} MiB ({:+.1} MiB from the start)",
                 mib(forgotten),
                 mib(forgotten) - mib(base)
+            );
+        }
+        if args.linger_seconds > 0 {
+            tokio::time::sleep(Duration::from_secs(args.linger_seconds)).await;
+            let later = rss_bytes(pid);
+            println!(
+                "  {} s later: RSS {:.1} MiB ({:+.1} MiB from the start)",
+                args.linger_seconds,
+                mib(later),
+                mib(later) - mib(base)
             );
         }
     }
