@@ -90,6 +90,9 @@ struct Args {
     /// The daemon's runtime threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     daemon_threads: usize,
+    /// The load generator's own runtime threads (0: one per core; 1: a single-threaded runtime).
+    #[arg(long, default_value_t = 0)]
+    client_threads: usize,
     /// Decide through Envoy's rate limit service (`ShouldRateLimit`, one descriptor `api_key`
     /// per request, a rule with the same limit) instead of the RateLimiter service.
     #[arg(long)]
@@ -109,6 +112,14 @@ struct Args {
     /// stream protection), `noretry`, `nocache` (no identity cache), `notimeout`.
     #[arg(long, default_value = "")]
     sdk_trims: String,
+    /// SDK mode: conditional writes per call; above 1, one `BatchExecuteStatement` of that many
+    /// conditional PartiQL updates (at most 25) on distinct items instead of one `UpdateItem`.
+    #[arg(long, default_value_t = 1)]
+    sdk_batch: usize,
+    /// SDK mode with `--sdk-batch`: after each batch, read the items written back in one
+    /// strongly consistent `BatchGetItem` (a batch of PartiQL updates returns no new images).
+    #[arg(long)]
+    sdk_read_back: bool,
     /// Memory mode: how long to wait for the actors to stop (and records to be forgotten).
     #[arg(long, default_value_t = 30)]
     settle_seconds: u64,
@@ -246,9 +257,24 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let args = Args::parse();
+    let runtime = match args.client_threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    runtime.expect("start the runtime").block_on(run(args));
+}
+
+async fn run(args: Args) {
     let endpoint = match args.backend {
         Backend::Memory => None,
         Backend::Dynamodb => Some(
@@ -330,7 +356,11 @@ async fn sdk_floor(args: &Args, endpoint: &str) {
     }
     let client = aws_sdk_dynamodb::Client::from_conf(conf.build());
     let calls = Arc::new(AtomicU64::new(0));
-    let until = Instant::now() + Duration::from_secs(args.seconds);
+    let batch = args.sdk_batch;
+    assert!(
+        (1..=25).contains(&batch),
+        "--sdk-batch: 1 to 25 writes per call"
+    );
     let call = |client: aws_sdk_dynamodb::Client, item: String| async move {
         client
             .update_item()
@@ -344,10 +374,79 @@ async fn sdk_floor(args: &Args, endpoint: &str) {
             .await
             .expect("UpdateItem")
     };
-    // Warm up: connections, credentials, the JIT of DynamoDB Local.
+    // The same write in PartiQL: an UPDATE only changes an item that exists, as the daemon's
+    // writes of a known bucket do.
+    let read_back = args.sdk_read_back;
+    let batch_call = move |client: aws_sdk_dynamodb::Client, items: Vec<String>| async move {
+        use aws_sdk_dynamodb::types::{
+            BatchStatementRequest, KeysAndAttributes, ReturnValuesOnConditionCheckFailure,
+        };
+        let statements = items
+            .iter()
+            .map(|item| {
+                BatchStatementRequest::builder()
+                    .statement(
+                        "UPDATE \"zae-limiter-bench\" SET n = n + ? \
+                         WHERE PK = ? AND SK = ? AND (v IS MISSING OR v < ?)",
+                    )
+                    .parameters(AttributeValue::N("1".into()))
+                    .parameters(AttributeValue::S(format!("sdk-floor#{item}")))
+                    .parameters(AttributeValue::S("#N".into()))
+                    .parameters(AttributeValue::N("1".into()))
+                    .return_values_on_condition_check_failure(
+                        ReturnValuesOnConditionCheckFailure::AllOld,
+                    )
+                    .build()
+                    .unwrap()
+            })
+            .collect();
+        let out = client
+            .batch_execute_statement()
+            .set_statements(Some(statements))
+            .send()
+            .await
+            .expect("BatchExecuteStatement");
+        for r in out.responses() {
+            assert!(r.error().is_none(), "a statement failed: {:?}", r.error());
+        }
+        if read_back {
+            let keys = items.iter().map(|item| {
+                std::collections::HashMap::from([
+                    (
+                        "PK".to_string(),
+                        AttributeValue::S(format!("sdk-floor#{item}")),
+                    ),
+                    ("SK".to_string(), AttributeValue::S("#N".into())),
+                ])
+            });
+            let wanted = KeysAndAttributes::builder()
+                .set_keys(Some(keys.collect()))
+                .consistent_read(true)
+                .build()
+                .unwrap();
+            let out = client
+                .batch_get_item()
+                .request_items("zae-limiter-bench", wanted)
+                .send()
+                .await
+                .expect("BatchGetItem");
+            let read = out.responses().and_then(|r| r.get("zae-limiter-bench"));
+            assert_eq!(
+                read.map_or(0, Vec::len),
+                items.len(),
+                "every item read back"
+            );
+        }
+    };
+    // Each client writes its own pool of items (the batched writes need them to exist).
+    let pool = 4 * batch;
+    // Warm up: connections, credentials, the JIT of DynamoDB Local; the items.
     for i in 0..args.clients {
-        call(client.clone(), i.to_string()).await;
+        for k in 0..pool {
+            call(client.clone(), format!("{i}-{k}")).await;
+        }
     }
+    let until = Instant::now() + Duration::from_secs(args.seconds);
     let me = std::process::id();
     let cpu_before = cpu_time(me);
     let started = Instant::now();
@@ -355,10 +454,15 @@ async fn sdk_floor(args: &Args, endpoint: &str) {
         .map(|i| {
             let (client, calls) = (client.clone(), calls.clone());
             tokio::spawn(async move {
-                let mut n = 0u64;
+                let mut n = 0;
                 while Instant::now() < until {
-                    call(client.clone(), format!("{i}-{}", n % 1000)).await;
-                    n += 1;
+                    if batch == 1 {
+                        call(client.clone(), format!("{i}-{}", n % pool)).await;
+                    } else {
+                        let items = (0..batch).map(|k| format!("{i}-{}", (n + k) % pool));
+                        batch_call(client.clone(), items.collect()).await;
+                    }
+                    n += batch;
                     calls.fetch_add(1, Ordering::Relaxed);
                 }
             })
@@ -370,12 +474,19 @@ async fn sdk_floor(args: &Args, endpoint: &str) {
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_time(me) - cpu_before;
     let calls = calls.load(Ordering::Relaxed);
+    let writes = calls * batch as u64;
     println!(
-        "mode=sdk clients={} trims=[{trims}]: {calls} UpdateItem calls, {:.0}/s; this process's CPU: {:.2} s = {:.1} us per call",
+        "mode=sdk clients={} trims=[{trims}] writes/call={batch}: {calls} {} calls, {writes} conditional writes, {:.0} writes/s; this process's CPU: {:.2} s = {:.1} us per call, {:.1} us per write",
         args.clients,
-        calls as f64 / elapsed,
+        if batch == 1 {
+            "UpdateItem"
+        } else {
+            "BatchExecuteStatement"
+        },
+        writes as f64 / elapsed,
         cpu.as_secs_f64(),
-        cpu.as_secs_f64() * 1e6 / calls.max(1) as f64
+        cpu.as_secs_f64() * 1e6 / calls.max(1) as f64,
+        cpu.as_secs_f64() * 1e6 / writes.max(1) as f64
     );
 }
 
