@@ -50,7 +50,7 @@ pub struct ServerConfig {
     pub request_timeout_ms: u64,
     /// How long shutdown waits for in-flight requests and actor flushes.
     pub drain_timeout_ms: u64,
-    /// Threads of the daemon's runtime; 0: one per core.
+    /// Threads of the daemon's runtime; 0: one per core; 1: a single-threaded runtime.
     pub worker_threads: usize,
     /// Group of the socket file (a name or a number): the group of the worker processes that
     /// may connect. Default: the daemon's own group.

@@ -710,10 +710,16 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
         )
         .init();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if config.server.worker_threads > 0 {
-        runtime.worker_threads(config.server.worker_threads);
-    }
+    // One thread: a current-thread runtime, so no task ever wakes another thread.
+    let mut runtime = match config.server.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        0 => tokio::runtime::Builder::new_multi_thread(),
+        n => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(n);
+            builder
+        }
+    };
     let runtime = runtime
         .enable_all()
         .build()

@@ -502,6 +502,50 @@ async fn shutdown_answers_in_flight_requests_and_removes_the_socket() {
     assert!(!daemon.socket.exists(), "the socket file is removed");
 }
 
+/// `worker_threads = 1` runs the daemon on a single-threaded runtime: everything (connections,
+/// actors, timers, the metrics listener, signals) shares that one thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_runtime_thread_serves_concurrent_clients_and_shuts_down() {
+    let mut daemon = Daemon::start(MEMORY, &["--worker-threads", "1"]);
+    let clients = [daemon.client().await, daemon.client().await];
+    let limits = [rpm(25)];
+    let calls: Vec<_> = (0..40)
+        .map(|i| {
+            let (client, limits) = (clients[i % 2].clone(), limits.clone());
+            tokio::spawn(async move {
+                let lease = acquire(&client, "shared", &limits, &[("rpm", 1)]).await?;
+                lease.commit().await
+            })
+        })
+        .collect();
+    let (mut admitted, mut refused) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(()) => admitted += 1,
+            Err(ClientError::OverLimit { .. }) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((admitted, refused), (25, 15));
+    let mut health = tonic_health::pb::health_client::HealthClient::new(clients[0].channel());
+    let answer = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        answer.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+    assert_eq!(
+        daemon.metric("zae_limiter_decisions_total", &["outcome=\"admitted\""]),
+        25.0
+    );
+    let status = daemon.terminate();
+    assert!(status.success(), "exit status {status}");
+    assert!(!daemon.socket.exists(), "the socket file is removed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_socket_is_replaced_and_a_live_one_refused() {
     let dir = tempfile::tempdir().unwrap();
