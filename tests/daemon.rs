@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::daemon::Daemon;
 use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
 use zae_limiter::Limit;
 use zae_limiter::client::{Acquire, Client, ClientError, Lease};
 use zae_limiter::proto;
@@ -47,6 +48,15 @@ fn run_cli(daemon: &Daemon, args: &[&str]) -> (Option<i32>, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// What the standard gRPC health check answers for `service` ("": the whole daemon).
+async fn health(client: &Client, service: &str) -> ServingStatus {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(client.channel());
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: service.into(),
+    };
+    health.check(request).await.unwrap().into_inner().status()
 }
 
 fn code(e: ClientError) -> (Code, String) {
@@ -267,19 +277,8 @@ async fn unclosed_leases_expire_and_stay_consumed() {
 async fn health_metrics_and_a_cached_rejection_that_costs_no_store_call() {
     let daemon = Daemon::start(MEMORY, &[]);
     let client = daemon.client().await;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(client.channel());
     for service in ["", "zae_limiter.v1.RateLimiter"] {
-        let answer = health
-            .check(tonic_health::pb::HealthCheckRequest {
-                service: service.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(
-            answer.status(),
-            tonic_health::pb::health_check_response::ServingStatus::Serving
-        );
+        assert_eq!(health(&client, service).await, ServingStatus::Serving);
     }
     let limits = [rpm(2)];
     for _ in 0..2 {
@@ -527,16 +526,7 @@ async fn one_runtime_thread_serves_concurrent_clients_and_shuts_down() {
         }
     }
     assert_eq!((admitted, refused), (25, 15));
-    let mut health = tonic_health::pb::health_client::HealthClient::new(clients[0].channel());
-    let answer = health
-        .check(tonic_health::pb::HealthCheckRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        answer.status(),
-        tonic_health::pb::health_check_response::ServingStatus::Serving
-    );
+    assert_eq!(health(&clients[0], "").await, ServingStatus::Serving);
     assert_eq!(
         daemon.metric("zae_limiter_decisions_total", &["outcome=\"admitted\""]),
         25.0
