@@ -81,7 +81,11 @@ async fn three_daemons_on_one_table_never_over_admit() {
     let store = common::dynamodb().await;
     let ns = common::unique_namespace();
     let cfg = config(&ns, &common::endpoint(), "");
-    let daemons: Vec<Daemon> = (0..3).map(|_| Daemon::start(&cfg, &[])).collect();
+    // One of them on a single-threaded runtime (`worker_threads = 1`).
+    let daemons: Vec<Daemon> = [&["--worker-threads", "1"][..], &[], &[]]
+        .into_iter()
+        .map(|flags| Daemon::start(&cfg, flags))
+        .collect();
     // Capacity 1,000 and 50 tokens a second.
     let limits = [Limit::per_second("rps", 50)
         .unwrap()

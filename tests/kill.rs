@@ -92,7 +92,8 @@ async fn a_killed_daemon_loses_no_acknowledged_admit_and_never_over_admits() {
     let ns = common::unique_namespace();
     let cfg = config(&ns);
     let steady = Daemon::start(&cfg, &[]);
-    let mut victim = Daemon::start(&cfg, &[]);
+    // The victim runs on a single-threaded runtime (`worker_threads = 1`).
+    let mut victim = Daemon::start(&cfg, &["--worker-threads", "1"]);
     let socket = victim.socket.clone();
     let started = Instant::now();
     let until = started + Duration::from_secs(6);
