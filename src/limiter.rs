@@ -235,6 +235,7 @@ impl Limiter {
                 lease: req.lease.then_some(req.owner),
                 reply,
                 ticket: None,
+                races: 0,
             })
         };
         self.registry.call(&group, deadline, true, job).await

@@ -95,7 +95,7 @@ async fn three_daemons_on_one_table_never_over_admit() {
     let started = Instant::now();
     let run_for = Duration::from_secs(10);
     let mut tasks = Vec::new();
-    for daemon in &daemons {
+    for (nth, daemon) in daemons.iter().enumerate() {
         let client = daemon.client().await;
         for _ in 0..64 {
             let (client, limits, admitted) = (client.clone(), limits.clone(), admitted.clone());
@@ -113,7 +113,10 @@ async fn three_daemons_on_one_table_never_over_admit() {
                             let wait = retry_after.unwrap().min(Duration::from_millis(50));
                             tokio::time::sleep(wait).await;
                         }
-                        Err(e) => panic!("unexpected error: {e}"),
+                        Err(e) => panic!(
+                            "daemon {nth}, {:?} in: unexpected error: {e}",
+                            started.elapsed()
+                        ),
                     }
                 }
             }));

@@ -6,7 +6,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::Counting;
@@ -761,6 +761,138 @@ async fn a_steady_entity_never_waits_for_a_look_up(inner: Arc<dyn Store>, ns: Na
     assert_eq!(settled().await, refreshed);
 }
 
+/// Sets a rival that, before each write of the daemon under test, takes `take` tokens of
+/// `entity` and moves the clock on by `step_ms`; returns its count of admitted writes.
+fn rival(f: &Fixture, entity: &str, limits: &[Limit], take: i64, step_ms: i64) -> Arc<AtomicU64> {
+    let admitted = Arc::new(AtomicU64::new(0));
+    *f.store.rival.lock().unwrap() = Some(common::Rival {
+        key: key(&f.ns, entity),
+        limits: limits.to_vec(),
+        amounts: amounts(&[("rps", take)]),
+        clock: f.clock.clone(),
+        step_ms,
+        admitted: admitted.clone(),
+    });
+    admitted
+}
+
+/// A daemon whose writes always lose the refill to a quicker one (only one writer can move the
+/// refill time) is still answered, within a few writes: refused with a retry-after when the
+/// stored balance is spent, admitted from the stored balance when it is not. Before, it re-planned
+/// with a refill after every lost race and lost again until the caller's deadline, which the
+/// block policy answers as an outage (and the allow policy by admitting uncharged).
+async fn a_daemon_that_loses_every_refill_is_still_answered(inner: Arc<dyn Store>, ns: Namespace) {
+    let f = fixture(inner, ns, |_| {});
+    // One token every 100 ms, at most 10.
+    let limits = [Limit::per_second("rps", 10).unwrap()];
+    assert!(admitted(
+        &f.acquire("spent", &limits, &[("rps", 10)], false).await
+    ));
+    assert!(admitted(
+        &f.acquire("half", &limits, &[("rps", 5)], false).await
+    ));
+    let writes = f.store.writes();
+
+    // Spent: each refilled token goes to the rival.
+    let rival_spent = rival(&f, "spent", &limits, 1, 100);
+    f.clock.advance(100);
+    let d = f.acquire("spent", &limits, &[("rps", 1)], false).await;
+    let Ok(Decision::Rejected { rejection, .. }) = &d else {
+        panic!("expected a refusal, got {d:?}");
+    };
+    assert!(rejection.retry_after_ms().is_some_and(|ms| ms > 0));
+    let spent_writes = f.store.writes() - writes;
+    assert!(spent_writes <= 3, "{spent_writes} writes to refuse");
+    let rival_spent = i128::from(rival_spent.load(Ordering::SeqCst));
+    assert_eq!(
+        f.stored("spent", "rps").await.1,
+        (10 + rival_spent) * i128::from(MILLI)
+    );
+
+    // Half full: the rival takes what refills, the stored balance still covers one more.
+    let rival_half = rival(&f, "half", &limits, 1, 100);
+    f.clock.advance(100);
+    let d = f.acquire("half", &limits, &[("rps", 1)], false).await;
+    assert!(admitted(&d), "{d:?}");
+    let half_writes = f.store.writes() - writes - spent_writes;
+    assert!(half_writes <= 4, "{half_writes} writes to admit");
+    let rival_half = i128::from(rival_half.load(Ordering::SeqCst));
+    assert_eq!(
+        f.stored("half", "rps").await.1,
+        (5 + 1 + rival_half) * i128::from(MILLI)
+    );
+}
+
+/// A burst of calls for an entity not seen yet (a new API key, a restarted daemon) reads its
+/// entity and its stored limits once, not once per call.
+async fn a_burst_on_a_new_entity_reads_its_look_ups_once(inner: Arc<dyn Store>, ns: Namespace) {
+    use zae_limiter::domain::records::{Actor, LimitScope};
+    let f = Arc::new(fixture(inner, ns, |_| {}));
+    let by = Actor {
+        principal: "test".into(),
+        at_ms: T0,
+    };
+    let limits = [Limit::per_hour("tok", 1_000).unwrap()];
+    for entity in ["alone", "burst"] {
+        let scope = LimitScope::Entity(EntityId::new(entity).unwrap());
+        f.store
+            .inner
+            .set_limits(&f.ns, &scope, &limits, &by)
+            .await
+            .unwrap();
+    }
+    f.store.lookup_delay_ms.store(50, Ordering::SeqCst);
+    let acquire = |f: Arc<Fixture>, entity: &'static str| async move {
+        let req = AcquireRequest {
+            key: key(&f.ns, entity),
+            amounts: amounts(&[("tok", 1)]),
+            limits: None,
+            lease: false,
+            owner: zae_limiter::limiter::Owner::InProcess,
+        };
+        f.limiter.acquire(req, within(5_000)).await
+    };
+    assert!(admitted(&acquire(f.clone(), "alone").await));
+    let one_call = f.store.lookups();
+    let burst: Vec<_> = (0..32)
+        .map(|_| tokio::spawn(acquire(f.clone(), "burst")))
+        .collect();
+    for call in burst {
+        let d = call.await.unwrap();
+        assert!(admitted(&d), "{d:?}");
+    }
+    assert_eq!(
+        f.store.lookups() - one_call,
+        one_call,
+        "32 calls, one call's reads"
+    );
+}
+
+/// A caller that shares another's read is answered even when that other caller's deadline ends
+/// the read first: it reads anew.
+async fn a_shared_look_up_outlives_the_caller_that_started_it(
+    inner: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    let f = Arc::new(fixture(inner, ns, |_| {}));
+    f.store.lookup_delay_ms.store(200, Ordering::SeqCst);
+    let limits = [Limit::per_hour("tok", 1_000).unwrap()];
+    let call = |f: Arc<Fixture>, deadline_ms: u64| {
+        let req = f.request("shared", &limits, &[("tok", 1)], false);
+        tokio::spawn(async move { f.limiter.acquire(req, within(deadline_ms)).await })
+    };
+    let first = call(f.clone(), 50);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let second = call(f.clone(), 5_000);
+    let first = first.await.unwrap();
+    assert!(
+        matches!(first, Err(LimiterError::Unavailable(_))),
+        "{first:?}"
+    );
+    let second = second.await.unwrap();
+    assert!(admitted(&second), "{second:?}");
+}
+
 macro_rules! both_stores {
     ($($test:ident),* $(,)?) => {
         mod memory {
@@ -802,4 +934,7 @@ both_stores!(
     a_rollback_survives_transient_failures,
     a_cascade_chain_is_one_group,
     a_steady_entity_never_waits_for_a_look_up,
+    a_daemon_that_loses_every_refill_is_still_answered,
+    a_burst_on_a_new_entity_reads_its_look_ups_once,
+    a_shared_look_up_outlives_the_caller_that_started_it,
 );

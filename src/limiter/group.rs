@@ -50,6 +50,8 @@ pub(crate) struct AcquireJob {
     pub reply: Reply<Decision>,
     /// The job's place in its group's bound (see [`super::registry`]).
     pub ticket: Option<Ticket>,
+    /// How many writes carrying this job lost a race to another writer.
+    pub races: u8,
 }
 
 impl AcquireJob {

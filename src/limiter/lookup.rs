@@ -4,11 +4,16 @@
 //! `limits_cache_ms` in a bounded [`Cache`]; the caller bounds the time a look-up may take. A
 //! cached value in the last quarter of its life is answered at once and re-read in the background
 //! (see [`Cache::get_or_claim`]), so an entity in steady use never waits for these reads.
+//! Concurrent misses of one key share one read: a burst of calls for an entity not seen yet (a
+//! new API key, a restarted daemon) costs one read, not one per call.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
 
 use super::cache::Cache;
 use super::group::ParentSpec;
@@ -20,11 +25,66 @@ use crate::domain::records::{Entity, LimitScope, MAX_DEPTH};
 type LimitsKey = (Namespace, EntityId, ResourceId);
 type EntityKey = (Namespace, EntityId);
 
+/// A cache and the reads in flight for keys it misses.
+struct Table<K: Eq + Hash, V> {
+    cache: Cache<K, V>,
+    /// Per key, the answer of the read in flight (`None` until it lands); its reader removes it.
+    flights: Mutex<HashMap<K, Flight<V>>>,
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> Table<K, V> {
+    fn new(max_age_ms: i64, max_entries: usize) -> Arc<Self> {
+        Arc::new(Self {
+            cache: Cache::new(max_age_ms, max_entries),
+            flights: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Joins the read in flight for `key`, or starts one: `Err` carries the sender of the new
+    /// read's answer, for the caller to fill.
+    fn join(&self, key: &K) -> Result<Flight<V>, watch::Sender<Answer<V>>> {
+        let mut flights = self
+            .flights
+            .lock()
+            .expect("never poisoned: no panics under it");
+        if let Some(answer) = flights.get(key) {
+            return Ok(answer.clone());
+        }
+        let (tx, rx) = watch::channel(None);
+        flights.insert(key.clone(), rx);
+        Err(tx)
+    }
+
+    fn landed(&self, key: &K) {
+        self.flights
+            .lock()
+            .expect("never poisoned: no panics under it")
+            .remove(key);
+    }
+}
+
+/// A read's answer, `None` until it lands.
+type Answer<V> = Option<Result<V, LimiterError>>;
+type Flight<V> = watch::Receiver<Answer<V>>;
+
+/// Ends a read in flight however its reader leaves (answered, failed or dropped at a deadline):
+/// callers waiting on a dropped one start their own.
+struct Landing<'a, K: Eq + Hash + Clone, V: Clone> {
+    table: &'a Table<K, V>,
+    key: &'a K,
+}
+
+impl<K: Eq + Hash + Clone, V: Clone> Drop for Landing<'_, K, V> {
+    fn drop(&mut self) {
+        self.table.landed(self.key);
+    }
+}
+
 pub(crate) struct Lookups {
     deps: Arc<Deps>,
-    limits: Arc<Cache<LimitsKey, Option<Vec<Limit>>>>,
-    entities: Arc<Cache<EntityKey, Option<Entity>>>,
-    registry: Arc<Cache<(), Vec<Namespace>>>,
+    limits: Arc<Table<LimitsKey, Option<Vec<Limit>>>>,
+    entities: Arc<Table<EntityKey, Option<Entity>>>,
+    registry: Arc<Table<(), Vec<Namespace>>>,
     /// Bumped by [`Lookups::clear`]: a read that started before a clear does not refill the
     /// cache with what the change replaced.
     generation: Arc<AtomicU64>,
@@ -35,9 +95,9 @@ impl Lookups {
         let age = deps.settings.limits_cache_ms;
         let size = deps.settings.max_cached_lookups;
         Self {
-            limits: Arc::new(Cache::new(age, size)),
-            entities: Arc::new(Cache::new(age, size)),
-            registry: Arc::new(Cache::new(age, 1)),
+            limits: Table::new(age, size),
+            entities: Table::new(age, size),
+            registry: Table::new(age, 1),
             generation: Arc::new(AtomicU64::new(0)),
             deps,
         }
@@ -45,22 +105,22 @@ impl Lookups {
 
     pub fn clear(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
-        self.limits.clear();
-        self.entities.clear();
-        self.registry.clear();
+        self.limits.cache.clear();
+        self.entities.cache.clear();
+        self.registry.cache.clear();
     }
 
     /// Drops expired look-ups, so memory follows the entities in use now.
     pub fn purge(&self, now: i64) {
-        self.limits.purge(now);
-        self.entities.purge(now);
+        self.limits.cache.purge(now);
+        self.entities.cache.purge(now);
     }
 
-    /// The cached value of `key`, else `load`'s (cached). A value due for refresh is answered
-    /// and re-read by a background task.
+    /// The cached value of `key`, else `load`'s (cached), read once for all concurrent misses.
+    /// A value due for refresh is answered and re-read by a background task.
     async fn cached<K, V, F, Fut>(
         &self,
-        cache: &Arc<Cache<K, V>>,
+        table: &Arc<Table<K, V>>,
         key: K,
         load: F,
     ) -> Result<V, LimiterError>
@@ -71,15 +131,15 @@ impl Lookups {
         Fut: Future<Output = Result<V, LimiterError>> + Send + 'static,
     {
         let clock = &self.deps.clock;
-        if let Some((value, refresh)) = cache.get_or_claim(&key, clock.now_ms()) {
+        if let Some((value, refresh)) = table.cache.get_or_claim(&key, clock.now_ms()) {
             if refresh {
-                let (deps, cache, generation) =
-                    (self.deps.clone(), cache.clone(), self.generation.clone());
+                let (deps, table, generation) =
+                    (self.deps.clone(), table.clone(), self.generation.clone());
                 let started = generation.load(Ordering::SeqCst);
                 self.deps.tasks.spawn(async move {
                     match load(deps.clone(), key.clone()).await {
                         Ok(fresh) if generation.load(Ordering::SeqCst) == started => {
-                            cache.insert(key, fresh, deps.clock.now_ms());
+                            table.cache.insert(key, fresh, deps.clock.now_ms());
                         }
                         Ok(_) => {}
                         // The entry stays until it expires; another reader retries.
@@ -89,12 +149,30 @@ impl Lookups {
             }
             return Ok(value);
         }
-        let started = self.generation.load(Ordering::SeqCst);
-        let value = load(self.deps.clone(), key.clone()).await?;
-        if self.generation.load(Ordering::SeqCst) == started {
-            cache.insert(key, value.clone(), clock.now_ms());
+        loop {
+            match table.join(&key) {
+                Ok(mut flight) => {
+                    if let Ok(answer) = flight.wait_for(Option::is_some).await {
+                        return answer.clone().expect("waited for an answer");
+                    }
+                    // Its reader was dropped (at its caller's deadline): read anew.
+                }
+                Err(tx) => {
+                    let _landing = Landing { table, key: &key };
+                    let started = self.generation.load(Ordering::SeqCst);
+                    let answer = load(self.deps.clone(), key.clone()).await;
+                    if let Ok(value) = &answer
+                        && self.generation.load(Ordering::SeqCst) == started
+                    {
+                        table
+                            .cache
+                            .insert(key.clone(), value.clone(), clock.now_ms());
+                    }
+                    tx.send_replace(Some(answer.clone()));
+                    return answer;
+                }
+            }
         }
-        Ok(value)
     }
 
     /// See [`super::Limiter::namespace`].

@@ -82,6 +82,46 @@ pub struct Counting {
     pub usage_delay_ms: AtomicU64,
     /// Usage snapshot additions started.
     pub usage_adds: AtomicU64,
+    /// Milliseconds each look-up (entity, stored limits, namespace registry) waits.
+    pub lookup_delay_ms: AtomicU64,
+    /// Another daemon that writes the bucket just before each bucket write of this store.
+    pub rival: std::sync::Mutex<Option<Rival>>,
+}
+
+/// Another daemon on the same bucket, quicker than the one under test: before each of its
+/// writes, the rival consumes `amounts` (refilling to the clock's time, as any writer does), and
+/// then the clock moves on by `step_ms`, so a refill is due again when the loser re-plans.
+#[derive(Clone)]
+pub struct Rival {
+    pub key: zae_limiter::BucketKey,
+    pub limits: Vec<zae_limiter::Limit>,
+    pub amounts: zae_limiter::domain::amounts::Amounts,
+    pub clock: Arc<zae_limiter::clock::ManualClock>,
+    pub step_ms: i64,
+    /// How many rival writes were admitted.
+    pub admitted: Arc<AtomicU64>,
+}
+
+impl Rival {
+    async fn write(&self, store: &dyn Store) {
+        use zae_limiter::clock::Clock;
+        use zae_limiter::consume::{Outcome, Seen, consume};
+        let now = self.clock.now_ms();
+        let outcome = consume(
+            store,
+            &self.key,
+            &self.limits,
+            &self.amounts,
+            now,
+            Seen::Unread,
+        )
+        .await
+        .expect("the rival's write");
+        if matches!(outcome, Outcome::Admitted { .. }) {
+            self.admitted.fetch_add(1, Ordering::SeqCst);
+        }
+        self.clock.advance(self.step_ms);
+    }
 }
 
 impl Counting {
@@ -95,6 +135,25 @@ impl Counting {
             failures: AtomicU64::new(0),
             usage_delay_ms: AtomicU64::new(0),
             usage_adds: AtomicU64::new(0),
+            rival: std::sync::Mutex::new(None),
+            lookup_delay_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts a look-up and waits out the look-up delay.
+    async fn lookup(&self) {
+        self.lookups.fetch_add(1, Ordering::SeqCst);
+        let delay = self.lookup_delay_ms.load(Ordering::SeqCst);
+        if delay > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+        }
+    }
+
+    /// The rival's write, if one is set, before a bucket write of this store.
+    async fn rival_first(&self) {
+        let rival = self.rival.lock().unwrap().clone();
+        if let Some(rival) = rival {
+            rival.write(&*self.inner).await;
         }
     }
 
@@ -152,11 +211,13 @@ mod counting {
         async fn write_bucket(&self, key: &BucketKey, write: &Write) -> Result<Bucket, StoreError> {
             self.writes.fetch_add(1, Ordering::SeqCst);
             self.fault(true).await?;
+            self.rival_first().await;
             self.inner.write_bucket(key, write).await
         }
         async fn commit(&self, writes: &[KeyedWrite]) -> Result<(), StoreError> {
             self.writes.fetch_add(1, Ordering::SeqCst);
             self.fault(true).await?;
+            self.rival_first().await;
             self.inner.commit(writes).await
         }
         async fn create_entity(
@@ -172,7 +233,7 @@ mod counting {
             ns: &Namespace,
             id: &EntityId,
         ) -> Result<Option<Entity>, StoreError> {
-            self.lookups.fetch_add(1, Ordering::SeqCst);
+            self.lookup().await;
             self.inner.get_entity(ns, id).await
         }
         async fn delete_entity(
@@ -214,7 +275,7 @@ mod counting {
             ns: &Namespace,
             scope: &LimitScope,
         ) -> Result<Option<Vec<Limit>>, StoreError> {
-            self.lookups.fetch_add(1, Ordering::SeqCst);
+            self.lookup().await;
             self.inner.get_limits(ns, scope).await
         }
         async fn delete_limits(
@@ -238,7 +299,7 @@ mod counting {
             self.inner.create_namespace(ns).await
         }
         async fn list_namespaces(&self) -> Result<Vec<Namespace>, StoreError> {
-            self.lookups.fetch_add(1, Ordering::SeqCst);
+            self.lookup().await;
             self.inner.list_namespaces().await
         }
         async fn delete_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
