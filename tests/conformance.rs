@@ -1095,6 +1095,77 @@ async fn deleting_a_namespace_removes_everything_in_it_only(store: Arc<dyn Store
     store.delete_namespace(&other).await.unwrap();
 }
 
+/// A consumption the stored balance covers defers a due refill: it commutes with another
+/// daemon's refill, and a refund that the deferred refill would carry past the capacity makes it
+/// conflict (and return the item) rather than credit the clamp away.
+async fn a_deferred_refill_commutes_but_not_with_a_refund_past_capacity(
+    store: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    // 10 tokens a second, at most 100.
+    let limits = vec![
+        Limit::per_second("rps", 10)
+            .unwrap()
+            .with_burst(100)
+            .unwrap(),
+    ];
+    let k = key(&ns, "e", "r");
+    let Outcome::Admitted { bucket: stale } = consume(
+        &*store,
+        &k,
+        &limits,
+        &tokens(&[("rps", 50)]),
+        T0,
+        Seen::Unread,
+    )
+    .await
+    .unwrap() else {
+        panic!("first acquire admits")
+    };
+    // Another daemon needs the refill (52 of 50 stored + 5 refilled) and writes it.
+    let other = consume(
+        &*store,
+        &k,
+        &limits,
+        &tokens(&[("rps", 52)]),
+        T0 + 500,
+        Seen::Bucket(stale.clone()),
+    )
+    .await
+    .unwrap();
+    assert!(admitted(&other));
+    // This daemon takes 2 of the 50 it saw, deferring its refill: it lands on the other's state.
+    let deferred = |seen: &zae_limiter::Bucket, take: i64| match plan(
+        Some(seen),
+        &limits,
+        &tokens(&[("rps", take)]),
+        T0 + 1_000,
+    )
+    .unwrap()
+    {
+        Plan::Admit {
+            write: Write::Change(c),
+            ..
+        } if c.refill.is_none() => Write::Change(c),
+        other => panic!("expected a deferred refill, got {other:?}"),
+    };
+    let stored = store.write_bucket(&k, &deferred(&stale, 2)).await.unwrap();
+    assert_eq!(stored_balance(&stored, "rps"), MILLI, "55 - 52 - 2");
+    assert_eq!(stored_consumed(&stored, "rps"), 104 * MILLI);
+    // A refund elsewhere to 96 tokens: with the 5 pending since the stored refill time it would
+    // pass the capacity, so the deferred write planned from 1 token conflicts.
+    settle(&*store, &k, &tokens(&[("rps", -95)]), T0 + 1_000).await;
+    let conflict = store.write_bucket(&k, &deferred(&stored, 1)).await;
+    let Err(StoreError::Conflict {
+        current: Some(current),
+        ..
+    }) = conflict
+    else {
+        panic!("expected a conflict, got {conflict:?}")
+    };
+    assert_eq!(stored_balance(&current, "rps"), 96 * MILLI);
+}
+
 /// Stamps out every test of the suite for one store.
 macro_rules! conformance {
     ($store:ident, $make:expr) => {
@@ -1106,6 +1177,7 @@ macro_rules! conformance {
                 eight_tasks_never_over_admit,
                 racing_creators_charge_once,
                 a_refill_conflict_retries_without_a_read,
+                a_deferred_refill_commutes_but_not_with_a_refund_past_capacity,
                 a_rejection_writes_nothing,
                 settlements_go_into_debt_and_refunds_stop_at_capacity,
                 commit_is_all_or_nothing,

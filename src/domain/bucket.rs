@@ -360,7 +360,21 @@ pub fn plan(
     }
     let same_limits = seen.limits.len() == limits.len()
         && seen.limits.iter().zip(limits).all(|(s, l)| s.limit == *l);
-    let guarded = seen.refill_due(now) || !same_limits;
+    // A due refill is written only when the consumption needs it or deferring it would lose
+    // tokens. While the stored balances cover the request and no consumed limit's refill reaches
+    // its capacity, refilling later (from the unchanged refill time) adds exactly what refilling
+    // now would, so the write only subtracts and commutes with every other writer's.
+    let deferrable = same_limits
+        && seen
+            .limits
+            .iter()
+            .zip(&target.limits)
+            .all(|(before, refilled)| {
+                let amount = amount_of(before.limit.name());
+                before.balance >= amount
+                    && (amount == 0 || refilled.balance < refilled.limit.capacity())
+            });
+    let guarded = !same_limits || (seen.refill_due(now) && !deferrable);
     let mut expected = target.clone();
     let mut changes = Vec::with_capacity(target.limits.len());
     for (state, after) in target.limits.iter().zip(&mut expected.limits) {
@@ -371,17 +385,23 @@ pub fn plan(
         changes.push(match before {
             None => LimitChange::Insert(after.clone()),
             Some(before) => {
-                let refill = if guarded {
-                    state.balance - before.balance
-                } else {
-                    0
-                };
+                // What refilling to now adds (none when no refill is due).
+                let accrued = state.balance - before.balance;
+                let refill = if guarded { accrued } else { 0 };
+                // A deferred refill stays exact only while a concurrent refund elsewhere does
+                // not bring it to the capacity.
+                let ceiling = (!guarded && amount > 0 && accrued > 0)
+                    .then(|| state.limit.capacity() - accrued);
                 LimitChange::Update {
                     name: state.limit.name().clone(),
                     delta: refill - amount,
                     consumed: amount,
                     min_balance: amount - refill,
-                    max_balance: guarded.then_some(before.balance),
+                    max_balance: if guarded {
+                        Some(before.balance)
+                    } else {
+                        ceiling
+                    },
                     carry: guarded.then_some(state.carry),
                 }
             }

@@ -82,16 +82,79 @@ fn refill_in_one_millisecond_steps_is_exact() {
     let mut b = None;
     assert!(acquire(&mut b, &limits, &tokens("rpm", 100), T0));
     assert_eq!(balance(&b, "rpm", T0), 0);
+    // One milli-token every millisecond: the writes refill when the stored balance is short,
+    // and defer the refill otherwise.
+    let one = vec![(name("rpm"), 1)];
+    let mut refills = 0;
     for ms in 1..=60_000 {
-        // A zero request still writes the refill whenever one is due.
-        assert!(acquire(&mut b, &limits, &[], T0 + ms));
+        let before = b.as_ref().unwrap().refilled_at;
+        assert!(acquire(&mut b, &limits, &one, T0 + ms));
+        refills += i32::from(b.as_ref().unwrap().refilled_at != before);
     }
-    let after = b.as_ref().unwrap();
+    assert!(refills > 1, "some writes carried a refill: {refills}");
+    assert!(refills < 60_000, "some deferred it: {refills}");
     assert_eq!(
-        after.limits[0].balance, 100_000,
+        balance(&b, "rpm", T0 + 60_000),
+        100_000 - 60_000,
         "one minute refills exactly 100 tokens"
     );
-    assert_eq!(after.refilled_at, T0 + 60_000);
+}
+
+#[test]
+fn a_refill_the_request_does_not_need_is_deferred_and_commutes() {
+    // 10 tokens a second, at most 100: 50 stored, 10 more due after a second.
+    let limits = vec![
+        Limit::per_second("rps", 10)
+            .unwrap()
+            .with_burst(100)
+            .unwrap(),
+    ];
+    let mut seen = Bucket::full(limits.clone(), T0);
+    seen.limits[0].balance = 50 * MILLI;
+    let Plan::Admit { write, expected } =
+        plan(Some(&seen), &limits, &tokens("rps", 5), T0 + 1_000).unwrap()
+    else {
+        panic!("45 of 60 fit");
+    };
+    let Write::Change(change) = write else {
+        panic!("the bucket exists");
+    };
+    assert!(change.refill.is_none(), "no refill written: {change:?}");
+    assert_eq!(expected.refilled_at, T0);
+    assert_eq!(expected.at(T0 + 1_000).limits[0].balance, 55 * MILLI);
+    // Another daemon refilled and consumed meanwhile: the consumption still applies.
+    let mut raced = seen.at(T0 + 500);
+    raced.limits[0].balance -= 20 * MILLI;
+    raced.apply(&change).unwrap();
+    assert_eq!(raced.at(T0 + 1_000).limits[0].balance, 35 * MILLI);
+    // A refund elsewhere that the deferred refill would carry past the capacity stops it.
+    let mut refunded = seen.clone();
+    refunded.limits[0].balance = 95 * MILLI;
+    assert!(refunded.apply(&change).is_err());
+}
+
+#[test]
+fn a_refill_is_written_when_the_request_needs_it_or_it_would_clamp() {
+    let limits = vec![
+        Limit::per_second("rps", 10)
+            .unwrap()
+            .with_burst(100)
+            .unwrap(),
+    ];
+    let refill_written = |stored: i64, take: i64| {
+        let mut seen = Bucket::full(limits.clone(), T0);
+        seen.limits[0].balance = stored * MILLI;
+        match plan(Some(&seen), &limits, &tokens("rps", take), T0 + 1_000).unwrap() {
+            Plan::Admit {
+                write: Write::Change(c),
+                ..
+            } => c.refill.is_some(),
+            other => panic!("expected a change, got {other:?}"),
+        }
+    };
+    assert!(!refill_written(50, 50), "covered by what is stored");
+    assert!(refill_written(5, 10), "needs the refill");
+    assert!(refill_written(95, 1), "the refill would reach the capacity");
 }
 
 #[test]
@@ -143,8 +206,9 @@ fn refunds_above_capacity_are_trimmed_by_the_next_refill() {
     b.as_mut().unwrap().adjust(&tokens("rps", -5)).unwrap();
     assert_eq!(b.as_ref().unwrap().limits[0].balance, 14 * MILLI);
     assert_eq!(balance(&b, "rps", T0 + 1), 10 * MILLI);
-    assert!(acquire(&mut b, &limits, &[], T0 + 100));
-    assert_eq!(b.as_ref().unwrap().limits[0].balance, 10 * MILLI);
+    // The next consumption refills (that would clamp) and so trims the refund.
+    assert!(acquire(&mut b, &limits, &tokens("rps", 1), T0 + 100));
+    assert_eq!(b.as_ref().unwrap().limits[0].balance, 9 * MILLI);
 }
 
 #[test]
@@ -206,7 +270,7 @@ fn plain_consumptions_commute_but_only_one_refill_wins() {
     let mut b = None;
     assert!(acquire(&mut b, &limits, &tokens("rps", 4), T0));
     let seen = b.clone().unwrap();
-    let change = |now| match plan(Some(&seen), &limits, &tokens("rps", 2), now).unwrap() {
+    let change = |take, now| match plan(Some(&seen), &limits, &tokens("rps", take), now).unwrap() {
         Plan::Admit {
             write: Write::Change(c),
             ..
@@ -214,7 +278,7 @@ fn plain_consumptions_commute_but_only_one_refill_wins() {
         other => panic!("unexpected {other:?}"),
     };
     // Writers planned from the same state without refill all apply while tokens last.
-    let plain = change(T0);
+    let plain = change(2, T0);
     assert!(plain.refill.is_none());
     let mut stored = seen.clone();
     for _ in 0..3 {
@@ -224,12 +288,13 @@ fn plain_consumptions_commute_but_only_one_refill_wins() {
     assert_eq!(stored.limits[0].consumed, i128::from(10 * MILLI));
     // A fourth one would overdraw: refused.
     assert_eq!(stored.apply(&plain), Err(ConditionFailed));
-    // Two refills planned from the same state: the second fails.
-    let refill = change(T0 + 300);
+    // A consumption the stored 6 tokens cannot cover needs the 3 refilled by now: two such
+    // refills planned from the same state, the second fails.
+    let refill = change(8, T0 + 300);
     assert!(refill.refill.is_some());
     let mut stored = seen.clone();
     stored.apply(&refill).unwrap();
-    assert_eq!(stored.limits[0].balance, 7 * MILLI);
+    assert_eq!(stored.limits[0].balance, MILLI);
     assert_eq!(stored.apply(&refill), Err(ConditionFailed));
     // A refund that raced a refill stops the refill (it would overfill).
     let mut stored = seen.clone();
@@ -347,6 +412,37 @@ proptest! {
         prop_assert!(admitted <= total);
         if whole { prop_assert!(admitted == piece * parts as i64); }
         else { prop_assert!(admitted < total); }
+    }
+
+    /// Deferring refills (a write refills only when it needs to) admits exactly what refilling at
+    /// every write would, on every limit of a bucket: the same decisions, the same balances.
+    #[test]
+    fn deferred_refills_admit_exactly_what_eager_ones_do(
+        first in (1u64..10_000, 1u64..10_000, 1u64..120_000),
+        second in (1u64..10_000, 1u64..10_000, 1u64..120_000),
+        requests in prop::collection::vec((0i64..3_000, 0i64..3_000, 0i64..3_000), 1..200),
+    ) {
+        let limit = |n: &str, (capacity, amount, period): (u64, u64, u64)| {
+            Limit::custom(n, capacity, amount, Duration::from_millis(period)).unwrap()
+        };
+        let limits = canonical(vec![limit("a", first), limit("b", second)]).unwrap();
+        let (mut lazy, mut eager) = (None, None);
+        let mut now = T0;
+        for (dt, a, b) in requests {
+            now += dt;
+            let amounts = vec![(name("a"), a), (name("b"), b)];
+            // The eager writer stores the refill before every request.
+            eager = eager.map(|e: Bucket| e.at(now));
+            let admitted = acquire(&mut lazy, &limits, &amounts, now);
+            prop_assert_eq!(admitted, acquire(&mut eager, &limits, &amounts, now));
+            let (Some(l), Some(e)) = (&lazy, &eager) else {
+                continue;
+            };
+            for (l, e) in l.at(now).limits.iter().zip(&e.at(now).limits) {
+                prop_assert_eq!(l.balance, e.balance);
+                prop_assert_eq!(l.consumed, e.consumed);
+            }
+        }
     }
 
     /// `retry_after` is exact: one millisecond earlier is refused, at it the request fits.
