@@ -809,7 +809,8 @@ async fn a_daemon_that_loses_every_refill_is_still_answered(inner: Arc<dyn Store
         (10 + rival_spent) * i128::from(MILLI)
     );
 
-    // Half full: the rival takes what refills, the stored balance still covers one more.
+    // Half full: the rival takes what refills; the stored balance covers one more, so the write
+    // defers the refill and commutes with the rival's.
     let rival_half = rival(&f, "half", &limits, 1, 100);
     f.clock.advance(100);
     let d = f.acquire("half", &limits, &[("rps", 1)], false).await;

@@ -72,14 +72,21 @@ impl BatchPlan {
 }
 
 /// One ask against the state the admitted ones before it left: how its limits stood and the
-/// state after it, or the verdict that refuses it.
+/// state after it, or the verdict that refuses it. `stored`: against the stored balances, with no
+/// refill since the stored refill time.
 fn check(
     running: &[Option<Bucket>],
     ask: Ask<'_>,
     by_parent: bool,
     now: i64,
+    stored: bool,
 ) -> Result<(Vec<LimitStatus>, Bucket), Verdict> {
-    match admit(running[ask.item].as_ref(), ask.limits, ask.amounts, now) {
+    let state = running[ask.item].as_ref();
+    let at = match state {
+        Some(b) if stored => b.refilled_at.min(now),
+        _ => now,
+    };
+    match admit(state, ask.limits, ask.amounts, at) {
         Err(e) => Err(Verdict::Invalid(e)),
         Ok(Admission::Rejected(rejection)) => Err(Verdict::Rejected {
             rejection,
@@ -95,6 +102,29 @@ fn check(
 /// Never for valid input: an `Ask::item` out of range of `confirmed` is a caller bug and panics
 /// with that message.
 pub fn decide_batch(confirmed: &[Option<Bucket>], queue: &[Request<'_>], now: i64) -> BatchPlan {
+    decide(confirmed, queue, now, false)
+}
+
+/// As [`decide_batch`], but each acquire must fit the balances as stored: nothing refilled since
+/// the stored refill time is credited to it. The writes are still planned at `now`, so they stay
+/// exact: one the stored balances cover needs no refill and commutes with other writers (unless
+/// the refill would reach a capacity, which it must then write). For acquires whose writes keep
+/// losing the race for a refill to other daemons: they are written without one or refused, with
+/// a retry-after counted from the stored refill time (never shorter than the true one).
+pub fn decide_batch_on_stored(
+    confirmed: &[Option<Bucket>],
+    queue: &[Request<'_>],
+    now: i64,
+) -> BatchPlan {
+    decide(confirmed, queue, now, true)
+}
+
+fn decide(
+    confirmed: &[Option<Bucket>],
+    queue: &[Request<'_>],
+    now: i64,
+    stored: bool,
+) -> BatchPlan {
     let mut running: Vec<Option<Bucket>> = confirmed.to_vec();
     let mut sets: Vec<Option<&[Limit]>> = vec![None; confirmed.len()];
     let mut totals: Vec<Amounts> = vec![Amounts::default(); confirmed.len()];
@@ -110,14 +140,14 @@ pub fn decide_batch(confirmed: &[Option<Bucket>], queue: &[Request<'_>], now: i6
             verdicts.push(Verdict::Deferred);
             continue;
         }
-        let own = match check(&running, req.own, false, now) {
+        let own = match check(&running, req.own, false, now, stored) {
             Ok(own) => own,
             Err(verdict) => {
                 verdicts.push(verdict);
                 continue;
             }
         };
-        let parent = match req.parent.map(|p| check(&running, p, true, now)) {
+        let parent = match req.parent.map(|p| check(&running, p, true, now, stored)) {
             None => None,
             Some(Ok((_, after))) => req.parent.map(|p| (p, after)),
             Some(Err(verdict)) => {

@@ -11,8 +11,9 @@
 //! [`crate::domain::batch::decide_batch`] and carried by one write per bucket, all buckets in one
 //! transaction. A caller is answered only once its write is confirmed; a lost race returns the
 //! stored item, which becomes the cache, and the batch is decided again from it (after two lost
-//! races, with no refill: see [`as_of`]). A state older than the staleness bound may still carry
-//! admissions (the writes are conditional on it), never a refusal: such a batch reads first.
+//! races, on the stored balances: see [`decide_batch_on_stored`]). A state older than the
+//! staleness bound may still carry admissions (the writes are conditional on it), never a
+//! refusal: such a batch reads first.
 //!
 //! The lane does no I/O itself: a round returns the [`Io`] to start, and the actor reports the
 //! outcome back ([`Lane::loaded`], [`Lane::written`]).
@@ -23,7 +24,7 @@ use super::group::{AcquireJob, Ctx, PeekJob};
 use super::leases::Lease;
 use super::types::{Decision, LeaseId, LimiterError};
 use crate::domain::amounts::Amounts;
-use crate::domain::batch::{Ask, Request, Verdict, decide_batch};
+use crate::domain::batch::{Ask, Request, Verdict, decide_batch, decide_batch_on_stored};
 use crate::domain::bucket::{
     Admission, Bucket, LimitStatus, Plan, Write, admit, plan, plan_settle,
 };
@@ -35,7 +36,8 @@ use crate::store::StoreError;
 /// The most buckets one write touches (DynamoDB's limit for one transaction is 100 items).
 pub(crate) const MAX_ITEMS: usize = 100;
 
-/// Lost races after which an acquire stops competing for refills (see [`Lane::decide`]).
+/// Lost races after which an acquire stops competing for refills (see
+/// [`crate::domain::batch::decide_batch_on_stored`]).
 const RACES_FOR_A_REFILL: u8 = 2;
 
 /// A store call for the actor to start.
@@ -126,24 +128,6 @@ fn compensation(job: &AcquireJob, ctx: &Ctx<'_>) -> Option<Settle> {
         &job.parent_share(),
         ctx,
     )
-}
-
-/// The time a batch is decided at. Normally now. A batch holding an acquire whose writes lost
-/// [`RACES_FOR_A_REFILL`] races is decided as of the stored refill times instead, with no refill:
-/// on a bucket that several daemons drain, the refill goes to whichever writer is quickest (only
-/// one write can move the refill time), and a slower daemon would lose every round until its
-/// callers' deadlines passed. Without a refill its writes only subtract, so they commute with the
-/// other writers' and land while the stored balance covers them; when it does not, the acquire is
-/// refused with a retry-after counted from the stored refill time (never shorter than the true
-/// one). Buckets not stored yet are decided at now (a creation races on existence only).
-fn as_of(jobs: &[AcquireJob], confirmed: &[Option<Bucket>], now: i64) -> i64 {
-    if jobs.iter().all(|j| j.races < RACES_FOR_A_REFILL) {
-        return now;
-    }
-    confirmed
-        .iter()
-        .try_fold(now, |at, b| b.as_ref().map(|b| at.min(b.refilled_at)))
-        .unwrap_or(now)
 }
 
 /// Milli-tokens that queued acquires hold of a bucket (wider than `i64`: a long queue of large
@@ -548,7 +532,16 @@ impl Lane {
                 }),
             })
             .collect();
-        let decided = decide_batch(&confirmed, &requests, as_of(&jobs, &confirmed, ctx.now));
+        // Only one writer can win a refill (it moves the stored refill time), and on a bucket that
+        // several daemons drain it goes to whichever is quickest: a slower daemon would lose every
+        // round until its callers' deadlines passed, and the block policy would then answer a
+        // healthy store's contention as an outage. So a batch holding an acquire whose writes
+        // lost RACES_FOR_A_REFILL races is decided on the stored balances, with no refill.
+        let decided = if jobs.iter().any(|j| j.races >= RACES_FOR_A_REFILL) {
+            decide_batch_on_stored(&confirmed, &requests, ctx.now)
+        } else {
+            decide_batch(&confirmed, &requests, ctx.now)
+        };
         drop(requests);
         let refuses = |v: &Verdict| matches!(v, Verdict::Rejected { .. });
         if !stale.is_empty() && decided.verdicts.iter().any(refuses) {

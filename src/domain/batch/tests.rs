@@ -240,4 +240,56 @@ proptest! {
         prop_assert_eq!(again.verdicts.iter().collect::<Vec<_>>(), expected);
         prop_assert_eq!(again.writes, plan.writes);
     }
+
+    /// On the stored balances, whatever the time: the admitted sum fits each bucket as stored
+    /// (nothing refilled since is credited), the writes leave the expected states, and every
+    /// refusal that waits has a retry-after.
+    #[test]
+    fn on_stored_balances_admits_only_what_is_stored(
+        own in arb_bucket(),
+        parent in arb_bucket(),
+        queue in arb_queue(),
+        now in 0i64..=120_000,
+    ) {
+        let own_limits = limits(100, 60);
+        let parent_limits = limits(80, 30);
+        let confirmed = vec![
+            own.map(|(r, t)| bucket_at(&own_limits, r, t)),
+            parent.map(|(r, t)| bucket_at(&parent_limits, r, t)),
+        ];
+        let asked: Vec<Amounts> = queue.iter().map(|(_, r, t)| amounts(*r, *t)).collect();
+        let requests: Vec<Request<'_>> = queue
+            .iter()
+            .zip(&asked)
+            .map(|((cascade, _, _), a)| Request {
+                own: Ask { item: 0, limits: &own_limits, amounts: a },
+                parent: cascade.then_some(Ask { item: 1, limits: &parent_limits, amounts: a }),
+            })
+            .collect();
+        let plan = decide_batch_on_stored(&confirmed, &requests, now);
+        stored(&confirmed, &plan);
+        for (item, l) in [(0usize, &own_limits), (1, &parent_limits)] {
+            let start = match &confirmed[item] {
+                Some(b) => b.clone(),
+                None => Bucket::full(l.clone(), now),
+            };
+            for (i, limit) in l.iter().enumerate() {
+                let admitted: i64 = plan.verdicts.iter().zip(&requests).zip(&asked)
+                    .filter(|((v, r), _)| matches!(v, Verdict::Admitted(_))
+                        && (item == 0 || r.parent.is_some()))
+                    .map(|(_, a)| a.get(limit.name()))
+                    .sum();
+                if admitted > 0 {
+                    prop_assert!(admitted <= start.limits[i].balance,
+                        "admitted {} of {} with {} stored", admitted, limit.name(), start.limits[i].balance);
+                }
+            }
+        }
+        for v in &plan.verdicts {
+            if let Verdict::Rejected { rejection, .. } = v {
+                let fits_some_day = rejection.statuses.iter().all(|s| s.requested <= s.limit.capacity());
+                prop_assert_eq!(rejection.retry_after_ms().is_some(), fits_some_day);
+            }
+        }
+    }
 }
