@@ -248,33 +248,31 @@ async fn racing_creators_charge_once(store: Arc<dyn Store>, ns: Namespace) {
     assert_eq!(stored_balance(&stored, "rpm"), 84 * MILLI);
 }
 
+/// Consumes `take` as a daemon would from what it has `seen`; the stored bucket after it.
+async fn admitted_at(
+    store: &dyn Store,
+    k: &BucketKey,
+    limits: &[Limit],
+    take: (&str, i64),
+    now: i64,
+    seen: Seen,
+) -> zae_limiter::Bucket {
+    let out = consume(store, k, limits, &tokens(&[take]), now, seen)
+        .await
+        .unwrap();
+    let Outcome::Admitted { bucket } = out else {
+        panic!("expected an admission, got {out:?}")
+    };
+    bucket
+}
+
 async fn a_refill_conflict_retries_without_a_read(store: Arc<dyn Store>, ns: Namespace) {
     let limits = vec![Limit::per_second("rps", 10).unwrap()];
     let k = key(&ns, "e", "r");
-    let Outcome::Admitted { bucket: stale } = consume(
-        &*store,
-        &k,
-        &limits,
-        &tokens(&[("rps", 10)]),
-        T0,
-        Seen::Unread,
-    )
-    .await
-    .unwrap() else {
-        panic!("first acquire admits")
-    };
+    let stale = admitted_at(&*store, &k, &limits, ("rps", 10), T0, Seen::Unread).await;
     // Another daemon refills first.
-    let other = consume(
-        &*store,
-        &k,
-        &limits,
-        &tokens(&[("rps", 1)]),
-        T0 + 500,
-        Seen::Bucket(stale.clone()),
-    )
-    .await
-    .unwrap();
-    assert!(admitted(&other));
+    let seen = Seen::Bucket(stale.clone());
+    admitted_at(&*store, &k, &limits, ("rps", 1), T0 + 500, seen).await;
     // This daemon plans its refill from the stale state: the refill write loses, and the retry
     // uses the item returned with the failure.
     let counting = Counting::new(store.clone());
@@ -1110,30 +1108,10 @@ async fn a_deferred_refill_commutes_but_not_with_a_refund_past_capacity(
             .unwrap(),
     ];
     let k = key(&ns, "e", "r");
-    let Outcome::Admitted { bucket: stale } = consume(
-        &*store,
-        &k,
-        &limits,
-        &tokens(&[("rps", 50)]),
-        T0,
-        Seen::Unread,
-    )
-    .await
-    .unwrap() else {
-        panic!("first acquire admits")
-    };
+    let stale = admitted_at(&*store, &k, &limits, ("rps", 50), T0, Seen::Unread).await;
     // Another daemon needs the refill (52 of 50 stored + 5 refilled) and writes it.
-    let other = consume(
-        &*store,
-        &k,
-        &limits,
-        &tokens(&[("rps", 52)]),
-        T0 + 500,
-        Seen::Bucket(stale.clone()),
-    )
-    .await
-    .unwrap();
-    assert!(admitted(&other));
+    let seen = Seen::Bucket(stale.clone());
+    admitted_at(&*store, &k, &limits, ("rps", 52), T0 + 500, seen).await;
     // This daemon takes 2 of the 50 it saw, deferring its refill: it lands on the other's state.
     let deferred = |seen: &zae_limiter::Bucket, take: i64| match plan(
         Some(seen),

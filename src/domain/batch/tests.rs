@@ -179,7 +179,7 @@ fn bucket_at(l: &[Limit], rpm: i64, tpm: i64) -> Bucket {
 proptest! {
     /// Whatever the queue, the admitted sum fits each confirmed state; the writes, applied as a
     /// store would, leave exactly the expected states; refused requests change nothing; and the
-    /// same inputs give the same plan.
+    /// same inputs give the same plan. Decided on the stored balances, the admitted sum fits them.
     #[test]
     fn never_admits_more_than_the_confirmed_state_allows(
         own in arb_bucket(),
@@ -202,6 +202,14 @@ proptest! {
                 parent: cascade.then_some(Ask { item: 1, limits: &parent_limits, amounts: a }),
             })
             .collect();
+        // What the plan's admitted requests take of one limit of bucket `item`.
+        let admitted_of = |plan: &BatchPlan, item: usize, limit: &Limit| -> i64 {
+            plan.verdicts.iter().zip(&requests).zip(&asked)
+                .filter(|((v, r), _)| matches!(v, Verdict::Admitted(_))
+                    && (item == 0 || r.parent.is_some()))
+                .map(|(_, a)| a.get(limit.name()))
+                .sum()
+        };
         let plan = decide_batch(&confirmed, &requests, now);
         prop_assert_eq!(&plan, &decide_batch(&confirmed, &requests, now));
         prop_assert_eq!(plan.verdicts.len(), requests.len());
@@ -213,11 +221,7 @@ proptest! {
                 None => Bucket::full(l.clone(), now),
             };
             for (i, limit) in l.iter().enumerate() {
-                let admitted: i64 = plan.verdicts.iter().zip(&requests).zip(&asked)
-                    .filter(|((v, r), _)| matches!(v, Verdict::Admitted(_))
-                        && (item == 0 || r.parent.is_some()))
-                    .map(|(_, a)| a.get(limit.name()))
-                    .sum();
+                let admitted = admitted_of(&plan, item, limit);
                 if admitted > 0 {
                     prop_assert!(admitted <= start.limits[i].balance,
                         "admitted {} of {} with {} available", admitted, limit.name(), start.limits[i].balance);
@@ -239,33 +243,10 @@ proptest! {
             .collect();
         prop_assert_eq!(again.verdicts.iter().collect::<Vec<_>>(), expected);
         prop_assert_eq!(again.writes, plan.writes);
-    }
 
-    /// On the stored balances, whatever the time: the admitted sum fits each bucket as stored
-    /// (nothing refilled since is credited), the writes leave the expected states, and every
-    /// refusal that waits has a retry-after.
-    #[test]
-    fn on_stored_balances_admits_only_what_is_stored(
-        own in arb_bucket(),
-        parent in arb_bucket(),
-        queue in arb_queue(),
-        now in 0i64..=120_000,
-    ) {
-        let own_limits = limits(100, 60);
-        let parent_limits = limits(80, 30);
-        let confirmed = vec![
-            own.map(|(r, t)| bucket_at(&own_limits, r, t)),
-            parent.map(|(r, t)| bucket_at(&parent_limits, r, t)),
-        ];
-        let asked: Vec<Amounts> = queue.iter().map(|(_, r, t)| amounts(*r, *t)).collect();
-        let requests: Vec<Request<'_>> = queue
-            .iter()
-            .zip(&asked)
-            .map(|((cascade, _, _), a)| Request {
-                own: Ask { item: 0, limits: &own_limits, amounts: a },
-                parent: cascade.then_some(Ask { item: 1, limits: &parent_limits, amounts: a }),
-            })
-            .collect();
+        // On the stored balances (nothing refilled since the stored refill time credited): the
+        // admitted sum fits each bucket as stored, the writes leave the expected states, and
+        // every refusal that can ever fit has a retry-after.
         let plan = decide_batch_on_stored(&confirmed, &requests, now);
         stored(&confirmed, &plan);
         for (item, l) in [(0usize, &own_limits), (1, &parent_limits)] {
@@ -274,11 +255,7 @@ proptest! {
                 None => Bucket::full(l.clone(), now),
             };
             for (i, limit) in l.iter().enumerate() {
-                let admitted: i64 = plan.verdicts.iter().zip(&requests).zip(&asked)
-                    .filter(|((v, r), _)| matches!(v, Verdict::Admitted(_))
-                        && (item == 0 || r.parent.is_some()))
-                    .map(|(_, a)| a.get(limit.name()))
-                    .sum();
+                let admitted = admitted_of(&plan, item, limit);
                 if admitted > 0 {
                     prop_assert!(admitted <= start.limits[i].balance,
                         "admitted {} of {} with {} stored", admitted, limit.name(), start.limits[i].balance);
