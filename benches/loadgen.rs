@@ -87,6 +87,18 @@ struct Args {
     /// comparison in the same run.
     #[arg(long)]
     daemon: Option<std::path::PathBuf>,
+    /// Daemons sharing the DynamoDB table and namespace, each with `--connections` connections;
+    /// the clients spread evenly over them. Their store calls, conflicts and CPU are summed.
+    #[arg(long, default_value_t = 1)]
+    daemons: usize,
+    /// Admit mode: the limit refills this many tokens a second (default: so many that the bucket
+    /// is back at its capacity within a millisecond, and every write refills).
+    #[arg(long, default_value_t = 100_000_000)]
+    refill_per_second: u64,
+    /// Admit mode: the limit's capacity in tokens (default: the refill of one second). A bucket
+    /// consumed faster than it refills drains, and its writes defer the refill.
+    #[arg(long)]
+    capacity: Option<u64>,
     /// The daemon's runtime threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     daemon_threads: usize,
@@ -304,31 +316,37 @@ async fn run(args: Args) {
             _ => "rps=100000000/1s",
         }
     );
-    let (daemon, socket) = start(
-        args.daemon.as_deref(),
-        endpoint.as_deref(),
-        args.daemon_threads,
-        &(args
-            .entity_cache_ms
-            .map(|ms| format!("entity_cache_ms = {ms}\n"))
-            .unwrap_or_default()
-            + &args
-                .settings
-                .iter()
-                .map(|l| format!("{l}\n"))
-                .collect::<String>()),
-        if args.envoy { &envoy_rule } else { "" },
+    assert!(
+        args.daemons == 1 || endpoint.is_some(),
+        "--daemons above 1 share a DynamoDB table: it needs --backend dynamodb"
     );
-    let pid = daemon.child.id();
+    let limiter_config = args
+        .entity_cache_ms
+        .map(|ms| format!("entity_cache_ms = {ms}\n"))
+        .unwrap_or_default()
+        + &args
+            .settings
+            .iter()
+            .map(|l| format!("{l}\n"))
+            .collect::<String>();
+    let mut daemons = Vec::new();
     let mut clients = Vec::new();
-    for _ in 0..args.connections.max(1) {
-        clients.push(Client::connect(&socket).await.unwrap());
+    for _ in 0..args.daemons.max(1) {
+        let (daemon, socket) = start(
+            args.daemon.as_deref(),
+            endpoint.as_deref(),
+            args.daemon_threads,
+            &limiter_config,
+            if args.envoy { &envoy_rule } else { "" },
+        );
+        daemons.push(daemon);
+        for _ in 0..args.connections.max(1) {
+            clients.push(Client::connect(&socket).await.unwrap());
+        }
     }
     match args.mode {
-        Mode::Memory => memory(&args, &clients, &daemon, pid).await,
-        Mode::Admit | Mode::Reject | Mode::Health => {
-            throughput(&args, &clients, &daemon, pid).await
-        }
+        Mode::Memory => memory(&args, &clients, &daemons[0], daemons[0].child.id()).await,
+        Mode::Admit | Mode::Reject | Mode::Health => throughput(&args, &clients, &daemons).await,
         Mode::Sdk => unreachable!("no daemon in sdk mode"),
     }
 }
@@ -490,11 +508,25 @@ async fn sdk_floor(args: &Args, endpoint: &str) {
     );
 }
 
-async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) {
+async fn throughput(args: &Args, clients: &[Client], daemons: &[Daemon]) {
     let limits = Arc::new(match args.mode {
         Mode::Reject => vec![Limit::per_hour("rpm", 1).unwrap()],
-        _ => vec![Limit::per_second("rps", 100_000_000).unwrap()],
+        _ => {
+            let limit = Limit::per_second("rps", args.refill_per_second).unwrap();
+            match args.capacity {
+                Some(capacity) => vec![limit.with_burst(capacity).unwrap()],
+                None => vec![limit],
+            }
+        }
     });
+    let pids: Vec<u32> = daemons.iter().map(|d| d.child.id()).collect();
+    let cpu_all = || pids.iter().map(|&pid| cpu_time(pid)).sum::<Duration>();
+    let scrape_all = || {
+        daemons
+            .iter()
+            .map(|d| scrape(d.metrics))
+            .collect::<Vec<_>>()
+    };
     let name = limits[0].name().to_string();
     if args.cascade {
         make_children(&clients[0], args.entities, &limits).await;
@@ -508,8 +540,8 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
             lease.into_id();
         }
     }
-    let before = scrape(daemon.metrics);
-    let cpu_before = cpu_time(pid);
+    let before = scrape_all();
+    let cpu_before = cpu_all();
     let admitted = Arc::new(AtomicU64::new(0));
     let rejected = Arc::new(AtomicU64::new(0));
     let unavailable = Arc::new(AtomicU64::new(0));
@@ -608,14 +640,19 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
         latencies.extend(t.await.unwrap());
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_time(pid) - cpu_before;
-    let after = scrape(daemon.metrics);
+    let cpu = cpu_all() - cpu_before;
+    let after = scrape_all();
     latencies.sort_unstable();
     let admitted = admitted.load(Ordering::Relaxed);
     let rejected = rejected.load(Ordering::Relaxed);
     let unavailable = unavailable.load(Ordering::Relaxed);
-    let delta =
-        |name: &str, label: &str| metric(&after, name, label) - metric(&before, name, label);
+    let delta = |name: &str, label: &str| -> f64 {
+        after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| metric(a, name, label) - metric(b, name, label))
+            .sum()
+    };
     let units = delta("zae_limiter_store_write_units_total", "");
     let writes = delta("zae_limiter_store_calls_total", "operation=\"write\"");
     // Decisions' store calls: the health probe's (one per `health_probe_ms`) are not theirs.
@@ -626,9 +663,10 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
     let conflicts = delta("zae_limiter_conflicts_total", "");
     let decisions = admitted + rejected;
     println!(
-        "mode={:?} backend={:?} daemon_threads={} clients={} connections={} entities={}{} calls/decision={}",
+        "mode={:?} backend={:?} daemons={} daemon_threads={} clients={} connections={} entities={}{} calls/decision={} limit={}",
         args.mode,
         args.backend,
+        daemons.len(),
         args.daemon_threads,
         args.clients,
         args.connections,
@@ -638,7 +676,8 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
         } else {
             ""
         },
-        if args.one_call || args.envoy { 1 } else { 2 }
+        if args.one_call || args.envoy { 1 } else { 2 },
+        limits[0].describe()
     );
     if args.envoy {
         println!("through Envoy's rate limit service (ShouldRateLimit)");
@@ -672,10 +711,15 @@ async fn throughput(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) 
          UNAVAILABLE answers: {unavailable}"
     );
     println!(
-        "daemon CPU: {:.2} s = {:.1} us per decision; RSS {:.1} MiB",
+        "daemon CPU{}: {:.2} s = {:.1} us per decision; RSS {:.1} MiB",
+        if pids.len() > 1 {
+            format!(" (the {} daemons together)", pids.len())
+        } else {
+            String::new()
+        },
         cpu.as_secs_f64(),
         cpu.as_secs_f64() * 1e6 / decisions.max(1) as f64,
-        rss_bytes(pid) as f64 / 1048576.0
+        pids.iter().map(|&pid| rss_bytes(pid)).sum::<u64>() as f64 / 1048576.0
     );
 }
 
