@@ -90,6 +90,14 @@ impl Fixture {
         }
     }
 
+    /// An acquire of `take` that passes no limits: they resolve from the stored ones.
+    fn request_stored(&self, entity: &str, take: &[(&str, i64)]) -> AcquireRequest {
+        AcquireRequest {
+            limits: None,
+            ..self.request(entity, &[], take, false)
+        }
+    }
+
     async fn acquire(
         &self,
         entity: &str,
@@ -680,13 +688,7 @@ async fn a_cascade_chain_is_one_group(inner: Arc<dyn Store>, ns: Namespace) {
             .unwrap();
     }
     for entity in ["key", "project", "org"] {
-        let req = AcquireRequest {
-            key: key(&f.ns, entity),
-            amounts: amounts(&[("tok", 1)]),
-            limits: None,
-            lease: false,
-            owner: zae_limiter::limiter::Owner::InProcess,
-        };
+        let req = f.request_stored(entity, &[("tok", 1)]);
         let d = f.limiter.acquire(req, within(5_000)).await;
         assert!(admitted(&d), "{d:?}");
     }
@@ -721,13 +723,7 @@ async fn a_steady_entity_never_waits_for_a_look_up(inner: Arc<dyn Store>, ns: Na
         .await
         .unwrap();
     let acquire = || async {
-        let req = AcquireRequest {
-            key: key(&f.ns, "steady"),
-            amounts: amounts(&[("tok", 1)]),
-            limits: None,
-            lease: false,
-            owner: zae_limiter::limiter::Owner::InProcess,
-        };
+        let req = f.request_stored("steady", &[("tok", 1)]);
         let d = f.limiter.acquire(req, within(5_000)).await;
         assert!(admitted(&d), "{d:?}");
     };
@@ -844,13 +840,7 @@ async fn a_burst_on_a_new_entity_reads_its_look_ups_once(inner: Arc<dyn Store>, 
     }
     f.store.lookup_delay_ms.store(50, Ordering::SeqCst);
     let acquire = |f: Arc<Fixture>, entity: &'static str| async move {
-        let req = AcquireRequest {
-            key: key(&f.ns, entity),
-            amounts: amounts(&[("tok", 1)]),
-            limits: None,
-            lease: false,
-            owner: zae_limiter::limiter::Owner::InProcess,
-        };
+        let req = f.request_stored(entity, &[("tok", 1)]);
         f.limiter.acquire(req, within(5_000)).await
     };
     assert!(admitted(&acquire(f.clone(), "alone").await));
