@@ -655,6 +655,7 @@ async fn throughput(args: &Args, clients: &[Client], daemons: &[Daemon]) {
     };
     let units = delta("zae_limiter_store_write_units_total", "");
     let writes = delta("zae_limiter_store_calls_total", "operation=\"write\"");
+    let batched = delta("zae_limiter_store_batched_writes_total", "");
     // Decisions' store calls: the health probe's (one per `health_probe_ms`) are not theirs.
     let store_calls = delta("zae_limiter_store_calls_total", "")
         - delta("zae_limiter_store_calls_total", "operation=\"probe\"");
@@ -699,7 +700,7 @@ async fn throughput(args: &Args, clients: &[Client], daemons: &[Daemon]) {
         latencies.last().copied().unwrap_or(0)
     );
     println!(
-        "store: {writes:.0} bucket writes, {commits:.0} transactions, {units:.0} write units = {:.4} per admitted decision; {store_calls:.0} calls in all",
+        "store: {writes:.0} bucket writes ({batched:.0} of them sent in batches), {commits:.0} transactions, {units:.0} write units = {:.4} per admitted decision; {store_calls:.0} calls in all",
         if admitted > 0 {
             units / admitted as f64
         } else {

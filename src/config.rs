@@ -227,6 +227,7 @@ pub struct DynamoConfig {
     pub attempt_timeout_ms: u64,
     pub max_attempts: u32,
     pub audit_retention_days: u64,
+    pub write_calls_in_flight: usize,
 }
 
 impl Default for DynamoConfig {
@@ -239,6 +240,7 @@ impl Default for DynamoConfig {
             attempt_timeout_ms: d.attempt_timeout.as_millis() as u64,
             max_attempts: d.max_attempts,
             audit_retention_days: d.audit_retention.as_secs() / 86_400,
+            write_calls_in_flight: d.write_calls_in_flight,
         }
     }
 }
@@ -393,6 +395,7 @@ impl DynamoConfig {
         s.attempt_timeout = Duration::from_millis(self.attempt_timeout_ms);
         s.max_attempts = self.max_attempts;
         s.audit_retention = Duration::from_secs(self.audit_retention_days * 86_400);
+        s.write_calls_in_flight = self.write_calls_in_flight;
         s
     }
 }

@@ -14,6 +14,9 @@ pub const STORE_CALLS: &str = "zae_limiter_store_calls_total";
 /// Write units the store calls consumed (DynamoDB's billing: 1 per item written, 2 per item in a
 /// transaction; a failed conditional write is billed too).
 pub const WRITE_UNITS: &str = "zae_limiter_store_write_units_total";
+/// Single-bucket writes that went to DynamoDB inside a batch of several (one
+/// `BatchExecuteStatement`, each still its own conditional write).
+pub const BATCHED_WRITES: &str = "zae_limiter_store_batched_writes_total";
 /// Acquires carried by one bucket write.
 pub const BATCH_SIZE: &str = "zae_limiter_batch_size";
 /// Conditional writes that lost to a concurrent change and were re-planned.
@@ -105,6 +108,10 @@ pub fn describe() {
     describe_counter!(WRITE_UNITS, "Store write units consumed");
     describe_histogram!(BATCH_SIZE, "Acquires carried by one bucket write");
     describe_counter!(
+        BATCHED_WRITES,
+        "Single-bucket writes sent inside a batch of several"
+    );
+    describe_counter!(
         CONFLICTS,
         "Conditional writes that lost a race and were re-planned"
     );
@@ -159,6 +166,7 @@ pub fn register_all() {
     }
     for name in [
         WRITE_UNITS,
+        BATCHED_WRITES,
         CONFLICTS,
         LEASES_EXPIRED,
         COMPENSATIONS,

@@ -87,6 +87,22 @@ pub trait Store: Send + Sync + 'static {
     /// the bucket already there included).
     async fn write_bucket(&self, key: &BucketKey, write: &Write) -> Result<Bucket, StoreError>;
 
+    /// Applies one conditional write like [`Store::write_bucket`], letting the backend send it
+    /// together with other writes of the moment (DynamoDB: one `BatchExecuteStatement` carries up
+    /// to 25, each applied or refused on its own). Returns the bucket as stored after it when the
+    /// backend answered with it; `None` when it only said the write applied (the caller knows
+    /// the bucket as planned).
+    ///
+    /// # Errors
+    /// As [`Store::write_bucket`].
+    async fn submit_write(
+        &self,
+        key: &BucketKey,
+        write: &Write,
+    ) -> Result<Option<Bucket>, StoreError> {
+        self.write_bucket(key, write).await.map(Some)
+    }
+
     /// Applies several bucket writes all or nothing (each bucket at most once).
     ///
     /// # Errors

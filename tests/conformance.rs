@@ -14,6 +14,7 @@ use zae_limiter::consume::{Outcome, Seen, consume};
 use zae_limiter::domain::bucket::{Plan, Write, plan, plan_settle};
 use zae_limiter::domain::limit::{MILLI, canonical};
 use zae_limiter::domain::records::{Actor, AuditAction, Entity, LimitScope, Period, Usage};
+use zae_limiter::store::dynamodb::DynamoStore;
 use zae_limiter::store::{KeyedWrite, Store, StoreError};
 use zae_limiter::{BucketKey, EntityId, Limit, LimitName, Namespace, ResourceId};
 
@@ -1144,6 +1145,100 @@ async fn a_deferred_refill_commutes_but_not_with_a_refund_past_capacity(
     assert_eq!(stored_balance(&current, "rps"), 96 * MILLI);
 }
 
+/// Writes submitted at the same moment (the DynamoDB store sends them together, in PartiQL
+/// batches) are applied or refused each on its own, with the conditions and results of one write
+/// at a time: a refill planned from the state as stored lands, one planned from a state another
+/// writer has moved on conflicts with the item as it is now, and a limit change removes and
+/// inserts limits.
+async fn writes_submitted_together_are_decided_each_on_its_own(
+    store: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    let before = canonical(vec![
+        Limit::per_second("rps", 10)
+            .unwrap()
+            .with_burst(100)
+            .unwrap(),
+        Limit::per_second("tps", 1_000).unwrap(),
+    ])
+    .unwrap();
+    let after = canonical(vec![
+        Limit::per_second("rps", 10)
+            .unwrap()
+            .with_burst(100)
+            .unwrap(),
+        Limit::per_minute("rpm", 600).unwrap(),
+    ])
+    .unwrap();
+    let mut writes = Vec::new();
+    for i in 0..30u64 {
+        let k = key(&ns, &format!("e{i}"), "r");
+        let stale = admitted_at(&*store, &k, &before, ("rps", 50), T0, Seen::Unread).await;
+        if i % 3 == 1 {
+            // Another writer refills first: 50 + 5 - 52 = 3 tokens left.
+            let seen = Seen::Bucket(stale.clone());
+            admitted_at(&*store, &k, &before, ("rps", 52), T0 + 500, seen).await;
+        }
+        let limits = if i % 3 == 2 { &after } else { &before };
+        // 52 of 50 stored: the write needs the refill, so it is guarded by the refill time.
+        let Plan::Admit { mut write, .. } =
+            plan(Some(&stale), limits, &tokens(&[("rps", 52)]), T0 + 1_000).unwrap()
+        else {
+            panic!("expected an admission")
+        };
+        write.stamp(stale.mark, 1_000 + i);
+        writes.push((k, write));
+    }
+    let answers = futures_util::future::join_all(
+        writes.iter().map(|(k, write)| store.submit_write(k, write)),
+    )
+    .await;
+    for (i, ((k, write), answer)) in (0u64..).zip(writes.iter().zip(answers)) {
+        let stored = store.load_bucket(k).await.unwrap().unwrap();
+        if i % 3 == 1 {
+            let Err(StoreError::Conflict {
+                current: Some(current),
+                ..
+            }) = answer
+            else {
+                panic!("write {i}: expected a conflict, got {answer:?}")
+            };
+            assert_eq!(*current, stored, "write {i}: the item as it is now");
+            assert_eq!(stored_balance(&stored, "rps"), 3 * MILLI, "write {i}");
+            assert_ne!(stored.mark, write.seq(), "write {i}");
+            continue;
+        }
+        match answer {
+            Ok(Some(returned)) => assert_eq!(returned, stored, "write {i}"),
+            Ok(None) => {}
+            Err(e) => panic!("write {i}: expected it to apply, got {e}"),
+        }
+        assert_eq!(stored.mark, write.seq(), "write {i}");
+        assert_eq!(stored.refilled_at, T0 + 1_000, "write {i}");
+        assert_eq!(
+            stored_balance(&stored, "rps"),
+            8 * MILLI,
+            "write {i}: 50 + 10 - 52"
+        );
+        assert_eq!(stored_consumed(&stored, "rps"), 102 * MILLI, "write {i}");
+        let names: Vec<String> = stored
+            .limits
+            .iter()
+            .map(|l| l.limit.name().to_string())
+            .collect();
+        let expected = if i % 3 == 2 {
+            ["rps", "rpm"]
+        } else {
+            ["rps", "tps"]
+        };
+        let mut sorted = names.clone();
+        sorted.sort();
+        let mut want: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(sorted, want, "write {i}");
+    }
+}
+
 /// Stamps out every test of the suite for one store.
 macro_rules! conformance {
     ($store:ident, $make:expr) => {
@@ -1156,6 +1251,7 @@ macro_rules! conformance {
                 racing_creators_charge_once,
                 a_refill_conflict_retries_without_a_read,
                 a_deferred_refill_commutes_but_not_with_a_refund_past_capacity,
+                writes_submitted_together_are_decided_each_on_its_own,
                 a_rejection_writes_nothing,
                 settlements_go_into_debt_and_refunds_stop_at_capacity,
                 commit_is_all_or_nothing,
@@ -1181,3 +1277,48 @@ macro_rules! conformance {
 
 conformance!(memory, common::memory());
 conformance!(dynamodb, common::dynamodb().await);
+
+/// With one write call in flight, writes of the same moment wait for it and go out together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dynamodb_store_sends_writes_of_the_same_moment_in_batches() {
+    common::dynamodb().await; // deploys the table
+    let mut settings = common::settings(common::TEST_TABLE);
+    settings.write_calls_in_flight = 1;
+    let store = Arc::new(DynamoStore::connect(&settings).await);
+    writes_submitted_together_are_decided_each_on_its_own(
+        store.clone(),
+        common::unique_namespace(),
+    )
+    .await;
+    let (batched, resent) = store.batched_writes();
+    assert!(batched >= 2, "{batched} writes went out in batches");
+    assert_eq!(resent, 0, "batched writes DynamoDB refused as statements");
+}
+
+/// A daemon whose IAM policy does not allow PartiQL (`dynamodb:PartiQLUpdate`) still writes: a
+/// batch refused as a whole goes out again one `UpdateItem` each, and batching stays off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_refused_as_a_batch_go_out_one_by_one() {
+    common::dynamodb().await; // deploys the table
+    let proxy = common::proxy::FaultProxy::start(&common::endpoint()).await;
+    proxy.set(common::proxy::Fault::Refuse("BatchExecuteStatement"));
+    let mut settings = common::settings(common::TEST_TABLE);
+    settings.endpoint_url = Some(proxy.endpoint());
+    settings.write_calls_in_flight = 1;
+    let store = Arc::new(DynamoStore::connect(&settings).await);
+    writes_submitted_together_are_decided_each_on_its_own(
+        store.clone(),
+        common::unique_namespace(),
+    )
+    .await;
+    let (batched, resent) = store.batched_writes();
+    assert!(batched >= 2, "{batched} writes went out in batches");
+    assert_eq!(resent, batched, "every refused batch was sent again");
+    // Off for good: the next writes of one moment go out on their own.
+    writes_submitted_together_are_decided_each_on_its_own(
+        store.clone(),
+        common::unique_namespace(),
+    )
+    .await;
+    assert_eq!(store.batched_writes(), (batched, resent));
+}

@@ -463,7 +463,7 @@ impl State {
         let me = myself.clone();
         self.deps.tasks.spawn(async move {
             let result = match writes.as_slice() {
-                [one] => store.write_bucket(&one.key, &one.write).await.map(Some),
+                [one] => store.submit_write(&one.key, &one.write).await,
                 many => store.commit(many).await.map(|()| None),
             };
             let _ = me.cast(Msg::Written(resource, result));

@@ -11,6 +11,7 @@
 //! (`ReturnValuesOnConditionCheckFailure = ALL_OLD`), so a conflict costs no extra read.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -33,6 +34,7 @@ use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{self, Limit, LimitName, encode};
 use crate::domain::records::{Actor, AuditAction, AuditEntry, Entity, LimitScope, Period, Usage};
 
+mod batch;
 pub mod table;
 
 /// Attribute and index names of the table schema.
@@ -64,6 +66,9 @@ pub struct DynamoSettings {
     pub max_attempts: u32,
     /// How long audit records are kept before DynamoDB's TTL removes them.
     pub audit_retention: Duration,
+    /// Single-bucket write calls kept in flight before further writes wait and go out together
+    /// in one PartiQL batch; 0 sends each write on its own.
+    pub write_calls_in_flight: usize,
 }
 
 impl DynamoSettings {
@@ -76,6 +81,7 @@ impl DynamoSettings {
             attempt_timeout: Duration::from_secs(3),
             max_attempts: 3,
             audit_retention: Duration::from_secs(90 * 86_400),
+            write_calls_in_flight: 8,
         }
     }
 
@@ -116,6 +122,8 @@ pub struct DynamoStore {
     /// `w:<writer>` (see [`crate::domain::bucket::Fence`]). Random per process, so two daemons
     /// never share one.
     writer: String,
+    /// Where the limiter's single-bucket writes queue to be sent together (`None`: one call each).
+    batcher: Option<Arc<batch::Batcher>>,
 }
 
 impl DynamoStore {
@@ -123,12 +131,26 @@ impl DynamoStore {
         use std::hash::BuildHasher;
         let seed = (std::process::id(), std::time::SystemTime::now());
         let writer = format!("{:016x}", std::hash::RandomState::new().hash_one(seed));
-        Self {
+        let store = Self {
             client: settings.client().await,
             table: settings.table.clone(),
             audit_retention: settings.audit_retention,
             writer,
-        }
+            batcher: None,
+        };
+        let batcher = (settings.write_calls_in_flight > 0).then(|| {
+            Arc::new(batch::Batcher::start(
+                store.clone(),
+                settings.write_calls_in_flight,
+            ))
+        });
+        Self { batcher, ..store }
+    }
+
+    /// How many bucket writes went out inside a batch of several so far, and how many of those
+    /// DynamoDB refused as statements (they were then sent again on their own).
+    pub fn batched_writes(&self) -> (u64, u64) {
+        self.batcher.as_ref().map_or((0, 0), |b| b.counts())
     }
 
     fn mark_attr(&self) -> String {
@@ -801,6 +823,19 @@ impl Store for DynamoStore {
                 self.run_update(key, e, write.seq()).await
             }
         }
+    }
+
+    async fn submit_write(
+        &self,
+        key: &BucketKey,
+        write: &Write,
+    ) -> Result<Option<Bucket>, StoreError> {
+        if let Some(batcher) = &self.batcher
+            && let Some(answer) = batcher.write(key, write).await
+        {
+            return answer;
+        }
+        self.write_bucket(key, write).await.map(Some)
     }
 
     async fn commit(&self, writes: &[KeyedWrite]) -> Result<(), StoreError> {

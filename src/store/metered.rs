@@ -122,6 +122,17 @@ impl Store for Metered {
         r
     }
 
+    async fn submit_write(
+        &self,
+        key: &BucketKey,
+        write: &Write,
+    ) -> Result<Option<Bucket>, StoreError> {
+        let started = Instant::now();
+        let r = self.inner.submit_write(key, write).await;
+        self.record("write", started, 1, &r);
+        r
+    }
+
     async fn commit(&self, writes: &[KeyedWrite]) -> Result<(), StoreError> {
         let started = Instant::now();
         let r = self.inner.commit(writes).await;

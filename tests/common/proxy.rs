@@ -23,6 +23,9 @@ pub enum Fault {
     Blackhole,
     /// As if DynamoDB were stopped: every connection, new or open, is reset on its next request.
     Down,
+    /// Answers every call of this DynamoDB operation (e.g. "BatchExecuteStatement") with
+    /// `AccessDeniedException`, as an IAM policy without its action would; passes the others.
+    Refuse(&'static str),
 }
 
 pub struct FaultProxy {
@@ -102,6 +105,10 @@ async fn relay(mut client: TcpStream, mut server: TcpStream, fault: Arc<Mutex<Fa
                         reset(client);
                         return;
                     }
+                    Fault::Refuse(operation) if calls(&requests[..n], operation) => {
+                        let _ = client.write_all(access_denied().as_bytes()).await;
+                        return;
+                    }
                     _ => {}
                 }
                 if server.write_all(&requests[..n]).await.is_err() {
@@ -114,7 +121,7 @@ async fn relay(mut client: TcpStream, mut server: TcpStream, fault: Arc<Mutex<Fa
                     Ok(n) => n,
                 };
                 match FaultProxy::get(&fault) {
-                    Fault::Pass => {}
+                    Fault::Pass | Fault::Refuse(_) => {}
                     Fault::SlowAnswers(d) => tokio::time::sleep(d).await,
                     Fault::Blackhole => continue,
                     Fault::ResetAnswers | Fault::Down => {
@@ -128,4 +135,24 @@ async fn relay(mut client: TcpStream, mut server: TcpStream, fault: Arc<Mutex<Fa
             }
         }
     }
+}
+
+/// Whether this piece of a request is the head of a call of `operation`.
+fn calls(request: &[u8], operation: &str) -> bool {
+    let text = String::from_utf8_lossy(request).to_ascii_lowercase();
+    let target = format!(
+        "x-amz-target: dynamodb_20120810.{}\r\n",
+        operation.to_ascii_lowercase()
+    );
+    text.contains(&target)
+}
+
+/// DynamoDB's answer to a call the caller's IAM policy does not allow; the connection closes.
+fn access_denied() -> String {
+    let body = r#"{"__type":"com.amazon.coral.service#AccessDeniedException","message":"User is not authorized to perform: dynamodb:PartiQLUpdate"}"#;
+    format!(
+        "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.0\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
 }
