@@ -1278,18 +1278,25 @@ macro_rules! conformance {
 conformance!(memory, common::memory());
 conformance!(dynamodb, common::dynamodb().await);
 
-/// With one write call in flight, writes of the same moment wait for it and go out together.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_dynamodb_store_sends_writes_of_the_same_moment_in_batches() {
+/// A DynamoDB store (at `endpoint`, or DynamoDB Local) with one write call in flight at a time,
+/// so that writes of the same moment wait for it and go out together.
+async fn batching_store(endpoint: Option<String>) -> Arc<DynamoStore> {
     common::dynamodb().await; // deploys the table
     let mut settings = common::settings(common::TEST_TABLE);
+    settings.endpoint_url = endpoint.or(settings.endpoint_url);
     settings.write_calls_in_flight = 1;
-    let store = Arc::new(DynamoStore::connect(&settings).await);
-    writes_submitted_together_are_decided_each_on_its_own(
-        store.clone(),
-        common::unique_namespace(),
-    )
-    .await;
+    Arc::new(DynamoStore::connect(&settings).await)
+}
+
+async fn write_together(store: &Arc<DynamoStore>) {
+    let ns = common::unique_namespace();
+    writes_submitted_together_are_decided_each_on_its_own(store.clone(), ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dynamodb_store_sends_writes_of_the_same_moment_in_batches() {
+    let store = batching_store(None).await;
+    write_together(&store).await;
     let (batched, resent) = store.batched_writes();
     assert!(batched >= 2, "{batched} writes went out in batches");
     assert_eq!(resent, 0, "batched writes DynamoDB refused as statements");
@@ -1299,26 +1306,14 @@ async fn the_dynamodb_store_sends_writes_of_the_same_moment_in_batches() {
 /// batch refused as a whole goes out again one `UpdateItem` each, and batching stays off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_refused_as_a_batch_go_out_one_by_one() {
-    common::dynamodb().await; // deploys the table
     let proxy = common::proxy::FaultProxy::start(&common::endpoint()).await;
     proxy.set(common::proxy::Fault::Refuse("BatchExecuteStatement"));
-    let mut settings = common::settings(common::TEST_TABLE);
-    settings.endpoint_url = Some(proxy.endpoint());
-    settings.write_calls_in_flight = 1;
-    let store = Arc::new(DynamoStore::connect(&settings).await);
-    writes_submitted_together_are_decided_each_on_its_own(
-        store.clone(),
-        common::unique_namespace(),
-    )
-    .await;
+    let store = batching_store(Some(proxy.endpoint())).await;
+    write_together(&store).await;
     let (batched, resent) = store.batched_writes();
     assert!(batched >= 2, "{batched} writes went out in batches");
     assert_eq!(resent, batched, "every refused batch was sent again");
     // Off for good: the next writes of one moment go out on their own.
-    writes_submitted_together_are_decided_each_on_its_own(
-        store.clone(),
-        common::unique_namespace(),
-    )
-    .await;
+    write_together(&store).await;
     assert_eq!(store.batched_writes(), (batched, resent));
 }

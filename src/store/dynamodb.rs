@@ -373,42 +373,88 @@ impl Expr {
         (!self.conditions.is_empty()).then(|| self.conditions.join(" AND "))
     }
 
-    /// The expression for a [`Change`]: the same conditions as `Bucket::apply`.
+    /// The update expression for a change's clauses.
     fn change(change: &Change, mark_attr: &str) -> Self {
         let mut e = Self::default();
-        let cfg = e.name(CONFIG);
-        let seen = e.value(s(change.seen_config.clone()));
-        e.conditions.push(format!("{cfg} = {seen}"));
-        if let Some(fence) = change.fence {
-            let w = e.name(mark_attr);
-            let condition = match fence.seen {
-                Some(seen) => {
-                    let v = e.value(AttributeValue::N(seen.to_string()));
-                    format!("{w} = {v}")
+        for c in Clauses::change(change, mark_attr) {
+            match c {
+                Clause::Is(attr, v) => {
+                    let (a, v) = (e.name(&attr), e.value(v));
+                    e.conditions.push(format!("{a} = {v}"));
                 }
-                None => format!("attribute_not_exists({w})"),
-            };
-            e.conditions.push(condition);
-            let v = e.value(AttributeValue::N(fence.seq.to_string()));
-            e.set.push(format!("{w} = {v}"));
-        }
-        if let Some(refill) = &change.refill {
-            let rt = e.name(REFILLED_AT);
-            let seen_rt = e.value(n(refill.seen_refilled_at));
-            let new_rt = e.value(n(refill.refilled_at));
-            e.conditions.push(format!("{rt} = {seen_rt}"));
-            e.set.push(format!("{rt} = {new_rt}"));
-            let new_cfg = e.value(s(encode(&refill.limits)));
-            e.set.push(format!("{cfg} = {new_cfg}"));
-            for name in &refill.removed {
-                for attr in [balance_attr(name), carry_attr(name), consumed_attr(name)] {
+                Clause::Missing(attr) => {
+                    let a = e.name(&attr);
+                    e.conditions.push(format!("attribute_not_exists({a})"));
+                }
+                Clause::AtLeast(attr, v) => {
+                    let (a, v) = (e.name(&attr), e.value(v));
+                    e.conditions.push(format!("{a} >= {v}"));
+                }
+                Clause::AtMost(attr, v) => {
+                    let (a, v) = (e.name(&attr), e.value(v));
+                    e.conditions.push(format!("{a} <= {v}"));
+                }
+                Clause::Set(attr, v) => {
+                    let (a, v) = (e.name(&attr), e.value(v));
+                    e.set.push(format!("{a} = {v}"));
+                }
+                Clause::Add(attr, v) => {
+                    let (a, v) = (e.name(&attr), e.value(v));
+                    e.add.push(format!("{a} {v}"));
+                }
+                Clause::Remove(attr) => {
                     let a = e.name(&attr);
                     e.remove.push(a);
                 }
             }
+        }
+        e
+    }
+}
+
+/// One condition or update of a bucket write, on one attribute.
+enum Clause {
+    Is(String, AttributeValue),
+    Missing(String),
+    AtLeast(String, AttributeValue),
+    AtMost(String, AttributeValue),
+    Set(String, AttributeValue),
+    /// Adds a number to an attribute that exists.
+    Add(String, AttributeValue),
+    Remove(String),
+}
+
+struct Clauses;
+
+impl Clauses {
+    /// What a [`Change`] checks and writes: the same conditions as `Bucket::apply`, rendered as
+    /// an update expression ([`Expr::change`]) or as a PartiQL statement (`batch`).
+    fn change(change: &Change, mark_attr: &str) -> Vec<Clause> {
+        let mut out = Vec::new();
+        let seen = s(change.seen_config.clone());
+        out.push(Clause::Is(CONFIG.into(), seen.clone()));
+        if let Some(fence) = change.fence {
+            out.push(match fence.seen {
+                Some(seen) => Clause::Is(mark_attr.into(), AttributeValue::N(seen.to_string())),
+                None => Clause::Missing(mark_attr.into()),
+            });
+            out.push(Clause::Set(
+                mark_attr.into(),
+                AttributeValue::N(fence.seq.to_string()),
+            ));
+        }
+        if let Some(refill) = &change.refill {
+            out.push(Clause::Is(REFILLED_AT.into(), n(refill.seen_refilled_at)));
+            out.push(Clause::Set(REFILLED_AT.into(), n(refill.refilled_at)));
+            out.push(Clause::Set(CONFIG.into(), s(encode(&refill.limits))));
+            for name in &refill.removed {
+                for attr in [balance_attr(name), carry_attr(name), consumed_attr(name)] {
+                    out.push(Clause::Remove(attr));
+                }
+            }
         } else if change.is_noop() || (change.limits.is_empty() && change.fence.is_none()) {
             // Nothing to add: rewrite the configuration with itself so the write still checks.
-            e.set.push(format!("{cfg} = {seen}"));
+            out.push(Clause::Set(CONFIG.into(), seen));
         }
         for c in &change.limits {
             match c {
@@ -420,43 +466,30 @@ impl Expr {
                     max_balance,
                     carry,
                 } => {
-                    let b = e.name(&balance_attr(name));
-                    let min = e.value(n(*min_balance));
-                    e.conditions.push(format!("{b} >= {min}"));
+                    let b = balance_attr(name);
+                    out.push(Clause::AtLeast(b.clone(), n(*min_balance)));
                     if let Some(max) = max_balance {
-                        let max = e.value(n(*max));
-                        e.conditions.push(format!("{b} <= {max}"));
+                        out.push(Clause::AtMost(b.clone(), n(*max)));
                     }
                     if *delta != 0 {
-                        let d = e.value(n(*delta));
-                        e.add.push(format!("{b} {d}"));
+                        out.push(Clause::Add(b, n(*delta)));
                     }
                     if *consumed != 0 {
-                        let c = e.name(&consumed_attr(name));
-                        let v = e.value(n(*consumed));
-                        e.add.push(format!("{c} {v}"));
+                        out.push(Clause::Add(consumed_attr(name), n(*consumed)));
                     }
                     if let Some(carry) = carry {
-                        let k = e.name(&carry_attr(name));
-                        let v = e.value(n(*carry));
-                        e.set.push(format!("{k} = {v}"));
+                        out.push(Clause::Set(carry_attr(name), n(*carry)));
                     }
                 }
                 LimitChange::Insert(state) => {
                     let name = state.limit.name();
-                    for (attr, value) in [
-                        (balance_attr(name), n(state.balance)),
-                        (carry_attr(name), n(state.carry)),
-                        (consumed_attr(name), wide(state.consumed)),
-                    ] {
-                        let a = e.name(&attr);
-                        let v = e.value(value);
-                        e.set.push(format!("{a} = {v}"));
-                    }
+                    out.push(Clause::Set(balance_attr(name), n(state.balance)));
+                    out.push(Clause::Set(carry_attr(name), n(state.carry)));
+                    out.push(Clause::Set(consumed_attr(name), wide(state.consumed)));
                 }
             }
         }
-        e
+        out
     }
 }
 

@@ -22,12 +22,10 @@ use aws_sdk_dynamodb::types::{
 use futures_util::future::join_all;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::{
-    CONFIG, DynamoStore, REFILLED_AT, balance_attr, carry_attr, classify, consumed_attr, n, s, wide,
-};
-use crate::domain::bucket::{Bucket, Change, LimitChange, Write};
+use super::schema::{PK, SK};
+use super::{Clause, Clauses, DynamoStore, bucket_keys, classify};
+use crate::domain::bucket::{Bucket, Change, Write};
 use crate::domain::ids::BucketKey;
-use crate::domain::limit::encode;
 use crate::store::StoreError;
 
 /// DynamoDB's limit of statements in one batch.
@@ -278,104 +276,46 @@ fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-/// The PartiQL statement for a change, with its parameters in order: the same conditions and
-/// updates as [`super::Expr::change`] (an `ADD` becomes `SET a = a + ?`, which needs `a` to
-/// exist; every bucket item has all three attributes of each of its limits).
+/// The PartiQL statement for a change, with its parameters in order: the clauses of
+/// [`Clauses::change`], as `UpdateItem` gets them (an `ADD` becomes `SET a = a + ?`, which needs
+/// `a` to exist; every bucket item has all three attributes of each of its limits).
 fn statement(table: &str, mark_attr: &str, p: &Pending) -> (String, Vec<AttributeValue>) {
-    let change = &p.change;
-    let mut set: Vec<(String, Vec<AttributeValue>)> = Vec::new();
-    let mut remove: Vec<String> = Vec::new();
-    let mut conditions: Vec<(String, Vec<AttributeValue>)> = Vec::new();
-    let cfg = quoted(CONFIG);
-    let key = super::bucket_keys(&p.key);
-    for attr in [super::PK, super::SK] {
-        conditions.push((format!("{} = ?", quoted(attr)), vec![key[attr].clone()]));
-    }
-    let seen = s(change.seen_config.clone());
-    conditions.push((format!("{cfg} = ?"), vec![seen.clone()]));
-    if let Some(fence) = change.fence {
-        let w = quoted(mark_attr);
-        conditions.push(match fence.seen {
-            Some(seen) => (
-                format!("{w} = ?"),
-                vec![AttributeValue::N(seen.to_string())],
-            ),
-            None => (format!("{w} IS MISSING"), vec![]),
-        });
-        set.push((
-            format!("{w} = ?"),
-            vec![AttributeValue::N(fence.seq.to_string())],
-        ));
-    }
-    if let Some(refill) = &change.refill {
-        let rt = quoted(REFILLED_AT);
-        conditions.push((format!("{rt} = ?"), vec![n(refill.seen_refilled_at)]));
-        set.push((format!("{rt} = ?"), vec![n(refill.refilled_at)]));
-        set.push((format!("{cfg} = ?"), vec![s(encode(&refill.limits))]));
-        for name in &refill.removed {
-            for attr in [balance_attr(name), carry_attr(name), consumed_attr(name)] {
-                remove.push(quoted(&attr));
-            }
-        }
-    } else if change.is_noop() || (change.limits.is_empty() && change.fence.is_none()) {
-        set.push((format!("{cfg} = ?"), vec![seen]));
-    }
-    for c in &change.limits {
+    let key = bucket_keys(&p.key);
+    let mut set = Vec::new();
+    let mut remove = Vec::new();
+    let mut conditions: Vec<(String, Option<AttributeValue>)> = [PK, SK]
+        .into_iter()
+        .map(|attr| (format!("{} = ?", quoted(attr)), Some(key[attr].clone())))
+        .collect();
+    for c in Clauses::change(&p.change, mark_attr) {
         match c {
-            LimitChange::Update {
-                name,
-                delta,
-                consumed,
-                min_balance,
-                max_balance,
-                carry,
-            } => {
-                let b = quoted(&balance_attr(name));
-                conditions.push((format!("{b} >= ?"), vec![n(*min_balance)]));
-                if let Some(max) = max_balance {
-                    conditions.push((format!("{b} <= ?"), vec![n(*max)]));
-                }
-                if *delta != 0 {
-                    set.push((format!("{b} = {b} + ?"), vec![n(*delta)]));
-                }
-                if *consumed != 0 {
-                    let c = quoted(&consumed_attr(name));
-                    set.push((format!("{c} = {c} + ?"), vec![n(*consumed)]));
-                }
-                if let Some(carry) = carry {
-                    let k = quoted(&carry_attr(name));
-                    set.push((format!("{k} = ?"), vec![n(*carry)]));
-                }
+            Clause::Is(a, v) => conditions.push((format!("{} = ?", quoted(&a)), Some(v))),
+            Clause::Missing(a) => conditions.push((format!("{} IS MISSING", quoted(&a)), None)),
+            Clause::AtLeast(a, v) => conditions.push((format!("{} >= ?", quoted(&a)), Some(v))),
+            Clause::AtMost(a, v) => conditions.push((format!("{} <= ?", quoted(&a)), Some(v))),
+            Clause::Set(a, v) => set.push((format!("{} = ?", quoted(&a)), v)),
+            Clause::Add(a, v) => {
+                let a = quoted(&a);
+                set.push((format!("{a} = {a} + ?"), v));
             }
-            LimitChange::Insert(state) => {
-                let name = state.limit.name();
-                for (attr, value) in [
-                    (balance_attr(name), n(state.balance)),
-                    (carry_attr(name), n(state.carry)),
-                    (consumed_attr(name), wide(state.consumed)),
-                ] {
-                    set.push((format!("{} = ?", quoted(&attr)), vec![value]));
-                }
-            }
+            Clause::Remove(a) => remove.push(quoted(&a)),
         }
     }
     let mut text = format!("UPDATE {}", quoted(table));
     let mut parameters = Vec::new();
-    for (clause, values) in set {
+    for (clause, value) in set {
         text.push_str(" SET ");
         text.push_str(&clause);
-        parameters.extend(values);
+        parameters.push(value);
     }
     for attr in remove {
         text.push_str(" REMOVE ");
         text.push_str(&attr);
     }
-    let mut first = true;
-    for (clause, values) in conditions {
-        text.push_str(if first { " WHERE " } else { " AND " });
-        first = false;
+    for (i, (clause, value)) in conditions.into_iter().enumerate() {
+        text.push_str(if i == 0 { " WHERE " } else { " AND " });
         text.push_str(&clause);
-        parameters.extend(values);
+        parameters.extend(value);
     }
     (text, parameters)
 }
