@@ -120,6 +120,10 @@ struct Args {
     /// `--set "idle_timeout_ms = 100"`.
     #[arg(long = "set")]
     settings: Vec<String>,
+    /// A `[dynamodb]` setting for the daemon (repeatable), e.g.
+    /// `--store-set "write_calls_in_flight = 0"`.
+    #[arg(long = "store-set")]
+    store_settings: Vec<String>,
     /// SDK mode: trims to the client's configuration, comma-separated: `nostall` (no stalled
     /// stream protection), `noretry`, `nocache` (no identity cache), `notimeout`.
     #[arg(long, default_value = "")]
@@ -337,7 +341,14 @@ async fn run(args: Args) {
             endpoint.as_deref(),
             args.daemon_threads,
             &limiter_config,
-            if args.envoy { &envoy_rule } else { "" },
+            &format!(
+                "{}{}",
+                args.store_settings
+                    .iter()
+                    .map(|s| format!("{s}\n"))
+                    .collect::<String>(),
+                if args.envoy { &envoy_rule } else { "" }
+            ),
         );
         daemons.push(daemon);
         for _ in 0..args.connections.max(1) {
@@ -707,6 +718,20 @@ async fn throughput(args: &Args, clients: &[Client], daemons: &[Daemon]) {
             0.0
         }
     );
+    let by_operation: Vec<String> = zae_limiter::metrics::STORE_OPERATIONS
+        .iter()
+        .filter(|op| **op != "probe")
+        .map(|op| {
+            let calls = delta(
+                "zae_limiter_store_calls_total",
+                &format!("operation=\"{op}\""),
+            );
+            (op, calls)
+        })
+        .filter(|(_, calls)| *calls > 0.0)
+        .map(|(op, calls)| format!("{op} {calls:.0}"))
+        .collect();
+    println!("store calls by operation: {}", by_operation.join(", "));
     println!(
         "rejections served from cache: {cached:.0} of {rejected}; conflicts: {conflicts:.0}; \
          UNAVAILABLE answers: {unavailable}"

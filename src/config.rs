@@ -428,6 +428,10 @@ mod tests {
         assert_eq!(config.dynamodb.table, d.table);
         assert_eq!(config.dynamodb.attempt_timeout_ms, d.attempt_timeout_ms);
         assert_eq!(config.dynamodb.audit_retention_days, 90);
+        assert_eq!(
+            config.dynamodb.write_calls_in_flight,
+            d.write_calls_in_flight
+        );
         let l = LimiterConfig::default();
         assert_eq!(config.limiter.backend, l.backend);
         assert_eq!(config.limiter.namespaces, l.namespaces);

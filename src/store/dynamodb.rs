@@ -66,8 +66,8 @@ pub struct DynamoSettings {
     pub max_attempts: u32,
     /// How long audit records are kept before DynamoDB's TTL removes them.
     pub audit_retention: Duration,
-    /// Single-bucket write calls kept in flight before further writes wait and go out together
-    /// in one PartiQL batch; 0 sends each write on its own.
+    /// Write calls out before further single-bucket writes wait and go out together in one
+    /// PartiQL batch (a full batch goes out at once); 0 sends each write on its own.
     pub write_calls_in_flight: usize,
 }
 
@@ -81,7 +81,7 @@ impl DynamoSettings {
             attempt_timeout: Duration::from_secs(3),
             max_attempts: 3,
             audit_retention: Duration::from_secs(90 * 86_400),
-            write_calls_in_flight: 8,
+            write_calls_in_flight: 4,
         }
     }
 

@@ -1,5 +1,6 @@
 //! Single-bucket writes sent together: while `in_flight` write calls are out, the writes that
-//! arrive meanwhile wait and then go out in one PartiQL `BatchExecuteStatement` (up to 25). Each
+//! arrive meanwhile wait and then go out in one PartiQL `BatchExecuteStatement` (up to 25; a full
+//! batch goes out at once, so the limit never caps how many writes the store takes). Each
 //! statement is the same conditional update as the `UpdateItem` it replaces, applied or refused on
 //! its own (no transaction: one write unit each), so a batch answers for each write separately.
 //! One call of the SDK costs about five times less CPU per write this way.
@@ -148,6 +149,9 @@ async fn run(
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             metrics::counter!(crate::metrics::BATCHED_WRITES).increment(batch.len() as u64);
         }
+        // The limit only makes writes wait to go out together: a full batch has nothing more to
+        // wait for, so it does not hold a call slot (the store's capacity is not capped).
+        let permit = (batch.len() < MAX_STATEMENTS).then_some(permit);
         let (store, counts) = (store.clone(), counts.clone());
         tokio::spawn(async move {
             store.send(batch, &counts).await;
