@@ -551,6 +551,15 @@ async fn throughput(args: &Args, clients: &[Client], daemons: &[Daemon]) {
             lease.into_id();
         }
     }
+    // On stderr, so that a profiler can wait for it: the measured part starts now.
+    eprintln!(
+        "warm-up done; measuring for {} s (daemon pid {})",
+        args.seconds,
+        pids.iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let before = scrape_all();
     let cpu_before = cpu_all();
     let admitted = Arc::new(AtomicU64::new(0));

@@ -277,7 +277,11 @@ impl DynamoStore {
 
 /// A PartiQL identifier: double quotes, with any double quote in it doubled.
 fn quoted(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
+    if name.contains('"') {
+        format!("\"{}\"", name.replace('"', "\"\""))
+    } else {
+        format!("\"{name}\"")
+    }
 }
 
 /// The PartiQL statement for a change, with its parameters in order: the clauses of
@@ -322,4 +326,15 @@ fn statement(table: &str, mark_attr: &str, p: &Pending) -> (String, Vec<Attribut
         parameters.extend(value);
     }
     (text, parameters)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quoted;
+
+    #[test]
+    fn identifiers_are_quoted_with_their_quotes_doubled() {
+        assert_eq!(quoted("b:rpm"), "\"b:rpm\"");
+        assert_eq!(quoted("a\"b"), "\"a\"\"b\"");
+    }
 }
