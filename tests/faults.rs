@@ -23,6 +23,7 @@ fn config(ns: &Namespace, endpoint: &str, policy: &str) -> String {
     common::dynamodb_config(ns, endpoint, &format!("failure_policy = \"{policy}\""))
         + &format!(
             "max_attempts = 2
+write_calls_in_flight = 1
 [server]
 request_timeout_ms = {DEADLINE_MS}
 "
@@ -135,58 +136,81 @@ async fn load(client: &Client, entity: &str, cap: u64, tasks: usize, run: Durati
     tally
 }
 
-/// Runs load through `fault` for a while, then with the store healthy again, and checks the
-/// ledger. Returns the tally for fault-specific checks.
+/// The entities under load: their writes go out together (one write call in flight, see
+/// `config`), so the faults hit batches as well as single writes.
+const ENTITIES: [&str; 4] = ["e0", "e1", "e2", "e3"];
+
+/// `load` on every entity at once, `tasks` clients each; one tally per entity.
+async fn load_all(client: &Client, cap: u64, tasks: usize, run: Duration) -> Vec<Arc<Tally>> {
+    futures_util::future::join_all(ENTITIES.map(|e| load(client, e, cap, tasks, run))).await
+}
+
+/// Adds `part` into `sum`.
+fn add(sum: &Tally, part: &Tally) {
+    for (s, p) in [
+        (&sum.admitted, &part.admitted),
+        (&sum.unbacked, &part.unbacked),
+        (&sum.refused, &part.refused),
+        (&sum.unavailable, &part.unavailable),
+    ] {
+        s.fetch_add(p.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+    sum.slowest_ms
+        .fetch_max(part.slowest_ms.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+/// Runs load on several entities through `fault` for a while, then with the store healthy
+/// again, and checks each entity's ledger. Returns the tally of all of them for fault-specific
+/// checks.
 async fn under(fault: Fault, policy: &str, cap: u64) -> Arc<Tally> {
     let store = common::dynamodb().await;
     let proxy = FaultProxy::start(&common::endpoint()).await;
     let ns = common::unique_namespace();
     let daemon = Daemon::start(&config(&ns, &proxy.endpoint(), policy), &[]);
     let client = daemon.client().await;
-    let entity = "e";
-    // Warm: the bucket exists and is cached.
-    let warm = load(&client, entity, cap, 1, Duration::from_millis(200)).await;
+    // Warm: the buckets exist and are cached.
+    let warm = load_all(&client, cap, 1, Duration::from_millis(200)).await;
     proxy.set(fault);
-    let faulty = load(&client, entity, cap, 16, Duration::from_secs(3)).await;
+    let faulty = load_all(&client, cap, 4, Duration::from_secs(3)).await;
     proxy.set(Fault::Pass);
     // Longer than the longest retry back-off (2 s), so the store's recovery is always reached.
-    let healthy = load(&client, entity, cap, 4, Duration::from_secs(4)).await;
-    let tally = Arc::new(Tally::default());
-    for t in [&warm, &faulty, &healthy] {
-        for (sum, part) in [
-            (&tally.admitted, &t.admitted),
-            (&tally.unbacked, &t.unbacked),
-            (&tally.refused, &t.refused),
-            (&tally.unavailable, &t.unavailable),
-        ] {
-            sum.fetch_add(part.load(Ordering::Relaxed), Ordering::Relaxed);
+    let healthy = load_all(&client, cap, 1, Duration::from_secs(4)).await;
+    let all = Arc::new(Tally::default());
+    for (i, entity) in ENTITIES.into_iter().enumerate() {
+        let tally = Tally::default();
+        for phase in [&warm, &faulty, &healthy] {
+            add(&tally, &phase[i]);
         }
-        tally
-            .slowest_ms
-            .fetch_max(t.slowest_ms.load(Ordering::Relaxed), Ordering::Relaxed);
+        add(&all, &tally);
+        let acknowledged = tally.admitted.load(Ordering::Relaxed);
+        let total = settled(&*store, &ns, entity, acknowledged).await;
+        println!(
+            "{fault:?}/{policy}, {entity}: {acknowledged} admitted, {} unbacked, {} refused, {} \
+             unavailable, slowest answer {} ms; stored {total}",
+            tally.unbacked.load(Ordering::Relaxed),
+            tally.refused.load(Ordering::Relaxed),
+            tally.unavailable.load(Ordering::Relaxed),
+            tally.slowest_ms.load(Ordering::Relaxed),
+        );
+        assert_eq!(
+            total, acknowledged,
+            "{entity}: the stored total is what was acknowledged"
+        );
+        assert!(
+            acknowledged <= cap as i64,
+            "{entity}: over-admitted: {acknowledged} > {cap}"
+        );
     }
-    let acknowledged = tally.admitted.load(Ordering::Relaxed);
-    let total = settled(&*store, &ns, entity, acknowledged).await;
-    let slowest = tally.slowest_ms.load(Ordering::Relaxed);
+    let batched = daemon.metric("zae_limiter_store_batched_writes_total", &[]);
     println!(
-        "{fault:?}/{policy}: {acknowledged} admitted, {} unbacked, {} refused, {} unavailable, \
-         slowest answer {slowest} ms; stored {total}; {} compensations",
-        tally.unbacked.load(Ordering::Relaxed),
-        tally.refused.load(Ordering::Relaxed),
-        tally.unavailable.load(Ordering::Relaxed),
+        "{} compensations, {batched} writes sent in batches",
         daemon.metric("zae_limiter_compensations_total", &[]),
     );
-    assert_eq!(
-        total, acknowledged,
-        "the stored total is what was acknowledged"
-    );
-    assert!(
-        acknowledged <= cap as i64,
-        "over-admitted: {acknowledged} > {cap}"
-    );
+    assert!(batched > 0.0, "no write went out in a batch");
     // Answered by the deadline (with room for a slow machine), never left waiting on the store.
+    let slowest = all.slowest_ms.load(Ordering::Relaxed);
     assert!(slowest < 5 * DEADLINE_MS, "an answer took {slowest} ms");
-    tally
+    all
 }
 
 /// Finding 2: DynamoDB answers after the caller's deadline; the writes land. Callers told

@@ -143,12 +143,6 @@ async fn run(
         }
         // A caller that is gone learns nothing of its write: not writing it charges nobody.
         batch.retain(|p| !p.reply.is_closed());
-        if batch.len() > 1 {
-            counts
-                .batched
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
-            metrics::counter!(crate::metrics::BATCHED_WRITES).increment(batch.len() as u64);
-        }
         // The limit only makes writes wait to go out together: a full batch has nothing more to
         // wait for, so it does not hold a call slot (the store's capacity is not capped).
         let permit = (batch.len() < MAX_STATEMENTS).then_some(permit);
@@ -162,15 +156,20 @@ async fn run(
 
 impl DynamoStore {
     async fn send(&self, batch: Vec<Pending>, counts: &Counts) {
-        match batch.len() {
-            0 => {}
-            1 => {
-                let p = batch.into_iter().next().expect("one write");
-                let answer = self.update_alone(&p).await;
-                let _ = p.reply.send(answer);
-            }
-            _ => self.send_batch(batch, counts).await,
+        if batch.len() > 1 && !counts.off.load(Ordering::Relaxed) {
+            self.send_batch(batch, counts).await;
+        } else {
+            self.send_alone(batch).await;
         }
+    }
+
+    /// One `UpdateItem` each, at once.
+    async fn send_alone(&self, batch: Vec<Pending>) {
+        join_all(batch.into_iter().map(|p| async move {
+            let answer = self.update_alone(&p).await;
+            let _ = p.reply.send(answer);
+        }))
+        .await;
     }
 
     async fn update_alone(&self, p: &Pending) -> Answer {
@@ -179,6 +178,10 @@ impl DynamoStore {
     }
 
     async fn send_batch(&self, batch: Vec<Pending>, counts: &Counts) {
+        counts
+            .batched
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::BATCHED_WRITES).increment(batch.len() as u64);
         let statements = batch
             .iter()
             .map(|p| {
@@ -222,11 +225,7 @@ impl DynamoStore {
                     counts
                         .resent
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    join_all(batch.into_iter().map(|p| async move {
-                        let answer = self.update_alone(&p).await;
-                        let _ = p.reply.send(answer);
-                    }))
-                    .await;
+                    self.send_alone(batch).await;
                 }
                 return;
             }
