@@ -300,6 +300,10 @@ async fn run(args: Args) {
                 .expect("--backend dynamodb needs --endpoint or ZAE_TEST_DYNAMODB_ENDPOINT"),
         ),
     };
+    assert!(
+        args.store_settings.is_empty() || endpoint.is_some(),
+        "--store-set is for the DynamoDB store: add --backend dynamodb"
+    );
     if let Some(endpoint) = &endpoint {
         let mut s = DynamoSettings::new("zae-limiter-bench");
         s.endpoint_url = Some(endpoint.clone());

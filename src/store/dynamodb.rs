@@ -378,21 +378,13 @@ impl Expr {
         let mut e = Self::default();
         for c in Clauses::change(change, mark_attr) {
             match c {
-                Clause::Is(attr, v) => {
+                Clause::Compare(attr, op, v) => {
                     let (a, v) = (e.name(&attr), e.value(v));
-                    e.conditions.push(format!("{a} = {v}"));
+                    e.conditions.push(format!("{a} {op} {v}"));
                 }
                 Clause::Missing(attr) => {
                     let a = e.name(&attr);
                     e.conditions.push(format!("attribute_not_exists({a})"));
-                }
-                Clause::AtLeast(attr, v) => {
-                    let (a, v) = (e.name(&attr), e.value(v));
-                    e.conditions.push(format!("{a} >= {v}"));
-                }
-                Clause::AtMost(attr, v) => {
-                    let (a, v) = (e.name(&attr), e.value(v));
-                    e.conditions.push(format!("{a} <= {v}"));
                 }
                 Clause::Set(attr, v) => {
                     let (a, v) = (e.name(&attr), e.value(v));
@@ -414,10 +406,9 @@ impl Expr {
 
 /// One condition or update of a bucket write, on one attribute.
 enum Clause {
-    Is(String, AttributeValue),
+    /// The attribute compared (`=`, `>=` or `<=`, the same in both renderings) with a value.
+    Compare(String, &'static str, AttributeValue),
     Missing(String),
-    AtLeast(String, AttributeValue),
-    AtMost(String, AttributeValue),
     Set(String, AttributeValue),
     /// Adds a number to an attribute that exists.
     Add(String, AttributeValue),
@@ -432,10 +423,12 @@ impl Clauses {
     fn change(change: &Change, mark_attr: &str) -> Vec<Clause> {
         let mut out = Vec::new();
         let seen = s(change.seen_config.clone());
-        out.push(Clause::Is(CONFIG.into(), seen.clone()));
+        out.push(Clause::Compare(CONFIG.into(), "=", seen.clone()));
         if let Some(fence) = change.fence {
             out.push(match fence.seen {
-                Some(seen) => Clause::Is(mark_attr.into(), AttributeValue::N(seen.to_string())),
+                Some(seen) => {
+                    Clause::Compare(mark_attr.into(), "=", AttributeValue::N(seen.to_string()))
+                }
                 None => Clause::Missing(mark_attr.into()),
             });
             out.push(Clause::Set(
@@ -444,7 +437,11 @@ impl Clauses {
             ));
         }
         if let Some(refill) = &change.refill {
-            out.push(Clause::Is(REFILLED_AT.into(), n(refill.seen_refilled_at)));
+            out.push(Clause::Compare(
+                REFILLED_AT.into(),
+                "=",
+                n(refill.seen_refilled_at),
+            ));
             out.push(Clause::Set(REFILLED_AT.into(), n(refill.refilled_at)));
             out.push(Clause::Set(CONFIG.into(), s(encode(&refill.limits))));
             for name in &refill.removed {
@@ -467,9 +464,9 @@ impl Clauses {
                     carry,
                 } => {
                     let b = balance_attr(name);
-                    out.push(Clause::AtLeast(b.clone(), n(*min_balance)));
+                    out.push(Clause::Compare(b.clone(), ">=", n(*min_balance)));
                     if let Some(max) = max_balance {
-                        out.push(Clause::AtMost(b.clone(), n(*max)));
+                        out.push(Clause::Compare(b.clone(), "<=", n(*max)));
                     }
                     if *delta != 0 {
                         out.push(Clause::Add(b, n(*delta)));

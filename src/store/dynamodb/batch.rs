@@ -25,9 +25,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::schema::{PK, SK};
 use super::{Clause, Clauses, DynamoStore, bucket_keys, classify};
-use crate::domain::bucket::{Bucket, Change, Write};
+use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::BucketKey;
-use crate::store::StoreError;
+use crate::store::{Store, StoreError};
 
 /// DynamoDB's limit of statements in one batch.
 const MAX_STATEMENTS: usize = 25;
@@ -36,8 +36,8 @@ type Answer = Result<Option<Bucket>, StoreError>;
 
 struct Pending {
     key: BucketKey,
-    change: Change,
-    seq: Option<u64>,
+    /// Always a change: creates are never queued.
+    write: Write,
     reply: oneshot::Sender<Answer>,
 }
 
@@ -70,12 +70,6 @@ impl Counts {
     }
 }
 
-impl std::fmt::Debug for Pending {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pending").field("key", &self.key).finish()
-    }
-}
-
 impl Batcher {
     /// Starts the writer task on the current runtime. `store` must not hold a batcher itself.
     pub(super) fn start(store: DynamoStore, in_flight: usize) -> Self {
@@ -98,17 +92,16 @@ impl Batcher {
     /// Queues a change; `None` when it is to be sent on its own: a create, batching turned
     /// off, or the writer task gone (its runtime shut down).
     pub(super) async fn write(&self, key: &BucketKey, write: &Write) -> Option<Answer> {
-        let Write::Change(change) = write else {
+        if matches!(write, Write::Create(_)) {
             return None;
-        };
+        }
         if self.counts.off.load(Ordering::Relaxed) {
             return None;
         }
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
             key: key.clone(),
-            change: change.clone(),
-            seq: write.seq(),
+            write: write.clone(),
             reply,
         };
         self.queue.send(pending).ok()?;
@@ -173,8 +166,7 @@ impl DynamoStore {
     }
 
     async fn update_alone(&self, p: &Pending) -> Answer {
-        let e = super::Expr::change(&p.change, &self.mark_attr());
-        self.run_update(&p.key, e, p.seq).await.map(Some)
+        self.write_bucket(&p.key, &p.write).await.map(Some)
     }
 
     async fn send_batch(&self, batch: Vec<Pending>, counts: &Counts) {
@@ -240,7 +232,7 @@ impl DynamoStore {
                     None => Ok(None),
                     Some(e) => match e.code {
                         Some(Code::ConditionalCheckFailed) => {
-                            self.conflict(0, e.item.as_ref(), p.seq).map(Some)
+                            self.conflict(0, e.item.as_ref(), p.write.seq()).map(Some)
                         }
                         Some(
                             code @ (Code::ThrottlingError
@@ -294,12 +286,15 @@ fn statement(table: &str, mark_attr: &str, p: &Pending) -> (String, Vec<Attribut
         .into_iter()
         .map(|attr| (format!("{} = ?", quoted(attr)), Some(key[attr].clone())))
         .collect();
-    for c in Clauses::change(&p.change, mark_attr) {
+    let Write::Change(change) = &p.write else {
+        unreachable!("only changes are queued")
+    };
+    for c in Clauses::change(change, mark_attr) {
         match c {
-            Clause::Is(a, v) => conditions.push((format!("{} = ?", quoted(&a)), Some(v))),
+            Clause::Compare(a, op, v) => {
+                conditions.push((format!("{} {op} ?", quoted(&a)), Some(v)))
+            }
             Clause::Missing(a) => conditions.push((format!("{} IS MISSING", quoted(&a)), None)),
-            Clause::AtLeast(a, v) => conditions.push((format!("{} >= ?", quoted(&a)), Some(v))),
-            Clause::AtMost(a, v) => conditions.push((format!("{} <= ?", quoted(&a)), Some(v))),
             Clause::Set(a, v) => set.push((format!("{} = ?", quoted(&a)), v)),
             Clause::Add(a, v) => {
                 let a = quoted(&a);
