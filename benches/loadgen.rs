@@ -7,6 +7,7 @@
 //! cargo bench --bench loadgen -- --one-call                                          # acquire+commit in one call
 //! cargo bench --bench loadgen -- --clients 64 --entities 10000 --seconds 10          # many entities
 //! cargo bench --bench loadgen -- --mode reject --clients 64 --seconds 5              # cached rejections
+//! cargo bench --bench loadgen -- --mode health --rate 800                            # paced calls
 //! cargo bench --bench loadgen -- --backend dynamodb --endpoint http://127.0.0.1:8000 # DynamoDB Local
 //! cargo bench --bench loadgen -- --mode memory --entities 1000000                    # RSS per entity
 //! cargo bench --bench loadgen -- --mode memory --entities 20000 --rounds 3 --entity-cache-ms 3000
@@ -99,6 +100,11 @@ struct Args {
     /// consumed faster than it refills drains, and its writes defer the refill.
     #[arg(long)]
     capacity: Option<u64>,
+    /// Calls per second in all, spread evenly over the clients (default: each client calls
+    /// again as soon as it has its answer). Paced calls measure the cost of a call at the rate
+    /// another run reached, e.g. the health check at the cold path's rate.
+    #[arg(long)]
+    rate: Option<f64>,
     /// The daemon's runtime threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     daemon_threads: usize,
@@ -303,6 +309,10 @@ async fn run(args: Args) {
     assert!(
         args.store_settings.is_empty() || endpoint.is_some(),
         "--store-set is for the DynamoDB store: add --backend dynamodb"
+    );
+    assert!(
+        args.rate.is_none_or(|r| r.is_finite() && r >= 1.0),
+        "--rate: calls per second, at least 1"
     );
     if let Some(endpoint) = &endpoint {
         let mut s = DynamoSettings::new("zae-limiter-bench");
@@ -579,6 +589,14 @@ async fn throughput(args: &Args, clients: &[Client], daemons: &[Daemon]) {
             let unavailable = unavailable.clone();
             let entities = args.entities;
             let one_call = args.one_call;
+            // Each client's share of `--rate`, its first call offset by its place among them.
+            let pace = args.rate.map(|rate| {
+                let period = Duration::from_secs_f64(args.clients as f64 / rate);
+                (
+                    period,
+                    started + period.mul_f64(i as f64 / args.clients as f64),
+                )
+            });
             let mut envoy = args
                 .envoy
                 .then(|| RateLimitServiceClient::new(client.channel()));
@@ -587,7 +605,13 @@ async fn throughput(args: &Args, clients: &[Client], daemons: &[Daemon]) {
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 let mut n = i;
+                let mut pace = pace;
                 while Instant::now() < until {
+                    if let Some((period, next)) = pace.as_mut() {
+                        tokio::time::sleep_until((*next).into()).await;
+                        // Behind schedule: the next call as soon as this one is done, no burst.
+                        *next = (*next + *period).max(Instant::now());
+                    }
                     let entity = format!("entity-{}", n % entities);
                     n += 7;
                     let req = Acquire::new(entity, "model")
@@ -724,7 +748,7 @@ async fn throughput(args: &Args, clients: &[Client], daemons: &[Daemon]) {
         latencies.last().copied().unwrap_or(0)
     );
     println!(
-        "store: {writes:.0} bucket writes ({batched:.0} of them sent in batches), {commits:.0} transactions, {units:.0} write units = {:.4} per admitted decision; {store_calls:.0} calls in all",
+        "store: {writes:.0} bucket writes, {commits:.0} transactions, {units:.0} write units = {:.4} per admitted decision; {store_calls:.0} calls in all; {batched:.0} single-item writes (bucket writes, usage additions) sent in batches",
         if admitted > 0 {
             units / admitted as f64
         } else {

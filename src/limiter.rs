@@ -446,8 +446,9 @@ async fn interval(ms: i64) -> tokio::time::Interval {
 /// shortest between two usage flushes, is 100 ms).
 const SWEEP_MS: i64 = 5_000;
 
-/// Usage snapshot additions in flight at once during a flush.
-const USAGE_WRITES_AT_ONCE: usize = 16;
+/// Usage snapshot additions in flight at once during a flush: two full batches of the DynamoDB
+/// store's batch writer.
+const USAGE_WRITES_AT_ONCE: usize = 50;
 
 /// Adds the pending usage to the store, one snapshot per call (so a failure puts back exactly
 /// what was not added), several calls at once.

@@ -109,7 +109,7 @@ pub fn describe() {
     describe_histogram!(BATCH_SIZE, "Acquires carried by one bucket write");
     describe_counter!(
         BATCHED_WRITES,
-        "Single-bucket writes sent inside a batch of several"
+        "Single-item writes (bucket changes, usage additions) sent inside a batch of several"
     );
     describe_counter!(
         CONFLICTS,

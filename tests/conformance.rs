@@ -1225,6 +1225,69 @@ async fn writes_submitted_together_are_decided_each_on_its_own(
     }
 }
 
+/// Usage additions submitted at once, one record per call as the usage flush sends them (and
+/// once as one call of many records): new snapshots, new counters on existing snapshots, and
+/// additions (and refunds) to existing counters all add up.
+async fn usage_added_at_once_adds_up(store: Arc<dyn Store>, ns: Namespace) {
+    let hour = Period::Hour.start(T0);
+    let record = |i: i64, amounts: &[(&str, i64)]| Usage {
+        entity: EntityId::new(format!("e{i}")).unwrap(),
+        resource: ResourceId::new("r").unwrap(),
+        period: Period::Hour,
+        start_ms: hour,
+        amounts: tokens(amounts),
+    };
+    let at_once = |records: Vec<Usage>| {
+        let (store, ns) = (store.clone(), ns.clone());
+        async move {
+            let added = futures_util::future::join_all(
+                records
+                    .iter()
+                    .map(|u| store.add_usage(&ns, std::slice::from_ref(u))),
+            )
+            .await;
+            for (u, added) in records.iter().zip(added) {
+                added.unwrap_or_else(|e| panic!("{}: {e}", u.entity));
+            }
+        }
+    };
+    // New snapshots.
+    at_once((0..20).map(|i| record(i, &[("rpm", 1 + i)])).collect()).await;
+    // The same counter again on even entities; a refund and a new counter on odd ones.
+    at_once(
+        (0..20)
+            .map(|i| match i % 2 {
+                0 => record(i, &[("rpm", 2)]),
+                _ => record(i, &[("rpm", -1), ("tpm", 100)]),
+            })
+            .collect(),
+    )
+    .await;
+    // One call of many records: a new counter on even entities.
+    let all: Vec<Usage> = (0..20)
+        .map(|i| record(i, &[("rpm", 10), ("tpm", 5)]))
+        .collect();
+    store.add_usage(&ns, &all).await.unwrap();
+    for i in 0..20 {
+        let found = store
+            .usage(
+                &ns,
+                &EntityId::new(format!("e{i}")).unwrap(),
+                Some(&ResourceId::new("r").unwrap()),
+                Period::Hour,
+                hour,
+                hour + 1,
+            )
+            .await
+            .unwrap();
+        let want = match i % 2 {
+            0 => record(i, &[("rpm", 1 + i + 2 + 10), ("tpm", 5)]),
+            _ => record(i, &[("rpm", 1 + i - 1 + 10), ("tpm", 105)]),
+        };
+        assert_eq!(found, [want], "entity e{i}");
+    }
+}
+
 /// Stamps out every test of the suite for one store.
 macro_rules! conformance {
     ($store:ident, $make:expr) => {
@@ -1246,6 +1309,7 @@ macro_rules! conformance {
                 stored_limits_at_four_scopes,
                 audit_pages_newest_first,
                 usage_snapshots_add_up_and_query_by_range,
+                usage_added_at_once_adds_up,
                 deleting_and_moving_entities,
                 deleting_a_namespace_removes_everything_in_it_only,
             );
@@ -1283,9 +1347,86 @@ async fn write_together(store: &Arc<DynamoStore>) {
 async fn the_dynamodb_store_sends_writes_of_the_same_moment_in_batches() {
     let store = batching_store(None).await;
     write_together(&store).await;
-    let (batched, resent) = store.batched_writes();
-    assert!(batched >= 2, "{batched} writes went out in batches");
-    assert_eq!(resent, 0, "batched writes DynamoDB refused as statements");
+    let counts = store.batched_writes();
+    assert!(counts.batched >= 2, "{counts:?}");
+    assert_eq!(
+        counts.resent, 0,
+        "batched writes DynamoDB refused: {counts:?}"
+    );
+}
+
+/// Usage additions of the same moment go out in batches too. In a batch, an addition only adds
+/// to counters that exist; one whose snapshot or counter is new is sent again on its own, as the
+/// `UpdateItem` that creates it: here at most 40 of them (20 new snapshots, then 10 and 10 new
+/// counters), and the others applied in their batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dynamodb_store_adds_usage_of_the_same_moment_in_batches() {
+    let store = batching_store(None).await;
+    usage_added_at_once_adds_up(store.clone(), common::unique_namespace()).await;
+    let counts = store.batched_writes();
+    assert_eq!(
+        counts.resent, 0,
+        "batched writes DynamoDB refused: {counts:?}"
+    );
+    assert!(counts.created <= 40, "{counts:?}");
+    assert!(counts.batched > counts.created, "{counts:?}");
+}
+
+/// Two additions to one snapshot at once (two usage flushes overlap while a daemon shuts down)
+/// both count, and do not cost the batch: DynamoDB refuses a batch that names an item twice, so
+/// the second goes out on its own. (A single-threaded runtime, so that all five additions are
+/// queued before the writer takes them.)
+#[tokio::test]
+async fn two_additions_to_one_snapshot_at_once_both_count() {
+    let store = batching_store(None).await;
+    let ns = common::unique_namespace();
+    let hour = Period::Hour.start(T0);
+    let record = |entity: &str, rpm: i64| Usage {
+        entity: EntityId::new(entity).unwrap(),
+        resource: ResourceId::new("r").unwrap(),
+        period: Period::Hour,
+        start_ms: hour,
+        amounts: tokens(&[("rpm", rpm)]),
+    };
+    for entity in ["a", "b", "c", "x"] {
+        store.add_usage(&ns, &[record(entity, 1)]).await.unwrap();
+    }
+    let at_once = [
+        record("x", 1),
+        record("a", 10),
+        record("b", 1),
+        record("a", 100),
+        record("c", 1),
+    ];
+    let added = futures_util::future::join_all(
+        at_once
+            .iter()
+            .map(|u| store.add_usage(&ns, std::slice::from_ref(u))),
+    )
+    .await;
+    for added in added {
+        added.unwrap();
+    }
+    for (entity, total) in [("a", 111), ("b", 2), ("c", 2), ("x", 2)] {
+        let found = store
+            .usage(
+                &ns,
+                &EntityId::new(entity).unwrap(),
+                None,
+                Period::Hour,
+                hour,
+                hour + 1,
+            )
+            .await
+            .unwrap();
+        assert_eq!(found, [record(entity, total)], "entity {entity}");
+    }
+    let counts = store.batched_writes();
+    assert!(counts.batched >= 2, "{counts:?}");
+    assert_eq!(
+        counts.resent, 0,
+        "batched writes DynamoDB refused: {counts:?}"
+    );
 }
 
 /// A daemon whose IAM policy does not allow PartiQL (`dynamodb:PartiQLUpdate`) still writes: a
@@ -1296,10 +1437,15 @@ async fn writes_refused_as_a_batch_go_out_one_by_one() {
     proxy.set(common::proxy::Fault::Refuse("BatchExecuteStatement"));
     let store = batching_store(Some(proxy.endpoint())).await;
     write_together(&store).await;
-    let (batched, resent) = store.batched_writes();
-    assert!(batched >= 2, "{batched} writes went out in batches");
-    assert_eq!(resent, batched, "every refused batch was sent again");
-    // Off for good: the next writes of one moment go out on their own.
+    let counts = store.batched_writes();
+    assert!(counts.batched >= 2, "{counts:?}");
+    assert_eq!(
+        counts.resent, counts.batched,
+        "every refused batch was sent again"
+    );
+    // Off for good: the next writes of one moment, bucket changes and usage additions alike, go
+    // out on their own.
     write_together(&store).await;
-    assert_eq!(store.batched_writes(), (batched, resent));
+    usage_added_at_once_adds_up(store.clone(), common::unique_namespace()).await;
+    assert_eq!(store.batched_writes(), counts);
 }

@@ -27,6 +27,7 @@ use aws_sdk_dynamodb::types::{
 };
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
+use futures_util::future::join_all;
 
 use super::{AuditPage, KeyedWrite, Store, StoreError, audit_sort_key, entity_json};
 use crate::domain::bucket::{Bucket, Change, LimitChange, LimitState, Write};
@@ -35,6 +36,7 @@ use crate::domain::limit::{self, Limit, LimitName, encode};
 use crate::domain::records::{Actor, AuditAction, AuditEntry, Entity, LimitScope, Period, Usage};
 
 mod batch;
+pub use batch::BatchCounts;
 pub mod table;
 
 /// Attribute and index names of the table schema.
@@ -147,10 +149,41 @@ impl DynamoStore {
         Self { batcher, ..store }
     }
 
-    /// How many bucket writes went out inside a batch of several so far, and how many of those
-    /// DynamoDB refused as statements (they were then sent again on their own).
-    pub fn batched_writes(&self) -> (u64, u64) {
-        self.batcher.as_ref().map_or((0, 0), |b| b.counts())
+    /// How many writes went out inside a batch of several so far, and how many of those were
+    /// sent again on their own.
+    pub fn batched_writes(&self) -> BatchCounts {
+        self.batcher
+            .as_ref()
+            .map_or_else(BatchCounts::default, |b| b.counts())
+    }
+
+    /// Adds one usage record to its snapshot in one `UpdateItem`, creating the snapshot and its
+    /// counters if they are new.
+    async fn add_usage_alone(&self, ns: &Namespace, u: &Usage) -> Result<(), StoreError> {
+        let mut e = Expr::default();
+        let res = e.name("res");
+        let res_v = e.value(s(u.resource.to_string()));
+        let start = e.name("start");
+        let start_v = e.value(n(u.start_ms));
+        e.set.push(format!("{res} = {res_v}"));
+        e.set.push(format!("{start} = {start_v}"));
+        for (name, amount) in &u.amounts {
+            let a = e.name(&usage_attr(name));
+            let v = e.value(n(*amount));
+            e.add.push(format!("{a} {v}"));
+        }
+        let (pk, sk) = usage_key(ns, &u.entity, u.period, u.start_ms, Some(&u.resource));
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(keys(pk, sk)))
+            .update_expression(e.update_expression())
+            .set_expression_attribute_names(maybe(e.names))
+            .set_expression_attribute_values(maybe(e.values))
+            .send()
+            .await
+            .map_err(|e| classify(e, &self.table))?;
+        Ok(())
     }
 
     fn mark_attr(&self) -> String {
@@ -215,8 +248,12 @@ fn entity_pk(ns: &Namespace, id: &EntityId) -> String {
 fn bucket_keys(key: &BucketKey) -> HashMap<String, AttributeValue> {
     keys(
         entity_pk(&key.namespace, &key.entity),
-        format!("#B#{}", key.resource),
+        bucket_sk(&key.resource),
     )
+}
+
+fn bucket_sk(resource: &ResourceId) -> String {
+    format!("#B#{resource}")
 }
 
 fn entity_keys(ns: &Namespace, id: &EntityId) -> HashMap<String, AttributeValue> {
@@ -1282,32 +1319,20 @@ impl Store for DynamoStore {
     }
 
     async fn add_usage(&self, ns: &Namespace, usage: &[Usage]) -> Result<(), StoreError> {
-        for u in usage {
-            let mut e = Expr::default();
-            let res = e.name("res");
-            let res_v = e.value(s(u.resource.to_string()));
-            let start = e.name("start");
-            let start_v = e.value(n(u.start_ms));
-            e.set.push(format!("{res} = {res_v}"));
-            e.set.push(format!("{start} = {start_v}"));
-            for (name, amount) in &u.amounts {
-                let a = e.name(&usage_attr(name));
-                let v = e.value(n(*amount));
-                e.add.push(format!("{a} {v}"));
+        let Some(batcher) = &self.batcher else {
+            for u in usage {
+                self.add_usage_alone(ns, u).await?;
             }
-            let (pk, sk) = usage_key(ns, &u.entity, u.period, u.start_ms, Some(&u.resource));
-            self.client
-                .update_item()
-                .table_name(&self.table)
-                .set_key(Some(keys(pk, sk)))
-                .update_expression(e.update_expression())
-                .set_expression_attribute_names(maybe(e.names))
-                .set_expression_attribute_values(maybe(e.values))
-                .send()
-                .await
-                .map_err(|e| classify(e, &self.table))?;
-        }
-        Ok(())
+            return Ok(());
+        };
+        let added = join_all(usage.iter().map(|u| async move {
+            match batcher.add_usage(ns, u).await {
+                Some(answer) => answer,
+                None => self.add_usage_alone(ns, u).await,
+            }
+        }))
+        .await;
+        added.into_iter().collect()
     }
 
     async fn usage(

@@ -1,21 +1,29 @@
-//! Single-bucket writes sent together: while `in_flight` write calls are out, the writes that
+//! Single-item writes sent together: while `in_flight` write calls are out, the writes that
 //! arrive meanwhile wait and then go out in one PartiQL `BatchExecuteStatement` (up to 25; a full
 //! batch goes out at once, so the limit never caps how many writes the store takes). Each
 //! statement is the same conditional update as the `UpdateItem` it replaces, applied or refused on
 //! its own (no transaction: one write unit each), so a batch answers for each write separately.
-//! One call of the SDK costs about five times less CPU per write this way.
+//! One call of the SDK costs about five times less CPU per write this way. Two kinds of writes
+//! queue: the limiter's bucket changes and the usage flush's additions to snapshots.
 //!
-//! A batch does not return new images, so a batched write answers `Ok(None)` ("applied"; the
-//! caller knows the bucket as planned) where a write sent alone answers with the stored bucket. A
-//! refused condition comes back with the item as stored (`ALL_OLD`), as from `UpdateItem`. A
-//! statement that DynamoDB could not take as PartiQL is sent again on its own as `UpdateItem`:
-//! a statement error other than a failed condition or throttling means it was not applied. A
-//! batch refused as a whole for good (an IAM policy without `dynamodb:PartiQLUpdate`) turns
-//! batching off: its writes and all later ones go out one call each.
+//! A batch does not return new images, so a batched bucket change answers `Ok(None)` ("applied";
+//! the caller knows the bucket as planned) where a change sent alone answers with the stored
+//! bucket. A refused condition comes back with the item as stored (`ALL_OLD`), as from
+//! `UpdateItem`. A usage addition in a batch only adds to counters that exist (PartiQL cannot add
+//! to a missing attribute, nor create an item): refused, because its snapshot or one of its
+//! counters is new, it is sent again on its own as the `UpdateItem` that creates them. A statement
+//! that DynamoDB could not take as PartiQL is sent again on its own too: a statement error other
+//! than a failed condition or throttling means it was not applied. A batch refused as a whole for
+//! good (an IAM policy without `dynamodb:PartiQLUpdate`) turns batching off: its writes and all
+//! later ones go out one call each. A batch refused as a whole for another reason may have
+//! applied: its writes answer as after a time-out. No batch names an item twice (DynamoDB refuses
+//! it): a second write of an item in the queue goes out on its own.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use aws_sdk_dynamodb::error::ProvideErrorMetadata;
 use aws_sdk_dynamodb::types::{
     AttributeValue, BatchStatementErrorCodeEnum as Code, BatchStatementRequest,
     ReturnValuesOnConditionCheckFailure,
@@ -24,9 +32,13 @@ use futures_util::future::join_all;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::schema::{PK, SK};
-use super::{Clause, Clauses, DynamoStore, bucket_keys, classify};
+use super::{
+    Clause, Clauses, DynamoStore, bucket_keys, bucket_sk, classify, entity_pk, n, s, usage_attr,
+    usage_key,
+};
 use crate::domain::bucket::{Bucket, Write};
-use crate::domain::ids::BucketKey;
+use crate::domain::ids::{BucketKey, Namespace};
+use crate::domain::records::Usage;
 use crate::store::{Store, StoreError};
 
 /// DynamoDB's limit of statements in one batch.
@@ -34,27 +46,91 @@ const MAX_STATEMENTS: usize = 25;
 
 type Answer = Result<Option<Bucket>, StoreError>;
 
-struct Pending {
-    key: BucketKey,
-    /// Always a change: creates are never queued.
-    write: Write,
-    reply: oneshot::Sender<Answer>,
+/// A write waiting for the writer, with where its answer goes.
+enum Job {
+    /// A bucket change (creates are never queued).
+    Change {
+        key: BucketKey,
+        write: Write,
+        reply: oneshot::Sender<Answer>,
+    },
+    /// An addition to one usage snapshot (with at least one amount).
+    Usage {
+        ns: Namespace,
+        usage: Usage,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+impl Job {
+    fn is_closed(&self) -> bool {
+        match self {
+            Job::Change { reply, .. } => reply.is_closed(),
+            Job::Usage { reply, .. } => reply.is_closed(),
+        }
+    }
+
+    /// The item it writes (partition and sort key).
+    fn item(&self) -> (String, String) {
+        match self {
+            Job::Change { key, .. } => (
+                entity_pk(&key.namespace, &key.entity),
+                bucket_sk(&key.resource),
+            ),
+            Job::Usage { ns, usage, .. } => usage_key(
+                ns,
+                &usage.entity,
+                usage.period,
+                usage.start_ms,
+                Some(&usage.resource),
+            ),
+        }
+    }
+
+    /// Answers "applied as sent".
+    fn applied(self) {
+        match self {
+            Job::Change { reply, .. } => drop(reply.send(Ok(None))),
+            Job::Usage { reply, .. } => drop(reply.send(Ok(()))),
+        }
+    }
+
+    fn fail(self, e: StoreError) {
+        match self {
+            Job::Change { reply, .. } => drop(reply.send(Err(e))),
+            Job::Usage { reply, .. } => drop(reply.send(Err(e))),
+        }
+    }
 }
 
 /// The queue in front of the writer task; the task ends when the last store holding it is gone.
 #[derive(Debug)]
 pub(super) struct Batcher {
-    queue: mpsc::UnboundedSender<Pending>,
+    queue: mpsc::UnboundedSender<Job>,
     counts: Arc<Counts>,
 }
 
-/// What the writer did (for tests and benchmarks), and whether it still batches.
+/// What the batch writer did so far (for tests and benchmarks).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchCounts {
+    /// Writes sent inside a batch of several.
+    pub batched: u64,
+    /// Of those, how many DynamoDB refused as statements (sent again on their own).
+    pub resent: u64,
+    /// Of those, usage additions whose snapshot or counter was new (sent again on their own, as
+    /// the `UpdateItem` that creates it).
+    pub created: u64,
+}
+
+/// What the writer did, and whether it still batches.
 #[derive(Debug, Default)]
 struct Counts {
     /// Writes sent inside a batch of several.
     batched: AtomicU64,
     /// Batched writes that DynamoDB refused as statements, sent again on their own.
     resent: AtomicU64,
+    /// Batched usage additions whose snapshot or counter was new, sent again on their own.
+    created: AtomicU64,
     /// Batches were refused for good: every write goes out on its own.
     off: AtomicBool,
 }
@@ -79,14 +155,13 @@ impl Batcher {
         Self { queue, counts }
     }
 
-    /// Writes sent inside a batch of several so far, and how many of those were sent again on
-    /// their own.
-    pub(super) fn counts(&self) -> (u64, u64) {
+    pub(super) fn counts(&self) -> BatchCounts {
         let c = &self.counts;
-        (
-            c.batched.load(Ordering::Relaxed),
-            c.resent.load(Ordering::Relaxed),
-        )
+        BatchCounts {
+            batched: c.batched.load(Ordering::Relaxed),
+            resent: c.resent.load(Ordering::Relaxed),
+            created: c.created.load(Ordering::Relaxed),
+        }
     }
 
     /// Queues a change; `None` when it is to be sent on its own: a create, batching turned
@@ -95,27 +170,49 @@ impl Batcher {
         if matches!(write, Write::Create(_)) {
             return None;
         }
-        if self.counts.off.load(Ordering::Relaxed) {
-            return None;
-        }
         let (reply, answer) = oneshot::channel();
-        let pending = Pending {
+        self.queue(Job::Change {
             key: key.clone(),
             write: write.clone(),
             reply,
-        };
-        self.queue.send(pending).ok()?;
-        Some(answer.await.unwrap_or_else(|_| {
-            Err(StoreError::Transient(
-                "the store's batch writer stopped before answering".into(),
-            ))
-        }))
+        })?;
+        Some(answer.await.unwrap_or_else(|_| Err(stopped())))
     }
+
+    /// Queues an addition to a usage snapshot; `None` when it is to be sent on its own: nothing
+    /// to add, batching turned off, or the writer task gone.
+    pub(super) async fn add_usage(
+        &self,
+        ns: &Namespace,
+        usage: &Usage,
+    ) -> Option<Result<(), StoreError>> {
+        if usage.amounts.is_empty() {
+            return None;
+        }
+        let (reply, answer) = oneshot::channel();
+        self.queue(Job::Usage {
+            ns: ns.clone(),
+            usage: usage.clone(),
+            reply,
+        })?;
+        Some(answer.await.unwrap_or_else(|_| Err(stopped())))
+    }
+
+    fn queue(&self, job: Job) -> Option<()> {
+        if self.counts.off.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.queue.send(job).ok()
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::Transient("the store's batch writer stopped before answering".into())
 }
 
 async fn run(
     store: DynamoStore,
-    mut rx: mpsc::UnboundedReceiver<Pending>,
+    mut rx: mpsc::UnboundedReceiver<Job>,
     in_flight: usize,
     counts: Arc<Counts>,
 ) {
@@ -135,7 +232,16 @@ async fn run(
             }
         }
         // A caller that is gone learns nothing of its write: not writing it charges nobody.
-        batch.retain(|p| !p.reply.is_closed());
+        batch.retain(|job| !job.is_closed());
+        // DynamoDB refuses a batch that names an item twice (two usage flushes overlap at
+        // shutdown): a second write of an item goes out on its own.
+        let mut items = HashSet::new();
+        let (batch, again): (Vec<Job>, Vec<Job>) =
+            batch.into_iter().partition(|job| items.insert(job.item()));
+        for job in again {
+            let store = store.clone();
+            tokio::spawn(async move { store.send_alone(job).await });
+        }
         // The limit only makes writes wait to go out together: a full batch has nothing more to
         // wait for, so it does not hold a call slot (the store's capacity is not capped).
         let permit = (batch.len() < MAX_STATEMENTS).then_some(permit);
@@ -148,50 +254,41 @@ async fn run(
 }
 
 impl DynamoStore {
-    async fn send(&self, batch: Vec<Pending>, counts: &Counts) {
+    async fn send(&self, batch: Vec<Job>, counts: &Counts) {
         if batch.len() > 1 && !counts.off.load(Ordering::Relaxed) {
             self.send_batch(batch, counts).await;
         } else {
-            self.send_alone(batch).await;
+            join_all(batch.into_iter().map(|job| self.send_alone(job))).await;
         }
     }
 
-    /// One `UpdateItem` each, at once.
-    async fn send_alone(&self, batch: Vec<Pending>) {
-        join_all(batch.into_iter().map(|p| async move {
-            let answer = self.update_alone(&p).await;
-            let _ = p.reply.send(answer);
-        }))
-        .await;
+    /// Sends one job as its own call (`UpdateItem`) and answers it.
+    async fn send_alone(&self, job: Job) {
+        match job {
+            Job::Change { key, write, reply } => {
+                let _ = reply.send(self.write_bucket(&key, &write).await.map(Some));
+            }
+            Job::Usage { ns, usage, reply } => {
+                let _ = reply.send(self.add_usage_alone(&ns, &usage).await);
+            }
+        }
     }
 
-    async fn update_alone(&self, p: &Pending) -> Answer {
-        self.write_bucket(&p.key, &p.write).await.map(Some)
-    }
-
-    async fn send_batch(&self, batch: Vec<Pending>, counts: &Counts) {
+    async fn send_batch(&self, batch: Vec<Job>, counts: &Counts) {
         counts
             .batched
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         metrics::counter!(crate::metrics::BATCHED_WRITES).increment(batch.len() as u64);
+        let mark_attr = self.mark_attr();
         let statements = batch
             .iter()
-            .map(|p| {
-                let (statement, parameters) = statement(&self.table, &self.mark_attr(), p);
-                BatchStatementRequest::builder()
-                    .statement(statement)
-                    .set_parameters(Some(parameters))
-                    .return_values_on_condition_check_failure(
-                        ReturnValuesOnConditionCheckFailure::AllOld,
-                    )
-                    .build()
-            })
+            .map(|job| statement(&self.table, &mark_attr, job))
             .collect::<Result<Vec<_>, _>>();
         let statements = match statements {
             Ok(s) => s,
             Err(e) => {
-                for p in batch {
-                    let _ = p.reply.send(Err(StoreError::Backend(e.to_string())));
+                for job in batch {
+                    job.fail(StoreError::Backend(e.to_string()));
                 }
                 return;
             }
@@ -205,64 +302,85 @@ impl DynamoStore {
         let out = match result {
             Ok(out) => out,
             Err(e) => {
-                let err = classify(e, &self.table);
-                if err.is_transient() {
-                    // No answer for any of them: each caller finds out by its write's mark.
-                    for p in batch {
-                        let _ = p.reply.send(Err(err.clone()));
-                    }
-                } else {
-                    // Refused as a whole, so none applied: `UpdateItem` answers for each.
-                    counts.turn_off(&err.to_string());
+                if e.code() == Some("AccessDeniedException") {
+                    // Refused before anything applied, as every later batch will be (a policy
+                    // without PartiQL): `UpdateItem` answers for each.
+                    counts.turn_off(&classify(e, &self.table).to_string());
                     counts
                         .resent
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    self.send_alone(batch).await;
+                    join_all(batch.into_iter().map(|job| self.send_alone(job))).await;
+                    return;
+                }
+                // No answer for any of them, and no telling whether they applied (DynamoDB Local
+                // applies a batch that it then refuses for naming an item twice): each caller
+                // finds out by its write's mark.
+                let err = match classify(e, &self.table) {
+                    err @ StoreError::Transient(_) => err,
+                    err => StoreError::Transient(format!(
+                        "DynamoDB refused a batch of writes, which may have applied: {err}"
+                    )),
+                };
+                for job in batch {
+                    job.fail(err.clone());
                 }
                 return;
             }
         };
         let mut responses = out.responses.unwrap_or_default().into_iter();
-        for p in batch {
-            let answer = match responses.next() {
-                None => Err(StoreError::Transient(
+        let mut alone = Vec::new();
+        for job in batch {
+            let Some(response) = responses.next() else {
+                job.fail(StoreError::Transient(
                     "the batch came back without an answer for this write".into(),
-                )),
-                Some(r) => match r.error {
-                    None => Ok(None),
-                    Some(e) => match e.code {
-                        Some(Code::ConditionalCheckFailed) => {
-                            self.conflict(0, e.item.as_ref(), p.write.seq()).map(Some)
-                        }
-                        Some(
-                            code @ (Code::ThrottlingError
-                            | Code::RequestLimitExceeded
-                            | Code::ProvisionedThroughputExceeded
-                            | Code::InternalServerError
-                            | Code::TransactionConflict),
-                        ) => Err(StoreError::Transient(format!(
-                            "{}: {}",
-                            code.as_str(),
-                            e.message.unwrap_or_default()
-                        ))),
-                        // Not applied; `UpdateItem` gives the authoritative answer.
-                        code => {
-                            if code == Some(Code::AccessDenied) {
-                                counts.turn_off("access denied");
-                            }
-                            tracing::debug!(
-                                "batched write refused ({:?}: {}), sending it alone",
-                                code,
-                                e.message.unwrap_or_default()
-                            );
-                            counts.resent.fetch_add(1, Ordering::Relaxed);
-                            self.update_alone(&p).await
-                        }
-                    },
-                },
+                ));
+                continue;
             };
-            let _ = p.reply.send(answer);
+            let Some(e) = response.error else {
+                job.applied();
+                continue;
+            };
+            match (e.code, job) {
+                (Some(Code::ConditionalCheckFailed), Job::Change { write, reply, .. }) => {
+                    let _ = reply.send(self.conflict(0, e.item.as_ref(), write.seq()).map(Some));
+                }
+                // A new snapshot or counter: the `UpdateItem` that creates it adds the amounts.
+                // The failed statement is billed too: the metered store counts the one sent next.
+                (Some(Code::ConditionalCheckFailed), job @ Job::Usage { .. }) => {
+                    counts.created.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!(crate::metrics::WRITE_UNITS).increment(1);
+                    alone.push(job);
+                }
+                (
+                    Some(
+                        code @ (Code::ThrottlingError
+                        | Code::RequestLimitExceeded
+                        | Code::ProvisionedThroughputExceeded
+                        | Code::InternalServerError
+                        | Code::TransactionConflict),
+                    ),
+                    job,
+                ) => job.fail(StoreError::Transient(format!(
+                    "{}: {}",
+                    code.as_str(),
+                    e.message.unwrap_or_default()
+                ))),
+                // Not applied; `UpdateItem` gives the authoritative answer.
+                (code, job) => {
+                    if code == Some(Code::AccessDenied) {
+                        counts.turn_off("access denied");
+                    }
+                    tracing::debug!(
+                        "batched write refused ({:?}: {}), sending it alone",
+                        code,
+                        e.message.unwrap_or_default()
+                    );
+                    counts.resent.fetch_add(1, Ordering::Relaxed);
+                    alone.push(job);
+                }
+            }
         }
+        join_all(alone.into_iter().map(|job| self.send_alone(job))).await;
     }
 }
 
@@ -275,18 +393,48 @@ fn quoted(name: &str) -> String {
     }
 }
 
+/// The batch statement for a job.
+fn statement(
+    table: &str,
+    mark_attr: &str,
+    job: &Job,
+) -> Result<BatchStatementRequest, aws_sdk_dynamodb::error::BuildError> {
+    let (text, parameters, old) = match job {
+        Job::Change { key, write, .. } => {
+            let (text, parameters) = change_statement(table, mark_attr, key, write);
+            (text, parameters, true)
+        }
+        Job::Usage { ns, usage, .. } => {
+            let (text, parameters) = usage_statement(table, ns, usage);
+            (text, parameters, false)
+        }
+    };
+    BatchStatementRequest::builder()
+        .statement(text)
+        .set_parameters(Some(parameters))
+        .set_return_values_on_condition_check_failure(
+            old.then_some(ReturnValuesOnConditionCheckFailure::AllOld),
+        )
+        .build()
+}
+
 /// The PartiQL statement for a change, with its parameters in order: the clauses of
 /// [`Clauses::change`], as `UpdateItem` gets them (an `ADD` becomes `SET a = a + ?`, which needs
 /// `a` to exist; every bucket item has all three attributes of each of its limits).
-fn statement(table: &str, mark_attr: &str, p: &Pending) -> (String, Vec<AttributeValue>) {
-    let key = bucket_keys(&p.key);
+fn change_statement(
+    table: &str,
+    mark_attr: &str,
+    key: &BucketKey,
+    write: &Write,
+) -> (String, Vec<AttributeValue>) {
+    let key = bucket_keys(key);
     let mut set = Vec::new();
     let mut remove = Vec::new();
     let mut conditions: Vec<(String, Option<AttributeValue>)> = [PK, SK]
         .into_iter()
         .map(|attr| (format!("{} = ?", quoted(attr)), Some(key[attr].clone())))
         .collect();
-    let Write::Change(change) = &p.write else {
+    let Write::Change(change) = write else {
         unreachable!("only changes are queued")
     };
     for c in Clauses::change(change, mark_attr) {
@@ -303,6 +451,39 @@ fn statement(table: &str, mark_attr: &str, p: &Pending) -> (String, Vec<Attribut
             Clause::Remove(a) => remove.push(quoted(&a)),
         }
     }
+    render(table, set, remove, conditions)
+}
+
+/// The PartiQL statement adding a usage record's amounts to its snapshot's counters, on the
+/// condition that they all exist (so that it fails with a failed condition, not a validation
+/// error, when one is new).
+fn usage_statement(table: &str, ns: &Namespace, usage: &Usage) -> (String, Vec<AttributeValue>) {
+    let (pk, sk) = usage_key(
+        ns,
+        &usage.entity,
+        usage.period,
+        usage.start_ms,
+        Some(&usage.resource),
+    );
+    let mut set = Vec::new();
+    let mut conditions = vec![
+        (format!("{} = ?", quoted(PK)), Some(s(pk))),
+        (format!("{} = ?", quoted(SK)), Some(s(sk))),
+    ];
+    for (name, amount) in &usage.amounts {
+        let a = quoted(&usage_attr(name));
+        set.push((format!("{a} = {a} + ?"), n(*amount)));
+        conditions.push((format!("{a} IS NOT MISSING"), None));
+    }
+    render(table, set, Vec::new(), conditions)
+}
+
+fn render(
+    table: &str,
+    set: Vec<(String, AttributeValue)>,
+    remove: Vec<String>,
+    conditions: Vec<(String, Option<AttributeValue>)>,
+) -> (String, Vec<AttributeValue>) {
     let mut text = format!("UPDATE {}", quoted(table));
     let mut parameters = Vec::new();
     for (clause, value) in set {
