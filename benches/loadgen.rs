@@ -105,6 +105,10 @@ struct Args {
     /// another run reached, e.g. the health check at the cold path's rate.
     #[arg(long)]
     rate: Option<f64>,
+    /// DynamoDB: the namespace (default: one of this run's own). A run on the namespace of an
+    /// earlier one finds its items, e.g. usage snapshots that exist already, as in a steady state.
+    #[arg(long)]
+    namespace: Option<String>,
     /// The daemon's runtime threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     daemon_threads: usize,
@@ -177,6 +181,9 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The DynamoDB namespace the daemons serve (`--namespace`).
+static NAMESPACE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn start(
     binary: Option<&std::path::Path>,
     endpoint: Option<&str>,
@@ -191,8 +198,8 @@ fn start(
     config += limiter_config;
     if let Some(endpoint) = endpoint {
         config += &format!(
-            "backend = \"dynamodb\"\nnamespaces = [\"bench{}\"]\n[dynamodb]\ntable = \"zae-limiter-bench\"\nendpoint_url = \"{endpoint}\"\n",
-            std::process::id()
+            "backend = \"dynamodb\"\nnamespaces = [\"{}\"]\n[dynamodb]\ntable = \"zae-limiter-bench\"\nendpoint_url = \"{endpoint}\"\n",
+            NAMESPACE.get().expect("set in main")
         );
     }
     config += extra_config;
@@ -281,6 +288,13 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
 
 fn main() {
     let args = Args::parse();
+    NAMESPACE
+        .set(
+            args.namespace
+                .clone()
+                .unwrap_or_else(|| format!("bench{}", std::process::id())),
+        )
+        .expect("set once");
     let runtime = match args.client_threads {
         1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
