@@ -1343,16 +1343,23 @@ async fn write_together(store: &Arc<DynamoStore>) {
     writes_submitted_together_are_decided_each_on_its_own(store.clone(), ns).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_dynamodb_store_sends_writes_of_the_same_moment_in_batches() {
-    let store = batching_store(None).await;
-    write_together(&store).await;
+/// What the store's batch writer did so far, after checking that it sent batches and DynamoDB
+/// refused none of their statements.
+fn batched_and_none_refused(store: &DynamoStore) -> zae_limiter::store::dynamodb::BatchCounts {
     let counts = store.batched_writes();
     assert!(counts.batched >= 2, "{counts:?}");
     assert_eq!(
         counts.resent, 0,
         "batched writes DynamoDB refused: {counts:?}"
     );
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_dynamodb_store_sends_writes_of_the_same_moment_in_batches() {
+    let store = batching_store(None).await;
+    write_together(&store).await;
+    batched_and_none_refused(&store);
 }
 
 /// Usage additions of the same moment go out in batches too. In a batch, an addition only adds
@@ -1363,11 +1370,7 @@ async fn the_dynamodb_store_sends_writes_of_the_same_moment_in_batches() {
 async fn the_dynamodb_store_adds_usage_of_the_same_moment_in_batches() {
     let store = batching_store(None).await;
     usage_added_at_once_adds_up(store.clone(), common::unique_namespace()).await;
-    let counts = store.batched_writes();
-    assert_eq!(
-        counts.resent, 0,
-        "batched writes DynamoDB refused: {counts:?}"
-    );
+    let counts = batched_and_none_refused(&store);
     assert!(counts.created <= 40, "{counts:?}");
     assert!(counts.batched > counts.created, "{counts:?}");
 }
@@ -1421,12 +1424,7 @@ async fn two_additions_to_one_snapshot_at_once_both_count() {
             .unwrap();
         assert_eq!(found, [record(entity, total)], "entity {entity}");
     }
-    let counts = store.batched_writes();
-    assert!(counts.batched >= 2, "{counts:?}");
-    assert_eq!(
-        counts.resent, 0,
-        "batched writes DynamoDB refused: {counts:?}"
-    );
+    batched_and_none_refused(&store);
 }
 
 /// A daemon whose IAM policy does not allow PartiQL (`dynamodb:PartiQLUpdate`) still writes: a
