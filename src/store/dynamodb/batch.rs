@@ -170,13 +170,12 @@ impl Batcher {
         if matches!(write, Write::Create(_)) {
             return None;
         }
-        let (reply, answer) = oneshot::channel();
-        self.queue(Job::Change {
+        self.submit(|reply| Job::Change {
             key: key.clone(),
             write: write.clone(),
             reply,
-        })?;
-        Some(answer.await.unwrap_or_else(|_| Err(stopped())))
+        })
+        .await
     }
 
     /// Queues an addition to a usage snapshot; `None` when it is to be sent on its own: nothing
@@ -189,20 +188,25 @@ impl Batcher {
         if usage.amounts.is_empty() {
             return None;
         }
-        let (reply, answer) = oneshot::channel();
-        self.queue(Job::Usage {
+        self.submit(|reply| Job::Usage {
             ns: ns.clone(),
             usage: usage.clone(),
             reply,
-        })?;
-        Some(answer.await.unwrap_or_else(|_| Err(stopped())))
+        })
+        .await
     }
 
-    fn queue(&self, job: Job) -> Option<()> {
+    /// Queues the job made with its reply channel and waits for the answer.
+    async fn submit<T>(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Job,
+    ) -> Option<Result<T, StoreError>> {
         if self.counts.off.load(Ordering::Relaxed) {
             return None;
         }
-        self.queue.send(job).ok()
+        let (reply, answer) = oneshot::channel();
+        self.queue.send(job(reply)).ok()?;
+        Some(answer.await.unwrap_or_else(|_| Err(stopped())))
     }
 }
 
