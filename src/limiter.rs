@@ -43,6 +43,7 @@ use crate::store::Store;
 use group::{AcquireJob, Msg};
 use lookup::Lookups;
 use registry::Registry;
+use usage::Flush;
 
 /// The limiter handle; cheap to clone.
 #[derive(Clone)]
@@ -345,15 +346,33 @@ impl Limiter {
     /// Adds the consumption recorded so far to the stored usage snapshots now (a background task
     /// does it every `usage_flush_ms`).
     pub async fn flush_usage(&self) {
-        flush_usage(&self.deps).await;
+        self.deps
+            .usage
+            .flush(&*self.deps.store, Flush::Periodic)
+            .await;
     }
 
-    /// Stops every actor after it has written what it holds (lease settlements, compensations,
-    /// usage), then waits for every store call still running; `timeout` bounds it all.
+    /// Stops every actor after it has written what it holds (lease settlements, compensations),
+    /// adds the usage they recorded to the snapshots (after a flush in progress, retrying what
+    /// fails), then waits for every store call still running; `timeout` bounds it all.
     pub async fn shutdown(&self, timeout: Duration) {
         let until = Instant::now() + timeout;
         self.registry.stop_all(until).await;
-        let _ = tokio::time::timeout_at(until, flush_usage(&self.deps)).await;
+        let usage = &self.deps.usage;
+        let last_flush = async {
+            let mut wait = Duration::from_millis(50);
+            while usage.flush(&*self.deps.store, Flush::Last).await > 0 {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+        };
+        if tokio::time::timeout_at(until, last_flush).await.is_err() {
+            tracing::error!(
+                "{} usage snapshot addition(s) not written before the drain timeout: that \
+                 consumption is missing from the usage snapshots (the buckets have it)",
+                usage.len()
+            );
+        }
         self.deps.tasks.close();
         let _ = tokio::time::timeout_at(until, self.deps.tasks.wait()).await;
     }
@@ -428,7 +447,7 @@ async fn usage_flusher(deps: Weak<Deps>) {
         let Some(deps) = deps.upgrade().filter(|d| !d.tasks.is_closed()) else {
             return;
         };
-        flush_usage(&deps).await;
+        deps.usage.flush(&*deps.store, Flush::Periodic).await;
     }
 }
 
@@ -445,29 +464,6 @@ async fn interval(ms: i64) -> tokio::time::Interval {
 /// The longest time between two sweeps of unused records and look-ups (the shortest, and the
 /// shortest between two usage flushes, is 100 ms).
 const SWEEP_MS: i64 = 5_000;
-
-/// Usage snapshot additions in flight at once during a flush: two full batches of the DynamoDB
-/// store's batch writer.
-const USAGE_WRITES_AT_ONCE: usize = 50;
-
-/// Adds the pending usage to the store, one snapshot per call (so a failure puts back exactly
-/// what was not added), several calls at once.
-async fn flush_usage(deps: &Deps) {
-    use futures_util::StreamExt;
-    let pending = deps.usage.take();
-    let calls = pending
-        .into_iter()
-        .flat_map(|(ns, usage)| usage.into_iter().map(move |u| (ns.clone(), u)));
-    futures_util::stream::iter(calls)
-        .for_each_concurrent(USAGE_WRITES_AT_ONCE, |(ns, u)| async move {
-            if let Err(e) = deps.store.add_usage(&ns, std::slice::from_ref(&u)).await {
-                tracing::warn!("usage flush failed, kept for the next one: {e}");
-                deps.usage.restore(&ns, vec![u]);
-            }
-            deps.usage.written();
-        })
-        .await;
-}
 
 /// Runs a store look-up under the caller's deadline: running out of time is `Unavailable`.
 pub(crate) async fn within<T>(

@@ -473,6 +473,46 @@ async fn shutdown_writes_what_is_owed_and_flushes_usage(inner: Arc<dyn Store>, n
     );
 }
 
+/// The CI failure of usage lost at shutdown: a flush on the timer is still writing (or about to
+/// put back what failed) when the limiter shuts down. The last flush waits for it, so every
+/// acknowledged admission and commit is in the snapshots once `shutdown` returns. Before, the
+/// last flush ran beside it and returned at once, and the process exited with those additions
+/// still on their way (or put back after the last flush).
+async fn the_last_flush_comes_after_one_in_progress(inner: Arc<dyn Store>, ns: Namespace) {
+    for fails in [false, true] {
+        let f = fixture(inner.clone(), ns.clone(), |s| s.usage_flush_ms = 100);
+        let entity = if fails { "put-back" } else { "in-flight" };
+        let limits = [Limit::per_hour("tpm", 1_000).unwrap()];
+        assert!(admitted(
+            &f.acquire(entity, &limits, &[("tpm", 30)], false).await
+        ));
+        let lease = f.lease(entity, &limits, &[("tpm", 50)]).await;
+        f.limiter
+            .adjust(lease, amounts(&[("tpm", 7)]), within(5_000))
+            .await
+            .unwrap();
+        // Every addition from now on takes 1.5 s (and the first one fails, if `fails`): the
+        // timer's flush is on its way when the shutdown starts.
+        f.store.usage_delay_ms.store(1_500, Ordering::SeqCst);
+        f.store
+            .usage_failures
+            .store(u64::from(fails), Ordering::SeqCst);
+        f.limiter.commit(lease, within(5_000)).await.unwrap();
+        let until = Instant::now() + Duration::from_secs(30);
+        while f.store.usage_adds.load(Ordering::SeqCst) == 0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_ne!(f.store.usage_adds.load(Ordering::SeqCst), 0, "a flush runs");
+        f.limiter.shutdown(Duration::from_secs(20)).await;
+        assert_eq!(
+            f.hourly_usage(entity).await,
+            87 * MILLI,
+            "every acknowledged consumption is in the snapshots (the timer's addition {})",
+            if fails { "failed" } else { "was on its way" }
+        );
+    }
+}
+
 /// Finding 2: a caller told UNAVAILABLE (its deadline passed while the write was in flight) is
 /// not charged once the compensation settles; under `allow` it is admitted without a charge.
 async fn callers_told_not_admitted_are_not_charged(inner: Arc<dyn Store>, ns: Namespace) {
@@ -918,6 +958,7 @@ both_stores!(
     a_slow_usage_flush_does_not_hold_up_sweeps,
     calls_racing_an_idle_actor_are_answered,
     shutdown_writes_what_is_owed_and_flushes_usage,
+    the_last_flush_comes_after_one_in_progress,
     callers_told_not_admitted_are_not_charged,
     deadlines_near_the_store_latency_never_answer_internal,
     lease_amounts_stay_in_range,

@@ -3,22 +3,47 @@
 //! refunds, signed). One log for the whole limiter, written to by every actor and flushed on a
 //! timer with commutative additions, so several daemons' flushes add up and an actor can stop
 //! (its entity idle) without waiting for the next flush.
+//!
+//! One flush at a time: a flush holds the log's flush lock from the moment it takes the pending
+//! sums until each addition it took is written or put back. So the last flush at shutdown starts
+//! only after a flush on the timer has finished, and sees what that one put back; once the last
+//! flush has begun, flushes on the timer do nothing. (Before, the last flush could run beside a
+//! timer's flush and return while that one's additions were still on their way: the process then
+//! exited, and they were lost.)
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use futures_util::StreamExt;
+
 use crate::domain::amounts::Amounts;
 use crate::domain::ids::{EntityId, Namespace, ResourceId};
 use crate::domain::records::{Period, Usage};
+use crate::store::Store;
 
 type Key = (Namespace, EntityId, ResourceId, Period, i64);
+
+/// Usage snapshot additions in flight at once during a flush: two full batches of the DynamoDB
+/// store's batch writer.
+const WRITES_AT_ONCE: usize = 50;
+
+/// Which flush runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flush {
+    /// On the timer, or asked for: does nothing once the last flush has begun.
+    Periodic,
+    /// At shutdown: every flush after it is the last one too.
+    Last,
+}
 
 #[derive(Default)]
 pub(crate) struct UsageLog {
     pending: Mutex<HashMap<Key, Amounts>>,
     /// Snapshot additions taken by a flush and not finished yet.
     writing: AtomicUsize,
+    /// Held by the flush in progress; `true` once the last flush has begun.
+    flushing: tokio::sync::Mutex<bool>,
 }
 
 impl UsageLog {
@@ -58,8 +83,43 @@ impl UsageLog {
         self.publish(pending.len());
     }
 
+    /// Adds what is pending to the stored snapshots, one snapshot per call (so a failure puts
+    /// back exactly what was not added), several calls at once; after any flush in progress.
+    /// Returns how many additions failed and were put back.
+    pub async fn flush(&self, store: &dyn Store, which: Flush) -> usize {
+        let mut last = self.flushing.lock().await;
+        if *last && which == Flush::Periodic {
+            return 0;
+        }
+        *last |= which == Flush::Last;
+        let failed = AtomicUsize::new(0);
+        let calls = self
+            .take()
+            .into_iter()
+            .flat_map(|(ns, usage)| usage.into_iter().map(move |u| (ns.clone(), u)));
+        futures_util::stream::iter(calls)
+            .for_each_concurrent(WRITES_AT_ONCE, |(ns, u)| {
+                let failed = &failed;
+                async move {
+                    if let Err(e) = store.add_usage(&ns, std::slice::from_ref(&u)).await {
+                        tracing::warn!("usage flush failed, kept for the next one: {e}");
+                        self.restore(&ns, vec![u]);
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    self.written();
+                }
+            })
+            .await;
+        failed.into_inner()
+    }
+
+    /// Snapshot additions waiting or being written.
+    pub fn len(&self) -> usize {
+        self.pending().len() + self.writing.load(Ordering::Relaxed)
+    }
+
     /// Puts back what a failed flush took.
-    pub fn restore(&self, ns: &Namespace, usage: Vec<Usage>) {
+    fn restore(&self, ns: &Namespace, usage: Vec<Usage>) {
         let mut pending = self.pending();
         for u in usage {
             let Ok(amounts) = Amounts::new(u.amounts) else {
@@ -75,7 +135,7 @@ impl UsageLog {
 
     /// Everything pending, by namespace; the log is empty afterwards. Each snapshot taken is
     /// counted as being written until [`UsageLog::written`] is called for it.
-    pub fn take(&self) -> HashMap<Namespace, Vec<Usage>> {
+    fn take(&self) -> HashMap<Namespace, Vec<Usage>> {
         // Taken whole, so the map's memory goes too (a drained map keeps its capacity).
         let drained = std::mem::take(&mut *self.pending());
         let mut out: HashMap<Namespace, Vec<Usage>> = HashMap::new();
@@ -98,7 +158,7 @@ impl UsageLog {
     }
 
     /// One snapshot taken by [`UsageLog::take`] is written (or put back with `restore`).
-    pub fn written(&self) {
+    fn written(&self) {
         self.writing.fetch_sub(1, Ordering::Relaxed);
         self.publish(self.pending().len());
     }

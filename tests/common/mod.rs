@@ -82,6 +82,9 @@ pub struct Counting {
     pub usage_delay_ms: AtomicU64,
     /// Usage snapshot additions started.
     pub usage_adds: AtomicU64,
+    /// How many of the next usage snapshot additions fail (transiently, after the usage delay,
+    /// adding nothing).
+    pub usage_failures: AtomicU64,
     /// Milliseconds each look-up (entity, stored limits, namespace registry) waits.
     pub lookup_delay_ms: AtomicU64,
     /// Another daemon that writes the bucket just before each bucket write of this store.
@@ -135,6 +138,7 @@ impl Counting {
             failures: AtomicU64::new(0),
             usage_delay_ms: AtomicU64::new(0),
             usage_adds: AtomicU64::new(0),
+            usage_failures: AtomicU64::new(0),
             rival: std::sync::Mutex::new(None),
             lookup_delay_ms: AtomicU64::new(0),
         }
@@ -309,6 +313,13 @@ mod counting {
             self.usage_adds.fetch_add(1, Ordering::SeqCst);
             let delay = self.usage_delay_ms.load(Ordering::SeqCst);
             tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+            let failing = self
+                .usage_failures
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if failing {
+                return Err(StoreError::Transient("injected usage failure".into()));
+            }
             self.inner.add_usage(ns, usage).await
         }
         async fn usage(
