@@ -22,21 +22,27 @@ use crate::limiter::{AcquireRequest, Decision, LeaseId, Limiter, LimiterError};
 use crate::live::Live;
 use crate::proto;
 
-/// The one mapping from errors to gRPC status codes.
+/// The one mapping from errors to gRPC status codes. `UNAVAILABLE` means "retry later": an
+/// outage, overload, shutdown, an actor restarting, a close not confirmed yet. A permanent store
+/// failure (missing table, refused credentials, corrupt item) is `FAILED_PRECONDITION`: retrying
+/// will not help until an operator acts.
 pub fn status(e: LimiterError) -> Status {
     let message = e.to_string();
+    let outage = e.is_outage();
     match e {
         LimiterError::InvalidArgument { .. } => Status::invalid_argument(message),
         LimiterError::OutOfRange { .. } => Status::out_of_range(message),
         LimiterError::LeaseNotFound(_) | LimiterError::NotFound(_) => Status::not_found(message),
         LimiterError::AlreadyExists(_) => Status::already_exists(message),
-        LimiterError::Unavailable(_) => Status::unavailable(message),
-        LimiterError::DeadlineExceeded => Status::deadline_exceeded(message),
         LimiterError::PermissionDenied(_) => Status::permission_denied(message),
         LimiterError::FailedPrecondition(_) => Status::failed_precondition(message),
-        // A permanent store failure (missing table, refused credentials, corrupt item): retrying
-        // will not help until an operator acts, so it is not UNAVAILABLE.
-        LimiterError::Store(_) => Status::failed_precondition(message),
+        LimiterError::Store(_) if !outage => Status::failed_precondition(message),
+        LimiterError::Store(_)
+        | LimiterError::Deadline
+        | LimiterError::Overloaded { .. }
+        | LimiterError::ShuttingDown
+        | LimiterError::ActorUnavailable(_)
+        | LimiterError::CloseUnconfirmed { .. } => Status::unavailable(message),
     }
 }
 

@@ -127,7 +127,8 @@ impl Limiter {
     ///
     /// # Errors
     /// [`LimiterError::InvalidArgument`] for a malformed or unknown namespace;
-    /// [`LimiterError::Unavailable`] when the registry cannot be read by `deadline`.
+    /// [`LimiterError::Store`] or [`LimiterError::Deadline`] when the registry cannot be read by
+    /// `deadline`.
     pub async fn namespace(
         &self,
         requested: &str,
@@ -151,8 +152,9 @@ impl Limiter {
     ///
     /// # Errors
     /// [`LimiterError::InvalidArgument`] for a request naming limits it does not have or negative
-    /// amounts; [`LimiterError::Unavailable`] when the store cannot answer in time under the
-    /// `block` policy.
+    /// amounts; an outage ([`LimiterError::is_outage`]) when the store cannot answer in time
+    /// under the `block` policy; [`LimiterError::Overloaded`], [`LimiterError::ShuttingDown`] or
+    /// [`LimiterError::ActorUnavailable`] under either policy.
     pub async fn acquire(
         &self,
         req: AcquireRequest,
@@ -161,22 +163,20 @@ impl Limiter {
         let started = std::time::Instant::now();
         let lease = req.lease;
         let result = match self.route_acquire(req, deadline).await {
-            Err(LimiterError::Unavailable(why)) => self.fail(why, lease),
-            Err(LimiterError::DeadlineExceeded) => {
-                self.fail("no answer within the deadline".into(), lease)
-            }
+            Err(e) if e.is_outage() => self.fail(e, lease),
             other => other,
         };
         m::decision_time(started.elapsed().as_secs_f64());
         result
     }
 
-    /// The one failure-policy path: what a decision the store could not make in time answers.
-    fn fail(&self, why: String, lease: bool) -> Result<Decision, LimiterError> {
+    /// The one failure-policy path: what a decision the store could not make in time answers
+    /// (`outage` is one, see [`LimiterError::is_outage`]).
+    fn fail(&self, outage: LimiterError, lease: bool) -> Result<Decision, LimiterError> {
         match self.failure_policy() {
             FailurePolicy::Block => {
                 m::decision(outcome::FAILED_CLOSED);
-                Err(LimiterError::Unavailable(why))
+                Err(outage)
             }
             FailurePolicy::Allow => {
                 m::decision(outcome::FAILED_OPEN);
@@ -256,8 +256,10 @@ impl Limiter {
         delta: Amounts,
         deadline: Instant,
     ) -> Result<(), LimiterError> {
-        self.lease_call(lease, deadline, |id, reply| Msg::Adjust(id, delta, reply))
-            .await
+        self.lease_call(lease, deadline, false, |id, reply| {
+            Msg::Adjust(id, delta, reply)
+        })
+        .await
     }
 
     /// Closes a lease, writing its net adjustment (nothing when there is none). The answer comes
@@ -266,10 +268,13 @@ impl Limiter {
     ///
     /// # Errors
     /// As [`Limiter::adjust`], [`LimiterError::FailedPrecondition`] for a lease already rolled
-    /// back, and [`LimiterError::Unavailable`] when the write is not confirmed by `deadline`.
+    /// back, and [`LimiterError::CloseUnconfirmed`] when the write is not confirmed by
+    /// `deadline`.
     pub async fn commit(&self, lease: LeaseId, deadline: Instant) -> Result<(), LimiterError> {
-        self.lease_call(lease, deadline, |id, reply| Msg::Close(id, false, reply))
-            .await
+        self.lease_call(lease, deadline, true, |id, reply| {
+            Msg::Close(id, false, reply)
+        })
+        .await
     }
 
     /// Closes a lease, giving back everything it acquired. See [`Limiter::commit`].
@@ -277,8 +282,10 @@ impl Limiter {
     /// # Errors
     /// As [`Limiter::commit`].
     pub async fn rollback(&self, lease: LeaseId, deadline: Instant) -> Result<(), LimiterError> {
-        self.lease_call(lease, deadline, |id, reply| Msg::Close(id, true, reply))
-            .await
+        self.lease_call(lease, deadline, true, |id, reply| {
+            Msg::Close(id, true, reply)
+        })
+        .await
     }
 
     /// How every limit of a bucket stands for a request of `amounts`, without consuming.
@@ -381,6 +388,7 @@ impl Limiter {
         &self,
         lease: LeaseId,
         deadline: Instant,
+        closing: bool,
         msg: impl FnOnce(u64, group::Reply<()>) -> Msg,
     ) -> Result<(), LimiterError> {
         let (id, secret) = match lease {
@@ -400,10 +408,12 @@ impl Limiter {
             Err(LimiterError::LeaseNotFound(_)) => {
                 Err(LimiterError::LeaseNotFound(lease.to_string()))
             }
-            Err(LimiterError::DeadlineExceeded) => Err(LimiterError::Unavailable(format!(
-                "lease {lease}: the store has not confirmed the write yet; it is retried until \
-                 the lease would expire (repeat the call to learn the outcome)"
-            ))),
+            Err(LimiterError::Deadline) if closing => Err(LimiterError::CloseUnconfirmed {
+                lease: lease.to_string(),
+                state: "the store has not confirmed the write yet; it is retried until the \
+                        lease would expire (repeat the call to learn the outcome)"
+                    .into(),
+            }),
             Err(e) => Err(e),
         }
     }
@@ -465,16 +475,15 @@ async fn interval(ms: i64) -> tokio::time::Interval {
 /// shortest between two usage flushes, is 100 ms).
 const SWEEP_MS: i64 = 5_000;
 
-/// Runs a store look-up under the caller's deadline: running out of time is `Unavailable`.
+/// Runs a store look-up under the caller's deadline: running out of time is
+/// [`LimiterError::Deadline`].
 pub(crate) async fn within<T>(
     deadline: Instant,
     work: impl Future<Output = Result<T, LimiterError>>,
 ) -> Result<T, LimiterError> {
     match tokio::time::timeout_at(deadline, work).await {
         Ok(result) => result,
-        Err(_) => Err(LimiterError::Unavailable(
-            "no answer within the deadline".into(),
-        )),
+        Err(_) => Err(LimiterError::Deadline),
     }
 }
 

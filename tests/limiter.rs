@@ -460,7 +460,10 @@ async fn shutdown_writes_what_is_owed_and_flushes_usage(inner: Arc<dyn Store>, n
     // The rollback's write is slow: its caller gives up first, the write still lands.
     f.store.write_delay_ms.store(300, Ordering::SeqCst);
     let err = f.limiter.rollback(lease, within(50)).await.unwrap_err();
-    assert!(matches!(err, LimiterError::Unavailable(_)), "{err:?}");
+    assert!(
+        matches!(err, LimiterError::CloseUnconfirmed { .. }),
+        "{err:?}"
+    );
     f.limiter.shutdown(Duration::from_secs(10)).await;
     assert_eq!(
         f.stored("e", "tpm").await,
@@ -533,10 +536,7 @@ async fn callers_told_not_admitted_are_not_charged(inner: Arc<dyn Store>, ns: Na
             .await;
         match policy {
             FailurePolicy::Block => {
-                assert!(
-                    matches!(answer, Err(LimiterError::Unavailable(_))),
-                    "{answer:?}"
-                )
+                assert!(matches!(answer, Err(LimiterError::Deadline)), "{answer:?}")
             }
             FailurePolicy::Allow => assert!(
                 matches!(answer, Ok(Decision::Admitted { lease: None, ref statuses }) if statuses.is_empty()),
@@ -548,6 +548,51 @@ async fn callers_told_not_admitted_are_not_charged(inner: Arc<dyn Store>, ns: Na
         assert_eq!(
             f.stored(&entity, "tpm").await,
             (999 * MILLI, i128::from(MILLI))
+        );
+    }
+}
+
+/// Overload is not an outage: acquires shed because their entity already has `max_queue` of
+/// them waiting are refused under either policy, never admitted by `allow`. (Before, with
+/// `max_queue = 2`, a store answering 0.4 s late and 60 acquires at once on a capacity of 5,
+/// `allow` admitted all 60, unrecorded.)
+async fn shed_acquires_are_never_admitted_by_the_policy(inner: Arc<dyn Store>, ns: Namespace) {
+    for policy in [FailurePolicy::Block, FailurePolicy::Allow] {
+        let f = Arc::new(fixture(inner.clone(), ns.clone(), |s| {
+            s.failure_policy = policy;
+            s.max_queue = 2;
+        }));
+        let entity = format!("shed-{policy:?}");
+        let limits = [Limit::per_hour("rpm", 5).unwrap()];
+        // The first write holds the queue for a second: the calls after it find it full.
+        f.store.write_delay_ms.store(1_000, Ordering::SeqCst);
+        let calls: Vec<_> = (0..60)
+            .map(|_| {
+                let f = f.clone();
+                let req = f.request(&entity, &limits, &[("rpm", 1)], false);
+                tokio::spawn(async move { f.limiter.acquire(req, within(30_000)).await })
+            })
+            .collect();
+        let (mut admitted, mut shed) = (0, 0);
+        for call in calls {
+            match call.await.unwrap() {
+                Ok(Decision::Admitted { .. }) => admitted += 1,
+                Ok(Decision::Rejected { .. }) => {}
+                Err(LimiterError::Overloaded { max_queue: 2 }) => shed += 1,
+                other => panic!("{policy:?}: unexpected {other:?}"),
+            }
+        }
+        assert!(
+            admitted <= 5,
+            "{policy:?}: {admitted} admitted on a capacity of 5"
+        );
+        assert!(shed > 0, "{policy:?}: some acquires were shed");
+        f.store.write_delay_ms.store(0, Ordering::SeqCst);
+        f.limiter.shutdown(Duration::from_secs(10)).await;
+        assert_eq!(
+            f.stored(&entity, "rpm").await.1,
+            i128::from(admitted * MILLI),
+            "{policy:?}: every admission is stored"
         );
     }
 }
@@ -577,7 +622,8 @@ async fn deadlines_near_the_store_latency_never_answer_internal(
     for t in tasks {
         match t.await.unwrap() {
             Ok(Decision::Admitted { .. }) => acknowledged += 1,
-            Ok(Decision::Rejected { .. }) | Err(LimiterError::Unavailable(_)) => {}
+            Ok(Decision::Rejected { .. }) => {}
+            Err(e) if e.is_outage() => {}
             other => panic!("unexpected answer {other:?}"),
         }
     }
@@ -916,10 +962,7 @@ async fn a_shared_look_up_outlives_the_caller_that_started_it(
     tokio::time::sleep(Duration::from_millis(10)).await;
     let second = call(f.clone(), 5_000);
     let first = first.await.unwrap();
-    assert!(
-        matches!(first, Err(LimiterError::Unavailable(_))),
-        "{first:?}"
-    );
+    assert!(matches!(first, Err(LimiterError::Deadline)), "{first:?}");
     let second = second.await.unwrap();
     assert!(admitted(&second), "{second:?}");
 }
@@ -960,6 +1003,7 @@ both_stores!(
     shutdown_writes_what_is_owed_and_flushes_usage,
     the_last_flush_comes_after_one_in_progress,
     callers_told_not_admitted_are_not_charged,
+    shed_acquires_are_never_admitted_by_the_policy,
     deadlines_near_the_store_latency_never_answer_internal,
     lease_amounts_stay_in_range,
     debt_has_a_floor,

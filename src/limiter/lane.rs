@@ -459,7 +459,7 @@ impl Lane {
         self.queue = keep.into();
         for job in late {
             self.release(&job);
-            let _ = job.reply.send(Err(LimiterError::DeadlineExceeded));
+            let _ = job.reply.send(Err(LimiterError::Deadline));
         }
     }
 

@@ -259,11 +259,12 @@ impl Leases {
                 Phase::Closing { waiters, .. } => {
                     metrics::gauge!(m::LEASES_OPEN).decrement(1.0);
                     for w in waiters {
-                        let _ = w.send(Err(LimiterError::Unavailable(
-                            "the store did not confirm the close before the lease expired; \
-                             what it acquired stays consumed"
+                        let _ = w.send(Err(LimiterError::CloseUnconfirmed {
+                            lease: format!("{id:x}"),
+                            state: "the store did not confirm the close before the lease \
+                                    expired; what it acquired stays consumed"
                                 .into(),
-                        )));
+                        }));
                     }
                 }
                 Phase::Closed { .. } => {}

@@ -201,8 +201,9 @@ impl Registry {
     /// of the two sides owns the outcome.
     ///
     /// # Errors
-    /// [`LimiterError::Unavailable`] when shed or when the actor stopped without answering;
-    /// [`LimiterError::DeadlineExceeded`] when no answer came in time.
+    /// [`LimiterError::Overloaded`] when shed, [`LimiterError::ActorUnavailable`] when the actor
+    /// cannot be reached or stopped without answering, [`LimiterError::ShuttingDown`], and
+    /// [`LimiterError::Deadline`] when no answer came in time.
     pub async fn call<T: Send + 'static>(
         &self,
         group: &GroupKey,
@@ -230,9 +231,7 @@ impl Registry {
                 if held >= max {
                     handle.tickets.fetch_sub(1, Ordering::Relaxed);
                     m::decision(outcome::SHED);
-                    return Err(LimiterError::Unavailable(format!(
-                        "overloaded: {max} acquires already wait for this entity"
-                    )));
+                    return Err(LimiterError::Overloaded { max_queue: max });
                 }
                 if let Msg::Acquire(job) = &mut msg {
                     job.ticket = Some(Ticket(handle.tickets.clone()));
@@ -250,13 +249,17 @@ impl Registry {
                     }
                     msg = back;
                 }
-                Err(e) => return Err(LimiterError::Unavailable(format!("actor unreachable: {e}"))),
+                Err(e) => {
+                    return Err(LimiterError::ActorUnavailable(format!(
+                        "is unreachable ({e})"
+                    )));
+                }
             }
             // The actor was stopping (idle): route to a fresh one.
             self.unpublish(group, handle.actor.get_id());
         }
-        Err(LimiterError::Unavailable(
-            "could not reach the entity's actor".into(),
+        Err(LimiterError::ActorUnavailable(
+            "kept stopping while this call was sent to it".into(),
         ))
     }
 
@@ -301,7 +304,7 @@ impl Registry {
             .me
             .get()
             .and_then(std::sync::Weak::upgrade)
-            .ok_or_else(|| LimiterError::Unavailable("the limiter is shutting down".into()))?;
+            .ok_or(LimiterError::ShuttingDown)?;
         let spawn = |parked: Option<Parked>| {
             let args = Args {
                 deps: self.deps.clone(),
@@ -315,9 +318,7 @@ impl Registry {
                     tickets: Arc::new(AtomicUsize::new(0)),
                     calls: Arc::new(AtomicUsize::new(0)),
                 })
-                .map_err(|e| {
-                    LimiterError::Unavailable(format!("cannot start an entity actor: {e}"))
-                })
+                .map_err(|e| LimiterError::ActorUnavailable(format!("cannot start ({e})")))
         };
         match self.actors.entry(group.clone()) {
             Entry::Occupied(mut slot) => {
@@ -358,14 +359,14 @@ async fn wait<T>(
 ) -> Result<T, LimiterError> {
     match tokio::time::timeout_at(deadline, &mut *rx).await {
         Ok(Ok(answer)) => answer,
-        Ok(Err(_)) => Err(LimiterError::Unavailable(
-            "the entity's actor stopped before answering".into(),
+        Ok(Err(_)) => Err(LimiterError::ActorUnavailable(
+            "stopped before answering".into(),
         )),
         Err(_) => {
             rx.close();
             match rx.try_recv() {
                 Ok(answer) => answer,
-                Err(_) => Err(LimiterError::DeadlineExceeded),
+                Err(_) => Err(LimiterError::Deadline),
             }
         }
     }

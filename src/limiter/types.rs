@@ -73,7 +73,12 @@ impl Default for LimiterSettings {
 }
 
 /// Why a limiter call failed. Over-limit is not an error: it is [`Decision::Rejected`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+///
+/// Only an outage ([`LimiterError::is_outage`]: the store failing transiently, or no answer
+/// within the deadline) is answered by the failure policy; under `allow` it is admitted.
+/// Overload, shutdown and an actor that cannot be reached are this daemon's own state: they are
+/// never admitted, and their messages do not blame the store.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LimiterError {
     #[error("{field}: {message}")]
     InvalidArgument { field: String, message: String },
@@ -86,19 +91,35 @@ pub enum LimiterError {
     NotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
-    /// The store failed or did not answer in time, and the policy is `block`: retry later.
-    #[error("rate-limit store unavailable: {0}")]
-    Unavailable(String),
-    #[error("deadline exceeded before the decision was made")]
-    DeadlineExceeded,
     #[error("{0}")]
     PermissionDenied(String),
     #[error("{0}")]
     FailedPrecondition(String),
-    /// The store refused in a way retrying will not fix (missing table, refused credentials,
-    /// corrupt item): an operator must act.
-    #[error("rate-limit store refused: {0}")]
-    Store(String),
+    /// The store failed: transiently (retry later), or in a way retrying will not fix (missing
+    /// table, refused credentials, corrupt item: an operator must act). See
+    /// [`StoreError::is_transient`].
+    #[error("{}", store_message(.0))]
+    Store(StoreError),
+    /// No answer within the caller's deadline (a slow store, or a long queue before it).
+    #[error("no answer within the deadline")]
+    Deadline,
+    /// The entity already has `max_queue` acquires waiting: this one was shed, nothing decided.
+    #[error(
+        "overloaded: {max_queue} acquires already wait for this entity; retry later (the \
+         limit is limiter.max_queue)"
+    )]
+    Overloaded { max_queue: usize },
+    /// The daemon is shutting down: it takes no new work.
+    #[error("the daemon is shutting down")]
+    ShuttingDown,
+    /// The entity's actor could not be started or stopped before answering; a retry goes to a
+    /// new one.
+    #[error("the entity's actor {0}; retry")]
+    ActorUnavailable(String),
+    /// A lease's close was sent to the store and not confirmed in time; the message says what
+    /// happens to it.
+    #[error("lease {lease}: {state}")]
+    CloseUnconfirmed { lease: String, state: String },
 }
 
 impl LimiterError {
@@ -115,6 +136,29 @@ impl LimiterError {
             message: message.to_string(),
         }
     }
+
+    /// Whether the store could not decide in time (a transient failure, a conflict that
+    /// escaped, or no answer within the deadline): what the failure policy answers.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            Self::Store(e) => e.is_transient() || matches!(e, StoreError::Conflict { .. }),
+            Self::Deadline => true,
+            _ => false,
+        }
+    }
+}
+
+/// A store failure as callers read it: one category, then the store's words.
+fn store_message(e: &StoreError) -> String {
+    match e {
+        StoreError::Transient(why) => format!("rate-limit store unavailable: {why}"),
+        StoreError::Conflict { .. } => format!("rate-limit store unavailable: {e}"),
+        StoreError::Backend(why) => format!("rate-limit store refused: {why}"),
+        StoreError::Corrupt(_) => format!("rate-limit store refused: {e}"),
+        StoreError::AlreadyExists(_) | StoreError::NotFound(_) | StoreError::Refused(_) => {
+            e.to_string()
+        }
+    }
 }
 
 impl From<StoreError> for LimiterError {
@@ -125,11 +169,9 @@ impl From<StoreError> for LimiterError {
             }
             StoreError::NotFound(what) => Self::NotFound(format!("{what} does not exist")),
             StoreError::Refused(why) => Self::FailedPrecondition(why),
-            StoreError::Transient(_) => Self::Unavailable(e.to_string()),
-            StoreError::Backend(_) | StoreError::Corrupt(_) => Self::Store(e.to_string()),
             // Conflicts are re-planned where they happen; one that escapes is another writer's
-            // progress, worth a retry.
-            StoreError::Conflict { .. } => Self::Unavailable(e.to_string()),
+            // progress, worth a retry (it counts as transient).
+            e => Self::Store(e),
         }
     }
 }
@@ -270,4 +312,34 @@ pub(crate) struct ParkedBucket {
     /// `None`: the store had no such bucket.
     pub bucket: Option<crate::domain::bucket::Bucket>,
     pub at_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_one_category_and_blame_the_store_only_for_its_own_failures() {
+        let transient = LimiterError::from(StoreError::Transient("DynamoDB did not answer".into()));
+        assert_eq!(
+            transient.to_string(),
+            "rate-limit store unavailable: DynamoDB did not answer"
+        );
+        assert!(transient.is_outage());
+        let refused = LimiterError::from(StoreError::Backend("table \"t\" does not exist".into()));
+        assert_eq!(
+            refused.to_string(),
+            "rate-limit store refused: table \"t\" does not exist"
+        );
+        assert!(!refused.is_outage(), "a permanent refusal is not an outage");
+        assert!(LimiterError::Deadline.is_outage());
+        for own in [
+            LimiterError::Overloaded { max_queue: 2 },
+            LimiterError::ShuttingDown,
+            LimiterError::ActorUnavailable("cannot start (no runtime)".into()),
+        ] {
+            assert!(!own.is_outage(), "{own}: the policy never admits it");
+            assert!(!own.to_string().contains("store"), "{own}");
+        }
+    }
 }
