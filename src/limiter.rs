@@ -214,16 +214,30 @@ impl Limiter {
             Ok((limits, parent, root))
         })
         .await?;
-        if let Some((name, _)) = req
+        let parent_limits = parent.as_ref().map(|p| &p.limits[..]);
+        if let Err(unknown) = req
             .amounts
-            .iter()
-            .find(|(n, _)| !limits.iter().any(|l| l.name() == *n))
+            .known_to(&[&limits, parent_limits.unwrap_or_default()])
         {
+            let of_parent = match &parent {
+                Some(p) => format!(
+                    " (cascade parent {:?}: {})",
+                    p.entity.as_str(),
+                    names(&p.limits)
+                ),
+                None => String::new(),
+            };
             return Err(LimiterError::invalid(
                 "consume",
-                format!("unknown limit \"{name}\"; configured: {}", names(&limits)),
+                format!(
+                    "unknown limit \"{}\"; configured: {}{of_parent}",
+                    unknown.0,
+                    names(&limits)
+                ),
             ));
         }
+        let own = req.amounts.share(&limits);
+        let parent_share = parent_limits.map_or_else(Default::default, |l| req.amounts.share(l));
         let group = (key.namespace.clone(), root);
         let job = |reply| {
             Msg::Acquire(AcquireJob {
@@ -231,7 +245,9 @@ impl Limiter {
                 resource: key.resource.clone(),
                 limits,
                 amounts: req.amounts,
+                own,
                 parent,
+                parent_share,
                 deadline,
                 lease: req.lease.then_some(req.owner),
                 reply,

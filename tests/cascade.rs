@@ -190,6 +190,67 @@ async fn concurrent_children_never_over_admit_the_parent(daemon: Daemon) {
     );
 }
 
+/// A limit name is known when the entity or its cascade parent has that limit (the Python
+/// zae-limiter's rule): a key that holds `rpm`, under a project that holds `tpm`, consumes
+/// `{"rpm": 1, "tpm": 500}`, each from the bucket that has it; its lease adjusts `tpm` too. A
+/// name that neither has is refused, naming the field. (Before, the `tpm` the parent holds was
+/// refused with `INVALID_ARGUMENT`.)
+async fn a_name_the_parent_holds_is_known_to_the_child(daemon: Daemon) {
+    let client = daemon.client().await;
+    entity(&client, "project", None, false, 100).await;
+    let mut admin = client.admin();
+    admin
+        .set_limits(proto::SetLimitsRequest {
+            namespace: String::new(),
+            scope: Some(proto::LimitScope {
+                entity_id: Some("project".into()),
+                resource: None,
+            }),
+            limits: vec![proto::Limit::from(&Limit::per_hour("tpm", 10_000).unwrap())],
+        })
+        .await
+        .unwrap();
+    entity(&client, "key", Some("project"), true, 100).await;
+    let mut lease = client
+        .acquire(
+            Acquire::new("key", "gpt-4")
+                .consume("rpm", 1)
+                .consume("tpm", 500),
+        )
+        .await
+        .expect("rpm is the key's, tpm its parent's");
+    lease.adjust([("tpm", 250)]).await.unwrap();
+    lease.commit().await.unwrap();
+    let key = client.available("key", "gpt-4", &[]).await.unwrap();
+    assert_eq!(key.get("rpm"), Some(&99));
+    assert_eq!(key.get("tpm"), None, "the key holds no tpm");
+    let project = client.available("project", "gpt-4", &[]).await.unwrap();
+    assert_eq!(project.get("tpm"), Some(&(10_000 - 750)));
+    let lease = client
+        .acquire(Acquire::new("key", "gpt-4").consume("tpm", 100))
+        .await
+        .unwrap();
+    lease.rollback().await.unwrap();
+    let project = client.available("project", "gpt-4", &[]).await.unwrap();
+    assert_eq!(
+        project.get("tpm"),
+        Some(&(10_000 - 750)),
+        "a rollback gives the parent its share back"
+    );
+    let unknown = client
+        .consume(Acquire::new("key", "gpt-4").consume("xyz", 1))
+        .await
+        .unwrap_err();
+    match unknown {
+        ClientError::Status(s) => {
+            assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+            assert!(s.message().starts_with("consume: "), "{}", s.message());
+            assert!(s.message().contains("\"xyz\""), "{}", s.message());
+        }
+        other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+    }
+}
+
 macro_rules! both_stores {
     ($($test:ident),* $(,)?) => {
         mod memory {
@@ -216,4 +277,5 @@ both_stores!(
     charges_both_or_neither,
     rollback_refunds_child_and_parent,
     concurrent_children_never_over_admit_the_parent,
+    a_name_the_parent_holds_is_known_to_the_child,
 );

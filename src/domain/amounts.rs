@@ -6,7 +6,7 @@
 //! stored balance and total readable by every daemon: a write that would pass them is refused
 //! before it is sent.
 
-use super::limit::{LimitName, MAX_TOKENS, MILLI};
+use super::limit::{Limit, LimitName, MAX_TOKENS, MILLI};
 
 /// The most one request, adjustment or lease may consume of one limit: the largest capacity.
 pub const MAX_AMOUNT: i64 = MAX_TOKENS as i64 * MILLI;
@@ -21,6 +21,11 @@ pub const MIN_BALANCE: i64 = -4 * MAX_AMOUNT;
 pub struct Overflow {
     pub name: LimitName,
 }
+
+/// A request that names a limit none of the buckets it charges has.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown limit {0:?}: the request consumes from a limit that is not configured")]
+pub struct UnknownLimit(pub String);
 
 /// Milli-tokens per limit name, in name order, each name once.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
@@ -98,6 +103,29 @@ impl Amounts {
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Self)
+    }
+
+    /// Checks that every name is a limit of one of `sets`: the limit sets of the buckets a
+    /// request charges (an entity's and, when it cascades, its parent's). The one check of a
+    /// request's names: the Python zae-limiter's rule, a name is known when the entity or its
+    /// cascade parent has that limit.
+    ///
+    /// # Errors
+    /// [`UnknownLimit`] naming the first name no set has.
+    pub fn known_to(&self, sets: &[&[Limit]]) -> Result<(), UnknownLimit> {
+        match self
+            .0
+            .iter()
+            .find(|(name, _)| !sets.iter().any(|s| s.iter().any(|l| l.name() == name)))
+        {
+            Some((name, _)) => Err(UnknownLimit(name.to_string())),
+            None => Ok(()),
+        }
+    }
+
+    /// The share of one bucket: the amounts of the limits it has (`limits`).
+    pub fn share(&self, limits: &[Limit]) -> Self {
+        self.only(|n| limits.iter().any(|l| l.name() == n))
     }
 
     /// Only the amounts whose name `keep` accepts.

@@ -127,10 +127,7 @@ impl Rejection {
     }
 }
 
-/// A request that names a limit the bucket does not have.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown limit {0:?}: the request consumes from a limit that is not configured")]
-pub struct UnknownLimit(pub String);
+pub use super::amounts::UnknownLimit;
 
 /// A conditional change to one stored bucket, planned from a state that was seen.
 #[derive(Debug, Clone, PartialEq, Eq)]

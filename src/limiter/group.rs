@@ -40,9 +40,15 @@ pub(crate) struct AcquireJob {
     pub entity: EntityId,
     pub resource: ResourceId,
     pub limits: Vec<Limit>,
+    /// What the caller asked, by limit name: each name is a limit of the entity, of its cascade
+    /// parent, or of both.
     pub amounts: Amounts,
+    /// The share of the entity's own bucket: the amounts of its limits.
+    pub own: Amounts,
     /// Set for a cascading child: charge this parent too, in the same atomic write.
     pub parent: Option<ParentSpec>,
+    /// The share of the parent's bucket: the amounts of the parent's limits (empty without one).
+    pub parent_share: Amounts,
     pub deadline: tokio::time::Instant,
     /// Whether the caller wants a lease, and who may use it (else the acquire is committed at
     /// once).
@@ -52,18 +58,6 @@ pub(crate) struct AcquireJob {
     pub ticket: Option<Ticket>,
     /// How many writes carrying this job lost a race to another writer.
     pub races: u8,
-}
-
-impl AcquireJob {
-    /// What the job charges its cascade parent: its amounts on the limits the parent has.
-    pub fn parent_share(&self) -> Amounts {
-        match &self.parent {
-            Some(p) => self
-                .amounts
-                .only(|n| p.limits.iter().any(|l| l.name() == n)),
-            None => Amounts::default(),
-        }
-    }
 }
 
 pub(crate) struct PeekJob {

@@ -123,9 +123,9 @@ fn refund(
 fn compensation(job: &AcquireJob, ctx: &Ctx<'_>) -> Option<Settle> {
     refund(
         &job.entity,
-        &job.amounts,
+        &job.own,
         job.parent.as_ref(),
-        &job.parent_share(),
+        &job.parent_share,
         ctx,
     )
 }
@@ -296,10 +296,9 @@ impl Lane {
             }));
             return;
         }
-        reserve(&mut self.item(&job.entity).reserved, &job.amounts, 1);
+        reserve(&mut self.item(&job.entity).reserved, &job.own, 1);
         if let Some(p) = &job.parent {
-            let share = job.parent_share();
-            reserve(&mut self.item(&p.entity).reserved, &share, 1);
+            reserve(&mut self.item(&p.entity).reserved, &job.parent_share, 1);
         }
         self.queue.push_back(job);
     }
@@ -319,7 +318,7 @@ impl Lane {
         ctx: &Ctx<'_>,
     ) -> Option<(crate::domain::bucket::Rejection, Option<EntityId>)> {
         // More than a limit's capacity never fits, whatever is stored.
-        if let Ok(Plan::Reject(r)) = plan(None, &job.limits, &job.amounts, ctx.now)
+        if let Ok(Plan::Reject(r)) = plan(None, &job.limits, &job.own, ctx.now)
             && r.retry_after_ms().is_none()
         {
             return Some((r, None));
@@ -335,18 +334,17 @@ impl Lane {
                 _ => None,
             }
         };
-        if let Some(r) = check(&job.entity, &job.limits, &job.amounts) {
+        if let Some(r) = check(&job.entity, &job.limits, &job.own) {
             return Some((r, None));
         }
         let p = job.parent.as_ref()?;
-        check(&p.entity, &p.limits, &job.parent_share()).map(|r| (r, Some(p.entity.clone())))
+        check(&p.entity, &p.limits, &job.parent_share).map(|r| (r, Some(p.entity.clone())))
     }
 
     fn release(&mut self, job: &AcquireJob) {
-        reserve(&mut self.item(&job.entity).reserved, &job.amounts, -1);
+        reserve(&mut self.item(&job.entity).reserved, &job.own, -1);
         if let Some(p) = &job.parent {
-            let share = job.parent_share();
-            reserve(&mut self.item(&p.entity).reserved, &share, -1);
+            reserve(&mut self.item(&p.entity).reserved, &job.parent_share, -1);
         }
     }
 
@@ -498,7 +496,6 @@ impl Lane {
                     entities.len() - 1
                 }
             };
-        let shares: Vec<Amounts> = jobs.iter().map(AcquireJob::parent_share).collect();
         let mut slots = Vec::with_capacity(jobs.len());
         for job in &jobs {
             let own = index(&mut entities, &job.entity);
@@ -518,17 +515,16 @@ impl Lane {
         let requests: Vec<Request<'_>> = jobs
             .iter()
             .zip(&slots)
-            .zip(&shares)
-            .map(|((job, (own, parent)), share)| Request {
+            .map(|(job, (own, parent))| Request {
                 own: Ask {
                     item: *own,
                     limits: &job.limits,
-                    amounts: &job.amounts,
+                    amounts: &job.own,
                 },
                 parent: job.parent.as_ref().zip(*parent).map(|(p, item)| Ask {
                     item,
                     limits: &p.limits,
-                    amounts: share,
+                    amounts: &job.parent_share,
                 }),
             })
             .collect();
@@ -622,17 +618,18 @@ impl Lane {
         let mut used = Used::default();
         for (job, statuses) in admitted {
             self.release(&job);
-            let share = job.parent_share();
             let AcquireJob {
                 entity,
                 limits,
                 amounts,
+                own,
                 parent,
+                parent_share: share,
                 lease,
                 reply,
                 ..
             } = job;
-            used.add(&entity, &amounts);
+            used.add(&entity, &own);
             if let Some(p) = &parent {
                 used.add(&p.entity, &share);
             }
@@ -665,7 +662,7 @@ impl Lane {
             }
             metrics::counter!(m::COMPENSATIONS).increment(1);
             self.settles
-                .extend(refund(&entity, &amounts, parent.as_ref(), &share, ctx));
+                .extend(refund(&entity, &own, parent.as_ref(), &share, ctx));
         }
         used.record(ctx);
     }

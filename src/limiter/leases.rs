@@ -81,14 +81,12 @@ impl Lease {
         }
     }
 
-    /// The settlement of `amounts` on the lease's bucket and, for a cascade, the parent's share.
+    /// The settlement of `amounts` on the lease's bucket and, for a cascade, the parent's: each
+    /// its share.
     fn settlement(&self, amounts: &Amounts) -> Settlement {
-        let mut parts = vec![(self.entity.clone(), amounts.nonzero())];
+        let mut parts = vec![(self.entity.clone(), amounts.share(&self.limits).nonzero())];
         if let Some(p) = &self.parent {
-            let share = amounts
-                .only(|n| p.limits.iter().any(|l| l.name() == n))
-                .nonzero();
-            parts.push((p.entity.clone(), share));
+            parts.push((p.entity.clone(), amounts.share(&p.limits).nonzero()));
         }
         parts.retain(|(_, a)| !a.is_empty());
         Settlement {
@@ -123,13 +121,11 @@ impl Leases {
         if !matches!(lease.phase, Phase::Open) {
             return Err(not_found(id));
         }
-        if let Some((name, _)) = delta
-            .iter()
-            .find(|(n, _)| !lease.limits.iter().any(|l| l.name() == *n))
-        {
+        let parent = lease.parent.as_ref().map(|p| &p.limits[..]);
+        if let Err(unknown) = delta.known_to(&[&lease.limits, parent.unwrap_or_default()]) {
             return Err(LimiterError::invalid(
                 "delta",
-                format!("the lease has no limit \"{name}\""),
+                format!("the lease has no limit \"{}\"", unknown.0),
             ));
         }
         let mut next = lease.delta.clone();
