@@ -38,10 +38,10 @@ fn bench(c: &mut Criterion) {
     c.bench_function("plan/reject_with_retry_after", |b| {
         b.iter(|| plan(Some(black_box(&empty)), &limits, &amounts, T0))
     });
-    let Ok(Plan::Admit {
+    let Plan::Admit {
         write: Write::Change(change),
         ..
-    }) = plan(Some(&bucket), &limits, &amounts, T0 + 1_234)
+    } = plan(Some(&bucket), &limits, &amounts, T0 + 1_234)
     else {
         unreachable!("a full bucket admits")
     };

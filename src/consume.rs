@@ -5,7 +5,8 @@
 //! [`crate::domain::batch::decide_batch`] and writes them itself). It reads once when it has seen
 //! nothing.
 
-use crate::domain::bucket::{Bucket, Plan, Rejection, UnknownLimit, Write, plan};
+use crate::domain::amounts::{UnknownLimit, check_names};
+use crate::domain::bucket::{Bucket, Plan, Rejection, Write, plan};
 use crate::domain::ids::BucketKey;
 use crate::domain::limit::{Limit, LimitName};
 use crate::store::{Store, StoreError};
@@ -62,13 +63,14 @@ pub async fn consume(
     now: i64,
     seen: Seen,
 ) -> Result<Outcome, ConsumeError> {
+    check_names(amounts, &[limits])?;
     let mut seen = match seen {
         Seen::Unread => store.load_bucket(key).await?,
         Seen::Absent => None,
         Seen::Bucket(bucket) => Some(bucket),
     };
     for _ in 0..MAX_ATTEMPTS {
-        let write = match plan(seen.as_ref(), limits, amounts, now)? {
+        let write = match plan(seen.as_ref(), limits, amounts, now) {
             Plan::Reject(rejection) => {
                 return Ok(Outcome::Rejected {
                     rejection,

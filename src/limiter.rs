@@ -6,7 +6,9 @@
 //! - [`lookup`]: stored-limit resolution, entities and the namespace registry, with bounded caches;
 //! - [`registry`]: one actor per consistency group, spawned on demand, stopped when idle, with a
 //!   bounded mailbox;
-//! - [`group`] (with [`lane`], [`leases`] and [`usage`]): the actor itself.
+//! - [`messages`]: what the handle, the registry and the actors say to each other;
+//! - [`group`] (with [`lane`] and [`leases`]): the actor itself;
+//! - [`usage`]: consumption waiting for the usage snapshots, and its flush.
 //!
 //! Every call has one deadline, and every store call it makes (look-ups and writes) answers
 //! within it: a store that cannot is answered by the one failure-policy path,
@@ -18,6 +20,7 @@ mod group;
 mod lane;
 mod leases;
 mod lookup;
+mod messages;
 mod registry;
 mod types;
 mod usage;
@@ -34,14 +37,14 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
 use crate::clock::Clock;
-use crate::domain::amounts::{Amounts, MAX_AMOUNT};
+use crate::domain::amounts::{Amounts, MAX_AMOUNT, check_names};
 use crate::domain::bucket::LimitStatus;
 use crate::domain::ids::{BucketKey, Namespace};
 use crate::domain::limit::Limit;
 use crate::metrics::{self as m, outcome};
 use crate::store::Store;
-use group::{AcquireJob, Msg};
 use lookup::Lookups;
+use messages::{AcquireJob, Close, LeaseOp, PeekJob, reply};
 use registry::Registry;
 use usage::Flush;
 
@@ -215,9 +218,8 @@ impl Limiter {
         })
         .await?;
         let parent_limits = parent.as_ref().map(|p| &p.limits[..]);
-        if let Err(unknown) = req
-            .amounts
-            .known_to(&[&limits, parent_limits.unwrap_or_default()])
+        if let Err(unknown) =
+            check_names(&req.amounts, &[&limits, parent_limits.unwrap_or_default()])
         {
             let of_parent = match &parent {
                 Some(p) => format!(
@@ -239,23 +241,22 @@ impl Limiter {
         let own = req.amounts.share(&limits);
         let parent_share = parent_limits.map_or_else(Default::default, |l| req.amounts.share(l));
         let group = (key.namespace.clone(), root);
-        let job = |reply| {
-            Msg::Acquire(AcquireJob {
-                entity: key.entity.clone(),
-                resource: key.resource.clone(),
-                limits,
-                amounts: req.amounts,
-                own,
-                parent,
-                parent_share,
-                deadline,
-                lease: req.lease.then_some(req.owner),
-                reply,
-                ticket: None,
-                races: 0,
-            })
+        let (reply, answer) = reply();
+        let job = AcquireJob {
+            entity: key.entity,
+            resource: key.resource,
+            limits,
+            amounts: req.amounts,
+            own,
+            parent,
+            parent_share,
+            deadline,
+            lease: req.lease.then_some(req.owner),
+            reply,
+            ticket: None,
+            races: 0,
         };
-        self.registry.call(&group, deadline, true, job).await
+        self.registry.acquire(&group, job, answer).await
     }
 
     /// Records extra consumption (negative: less) on an open lease; written at commit. The
@@ -272,10 +273,7 @@ impl Limiter {
         delta: Amounts,
         deadline: Instant,
     ) -> Result<(), LimiterError> {
-        self.lease_call(lease, deadline, false, |id, reply| {
-            Msg::Adjust(id, delta, reply)
-        })
-        .await
+        self.lease_op(lease, LeaseOp::Adjust(delta), deadline).await
     }
 
     /// Closes a lease, writing its net adjustment (nothing when there is none). The answer comes
@@ -287,10 +285,8 @@ impl Limiter {
     /// back, and [`LimiterError::CloseUnconfirmed`] when the write is not confirmed by
     /// `deadline`.
     pub async fn commit(&self, lease: LeaseId, deadline: Instant) -> Result<(), LimiterError> {
-        self.lease_call(lease, deadline, true, |id, reply| {
-            Msg::Close(id, false, reply)
-        })
-        .await
+        self.lease_op(lease, LeaseOp::Close(Close::Commit), deadline)
+            .await
     }
 
     /// Closes a lease, giving back everything it acquired. See [`Limiter::commit`].
@@ -298,10 +294,8 @@ impl Limiter {
     /// # Errors
     /// As [`Limiter::commit`].
     pub async fn rollback(&self, lease: LeaseId, deadline: Instant) -> Result<(), LimiterError> {
-        self.lease_call(lease, deadline, true, |id, reply| {
-            Msg::Close(id, true, reply)
-        })
-        .await
+        self.lease_op(lease, LeaseOp::Close(Close::Rollback), deadline)
+            .await
     }
 
     /// How every limit of a bucket stands for a request of `amounts`, without consuming.
@@ -327,12 +321,19 @@ impl Limiter {
             ))
         })
         .await?;
+        if let Err(unknown) = check_names(&amounts, &[&limits]) {
+            return Err(LimiterError::invalid("consume", unknown));
+        }
         let group = (key.namespace.clone(), root);
-        self.registry
-            .call(&group, deadline, false, |reply| {
-                Msg::Peek(key.entity, key.resource, limits, amounts, reply)
-            })
-            .await
+        let (reply, answer) = reply();
+        let job = PeekJob {
+            entity: key.entity,
+            resource: key.resource,
+            limits,
+            amounts,
+            reply,
+        };
+        self.registry.peek(&group, job, answer, deadline).await
     }
 
     /// Forgets cached stored limits, entities and registered namespaces (after a change made
@@ -344,7 +345,7 @@ impl Limiter {
     /// Sends every actor a tick now (lease expiry, idle eviction): tests drive time with a
     /// manual clock and call this instead of waiting for the timers.
     pub fn tick(&self) {
-        self.registry.broadcast(|| Msg::Tick);
+        self.registry.tick();
     }
 
     /// The number of consistency groups with a live actor.
@@ -400,12 +401,11 @@ impl Limiter {
         let _ = tokio::time::timeout_at(until, self.deps.tasks.wait()).await;
     }
 
-    async fn lease_call(
+    async fn lease_op(
         &self,
         lease: LeaseId,
+        op: LeaseOp,
         deadline: Instant,
-        closing: bool,
-        msg: impl FnOnce(u64, group::Reply<()>) -> Msg,
     ) -> Result<(), LimiterError> {
         let (id, secret) = match lease {
             LeaseId::Unbacked(_) => return Ok(()),
@@ -415,11 +415,8 @@ impl Limiter {
             .registry
             .lease_route(id, secret)
             .ok_or_else(|| LimiterError::LeaseNotFound(lease.to_string()))?;
-        match self
-            .registry
-            .call(&group, deadline, false, |reply| msg(id, reply))
-            .await
-        {
+        let closing = matches!(op, LeaseOp::Close(_));
+        match self.registry.lease(&group, id, op, deadline).await {
             Ok(()) => Ok(()),
             Err(LimiterError::LeaseNotFound(_)) => {
                 Err(LimiterError::LeaseNotFound(lease.to_string()))

@@ -183,7 +183,7 @@ async fn eight_tasks_never_over_admit(store: Arc<dyn Store>, ns: Namespace) {
 async fn racing_creators_charge_once(store: Arc<dyn Store>, ns: Namespace) {
     let limits = vec![Limit::per_minute("rpm", 100).unwrap()];
     let k = key(&ns, "new", "model");
-    let plan_create = |n| match plan(None, &limits, &tokens(&[("rpm", n)]), T0).unwrap() {
+    let plan_create = |n| match plan(None, &limits, &tokens(&[("rpm", n)]), T0) {
         Plan::Admit {
             write: w @ Write::Create(_),
             ..
@@ -458,9 +458,7 @@ async fn commit_is_all_or_nothing(store: Arc<dyn Store>, ns: Namespace) {
         &limits,
         &tokens(&[("rpm", n)]),
         T0,
-    )
-    .unwrap()
-    {
+    ) {
         Plan::Admit { write, .. } => write,
         Plan::Reject(r) => panic!("unexpected rejection {r:?}"),
     };
@@ -1119,9 +1117,7 @@ async fn a_deferred_refill_commutes_but_not_with_a_refund_past_capacity(
         &limits,
         &tokens(&[("rps", take)]),
         T0 + 1_000,
-    )
-    .unwrap()
-    {
+    ) {
         Plan::Admit {
             write: Write::Change(c),
             ..
@@ -1172,11 +1168,11 @@ async fn writes_submitted_together_are_decided_each_on_its_own(
         let limits = if i % 3 == 2 { &after } else { &before };
         // 52 of 50 stored: the write needs the refill, so it is guarded by the refill time.
         let Plan::Admit { mut write, .. } =
-            plan(Some(&stale), limits, &tokens(&[("rps", 52)]), T0 + 1_000).unwrap()
+            plan(Some(&stale), limits, &tokens(&[("rps", 52)]), T0 + 1_000)
         else {
             panic!("expected an admission")
         };
-        write.stamp(stale.mark, 1_000 + i);
+        write.mark(stale.mark, 1_000 + i);
         writes.push((k, write));
     }
     let answers = futures_util::future::join_all(
@@ -1195,7 +1191,7 @@ async fn writes_submitted_together_are_decided_each_on_its_own(
             };
             assert_eq!(*current, stored, "write {i}: the item as it is now");
             assert_eq!(stored_balance(&stored, "rps"), 3 * MILLI, "write {i}");
-            assert_ne!(stored.mark, write.seq(), "write {i}");
+            assert_ne!(stored.mark, write.marks(), "write {i}");
             continue;
         }
         match answer {
@@ -1203,7 +1199,7 @@ async fn writes_submitted_together_are_decided_each_on_its_own(
             Ok(None) => {}
             Err(e) => panic!("write {i}: expected it to apply, got {e}"),
         }
-        assert_eq!(stored.mark, write.seq(), "write {i}");
+        assert_eq!(stored.mark, write.marks(), "write {i}");
         assert_eq!(stored.refilled_at, T0 + 1_000, "write {i}");
         assert_eq!(
             stored_balance(&stored, "rps"),

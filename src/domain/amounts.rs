@@ -27,6 +27,23 @@ pub struct Overflow {
 #[error("unknown limit {0:?}: the request consumes from a limit that is not configured")]
 pub struct UnknownLimit(pub String);
 
+/// Checks that every name of `amounts` is a limit of one of `sets`: the limit sets of the
+/// buckets a request charges (an entity's and, when it cascades, its parent's). The one check of
+/// a request's names, made where the request comes in: the Python zae-limiter's rule, a name is
+/// known when the entity or its cascade parent has that limit.
+///
+/// # Errors
+/// [`UnknownLimit`] naming the first name no set has.
+pub fn check_names(amounts: &[(LimitName, i64)], sets: &[&[Limit]]) -> Result<(), UnknownLimit> {
+    match amounts
+        .iter()
+        .find(|(name, _)| !sets.iter().any(|s| s.iter().any(|l| l.name() == name)))
+    {
+        Some((name, _)) => Err(UnknownLimit(name.to_string())),
+        None => Ok(()),
+    }
+}
+
 /// Milli-tokens per limit name, in name order, each name once.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Amounts(Vec<(LimitName, i64)>);
@@ -103,24 +120,6 @@ impl Amounts {
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Self)
-    }
-
-    /// Checks that every name is a limit of one of `sets`: the limit sets of the buckets a
-    /// request charges (an entity's and, when it cascades, its parent's). The one check of a
-    /// request's names: the Python zae-limiter's rule, a name is known when the entity or its
-    /// cascade parent has that limit.
-    ///
-    /// # Errors
-    /// [`UnknownLimit`] naming the first name no set has.
-    pub fn known_to(&self, sets: &[&[Limit]]) -> Result<(), UnknownLimit> {
-        match self
-            .0
-            .iter()
-            .find(|(name, _)| !sets.iter().any(|s| s.iter().any(|l| l.name() == name)))
-        {
-            Some((name, _)) => Err(UnknownLimit(name.to_string())),
-            None => Ok(()),
-        }
     }
 
     /// The share of one bucket: the amounts of the limits it has (`limits`).

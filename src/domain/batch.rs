@@ -10,9 +10,13 @@
 //! A bucket is planned under one limit set per batch: the first acquire that reaches it fixes
 //! it, and an acquire asking another set for it ends the batch (it and everything after it wait
 //! for the next round, so the order is kept).
+//!
+//! [`refusal`] is the same check of one request on the spot (the daemon's refusal at zero store
+//! cost, on what its cache knows): one function checks a request, own bucket first, then the
+//! parent's, for both.
 
 use super::amounts::Amounts;
-use super::bucket::{Admission, Bucket, LimitStatus, Plan, Rejection, UnknownLimit, Write};
+use super::bucket::{Admission, Bucket, LimitStatus, Plan, Rejection, Write};
 use super::bucket::{admit, plan};
 use super::limit::Limit;
 
@@ -41,8 +45,6 @@ pub enum Verdict {
         rejection: Rejection,
         by_parent: bool,
     },
-    /// It names a limit its limit set does not have.
-    Invalid(UnknownLimit),
     /// Not decided in this batch (another limit set for a bucket came first).
     Deferred,
 }
@@ -72,27 +74,69 @@ impl BatchPlan {
 }
 
 /// One ask against the state the admitted ones before it left: how its limits stood and the
-/// state after it, or the verdict that refuses it. `stored`: against the stored balances, with no
-/// refill since the stored refill time.
+/// state after it, or the rejection. `stored`: against the stored balances, with no refill since
+/// the stored refill time.
 fn check(
     running: &[Option<Bucket>],
     ask: Ask<'_>,
-    by_parent: bool,
     now: i64,
     stored: bool,
-) -> Result<(Vec<LimitStatus>, Bucket), Verdict> {
+) -> Result<(Vec<LimitStatus>, Bucket), Rejection> {
     let state = running[ask.item].as_ref();
     let at = match state {
         Some(b) if stored => b.refilled_at.min(now),
         _ => now,
     };
     match admit(state, ask.limits, ask.amounts, at) {
-        Err(e) => Err(Verdict::Invalid(e)),
-        Ok(Admission::Rejected(rejection)) => Err(Verdict::Rejected {
+        Admission::Rejected(rejection) => Err(rejection),
+        Admission::Admitted { statuses, after } => Ok((statuses, after)),
+    }
+}
+
+/// What a request admitted against `running` leaves: its own bucket's statuses, its own bucket
+/// after it and its parent's (when it cascades).
+type Admitted = (Vec<LimitStatus>, Bucket, Option<Bucket>);
+
+/// One request against `running`: its own bucket first, then its parent's (only when its own
+/// admits). The one order of a request's checks.
+fn check_request(
+    running: &[Option<Bucket>],
+    req: &Request<'_>,
+    now: i64,
+    stored: bool,
+) -> Result<Admitted, Verdict> {
+    let refused = |rejection, by_parent| Verdict::Rejected {
+        rejection,
+        by_parent,
+    };
+    let (statuses, own) = check(running, req.own, now, stored).map_err(|r| refused(r, false))?;
+    let parent = match req.parent {
+        Some(p) => Some(
+            check(running, p, now, stored)
+                .map_err(|r| refused(r, true))?
+                .1,
+        ),
+        None => None,
+    };
+    Ok((statuses, own, parent))
+}
+
+/// Whether `req` is refused on the spot, on `states`: each of its buckets as it stands at `now`
+/// less what queued requests hold of it, or `None` when it is not stored or not known well
+/// enough to refuse on (a full bucket then: only a request that can never fit is refused).
+/// Returns the rejection, and whether the parent's limits refused. The checks and their order are
+/// [`decide_batch`]'s.
+pub fn refusal(
+    states: &[Option<Bucket>],
+    req: &Request<'_>,
+    now: i64,
+) -> Option<(Rejection, bool)> {
+    match check_request(states, req, now, false) {
+        Err(Verdict::Rejected {
             rejection,
             by_parent,
-        }),
-        Ok(Admission::Admitted { statuses, after }) => Ok((statuses, after)),
+        }) => Some((rejection, by_parent)),
+        _ => None,
     }
 }
 
@@ -140,23 +184,15 @@ fn decide(
             verdicts.push(Verdict::Deferred);
             continue;
         }
-        let own = match check(&running, req.own, false, now, stored) {
-            Ok(own) => own,
+        let (statuses, own, parent) = match check_request(&running, req, now, stored) {
+            Ok(admitted) => admitted,
             Err(verdict) => {
                 verdicts.push(verdict);
                 continue;
             }
         };
-        let parent = match req.parent.map(|p| check(&running, p, true, now, stored)) {
-            None => None,
-            Some(Ok((_, after))) => req.parent.map(|p| (p, after)),
-            Some(Err(verdict)) => {
-                verdicts.push(verdict);
-                continue;
-            }
-        };
-        let (statuses, after) = own;
-        for (ask, after) in std::iter::once((req.own, after)).chain(parent) {
+        let parent = req.parent.zip(parent);
+        for (ask, after) in std::iter::once((req.own, own)).chain(parent) {
             running[ask.item] = Some(after);
             sets[ask.item] = Some(ask.limits);
             totals[ask.item]
@@ -171,7 +207,7 @@ fn decide(
         .filter_map(|(item, set)| {
             let set = (*set)?;
             match plan(confirmed[item].as_ref(), set, &totals[item], now) {
-                Ok(Plan::Admit { write, expected }) => {
+                Plan::Admit { write, expected } => {
                     let noop = matches!(&write, Write::Change(c) if c.is_noop());
                     (!noop).then_some(ItemWrite {
                         item,
@@ -181,7 +217,7 @@ fn decide(
                 }
                 // Each admitted acquire fitted the state the previous ones left, so their sum
                 // fits the confirmed state: `plan` checks exactly what `admit` checked, at once.
-                Ok(Plan::Reject(_)) | Err(_) => {
+                Plan::Reject(_) => {
                     unreachable!("the sum of acquires admitted one by one is admitted at once")
                 }
             }

@@ -13,6 +13,16 @@
 //! [`plan`] turns a request into a [`Write`] that states the conditions under which it is still
 //! right; [`Bucket::apply`] is the reference semantics of those conditions (the memory store uses
 //! it, the DynamoDB store translates it into condition expressions).
+//!
+//! Every name a request's amounts give is a limit of the limit set it is planned under: the
+//! daemon checks a request's names once, where it comes in ([`super::amounts::check_names`]),
+//! and gives each bucket its share. So [`admit`] and [`plan`] do not check them again (a name
+//! outside the set would be charged nothing; debug builds panic on it).
+//!
+//! Each write carries this process's **mark** ([`Mark`]): it requires the stored mark of this
+//! process's writer to be what the write was planned from and moves it to a number no other write
+//! of the process uses. Only this process moves its own mark, so after a write whose answer was
+//! lost the stored mark tells whether it landed.
 
 use super::amounts::MIN_BALANCE;
 use super::limit::{Limit, LimitName, encode};
@@ -84,7 +94,7 @@ pub struct Bucket {
     /// When the balances were last refilled (ms since the epoch). Never moves backwards.
     pub refilled_at: i64,
     pub limits: Vec<LimitState>,
-    /// The mark of the last write this process's store made to the item (see [`Fence`]); `None`
+    /// The mark of the last write this process's store made to the item (see [`Mark`]); `None`
     /// when it never wrote it. Each store reads its own writer's mark only.
     pub mark: Option<u64>,
 }
@@ -127,8 +137,6 @@ impl Rejection {
     }
 }
 
-pub use super::amounts::UnknownLimit;
-
 /// A conditional change to one stored bucket, planned from a state that was seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Write {
@@ -138,14 +146,14 @@ pub enum Write {
     Change(Change),
 }
 
-/// Makes a write recognisable: it requires the stored mark of this process's writer to be `seen`
-/// and sets it to `seq` (unique per write). Only this process moves its own mark, so after a
-/// write whose answer was lost, the stored mark tells whether it landed (`seq`) or not (`seen`,
-/// and then it never will: a later write has moved the mark on).
+/// A write's mark: it requires the stored mark of this process's writer to be `from` and moves it
+/// to `to` (unique per write). After a write whose answer was lost, the stored mark tells
+/// whether it landed (`to`) or not (`from`, and then it never will once a later write has moved
+/// the mark on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Fence {
-    pub seen: Option<u64>,
-    pub seq: u64,
+pub struct Mark {
+    pub from: Option<u64>,
+    pub to: u64,
 }
 
 /// A change to an existing bucket.
@@ -160,27 +168,25 @@ pub struct Change {
     pub seen_config: String,
     pub refill: Option<Refill>,
     pub limits: Vec<LimitChange>,
-    /// Set by the writer just before sending (see [`Write::stamp`]).
-    pub fence: Option<Fence>,
+    /// Set by the writer just before sending (see [`Write::mark`]).
+    pub mark: Option<Mark>,
 }
 
 impl Write {
-    /// Stamps the write with this process's mark: `seen` is the mark of the state it was planned
-    /// from, `seq` a number no other write of this process uses. Returns the mark the bucket
-    /// carries once the write has landed.
-    pub fn stamp(&mut self, seen: Option<u64>, seq: u64) -> Option<u64> {
+    /// Marks the write: `from` is the mark of the state it was planned from, `to` a number no
+    /// other write of this process uses (the bucket carries it once the write has landed).
+    pub fn mark(&mut self, from: Option<u64>, to: u64) {
         match self {
-            Self::Create(b) => b.mark = Some(seq),
-            Self::Change(c) => c.fence = Some(Fence { seen, seq }),
+            Self::Create(b) => b.mark = Some(to),
+            Self::Change(c) => c.mark = Some(Mark { from, to }),
         }
-        Some(seq)
     }
 
-    /// The mark the write sets, once stamped.
-    pub fn seq(&self) -> Option<u64> {
+    /// The mark the write moves the bucket to, once marked.
+    pub fn marks(&self) -> Option<u64> {
         match self {
             Self::Create(b) => b.mark,
-            Self::Change(c) => c.fence.map(|f| f.seq),
+            Self::Change(c) => c.mark.map(|m| m.to),
         }
     }
 }
@@ -188,21 +194,21 @@ impl Write {
 impl Change {
     /// A change that only moves the writer's mark (after a write whose outcome is unknown: once
     /// it lands, that write never can).
-    pub fn fence_only(seen: &Bucket, seq: u64) -> Self {
+    pub fn mark_only(seen: &Bucket, to: u64) -> Self {
         Self {
             seen_config: encode(&seen.limit_set()),
             refill: None,
             limits: Vec::new(),
-            fence: Some(Fence {
-                seen: seen.mark,
-                seq,
+            mark: Some(Mark {
+                from: seen.mark,
+                to,
             }),
         }
     }
 
     /// Whether applying the change would alter nothing (a plain change of zero amounts).
     pub fn is_noop(&self) -> bool {
-        self.fence.is_none()
+        self.mark.is_none()
             && self.refill.is_none()
             && self.limits.iter().all(|c| {
                 matches!(
@@ -275,29 +281,25 @@ pub enum Admission {
 
 /// Checks a request as [`plan`] does and computes the state after it, without building the
 /// write: the cheap step for deciding many queued requests one after another, each against the
-/// state the previous one left.
-///
-/// # Errors
-/// [`UnknownLimit`] when `amounts` names a limit that `limits` lacks.
+/// state the previous one left. Every name of `amounts` is a limit of `limits` (see the module
+/// documentation).
 pub fn admit(
     seen: Option<&Bucket>,
     limits: &[Limit],
     amounts: &[(LimitName, i64)],
     now: i64,
-) -> Result<Admission, UnknownLimit> {
-    if let Some((name, _)) = amounts
-        .iter()
-        .find(|(name, _)| !limits.iter().any(|l| l.name() == name))
-    {
-        return Err(UnknownLimit(name.to_string()));
-    }
+) -> Admission {
+    debug_assert!(
+        known(limits, amounts),
+        "names checked where the request came in"
+    );
     let amount_of = |name: &LimitName| amount_for(amounts, name);
     let mut after = match seen {
         None => Bucket::full(limits.to_vec(), now),
         Some(seen) => seen.at(now).reconfigured(limits),
     };
     if let Some(rejection) = after.check(&amount_of) {
-        return Ok(Admission::Rejected(rejection));
+        return Admission::Rejected(rejection);
     }
     let mut statuses = Vec::with_capacity(after.limits.len());
     for l in &mut after.limits {
@@ -311,31 +313,34 @@ pub fn admit(
         l.balance -= requested;
         l.consumed += i128::from(requested);
     }
-    Ok(Admission::Admitted { statuses, after })
+    Admission::Admitted { statuses, after }
+}
+
+/// Whether every name of `amounts` is a limit of `limits`.
+fn known(limits: &[Limit], amounts: &[(LimitName, i64)]) -> bool {
+    amounts
+        .iter()
+        .all(|(name, _)| limits.iter().any(|l| l.name() == name))
 }
 
 /// Plans a request for `amounts` (milli-tokens per limit name; limits not named are asked for 0,
 /// so a limit in debt refuses everything) against `seen` (`None`: no bucket is stored yet), under
-/// the limit set `limits` (canonical order, see [`super::limit::canonical`]).
-///
-/// # Errors
-/// [`UnknownLimit`] when `amounts` names a limit that `limits` lacks.
+/// the limit set `limits` (canonical order, see [`super::limit::canonical`]). Every name of
+/// `amounts` is a limit of `limits` (see the module documentation).
 pub fn plan(
     seen: Option<&Bucket>,
     limits: &[Limit],
     amounts: &[(LimitName, i64)],
     now: i64,
-) -> Result<Plan, UnknownLimit> {
-    if let Some((name, _)) = amounts
-        .iter()
-        .find(|(name, _)| !limits.iter().any(|l| l.name() == name))
-    {
-        return Err(UnknownLimit(name.to_string()));
-    }
+) -> Plan {
+    debug_assert!(
+        known(limits, amounts),
+        "names checked where the request came in"
+    );
     let amount_of = |name: &LimitName| amount_for(amounts, name);
     let Some(seen) = seen else {
         let fresh = Bucket::full(limits.to_vec(), now);
-        return Ok(match fresh.check(&amount_of) {
+        return match fresh.check(&amount_of) {
             Some(rejection) => Plan::Reject(rejection),
             None => {
                 let mut created = fresh;
@@ -349,11 +354,11 @@ pub fn plan(
                     expected: created,
                 }
             }
-        });
+        };
     };
     let target = seen.at(now).reconfigured(limits);
     if let Some(rejection) = target.check(&amount_of) {
-        return Ok(Plan::Reject(rejection));
+        return Plan::Reject(rejection);
     }
     let same_limits = seen.limits.len() == limits.len()
         && seen.limits.iter().zip(limits).all(|(s, l)| s.limit == *l);
@@ -423,15 +428,15 @@ pub fn plan(
             after.balance = before.balance - amount_of(before.limit.name());
         }
     }
-    Ok(Plan::Admit {
+    Plan::Admit {
         write: Write::Change(Change {
             seen_config: encode(&seen.limit_set()),
             refill,
             limits: changes,
-            fence: None,
+            mark: None,
         }),
         expected,
-    })
+    }
 }
 
 /// A settlement that would take a balance below [`MIN_BALANCE`].
@@ -502,7 +507,7 @@ pub fn plan_settle(
             seen_config,
             refill: None,
             limits: changes,
-            fence: None,
+            mark: None,
         });
         return Ok(Some((write, expected)));
     }
@@ -549,7 +554,7 @@ pub fn plan_settle(
             removed: Vec::new(),
         }),
         limits: changes,
-        fence: None,
+        mark: None,
     });
     Ok(Some((write, expected)))
 }
@@ -676,8 +681,8 @@ impl Bucket {
         {
             return Err(ConditionFailed);
         }
-        if let Some(fence) = change.fence
-            && fence.seen != self.mark
+        if let Some(mark) = change.mark
+            && mark.from != self.mark
         {
             return Err(ConditionFailed);
         }
@@ -746,8 +751,8 @@ impl Bucket {
         if let Some(refill) = &change.refill {
             self.refilled_at = refill.refilled_at;
         }
-        if let Some(fence) = change.fence {
-            self.mark = Some(fence.seq);
+        if let Some(mark) = change.mark {
+            self.mark = Some(mark.to);
         }
         Ok(())
     }
@@ -756,11 +761,11 @@ impl Bucket {
     /// limit, without the clamp or floor of [`plan_settle`]: for building states in tests.
     ///
     /// # Errors
-    /// [`UnknownLimit`] (and no change) when a name is not in the bucket.
+    /// The first name that is not in the bucket (and no change).
     #[cfg(test)]
-    pub fn adjust(&mut self, amounts: &[(LimitName, i64)]) -> Result<(), UnknownLimit> {
+    pub fn adjust(&mut self, amounts: &[(LimitName, i64)]) -> Result<(), LimitName> {
         if let Some((name, _)) = amounts.iter().find(|(n, _)| self.limit(n).is_none()) {
-            return Err(UnknownLimit(name.to_string()));
+            return Err(name.clone());
         }
         for (name, amount) in amounts {
             let state = self

@@ -1,97 +1,32 @@
 //! The actor of one consistency group: an entity and its cascading descendants (routed here by the
 //! root's id), sole owner of their cached buckets, queued acquires and open leases while it runs;
 //! idle, it leaves the buckets behind as a compact record and stops. One [`Lane`] per resource
-//! does the deciding; this module wires lanes to the store and to time.
+//! does the deciding; this module wires lanes to the store, to time, and to the lease table:
+//! it starts the store calls a lane asks for and applies the [`Event`]s it returns (answering
+//! admissions, opening and closing leases, recording usage).
 //!
 //! Store calls run in tracked tasks that report back as messages, so the actor never waits on
-//! I/O and keeps answering cached rejections while a write is in flight; shutdown waits for the
-//! tasks. Every time-based rule (staleness, lease expiry, idleness, commit spacing) reads the
+//! I/O and keeps answering cached rejections while a write is in flight; shutdown waits for
+//! the tasks. Every time-based rule (staleness, lease expiry, idleness, commit spacing) reads the
 //! limiter's [`crate::clock::Clock`]; timers only say when to look again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tokio::sync::oneshot;
 
-use super::lane::{Io, Lane, Settle};
-use super::leases::Leases;
-use super::types::{
-    Decision, Deps, GroupKey, LimiterError, Owner, Parked, ParkedBucket, Routes, Ticket,
+use super::lane::{Ctx, Event, Io, Lane, Settle, next_mark};
+use super::leases::{Lease, Leases};
+use super::messages::{
+    AcquireJob, GroupKey, LeaseOp, Msg, Parked, ParkedBucket, Resolution, Routes,
 };
-use crate::domain::amounts::Amounts;
-use crate::domain::bucket::{Bucket, Change, LimitStatus, Write};
+use super::types::{Decision, Deps, LeaseId};
+use crate::domain::bucket::{Change, LimitStatus, Write};
 use crate::domain::ids::{BucketKey, EntityId, ResourceId};
-use crate::domain::limit::Limit;
-use crate::metrics as m;
+use crate::metrics::{self as m, outcome};
 use crate::store::{KeyedWrite, StoreError};
-
-pub(crate) type Reply<T> = oneshot::Sender<Result<T, LimiterError>>;
-
-/// The parent a cascading entity's acquire also charges, with the parent's own limits.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct ParentSpec {
-    pub entity: EntityId,
-    pub limits: Vec<Limit>,
-}
-
-pub(crate) struct AcquireJob {
-    pub entity: EntityId,
-    pub resource: ResourceId,
-    pub limits: Vec<Limit>,
-    /// What the caller asked, by limit name: each name is a limit of the entity, of its cascade
-    /// parent, or of both.
-    pub amounts: Amounts,
-    /// The share of the entity's own bucket: the amounts of its limits.
-    pub own: Amounts,
-    /// Set for a cascading child: charge this parent too, in the same atomic write.
-    pub parent: Option<ParentSpec>,
-    /// The share of the parent's bucket: the amounts of the parent's limits (empty without one).
-    pub parent_share: Amounts,
-    pub deadline: tokio::time::Instant,
-    /// Whether the caller wants a lease, and who may use it (else the acquire is committed at
-    /// once).
-    pub lease: Option<Owner>,
-    pub reply: Reply<Decision>,
-    /// The job's place in its group's bound (see [`super::registry`]).
-    pub ticket: Option<Ticket>,
-    /// How many writes carrying this job lost a race to another writer.
-    pub races: u8,
-}
-
-pub(crate) struct PeekJob {
-    pub entity: EntityId,
-    pub limits: Vec<Limit>,
-    pub amounts: Amounts,
-    pub reply: Reply<Vec<LimitStatus>>,
-}
-
-pub(crate) enum Msg {
-    Acquire(AcquireJob),
-    Adjust(u64, Amounts, Reply<()>),
-    /// Commit (`false`) or roll back (`true`) a lease.
-    Close(u64, bool, Reply<()>),
-    Peek(
-        EntityId,
-        ResourceId,
-        Vec<Limit>,
-        Amounts,
-        Reply<Vec<LimitStatus>>,
-    ),
-    Loaded(
-        ResourceId,
-        Result<Vec<(EntityId, Option<Bucket>)>, StoreError>,
-    ),
-    Written(ResourceId, Result<Option<Bucket>, StoreError>),
-    /// Whether a write of unknown outcome landed, with the bucket as it is now.
-    Resolved(ResourceId, Result<(bool, Option<Bucket>), StoreError>),
-    /// A lane's wait (commit spacing, back-off) is over.
-    Wake(ResourceId),
-    Tick,
-    /// Settle what is owed, flush usage, then stop.
-    Shutdown,
-}
 
 pub(crate) struct GroupActor;
 
@@ -101,6 +36,17 @@ pub(crate) struct Args {
     pub group: GroupKey,
     /// What the group's previous actor cached, when it left a record.
     pub parked: Option<Parked>,
+    /// Set while a tick sent from outside waits in the mailbox (see `Registry::tick`).
+    pub tick_queued: Arc<AtomicBool>,
+}
+
+/// Whether open leases keep a group from being quiet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpenLeases {
+    /// Going idle: a group with an open lease is not idle (its holder will be back).
+    Hold,
+    /// Shutting down: open leases stay consumed; they do not hold the actor.
+    Ignore,
 }
 
 pub(crate) struct State {
@@ -116,22 +62,7 @@ pub(crate) struct State {
     tick_timer: Option<tokio::task::JoinHandle<Result<(), ractor::MessagingErr<Msg>>>>,
     /// Stopping: idle, or the limiter is shutting down.
     stopping: bool,
-}
-
-/// A mark no other write of this process uses (see [`crate::domain::bucket::Fence`]).
-pub(crate) fn next_mark() -> u64 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-}
-
-/// What a lane may touch besides itself while deciding.
-pub(crate) struct Ctx<'a> {
-    pub deps: &'a Deps,
-    pub routes: &'a dyn Routes,
-    pub group: &'a GroupKey,
-    pub resource: &'a ResourceId,
-    pub leases: &'a mut Leases,
-    pub now: i64,
+    tick_queued: Arc<AtomicBool>,
 }
 
 impl Actor for GroupActor {
@@ -154,15 +85,16 @@ impl Actor for GroupActor {
                 .restore(b.entity, b.bucket, b.at_ms);
         }
         Ok(State {
+            leases: Leases::default(),
             deps: args.deps,
             routes: args.routes,
             group: args.group,
             lanes,
-            leases: Leases::default(),
             last_active_ms: now,
             tick_at: None,
             tick_timer: None,
             stopping: false,
+            tick_queued: args.tick_queued,
         })
     }
 
@@ -197,35 +129,31 @@ impl Actor for GroupActor {
                 state.with_lane(&resource, now, |lane, ctx| lane.acquire(job, ctx));
                 Some(resource)
             }
-            Msg::Adjust(id, delta, reply) => {
+            Msg::Lease { id, op, reply } => {
                 state.last_active_ms = now;
                 state.expire_leases(now);
-                let _ = reply.send(state.leases.adjust(id, &delta));
-                None
+                match op {
+                    LeaseOp::Adjust(delta) => {
+                        let _ = reply.send(state.leases.adjust(id, &delta));
+                        None
+                    }
+                    LeaseOp::Close(how) => {
+                        let give_up_ms = state.leases.expires_ms(id).unwrap_or(now);
+                        state.leases.close(id, how, reply).map(|settlement| {
+                            state.lane(&settlement.resource).settle(Settle {
+                                parts: settlement.parts,
+                                lease: Some(id),
+                                give_up_ms,
+                            });
+                            settlement.resource
+                        })
+                    }
+                }
             }
-            Msg::Close(id, rollback, reply) => {
+            Msg::Peek(job) => {
                 state.last_active_ms = now;
-                state.expire_leases(now);
-                let give_up_ms = state.leases.expires_ms(id).unwrap_or(now);
-                state.leases.close(id, rollback, reply).map(|settlement| {
-                    let lane = state.lanes.entry(settlement.resource.clone()).or_default();
-                    lane.settle(Settle {
-                        parts: settlement.parts,
-                        lease: Some(id),
-                        give_up_ms,
-                    });
-                    settlement.resource
-                })
-            }
-            Msg::Peek(entity, resource, limits, amounts, reply) => {
-                state.last_active_ms = now;
-                let lane = state.lanes.entry(resource.clone()).or_default();
-                lane.peek(PeekJob {
-                    entity,
-                    limits,
-                    amounts,
-                    reply,
-                });
+                let resource = job.resource.clone();
+                state.lane(&resource).peek(job);
                 Some(resource)
             }
             Msg::Loaded(resource, result) => {
@@ -247,6 +175,7 @@ impl Actor for GroupActor {
                 Some(resource)
             }
             Msg::Tick => {
+                state.tick_queued.store(false, Ordering::SeqCst);
                 state.tick_at = None;
                 // Finished if this tick is its own; a tick sent from outside makes it moot.
                 if let Some(timer) = state.tick_timer.take() {
@@ -258,7 +187,7 @@ impl Actor for GroupActor {
                     state.drive(&r, now, &myself);
                 }
                 if !state.stopping
-                    && state.quiet(false)
+                    && state.quiet(OpenLeases::Hold)
                     && now - state.last_active_ms >= state.deps.settings.idle_timeout_ms
                 {
                     // Leave the record first, so new callers get a fresh actor starting from it;
@@ -280,7 +209,7 @@ impl Actor for GroupActor {
         for id in state.leases.take_forgotten() {
             state.routes.lease_closed(id);
         }
-        if state.stopping && state.quiet(true) {
+        if state.stopping && state.quiet(OpenLeases::Ignore) {
             myself.stop(None);
             return Ok(());
         }
@@ -289,57 +218,23 @@ impl Actor for GroupActor {
     }
 }
 
-/// The parts of the state a lane's context borrows, split from the lanes.
-struct CtxParts<'a> {
-    deps: &'a Deps,
-    routes: &'a dyn Routes,
-    group: &'a GroupKey,
-    leases: &'a mut Leases,
-    now: i64,
-}
-
-impl Ctx<'_> {
-    pub fn next_mark(&self) -> u64 {
-        next_mark()
-    }
-}
-
-impl<'a> CtxParts<'a> {
-    fn with<'b>(&'b mut self, resource: &'b ResourceId) -> Ctx<'b> {
-        Ctx {
-            deps: self.deps,
-            routes: self.routes,
-            group: self.group,
-            resource,
-            leases: self.leases,
-            now: self.now,
-        }
-    }
-}
-
 impl State {
-    fn ctx_parts(&mut self, now: i64) -> (&mut HashMap<ResourceId, Lane>, CtxParts<'_>) {
-        (
-            &mut self.lanes,
-            CtxParts {
-                deps: &self.deps,
-                routes: &*self.routes,
-                group: &self.group,
-                leases: &mut self.leases,
-                now,
-            },
-        )
-    }
-
+    /// Runs `f` on the lane of `resource` with its context.
     fn with_lane<T>(
         &mut self,
         resource: &ResourceId,
         now: i64,
-        f: impl FnOnce(&mut Lane, &mut Ctx<'_>) -> T,
+        f: impl FnOnce(&mut Lane, &Ctx<'_>) -> T,
     ) -> T {
-        let (lanes, mut parts) = self.ctx_parts(now);
-        let lane = lanes.entry(resource.clone()).or_default();
-        f(lane, &mut parts.with(resource))
+        let ctx = Ctx {
+            settings: &self.deps.settings,
+            now,
+        };
+        f(self.lanes.entry(resource.clone()).or_default(), &ctx)
+    }
+
+    fn lane(&mut self, resource: &ResourceId) -> &mut Lane {
+        self.lanes.entry(resource.clone()).or_default()
     }
 
     /// The compact record of what the lanes cache, for the group's next actor.
@@ -368,17 +263,24 @@ impl State {
         }
     }
 
-    /// Whether nothing is queued, in flight or owed (and, unless `ignore_leases`, no lease is
+    /// Whether nothing is queued, in flight or owed (and, when `leases` counts them, no lease is
     /// open).
-    fn quiet(&self, ignore_leases: bool) -> bool {
+    fn quiet(&self, leases: OpenLeases) -> bool {
         self.lanes.values().all(Lane::is_idle)
             && !self.leases.closing()
-            && (ignore_leases || !self.leases.any_open())
+            && (leases == OpenLeases::Ignore || !self.leases.any_open())
     }
 
-    /// Runs a lane's rounds and starts the store call it asks for.
+    /// Runs a lane's rounds and starts the store call it asks for, applying what the lane did
+    /// (a compensation it is given back means another round).
     fn drive(&mut self, resource: &ResourceId, now: i64, myself: &ActorRef<Msg>) {
-        let io = self.with_lane(resource, now, |lane, ctx| lane.round(ctx));
+        let io = loop {
+            self.apply(resource, now);
+            let io = self.with_lane(resource, now, |lane, ctx| lane.round(ctx));
+            if io.is_some() || !self.apply(resource, now) {
+                break io;
+            }
+        };
         let wait = match io {
             None => None,
             Some(Io::Wait(ms)) => Some(ms),
@@ -390,16 +292,13 @@ impl State {
                 self.spawn_write(resource.clone(), writes, myself);
                 None
             }
-            Some(Io::Resolve(entity, seq)) => {
-                self.spawn_resolve(resource.clone(), entity, seq, myself);
+            Some(Io::Resolve(entity, mark)) => {
+                self.spawn_resolve(resource.clone(), entity, mark, myself);
                 None
             }
         };
         if let Some(ms) = wait {
-            let lane = self
-                .lanes
-                .get_mut(resource)
-                .expect("the lane was just used");
+            let lane = self.lane(resource);
             if !lane.wake_scheduled {
                 lane.wake_scheduled = true;
                 let resource = resource.clone();
@@ -407,6 +306,97 @@ impl State {
                 myself.send_after(delay, move || Msg::Wake(resource));
             }
         }
+    }
+
+    /// Acts on what the lane of `resource` did. Returns whether it gave the lane a compensation
+    /// to write (the lane has more to do then).
+    fn apply(&mut self, resource: &ResourceId, now: i64) -> bool {
+        let Some(events) = self
+            .lanes
+            .get_mut(resource)
+            .map(Lane::take_events)
+            .filter(|e| !e.is_empty())
+        else {
+            return false;
+        };
+        let mut compensations = Vec::new();
+        for event in events {
+            match event {
+                Event::Admitted(job, statuses) => {
+                    compensations.extend(self.answer(resource, job, statuses, now));
+                }
+                Event::Settled(id, outcome) => self.leases.settled(id, outcome),
+                Event::Used(parts) => {
+                    if self.deps.settings.usage_flush_ms > 0 {
+                        for (entity, amounts) in parts {
+                            let (ns, usage) = (&self.group.0, &self.deps.usage);
+                            usage.record(ns, &entity, resource, &amounts, now);
+                        }
+                    }
+                }
+            }
+        }
+        if compensations.is_empty() {
+            return false;
+        }
+        let lane = self.lane(resource);
+        for c in compensations {
+            lane.settle(c);
+        }
+        true
+    }
+
+    /// Answers an admission whose consumption is durable, opening its lease first (so that it
+    /// is routable before its id reaches the caller, who may use it at once). A caller that has
+    /// gone (its deadline passed and it was told so) is not charged: returns the compensation.
+    fn answer(
+        &mut self,
+        resource: &ResourceId,
+        job: AcquireJob,
+        statuses: Vec<LimitStatus>,
+        now: i64,
+    ) -> Option<Settle> {
+        let AcquireJob {
+            entity,
+            limits,
+            amounts,
+            own,
+            parent,
+            parent_share,
+            lease,
+            reply,
+            ..
+        } = job;
+        let lease = lease.map(|owner| {
+            let (seq, secret) = self.routes.lease_opened(&self.group, owner);
+            let expires = now.saturating_add(self.deps.settings.lease_ttl_ms);
+            let lease = Lease::new(
+                entity.clone(),
+                resource.clone(),
+                limits,
+                amounts,
+                parent.clone(),
+                expires,
+            );
+            self.leases.open(seq, lease);
+            (seq, LeaseId::Backed { seq, secret })
+        });
+        let answer = Ok(Decision::Admitted {
+            lease: lease.map(|(_, id)| id),
+            statuses,
+        });
+        if reply.send(answer).is_ok() {
+            m::decision(outcome::ADMITTED);
+            return None;
+        }
+        if let Some((seq, _)) = lease {
+            self.leases.withdraw(seq);
+            self.routes.lease_closed(seq);
+        }
+        metrics::counter!(m::COMPENSATIONS).increment(1);
+        let give_up_ms = now.saturating_add(self.deps.settings.lease_ttl_ms);
+        let parent = parent.as_ref().map(|p| (&p.entity, &parent_share));
+        Settle::refund_of(&entity, &own, parent, give_up_ms)
     }
 
     fn key(&self, entity: EntityId, resource: &ResourceId) -> BucketKey {
@@ -464,13 +454,14 @@ impl State {
         });
     }
 
-    /// Finds out whether the write marked `seq` landed: the stored mark says so; if it does not
-    /// (yet), a write that only moves the mark fences the lost write off for good.
+    /// Finds out whether the write that moves the bucket's mark to `mark` landed: the stored
+    /// mark says so; if it does not (yet), a write that only moves the mark fences the lost write
+    /// off for good.
     fn spawn_resolve(
         &self,
         resource: ResourceId,
         entity: EntityId,
-        seq: u64,
+        mark: u64,
         myself: &ActorRef<Msg>,
     ) {
         let store = self.deps.store.clone();
@@ -481,14 +472,25 @@ impl State {
                 for _ in 0..crate::consume::MAX_ATTEMPTS {
                     let Some(current) = store.load_bucket(&key).await? else {
                         // Never created: the lost write was a create that did not land.
-                        return Ok((false, None));
+                        return Ok(Resolution {
+                            landed: false,
+                            current: None,
+                        });
                     };
-                    if current.mark == Some(seq) {
-                        return Ok((true, Some(current)));
+                    if current.mark == Some(mark) {
+                        return Ok(Resolution {
+                            landed: true,
+                            current: Some(current),
+                        });
                     }
-                    let fence = Write::Change(Change::fence_only(&current, next_mark()));
+                    let fence = Write::Change(Change::mark_only(&current, next_mark()));
                     match store.write_bucket(&key, &fence).await {
-                        Ok(stored) => return Ok((false, Some(stored))),
+                        Ok(stored) => {
+                            return Ok(Resolution {
+                                landed: false,
+                                current: Some(stored),
+                            });
+                        }
                         Err(StoreError::Conflict { .. }) => continue,
                         Err(e) => return Err(e),
                     }
@@ -509,7 +511,7 @@ impl State {
     /// every 10 ms once its idle time had passed.)
     fn schedule_tick(&mut self, now: i64, myself: &ActorRef<Msg>) {
         let idle_at = self
-            .quiet(false)
+            .quiet(OpenLeases::Hold)
             .then(|| self.last_active_ms + self.deps.settings.idle_timeout_ms);
         let Some(next) = next_tick(idle_at, self.leases.next_expiry()) else {
             return;

@@ -10,9 +10,9 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::group::{ParentSpec, Reply};
+use super::messages::{Close, ParentSpec, Reply};
 use super::types::LimiterError;
-use crate::domain::amounts::{Amounts, MAX_AMOUNT};
+use crate::domain::amounts::{Amounts, MAX_AMOUNT, check_names};
 use crate::domain::ids::{EntityId, ResourceId};
 use crate::domain::limit::Limit;
 use crate::metrics as m;
@@ -30,13 +30,8 @@ pub(crate) struct Lease {
 
 enum Phase {
     Open,
-    Closing {
-        rollback: bool,
-        waiters: Vec<Reply<()>>,
-    },
-    Closed {
-        rollback: bool,
-    },
+    Closing { how: Close, waiters: Vec<Reply<()>> },
+    Closed { how: Close },
 }
 
 /// What closing a lease needs written: amounts per entity (signed: positive charges more).
@@ -122,7 +117,7 @@ impl Leases {
             return Err(not_found(id));
         }
         let parent = lease.parent.as_ref().map(|p| &p.limits[..]);
-        if let Err(unknown) = delta.known_to(&[&lease.limits, parent.unwrap_or_default()]) {
+        if let Err(unknown) = check_names(delta, &[&lease.limits, parent.unwrap_or_default()]) {
             return Err(LimiterError::invalid(
                 "delta",
                 format!("the lease has no limit \"{}\"", unknown.0),
@@ -153,18 +148,16 @@ impl Leases {
     /// Starts closing a lease. `Ok(Some(_))`: this settlement must be written, then
     /// [`Leases::settled`] answers `reply`; `Ok(None)`: `reply` was answered or will be with the
     /// close already in progress.
-    pub fn close(&mut self, id: u64, rollback: bool, reply: Reply<()>) -> Option<Settlement> {
+    pub fn close(&mut self, id: u64, how: Close, reply: Reply<()>) -> Option<Settlement> {
         let Some(lease) = self.map.get_mut(&id) else {
             let _ = reply.send(Err(not_found(id)));
             return None;
         };
         match &mut lease.phase {
-            Phase::Closed { rollback: done } | Phase::Closing { rollback: done, .. }
-                if *done != rollback =>
-            {
-                let was = if *done { "rolled back" } else { "committed" };
+            Phase::Closed { how: done } | Phase::Closing { how: done, .. } if *done != how => {
                 let _ = reply.send(Err(LimiterError::FailedPrecondition(format!(
-                    "the lease was already {was}"
+                    "the lease was already {}",
+                    done.done()
                 ))));
                 None
             }
@@ -177,28 +170,23 @@ impl Leases {
                 None
             }
             Phase::Open => {
-                let amounts = if rollback {
+                let amounts = match how {
+                    Close::Commit => lease.delta.clone(),
                     // The adjustments were never written: give back what the acquire took.
-                    lease
+                    Close::Rollback => lease
                         .acquired
                         .negated()
-                        .expect("acquired amounts are within 0..=MAX_AMOUNT")
-                } else {
-                    lease.delta.clone()
+                        .expect("acquired amounts are within 0..=MAX_AMOUNT"),
                 };
                 let settlement = lease.settlement(&amounts);
+                lease.phase = Phase::Closing {
+                    how,
+                    waiters: vec![reply],
+                };
                 if settlement.parts.is_empty() {
-                    lease.phase = Phase::Closing {
-                        rollback,
-                        waiters: vec![reply],
-                    };
                     self.settled(id, Ok(()));
                     return None;
                 }
-                lease.phase = Phase::Closing {
-                    rollback,
-                    waiters: vec![reply],
-                };
                 Some(settlement)
             }
         }
@@ -210,7 +198,7 @@ impl Leases {
         let Some(lease) = self.map.get_mut(&id) else {
             return;
         };
-        let Phase::Closing { rollback, waiters } = std::mem::replace(&mut lease.phase, Phase::Open)
+        let Phase::Closing { how, waiters } = std::mem::replace(&mut lease.phase, Phase::Open)
         else {
             return;
         };
@@ -224,7 +212,7 @@ impl Leases {
                 self.map.remove(&id);
                 self.forgotten.push(id);
             } else if let Some(lease) = self.map.get_mut(&id) {
-                lease.phase = Phase::Closed { rollback };
+                lease.phase = Phase::Closed { how };
             }
         }
     }
@@ -310,5 +298,135 @@ impl Leases {
         self.map
             .values()
             .any(|l| !matches!(l.phase, Phase::Closed { .. }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::limit::{LimitName, MILLI};
+    use crate::limiter::messages::{Answer, reply};
+
+    const T0: i64 = 1_700_000_000_000;
+    const TTL: i64 = 60_000;
+
+    fn id(s: &str) -> EntityId {
+        EntityId::new(s).unwrap()
+    }
+
+    fn tokens(pairs: &[(&str, i64)]) -> Amounts {
+        Amounts::new(
+            pairs
+                .iter()
+                .map(|(n, a)| (LimitName::new(*n).unwrap(), a * MILLI)),
+        )
+        .unwrap()
+    }
+
+    /// A key holding `rpm`, cascading to a project that holds `tpm`, that acquired both.
+    fn lease() -> Lease {
+        Lease::new(
+            id("key"),
+            ResourceId::new("model").unwrap(),
+            vec![Limit::per_minute("rpm", 100).unwrap()],
+            tokens(&[("rpm", 1), ("tpm", 500)]),
+            Some(ParentSpec {
+                entity: id("project"),
+                limits: vec![Limit::per_minute("tpm", 10_000).unwrap()],
+            }),
+            T0 + TTL,
+        )
+    }
+
+    fn closing(leases: &mut Leases, how: Close) -> (Option<Settlement>, Answer<()>) {
+        let (tx, rx) = reply();
+        (leases.close(1, how, tx), rx)
+    }
+
+    #[test]
+    fn adjustments_stay_within_what_the_lease_took_and_its_buckets_limits() {
+        let mut leases = Leases::default();
+        leases.open(1, lease());
+        leases.adjust(1, &tokens(&[("tpm", 250)])).unwrap();
+        assert!(
+            matches!(
+                leases.adjust(1, &tokens(&[("tpm", -751)])),
+                Err(LimiterError::OutOfRange { ref field, .. }) if field == "delta[tpm]"
+            ),
+            "a lease never gives back more than it took"
+        );
+        assert!(matches!(
+            leases.adjust(1, &tokens(&[("xyz", 1)])),
+            Err(LimiterError::InvalidArgument { .. })
+        ));
+        let (settlement, _) = closing(&mut leases, Close::Commit);
+        assert_eq!(
+            settlement.unwrap().parts,
+            vec![(id("project"), tokens(&[("tpm", 250)]))],
+            "the refused adjustments changed nothing; tpm is the parent's share"
+        );
+    }
+
+    #[test]
+    fn a_rollback_gives_each_bucket_its_share_back_and_the_other_close_is_refused() {
+        let mut leases = Leases::default();
+        leases.open(1, lease());
+        leases.adjust(1, &tokens(&[("tpm", 100)])).unwrap();
+        let (settlement, mut first) = closing(&mut leases, Close::Rollback);
+        assert_eq!(
+            settlement.unwrap().parts,
+            vec![
+                (id("key"), tokens(&[("rpm", -1)])),
+                (id("project"), tokens(&[("tpm", -500)])),
+            ],
+            "the adjustments were never written: what the acquire took goes back"
+        );
+        let (again, mut second) = closing(&mut leases, Close::Rollback);
+        assert!(
+            again.is_none(),
+            "a repeated close joins the one in progress"
+        );
+        let (other, mut refused) = closing(&mut leases, Close::Commit);
+        assert!(other.is_none());
+        assert!(matches!(
+            refused.try_recv(),
+            Ok(Err(LimiterError::FailedPrecondition(_)))
+        ));
+        leases.settled(1, Ok(()));
+        assert!(matches!(first.try_recv(), Ok(Ok(()))));
+        assert!(matches!(second.try_recv(), Ok(Ok(()))));
+        assert_eq!(leases.take_forgotten(), vec![1], "heard: forgotten at once");
+    }
+
+    #[test]
+    fn a_close_whose_closer_had_gone_is_kept_until_its_time_so_a_repeat_learns_the_outcome() {
+        let mut leases = Leases::default();
+        leases.open(1, lease());
+        leases.adjust(1, &tokens(&[("rpm", 1)])).unwrap();
+        let (settlement, gone) = closing(&mut leases, Close::Commit);
+        assert!(settlement.is_some(), "the adjustment is to be written");
+        drop(gone);
+        leases.settled(1, Ok(()));
+        assert!(leases.take_forgotten().is_empty());
+        let (none, mut repeat) = closing(&mut leases, Close::Commit);
+        assert!(none.is_none());
+        assert!(matches!(repeat.try_recv(), Ok(Ok(()))));
+        assert_eq!(leases.expire(T0 + TTL), vec![1]);
+    }
+
+    #[test]
+    fn an_open_lease_expires_by_the_clock_and_stays_consumed() {
+        let mut leases = Leases::default();
+        leases.open(1, lease());
+        assert!(leases.expire(T0 + TTL - 1).is_empty());
+        assert_eq!(leases.next_expiry(), Some(T0 + TTL));
+        assert_eq!(leases.expire(T0 + TTL), vec![1]);
+        assert!(!leases.any_open());
+        let (settlement, mut answer) = closing(&mut leases, Close::Rollback);
+        assert!(settlement.is_none(), "nothing is given back");
+        assert!(matches!(
+            answer.try_recv(),
+            Ok(Err(LimiterError::LeaseNotFound(_)))
+        ));
     }
 }

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use super::cache::Cache;
-use super::group::ParentSpec;
+use super::messages::ParentSpec;
 use super::types::{Deps, LimiterError};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;

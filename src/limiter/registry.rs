@@ -13,16 +13,19 @@
 //! [`Routes`] side of the registry.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
 use ractor::{ActorRef, MessagingErr};
-use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::group::{Args, GroupActor, Msg};
-use super::types::{Deps, GroupKey, LimiterError, Owner, Parked, Routes, Ticket, lease_secret};
+use super::group::{Args, GroupActor};
+use super::messages::{
+    AcquireJob, Answer, GroupKey, LeaseOp, Msg, Parked, PeekJob, Routes, Ticket, reply,
+};
+use super::types::{Decision, Deps, LimiterError, Owner, lease_secret};
+use crate::domain::bucket::LimitStatus;
 use crate::metrics::{self as m, outcome};
 
 /// Where an open lease lives, the secret half of its id, and who may use it.
@@ -39,6 +42,9 @@ struct Handle {
     /// Calls sent (or about to be) and not yet answered: an actor with any may not stop, or a
     /// message already in its mailbox would be dropped unanswered.
     calls: Arc<AtomicUsize>,
+    /// A tick sent from outside ([`Registry::tick`]) waits in the mailbox: another would be
+    /// moot (the actor clears it when it handles a tick).
+    tick_queued: Arc<AtomicBool>,
 }
 
 /// One call's place in [`Handle::calls`], given back when dropped (answered, failed or the
@@ -192,8 +198,53 @@ impl Registry {
             .map(|r| (r.group.clone(), r.owner))
     }
 
-    /// Sends a call to the group's actor and waits for the answer until `deadline`. An acquire
-    /// (`acquire`: it takes a [`Ticket`]) is shed when the group holds `max_queue` already.
+    /// Decides an acquire in its group (`answer`: where `job.reply` answers). It is shed with
+    /// [`LimiterError::Overloaded`] when the group holds `max_queue` acquires already.
+    ///
+    /// # Errors
+    /// As [`Registry::send`], and [`LimiterError::Overloaded`].
+    pub async fn acquire(
+        &self,
+        group: &GroupKey,
+        job: AcquireJob,
+        answer: Answer<Decision>,
+    ) -> Result<Decision, LimiterError> {
+        let deadline = job.deadline;
+        self.send(group, deadline, Msg::Acquire(job), answer).await
+    }
+
+    /// Applies `op` to lease `id` of `group`.
+    ///
+    /// # Errors
+    /// As [`Registry::send`], and the lease table's refusals.
+    pub async fn lease(
+        &self,
+        group: &GroupKey,
+        id: u64,
+        op: LeaseOp,
+        deadline: Instant,
+    ) -> Result<(), LimiterError> {
+        let (reply, answer) = reply();
+        self.send(group, deadline, Msg::Lease { id, op, reply }, answer)
+            .await
+    }
+
+    /// How the limits of a bucket of `group` stand (`answer`: where `job.reply` answers).
+    ///
+    /// # Errors
+    /// As [`Registry::send`].
+    pub async fn peek(
+        &self,
+        group: &GroupKey,
+        job: PeekJob,
+        answer: Answer<Vec<LimitStatus>>,
+        deadline: Instant,
+    ) -> Result<Vec<LimitStatus>, LimiterError> {
+        self.send(group, deadline, Msg::Peek(job), answer).await
+    }
+
+    /// Sends `msg` to the group's actor and waits for its answer on `answer` until `deadline`.
+    /// An acquire takes a [`Ticket`] first: it is shed when the group holds `max_queue`.
     ///
     /// When the deadline passes, the answer channel is closed first and then read once more: an
     /// answer the actor sent before the close is taken (the caller gets what was decided); after
@@ -204,15 +255,13 @@ impl Registry {
     /// [`LimiterError::Overloaded`] when shed, [`LimiterError::ActorUnavailable`] when the actor
     /// cannot be reached or stopped without answering, [`LimiterError::ShuttingDown`], and
     /// [`LimiterError::Deadline`] when no answer came in time.
-    pub async fn call<T: Send + 'static>(
+    async fn send<T: Send + 'static>(
         &self,
         group: &GroupKey,
         deadline: Instant,
-        acquire: bool,
-        build: impl FnOnce(super::group::Reply<T>) -> Msg,
+        mut msg: Msg,
+        mut answer: Answer<T>,
     ) -> Result<T, LimiterError> {
-        let (tx, mut rx) = oneshot::channel();
-        let mut msg = build(tx);
         for _ in 0..3 {
             let handle = self.handle(group)?;
             handle.calls.fetch_add(1, Ordering::SeqCst);
@@ -225,7 +274,7 @@ impl Registry {
                 // It went idle and left its record meanwhile: go to the group's next actor.
                 continue;
             }
-            if acquire {
+            if let Msg::Acquire(job) = &mut msg {
                 let max = self.deps.settings.max_queue;
                 let held = handle.tickets.fetch_add(1, Ordering::Relaxed);
                 if held >= max {
@@ -233,13 +282,11 @@ impl Registry {
                     m::decision(outcome::SHED);
                     return Err(LimiterError::Overloaded { max_queue: max });
                 }
-                if let Msg::Acquire(job) = &mut msg {
-                    job.ticket = Some(Ticket(handle.tickets.clone()));
-                }
+                job.ticket = Some(Ticket(handle.tickets.clone()));
             }
             match handle.actor.send_message(msg) {
                 Ok(()) => {
-                    let answer = wait(&mut rx, deadline).await;
+                    let answer = wait(&mut answer, deadline).await;
                     drop(pending);
                     return answer;
                 }
@@ -263,11 +310,14 @@ impl Registry {
         ))
     }
 
-    /// Sends `msg()` to every live actor.
-    pub fn broadcast(&self, msg: impl Fn() -> Msg) {
+    /// Sends every live actor a tick, unless one it was sent is still waiting in its mailbox
+    /// (ticks sent faster than an actor handles them would fill it without end).
+    pub fn tick(&self) {
         for slot in self.actors.iter() {
-            if let Slot::Running(h) = slot.value() {
-                let _ = h.actor.send_message(msg());
+            if let Slot::Running(h) = slot.value()
+                && !h.tick_queued.swap(true, Ordering::SeqCst)
+            {
+                let _ = h.actor.send_message(Msg::Tick);
             }
         }
     }
@@ -306,7 +356,9 @@ impl Registry {
             .and_then(std::sync::Weak::upgrade)
             .ok_or(LimiterError::ShuttingDown)?;
         let spawn = |parked: Option<Parked>| {
+            let tick_queued = Arc::new(AtomicBool::new(false));
             let args = Args {
+                tick_queued: tick_queued.clone(),
                 deps: self.deps.clone(),
                 routes,
                 group: group.clone(),
@@ -317,6 +369,7 @@ impl Registry {
                     actor,
                     tickets: Arc::new(AtomicUsize::new(0)),
                     calls: Arc::new(AtomicUsize::new(0)),
+                    tick_queued,
                 })
                 .map_err(|e| LimiterError::ActorUnavailable(format!("cannot start ({e})")))
         };
@@ -353,10 +406,7 @@ impl Registry {
     }
 }
 
-async fn wait<T>(
-    rx: &mut oneshot::Receiver<Result<T, LimiterError>>,
-    deadline: Instant,
-) -> Result<T, LimiterError> {
+async fn wait<T>(rx: &mut Answer<T>, deadline: Instant) -> Result<T, LimiterError> {
     match tokio::time::timeout_at(deadline, &mut *rx).await {
         Ok(Ok(answer)) => answer,
         Ok(Err(_)) => Err(LimiterError::ActorUnavailable(

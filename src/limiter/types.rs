@@ -1,5 +1,5 @@
-//! The limiter's vocabulary, shared by the handle and the actors: settings, the answer to an
-//! acquire, lease ids, errors, and the read-only dependencies every actor gets.
+//! The limiter's public vocabulary: settings, the answer to an acquire, lease ids, errors; and
+//! the read-only dependencies every actor gets.
 
 use std::sync::Arc;
 
@@ -270,48 +270,6 @@ pub struct Deps {
     pub tasks: TaskTracker,
     /// Consumption for the usage snapshots, flushed on a timer.
     pub(crate) usage: super::usage::UsageLog,
-}
-
-/// A consistency group: the namespace and the root entity.
-pub(crate) type GroupKey = (Namespace, EntityId);
-
-/// An acquire's place in its group's bound; given back when dropped.
-pub(crate) struct Ticket(pub(crate) Arc<std::sync::atomic::AtomicUsize>);
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-/// What an actor may do to the registry: publish and withdraw its leases, withdraw itself.
-pub(crate) trait Routes: Send + Sync + 'static {
-    /// Makes a new lease of `group` routable; returns the two halves of its id (the sequence
-    /// number keys the group's lease table).
-    fn lease_opened(&self, group: &GroupKey, owner: Owner) -> (u64, u128);
-    fn lease_closed(&self, seq: u64);
-    /// Stops routing to the actor `actor` of `group` (new work spawns a fresh actor).
-    fn unpublish(&self, group: &GroupKey, actor: ractor::ActorId);
-    /// Replaces the idle actor `actor` of `group` with the compact record of what it cached
-    /// (new work spawns a fresh actor that starts from it). Returns whether the actor may stop:
-    /// `false` while a call to it is on its way (its message would be dropped unanswered).
-    fn park(&self, group: &GroupKey, actor: ractor::ActorId, parked: Parked) -> bool;
-}
-
-/// What an idle group's actor leaves behind: its cached buckets, with the time each was
-/// confirmed, in a record a fraction of an actor's size.
-pub(crate) struct Parked {
-    pub buckets: Box<[ParkedBucket]>,
-    /// The clock's time of the group's last work.
-    pub last_active_ms: i64,
-}
-
-pub(crate) struct ParkedBucket {
-    pub resource: crate::domain::ids::ResourceId,
-    pub entity: EntityId,
-    /// `None`: the store had no such bucket.
-    pub bucket: Option<crate::domain::bucket::Bucket>,
-    pub at_ms: i64,
 }
 
 #[cfg(test)]

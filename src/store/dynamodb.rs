@@ -461,8 +461,8 @@ impl Clauses {
         let mut out = Vec::new();
         let seen = s(change.seen_config.clone());
         out.push(Clause::Compare(CONFIG.into(), "=", seen.clone()));
-        if let Some(fence) = change.fence {
-            out.push(match fence.seen {
+        if let Some(mark) = change.mark {
+            out.push(match mark.from {
                 Some(seen) => {
                     Clause::Compare(mark_attr.into(), "=", AttributeValue::N(seen.to_string()))
                 }
@@ -470,7 +470,7 @@ impl Clauses {
             });
             out.push(Clause::Set(
                 mark_attr.into(),
-                AttributeValue::N(fence.seq.to_string()),
+                AttributeValue::N(mark.to.to_string()),
             ));
         }
         if let Some(refill) = &change.refill {
@@ -486,7 +486,7 @@ impl Clauses {
                     out.push(Clause::Remove(attr));
                 }
             }
-        } else if change.is_noop() || (change.limits.is_empty() && change.fence.is_none()) {
+        } else if change.is_noop() || (change.limits.is_empty() && change.mark.is_none()) {
             // Nothing to add: rewrite the configuration with itself so the write still checks.
             out.push(Clause::Set(CONFIG.into(), seen));
         }
@@ -887,7 +887,7 @@ impl Store for DynamoStore {
             }
             Write::Change(change) => {
                 let e = Expr::change(change, &self.mark_attr());
-                self.run_update(key, e, write.seq()).await
+                self.run_update(key, e, write.marks()).await
             }
         }
     }
@@ -935,8 +935,8 @@ impl Store for DynamoStore {
                     .position(|r| r.code() == Some("ConditionalCheckFailed"))
                 {
                     Some(index) => {
-                        let seq = writes[index].write.seq();
-                        self.conflict(index, reasons[index].item(), seq).map(drop)
+                        let mark = writes[index].write.marks();
+                        self.conflict(index, reasons[index].item(), mark).map(drop)
                     }
                     None => Err(StoreError::Transient(format!(
                         "transaction cancelled: {:?}",

@@ -346,7 +346,7 @@ impl DynamoStore {
             };
             match (e.code, job) {
                 (Some(Code::ConditionalCheckFailed), Job::Change { write, reply, .. }) => {
-                    let _ = reply.send(self.conflict(0, e.item.as_ref(), write.seq()).map(Some));
+                    let _ = reply.send(self.conflict(0, e.item.as_ref(), write.marks()).map(Some));
                 }
                 // A new snapshot or counter: the `UpdateItem` that creates it adds the amounts.
                 // The failed statement is billed too: the metered store counts the one sent next.
