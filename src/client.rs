@@ -18,7 +18,9 @@
 //! ```
 //!
 //! A [`Lease`] dropped without [`Lease::commit`] is rolled back (in the background, on the current
-//! Tokio runtime). Over-limit is [`ClientError::OverLimit`], carrying the wait and every violated
+//! Tokio runtime). While it is held, a task on the current runtime renews it every third of the
+//! daemon's lease TTL, so a lease lives as long as its holder (an LLM stream longer than the TTL
+//! keeps it); one whose process died expires a TTL later and stays consumed. Over-limit is [`ClientError::OverLimit`], carrying the wait and every violated
 //! limit. [`BlockingClient`] wraps all of it for code without an async runtime.
 
 use std::collections::HashMap;
@@ -176,11 +178,13 @@ impl Client {
         if let Some(e) = over_limit(&answer) {
             return Err(e);
         }
+        let renewer = renew_every(&self.limiter, &answer.lease_id, answer.lease_ttl_ms);
         Ok(Lease {
             client: self.limiter.clone(),
             id: answer.lease_id,
             statuses: answer.statuses,
             open: true,
+            renewer,
         })
     }
 
@@ -267,14 +271,47 @@ fn over_limit(answer: &proto::AcquireResponse) -> Option<ClientError> {
     })
 }
 
+/// Renews the lease `id` every third of `ttl_ms` on the current runtime, until aborted or the
+/// daemon no longer knows the lease (`None`: no TTL, or no runtime).
+fn renew_every(
+    client: &RateLimiterClient<Channel>,
+    id: &str,
+    ttl_ms: u64,
+) -> Option<tokio::task::AbortHandle> {
+    if ttl_ms == 0 || id.is_empty() {
+        return None;
+    }
+    let runtime = tokio::runtime::Handle::try_current().ok()?;
+    let every = Duration::from_millis((ttl_ms / 3).max(1));
+    let (mut client, lease_id) = (client.clone(), id.to_owned());
+    let task = runtime.spawn(async move {
+        let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            timer.tick().await;
+            let request = proto::LeaseRequest {
+                lease_id: lease_id.clone(),
+            };
+            match client.renew(request).await {
+                Ok(_) => {}
+                // Closed or expired: nothing left to keep alive.
+                Err(s) if s.code() == tonic::Code::NotFound => return,
+                Err(e) => tracing::debug!("renewing lease {lease_id} failed, trying again: {e}"),
+            }
+        }
+    });
+    Some(task.abort_handle())
+}
+
 /// An admitted acquire. Adjust it with the real usage, then commit; dropped without commit, it
-/// is rolled back.
+/// is rolled back. It is renewed in the background while held.
 #[derive(Debug)]
 pub struct Lease {
     client: RateLimiterClient<Channel>,
     id: String,
     statuses: Vec<proto::LimitStatus>,
     open: bool,
+    renewer: Option<tokio::task::AbortHandle>,
 }
 
 impl Lease {
@@ -285,6 +322,19 @@ impl Lease {
     /// Every limit's status at the time of the decision.
     pub fn statuses(&self) -> &[proto::LimitStatus] {
         &self.statuses
+    }
+
+    /// Keeps the lease alive now (the background renewal does this on its own).
+    ///
+    /// # Errors
+    /// [`ClientError::Status`]: `NOT_FOUND` once the lease is closed or expired.
+    pub async fn renew(&mut self) -> Result<(), ClientError> {
+        self.client
+            .renew(proto::LeaseRequest {
+                lease_id: self.id.clone(),
+            })
+            .await?;
+        Ok(())
     }
 
     /// Records extra usage (negative: less) per limit, in whole tokens; written at commit. May
@@ -316,6 +366,7 @@ impl Lease {
     /// [`ClientError::Status`] when the lease expired or the write failed.
     pub async fn commit(mut self) -> Result<(), ClientError> {
         self.open = false;
+        self.stop_renewing();
         self.client
             .commit(proto::LeaseRequest {
                 lease_id: self.id.clone(),
@@ -330,6 +381,7 @@ impl Lease {
     /// [`ClientError::Status`] when the lease expired or the write failed.
     pub async fn rollback(mut self) -> Result<(), ClientError> {
         self.open = false;
+        self.stop_renewing();
         self.client
             .rollback(proto::LeaseRequest {
                 lease_id: self.id.clone(),
@@ -338,16 +390,25 @@ impl Lease {
         Ok(())
     }
 
-    /// Leaves the lease open (it expires after the daemon's lease TTL and stays consumed) and
-    /// returns its id, for closing it elsewhere.
+    /// Leaves the lease open and returns its id, for closing it elsewhere. It is no longer
+    /// renewed here: whoever holds the id renews it (`Renew`), or it expires a lease TTL after
+    /// the last call on it and stays consumed.
     pub fn into_id(mut self) -> String {
         self.open = false;
+        self.stop_renewing();
         std::mem::take(&mut self.id)
+    }
+
+    fn stop_renewing(&mut self) {
+        if let Some(renewer) = self.renewer.take() {
+            renewer.abort();
+        }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        self.stop_renewing();
         if !self.open {
             return;
         }
@@ -375,7 +436,9 @@ impl BlockingClient {
     /// # Errors
     /// As [`Client::connect`].
     pub fn connect(socket: impl AsRef<Path>) -> Result<Self, ClientError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
+        // One worker thread of its own, so that held leases are renewed between calls.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
             .enable_all()
             .build()
             .map_err(ClientError::Runtime)?;
@@ -389,6 +452,7 @@ impl BlockingClient {
     /// # Errors
     /// As [`Client::acquire`].
     pub fn acquire(&self, acquire: Acquire) -> Result<BlockingLease, ClientError> {
+        // Inside the runtime, so the lease's renewal runs on its worker.
         let lease = self.runtime.block_on(self.client.acquire(acquire))?;
         Ok(BlockingLease {
             runtime: self.runtime.clone(),

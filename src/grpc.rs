@@ -304,6 +304,10 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
         Ok(Response::new(match decision {
             Decision::Admitted { lease, statuses } => proto::AcquireResponse {
                 allowed: true,
+                lease_ttl_ms: match lease {
+                    Some(_) => u64::try_from(self.limiter.settings().lease_ttl_ms).unwrap_or(0),
+                    None => 0,
+                },
                 lease_id: lease.map(|l| l.to_string()).unwrap_or_default(),
                 statuses: statuses.iter().map(to_proto_status).collect(),
                 retry_after_ms: None,
@@ -318,6 +322,7 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
                 statuses: rejection.statuses.iter().map(to_proto_status).collect(),
                 retry_after_ms: rejection.retry_after_ms(),
                 refused_by: refused_by.map(|e| e.to_string()).unwrap_or_default(),
+                lease_ttl_ms: 0,
             },
         }))
     }
@@ -357,6 +362,16 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
             .rollback(lease, deadline)
             .await
             .map_err(status)?;
+        Ok(Response::new(proto::LeaseResponse {}))
+    }
+
+    async fn renew(
+        &self,
+        req: Request<proto::LeaseRequest>,
+    ) -> Result<Response<proto::LeaseResponse>, Status> {
+        let deadline = deadline(&req, self.live.request_timeout());
+        let lease = self.lease(&req, &req.get_ref().lease_id)?;
+        self.limiter.renew(lease, deadline).await.map_err(status)?;
         Ok(Response::new(proto::LeaseResponse {}))
     }
 

@@ -276,6 +276,16 @@ impl Limiter {
         self.lease_op(lease, LeaseOp::Adjust(delta), deadline).await
     }
 
+    /// Keeps a lease alive: it lives `lease_ttl_ms` from now (every call on a lease does the
+    /// same). The clients renew the leases they hold on a timer, so a lease outlives its holder
+    /// by at most `lease_ttl_ms`.
+    ///
+    /// # Errors
+    /// [`LimiterError::LeaseNotFound`] for unknown, closed or expired leases.
+    pub async fn renew(&self, lease: LeaseId, deadline: Instant) -> Result<(), LimiterError> {
+        self.lease_op(lease, LeaseOp::Renew, deadline).await
+    }
+
     /// Closes a lease, writing its net adjustment (nothing when there is none). The answer comes
     /// once the write is durable; a store that does not confirm in time is retried in the
     /// background until the lease would have expired (repeating the call reports the outcome).

@@ -293,6 +293,8 @@ enum LeaseOp {
         #[arg(long, value_parser = parse_amount, allow_hyphen_values = true, required = true)]
         delta: Vec<(String, i64)>,
     },
+    /// Keep an open lease alive for another lease TTL (every call on a lease does).
+    Renew { lease_id: String },
     /// Close a lease, writing its adjustments.
     Commit { lease_id: String },
     /// Close a lease, giving back what it acquired.
@@ -511,6 +513,9 @@ async fn run(command: Command) -> Result<ExitCode, String> {
                     })
                     .await
                     .map(drop),
+                LeaseOp::Renew { lease_id } => {
+                    raw.renew(proto::LeaseRequest { lease_id }).await.map(drop)
+                }
                 LeaseOp::Commit { lease_id } => {
                     raw.commit(proto::LeaseRequest { lease_id }).await.map(drop)
                 }

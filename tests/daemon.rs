@@ -222,6 +222,41 @@ async fn a_dropped_lease_is_rolled_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_lease_lives_past_its_ttl_while_its_holder_renews_it() {
+    let daemon = Daemon::start("[limiter]\nlease_ttl_ms = 2000\n", &[]);
+    let client = daemon.client().await;
+    // A day's worth: the seconds this test takes refill less than a token.
+    let limits = [Limit::per_day("tpm", 1_000).unwrap()];
+    // Held three TTLs and more (an LLM stream longer than the TTL): the client renews it.
+    let mut held = acquire(&client, "stream", &limits, &[("tpm", 100)])
+        .await
+        .unwrap();
+    // Abandoned at once: no renewal, nobody calls it.
+    let abandoned = acquire(&client, "gone", &limits, &[("tpm", 100)])
+        .await
+        .unwrap()
+        .into_id();
+    tokio::time::sleep(Duration::from_millis(6_500)).await;
+    held.adjust([("tpm", 400)]).await.unwrap();
+    held.commit()
+        .await
+        .expect("a renewed lease outlives its TTL");
+    let left = client.available("stream", "gpt-4", &limits).await.unwrap();
+    assert_eq!(left["tpm"], 1_000 - 500, "the adjustment was written");
+    let err = client
+        .raw()
+        .rollback(proto::LeaseRequest {
+            lease_id: abandoned,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    let left = client.available("gone", "gpt-4", &limits).await.unwrap();
+    assert_eq!(left["tpm"], 1_000 - 100, "an expired lease stays consumed");
+    assert_eq!(daemon.metric("zae_limiter_leases_expired_total", &[]), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unclosed_leases_expire_and_stay_consumed() {
     let daemon = Daemon::start("[limiter]\nlease_ttl_ms = 200\n", &[]);
     let client = daemon.client().await;

@@ -259,6 +259,29 @@ async fn leases_expire_by_the_clock_and_stay_consumed(inner: Arc<dyn Store>, ns:
     );
 }
 
+/// A lease lives as long as its holder calls: renewed every third of the TTL, it commits after
+/// ten TTLs; one left silent expires a TTL after its last call and stays consumed.
+async fn a_renewed_lease_outlives_its_ttl(inner: Arc<dyn Store>, ns: Namespace) {
+    let f = fixture(inner, ns, |s| s.lease_ttl_ms = 60_000);
+    let limits = [Limit::per_hour("tpm", 1_000).unwrap()];
+    let held = f.lease("held", &limits, &[("tpm", 100)]).await;
+    let silent = f.lease("silent", &limits, &[("tpm", 100)]).await;
+    for _ in 0..30 {
+        f.clock.advance(20_000);
+        f.limiter.tick();
+        f.limiter.renew(held, within(5_000)).await.unwrap();
+    }
+    f.limiter
+        .adjust(held, amounts(&[("tpm", 50)]), within(5_000))
+        .await
+        .unwrap();
+    f.limiter.commit(held, within(5_000)).await.unwrap();
+    assert_eq!(f.stored("held", "tpm").await.1, i128::from(150 * MILLI));
+    let err = f.limiter.renew(silent, within(5_000)).await.unwrap_err();
+    assert!(matches!(err, LimiterError::LeaseNotFound(_)), "{err:?}");
+    assert_eq!(f.stored("silent", "tpm").await.1, i128::from(100 * MILLI));
+}
+
 async fn idle_groups_stop_and_come_back(inner: Arc<dyn Store>, ns: Namespace) {
     let f = fixture(inner, ns, |s| s.idle_timeout_ms = 1_000);
     let limits = [Limit::per_hour("rpm", 10).unwrap()];
@@ -994,6 +1017,7 @@ both_stores!(
     a_lost_race_is_replanned_from_the_returned_item_without_a_read,
     a_stale_cache_is_read_again_before_it_may_refuse,
     leases_expire_by_the_clock_and_stay_consumed,
+    a_renewed_lease_outlives_its_ttl,
     idle_groups_stop_and_come_back,
     an_idle_entity_comes_back_without_a_read,
     idle_records_are_bounded_in_age_and_number,

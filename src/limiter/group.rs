@@ -85,7 +85,7 @@ impl Actor for GroupActor {
                 .restore(b.entity, b.bucket, b.at_ms);
         }
         Ok(State {
-            leases: Leases::default(),
+            leases: Leases::new(args.deps.settings.lease_ttl_ms),
             deps: args.deps,
             routes: args.routes,
             group: args.group,
@@ -134,12 +134,17 @@ impl Actor for GroupActor {
                 state.expire_leases(now);
                 match op {
                     LeaseOp::Adjust(delta) => {
-                        let _ = reply.send(state.leases.adjust(id, &delta));
+                        let _ = reply.send(state.leases.adjust(id, &delta, now));
+                        None
+                    }
+                    LeaseOp::Renew => {
+                        let _ = reply.send(state.leases.renew(id, now));
                         None
                     }
                     LeaseOp::Close(how) => {
+                        let closing = state.leases.close(id, how, reply, now);
                         let give_up_ms = state.leases.expires_ms(id).unwrap_or(now);
-                        state.leases.close(id, how, reply).map(|settlement| {
+                        closing.map(|settlement| {
                             state.lane(&settlement.resource).settle(Settle {
                                 parts: settlement.parts,
                                 lease: Some(id),
@@ -369,16 +374,14 @@ impl State {
         } = job;
         let lease = lease.map(|owner| {
             let (seq, secret) = self.routes.lease_opened(&self.group, owner);
-            let expires = now.saturating_add(self.deps.settings.lease_ttl_ms);
             let lease = Lease::new(
                 entity.clone(),
                 resource.clone(),
                 limits,
                 amounts,
                 parent.clone(),
-                expires,
             );
-            self.leases.open(seq, lease);
+            self.leases.open(seq, lease, now);
             (seq, LeaseId::Backed { seq, secret })
         });
         let answer = Ok(Decision::Admitted {

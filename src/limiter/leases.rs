@@ -5,10 +5,14 @@
 //! closing caller is answered once the write is confirmed; a repeated close joins the one in
 //! progress. A lease whose closer heard the outcome is forgotten at once; one whose closer had
 //! gone (its deadline passed first) is kept, closed, until its time is up, so that repeating the
-//! same close answers OK (the caller learns the outcome) and the other close is refused. Expiry is by the limiter's clock: an
-//! open lease whose time is up is forgotten and what it acquired stays consumed.
+//! same close answers OK (the caller learns the outcome) and the other close is refused.
+//!
+//! A lease lives as long as its holder: every call on it (an adjustment, a close, a renewal)
+//! moves its expiry to `lease_ttl_ms` from now, and the clients renew the leases they hold on a
+//! timer. So `lease_ttl_ms` is how long a lease outlives a holder gone silent (a crashed worker):
+//! then, by the limiter's clock, it is forgotten and what it acquired stays consumed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 
 use super::messages::{Close, ParentSpec, Reply};
 use super::types::LimiterError;
@@ -24,7 +28,8 @@ pub(crate) struct Lease {
     pub acquired: Amounts,
     pub delta: Amounts,
     pub parent: Option<ParentSpec>,
-    pub expires_ms: i64,
+    /// Set by the table: `lease_ttl_ms` after the holder's last call.
+    expires_ms: i64,
     phase: Phase,
 }
 
@@ -41,13 +46,14 @@ pub(crate) struct Settlement {
     pub parts: Vec<(EntityId, Amounts)>,
 }
 
-#[derive(Default)]
 pub(crate) struct Leases {
     map: HashMap<u64, Lease>,
-    /// Ids in expiry order (one TTL for all, so creation order); ids already gone are skipped.
-    expiry: VecDeque<(i64, u64)>,
+    /// (expiry, id) of every lease in the map, earliest first; a renewal moves its entry.
+    expiry: BTreeSet<(i64, u64)>,
     /// Leases forgotten since the last [`Leases::take_forgotten`] (their routes go too).
     forgotten: Vec<u64>,
+    /// How long a lease lives after its holder's last call.
+    ttl_ms: i64,
 }
 
 /// The limiter names the lease as its caller gave it (see `Limiter::lease_call`).
@@ -62,7 +68,6 @@ impl Lease {
         limits: Vec<Limit>,
         acquired: Amounts,
         parent: Option<ParentSpec>,
-        expires_ms: i64,
     ) -> Self {
         Self {
             entity,
@@ -71,7 +76,7 @@ impl Lease {
             acquired,
             delta: Amounts::default(),
             parent,
-            expires_ms,
+            expires_ms: 0,
             phase: Phase::Open,
         }
     }
@@ -92,26 +97,62 @@ impl Lease {
 }
 
 impl Leases {
-    pub fn open(&mut self, id: u64, lease: Lease) {
-        self.expiry.push_back((lease.expires_ms, id));
+    /// An empty table whose leases live `ttl_ms` after their holder's last call.
+    pub fn new(ttl_ms: i64) -> Self {
+        Self {
+            map: HashMap::new(),
+            expiry: BTreeSet::new(),
+            forgotten: Vec::new(),
+            ttl_ms,
+        }
+    }
+
+    /// Opens a lease at `now`.
+    pub fn open(&mut self, id: u64, mut lease: Lease, now: i64) {
+        lease.expires_ms = now.saturating_add(self.ttl_ms);
+        self.expiry.insert((lease.expires_ms, id));
         self.map.insert(id, lease);
         metrics::gauge!(m::LEASES_OPEN).increment(1.0);
     }
 
     /// Forgets a lease whose id never reached its caller.
     pub fn withdraw(&mut self, id: u64) {
-        if self.map.remove(&id).is_some() {
+        if let Some(lease) = self.map.remove(&id) {
+            self.expiry.remove(&(lease.expires_ms, id));
             metrics::gauge!(m::LEASES_OPEN).decrement(1.0);
+        }
+    }
+
+    /// The holder of lease `id` is alive at `now`: the lease lives `lease_ttl_ms` from now. A
+    /// closing lease is not moved (its close is retried until the time it had when it began).
+    ///
+    /// # Errors
+    /// Not found: unknown, expired or closed.
+    pub fn renew(&mut self, id: u64, now: i64) -> Result<(), LimiterError> {
+        let lease = self.map.get_mut(&id).ok_or_else(|| not_found(id))?;
+        match lease.phase {
+            Phase::Open => {
+                let expires = now.saturating_add(self.ttl_ms).max(lease.expires_ms);
+                self.expiry.remove(&(lease.expires_ms, id));
+                self.expiry.insert((expires, id));
+                lease.expires_ms = expires;
+                Ok(())
+            }
+            Phase::Closing { .. } => Ok(()),
+            Phase::Closed { .. } => Err(not_found(id)),
         }
     }
 
     /// Records an adjustment. The lease's total per limit (acquired plus adjustments) must stay
     /// within `0..=MAX_AMOUNT`: a lease never gives back more than it took.
     ///
+    /// The call renews the lease (see [`Leases::renew`]).
+    ///
     /// # Errors
     /// Not found (also once closing or closed), an unknown limit, or a total out of range; the
-    /// lease is unchanged then.
-    pub fn adjust(&mut self, id: u64, delta: &Amounts) -> Result<(), LimiterError> {
+    /// lease is unchanged then (but renewed).
+    pub fn adjust(&mut self, id: u64, delta: &Amounts, now: i64) -> Result<(), LimiterError> {
+        self.renew(id, now)?;
         let lease = self.map.get_mut(&id).ok_or_else(|| not_found(id))?;
         if !matches!(lease.phase, Phase::Open) {
             return Err(not_found(id));
@@ -145,10 +186,11 @@ impl Leases {
         Ok(())
     }
 
-    /// Starts closing a lease. `Ok(Some(_))`: this settlement must be written, then
-    /// [`Leases::settled`] answers `reply`; `Ok(None)`: `reply` was answered or will be with the
-    /// close already in progress.
-    pub fn close(&mut self, id: u64, how: Close, reply: Reply<()>) -> Option<Settlement> {
+    /// Starts closing a lease at `now` (which renews it first). `Some(_)`: this settlement must
+    /// be written (until [`Leases::expires_ms`]), then [`Leases::settled`] answers `reply`;
+    /// `None`: `reply` was answered or will be with the close already in progress.
+    pub fn close(&mut self, id: u64, how: Close, reply: Reply<()>, now: i64) -> Option<Settlement> {
+        let _ = self.renew(id, now);
         let Some(lease) = self.map.get_mut(&id) else {
             let _ = reply.send(Err(not_found(id)));
             return None;
@@ -209,7 +251,9 @@ impl Leases {
         if outcome.is_ok() {
             metrics::gauge!(m::LEASES_OPEN).decrement(1.0);
             if heard {
-                self.map.remove(&id);
+                if let Some(lease) = self.map.remove(&id) {
+                    self.expiry.remove(&(lease.expires_ms, id));
+                }
                 self.forgotten.push(id);
             } else if let Some(lease) = self.map.get_mut(&id) {
                 lease.phase = Phase::Closed { how };
@@ -227,11 +271,11 @@ impl Leases {
     /// it up at the same time) and its closers are told.
     pub fn expire(&mut self, now: i64) -> Vec<u64> {
         let mut gone = Vec::new();
-        while let Some(&(expires, id)) = self.expiry.front() {
+        while let Some(&(expires, id)) = self.expiry.first() {
             if expires > now {
                 break;
             }
-            self.expiry.pop_front();
+            self.expiry.pop_first();
             let Some(lease) = self.map.remove(&id) else {
                 continue;
             };
@@ -264,14 +308,8 @@ impl Leases {
     }
 
     /// When the earliest lease expires.
-    pub fn next_expiry(&mut self) -> Option<i64> {
-        while let Some(&(expires, id)) = self.expiry.front() {
-            if self.map.contains_key(&id) {
-                return Some(expires);
-            }
-            self.expiry.pop_front();
-        }
-        None
+    pub fn next_expiry(&self) -> Option<i64> {
+        self.expiry.first().map(|&(expires, _)| expires)
     }
 
     /// Forgets every lease (the actor is stopping); returns their ids.
@@ -334,29 +372,33 @@ mod tests {
                 entity: id("project"),
                 limits: vec![Limit::per_minute("tpm", 10_000).unwrap()],
             }),
-            T0 + TTL,
         )
+    }
+
+    fn table() -> Leases {
+        let mut leases = Leases::new(TTL);
+        leases.open(1, lease(), T0);
+        leases
     }
 
     fn closing(leases: &mut Leases, how: Close) -> (Option<Settlement>, Answer<()>) {
         let (tx, rx) = reply();
-        (leases.close(1, how, tx), rx)
+        (leases.close(1, how, tx, T0), rx)
     }
 
     #[test]
     fn adjustments_stay_within_what_the_lease_took_and_its_buckets_limits() {
-        let mut leases = Leases::default();
-        leases.open(1, lease());
-        leases.adjust(1, &tokens(&[("tpm", 250)])).unwrap();
+        let mut leases = table();
+        leases.adjust(1, &tokens(&[("tpm", 250)]), T0).unwrap();
         assert!(
             matches!(
-                leases.adjust(1, &tokens(&[("tpm", -751)])),
+                leases.adjust(1, &tokens(&[("tpm", -751)]), T0),
                 Err(LimiterError::OutOfRange { ref field, .. }) if field == "delta[tpm]"
             ),
             "a lease never gives back more than it took"
         );
         assert!(matches!(
-            leases.adjust(1, &tokens(&[("xyz", 1)])),
+            leases.adjust(1, &tokens(&[("xyz", 1)]), T0),
             Err(LimiterError::InvalidArgument { .. })
         ));
         let (settlement, _) = closing(&mut leases, Close::Commit);
@@ -369,9 +411,8 @@ mod tests {
 
     #[test]
     fn a_rollback_gives_each_bucket_its_share_back_and_the_other_close_is_refused() {
-        let mut leases = Leases::default();
-        leases.open(1, lease());
-        leases.adjust(1, &tokens(&[("tpm", 100)])).unwrap();
+        let mut leases = table();
+        leases.adjust(1, &tokens(&[("tpm", 100)]), T0).unwrap();
         let (settlement, mut first) = closing(&mut leases, Close::Rollback);
         assert_eq!(
             settlement.unwrap().parts,
@@ -400,9 +441,8 @@ mod tests {
 
     #[test]
     fn a_close_whose_closer_had_gone_is_kept_until_its_time_so_a_repeat_learns_the_outcome() {
-        let mut leases = Leases::default();
-        leases.open(1, lease());
-        leases.adjust(1, &tokens(&[("rpm", 1)])).unwrap();
+        let mut leases = table();
+        leases.adjust(1, &tokens(&[("rpm", 1)]), T0).unwrap();
         let (settlement, gone) = closing(&mut leases, Close::Commit);
         assert!(settlement.is_some(), "the adjustment is to be written");
         drop(gone);
@@ -415,9 +455,31 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_lives_while_its_holder_calls_and_expires_a_ttl_after_it_went_silent() {
+        let mut leases = table();
+        // Renewed every third of the TTL, for ten TTLs: still open.
+        for step in 1..=30 {
+            let now = T0 + step * TTL / 3;
+            assert!(leases.expire(now).is_empty(), "open at {step}/3 TTL");
+            leases.renew(1, now).unwrap();
+            assert_eq!(leases.next_expiry(), Some(now + TTL));
+        }
+        // An adjustment renews too.
+        let last = T0 + 11 * TTL;
+        leases.adjust(1, &tokens(&[("rpm", 1)]), last).unwrap();
+        assert!(leases.expire(last + TTL - 1).is_empty());
+        // Silent for a TTL: gone, and what it took stays consumed.
+        assert_eq!(leases.expire(last + TTL), vec![1]);
+        assert!(matches!(
+            leases.renew(1, last + TTL),
+            Err(LimiterError::LeaseNotFound(_))
+        ));
+        assert_eq!(leases.next_expiry(), None);
+    }
+
+    #[test]
     fn an_open_lease_expires_by_the_clock_and_stays_consumed() {
-        let mut leases = Leases::default();
-        leases.open(1, lease());
+        let mut leases = table();
         assert!(leases.expire(T0 + TTL - 1).is_empty());
         assert_eq!(leases.next_expiry(), Some(T0 + TTL));
         assert_eq!(leases.expire(T0 + TTL), vec![1]);

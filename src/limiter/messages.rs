@@ -93,6 +93,8 @@ impl Close {
 pub(crate) enum LeaseOp {
     /// Records extra consumption (negative: less), written at commit.
     Adjust(Amounts),
+    /// Its holder is alive: it lives `lease_ttl_ms` from now.
+    Renew,
     Close(Close),
 }
 

@@ -297,3 +297,61 @@ def test_entities_audit_and_usage(daemon, entity):
     assert got.metadata == {"team": "a"}
     assert usage and usage[0].consumed == {"tpm": 7.0} and usage[0].period == "hour"
     assert len(events) >= 2 and events.next_page is None
+
+
+def test_a_held_lease_lives_past_the_ttl_and_an_abandoned_one_expires():
+    """The limiter renews the leases it holds, so an LLM stream longer than the daemon's lease TTL
+    keeps its lease; a lease nobody renews expires and what it took stays consumed."""
+    import grpc
+
+    from conftest import Daemon
+    from zae_limiter_client._proto import ratelimit_pb2 as pb
+
+    d = Daemon("memory", extra="lease_ttl_ms = 2000\n")
+    try:
+        # A day's worth: the seconds this test takes refill less than a token.
+        limits = [Limit.per_day("tpm", 1000)]
+
+        async def held_async():
+            async with RateLimiter(socket=d.socket, namespace=d.namespace) as zl:
+                async with zl.acquire("async", "gpt-4", {"tpm": 100}, limits=limits) as lease:
+                    assert lease.ttl_seconds == 2.0
+                    await asyncio.sleep(6.5)
+                    await lease.adjust(tpm=400)
+                return await zl.available("async", "gpt-4", limits=limits)
+
+        assert run(held_async()) == {"tpm": 500}
+        with SyncRateLimiter(socket=d.socket, namespace=d.namespace) as zl:
+            with zl.acquire("sync", "gpt-4", {"tpm": 100}, limits=limits) as lease:
+                time.sleep(6.5)
+                lease.adjust(tpm=400)
+            assert zl.available("sync", "gpt-4", limits=limits) == {"tpm": 500}
+            # Abandoned: acquired by a client that never calls again.
+            with grpc.insecure_channel(f"unix:{d.socket}") as channel:
+                acquire = channel.unary_unary(
+                    "/zae_limiter.v1.RateLimiter/Acquire",
+                    request_serializer=pb.AcquireRequest.SerializeToString,
+                    response_deserializer=pb.AcquireResponse.FromString,
+                )
+                answer = acquire(
+                    pb.AcquireRequest(
+                        namespace=d.namespace,
+                        entity_id="gone",
+                        resource="gpt-4",
+                        consume={"tpm": 100},
+                        limits=[limits[0]._to_pb()],
+                    )
+                )
+                assert answer.allowed and answer.lease_ttl_ms == 2000
+                time.sleep(4.5)
+                commit = channel.unary_unary(
+                    "/zae_limiter.v1.RateLimiter/Commit",
+                    request_serializer=pb.LeaseRequest.SerializeToString,
+                    response_deserializer=pb.LeaseResponse.FromString,
+                )
+                with pytest.raises(grpc.RpcError) as expired:
+                    commit(pb.LeaseRequest(lease_id=answer.lease_id))
+                assert expired.value.code() == grpc.StatusCode.NOT_FOUND
+            assert zl.available("gone", "gpt-4", limits=limits) == {"tpm": 900}
+    finally:
+        d.stop()

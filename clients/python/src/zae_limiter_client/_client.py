@@ -19,6 +19,7 @@ import datetime
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -141,6 +142,10 @@ class _Api:
         self.socket = _socket_path(socket)
         self.namespace = namespace or ""
         self.timeout = float(timeout)
+        self._held = _Held()
+
+    def _renew_while_held(self, lease_id: str, ttl_ms: int) -> None:
+        raise NotImplementedError
 
     def _call(
         self,
@@ -449,6 +454,56 @@ class _Api:
         return self._call(_admin_method("DeleteNamespace"), request, lambda r: None)
 
 
+class _Held:
+    """The leases a limiter holds open, renewed every third of the daemon's lease TTL while held,
+    so a lease lives as long as its holder (an LLM stream longer than the TTL keeps it); a lease
+    whose process died expires a TTL after its last call and stays consumed. Every call on a
+    lease renews it too (``touch``)."""
+
+    def __init__(self) -> None:
+        # lease id -> [when it was last renewed (monotonic seconds), renewal interval (seconds)]
+        self._leases: dict[str, list[float]] = {}
+        # The sync limiter's renewal thread reads it while callers' threads close leases.
+        self._lock = threading.Lock()
+
+    def hold(self, lease_id: str, ttl_ms: int) -> bool:
+        """Starts renewing ``lease_id``; whether there is anything to renew."""
+        if ttl_ms <= 0 or not lease_id:
+            return False
+        with self._lock:
+            self._leases[lease_id] = [time.monotonic(), ttl_ms / 3000]
+        return True
+
+    def touch(self, lease_id: str) -> None:
+        with self._lock:
+            entry = self._leases.get(lease_id)
+            if entry is not None:
+                entry[0] = time.monotonic()
+
+    def release(self, lease_id: str) -> None:
+        with self._lock:
+            self._leases.pop(lease_id, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._leases.clear()
+
+    def __bool__(self) -> bool:
+        return bool(self._leases)
+
+    def due(self) -> tuple[list[str], float]:
+        """The leases to renew now, and how long to sleep before looking again."""
+        now = time.monotonic()
+        with self._lock:
+            due = [i for i, (last, every) in self._leases.items() if now - last >= every]
+            pause = min((every for _, every in self._leases.values()), default=1.0) / 2
+        return due, pause
+
+
+def _renew_request(lease_id: str) -> pb.LeaseRequest:
+    return pb.LeaseRequest(lease_id=lease_id)
+
+
 class Lease:
     """Capacity taken by ``acquire``. ``adjust`` reports the real usage (negative gives back; a
     balance may go into debt); the ``acquire`` block commits or rolls back. ``consumed`` is what
@@ -462,9 +517,12 @@ class Lease:
         resource: str,
         consumed: dict[str, int],
         statuses: Callable[[], list[LimitStatus]],
+        ttl_ms: int = 0,
     ) -> None:
         self._limiter = limiter
         self.lease_id = lease_id
+        #: How long the daemon keeps the lease after the last call on it (renewed while held).
+        self.ttl_seconds = ttl_ms / 1000
         self.entity_id = entity_id
         self.resource = resource
         self._statuses = statuses
@@ -498,13 +556,26 @@ class Lease:
                 self.consumed[name] = self.consumed.get(name, 0) + value
 
         request = message(pb.AdjustRequest, lease_id=self.lease_id, delta=delta)
+        self._limiter._held.touch(self.lease_id)
         return self._limiter._call(
             _rate_limiter_method("Adjust"), request, record, not_found=LeaseNotFound
+        )
+
+    def renew(self) -> Any:
+        """Keeps the lease alive now (the limiter renews the leases it holds on its own)."""
+        self._check_open()
+        self._limiter._held.touch(self.lease_id)
+        return self._limiter._call(
+            _rate_limiter_method("Renew"),
+            _renew_request(self.lease_id),
+            lambda r: None,
+            not_found=LeaseNotFound,
         )
 
     def _close(self, method: str) -> Any:
         self._check_open()
         self._closed = True
+        self._limiter._held.release(self.lease_id)
         request = message(pb.LeaseRequest, lease_id=self.lease_id)
         return self._limiter._call(
             _rate_limiter_method(method),
@@ -560,7 +631,9 @@ class _Acquire:
             self._resource,
             self._consume,
             statuses,
+            response.lease_ttl_ms,
         )
+        self._limiter._renew_while_held(response.lease_id, response.lease_ttl_ms)
         return self._lease
 
     async def __aenter__(self) -> Lease:
@@ -626,6 +699,39 @@ class RateLimiter(_Api):
         super().__init__(socket, namespace, timeout)
         self._channel: _h2.Channel | None = None
         self._owner: Any = None
+        self._renewer: asyncio.Task[None] | None = None
+
+    def _renew_while_held(self, lease_id: str, ttl_ms: int) -> None:
+        if not self._held.hold(lease_id, ttl_ms):
+            return
+        loop = asyncio.get_running_loop()
+        renewer = self._renewer
+        if renewer is None or renewer.done() or renewer.get_loop() is not loop:
+            self._renewer = loop.create_task(self._renew())
+
+    async def _renew(self) -> None:
+        """Renews the held leases until none is left (started again by the next one)."""
+        while self._held:
+            due, pause = self._held.due()
+            if due:
+                results = await asyncio.gather(
+                    *(
+                        self._call(
+                            _rate_limiter_method("Renew"),
+                            _renew_request(lease_id),
+                            lambda r: None,
+                            not_found=LeaseNotFound,
+                        )
+                        for lease_id in due
+                    ),
+                    return_exceptions=True,
+                )
+                for lease_id, result in zip(due, results):
+                    if isinstance(result, LeaseNotFound):
+                        self._held.release(lease_id)
+                    elif not isinstance(result, BaseException):
+                        self._held.touch(lease_id)
+            await asyncio.sleep(pause)
 
     def _current_channel(self) -> _h2.Channel:
         owner = (os.getpid(), asyncio.get_running_loop())
@@ -669,7 +775,10 @@ class RateLimiter(_Api):
         return answer == _SERVING
 
     async def close(self) -> None:
-        """Closes the connection (a later call opens a new one)."""
+        """Closes the connection (a later call opens a new one) and stops renewing leases."""
+        renewer, self._renewer = self._renewer, None
+        if renewer is not None and not renewer.done():
+            renewer.cancel()
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()
@@ -696,6 +805,48 @@ class SyncRateLimiter(_Api):
         self._calls: dict[str, Any] = {}
         self._pid: int | None = None
         self._lock = threading.Lock()
+        # Held leases are renewed by one thread per limiter, started when needed.
+        self._renewer_lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
+        self._renewer_pid: int | None = None
+
+    def _renew_while_held(self, lease_id: str, ttl_ms: int) -> None:
+        with self._renewer_lock:
+            if self._renewer_pid != os.getpid():
+                # A new process: the parent's thread and leases are not this one's.
+                self._held.clear()
+                self._renewer, self._renewer_pid = None, os.getpid()
+            if not self._held.hold(lease_id, ttl_ms):
+                return
+            if self._renewer is None or not self._renewer.is_alive():
+                self._renewer = threading.Thread(
+                    target=self._renew, name="zae-limiter-renew", daemon=True
+                )
+                self._renewer.start()
+
+    def _renew(self) -> None:
+        """Renews the held leases until none is left (started again by the next one)."""
+        while True:
+            with self._renewer_lock:
+                if not self._held:
+                    self._renewer = None
+                    return
+            due, pause = self._held.due()
+            for lease_id in due:
+                try:
+                    self._call(
+                        _rate_limiter_method("Renew"),
+                        _renew_request(lease_id),
+                        lambda r: None,
+                        not_found=LeaseNotFound,
+                    )
+                except LeaseNotFound:
+                    self._held.release(lease_id)
+                except ZAELimiterError:
+                    continue
+                else:
+                    self._held.touch(lease_id)
+            time.sleep(pause)
 
     def _callable(self, path: str) -> Any:
         with self._lock:

@@ -54,6 +54,11 @@ class RateLimiterStub(object):
                 request_serializer=zae__limiter_dot_v1_dot_ratelimit__pb2.LeaseRequest.SerializeToString,
                 response_deserializer=zae__limiter_dot_v1_dot_ratelimit__pb2.LeaseResponse.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/zae_limiter.v1.RateLimiter/Renew',
+                request_serializer=zae__limiter_dot_v1_dot_ratelimit__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=zae__limiter_dot_v1_dot_ratelimit__pb2.LeaseResponse.FromString,
+                _registered_method=True)
         self.Available = channel.unary_unary(
                 '/zae_limiter.v1.RateLimiter/Available',
                 request_serializer=zae__limiter_dot_v1_dot_ratelimit__pb2.AvailableRequest.SerializeToString,
@@ -93,6 +98,13 @@ class RateLimiterServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """Keeps a lease alive: it lives lease_ttl_ms from now. NOT_FOUND once it is closed or expired.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Available(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -125,6 +137,11 @@ def add_RateLimiterServicer_to_server(servicer, server):
             ),
             'Rollback': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollback,
+                    request_deserializer=zae__limiter_dot_v1_dot_ratelimit__pb2.LeaseRequest.FromString,
+                    response_serializer=zae__limiter_dot_v1_dot_ratelimit__pb2.LeaseResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
                     request_deserializer=zae__limiter_dot_v1_dot_ratelimit__pb2.LeaseRequest.FromString,
                     response_serializer=zae__limiter_dot_v1_dot_ratelimit__pb2.LeaseResponse.SerializeToString,
             ),
@@ -245,6 +262,33 @@ class RateLimiter(object):
             request,
             target,
             '/zae_limiter.v1.RateLimiter/Rollback',
+            zae__limiter_dot_v1_dot_ratelimit__pb2.LeaseRequest.SerializeToString,
+            zae__limiter_dot_v1_dot_ratelimit__pb2.LeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/zae_limiter.v1.RateLimiter/Renew',
             zae__limiter_dot_v1_dot_ratelimit__pb2.LeaseRequest.SerializeToString,
             zae__limiter_dot_v1_dot_ratelimit__pb2.LeaseResponse.FromString,
             options,
