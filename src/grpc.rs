@@ -217,6 +217,7 @@ fn to_proto_status(s: &LimitStatus) -> proto::LimitStatus {
         available_milli: s.available,
         requested_milli: s.requested,
         retry_after_ms: s.retry_after_ms,
+        limit: Some(proto::Limit::from(&s.limit)),
     }
 }
 

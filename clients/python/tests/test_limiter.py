@@ -41,6 +41,7 @@ def test_admits_then_refuses_with_retry_after(daemon, entity):
     # One token comes back every 30 s.
     assert 0 < err.retry_after_seconds <= 30
     assert err.retry_after_header == str(int(err.retry_after_seconds) + 1)
+    assert not err.never_fits and err.as_dict()["never_fits"] is False
     assert [v.limit_name for v in err.violations] == ["rpm"]
     assert err.passed == []
     assert err.primary_violation.limit_name == "rpm"
@@ -51,6 +52,28 @@ def test_admits_then_refuses_with_retry_after(daemon, entity):
     assert body["limits"][0]["available"] == 0
     assert body["limits"][0]["requested"] == 1
     assert body["limits"][0]["capacity"] == 2
+
+
+def test_a_request_that_can_never_fit_still_gets_a_whole_retry_after_header(daemon, entity):
+    """The README's 429 handler sends ``Retry-After: e.retry_after_header``: always an integer
+    string (the library's wait for the deficit), and the body says that no wait helps. The limit
+    is stored, so the daemon's statuses carry it."""
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            await zl.set_limits(entity, [Limit.per_minute("rpm", 10)], resource="gpt-4")
+            with pytest.raises(RateLimitExceeded) as refused:
+                await zl.consume(entity, "gpt-4", {"rpm": 11})
+            return refused.value
+
+    err = run(scenario())
+    assert err.retry_after_seconds is None
+    assert err.never_fits
+    # A deficit of 1 token at 10 a minute: 6 s, so "7".
+    assert err.retry_after_header == "7"
+    body = err.as_dict()
+    assert body["never_fits"] is True
+    assert body["limits"][0]["capacity"] == 10, "the stored limit came with the status"
 
 
 def test_adjust_into_debt_makes_the_next_wait_longer(daemon, entity):
@@ -172,7 +195,7 @@ def test_stored_limits_resolve_entity_resource_then_entity_then_resource_then_sy
     seen, stored, defaults, events = run(scenario())
     # A fresh bucket of each resolved set starts full.
     assert seen[:3] == [{"rpm": 50}, {"rpm": 40}, {"rpm": 35}]
-    assert stored == [Limit("rpm", 35, 30, 86_400_000)]
+    assert stored == [Limit("rpm", 35, 30, 86_400)]
     assert defaults == []
     assert [e.action for e in events] == ["limits_deleted"] * 2 + ["limits_set"] * 2
     assert all(e.subject == entity for e in events)
@@ -239,7 +262,7 @@ def test_bad_input_is_a_validation_error_naming_the_field(daemon, entity):
                 lambda: zl.consume("", "gpt-4", {"rpm": 1}, limits=limits),
                 lambda: zl.consume(entity, "gpt-4", {"rpm": 10**16}, limits=limits),
                 lambda: zl.consume(entity, "gpt-4", {"tpm": 1}, limits=limits),
-                lambda: zl.consume(entity, "gpt-4", {"rpm": 1}, limits=[Limit("rpm", 0, 1, 1000)]),
+                lambda: zl.consume(entity, "gpt-4", {"rpm": 1}, limits=[Limit("rpm", 0, 1, 1)]),
                 lambda: zl.consume(entity, "gpt-4", {"rpm": -1}, limits=limits),
                 lambda: zl.consume(entity, 7, {"rpm": 1}, limits=limits),
             ):

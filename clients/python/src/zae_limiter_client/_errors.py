@@ -64,12 +64,20 @@ class RateLimitExceeded(ZAELimiterError):
         return f"rate limit exceeded for {where}{by}: [{names}]; {wait}"
 
     @property
-    def retry_after_header(self) -> str | None:
-        """The HTTP ``Retry-After`` value: whole seconds, rounded up (as the Python zae-limiter
-        does, one more than the whole seconds); ``None`` when the request can never fit."""
-        if self.retry_after_seconds is None:
-            return None
-        return str(int(self.retry_after_seconds) + 1)
+    def never_fits(self) -> bool:
+        """Whether the request asks more than a limit's capacity: no wait makes it fit."""
+        return self.retry_after_seconds is None
+
+    @property
+    def retry_after_header(self) -> str:
+        """The HTTP ``Retry-After`` value, always whole seconds: one more than the whole seconds
+        of the wait (as the Python zae-limiter does). For a request that can never fit
+        (``never_fits``), the library's wait for its deficit: a retry then is refused again."""
+        seconds = self.retry_after_seconds
+        if seconds is None:
+            waits = [s.deficit_seconds() for s in self.violations]
+            seconds = max((w for w in waits if w is not None), default=0.0)
+        return str(int(seconds) + 1)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready body for a 429 answer."""
@@ -80,6 +88,7 @@ class RateLimitExceeded(ZAELimiterError):
             "retry_after_ms": (
                 None if self.retry_after_seconds is None else round(self.retry_after_seconds * 1000)
             ),
+            "never_fits": self.never_fits,
             "refused_by": self.refused_by,
             "limits": [s.as_dict() for s in self.statuses],
         }

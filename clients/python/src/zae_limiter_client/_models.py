@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -26,16 +27,55 @@ def _whole(field: str, value: Any, *, low: int, high: int) -> int:
     return value
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, init=False)
 class Limit:
     """A token bucket: ``capacity`` tokens (the burst), refilled by ``refill_amount`` tokens every
-    ``refill_period_ms`` milliseconds. Build it with the class methods, as in the Python
-    zae-limiter."""
+    ``refill_period_seconds`` seconds, as in the Python zae-limiter:
+    ``Limit("rpm", 100, 100, 60)`` is 100 per minute. Build it with the class methods, or give the
+    period in milliseconds with the keyword ``refill_period_ms`` instead of the fourth field."""
 
     name: str
     capacity: int
     refill_amount: int
+    #: The period in milliseconds (the daemon's resolution).
     refill_period_ms: int
+
+    def __init__(
+        self,
+        name: str,
+        capacity: int,
+        refill_amount: int,
+        refill_period_seconds: float | None = None,
+        *,
+        refill_period_ms: int | None = None,
+    ) -> None:
+        if (refill_period_seconds is None) == (refill_period_ms is None):
+            raise ValidationError(
+                f"limit {name}: give the refill period once, in seconds (the fourth field) or "
+                "in milliseconds (refill_period_ms=)",
+                field="refill_period_seconds",
+            )
+        if refill_period_ms is None:
+            if isinstance(refill_period_seconds, bool) or not isinstance(
+                refill_period_seconds, (int, float)
+            ):
+                raise ValidationError(
+                    f"limit {name}: refill_period_seconds must be a number, "
+                    f"got {refill_period_seconds!r}",
+                    field="refill_period_seconds",
+                )
+            if not math.isfinite(refill_period_seconds):
+                raise ValidationError(
+                    f"limit {name}: refill_period_seconds must be finite, "
+                    f"got {refill_period_seconds!r}",
+                    field="refill_period_seconds",
+                )
+            refill_period_ms = round(refill_period_seconds * 1000)
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "capacity", capacity)
+        object.__setattr__(self, "refill_amount", refill_amount)
+        object.__setattr__(self, "refill_period_ms", refill_period_ms)
+        self.__post_init__()
 
     def __post_init__(self) -> None:
         _whole(f"limit {self.name}: capacity", self.capacity, low=0, high=_U64_MAX)
@@ -63,7 +103,7 @@ class Limit:
 
     @classmethod
     def _per(cls, name: str, rate: int, burst: int | None, period_ms: int) -> Limit:
-        return cls(name, rate if burst is None else burst, rate, period_ms)
+        return cls(name, rate if burst is None else burst, rate, refill_period_ms=period_ms)
 
     @classmethod
     def per_second(cls, name: str, rate: int, burst: int | None = None) -> Limit:
@@ -87,16 +127,9 @@ class Limit:
         cls, name: str, capacity: int, refill_amount: int, refill_period_seconds: float
     ) -> Limit:
         """``capacity`` tokens, refilled by ``refill_amount`` every ``refill_period_seconds``
-        (millisecond resolution)."""
-        if isinstance(refill_period_seconds, bool) or not isinstance(
-            refill_period_seconds, (int, float)
-        ):
-            raise ValidationError(
-                f"limit {name}: refill_period_seconds must be a number, "
-                f"got {refill_period_seconds!r}",
-                field="refill_period_seconds",
-            )
-        return cls(name, capacity, refill_amount, round(refill_period_seconds * 1000))
+        (millisecond resolution): the same as ``Limit(name, capacity, refill_amount,
+        refill_period_seconds)``."""
+        return cls(name, capacity, refill_amount, refill_period_seconds)
 
     def _to_pb(self) -> pb.Limit:
         return pb.Limit(
@@ -108,7 +141,12 @@ class Limit:
 
     @classmethod
     def _from_pb(cls, limit: pb.Limit) -> Limit:
-        return cls(limit.name, limit.capacity, limit.refill_amount, limit.refill_period_ms)
+        return cls(
+            limit.name,
+            limit.capacity,
+            limit.refill_amount,
+            refill_period_ms=limit.refill_period_ms,
+        )
 
 
 @dataclasses.dataclass(slots=True)
@@ -147,8 +185,19 @@ class LimitStatus:
             retry_after_seconds=retry,
             available_milli=status.available_milli,
             requested_milli=status.requested_milli,
-            limit=limits.get(status.name),
+            limit=limits.get(status.name)
+            or (Limit._from_pb(status.limit) if status.HasField("limit") else None),
         )
+
+    def deficit_seconds(self) -> float | None:
+        """Seconds for the refill to make up what the request lacks, by the Python zae-limiter's
+        formula (``((deficit * period) // amount + 1) / 1000``), even when the request can never
+        fit (then it is refused again after that wait); ``None`` when the limit is unknown."""
+        limit = self.limit
+        if limit is None or limit.refill_amount == 0:
+            return None
+        deficit = max(self.requested_milli - self.available_milli, 0)
+        return ((deficit * limit.refill_period_ms) // (limit.refill_amount * 1000) + 1) / 1000
 
     def as_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {
