@@ -245,11 +245,16 @@ async fn leases_expire_by_the_clock_and_stay_consumed(inner: Arc<dyn Store>, ns:
     let limits = [Limit::per_hour("tpm", 1_000).unwrap()];
     let lease = f.lease("e", &limits, &[("tpm", 100)]).await;
     f.clock.advance(59_999);
+    // A call on the lease: it lives a TTL from now.
     f.limiter
         .adjust(lease, amounts(&[("tpm", 1)]), within(5_000))
         .await
         .unwrap();
-    f.clock.advance(2);
+    f.clock.advance(59_999);
+    f.limiter.tick();
+    f.limiter.renew(lease, within(5_000)).await.unwrap();
+    // Silent for a TTL: expired.
+    f.clock.advance(60_000);
     f.limiter.tick();
     let err = f.limiter.rollback(lease, within(5_000)).await.unwrap_err();
     assert!(matches!(err, LimiterError::LeaseNotFound(_)), "{err:?}");

@@ -31,11 +31,11 @@ use aws_sdk_dynamodb::types::{
 use futures_util::future::join_all;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use super::DynamoStore;
+use super::clauses::{Clause, Clauses};
+use super::errors::classify;
+use super::keys::{bucket_keys, bucket_sk, entity_pk, n, s, usage_attr, usage_key};
 use super::schema::{PK, SK};
-use super::{
-    Clause, Clauses, DynamoStore, bucket_keys, bucket_sk, classify, entity_pk, n, s, usage_attr,
-    usage_key,
-};
 use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, Namespace};
 use crate::domain::records::Usage;

@@ -8,8 +8,9 @@ use aws_sdk_dynamodb::types::{
     KeyType, Projection, ProjectionType, ScalarAttributeType, TableStatus, TimeToLiveSpecification,
 };
 
+use super::errors::classify;
+use super::keys::{keys, n};
 use super::schema::{GSI1, GSI1PK, GSI1SK, PK, SK, TTL, VERSION};
-use super::{classify, keys, n};
 use crate::store::StoreError;
 
 const META_PK: &str = "#META";

@@ -1,0 +1,521 @@
+//! Everything but buckets: entities (with the parent index), stored limits, audit records, the
+//! namespace registry and usage snapshots. Every change of an entity or of stored limits is one
+//! transaction with its audit record.
+
+use aws_sdk_dynamodb::error::SdkError;
+use aws_sdk_dynamodb::types::{Delete, ReturnValue, TransactWriteItem};
+
+use super::DynamoStore;
+use super::clauses::{Action, Existing, Expr, action, put, update};
+use super::codec::{decode_audit, decode_entity, decode_usage, entity_item, string};
+use super::errors::{CancellationReasons, classify};
+use super::keys::{
+    Item, NAMESPACES_PK, audit_pk, children_pk, entity_keys, entity_pk, keys, limits_keys, n, s,
+    usage_attr, usage_key,
+};
+use super::schema::{GSI1, GSI1PK, PK, SK};
+use crate::domain::ids::{EntityId, Namespace, ResourceId};
+use crate::domain::limit::{self, Limit, encode};
+use crate::domain::records::{Actor, AuditAction, AuditEntry, Entity, LimitScope, Period, Usage};
+use crate::store::{AuditPage, StoreError, audit_sort_key, entity_json};
+
+impl DynamoStore {
+    fn audit_put(
+        &self,
+        ns: &Namespace,
+        entry: &AuditEntry,
+    ) -> Result<TransactWriteItem, StoreError> {
+        let mut item = keys(audit_pk(ns, &entry.subject), audit_sort_key(entry.at_ms));
+        let expires = entry.at_ms / 1_000 + self.audit_retention.as_secs() as i64;
+        super::codec::audit_attributes(entry, expires, &mut item);
+        Ok(action(Action::Put(put(&self.table, item, Existing::Any)?)))
+    }
+
+    /// Runs a transaction of a change and its audit record; `on_condition` maps the change's
+    /// condition failure to the caller's error.
+    async fn audited(
+        &self,
+        change: TransactWriteItem,
+        audit: TransactWriteItem,
+        on_condition: impl FnOnce() -> StoreError,
+    ) -> Result<(), StoreError> {
+        match self
+            .client
+            .transact_write_items()
+            .transact_items(change)
+            .transact_items(audit)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(se))
+                if se.err().is_transaction_canceled_exception()
+                    && se
+                        .err()
+                        .cancellation_reasons()
+                        .first()
+                        .and_then(|r| r.code())
+                        == Some("ConditionalCheckFailed") =>
+            {
+                Err(on_condition())
+            }
+            Err(e) => Err(classify(e, &self.table)),
+        }
+    }
+
+    /// Deletes the items whose keys (`PK`, `SK`) the given items carry, one by one.
+    async fn delete_keys(&self, items: &[Item]) -> Result<(), StoreError> {
+        for item in items {
+            self.client
+                .delete_item()
+                .table_name(&self.table)
+                .set_key(Some(keys(
+                    string(item, PK)?.to_owned(),
+                    string(item, SK)?.to_owned(),
+                )))
+                .send()
+                .await
+                .map_err(|e| classify(e, &self.table))?;
+        }
+        Ok(())
+    }
+
+    /// Deletes an existing item together with its audit record.
+    async fn delete_audited(
+        &self,
+        ns: &Namespace,
+        key: Item,
+        entry: &AuditEntry,
+        not_found: impl FnOnce() -> StoreError,
+    ) -> Result<(), StoreError> {
+        let delete = Delete::builder()
+            .table_name(&self.table)
+            .set_key(Some(key))
+            .condition_expression("attribute_exists(#pk)")
+            .expression_attribute_names("#pk", PK)
+            .build()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let audit = self.audit_put(ns, entry)?;
+        self.audited(
+            TransactWriteItem::builder().delete(delete).build(),
+            audit,
+            not_found,
+        )
+        .await
+    }
+
+    /// Every item a query returns, page by page.
+    async fn query_all(
+        &self,
+        query: aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
+    ) -> Result<Vec<Item>, StoreError> {
+        let mut items = Vec::new();
+        let mut start = None;
+        loop {
+            let out = query
+                .clone()
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| classify(e, &self.table))?;
+            items.extend(out.items.unwrap_or_default());
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                return Ok(items);
+            }
+        }
+    }
+}
+
+pub(super) async fn create_entity(
+    store: &DynamoStore,
+    ns: &Namespace,
+    entity: &Entity,
+    by: &Actor,
+) -> Result<(), StoreError> {
+    let created = put(&store.table, entity_item(ns, entity), Existing::Absent)?;
+    let audit = store.audit_put(
+        ns,
+        &AuditEntry::new(
+            entity.id.to_string(),
+            AuditAction::EntityCreated,
+            by,
+            None,
+            Some(entity_json(entity)),
+        ),
+    )?;
+    store
+        .audited(action(Action::Put(created)), audit, || {
+            StoreError::AlreadyExists(format!("entity {:?}", entity.id.as_str()))
+        })
+        .await
+}
+
+pub(super) async fn get_entity(
+    store: &DynamoStore,
+    ns: &Namespace,
+    id: &EntityId,
+) -> Result<Option<Entity>, StoreError> {
+    let out = store
+        .client
+        .get_item()
+        .table_name(&store.table)
+        .set_key(Some(entity_keys(ns, id)))
+        .consistent_read(true)
+        .send()
+        .await
+        .map_err(|e| classify(e, &store.table))?;
+    out.item.as_ref().map(decode_entity).transpose()
+}
+
+pub(super) async fn delete_entity(
+    store: &DynamoStore,
+    ns: &Namespace,
+    id: &EntityId,
+    force: bool,
+    by: &Actor,
+) -> Result<(), StoreError> {
+    let not_found = || StoreError::NotFound(format!("entity {:?}", id.as_str()));
+    let old = get_entity(store, ns, id).await?.ok_or_else(not_found)?;
+    // The parent index is eventually consistent: a child created a moment ago may be missed.
+    let children = list_children(store, ns, id).await?.len();
+    if children > 0 && !force {
+        return Err(StoreError::Refused(format!(
+            "entity {:?} has {children} children; delete them first or force",
+            id.as_str()
+        )));
+    }
+    let entry = AuditEntry::new(
+        id.to_string(),
+        AuditAction::EntityDeleted,
+        by,
+        Some(entity_json(&old)),
+        None,
+    );
+    store
+        .delete_audited(ns, entity_keys(ns, id), &entry, not_found)
+        .await?;
+    // Then its buckets and entity-level limits: every other item of its partition.
+    let items = store
+        .query_all(
+            store
+                .client
+                .query()
+                .table_name(&store.table)
+                .key_condition_expression("#pk = :pk")
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_values(":pk", s(entity_pk(ns, id)))
+                .projection_expression("#pk, SK"),
+        )
+        .await?;
+    store.delete_keys(&items).await
+}
+
+pub(super) async fn move_entity(
+    store: &DynamoStore,
+    ns: &Namespace,
+    id: &EntityId,
+    parent: Option<&EntityId>,
+    by: &Actor,
+) -> Result<Entity, StoreError> {
+    let not_found = || StoreError::NotFound(format!("entity {:?}", id.as_str()));
+    let old = get_entity(store, ns, id).await?.ok_or_else(not_found)?;
+    let moved = Entity {
+        parent: parent.cloned(),
+        ..old.clone()
+    };
+    let replaced = put(&store.table, entity_item(ns, &moved), Existing::Present)?;
+    let entry = AuditEntry::new(
+        id.to_string(),
+        AuditAction::EntityMoved,
+        by,
+        Some(entity_json(&old)),
+        Some(entity_json(&moved)),
+    );
+    let audit = store.audit_put(ns, &entry)?;
+    store
+        .audited(action(Action::Put(replaced)), audit, not_found)
+        .await?;
+    Ok(moved)
+}
+
+pub(super) async fn list_children(
+    store: &DynamoStore,
+    ns: &Namespace,
+    parent: &EntityId,
+) -> Result<Vec<Entity>, StoreError> {
+    let items = store
+        .query_all(
+            store
+                .client
+                .query()
+                .table_name(&store.table)
+                .index_name(GSI1)
+                .key_condition_expression("#pk = :pk")
+                .expression_attribute_names("#pk", GSI1PK)
+                .expression_attribute_values(":pk", s(children_pk(ns, parent))),
+        )
+        .await?;
+    let mut children = items
+        .iter()
+        .map(decode_entity)
+        .collect::<Result<Vec<_>, _>>()?;
+    children.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(children)
+}
+
+pub(super) async fn set_limits(
+    store: &DynamoStore,
+    ns: &Namespace,
+    scope: &LimitScope,
+    limits: &[Limit],
+    by: &Actor,
+) -> Result<(), StoreError> {
+    let before = get_limits(store, ns, scope).await?;
+    let mut item = limits_keys(ns, scope);
+    item.insert("limits".into(), s(encode(limits)));
+    let stored = put(&store.table, item, Existing::Any)?;
+    let audit = store.audit_put(
+        ns,
+        &AuditEntry::new(
+            scope.audit_subject(),
+            AuditAction::LimitsSet,
+            by,
+            before.map(|b| encode(&b)),
+            Some(encode(limits)),
+        ),
+    )?;
+    store
+        .audited(action(Action::Put(stored)), audit, || {
+            StoreError::Backend("limit item changed concurrently".into())
+        })
+        .await
+}
+
+pub(super) async fn get_limits(
+    store: &DynamoStore,
+    ns: &Namespace,
+    scope: &LimitScope,
+) -> Result<Option<Vec<Limit>>, StoreError> {
+    let out = store
+        .client
+        .get_item()
+        .table_name(&store.table)
+        .set_key(Some(limits_keys(ns, scope)))
+        .consistent_read(true)
+        .send()
+        .await
+        .map_err(|e| classify(e, &store.table))?;
+    out.item
+        .as_ref()
+        .map(|item| {
+            limit::decode(string(item, "limits")?).map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+        .transpose()
+}
+
+pub(super) async fn delete_limits(
+    store: &DynamoStore,
+    ns: &Namespace,
+    scope: &LimitScope,
+    by: &Actor,
+) -> Result<(), StoreError> {
+    let not_found = || StoreError::NotFound(format!("limits of {scope}"));
+    let old = get_limits(store, ns, scope).await?.ok_or_else(not_found)?;
+    let entry = AuditEntry::new(
+        scope.audit_subject(),
+        AuditAction::LimitsDeleted,
+        by,
+        Some(encode(&old)),
+        None,
+    );
+    store
+        .delete_audited(ns, limits_keys(ns, scope), &entry, not_found)
+        .await
+}
+
+pub(super) async fn list_audit(
+    store: &DynamoStore,
+    ns: &Namespace,
+    subject: &str,
+    page_size: usize,
+    after: Option<&str>,
+) -> Result<AuditPage, StoreError> {
+    let pk = audit_pk(ns, subject);
+    // Ask for one more than a page, so `next` is set only when there really is more.
+    let wanted = page_size.clamp(1, 1_000);
+    let mut items: Vec<Item> = Vec::new();
+    let mut start = after.map(|sk| keys(pk.clone(), sk.to_owned()));
+    loop {
+        let out = store
+            .client
+            .query()
+            .table_name(&store.table)
+            .key_condition_expression("#pk = :pk")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_values(":pk", s(pk.clone()))
+            .scan_index_forward(false)
+            .limit((wanted + 1 - items.len()) as i32)
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .map_err(|e| classify(e, &store.table))?;
+        items.extend(out.items.unwrap_or_default());
+        start = out.last_evaluated_key;
+        if start.is_none() || items.len() > wanted {
+            break;
+        }
+    }
+    let more = items.len() > wanted;
+    items.truncate(wanted);
+    let next = if more {
+        Some(string(items.last().expect("more than zero items"), SK)?.to_owned())
+    } else {
+        None
+    };
+    let entries = items
+        .iter()
+        .map(|item| decode_audit(item, subject))
+        .collect::<Result<_, StoreError>>()?;
+    Ok(AuditPage { entries, next })
+}
+
+pub(super) async fn create_namespace(
+    store: &DynamoStore,
+    ns: &Namespace,
+) -> Result<(), StoreError> {
+    store
+        .client
+        .put_item()
+        .table_name(&store.table)
+        .set_item(Some(keys(NAMESPACES_PK.into(), ns.to_string())))
+        .send()
+        .await
+        .map_err(|e| classify(e, &store.table))?;
+    Ok(())
+}
+
+pub(super) async fn list_namespaces(store: &DynamoStore) -> Result<Vec<Namespace>, StoreError> {
+    let items = store
+        .query_all(
+            store
+                .client
+                .query()
+                .table_name(&store.table)
+                .key_condition_expression("#pk = :pk")
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_values(":pk", s(NAMESPACES_PK))
+                .consistent_read(true),
+        )
+        .await?;
+    items
+        .iter()
+        .map(|item| {
+            Namespace::new(string(item, SK)?).map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+        .collect()
+}
+
+pub(super) async fn delete_namespace(
+    store: &DynamoStore,
+    ns: &Namespace,
+) -> Result<(), StoreError> {
+    let registration = keys(NAMESPACES_PK.into(), ns.to_string());
+    let out = store
+        .client
+        .delete_item()
+        .table_name(&store.table)
+        .set_key(Some(registration))
+        .return_values(ReturnValue::AllOld)
+        .send()
+        .await
+        .map_err(|e| classify(e, &store.table))?;
+    if out.attributes.is_none() {
+        return Err(StoreError::NotFound(format!("namespace {:?}", ns.as_str())));
+    }
+    // Every key of the namespace starts with `{ns}#`; no index lists them, so scan.
+    let mut start = None;
+    loop {
+        let out = store
+            .client
+            .scan()
+            .table_name(&store.table)
+            .filter_expression("begins_with(#pk, :prefix)")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_values(":prefix", s(format!("{ns}#")))
+            .projection_expression("#pk, SK")
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .map_err(|e| classify(e, &store.table))?;
+        store.delete_keys(out.items()).await?;
+        start = out.last_evaluated_key;
+        if start.is_none() {
+            return Ok(());
+        }
+    }
+}
+
+/// Adds one usage record to its snapshot in one `UpdateItem`, creating the snapshot and its
+/// counters if they are new.
+pub(super) async fn add_usage_alone(
+    store: &DynamoStore,
+    ns: &Namespace,
+    u: &Usage,
+) -> Result<(), StoreError> {
+    let mut e = Expr::default();
+    let res = e.name("res");
+    let res_v = e.value(s(u.resource.to_string()));
+    let start = e.name("start");
+    let start_v = e.value(n(u.start_ms));
+    e.set.push(format!("{res} = {res_v}"));
+    e.set.push(format!("{start} = {start_v}"));
+    for (name, amount) in &u.amounts {
+        let a = e.name(&usage_attr(name));
+        let v = e.value(n(*amount));
+        e.add.push(format!("{a} {v}"));
+    }
+    let (pk, sk) = usage_key(ns, &u.entity, u.period, u.start_ms, Some(&u.resource));
+    store
+        .send_update(update(&store.table, keys(pk, sk), e)?, false)
+        .await
+        .map_err(|e| classify(e, &store.table))?;
+    Ok(())
+}
+
+pub(super) async fn usage(
+    store: &DynamoStore,
+    ns: &Namespace,
+    entity: &EntityId,
+    resource: Option<&ResourceId>,
+    period: Period,
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Vec<Usage>, StoreError> {
+    let (pk, low) = usage_key(ns, entity, period, from_ms, None);
+    // Sort keys are `{period}#{start}#{resource}`: `{period}#{to}` sorts before every key of
+    // the period starting at `to`, so BETWEEN keeps exactly the starts in from..to.
+    let (_, high) = usage_key(ns, entity, period, to_ms, None);
+    let items = store
+        .query_all(
+            store
+                .client
+                .query()
+                .table_name(&store.table)
+                .key_condition_expression("#pk = :pk AND #sk BETWEEN :lo AND :hi")
+                .expression_attribute_names("#pk", PK)
+                .expression_attribute_names("#sk", SK)
+                .expression_attribute_values(":pk", s(pk))
+                .expression_attribute_values(":lo", s(low))
+                .expression_attribute_values(":hi", s(high)),
+        )
+        .await?;
+    let mut found = Vec::new();
+    for item in &items {
+        let usage = decode_usage(item, entity, period)?;
+        if resource.is_none_or(|r| *r == usage.resource) {
+            found.push(usage);
+        }
+    }
+    Ok(found)
+}
