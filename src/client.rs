@@ -188,6 +188,55 @@ impl Client {
         })
     }
 
+    /// Records extra usage on the open lease `id` (for a lease held elsewhere, see
+    /// [`Lease::into_id`]); as [`Lease::adjust`].
+    ///
+    /// # Errors
+    /// As [`Lease::adjust`].
+    pub async fn adjust_lease<'a>(
+        &self,
+        id: &str,
+        delta: impl IntoIterator<Item = (&'a str, i64)>,
+    ) -> Result<(), ClientError> {
+        let mut map = HashMap::new();
+        for (name, tokens) in delta {
+            *map.entry(name.to_owned()).or_default() += tokens;
+        }
+        let request = proto::AdjustRequest {
+            lease_id: id.to_owned(),
+            delta: map,
+        };
+        self.limiter.clone().adjust(request).await?;
+        Ok(())
+    }
+
+    /// Keeps the open lease `id` alive for another lease TTL; as [`Lease::renew`].
+    ///
+    /// # Errors
+    /// As [`Lease::renew`].
+    pub async fn renew_lease(&self, id: &str) -> Result<(), ClientError> {
+        self.limiter.clone().renew(lease_request(id)).await?;
+        Ok(())
+    }
+
+    /// Commits the open lease `id`; as [`Lease::commit`].
+    ///
+    /// # Errors
+    /// As [`Lease::commit`].
+    pub async fn commit_lease(&self, id: &str) -> Result<(), ClientError> {
+        self.limiter.clone().commit(lease_request(id)).await?;
+        Ok(())
+    }
+
+    /// Rolls the open lease `id` back; as [`Lease::rollback`].
+    ///
+    /// # Errors
+    /// As [`Lease::rollback`].
+    pub async fn rollback_lease(&self, id: &str) -> Result<(), ClientError> {
+        self.limiter.clone().rollback(lease_request(id)).await?;
+        Ok(())
+    }
+
     /// Balances of every limit of a bucket (whole tokens), without consuming.
     ///
     /// # Errors
@@ -214,6 +263,12 @@ impl Client {
             .into_iter()
             .map(|s| (s.name, s.available_milli.div_euclid(MILLI)))
             .collect())
+    }
+}
+
+fn lease_request(id: &str) -> proto::LeaseRequest {
+    proto::LeaseRequest {
+        lease_id: id.to_owned(),
     }
 }
 
@@ -329,11 +384,7 @@ impl Lease {
     /// # Errors
     /// [`ClientError::Status`]: `NOT_FOUND` once the lease is closed or expired.
     pub async fn renew(&mut self) -> Result<(), ClientError> {
-        self.client
-            .renew(proto::LeaseRequest {
-                lease_id: self.id.clone(),
-            })
-            .await?;
+        self.client.renew(lease_request(&self.id)).await?;
         Ok(())
     }
 
@@ -367,11 +418,7 @@ impl Lease {
     pub async fn commit(mut self) -> Result<(), ClientError> {
         self.open = false;
         self.stop_renewing();
-        self.client
-            .commit(proto::LeaseRequest {
-                lease_id: self.id.clone(),
-            })
-            .await?;
+        self.client.commit(lease_request(&self.id)).await?;
         Ok(())
     }
 
@@ -382,11 +429,7 @@ impl Lease {
     pub async fn rollback(mut self) -> Result<(), ClientError> {
         self.open = false;
         self.stop_renewing();
-        self.client
-            .rollback(proto::LeaseRequest {
-                lease_id: self.id.clone(),
-            })
-            .await?;
+        self.client.rollback(lease_request(&self.id)).await?;
         Ok(())
     }
 

@@ -1,0 +1,405 @@
+//! The administrative verbs (entities, stored limits, audit, namespaces, usage), spoken through
+//! a running daemon's `Admin` service.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use super::CliError;
+use super::args::{DaemonArgs, EntityOp, LimitsOp, NamespaceOp};
+use super::output::{
+    Output, audit_value, entity_json, entity_rows, limit_json, limit_rows, rfc3339, table,
+};
+use crate::Limit;
+use crate::client::Client;
+use crate::proto;
+
+/// The request header that names the person behind an administrative change.
+pub const PRINCIPAL_HEADER: &str = "zae-principal";
+
+/// An administrative operation.
+#[derive(Debug, Clone)]
+pub enum AdminOp {
+    CreateEntity {
+        id: String,
+        name: String,
+        parent: Option<String>,
+        cascade: bool,
+        metadata: BTreeMap<String, String>,
+    },
+    GetEntity(String),
+    DeleteEntity {
+        id: String,
+        force: bool,
+    },
+    MoveEntity {
+        id: String,
+        parent: Option<String>,
+    },
+    Children(String),
+    SetLimits {
+        scope: proto::LimitScope,
+        limits: Vec<Limit>,
+    },
+    GetLimits(proto::LimitScope),
+    DeleteLimits(proto::LimitScope),
+    Audit {
+        subject: String,
+        page_size: u32,
+        page: String,
+    },
+    Usage(proto::UsageRequest),
+    CreateNamespace(String),
+    ListNamespaces,
+    DeleteNamespace(String),
+}
+
+/// Runs an operation against the daemon and returns what to print.
+///
+/// # Errors
+/// [`CliError::Status`] saying what the daemon refused.
+pub async fn run(
+    client: &Client,
+    namespace: &str,
+    principal: Option<&str>,
+    op: AdminOp,
+    output: Output,
+) -> Result<String, CliError> {
+    // A name for the audit records, sent beside the peer credentials the daemon reads itself.
+    let principal = principal
+        .map(|p| {
+            tonic::metadata::MetadataValue::try_from(p).map_err(|_| {
+                CliError::Usage(format!("--principal {p:?} is not a valid header value"))
+            })
+        })
+        .transpose()?;
+    let mut admin = proto::admin_client::AdminClient::with_interceptor(
+        client.channel(),
+        move |mut req: tonic::Request<()>| {
+            if let Some(p) = &principal {
+                req.metadata_mut().insert(PRINCIPAL_HEADER, p.clone());
+            }
+            Ok(req)
+        },
+    );
+    let ns = namespace.to_owned();
+    let (json, text) = match op {
+        AdminOp::CreateEntity {
+            id,
+            name,
+            parent,
+            cascade,
+            metadata,
+        } => {
+            let entity = admin
+                .create_entity(proto::CreateEntityRequest {
+                    namespace: ns,
+                    entity: Some(proto::Entity {
+                        id,
+                        name,
+                        parent_id: parent,
+                        cascade,
+                        metadata: metadata.into_iter().collect(),
+                    }),
+                })
+                .await?
+                .into_inner()
+                .entity
+                .unwrap_or_default();
+            (entity_json(&entity), entity_rows(&[entity]))
+        }
+        AdminOp::GetEntity(id) => {
+            let entity = admin
+                .get_entity(proto::EntityRequest {
+                    namespace: ns,
+                    entity_id: id,
+                    force: false,
+                })
+                .await?
+                .into_inner()
+                .entity
+                .unwrap_or_default();
+            (entity_json(&entity), entity_rows(&[entity]))
+        }
+        AdminOp::MoveEntity { id, parent } => {
+            let entity = admin
+                .move_entity(proto::MoveEntityRequest {
+                    namespace: ns,
+                    entity_id: id,
+                    parent_id: parent,
+                })
+                .await?
+                .into_inner()
+                .entity
+                .unwrap_or_default();
+            (entity_json(&entity), entity_rows(&[entity]))
+        }
+        AdminOp::DeleteEntity { id, force } => {
+            admin
+                .delete_entity(proto::EntityRequest {
+                    namespace: ns,
+                    entity_id: id.clone(),
+                    force,
+                })
+                .await?;
+            (json!({ "deleted": id }), format!("deleted entity {id}"))
+        }
+        AdminOp::Children(id) => {
+            let children = admin
+                .list_children(proto::EntityRequest {
+                    namespace: ns,
+                    entity_id: id,
+                    force: false,
+                })
+                .await?
+                .into_inner()
+                .children;
+            (
+                Value::Array(children.iter().map(entity_json).collect()),
+                entity_rows(&children),
+            )
+        }
+        AdminOp::SetLimits { scope, limits } => {
+            let limits: Vec<proto::Limit> = limits.iter().map(proto::Limit::from).collect();
+            admin
+                .set_limits(proto::SetLimitsRequest {
+                    namespace: ns,
+                    scope: Some(scope),
+                    limits: limits.clone(),
+                })
+                .await?;
+            (
+                Value::Array(limits.iter().map(limit_json).collect()),
+                limit_rows(&limits),
+            )
+        }
+        AdminOp::GetLimits(scope) => {
+            let limits = admin
+                .get_limits(proto::LimitsRequest {
+                    namespace: ns,
+                    scope: Some(scope),
+                })
+                .await?
+                .into_inner()
+                .limits;
+            (
+                Value::Array(limits.iter().map(limit_json).collect()),
+                limit_rows(&limits),
+            )
+        }
+        AdminOp::DeleteLimits(scope) => {
+            admin
+                .delete_limits(proto::LimitsRequest {
+                    namespace: ns,
+                    scope: Some(scope),
+                })
+                .await?;
+            (json!({ "deleted": true }), "deleted limits".to_owned())
+        }
+        AdminOp::Audit {
+            subject,
+            page_size,
+            page,
+        } => {
+            let answer = admin
+                .list_audit(proto::ListAuditRequest {
+                    namespace: ns,
+                    subject,
+                    page_size,
+                    page,
+                })
+                .await?
+                .into_inner();
+            let records: Vec<Value> = answer
+                .records
+                .iter()
+                .map(|r| {
+                    json!({
+                        "subject": r.subject, "action": r.action, "principal": r.principal,
+                        "at_ms": r.at_ms,
+                        "before": r.before.as_deref().map(|v| audit_value(v).0),
+                        "after": r.after.as_deref().map(|v| audit_value(v).0),
+                    })
+                })
+                .collect();
+            let rows: Vec<Vec<String>> = answer
+                .records
+                .iter()
+                .map(|r| {
+                    vec![
+                        rfc3339(r.at_ms),
+                        r.action.clone(),
+                        r.principal.clone(),
+                        r.before
+                            .as_deref()
+                            .map_or_else(|| "-".into(), |v| audit_value(v).1),
+                        r.after
+                            .as_deref()
+                            .map_or_else(|| "-".into(), |v| audit_value(v).1),
+                    ]
+                })
+                .collect();
+            let mut text = table(&["at", "action", "principal", "before", "after"], &rows);
+            if !answer.next_page.is_empty() {
+                text += &format!("\nmore: --page {}", answer.next_page);
+            }
+            (
+                json!({ "records": records, "next_page": answer.next_page }),
+                text,
+            )
+        }
+        AdminOp::CreateNamespace(name) => {
+            admin
+                .create_namespace(proto::NamespaceRequest {
+                    namespace: name.clone(),
+                })
+                .await?;
+            let usable = admin
+                .list_namespaces(proto::Empty {})
+                .await?
+                .into_inner()
+                .namespaces
+                .contains(&name);
+            let text = if usable {
+                format!("namespace {name} created")
+            } else {
+                format!(
+                    "namespace {name} registered; this daemon does not admit registered \
+                     namespaces: add \"*\" (or \"{name}\") to limiter.namespaces in its \
+                     configuration and restart it to use {name}"
+                )
+            };
+            (json!({ "created": name, "usable": usable }), text)
+        }
+        AdminOp::ListNamespaces => {
+            let names = admin
+                .list_namespaces(proto::Empty {})
+                .await?
+                .into_inner()
+                .namespaces;
+            let rows: Vec<Vec<String>> = names.iter().map(|n| vec![n.clone()]).collect();
+            (json!(names), table(&["namespace"], &rows))
+        }
+        AdminOp::DeleteNamespace(name) => {
+            admin
+                .delete_namespace(proto::NamespaceRequest {
+                    namespace: name.clone(),
+                })
+                .await?;
+            (
+                json!({ "deleted": name }),
+                format!("namespace {name} deleted"),
+            )
+        }
+        AdminOp::Usage(mut request) => {
+            request.namespace = ns;
+            let snapshots = admin.get_usage(request).await?.into_inner().snapshots;
+            let json = Value::Array(
+                snapshots
+                    .iter()
+                    .map(|u| {
+                        json!({
+                            "resource": u.resource, "period": u.period, "start_ms": u.start_ms,
+                            "consumed": u.consumed_milli.iter()
+                                .map(|(k, v)| (k.clone(), json!(*v as f64 / 1000.0)))
+                                .collect::<serde_json::Map<_, _>>(),
+                        })
+                    })
+                    .collect(),
+            );
+            let rows: Vec<Vec<String>> = snapshots
+                .iter()
+                .map(|u| {
+                    vec![
+                        rfc3339(u.start_ms),
+                        u.period.clone(),
+                        u.resource.clone(),
+                        u.consumed_milli
+                            .iter()
+                            .collect::<BTreeMap<_, _>>()
+                            .iter()
+                            .map(|(k, v)| format!("{k}={}", **v as f64 / 1000.0))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    ]
+                })
+                .collect();
+            (
+                json,
+                table(&["start", "period", "resource", "consumed"], &rows),
+            )
+        }
+    };
+    Ok(match output {
+        Output::Json => json.to_string(),
+        Output::Table => text,
+    })
+}
+
+impl From<EntityOp> for AdminOp {
+    fn from(op: EntityOp) -> Self {
+        match op {
+            EntityOp::Create {
+                id,
+                name,
+                parent,
+                cascade,
+                meta,
+            } => Self::CreateEntity {
+                id,
+                name,
+                parent,
+                cascade,
+                metadata: meta.into_iter().collect(),
+            },
+            EntityOp::Get { id } => Self::GetEntity(id),
+            EntityOp::Delete { id, force } => Self::DeleteEntity { id, force },
+            EntityOp::Move { id, parent, .. } => Self::MoveEntity { id, parent },
+            EntityOp::Children { id } => Self::Children(id),
+        }
+    }
+}
+
+impl From<LimitsOp> for AdminOp {
+    fn from(op: LimitsOp) -> Self {
+        match op {
+            LimitsOp::Set { scope, limit } => Self::SetLimits {
+                scope: scope.scope(),
+                limits: limit,
+            },
+            LimitsOp::Get { scope } => Self::GetLimits(scope.scope()),
+            LimitsOp::Delete { scope } => Self::DeleteLimits(scope.scope()),
+        }
+    }
+}
+
+impl TryFrom<NamespaceOp> for AdminOp {
+    type Error = CliError;
+
+    /// # Errors
+    /// [`CliError::Usage`] for a deletion without `--yes`.
+    fn try_from(op: NamespaceOp) -> Result<Self, CliError> {
+        Ok(match op {
+            NamespaceOp::Create { name } => Self::CreateNamespace(name),
+            NamespaceOp::List => Self::ListNamespaces,
+            NamespaceOp::Delete { name, yes: false } => {
+                return Err(CliError::Usage(format!(
+                    "refusing to delete namespace {name:?} and everything in it without --yes"
+                )));
+            }
+            NamespaceOp::Delete { name, yes: true } => Self::DeleteNamespace(name),
+        })
+    }
+}
+
+/// Runs `op` through the daemon `daemon` names and prints the result.
+///
+/// # Errors
+/// [`CliError::Client`] when the daemon cannot be reached, [`CliError::Status`] when it refuses.
+pub async fn print(daemon: DaemonArgs, op: AdminOp) -> Result<(), CliError> {
+    let client = Client::connect(&daemon.socket).await?;
+    let principal = daemon.principal.as_deref();
+    let output = run(&client, &daemon.namespace, principal, op, daemon.output).await?;
+    println!("{output}");
+    Ok(())
+}
