@@ -3,9 +3,8 @@
 //!
 //! Each descriptor is matched against the configured rules ([`rules`]); a matched descriptor is an
 //! acquire of its rule's hit limits for the entity and resource its entries name. A request is
-//! decided all or nothing: with several matched descriptors each is acquired as a lease and, if a
-//! non-shadow one is refused, every admitted lease is rolled back (nothing charged); otherwise all
-//! are committed. A lone matched descriptor is one call (acquire and commit at once). Descriptors
+//! decided all or nothing by the limiter ([`Limiter::acquire_all`]): if a non-shadow descriptor is
+//! refused, nothing is charged; otherwise all are committed. Descriptors
 //! no rule matches are allowed. When the store cannot decide, the limiter's failure policy answers
 //! (block: `UNAVAILABLE`, for Envoy's own `failure_mode_deny` to decide; allow: admitted), within
 //! the request's deadline either way.
@@ -32,7 +31,7 @@ use crate::domain::bucket::LimitStatus;
 use crate::domain::ids::BucketKey;
 use crate::domain::limit::{Limit, MILLI};
 use crate::grpc::{caller, deadline, namespace, status};
-use crate::limiter::{AcquireRequest, Decision, LeaseId, Limiter};
+use crate::limiter::{AcquireRequest, Decision, Limiter, Part};
 use crate::live::Live;
 use crate::metrics::{self as m, envoy_outcome};
 use rules::{HeaderStyle, Override, Planned, Rules};
@@ -47,12 +46,9 @@ pub struct RlsService {
     live: Arc<Live>,
 }
 
-/// How one matched descriptor was decided.
+/// How one matched descriptor was decided, with the statuses of its limits.
 enum Outcome {
-    Admitted {
-        lease: Option<LeaseId>,
-        statuses: Vec<LimitStatus>,
-    },
+    Admitted(Vec<LimitStatus>),
     Refused(Vec<LimitStatus>),
 }
 
@@ -140,14 +136,15 @@ impl RlsService {
             })
     }
 
-    async fn decide(
+    /// The acquire of a matched descriptor, in its rule's namespace (checked against the
+    /// caller's access); a shadow rule's does not refuse the request.
+    async fn part(
         &self,
         caller: crate::access::Caller,
         access: &Access,
         planned: &Planned<'_>,
-        lease: bool,
         deadline: Instant,
-    ) -> Result<Outcome, Status> {
+    ) -> Result<Part, Status> {
         let ns = namespace(
             &self.limiter,
             access,
@@ -164,34 +161,13 @@ impl RlsService {
             },
             amounts: planned.amounts.clone(),
             limits: planned.limits.clone(),
-            lease,
+            lease: false,
             owner: crate::limiter::Owner::InProcess,
         };
-        match self
-            .limiter
-            .acquire(request, deadline)
-            .await
-            .map_err(status)?
-        {
-            Decision::Admitted { lease, statuses } => Ok(Outcome::Admitted { lease, statuses }),
-            Decision::Rejected { rejection, .. } => Ok(Outcome::Refused(rejection.statuses)),
-        }
-    }
-
-    async fn settle(&self, leases: Vec<LeaseId>, commit: bool, deadline: Instant) {
-        let closes = leases.into_iter().map(|lease| async move {
-            let closed = if commit {
-                self.limiter.commit(lease, deadline).await
-            } else {
-                self.limiter.rollback(lease, deadline).await
-            };
-            if let Err(e) = closed {
-                // The limiter keeps retrying a settlement until the lease expires; an unclosed
-                // lease stays consumed.
-                tracing::warn!(%lease, commit, error = %e, "envoy: lease not closed in time");
-            }
-        });
-        futures_util::future::join_all(closes).await;
+        Ok(Part {
+            request,
+            binding: !planned.rule.shadow,
+        })
     }
 }
 
@@ -206,16 +182,14 @@ impl RateLimitService for RlsService {
         let (rules, access) = (self.live.envoy(), self.live.access());
         let r = req.into_inner();
         let plans = Self::plan(&rules, &r)?;
-        let matched = plans.iter().flatten().count();
-        let lease = matched > 1;
         let access = &*access;
-        let decisions = futures_util::future::join_all(plans.iter().map(|p| async move {
-            match p {
-                Some(planned) => Some(self.decide(caller, access, planned, lease, deadline).await),
-                None => None,
-            }
-        }))
-        .await;
+        let matched: Vec<&Planned<'_>> = plans.iter().flatten().collect();
+        let parts = futures_util::future::try_join_all(
+            matched
+                .iter()
+                .map(|planned| self.part(caller, access, planned, deadline)),
+        )
+        .await?;
 
         let domain_label = if rules.knows_domain(&r.domain) {
             r.domain.clone()
@@ -227,33 +201,37 @@ impl RateLimitService for RlsService {
                 "rule" => rule.to_owned(), "outcome" => outcome)
             .increment(1);
         };
-        let leases: Vec<LeaseId> = decisions
+        let joint = match self.limiter.acquire_all(parts, deadline).await {
+            Ok(joint) => joint,
+            Err(e) => {
+                for p in &matched {
+                    count(&p.rule.name, envoy_outcome::UNAVAILABLE);
+                }
+                return Err(status(e));
+            }
+        };
+        let refused = !joint.admitted;
+        let mut decided = joint.decisions.into_iter();
+        let decisions: Vec<Option<Outcome>> = plans
             .iter()
-            .flatten()
-            .filter_map(|d| match d {
-                Ok(Outcome::Admitted { lease: Some(l), .. }) => Some(*l),
-                _ => None,
+            .map(|p| {
+                p.as_ref().map(|_| {
+                    match decided.next().expect("one decision per matched descriptor") {
+                        Decision::Admitted { statuses, .. } => Outcome::Admitted(statuses),
+                        Decision::Rejected { rejection, .. } => {
+                            Outcome::Refused(rejection.statuses)
+                        }
+                    }
+                })
             })
             .collect();
-        if let Some(err) = decisions.iter().flatten().find_map(|d| d.as_ref().err()) {
-            let err = err.clone();
-            self.settle(leases, false, deadline).await;
-            for p in plans.iter().flatten() {
-                count(&p.rule.name, envoy_outcome::UNAVAILABLE);
-            }
-            return Err(err);
-        }
-        let refused = plans.iter().zip(&decisions).any(
-            |(p, d)| matches!((p, d), (Some(p), Some(Ok(Outcome::Refused(_)))) if !p.rule.shadow),
-        );
-        self.settle(leases, !refused, deadline).await;
 
         let mut statuses = Vec::with_capacity(plans.len());
         let mut headers: Vec<HeaderValue> = Vec::new();
         let mut tightest: Option<Shown> = None;
         let mut longest_wait_ms: Option<u64> = None;
         for (plan, decision) in plans.iter().zip(decisions) {
-            let (Some(plan), Some(Ok(decision))) = (plan, decision) else {
+            let (Some(plan), Some(decision)) = (plan, decision) else {
                 count("none", envoy_outcome::UNMATCHED);
                 statuses.push(DescriptorStatus {
                     code: Code::Ok as i32,
@@ -264,7 +242,7 @@ impl RateLimitService for RlsService {
             let rule = &plan.rule.name;
             let over_limit = matches!(decision, Outcome::Refused(_)) && !plan.rule.shadow;
             let status = match decision {
-                Outcome::Admitted { statuses: s, .. } => {
+                Outcome::Admitted(s) => {
                     count(
                         rule,
                         if refused {

@@ -8,7 +8,8 @@
 //!   bounded mailbox;
 //! - [`messages`]: what the handle, the registry and the actors say to each other;
 //! - [`group`] (with [`lane`] and [`leases`]): the actor itself;
-//! - [`usage`]: consumption waiting for the usage snapshots, and its flush.
+//! - [`usage`]: consumption waiting for the usage snapshots, and its flush;
+//! - [`joint`]: several acquires all or nothing.
 //!
 //! Every call has one deadline, and every store call it makes (look-ups and writes) answers
 //! within it: a store that cannot is answered by the one failure-policy path,
@@ -17,6 +18,7 @@
 
 mod cache;
 mod group;
+mod joint;
 mod lane;
 mod leases;
 mod lookup;
@@ -25,6 +27,7 @@ mod registry;
 mod types;
 mod usage;
 
+pub use joint::{Joint, Part};
 pub(crate) use types::Deps;
 pub use types::{
     AcquireRequest, Decision, FailurePolicy, LeaseId, LimiterError, LimiterSettings, Owner,

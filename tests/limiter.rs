@@ -625,6 +625,60 @@ async fn shed_acquires_are_never_admitted_by_the_policy(inner: Arc<dyn Store>, n
     }
 }
 
+/// Several acquires all or nothing: a refused binding part gives back what the others took; a
+/// refused shadow part refuses nothing; an invalid part fails them all, charging none.
+async fn a_joint_acquire_is_all_or_nothing(inner: Arc<dyn Store>, ns: Namespace) {
+    use zae_limiter::limiter::Part;
+    let f = fixture(inner, ns, |_| {});
+    let small = [Limit::per_hour("rpm", 1).unwrap()];
+    let big = [Limit::per_hour("rpm", 100).unwrap()];
+    assert!(admitted(
+        &f.acquire("full", &small, &[("rpm", 1)], false).await
+    ));
+    let part = |entity: &str, limits: &[Limit], binding: bool| Part {
+        request: f.request(entity, limits, &[("rpm", 1)], false),
+        binding,
+    };
+    let joint = f
+        .limiter
+        .acquire_all(
+            vec![part("a", &big, true), part("full", &small, true)],
+            within(5_000),
+        )
+        .await
+        .unwrap();
+    assert!(!joint.admitted);
+    assert!(matches!(
+        joint.decisions[0],
+        Decision::Admitted { lease: None, .. }
+    ));
+    assert!(matches!(joint.decisions[1], Decision::Rejected { .. }));
+    let joint = f
+        .limiter
+        .acquire_all(
+            vec![part("b", &big, true), part("full", &small, false)],
+            within(5_000),
+        )
+        .await
+        .unwrap();
+    assert!(joint.admitted, "a shadow refuses nothing");
+    let mut invalid = part("c", &big, true);
+    invalid.request.amounts = amounts(&[("nope", 1)]);
+    let err = f
+        .limiter
+        .acquire_all(vec![part("d", &big, true), invalid], within(5_000))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, LimiterError::InvalidArgument { .. }),
+        "{err:?}"
+    );
+    f.limiter.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(f.stored("a", "rpm").await.1, 0, "given back");
+    assert_eq!(f.stored("b", "rpm").await.1, i128::from(MILLI), "committed");
+    assert_eq!(f.stored("d", "rpm").await.1, 0, "given back");
+}
+
 /// Finding 3: a store answering around the deadline never yields anything but an admission, a
 /// refusal or UNAVAILABLE, and the stored total is exactly what was acknowledged.
 async fn deadlines_near_the_store_latency_never_answer_internal(
@@ -1033,6 +1087,7 @@ both_stores!(
     the_last_flush_comes_after_one_in_progress,
     callers_told_not_admitted_are_not_charged,
     shed_acquires_are_never_admitted_by_the_policy,
+    a_joint_acquire_is_all_or_nothing,
     deadlines_near_the_store_latency_never_answer_internal,
     lease_amounts_stay_in_range,
     debt_has_a_floor,
