@@ -16,6 +16,55 @@ use crate::store::AuditPage;
 
 pub use crate::domain::records::MAX_DEPTH;
 
+/// Audit records per page when a caller asks for none.
+const DEFAULT_PAGE: usize = 50;
+/// The most audit records in a page.
+const MAX_PAGE: u32 = 1_000;
+
+/// Which usage snapshots: hourly or daily ones starting in a time range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageWindow {
+    pub period: Period,
+    /// Snapshots starting at or after this (ms since the epoch); with `to_ms` 0 as well: the
+    /// last 24 hours.
+    pub from_ms: i64,
+    /// Snapshots starting before this; 0: no end.
+    pub to_ms: i64,
+}
+
+impl UsageWindow {
+    /// `period` as callers spell it: `hour` or `hourly` (also empty), `day` or `daily`.
+    ///
+    /// # Errors
+    /// `InvalidArgument` naming the field `period`.
+    pub fn new(period: &str, from_ms: i64, to_ms: i64) -> Result<Self, LimiterError> {
+        let period = match period {
+            "" | "hour" | "hourly" => Period::Hour,
+            "day" | "daily" => Period::Day,
+            other => {
+                return Err(LimiterError::invalid(
+                    "period",
+                    format!("{other:?} is not hour (hourly) or day (daily)"),
+                ));
+            }
+        };
+        Ok(Self {
+            period,
+            from_ms,
+            to_ms,
+        })
+    }
+
+    /// The start times the window covers at `now`, as `from..to`.
+    fn range(&self, now: i64) -> (i64, i64) {
+        match (self.from_ms, self.to_ms) {
+            (0, 0) => (now - 86_400_000, now + 1),
+            (from, 0) => (from, i64::MAX),
+            range => range,
+        }
+    }
+}
+
 /// The administration calls, over one limiter's store.
 #[derive(Debug, Clone)]
 pub struct Admin {
@@ -256,7 +305,8 @@ impl Admin {
         Ok(())
     }
 
-    /// One page of audit records of `subject`, newest first; `page` continues a previous page.
+    /// One page of audit records of `subject`, newest first: `page_size` of them (0: 50; at
+    /// most 1,000); `page` (empty: the first) continues a previous page.
     ///
     /// # Errors
     /// `InvalidArgument` for an empty subject or a malformed page token, or the store's error.
@@ -264,10 +314,15 @@ impl Admin {
         &self,
         ns: &Namespace,
         subject: &str,
-        page_size: usize,
-        page: Option<&str>,
+        page_size: u32,
+        page: &str,
         deadline: Instant,
     ) -> Result<AuditPage, LimiterError> {
+        let page_size = match page_size {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE) as usize,
+        };
+        let page = (!page.is_empty()).then_some(page);
         if subject.is_empty() {
             return Err(LimiterError::invalid("subject", "is empty"));
         }
@@ -303,13 +358,26 @@ impl Admin {
         Ok(())
     }
 
+    /// Every namespace this daemon accepts now: the configured ones and, when the
+    /// configuration admits them (`"*"`), the registered ones.
+    ///
     /// # Errors
     /// The store's error.
     pub async fn namespaces(&self, deadline: Instant) -> Result<Vec<Namespace>, LimiterError> {
-        within(deadline, async {
-            Ok(self.store().list_namespaces().await?)
-        })
-        .await
+        let settings = self.limiter.settings();
+        let mut usable = settings.namespaces.clone();
+        if settings.registered {
+            let registered = within(deadline, async {
+                Ok(self.store().list_namespaces().await?)
+            })
+            .await?;
+            for ns in registered {
+                if !usable.contains(&ns) {
+                    usable.push(ns);
+                }
+            }
+        }
+        Ok(usable)
     }
 
     /// # Errors
@@ -327,25 +395,23 @@ impl Admin {
         Ok(())
     }
 
-    /// Usage snapshots of `period` starting in `from_ms..to_ms`.
+    /// Usage snapshots of `window` of an entity (one resource, or all), oldest first.
     ///
     /// # Errors
     /// The store's error.
-    #[allow(clippy::too_many_arguments)]
     pub async fn usage(
         &self,
         ns: &Namespace,
         entity: &EntityId,
         resource: Option<&ResourceId>,
-        period: Period,
-        from_ms: i64,
-        to_ms: i64,
+        window: UsageWindow,
         deadline: Instant,
     ) -> Result<Vec<Usage>, LimiterError> {
+        let (from, to) = window.range(self.limiter.now_ms());
         within(deadline, async {
             Ok(self
                 .store()
-                .usage(ns, entity, resource, period, from_ms, to_ms)
+                .usage(ns, entity, resource, window.period, from, to)
                 .await?)
         })
         .await
@@ -359,6 +425,25 @@ impl Admin {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_windows_take_the_librarys_spelling_and_default_to_the_last_day() {
+        let hourly = UsageWindow::new("hourly", 0, 0).unwrap();
+        assert_eq!(hourly, UsageWindow::new("hour", 0, 0).unwrap());
+        assert_eq!(UsageWindow::new("", 0, 0).unwrap().period, Period::Hour);
+        assert_eq!(UsageWindow::new("daily", 0, 0).unwrap().period, Period::Day);
+        assert!(matches!(
+            UsageWindow::new("weekly", 0, 0),
+            Err(LimiterError::InvalidArgument { ref field, .. }) if field == "period"
+        ));
+        assert_eq!(
+            hourly.range(100_000_000),
+            (100_000_000 - 86_400_000, 100_000_001)
+        );
+        let from = UsageWindow::new("day", 5, 0).unwrap();
+        assert_eq!(from.range(100_000_000), (5, i64::MAX));
+        assert_eq!(UsageWindow::new("day", 5, 9).unwrap().range(0), (5, 9));
+    }
 
     #[test]
     fn page_tokens_have_the_form_of_a_sort_key() {

@@ -1,0 +1,423 @@
+//! The `Admin` service: entities, stored limits, audit, namespaces and usage, converted and
+//! handed to the administration rules ([`crate::admin::Admin`]), with the caller's access checked
+//! first: reading needs the namespace, changing needs a grant too.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use super::convert::{
+    caller, deadline, entity_id, invalid, limits, namespace, parent_id, permit, principal,
+    to_proto_entity,
+};
+use super::status;
+use crate::access::{Access, Caller};
+use crate::admin::{Admin, UsageWindow};
+use crate::domain::ids::{EntityId, Namespace, ResourceId};
+use crate::domain::records::{Actor, Entity, LimitScope};
+use crate::limiter::{Limiter, LimiterError};
+use crate::live::Live;
+use crate::proto;
+
+/// The `Admin` service: converts, checks the caller's namespace, and calls [`Admin`].
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    limiter: Limiter,
+    admin: Admin,
+    live: Arc<Live>,
+}
+
+/// A changing Admin call needs a grant: `PERMISSION_DENIED` names the call, the caller and how
+/// to grant it.
+fn grant(access: &Access, caller: Caller, ns: &Namespace, call: Call) -> Result<(), Status> {
+    match call {
+        Call::Change(what) if !access.may_change(caller, ns) => {
+            Err(status(LimiterError::PermissionDenied(format!(
+                "{caller} may not {what} in namespace {:?}: changes need the daemon's own uid or \
+                 root, or an [[access]] rule with admin = true for this caller",
+                ns.as_str()
+            ))))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether an Admin call reads or changes: changing calls need a grant (see [`Access`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Read,
+    Change(&'static str),
+}
+
+impl AdminService {
+    pub fn new(limiter: Limiter, live: Arc<Live>) -> Self {
+        Self {
+            admin: Admin::new(limiter.clone()),
+            limiter,
+            live,
+        }
+    }
+
+    /// The request's namespace, checked against the caller's access for `call`, and its
+    /// deadline.
+    async fn namespace<T>(
+        &self,
+        req: &Request<T>,
+        requested: &str,
+        call: Call,
+    ) -> Result<(Namespace, Instant), Status> {
+        let deadline = deadline(req, self.live.request_timeout());
+        let access = self.live.access();
+        let ns = namespace(&self.limiter, &access, caller(req), requested, deadline).await?;
+        grant(&access, caller(req), &ns, call)?;
+        Ok((ns, deadline))
+    }
+
+    /// A namespace to register or delete: well formed, and one the caller may change.
+    fn registry_namespace<T>(
+        &self,
+        req: &Request<T>,
+        name: &str,
+        call: Call,
+    ) -> Result<Namespace, Status> {
+        let ns = Namespace::new(name).map_err(|e| invalid("namespace", e))?;
+        let access = self.live.access();
+        permit(&access, caller(req), &ns)?;
+        grant(&access, caller(req), &ns, call)?;
+        Ok(ns)
+    }
+
+    fn actor<T>(&self, req: &Request<T>) -> Actor {
+        Actor {
+            principal: principal(req),
+            at_ms: self.limiter.now_ms(),
+        }
+    }
+
+    async fn scope<T>(
+        &self,
+        req: &Request<T>,
+        ns: &str,
+        scope: Option<&proto::LimitScope>,
+        call: Call,
+    ) -> Result<(Namespace, LimitScope, Instant), Status> {
+        let (ns, deadline) = self.namespace(req, ns, call).await?;
+        let scope = scope.cloned().unwrap_or_default();
+        let entity = scope
+            .entity_id
+            .map(|e| EntityId::new(e).map_err(|e| invalid("scope.entity_id", e)))
+            .transpose()?;
+        let resource = scope
+            .resource
+            .map(|r| ResourceId::new(r).map_err(|e| invalid("scope.resource", e)))
+            .transpose()?;
+        let scope = match (entity, resource) {
+            (Some(e), Some(r)) => LimitScope::EntityResource(e, r),
+            (Some(e), None) => LimitScope::Entity(e),
+            (None, Some(r)) => LimitScope::Resource(r),
+            (None, None) => LimitScope::System,
+        };
+        Ok((ns, scope, deadline))
+    }
+}
+
+#[tonic::async_trait]
+impl proto::admin_server::Admin for AdminService {
+    async fn create_entity(
+        &self,
+        req: Request<proto::CreateEntityRequest>,
+    ) -> Result<Response<proto::EntityResponse>, Status> {
+        let by = self.actor(&req);
+        let (ns, deadline) = self
+            .namespace(
+                &req,
+                &req.get_ref().namespace,
+                Call::Change("create entities"),
+            )
+            .await?;
+        let e = req
+            .into_inner()
+            .entity
+            .ok_or_else(|| invalid("entity", "is missing"))?;
+        let entity = Entity {
+            id: entity_id("entity.id", e.id)?,
+            name: e.name,
+            parent: parent_id("entity.parent_id", e.parent_id)?,
+            cascade: e.cascade,
+            metadata: e.metadata.into_iter().collect::<BTreeMap<_, _>>(),
+        };
+        self.admin
+            .create_entity(&ns, &entity, &by, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::EntityResponse {
+            entity: Some(to_proto_entity(entity)),
+        }))
+    }
+
+    async fn get_entity(
+        &self,
+        req: Request<proto::EntityRequest>,
+    ) -> Result<Response<proto::EntityResponse>, Status> {
+        let (ns, deadline) = self
+            .namespace(&req, &req.get_ref().namespace, Call::Read)
+            .await?;
+        let id = entity_id("entity_id", req.into_inner().entity_id)?;
+        let entity = self
+            .admin
+            .entity(&ns, &id, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::EntityResponse {
+            entity: Some(to_proto_entity(entity)),
+        }))
+    }
+
+    async fn delete_entity(
+        &self,
+        req: Request<proto::EntityRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let by = self.actor(&req);
+        let (ns, deadline) = self
+            .namespace(
+                &req,
+                &req.get_ref().namespace,
+                Call::Change("delete entities"),
+            )
+            .await?;
+        let r = req.into_inner();
+        let id = entity_id("entity_id", r.entity_id)?;
+        self.admin
+            .delete_entity(&ns, &id, r.force, &by, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn move_entity(
+        &self,
+        req: Request<proto::MoveEntityRequest>,
+    ) -> Result<Response<proto::EntityResponse>, Status> {
+        let by = self.actor(&req);
+        let (ns, deadline) = self
+            .namespace(
+                &req,
+                &req.get_ref().namespace,
+                Call::Change("move entities"),
+            )
+            .await?;
+        let r = req.into_inner();
+        let id = entity_id("entity_id", r.entity_id)?;
+        let parent = parent_id("parent_id", r.parent_id)?;
+        let moved = self
+            .admin
+            .move_entity(&ns, &id, parent.as_ref(), &by, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::EntityResponse {
+            entity: Some(to_proto_entity(moved)),
+        }))
+    }
+
+    async fn list_children(
+        &self,
+        req: Request<proto::EntityRequest>,
+    ) -> Result<Response<proto::ListChildrenResponse>, Status> {
+        let (ns, deadline) = self
+            .namespace(&req, &req.get_ref().namespace, Call::Read)
+            .await?;
+        let id = entity_id("entity_id", req.into_inner().entity_id)?;
+        let children = self
+            .admin
+            .children(&ns, &id, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ListChildrenResponse {
+            children: children.into_iter().map(to_proto_entity).collect(),
+        }))
+    }
+
+    async fn set_limits(
+        &self,
+        req: Request<proto::SetLimitsRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let by = self.actor(&req);
+        let (ns, scope, deadline) = self
+            .scope(
+                &req,
+                &req.get_ref().namespace,
+                req.get_ref().scope.as_ref(),
+                Call::Change("set limits"),
+            )
+            .await?;
+        let limits = limits(&req.into_inner().limits)?.unwrap_or_default();
+        self.admin
+            .set_limits(&ns, &scope, &limits, &by, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn get_limits(
+        &self,
+        req: Request<proto::LimitsRequest>,
+    ) -> Result<Response<proto::LimitsResponse>, Status> {
+        let (ns, scope, deadline) = self
+            .scope(
+                &req,
+                &req.get_ref().namespace,
+                req.get_ref().scope.as_ref(),
+                Call::Read,
+            )
+            .await?;
+        let limits = self
+            .admin
+            .limits(&ns, &scope, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::LimitsResponse {
+            limits: limits.iter().map(proto::Limit::from).collect(),
+        }))
+    }
+
+    async fn delete_limits(
+        &self,
+        req: Request<proto::LimitsRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let by = self.actor(&req);
+        let (ns, scope, deadline) = self
+            .scope(
+                &req,
+                &req.get_ref().namespace,
+                req.get_ref().scope.as_ref(),
+                Call::Change("delete limits"),
+            )
+            .await?;
+        self.admin
+            .delete_limits(&ns, &scope, &by, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn list_audit(
+        &self,
+        req: Request<proto::ListAuditRequest>,
+    ) -> Result<Response<proto::ListAuditResponse>, Status> {
+        let (ns, deadline) = self
+            .namespace(&req, &req.get_ref().namespace, Call::Read)
+            .await?;
+        let r = req.into_inner();
+        let page = self
+            .admin
+            .audit(&ns, &r.subject, r.page_size, &r.page, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ListAuditResponse {
+            records: page
+                .entries
+                .into_iter()
+                .map(|e| proto::AuditRecord {
+                    subject: e.subject,
+                    action: e.action.to_string(),
+                    principal: e.principal,
+                    at_ms: e.at_ms,
+                    before: e.before,
+                    after: e.after,
+                })
+                .collect(),
+            next_page: page.next.unwrap_or_default(),
+        }))
+    }
+
+    async fn create_namespace(
+        &self,
+        req: Request<proto::NamespaceRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let ns = self.registry_namespace(
+            &req,
+            &req.get_ref().namespace,
+            Call::Change("register namespaces"),
+        )?;
+        let deadline = deadline(&req, self.live.request_timeout());
+        self.admin
+            .create_namespace(&ns, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    /// Every namespace the caller may use now: the configured ones and, when the configuration
+    /// admits them (`"*"`), the registered ones.
+    async fn list_namespaces(
+        &self,
+        req: Request<proto::Empty>,
+    ) -> Result<Response<proto::ListNamespacesResponse>, Status> {
+        let caller = caller(&req);
+        let access = self.live.access();
+        let deadline = deadline(&req, self.live.request_timeout());
+        let usable = self.admin.namespaces(deadline).await.map_err(status)?;
+        Ok(Response::new(proto::ListNamespacesResponse {
+            namespaces: usable
+                .into_iter()
+                .filter(|ns| access.allows(caller, ns))
+                .map(|ns| ns.to_string())
+                .collect(),
+        }))
+    }
+
+    async fn delete_namespace(
+        &self,
+        req: Request<proto::NamespaceRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let ns = self.registry_namespace(
+            &req,
+            &req.get_ref().namespace,
+            Call::Change("delete namespaces"),
+        )?;
+        let deadline = deadline(&req, self.live.request_timeout());
+        self.admin
+            .delete_namespace(&ns, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn get_usage(
+        &self,
+        req: Request<proto::UsageRequest>,
+    ) -> Result<Response<proto::UsageResponse>, Status> {
+        let (ns, deadline) = self
+            .namespace(&req, &req.get_ref().namespace, Call::Read)
+            .await?;
+        let r = req.into_inner();
+        let entity = entity_id("entity_id", r.entity_id)?;
+        let resource = r
+            .resource
+            .map(|r| ResourceId::new(r).map_err(|e| invalid("resource", e)))
+            .transpose()?;
+        let window = UsageWindow::new(&r.period, r.from_ms, r.to_ms).map_err(status)?;
+        let snapshots = self
+            .admin
+            .usage(&ns, &entity, resource.as_ref(), window, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::UsageResponse {
+            snapshots: snapshots
+                .into_iter()
+                .map(|u| proto::UsageSnapshot {
+                    resource: u.resource.to_string(),
+                    period: u.period.as_str().to_owned(),
+                    start_ms: u.start_ms,
+                    consumed_milli: u
+                        .amounts
+                        .into_iter()
+                        .map(|(n, a)| (n.to_string(), a))
+                        .collect(),
+                })
+                .collect(),
+        }))
+    }
+}

@@ -1,0 +1,212 @@
+//! The `RateLimiter` service: acquire, lease calls and availability, converted and handed to
+//! the limiter.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use super::convert::{
+    amounts, caller, deadline, key, lease_id, limits, namespace, permit, to_proto_status,
+};
+use super::status;
+use crate::domain::amounts::Amounts;
+use crate::domain::ids::BucketKey;
+use crate::limiter::{AcquireRequest, Decision, LeaseId, Limiter, LimiterError};
+use crate::live::Live;
+use crate::proto;
+
+/// The `RateLimiter` service.
+#[derive(Debug, Clone)]
+pub struct RateLimiterService {
+    limiter: Limiter,
+    live: Arc<Live>,
+}
+
+impl RateLimiterService {
+    pub fn new(limiter: Limiter, live: Arc<Live>) -> Self {
+        Self { limiter, live }
+    }
+
+    async fn key<T>(
+        &self,
+        req: &Request<T>,
+        ns: &str,
+        entity: &str,
+        resource: &str,
+        deadline: Instant,
+    ) -> Result<BucketKey, Status> {
+        key(
+            namespace(
+                &self.limiter,
+                &self.live.access(),
+                caller(req),
+                ns,
+                deadline,
+            )
+            .await?,
+            entity,
+            resource,
+        )
+    }
+
+    /// A lease id the caller may use. A lease opened by another caller (another uid, another TCP
+    /// connection) is `NOT_FOUND`, exactly as an unknown id: its existence is not disclosed.
+    fn lease<T>(&self, req: &Request<T>, id: &str) -> Result<LeaseId, Status> {
+        let lease = lease_id(id)?;
+        if let Some((ns, owner)) = self.limiter.lease_owner(lease) {
+            let caller = caller(req);
+            if !owner.admits(caller) {
+                return Err(status(LimiterError::LeaseNotFound(lease.to_string())));
+            }
+            permit(&self.live.access(), caller, &ns)?;
+        }
+        Ok(lease)
+    }
+}
+
+#[tonic::async_trait]
+impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
+    async fn acquire(
+        &self,
+        req: Request<proto::AcquireRequest>,
+    ) -> Result<Response<proto::AcquireResponse>, Status> {
+        let deadline = deadline(&req, self.live.request_timeout());
+        let r = req.get_ref();
+        let key = self
+            .key(&req, &r.namespace, &r.entity_id, &r.resource, deadline)
+            .await?;
+        let owner = caller(&req).owner();
+        let r = req.into_inner();
+        let request = AcquireRequest {
+            key,
+            amounts: amounts("consume", &r.consume, false)?,
+            limits: limits(&r.limits)?,
+            lease: !r.commit,
+            owner,
+        };
+        let decision = self
+            .limiter
+            .acquire(request, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(match decision {
+            Decision::Admitted { lease, statuses } => proto::AcquireResponse {
+                allowed: true,
+                lease_ttl_ms: match lease {
+                    Some(_) => u64::try_from(self.limiter.settings().lease_ttl_ms).unwrap_or(0),
+                    None => 0,
+                },
+                lease_id: lease.map(|l| l.to_string()).unwrap_or_default(),
+                statuses: statuses.iter().map(to_proto_status).collect(),
+                retry_after_ms: None,
+                refused_by: String::new(),
+            },
+            Decision::Rejected {
+                rejection,
+                refused_by,
+            } => proto::AcquireResponse {
+                allowed: false,
+                lease_id: String::new(),
+                statuses: rejection.statuses.iter().map(to_proto_status).collect(),
+                retry_after_ms: rejection.retry_after_ms(),
+                refused_by: refused_by.map(|e| e.to_string()).unwrap_or_default(),
+                lease_ttl_ms: 0,
+            },
+        }))
+    }
+
+    async fn adjust(
+        &self,
+        req: Request<proto::AdjustRequest>,
+    ) -> Result<Response<proto::LeaseResponse>, Status> {
+        let deadline = deadline(&req, self.live.request_timeout());
+        let lease = self.lease(&req, &req.get_ref().lease_id)?;
+        let r = req.into_inner();
+        let delta = amounts("delta", &r.delta, true)?;
+        self.limiter
+            .adjust(lease, delta, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::LeaseResponse {}))
+    }
+
+    async fn commit(
+        &self,
+        req: Request<proto::LeaseRequest>,
+    ) -> Result<Response<proto::LeaseResponse>, Status> {
+        let deadline = deadline(&req, self.live.request_timeout());
+        let lease = self.lease(&req, &req.get_ref().lease_id)?;
+        self.limiter.commit(lease, deadline).await.map_err(status)?;
+        Ok(Response::new(proto::LeaseResponse {}))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<proto::LeaseRequest>,
+    ) -> Result<Response<proto::LeaseResponse>, Status> {
+        let deadline = deadline(&req, self.live.request_timeout());
+        let lease = self.lease(&req, &req.get_ref().lease_id)?;
+        self.limiter
+            .rollback(lease, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::LeaseResponse {}))
+    }
+
+    async fn renew(
+        &self,
+        req: Request<proto::LeaseRequest>,
+    ) -> Result<Response<proto::LeaseResponse>, Status> {
+        let deadline = deadline(&req, self.live.request_timeout());
+        let lease = self.lease(&req, &req.get_ref().lease_id)?;
+        self.limiter.renew(lease, deadline).await.map_err(status)?;
+        Ok(Response::new(proto::LeaseResponse {}))
+    }
+
+    async fn available(
+        &self,
+        req: Request<proto::AvailableRequest>,
+    ) -> Result<Response<proto::AvailableResponse>, Status> {
+        let deadline = deadline(&req, self.live.request_timeout());
+        let r = req.get_ref();
+        let key = self
+            .key(&req, &r.namespace, &r.entity_id, &r.resource, deadline)
+            .await?;
+        let r = req.into_inner();
+        let statuses = self
+            .limiter
+            .peek(key, limits(&r.limits)?, Amounts::default(), deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::AvailableResponse {
+            statuses: statuses.iter().map(to_proto_status).collect(),
+        }))
+    }
+
+    async fn time_until_available(
+        &self,
+        req: Request<proto::TimeUntilAvailableRequest>,
+    ) -> Result<Response<proto::TimeUntilAvailableResponse>, Status> {
+        let deadline = deadline(&req, self.live.request_timeout());
+        let r = req.get_ref();
+        let key = self
+            .key(&req, &r.namespace, &r.entity_id, &r.resource, deadline)
+            .await?;
+        let r = req.into_inner();
+        let want = amounts("consume", &r.consume, false)?;
+        let statuses = self
+            .limiter
+            .peek(key, limits(&r.limits)?, want, deadline)
+            .await
+            .map_err(status)?;
+        let retry_after_ms = statuses
+            .iter()
+            .map(|s| s.retry_after_ms)
+            .try_fold(0, |acc, w| w.map(|w| acc.max(w)));
+        Ok(Response::new(proto::TimeUntilAvailableResponse {
+            retry_after_ms,
+            statuses: statuses.iter().map(to_proto_status).collect(),
+        }))
+    }
+}
