@@ -31,10 +31,15 @@ use crate::domain::bucket::LimitStatus;
 use crate::domain::ids::BucketKey;
 use crate::domain::limit::{Limit, MILLI};
 use crate::grpc::{caller, deadline, namespace, status};
-use crate::limiter::{AcquireRequest, Decision, Limiter, Part};
+use crate::limiter::{AcquireRequest, Decision, Limiter, LimiterError, Part};
 use crate::live::Live;
 use crate::metrics::{self as m, envoy_outcome};
 use rules::{HeaderStyle, Override, Planned, Rules};
+
+/// Bad input naming its field (see [`crate::grpc::status`]).
+fn invalid(field: impl Into<String>, message: impl std::fmt::Display) -> Status {
+    status(LimiterError::invalid(field, message))
+}
 
 /// Most descriptors one request may carry.
 pub const MAX_DESCRIPTORS: usize = 64;
@@ -63,16 +68,16 @@ impl RlsService {
         r: &RateLimitRequest,
     ) -> Result<Vec<Option<Planned<'r>>>, Status> {
         if r.domain.is_empty() {
-            return Err(Status::invalid_argument("domain: is empty"));
+            return Err(invalid("domain", "is empty"));
         }
         if r.descriptors.is_empty() {
-            return Err(Status::invalid_argument("descriptors: none given"));
+            return Err(invalid("descriptors", "none given"));
         }
         if r.descriptors.len() > MAX_DESCRIPTORS {
-            return Err(Status::invalid_argument(format!(
-                "descriptors: {} given, at most {MAX_DESCRIPTORS}",
-                r.descriptors.len()
-            )));
+            return Err(invalid(
+                "descriptors",
+                format!("{} given, at most {MAX_DESCRIPTORS}", r.descriptors.len()),
+            ));
         }
         let request_hits = if r.hits_addend == 0 {
             1
@@ -95,29 +100,23 @@ impl RlsService {
     ) -> Result<Option<Planned<'r>>, Status> {
         let field = |f: &str| format!("descriptors[{i}].{f}");
         if d.entries.is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "{}: none given",
-                field("entries")
-            )));
+            return Err(invalid(field("entries"), "none given"));
         }
         if let Some(j) = d.entries.iter().position(|e| e.key.is_empty()) {
-            return Err(Status::invalid_argument(format!(
-                "{}: is empty",
-                field(&format!("entries[{j}].key"))
-            )));
+            return Err(invalid(field(&format!("entries[{j}].key")), "is empty"));
         }
         if d.is_negative_hits {
-            return Err(Status::invalid_argument(format!(
-                "{}: not supported (give back through a lease of the RateLimiter service)",
-                field("is_negative_hits")
-            )));
+            return Err(invalid(
+                field("is_negative_hits"),
+                "not supported (give back through a lease of the RateLimiter service)",
+            ));
         }
         let limit_override = d
             .limit
             .as_ref()
             .map(|o| limit_override(o.requests_per_unit, o.unit))
             .transpose()
-            .map_err(|e| Status::invalid_argument(format!("{}: {e}", field("limit"))))?;
+            .map_err(|e| invalid(field("limit"), e))?;
         let hits = d.hits_addend.as_ref().map_or(request_hits, |h| h.value);
         let entries: Vec<(&str, &str)> = d
             .entries
@@ -127,12 +126,12 @@ impl RlsService {
         rules
             .plan(domain, &entries, limit_override, hits)
             .map_err(|e| {
-                let message = format!("{}: {}", field(&e.field), e.message);
-                if e.out_of_range {
-                    Status::out_of_range(message)
+                let field = field(&e.field);
+                status(if e.out_of_range {
+                    LimiterError::out_of_range(field, e.message)
                 } else {
-                    Status::invalid_argument(message)
-                }
+                    LimiterError::invalid(field, e.message)
+                })
             })
     }
 

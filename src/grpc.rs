@@ -9,7 +9,8 @@ pub mod admin;
 pub mod convert;
 pub mod rate_limiter;
 
-use tonic::Status;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 pub use admin::AdminService;
 pub(crate) use convert::{caller, deadline, namespace};
@@ -21,12 +22,21 @@ use crate::limiter::LimiterError;
 /// outage, overload, shutdown, an actor restarting, a close not confirmed yet. A permanent store
 /// failure (missing table, refused credentials, corrupt item) is `FAILED_PRECONDITION`: retrying
 /// will not help until an operator acts.
+///
+/// Bad input also names its field in a structured detail (`google.rpc.BadRequest` in the
+/// `grpc-status-details-bin` trailer), so that clients need not parse the message.
 pub fn status(e: LimiterError) -> Status {
     let message = e.to_string();
     let outage = e.is_outage();
     match e {
-        LimiterError::InvalidArgument { .. } => Status::invalid_argument(message),
-        LimiterError::OutOfRange { .. } => Status::out_of_range(message),
+        LimiterError::InvalidArgument {
+            field,
+            message: why,
+        } => bad_request(Code::InvalidArgument, message, &field, &why),
+        LimiterError::OutOfRange {
+            field,
+            message: why,
+        } => bad_request(Code::OutOfRange, message, &field, &why),
         LimiterError::LeaseNotFound(_) | LimiterError::NotFound(_) => Status::not_found(message),
         LimiterError::AlreadyExists(_) => Status::already_exists(message),
         LimiterError::PermissionDenied(_) => Status::permission_denied(message),
@@ -39,4 +49,11 @@ pub fn status(e: LimiterError) -> Status {
         | LimiterError::ActorUnavailable(_)
         | LimiterError::CloseUnconfirmed { .. } => Status::unavailable(message),
     }
+}
+
+/// A status for bad input: `message` for people, and `field` with its `description` as a
+/// `google.rpc.BadRequest` field violation for programs.
+pub fn bad_request(code: Code, message: String, field: &str, description: &str) -> Status {
+    let details = ErrorDetails::with_bad_request_violation(field, description);
+    Status::with_error_details(code, message, details)
 }

@@ -417,7 +417,14 @@ async fn bad_input_is_invalid_argument_or_out_of_range_naming_the_field_and_writ
         (Acquire::new("k", "gpt-4").consume("rpm", 1), "limits"),
     ];
     for (req, field) in cases {
-        let (c, message) = code(client.acquire(req).await.unwrap_err());
+        let err = client.acquire(req).await.unwrap_err();
+        // The field also comes as a structured detail (google.rpc.BadRequest).
+        if let ClientError::Status(s) = &err {
+            use tonic_types::StatusExt;
+            let detail = s.get_details_bad_request().expect("a BadRequest detail");
+            assert_eq!(detail.field_violations[0].field, field, "{s:?}");
+        }
+        let (c, message) = code(err);
         assert_eq!(c, Code::InvalidArgument, "{message}");
         assert!(
             message.starts_with(&format!("{field}:")),

@@ -1,4 +1,8 @@
-"""Regenerates the gRPC stubs in src/zae_limiter_client/_proto from the repository's proto/.
+"""Regenerates the protobuf messages in src/zae_limiter_client/_proto from the repository's proto/.
+
+The package ships only the messages: it calls the daemon by method path, so grpcio's generated
+service stubs (``ratelimit_pb2_grpc.py``) are not part of it; the tests generate them with
+``service_stubs()`` to speak to the daemon as a stock grpcio client would.
 
 Run with the grpcio-tools version pinned in pyproject.toml (the `test` extra):
 
@@ -17,11 +21,27 @@ HERE = pathlib.Path(__file__).resolve().parent
 PROTO_ROOT = HERE.parent.parent / "proto"
 PROTO = "zae_limiter/v1/ratelimit.proto"
 TARGET = HERE / "src" / "zae_limiter_client" / "_proto"
-FILES = ("ratelimit_pb2.py", "ratelimit_pb2_grpc.py")
+FILES = ("ratelimit_pb2.py",)
 
 
 def generate() -> dict[str, str]:
-    """The stubs' text by file name, generated from proto/ into a temporary folder."""
+    """The package's generated files by name (see ``FILES``)."""
+    texts = _protoc()
+    return {name: texts[name] for name in FILES}
+
+
+def service_stubs() -> str:
+    """grpcio's service stubs (``ratelimit_pb2_grpc.py``), importing the package's messages."""
+    # It imports its messages as `zae_limiter.v1`, which would be the Python zae-limiter's
+    # package: import them from this package instead.
+    return _protoc()["ratelimit_pb2_grpc.py"].replace(
+        "from zae_limiter.v1 import ratelimit_pb2",
+        "from zae_limiter_client._proto import ratelimit_pb2",
+    )
+
+
+def _protoc() -> dict[str, str]:
+    """Every generated file's text by name, generated from proto/ into a temporary folder."""
     from grpc_tools import protoc
 
     with tempfile.TemporaryDirectory() as out:
@@ -37,12 +57,7 @@ def generate() -> dict[str, str]:
         if code != 0:
             raise RuntimeError(f"protoc failed with status {code}")
         generated = pathlib.Path(out) / "zae_limiter" / "v1"
-        texts = {name: (generated / name).read_text() for name in FILES}
-    # The generated service module imports its messages as `zae_limiter.v1`, which would be the
-    # Python zae-limiter's package: import them from this package instead.
-    texts["ratelimit_pb2_grpc.py"] = texts["ratelimit_pb2_grpc.py"].replace(
-        "from zae_limiter.v1 import ratelimit_pb2", "from . import ratelimit_pb2"
-    )
+        texts = {p.name: p.read_text() for p in generated.glob("*.py")}
     return texts
 
 

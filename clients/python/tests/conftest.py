@@ -132,6 +132,22 @@ def entity() -> str:
     return "e-" + uuid.uuid4().hex[:10]
 
 
+def stock_stubs():
+    """grpcio's generated service stubs for the daemon's API (the package ships none), as a
+    stock grpcio client would have them."""
+    import importlib.util
+    import types
+
+    spec = importlib.util.spec_from_file_location(
+        "generate_stubs", REPO / "clients" / "python" / "generate_stubs.py"
+    )
+    generate_stubs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generate_stubs)
+    module = types.ModuleType("ratelimit_pb2_grpc")
+    exec(compile(generate_stubs.service_stubs(), "ratelimit_pb2_grpc.py", "exec"), module.__dict__)
+    return module
+
+
 def run(coro):
     """Runs a coroutine on a fresh event loop (no pytest plugin needed)."""
     return asyncio.run(coro)

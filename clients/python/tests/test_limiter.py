@@ -280,6 +280,11 @@ def test_bad_input_is_a_validation_error_naming_the_field(daemon, entity):
     assert fields[4] == (None, "consume[rpm]")  # refused before sending
     assert fields[5] == (None, "resource")
     assert left == {"rpm": 5}, "nothing was consumed"
+    # The field comes from the daemon's structured detail (google.rpc.BadRequest), over grpcio too.
+    with SyncRateLimiter(socket=daemon.socket, namespace=daemon.namespace) as zl:
+        with pytest.raises(ValidationError) as err:
+            zl.consume(entity, "gpt-4", {"rpm": 10**16}, limits=limits)
+    assert (err.value.code, err.value.field) == ("OUT_OF_RANGE", "consume[rpm]")
 
 
 def test_closing_a_lease_twice_or_the_other_way(daemon, entity):

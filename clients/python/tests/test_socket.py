@@ -11,11 +11,12 @@ import threading
 
 import grpc
 import pytest
-from conftest import run
+from conftest import run, stock_stubs
 
 from zae_limiter_client import RateLimiter, RateLimiterUnavailable, SyncRateLimiter
 from zae_limiter_client._proto import ratelimit_pb2 as pb
-from zae_limiter_client._proto import ratelimit_pb2_grpc as pb_grpc
+
+pb_grpc = stock_stubs()
 
 HEALTH = "/grpc.health.v1.Health/Check"
 

@@ -19,6 +19,7 @@ from ._client import (
     DEFAULT_TIMEOUT,
     Lease,
     RateLimiter,
+    SyncLease,
     SyncRateLimiter,
 )
 from ._errors import (
@@ -55,6 +56,7 @@ __all__ = [
     "RateLimitExceeded",
     "RateLimiter",
     "RateLimiterUnavailable",
+    "SyncLease",
     "SyncRateLimiter",
     "UsageSnapshot",
     "ValidationError",

@@ -3,7 +3,8 @@
 Both share every method through ``_Api``: a method builds its request (checking what cannot be
 sent), then hands it to ``_call`` with a function that turns the answer into the result.
 ``RateLimiter._call`` is a coroutine and ``SyncRateLimiter._call`` returns at once, so the same
-method is awaited on one and called on the other.
+method is awaited on one and called on the other. ``_client.pyi`` types each limiter's methods
+(and ``Lease`` / ``SyncLease``) as they behave.
 
 One connection per limiter, shared by every task or thread that uses it, made on first use:
 ``RateLimiter`` speaks HTTP/2 itself on the event loop (``_h2``), ``SyncRateLimiter`` uses a
@@ -138,7 +139,9 @@ class _Api:
 
     def __init__(self, socket: str | None, namespace: str | None, timeout: float) -> None:
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValidationError(f"timeout: must be a positive number of seconds, got {timeout!r}")
+            raise ValidationError(
+                f"timeout: must be a positive number of seconds, got {timeout!r}", field="timeout"
+            )
         self.socket = _socket_path(socket)
         self.namespace = namespace or ""
         self.timeout = float(timeout)
@@ -593,6 +596,11 @@ class Lease:
         return self._close("Rollback")
 
 
+class SyncLease(Lease):
+    """A lease of a ``SyncRateLimiter``: the same calls, returning when done (``Lease``'s are
+    awaited)."""
+
+
 class _Acquire:
     """The context manager ``acquire`` returns: ``async with`` on a ``RateLimiter``, ``with`` on a
     ``SyncRateLimiter``."""
@@ -624,7 +632,8 @@ class _Acquire:
                 LimitStatus._from_pb(s, self._entity_id, self._resource, self._limits) for s in raw
             ]
 
-        self._lease = Lease(
+        kind = SyncLease if isinstance(self._limiter, SyncRateLimiter) else Lease
+        self._lease = kind(
             self._limiter,
             response.lease_id,
             self._entity_id,
@@ -759,7 +768,11 @@ class RateLimiter(_Api):
             if missing is not _RAISE and err.code == "NOT_FOUND":
                 return missing
             raise from_status(
-                err.code, err.details, socket=self.socket, not_found=not_found
+                err.code,
+                err.details,
+                socket=self.socket,
+                not_found=not_found,
+                status_details=err.status_details,
             ) from None
         except DecodeError as err:
             raise from_status("INTERNAL", f"unreadable answer: {err}", socket=self.socket) from None

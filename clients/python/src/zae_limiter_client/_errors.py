@@ -3,11 +3,12 @@ no raw gRPC exception leaves the package."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 
 if TYPE_CHECKING:
     from ._models import LimitStatus
@@ -101,11 +102,12 @@ class RateLimiterUnavailable(ZAELimiterError):
 
 class ValidationError(ZAELimiterError, ValueError):
     """Bad input (the daemon's ``INVALID_ARGUMENT`` or ``OUT_OF_RANGE``, or a value that cannot be
-    sent). ``field`` names the offending field when the message does."""
+    sent). ``field`` names the offending field: the daemon sends it as a ``google.rpc.BadRequest``
+    detail, and the client names it for what it refuses before sending."""
 
     def __init__(self, message: str, *, field: str | None = None, code: str | None = None) -> None:
         super().__init__(message, code=code)
-        self.field = field if field is not None else _field_of(message)
+        self.field = field
 
 
 class PermissionDenied(ZAELimiterError):
@@ -138,33 +140,55 @@ class FailedPrecondition(ZAELimiterError):
     way, a parent cycle, a store the daemon cannot use); retrying the same call will not help."""
 
 
-_FIELD = re.compile(r"^([A-Za-z_][\w.\[\]-]*):")
-
-
-def _field_of(message: str) -> str | None:
-    """``consume[rpm]`` from ``"consume[rpm]: ..."``: the daemon's messages start with the field."""
-    match = _FIELD.match(message)
-    return match.group(1) if match else None
+def bad_field(status_details: bytes | None) -> str | None:
+    """The field of the first ``google.rpc.BadRequest`` violation in a serialized
+    ``google.rpc.Status`` (the ``grpc-status-details-bin`` trailer), if there is one."""
+    if not status_details:
+        return None
+    status = status_pb2.Status()
+    try:
+        status.ParseFromString(status_details)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                for violation in bad.field_violations:
+                    return violation.field
+    except DecodeError:
+        return None
+    return None
 
 
 def from_rpc(err: grpc.RpcError, *, socket: str, not_found: type = NotFound) -> ZAELimiterError:
     """The package's exception for a failed grpcio call."""
     code = err.code() if hasattr(err, "code") else None
     details = (err.details() if hasattr(err, "details") else None) or str(err)
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    status_details = next(
+        (v for k, v in trailers or () if k == "grpc-status-details-bin" and isinstance(v, bytes)),
+        None,
+    )
     return from_status(
         code.name if code is not None else None,
         details,
         socket=socket,
         not_found=not_found,
+        status_details=status_details,
     )
 
 
 def from_status(
-    code: str | None, details: str, *, socket: str, not_found: type = NotFound
+    code: str | None,
+    details: str,
+    *,
+    socket: str,
+    not_found: type = NotFound,
+    status_details: bytes | None = None,
 ) -> ZAELimiterError:
-    """The package's exception for a call that ended with gRPC status ``code`` (its name)."""
+    """The package's exception for a call that ended with gRPC status ``code`` (its name);
+    ``status_details`` is the ``grpc-status-details-bin`` trailer, when the daemon sent one."""
     if code in ("INVALID_ARGUMENT", "OUT_OF_RANGE"):
-        return ValidationError(details, code=code)
+        return ValidationError(details, code=code, field=bad_field(status_details))
     if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
         return PermissionDenied(details, code=code)
     if code == "NOT_FOUND":

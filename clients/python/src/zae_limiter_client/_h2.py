@@ -17,6 +17,7 @@ resets its stream (CANCEL) and the daemon, which also gets ``grpc-timeout``, doe
 from __future__ import annotations
 
 import asyncio
+import base64
 import struct
 import urllib.parse
 
@@ -68,12 +69,25 @@ STATUS_NAMES = {
 
 
 class CallError(Exception):
-    """A call that did not return a message: the gRPC status name and the message."""
+    """A call that did not return a message: the gRPC status name, the message, and the
+    ``grpc-status-details-bin`` trailer (a serialized ``google.rpc.Status``) when the daemon sent
+    one."""
 
-    def __init__(self, code: str, details: str) -> None:
+    def __init__(self, code: str, details: str, status_details: bytes | None = None) -> None:
         super().__init__(f"{code}: {details}")
         self.code = code
         self.details = details
+        self.status_details = status_details
+
+
+def _binary(value: bytes | None) -> bytes | None:
+    """A ``-bin`` header's value: base64, with or without padding (gRPC sends it without)."""
+    if value is None:
+        return None
+    try:
+        return base64.b64decode(value + b"=" * (-len(value) % 4))
+    except ValueError:
+        return None
 
 
 def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
@@ -457,7 +471,11 @@ class Connection(asyncio.Protocol):
             details = urllib.parse.unquote(
                 trailers.get(b"grpc-message", b"").decode("utf-8", "replace")
             )
-            raise CallError(STATUS_NAMES.get(code, "UNKNOWN"), details)
+            raise CallError(
+                STATUS_NAMES.get(code, "UNKNOWN"),
+                details,
+                _binary(trailers.get(b"grpc-status-details-bin")),
+            )
         data = state.data
         if len(data) < 5:
             raise CallError("INTERNAL", "the daemon's answer has no message")
