@@ -82,7 +82,8 @@ impl ServerConfig {
             })
     }
 
-    /// The socket's group id, `None` to leave the daemon's own.
+    /// The socket's group id, `None` to leave the daemon's own. A name is resolved by the
+    /// system (NSS: `/etc/group`, LDAP, SSSD, as `getent group` sees it).
     ///
     /// # Errors
     /// A message naming `server.socket_group` when the group does not exist.
@@ -93,14 +94,15 @@ impl ServerConfig {
         if let Ok(gid) = group.parse::<u32>() {
             return Ok(Some(gid));
         }
-        let groups = std::fs::read_to_string("/etc/group").unwrap_or_default();
-        groups
-            .lines()
-            .map(|l| l.split(':').collect::<Vec<_>>())
-            .find(|f| f.first() == Some(&group.as_str()))
-            .and_then(|f| f.get(2)?.parse().ok())
-            .map(Some)
-            .ok_or_else(|| format!("server.socket_group: no group {group:?} on this machine"))
+        match nix::unistd::Group::from_name(group) {
+            Ok(Some(g)) => Ok(Some(g.gid.as_raw())),
+            Ok(None) => Err(format!(
+                "server.socket_group: no group {group:?} on this machine"
+            )),
+            Err(e) => Err(format!(
+                "server.socket_group: cannot look up group {group:?}: {e}"
+            )),
+        }
     }
 }
 
@@ -403,6 +405,19 @@ impl DynamoConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_socket_group_is_resolved_by_the_system() {
+        let named = |g: &str| ServerConfig {
+            socket_group: Some(g.to_owned()),
+            ..ServerConfig::default()
+        };
+        // Group 0 is `root` on every Linux system, found through NSS like any other group.
+        assert_eq!(named("root").socket_gid(), Ok(Some(0)));
+        assert_eq!(named("4242").socket_gid(), Ok(Some(4242)));
+        let missing = named("no-such-group-zl").socket_gid().unwrap_err();
+        assert!(missing.starts_with("server.socket_group:"), "{missing}");
+    }
 
     #[test]
     fn the_readme_s_envoy_rules_parse() {

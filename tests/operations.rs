@@ -23,7 +23,7 @@ use zae_limiter::proto::rate_limiter_client::RateLimiterClient;
 const NOBODY: u32 = 65_534;
 
 fn is_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| m.uid()).ok() == Some(0)
+    nix::unistd::geteuid().is_root()
 }
 
 /// A folder everyone may enter (the socket lives there, so `nobody` can reach it).
@@ -337,14 +337,13 @@ fn the_socket_gets_its_group_and_mode_before_anyone_connects() {
     let gid = if is_root() {
         NOBODY
     } else {
-        std::fs::metadata("/proc/self").unwrap().gid()
+        nix::unistd::getegid().as_raw()
     };
-    let name = std::fs::read_to_string("/etc/group")
-        .unwrap_or_default()
-        .lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .find(|f| f.get(2) == Some(&gid.to_string().as_str()))
-        .and_then(|f| f.first().map(|n| (*n).to_owned()));
+    // The group's name as the system resolves it (the daemon looks it up the same way).
+    let name = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+        .ok()
+        .flatten()
+        .map(|g| g.name);
     let group = name.unwrap_or_else(|| gid.to_string());
     let config = format!("[server]\nsocket_group = \"{group}\"\nsocket_mode = \"0640\"\n");
     let daemon = Daemon::start(&config, &[]);
