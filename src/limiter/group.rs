@@ -486,8 +486,8 @@ impl State {
                             current: Some(current),
                         });
                     }
-                    let fence = Write::Change(Change::mark_only(&current, next_mark()));
-                    match store.write_bucket(&key, &fence).await {
+                    let fence_off = Write::Change(Change::mark_only(&current, next_mark()));
+                    match store.write_bucket(&key, &fence_off).await {
                         Ok(stored) => {
                             return Ok(Resolution {
                                 landed: false,
