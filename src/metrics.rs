@@ -23,6 +23,9 @@ pub const BATCH_SIZE: &str = "zae_limiter_batch_size";
 pub const CONFLICTS: &str = "zae_limiter_conflicts_total";
 /// Entity actors alive: groups with work queued, a write in flight, a lease open, or recent use.
 pub const ACTORS: &str = "zae_limiter_actors";
+/// Acquires sent to their entity's actor and not answered yet (queued, or in a write in flight):
+/// the daemon's queue depth. Each entity holds at most `max_queue` of them.
+pub const ACQUIRES_WAITING: &str = "zae_limiter_acquires_waiting";
 /// Idle entities (consistency groups) whose cached buckets are kept as a compact record.
 pub const CACHED_ENTITIES: &str = "zae_limiter_cached_entities";
 /// Usage snapshot additions recorded and not yet written to the store (waiting for the next
@@ -117,6 +120,10 @@ pub fn describe() {
     );
     describe_gauge!(ACTORS, "Live entity actors");
     describe_gauge!(
+        ACQUIRES_WAITING,
+        "Acquires sent to their entity's actor and not answered yet"
+    );
+    describe_gauge!(
         CACHED_ENTITIES,
         "Idle entities whose cached buckets are kept as a compact record"
     );
@@ -177,7 +184,13 @@ pub fn register_all() {
     for o in ["applied", "refused"] {
         metrics::counter!(RELOADS, "outcome" => o).increment(0);
     }
-    for name in [ACTORS, CACHED_ENTITIES, USAGE_PENDING, LEASES_OPEN] {
+    for name in [
+        ACTORS,
+        ACQUIRES_WAITING,
+        CACHED_ENTITIES,
+        USAGE_PENDING,
+        LEASES_OPEN,
+    ] {
         metrics::gauge!(name).increment(0.0);
     }
     // Labelled by configured rules; the family is there from the start.

@@ -504,6 +504,42 @@ async fn shutdown_writes_what_is_owed_and_flushes_usage(inner: Arc<dyn Store>, n
     );
 }
 
+/// A close whose caller gave up before the store confirmed it is kept, closed, so that repeating
+/// it reports the outcome: also after the group has gone quiet. (Before, the idle actor stopped
+/// and took the closed lease with it, and the repeat was told NOT_FOUND.)
+async fn a_repeated_close_learns_the_outcome_after_the_group_went_idle(
+    inner: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    let f = fixture(inner, ns, |s| s.idle_timeout_ms = 1_000);
+    let limits = [Limit::per_hour("tpm", 1_000).unwrap()];
+    let lease = f.lease("e", &limits, &[("tpm", 50)]).await;
+    f.store.write_delay_ms.store(300, Ordering::SeqCst);
+    let err = f.limiter.rollback(lease, within(50)).await.unwrap_err();
+    assert!(
+        matches!(err, LimiterError::CloseUnconfirmed { .. }),
+        "{err:?}"
+    );
+    // The write lands meanwhile; then the group has nothing queued, in flight or open.
+    let until = Instant::now() + Duration::from_secs(10);
+    while f.stored("e", "tpm").await.1 != 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f.store.write_delay_ms.store(0, Ordering::SeqCst);
+    f.clock.advance(2_000);
+    f.limiter.tick();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    f.limiter
+        .rollback(lease, within(5_000))
+        .await
+        .expect("the repeated close reports the outcome");
+    let err = f.limiter.commit(lease, within(5_000)).await.unwrap_err();
+    assert!(
+        matches!(err, LimiterError::FailedPrecondition(_)),
+        "{err:?}"
+    );
+}
+
 /// The CI failure of usage lost at shutdown: a flush on the timer is still writing (or about to
 /// put back what failed) when the limiter shuts down. The last flush waits for it, so every
 /// acknowledged admission and commit is in the snapshots once `shutdown` returns. Before, the
@@ -1085,6 +1121,7 @@ both_stores!(
     calls_racing_an_idle_actor_are_answered,
     shutdown_writes_what_is_owed_and_flushes_usage,
     the_last_flush_comes_after_one_in_progress,
+    a_repeated_close_learns_the_outcome_after_the_group_went_idle,
     callers_told_not_admitted_are_not_charged,
     shed_acquires_are_never_admitted_by_the_policy,
     a_joint_acquire_is_all_or_nothing,

@@ -43,7 +43,8 @@ pub(crate) struct Args {
 /// Whether open leases keep a group from being quiet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum OpenLeases {
-    /// Going idle: a group with an open lease is not idle (its holder will be back).
+    /// Going idle: a group holding a lease is not idle (its holder will be back, or a closer
+    /// that did not hear the outcome will ask again).
     Hold,
     /// Shutting down: open leases stay consumed; they do not hold the actor.
     Ignore,
@@ -273,7 +274,7 @@ impl State {
     fn quiet(&self, leases: OpenLeases) -> bool {
         self.lanes.values().all(Lane::is_idle)
             && !self.leases.closing()
-            && (leases == OpenLeases::Ignore || !self.leases.any_open())
+            && (leases == OpenLeases::Ignore || !self.leases.any())
     }
 
     /// Runs a lane's rounds and starts the store call it asks for, applying what the lane did

@@ -130,12 +130,21 @@ pub(crate) enum Msg {
     Shutdown,
 }
 
-/// An acquire's place in its group's bound; given back when dropped.
-pub(crate) struct Ticket(pub(crate) Arc<AtomicUsize>);
+/// An acquire's place in its group's bound (`held`, already counted); given back when dropped.
+pub(crate) struct Ticket(Arc<AtomicUsize>);
+
+impl Ticket {
+    /// A place taken in `held` (the caller counted it there).
+    pub fn new(held: Arc<AtomicUsize>) -> Self {
+        metrics::gauge!(crate::metrics::ACQUIRES_WAITING).increment(1.0);
+        Self(held)
+    }
+}
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::ACQUIRES_WAITING).decrement(1.0);
     }
 }
 

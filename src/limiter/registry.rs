@@ -282,7 +282,7 @@ impl Registry {
                     m::decision(outcome::SHED);
                     return Err(LimiterError::Overloaded { max_queue: max });
                 }
-                job.ticket = Some(Ticket(handle.tickets.clone()));
+                job.ticket = Some(Ticket::new(handle.tickets.clone()));
             }
             match handle.actor.send_message(msg) {
                 Ok(()) => {
