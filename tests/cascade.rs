@@ -5,6 +5,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
 
 use common::daemon::Daemon;
 use zae_limiter::Limit;
@@ -206,7 +207,10 @@ async fn a_name_the_parent_holds_is_known_to_the_child(daemon: Daemon) {
                 entity_id: Some("project".into()),
                 resource: None,
             }),
-            limits: vec![proto::Limit::from(&Limit::per_hour("tpm", 10_000).unwrap())],
+            // A token a minute: the seconds this test takes refill none, whatever the machine.
+            limits: vec![proto::Limit::from(
+                &Limit::custom("tpm", 10_000, 10_080, Duration::from_secs(7 * 86_400)).unwrap(),
+            )],
         })
         .await
         .unwrap();
