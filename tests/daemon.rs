@@ -513,7 +513,11 @@ async fn the_cli_acquires_and_reports_over_limit_with_its_exit_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_answers_in_flight_requests_and_removes_the_socket() {
     // With 3 s between writes, acquires wait in the actor's queue: in flight at SIGTERM.
-    let mut daemon = Daemon::start("[limiter]\nmin_commit_interval_ms = 3000\n", &[]);
+    // A deadline well past that wait.
+    let mut daemon = Daemon::start(
+        "[server]\nrequest_timeout_ms = 20000\n[limiter]\nmin_commit_interval_ms = 3000\n",
+        &[],
+    );
     let client = daemon.client().await;
     let limits = [Limit::per_hour("rpm", 1_000).unwrap()];
     acquire(&client, "e", &limits, &[("rpm", 1)])
@@ -700,9 +704,9 @@ async fn time_until_available_reports_the_wait_without_consuming() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_overloaded_bucket_sheds_load_with_unavailable() {
-    // One write a second and room for one waiting acquire.
+    // One write every 2 s (well within the deadline) and room for one waiting acquire.
     let daemon = Daemon::start(
-        "[limiter]\nmin_commit_interval_ms = 2000\nmax_queue = 1\n",
+        "[server]\nrequest_timeout_ms = 20000\n[limiter]\nmin_commit_interval_ms = 2000\nmax_queue = 1\n",
         &[],
     );
     let client = daemon.client().await;
