@@ -47,8 +47,6 @@ pub const STORE_SECONDS: &str = "zae_limiter_store_call_duration_seconds";
 pub const STORE_UP: &str = "zae_limiter_store_up";
 /// Always 1; the labels say which build runs (`version`).
 pub const BUILD_INFO: &str = "zae_limiter_build_info";
-/// The daemon's resident memory, read when `/metrics` is scraped.
-pub const RESIDENT_MEMORY: &str = "zae_limiter_process_resident_memory_bytes";
 /// Configuration reloads by `outcome` (applied, refused).
 pub const RELOADS: &str = "zae_limiter_config_reloads_total";
 
@@ -152,11 +150,7 @@ pub fn describe() {
     );
     describe_gauge!(STORE_UP, "Whether the store answers the health probe");
     describe_gauge!(BUILD_INFO, "The running build");
-    describe_gauge!(
-        RESIDENT_MEMORY,
-        Unit::Bytes,
-        "Resident memory of the daemon"
-    );
+    process().describe();
     describe_counter!(RELOADS, "Configuration reloads by outcome");
 }
 
@@ -201,18 +195,21 @@ pub fn register_all() {
     let _ = metrics::histogram!(DECISION_SECONDS);
     let _ = metrics::histogram!(BATCH_SIZE);
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    sample_memory();
+    sample_process();
 }
 
-/// Sets [`RESIDENT_MEMORY`] from `/proc/self/statm` (nothing where it cannot be read).
-pub fn sample_memory() {
-    let resident_pages = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok());
-    if let Some(pages) = resident_pages {
-        // Linux's page size on every platform the daemon is built for.
-        metrics::gauge!(RESIDENT_MEMORY).set((pages * 4096) as f64);
-    }
+/// The collector of the standard process metrics, under the names Prometheus's own clients give
+/// them: `process_cpu_seconds_total`, `process_resident_memory_bytes`,
+/// `process_virtual_memory_bytes`, `process_open_fds`, `process_max_fds`, `process_threads`,
+/// `process_start_time_seconds`.
+fn process() -> &'static metrics_process::Collector {
+    static COLLECTOR: std::sync::OnceLock<metrics_process::Collector> = std::sync::OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
+/// Reads the process metrics (CPU, memory, descriptors, threads) into their series.
+pub fn sample_process() {
+    process().collect();
 }
 
 /// Installs the Prometheus recorder (rendered by [`crate::ops`] on `/metrics`), with real

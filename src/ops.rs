@@ -1,15 +1,25 @@
 //! The operator's HTTP port (`server.metrics_addr`): `GET /metrics` (Prometheus), `GET /ready`
 //! (200 while the store answers, 503 with the cause while it does not) and `GET /live` (200 while
-//! the process serves); any other path is 404. HTTP/1.1, one request per connection: scrapers and
-//! probes need no more, and nothing else listens there.
+//! the process serves); any other path is 404. Served by hyper's HTTP/1 server: keep-alive,
+//! HTTP/1.0, pipelining and header limits (431 above [`MAX_HEADER_BYTES`]) are its.
 
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+
+/// The most a request's head may take (request line and headers); past it, 431.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// How long a connection may take to send a request's head, and how long an idle keep-alive
+/// connection stays open.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Whether the store answers, as the health probe last saw it; read by `/ready`.
 #[derive(Debug)]
@@ -56,6 +66,10 @@ pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, ready: Arc<
             upkeep.run_upkeep();
         }
     });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES);
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             // Out of descriptors and the like: wait instead of spinning.
@@ -63,65 +77,63 @@ pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, ready: Arc<
             continue;
         };
         let (metrics, ready) = (metrics.clone(), ready.clone());
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            std::future::ready(Ok::<_, std::convert::Infallible>(answer(
+                &request, &metrics, &ready,
+            )))
+        });
+        let connection = http.serve_connection(TokioIo::new(stream), service);
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), answer(stream, &metrics, &ready))
-                .await;
+            // A peer that goes away or sends garbage ends only its own connection.
+            let _ = connection.await;
         });
     }
 }
 
-/// Reads one request head (at most 8 KiB) and answers it.
-async fn answer(
-    mut stream: TcpStream,
+/// The answer to one request (hyper leaves out the body of a `HEAD` answer).
+fn answer<B>(
+    request: &Request<B>,
     metrics: &PrometheusHandle,
     ready: &Readiness,
-) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 || head.len() + n > 8 * 1024 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buf[..n]);
+) -> Response<Full<Bytes>> {
+    if !matches!(*request.method(), Method::GET | Method::HEAD) {
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into());
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return response;
     }
-    let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
-    let mut parts = std::str::from_utf8(line).unwrap_or("").split(' ');
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let (status, kind, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => {
-            crate::metrics::sample_memory();
-            ("200 OK", "text/plain; version=0.0.4", metrics.render())
+    match request.uri().path() {
+        "/metrics" => {
+            crate::metrics::sample_process();
+            let mut response = text(StatusCode::OK, metrics.render());
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
         }
-        ("GET" | "HEAD", "/ready") => match ready.get() {
-            Ok(()) => ("200 OK", "text/plain", "ready\n".to_owned()),
-            Err(cause) => (
-                "503 Service Unavailable",
-                "text/plain",
+        "/ready" => match ready.get() {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(cause) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
                 format!("not ready: {cause}\n"),
             ),
         },
-        ("GET" | "HEAD", "/live") => ("200 OK", "text/plain", "live\n".to_owned()),
-        ("GET" | "HEAD", _) => (
-            "404 Not Found",
-            "text/plain",
-            "not found: this port serves /metrics, /ready and /live\n".to_owned(),
+        "/live" => text(StatusCode::OK, "live\n".into()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: this port serves /metrics, /ready and /live\n".into(),
         ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "only GET and HEAD\n".to_owned(),
-        ),
-    };
-    let mut response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .into_bytes();
-    if method != "HEAD" {
-        response.extend_from_slice(body.as_bytes());
     }
-    stream.write_all(&response).await?;
-    stream.shutdown().await
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }

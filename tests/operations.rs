@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ use common::daemon::{Daemon, free_port};
 use common::proxy::{Fault, FaultProxy};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
+use zae_limiter::Limit;
+use zae_limiter::client::Acquire;
 use zae_limiter::proto;
 use zae_limiter::proto::admin_client::AdminClient;
 use zae_limiter::proto::rate_limiter_client::RateLimiterClient;
@@ -624,12 +627,102 @@ async fn metrics_are_there_from_the_start_with_build_info_and_store_latency() {
         "zae_limiter_conflicts_total 0",
         "zae_limiter_store_calls_total{operation=\"commit\",outcome=\"error\"} 0",
         "zae_limiter_store_up 1",
-        "zae_limiter_process_resident_memory_bytes ",
         "zae_limiter_store_call_duration_seconds_bucket{operation=\"probe\",le=\"0.001\"}",
     ] {
         assert!(text.contains(series), "{series} missing from:\n{text}");
     }
-    assert!(daemon.metric("zae_limiter_process_resident_memory_bytes", &[]) > 1e6);
+    // The standard process metrics, under the names Prometheus's own clients give them.
+    assert!(
+        daemon.metric("process_resident_memory_bytes", &[]) > 1e6,
+        "{text}"
+    );
+    assert!(
+        daemon.metric("process_virtual_memory_bytes", &[]) > 1e6,
+        "{text}"
+    );
+    // The socket, the metrics port, the log and the standard streams at least.
+    assert!(daemon.metric("process_open_fds", &[]) >= 5.0, "{text}");
+    assert!(daemon.metric("process_max_fds", &[]) >= 64.0, "{text}");
+    assert!(daemon.metric("process_threads", &[]) >= 1.0, "{text}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let started = daemon.metric("process_start_time_seconds", &[]);
+    assert!(
+        started > now - 600.0 && started <= now + 1.0,
+        "started {started}, now {now}"
+    );
+    assert!(
+        text.contains("# TYPE process_cpu_seconds_total counter"),
+        "{text}"
+    );
+    // The CPU it spends shows: it grows while the daemon works.
+    let before = daemon.metric("process_cpu_seconds_total", &[]);
+    let client = daemon.client().await;
+    let limits = [Limit::per_minute("rpm", 1_000_000).unwrap()];
+    for _ in 0..2_000 {
+        let acquire = Acquire::new("cpu", "r").limits(&limits).consume("rpm", 1);
+        client.consume(acquire).await.unwrap();
+    }
+    assert!(daemon.metric("process_cpu_seconds_total", &[]) > before);
+}
+
+/// Raw HTTP on the metrics port: what the text of the answers to `requests`, written at once, is.
+fn raw_http(daemon: &Daemon, requests: &[u8]) -> String {
+    let mut stream = std::net::TcpStream::connect(daemon.metrics).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream.write_all(requests).unwrap();
+    let mut text = Vec::new();
+    let _ = stream.read_to_end(&mut text);
+    String::from_utf8_lossy(&text).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_port_speaks_http_as_scrapers_and_probes_do() {
+    let daemon = Daemon::start("", &[]);
+    // Keep-alive: three requests on one connection (pipelined), the last one closing it.
+    let text = raw_http(
+        &daemon,
+        b"GET /live HTTP/1.1\r\nHost: a\r\n\r\nGET /metrics HTTP/1.1\r\nHost: a\r\n\r\n\
+          GET /ready HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 3, "{text}");
+    assert!(text.contains("zae_limiter_build_info"), "{text}");
+    assert!(text.ends_with("ready\n"), "{text}");
+    // HTTP/1.0, as some probes speak it: answered, then closed.
+    let text = raw_http(&daemon, b"GET /live HTTP/1.0\r\n\r\n");
+    assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
+    assert!(text.ends_with("live\n"), "{text}");
+    // HEAD: the headers without the body.
+    let text = raw_http(
+        &daemon,
+        b"HEAD /live HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("content-length: 5\r\n"), "{text}");
+    assert!(!text.ends_with("live\n"), "{text}");
+    // A head larger than the limit: 431, and the daemon goes on serving.
+    let mut huge = b"GET /live HTTP/1.1\r\nHost: a\r\nX-Big: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'x', 64 * 1024));
+    huge.extend_from_slice(b"\r\n\r\n");
+    let text = raw_http(&daemon, &huge);
+    assert!(text.starts_with("HTTP/1.1 431 "), "{text}");
+    // Not HTTP at all, a method it does not serve: the connection's own answer, nothing else.
+    let text = raw_http(&daemon, b"\x16\x03\x01garbage\r\n\r\n");
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 400 "),
+        "{text}"
+    );
+    let text = raw_http(
+        &daemon,
+        b"POST /metrics HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    );
+    assert!(text.starts_with("HTTP/1.1 405 "), "{text}");
+    assert!(text.contains("allow: GET, HEAD\r\n"), "{text}");
+    assert_eq!(daemon.http_get("/live").0, 200);
 }
 
 #[test]

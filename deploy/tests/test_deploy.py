@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 DEPLOY = pathlib.Path(__file__).resolve().parents[1]
-METRIC = re.compile(r"\b(zae_limiter_[a-z_]+)")
+METRIC = re.compile(r"\b((?:zae_limiter|process)_[a-z_]+)")
 HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
 
 
