@@ -22,6 +22,8 @@ pub struct Config {
     pub access: Vec<crate::access::AccessRule>,
     /// Envoy's rate limit service: descriptor rules and response headers.
     pub envoy: crate::envoy::rules::EnvoyConfig,
+    /// `[telemetry]`: OpenTelemetry traces.
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 /// Which store the daemon uses.
@@ -287,6 +289,7 @@ impl Config {
     /// # Errors
     /// A message naming the offending key.
     pub fn validate(&self) -> Result<(), String> {
+        self.telemetry.validate()?;
         let d = &self.dynamodb;
         if d.max_attempts == 0 {
             return Err("dynamodb.max_attempts must be at least 1".into());
@@ -456,6 +459,10 @@ mod tests {
         assert_eq!(
             config.server.metrics_addr,
             ServerConfig::default().metrics_addr
+        );
+        assert_eq!(
+            config.telemetry,
+            crate::telemetry::TelemetryConfig::default()
         );
     }
 

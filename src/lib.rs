@@ -43,6 +43,7 @@ pub mod ops;
 pub mod proto;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 
 pub use domain::bucket::{Bucket, LimitStatus, Rejection};
 pub use domain::ids::{BucketKey, EntityId, Namespace, ResourceId};

@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::clock::Clock;
 use crate::domain::amounts::{Amounts, MAX_AMOUNT, check_names};
@@ -213,10 +214,19 @@ impl Limiter {
         let (limits, parent, root) = within(deadline, async {
             let limits = match req.limits {
                 Some(limits) => limits,
-                None => self.lookups.resolve(&key).await?,
+                None => {
+                    let span = lookup_span("look-up limits");
+                    self.lookups.resolve(&key).instrument(span).await?
+                }
             };
-            let parent = self.lookups.cascade_parent(&key).await?;
-            let root = self.lookups.group_root(&key, parent.as_ref()).await?;
+            let span = lookup_span("look-up cascade parent");
+            let parent = self.lookups.cascade_parent(&key).instrument(span).await?;
+            let span = lookup_span("look-up group root");
+            let root = self
+                .lookups
+                .group_root(&key, parent.as_ref())
+                .instrument(span)
+                .await?;
             Ok((limits, parent, root))
         })
         .await?;
@@ -258,6 +268,9 @@ impl Limiter {
             reply,
             ticket: None,
             races: 0,
+            span: Some(tracing::Span::current())
+                .filter(|s| !s.is_disabled())
+                .map(Box::new),
         };
         self.registry.acquire(&group, job, answer).await
     }
@@ -511,6 +524,11 @@ pub(crate) async fn within<T>(
         Ok(result) => result,
         Err(_) => Err(LimiterError::Deadline),
     }
+}
+
+/// The trace span of one look-up (entity, limits) of an acquire.
+fn lookup_span(name: &'static str) -> tracing::Span {
+    tracing::trace_span!(target: crate::telemetry::TARGET, "lookup", otel.name = name)
 }
 
 fn names(limits: &[Limit]) -> String {

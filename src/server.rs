@@ -46,6 +46,8 @@ pub struct ServerSettings {
     pub live: Arc<Live>,
     /// How often the store is probed for health.
     pub health_probe: Duration,
+    /// Whether each RPC gets a trace span (`[telemetry] enabled`).
+    pub traces: bool,
 }
 
 /// Why the server could not start or run.
@@ -152,7 +154,15 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| ServerError::Reflection(e.to_string()))?;
-    let router = Server::builder()
+    // A span per RPC, joined to the caller's trace (without telemetry, not even that).
+    #[cfg(feature = "otel")]
+    let mut server = match settings.traces {
+        true => Server::builder().trace_fn(crate::telemetry::caller_span),
+        false => Server::builder(),
+    };
+    #[cfg(not(feature = "otel"))]
+    let mut server = Server::builder();
+    let router = server
         .add_service(health_service)
         .add_service(reflection)
         .add_service(RateLimiterServer::new(RateLimiterService::new(
@@ -340,6 +350,7 @@ pub async fn serve(
         drain_timeout: Duration::from_millis(config.server.drain_timeout_ms),
         live: live.clone(),
         health_probe: Duration::from_millis(config.server.health_probe_ms),
+        traces: config.telemetry.enabled,
     };
     tracing::info!(
         backend = ?config.limiter.backend,
@@ -440,6 +451,7 @@ fn restart_only(a: &Config, b: &Config) -> Vec<&'static str> {
         ("server.socket", s.socket != t.socket),
         ("server.tcp", s.tcp != t.tcp),
         ("server.metrics_addr", s.metrics_addr != t.metrics_addr),
+        ("telemetry", a.telemetry != b.telemetry),
         (
             "server.drain_timeout_ms",
             s.drain_timeout_ms != t.drain_timeout_ms,

@@ -48,17 +48,6 @@ pub fn serve(args: ServeArgs) -> Result<(), CliError> {
         None => Ok(tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))),
     };
-    let (filter_layer, filter_handle) = tracing_subscriber::reload::Layer::new(
-        filter(config.server.log_level.as_deref()).map_err(CliError::Config)?,
-    );
-    tracing_subscriber::registry()
-        .with(filter_layer)
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
-        )
-        .init();
     // One thread: a current-thread runtime, so no task ever wakes another thread.
     let mut runtime = match config.server.worker_threads {
         1 => tokio::runtime::Builder::new_current_thread(),
@@ -70,6 +59,30 @@ pub fn serve(args: ServeArgs) -> Result<(), CliError> {
         }
     };
     let runtime = runtime.enable_all().build().map_err(CliError::Runtime)?;
+    // The log's filter (replaced by a reload) applies to the log only: the trace spans have
+    // their own (see `telemetry`).
+    let (filter_layer, filter_handle) = tracing_subscriber::reload::Layer::new(
+        filter(config.server.log_level.as_deref()).map_err(CliError::Config)?,
+    );
+    let log = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(filter_layer);
+    #[cfg(feature = "otel")]
+    let (exporter, traces) = match config.telemetry.enabled {
+        true => {
+            // The exporter's gRPC client lives on the runtime.
+            let _runtime = runtime.enter();
+            let (exporter, layer) =
+                crate::telemetry::Exporter::start(&config.telemetry).map_err(CliError::Config)?;
+            (Some(exporter), Some(layer))
+        }
+        false => (None, None),
+    };
+    let subscriber = tracing_subscriber::registry().with(log);
+    #[cfg(feature = "otel")]
+    let subscriber = subscriber.with(traces);
+    subscriber.init();
     let require_store = args.require_store;
     let reload = server::Reload {
         load: Box::new(move || serve_config(&args)),
@@ -83,9 +96,16 @@ pub fn serve(args: ServeArgs) -> Result<(), CliError> {
         require_store,
         reload: Some(reload),
     };
-    runtime
-        .block_on(server::serve(config, dynamo, options, shutdown_signal()))
-        .map_err(CliError::Serve)
+    let served = runtime.block_on(async {
+        let served = server::serve(config, dynamo, options, shutdown_signal()).await;
+        #[cfg(feature = "otel")]
+        if let Some(exporter) = exporter {
+            // The spans still buffered go out, or are given up on, before the exit.
+            let _ = tokio::task::spawn_blocking(move || exporter.shutdown()).await;
+        }
+        served
+    });
+    served.map_err(CliError::Serve)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tracing::Instrument;
 
 use super::lane::{Ctx, Event, Io, Lane, Settle, next_mark};
 use super::leases::{Lease, Leases};
@@ -291,11 +292,13 @@ impl State {
             None => None,
             Some(Io::Wait(ms)) => Some(ms),
             Some(Io::Load(entities)) => {
-                self.spawn_load(resource.clone(), entities, myself);
+                let span = self.round_span(resource, "round load");
+                self.spawn_load(resource.clone(), entities, myself, span);
                 None
             }
             Some(Io::Write(writes)) => {
-                self.spawn_write(resource.clone(), writes, myself);
+                let span = self.round_span(resource, "round write");
+                self.spawn_write(resource.clone(), writes, myself, span);
                 None
             }
             Some(Io::Resolve(entity, mark)) => {
@@ -411,27 +414,57 @@ impl State {
         }
     }
 
-    fn spawn_load(&self, resource: ResourceId, entities: Vec<EntityId>, myself: &ActorRef<Msg>) {
+    /// The trace span of the store call a lane starts: a child of the first acquire it carries,
+    /// following from the others (disabled without telemetry).
+    fn round_span(&mut self, resource: &ResourceId, name: &'static str) -> tracing::Span {
+        if !tracing::enabled!(target: crate::telemetry::TARGET, tracing::Level::TRACE) {
+            return tracing::Span::none();
+        }
+        let lane = self.lane(resource);
+        let callers = lane.in_flight_spans();
+        let span = tracing::trace_span!(
+            target: crate::telemetry::TARGET,
+            parent: callers.first().and_then(|s| s.id()),
+            "round",
+            otel.name = name,
+            round.acquires = i64::try_from(callers.len()).unwrap_or(i64::MAX),
+        );
+        for caller in callers.iter().skip(1) {
+            span.follows_from(*caller);
+        }
+        span
+    }
+
+    fn spawn_load(
+        &self,
+        resource: ResourceId,
+        entities: Vec<EntityId>,
+        myself: &ActorRef<Msg>,
+        span: tracing::Span,
+    ) {
         let store = self.deps.store.clone();
         let keys: Vec<BucketKey> = entities
             .into_iter()
             .map(|e| self.key(e, &resource))
             .collect();
         let me = myself.clone();
-        self.deps.tasks.spawn(async move {
-            let mut states = Vec::with_capacity(keys.len());
-            let mut result = Ok(());
-            for key in keys {
-                match store.load_bucket(&key).await {
-                    Ok(b) => states.push((key.entity, b)),
-                    Err(e) => {
-                        result = Err(e);
-                        break;
+        self.deps.tasks.spawn(
+            async move {
+                let mut states = Vec::with_capacity(keys.len());
+                let mut result = Ok(());
+                for key in keys {
+                    match store.load_bucket(&key).await {
+                        Ok(b) => states.push((key.entity, b)),
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
                     }
                 }
+                let _ = me.cast(Msg::Loaded(resource, result.map(|()| states)));
             }
-            let _ = me.cast(Msg::Loaded(resource, result.map(|()| states)));
-        });
+            .instrument(span),
+        );
     }
 
     fn spawn_write(
@@ -439,6 +472,7 @@ impl State {
         resource: ResourceId,
         writes: Vec<(EntityId, Write)>,
         myself: &ActorRef<Msg>,
+        span: tracing::Span,
     ) {
         let store = self.deps.store.clone();
         let writes: Vec<KeyedWrite> = writes
@@ -449,13 +483,16 @@ impl State {
             })
             .collect();
         let me = myself.clone();
-        self.deps.tasks.spawn(async move {
-            let result = match writes.as_slice() {
-                [one] => store.submit_write(&one.key, &one.write).await,
-                many => store.commit(many).await.map(|()| None),
-            };
-            let _ = me.cast(Msg::Written(resource, result));
-        });
+        self.deps.tasks.spawn(
+            async move {
+                let result = match writes.as_slice() {
+                    [one] => store.submit_write(&one.key, &one.write).await,
+                    many => store.commit(many).await.map(|()| None),
+                };
+                let _ = me.cast(Msg::Written(resource, result));
+            }
+            .instrument(span),
+        );
     }
 
     /// Finds out whether the write that moves the bucket's mark to `mark` landed: the stored

@@ -71,6 +71,9 @@ pub(crate) enum Io {
 }
 
 /// What a lane did that its group acts on.
+// Events live for one message, in a Vec that is drained at once: boxing the job would cost an
+// allocation per admission instead.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Event {
     /// An acquire's consumption is durable: the group opens its lease (when it asked for one)
     /// and answers it. When the caller has gone (its deadline passed and it was told so), the
@@ -179,6 +182,17 @@ impl Lane {
     /// The cached buckets, with the time each was confirmed.
     pub fn cached(&self) -> impl Iterator<Item = (&EntityId, Option<&Bucket>, i64)> {
         self.view.cached()
+    }
+
+    /// The trace spans of the acquires the store call in flight carries (a write: those it
+    /// admits; a read: those queued behind it).
+    pub fn in_flight_spans(&self) -> Vec<&tracing::Span> {
+        let jobs: Box<dyn Iterator<Item = &AcquireJob>> = match &self.busy {
+            Busy::Acquiring { admitted, .. } => Box::new(admitted.iter().map(|(j, _)| j)),
+            Busy::Loading => Box::new(self.queue.iter()),
+            _ => return Vec::new(),
+        };
+        jobs.filter_map(|j| j.span.as_deref()).collect()
     }
 
     /// What the group must act on since the last call.

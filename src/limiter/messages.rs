@@ -59,6 +59,9 @@ pub(crate) struct AcquireJob {
     pub ticket: Option<Ticket>,
     /// How many writes carrying this job lost a race to another writer.
     pub races: u8,
+    /// The caller's trace span (none without telemetry): the parent of the round that carries
+    /// the job.
+    pub span: Option<Box<tracing::Span>>,
 }
 
 /// How every limit of a bucket stands for `amounts`, without consuming.

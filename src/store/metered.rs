@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use async_trait::async_trait;
+use tracing::Instrument;
 
 use super::{AuditPage, KeyedWrite, Store, StoreError};
 use crate::domain::bucket::{Bucket, Write};
@@ -55,13 +56,47 @@ impl Metered {
 }
 
 impl Metered {
+    /// Runs one store call in its trace span (operation, items, write units; then its outcome
+    /// and conflicts), and counts it.
+    async fn call<T>(
+        &self,
+        operation: &'static str,
+        items: usize,
+        units: u64,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let span = tracing::trace_span!(
+            target: crate::telemetry::TARGET,
+            "store",
+            otel.name = span_name(operation),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            store.operation = operation,
+            store.items = i64::try_from(items).unwrap_or(i64::MAX),
+            store.write_units = i64::try_from(units).unwrap_or(i64::MAX),
+            store.outcome = tracing::field::Empty,
+            store.conflicts = tracing::field::Empty,
+        );
+        let started = Instant::now();
+        let r = call.instrument(span.clone()).await;
+        let outcome = self.record(operation, started, units, &r);
+        if !span.is_disabled() {
+            span.record("store.outcome", outcome);
+            span.record("store.conflicts", i64::from(outcome == "conflict"));
+            if outcome == "error" {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        r
+    }
+
     fn record<T>(
         &self,
         operation: &'static str,
         started: Instant,
         units: u64,
         result: &Result<T, StoreError>,
-    ) {
+    ) -> &'static str {
         metrics::histogram!(STORE_SECONDS, "operation" => operation)
             .record(started.elapsed().as_secs_f64());
         let outcome = match result {
@@ -75,6 +110,7 @@ impl Metered {
             metrics::counter!(WRITE_UNITS).increment(units);
         }
         self.note_state(result.as_ref().err());
+        outcome
     }
 
     /// Logs a change between "the store answers" and "the store fails" once, at WARN, with the
@@ -99,27 +135,35 @@ impl Metered {
     }
 }
 
+/// A store call's span name, by operation (as the metrics' `operation` label).
+fn span_name(operation: &'static str) -> &'static str {
+    match operation {
+        "probe" => "store probe",
+        "load" => "store load",
+        "write" => "store write",
+        "commit" => "store commit",
+        "entity" => "store entity",
+        "limits" => "store limits",
+        "audit" => "store audit",
+        "usage" => "store usage",
+        "namespace" => "store namespace",
+        _ => "store call",
+    }
+}
+
 #[async_trait]
 impl Store for Metered {
     async fn probe(&self) -> Result<(), StoreError> {
-        let started = Instant::now();
-        let r = self.inner.probe().await;
-        self.record("probe", started, 0, &r);
-        r
+        self.call("probe", 1, 0, self.inner.probe()).await
     }
 
     async fn load_bucket(&self, key: &BucketKey) -> Result<Option<Bucket>, StoreError> {
-        let started = Instant::now();
-        let r = self.inner.load_bucket(key).await;
-        self.record("load", started, 0, &r);
-        r
+        self.call("load", 1, 0, self.inner.load_bucket(key)).await
     }
 
     async fn write_bucket(&self, key: &BucketKey, write: &Write) -> Result<Bucket, StoreError> {
-        let started = Instant::now();
-        let r = self.inner.write_bucket(key, write).await;
-        self.record("write", started, 1, &r);
-        r
+        self.call("write", 1, 1, self.inner.write_bucket(key, write))
+            .await
     }
 
     async fn submit_write(
@@ -127,21 +171,17 @@ impl Store for Metered {
         key: &BucketKey,
         write: &Write,
     ) -> Result<Option<Bucket>, StoreError> {
-        let started = Instant::now();
-        let r = self.inner.submit_write(key, write).await;
-        self.record("write", started, 1, &r);
-        r
+        self.call("write", 1, 1, self.inner.submit_write(key, write))
+            .await
     }
 
     async fn commit(&self, writes: &[KeyedWrite]) -> Result<(), StoreError> {
-        let started = Instant::now();
-        let r = self.inner.commit(writes).await;
         let units = match writes {
             [_] => 1,
             many => 2 * many.len() as u64,
         };
-        self.record("commit", started, units, &r);
-        r
+        self.call("commit", writes.len(), units, self.inner.commit(writes))
+            .await
     }
 
     async fn create_entity(
@@ -150,10 +190,8 @@ impl Store for Metered {
         entity: &Entity,
         by: &Actor,
     ) -> Result<(), StoreError> {
-        let started = Instant::now();
-        let r = self.inner.create_entity(ns, entity, by).await;
-        self.record("entity", started, 4, &r);
-        r
+        self.call("entity", 1, 4, self.inner.create_entity(ns, entity, by))
+            .await
     }
 
     async fn get_entity(
@@ -161,10 +199,8 @@ impl Store for Metered {
         ns: &Namespace,
         id: &EntityId,
     ) -> Result<Option<Entity>, StoreError> {
-        let started = Instant::now();
-        let r = self.inner.get_entity(ns, id).await;
-        self.record("entity", started, 0, &r);
-        r
+        self.call("entity", 1, 0, self.inner.get_entity(ns, id))
+            .await
     }
 
     async fn delete_entity(
@@ -174,10 +210,8 @@ impl Store for Metered {
         force: bool,
         by: &Actor,
     ) -> Result<(), StoreError> {
-        let started = Instant::now();
-        let r = self.inner.delete_entity(ns, id, force, by).await;
-        self.record("entity", started, 4, &r);
-        r
+        self.call("entity", 1, 4, self.inner.delete_entity(ns, id, force, by))
+            .await
     }
 
     async fn move_entity(
@@ -187,10 +221,8 @@ impl Store for Metered {
         parent: Option<&EntityId>,
         by: &Actor,
     ) -> Result<Entity, StoreError> {
-        let started = Instant::now();
-        let r = self.inner.move_entity(ns, id, parent, by).await;
-        self.record("entity", started, 4, &r);
-        r
+        self.call("entity", 1, 4, self.inner.move_entity(ns, id, parent, by))
+            .await
     }
 
     async fn list_children(
@@ -198,10 +230,8 @@ impl Store for Metered {
         ns: &Namespace,
         parent: &EntityId,
     ) -> Result<Vec<Entity>, StoreError> {
-        let started = Instant::now();
-        let r = self.inner.list_children(ns, parent).await;
-        self.record("entity", started, 0, &r);
-        r
+        self.call("entity", 1, 0, self.inner.list_children(ns, parent))
+            .await
     }
 
     async fn set_limits(
@@ -211,10 +241,8 @@ impl Store for Metered {
         limits: &[Limit],
         by: &Actor,
     ) -> Result<(), StoreError> {
-        let started = Instant::now();
-        let r = self.inner.set_limits(ns, scope, limits, by).await;
-        self.record("limits", started, 4, &r);
-        r
+        self.call("limits", 1, 4, self.inner.set_limits(ns, scope, limits, by))
+            .await
     }
 
     async fn get_limits(
@@ -222,10 +250,8 @@ impl Store for Metered {
         ns: &Namespace,
         scope: &LimitScope,
     ) -> Result<Option<Vec<Limit>>, StoreError> {
-        let started = Instant::now();
-        let r = self.inner.get_limits(ns, scope).await;
-        self.record("limits", started, 0, &r);
-        r
+        self.call("limits", 1, 0, self.inner.get_limits(ns, scope))
+            .await
     }
 
     async fn delete_limits(
@@ -234,10 +260,8 @@ impl Store for Metered {
         scope: &LimitScope,
         by: &Actor,
     ) -> Result<(), StoreError> {
-        let started = Instant::now();
-        let r = self.inner.delete_limits(ns, scope, by).await;
-        self.record("limits", started, 4, &r);
-        r
+        self.call("limits", 1, 4, self.inner.delete_limits(ns, scope, by))
+            .await
     }
 
     async fn list_audit(
@@ -247,17 +271,23 @@ impl Store for Metered {
         page_size: usize,
         after: Option<&str>,
     ) -> Result<AuditPage, StoreError> {
-        let started = Instant::now();
-        let r = self.inner.list_audit(ns, subject, page_size, after).await;
-        self.record("audit", started, 0, &r);
-        r
+        self.call(
+            "audit",
+            1,
+            0,
+            self.inner.list_audit(ns, subject, page_size, after),
+        )
+        .await
     }
 
     async fn add_usage(&self, ns: &Namespace, usage: &[Usage]) -> Result<(), StoreError> {
-        let started = Instant::now();
-        let r = self.inner.add_usage(ns, usage).await;
-        self.record("usage", started, usage.len() as u64, &r);
-        r
+        self.call(
+            "usage",
+            usage.len(),
+            usage.len() as u64,
+            self.inner.add_usage(ns, usage),
+        )
+        .await
     }
 
     async fn usage(
@@ -269,33 +299,28 @@ impl Store for Metered {
         from_ms: i64,
         to_ms: i64,
     ) -> Result<Vec<Usage>, StoreError> {
-        let started = Instant::now();
-        let r = self
-            .inner
-            .usage(ns, entity, resource, period, from_ms, to_ms)
-            .await;
-        self.record("usage", started, 0, &r);
-        r
+        self.call(
+            "usage",
+            1,
+            0,
+            self.inner
+                .usage(ns, entity, resource, period, from_ms, to_ms),
+        )
+        .await
     }
 
     async fn create_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
-        let started = Instant::now();
-        let r = self.inner.create_namespace(ns).await;
-        self.record("namespace", started, 1, &r);
-        r
+        self.call("namespace", 1, 1, self.inner.create_namespace(ns))
+            .await
     }
 
     async fn list_namespaces(&self) -> Result<Vec<Namespace>, StoreError> {
-        let started = Instant::now();
-        let r = self.inner.list_namespaces().await;
-        self.record("namespace", started, 0, &r);
-        r
+        self.call("namespace", 1, 0, self.inner.list_namespaces())
+            .await
     }
 
     async fn delete_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
-        let started = Instant::now();
-        let r = self.inner.delete_namespace(ns).await;
-        self.record("namespace", started, 1, &r);
-        r
+        self.call("namespace", 1, 1, self.inner.delete_namespace(ns))
+            .await
     }
 }

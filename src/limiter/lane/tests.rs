@@ -40,6 +40,7 @@ fn job(entity: &str, limits: &[Limit], take: i64) -> (AcquireJob, Answer<Decisio
         reply,
         ticket: None,
         races: 0,
+        span: None,
     };
     (job, answer)
 }
