@@ -121,6 +121,15 @@ pub trait Store: Send + Sync + 'static {
     async fn get_entity(&self, ns: &Namespace, id: &EntityId)
     -> Result<Option<Entity>, StoreError>;
 
+    /// Several entities in one go (DynamoDB: `BatchGetItem`, up to 100 keys a call, strongly
+    /// consistent): the answer has one place per id, in order (`None` where there is none). An id
+    /// may repeat.
+    async fn get_entities(
+        &self,
+        ns: &Namespace,
+        ids: &[EntityId],
+    ) -> Result<Vec<Option<Entity>>, StoreError>;
+
     /// Deletes an entity with its buckets and its entity-level stored limits (its audit records
     /// and usage snapshots stay). Refused while it has children, unless `force` (the children
     /// then keep a parent that no longer exists).

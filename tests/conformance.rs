@@ -674,6 +674,40 @@ async fn entities_and_children(store: Arc<dyn Store>, ns: Namespace) {
     assert_eq!(audit_count(&*store, &ns, "proj-1").await, 1);
 }
 
+async fn entities_read_together(store: Arc<dyn Store>, ns: Namespace) {
+    // 150 entities: more than one call's worth of keys on DynamoDB (100).
+    let ids: Vec<EntityId> = (0..150)
+        .map(|i| EntityId::new(format!("many-{i:03}")).unwrap())
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let e = Entity {
+            id: id.clone(),
+            name: format!("name of {id}"),
+            parent: (i % 2 == 1).then(|| ids[0].clone()),
+            cascade: i % 3 == 1,
+            metadata: BTreeMap::from([("n".to_owned(), i.to_string())]),
+        };
+        store.create_entity(&ns, &e, &actor(T0)).await.unwrap();
+    }
+    // Asked in another order, with ids that do not exist and ids twice.
+    let missing = EntityId::new("nobody").unwrap();
+    let mut asked: Vec<EntityId> = ids.iter().rev().cloned().collect();
+    asked.insert(7, missing.clone());
+    asked.push(ids[3].clone());
+    asked.push(missing.clone());
+    let got = store.get_entities(&ns, &asked).await.unwrap();
+    assert_eq!(got.len(), asked.len());
+    for (id, found) in asked.iter().zip(&got) {
+        assert_eq!(found, &store.get_entity(&ns, id).await.unwrap(), "{id}");
+        assert_eq!(found.is_some(), *id != missing, "{id}");
+    }
+    // Another namespace has none of them; no ids, no answer.
+    let elsewhere = Namespace::new(format!("{ns}-x")).unwrap();
+    let none = store.get_entities(&elsewhere, &ids[..5]).await.unwrap();
+    assert_eq!(none, vec![None; 5]);
+    assert!(store.get_entities(&ns, &[]).await.unwrap().is_empty());
+}
+
 async fn stored_limits_at_four_scopes(store: Arc<dyn Store>, ns: Namespace) {
     let e = EntityId::new("e1").unwrap();
     let r = ResourceId::new("gpt-4").unwrap();
@@ -1302,6 +1336,7 @@ macro_rules! conformance {
                 commit_is_all_or_nothing,
                 limit_changes_reconfigure_stored_buckets,
                 entities_and_children,
+                entities_read_together,
                 stored_limits_at_four_scopes,
                 audit_pages_newest_first,
                 usage_snapshots_add_up_and_query_by_range,

@@ -961,6 +961,52 @@ async fn a_steady_entity_never_waits_for_a_look_up(inner: Arc<dyn Store>, ns: Na
     assert_eq!(settled().await, refreshed);
 }
 
+/// Entities due for refresh are re-read together, not one call each: 40 entities in steady use
+/// refresh in a few calls of several ids (one, unless the machine is very slow), none alone.
+async fn entity_refreshes_go_out_in_batches(inner: Arc<dyn Store>, ns: Namespace) {
+    // A cache of 16 s: a batch gathers keys for up to 1 s.
+    let f = fixture(inner, ns, |s| s.limits_cache_ms = 16_000);
+    let limits = [Limit::per_hour("tok", 1_000).unwrap()];
+    let entities: Vec<String> = (0..40).map(|i| format!("steady-{i}")).collect();
+    let all = || {
+        futures_util::future::join_all(entities.iter().map(|e| {
+            let req = f.request(e, &limits, &[("tok", 1)], false);
+            f.limiter.acquire(req, within(5_000))
+        }))
+    };
+    for d in all().await {
+        assert!(admitted(&d), "{d:?}");
+    }
+    assert_eq!(f.store.entity_reads.load(Ordering::SeqCst), 40);
+    // In the last quarter of the cache's life: answered from the cache, re-read in the background.
+    f.clock.advance(12_500);
+    for d in all().await {
+        assert!(admitted(&d), "{d:?}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let batches = loop {
+        let batches = f.store.entity_batches.lock().unwrap().clone();
+        if batches.iter().sum::<usize>() >= 40 || std::time::Instant::now() > deadline {
+            break batches;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(batches.iter().sum::<usize>(), 40, "{batches:?}");
+    assert!(batches.len() <= 4, "{batches:?}");
+    assert_eq!(
+        f.store.entity_reads.load(Ordering::SeqCst),
+        40,
+        "none refreshed alone"
+    );
+    // Past the first reads' expiry, the refreshed entries serve: no read at all.
+    f.clock.advance(4_000);
+    for d in all().await {
+        assert!(admitted(&d), "{d:?}");
+    }
+    assert_eq!(f.store.entity_reads.load(Ordering::SeqCst), 40);
+    assert_eq!(f.store.entity_batches.lock().unwrap().len(), batches.len());
+}
+
 /// Sets a rival that, before each write of the daemon under test, takes `take` tokens of
 /// `entity` and moves the clock on by `step_ms`; returns its count of admitted writes.
 fn rival(f: &Fixture, entity: &str, limits: &[Limit], take: i64, step_ms: i64) -> Arc<AtomicU64> {
@@ -1131,6 +1177,7 @@ both_stores!(
     a_rollback_survives_transient_failures,
     a_cascade_chain_is_one_group,
     a_steady_entity_never_waits_for_a_look_up,
+    entity_refreshes_go_out_in_batches,
     a_daemon_that_loses_every_refill_is_still_answered,
     a_burst_on_a_new_entity_reads_its_look_ups_once,
     a_shared_look_up_outlives_the_caller_that_started_it,

@@ -5,7 +5,9 @@
 //! cached value in the last quarter of its life is answered at once and re-read in the background
 //! (see [`Cache::get_or_claim`]), so an entity in steady use never waits for these reads.
 //! Concurrent misses of one key share one read: a burst of calls for an entity not seen yet (a
-//! new API key, a restarted daemon) costs one read, not one per call.
+//! new API key, a restarted daemon) costs one read, not one per call. Entities due for refresh
+//! are re-read together: one task gathers them for a moment and reads up to
+//! [`REFRESH_BATCH`] in one call ([`crate::store::Store::get_entities`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,7 +15,7 @@ use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::cache::Cache;
 use super::messages::ParentSpec;
@@ -24,6 +26,9 @@ use crate::domain::records::{Entity, LimitScope, MAX_DEPTH};
 
 type LimitsKey = (Namespace, EntityId, ResourceId);
 type EntityKey = (Namespace, EntityId);
+
+/// The most entities one background refresh reads (DynamoDB's `BatchGetItem` limit).
+pub(crate) const REFRESH_BATCH: usize = 100;
 
 /// A cache and the reads in flight for keys it misses.
 struct Table<K: Eq + Hash, V> {
@@ -85,6 +90,8 @@ pub(crate) struct Lookups {
     limits: Arc<Table<LimitsKey, Option<Vec<Limit>>>>,
     entities: Arc<Table<EntityKey, Option<Entity>>>,
     registry: Arc<Table<(), Vec<Namespace>>>,
+    /// Entities due for refresh, to the task that reads them in batches (started on first use).
+    entity_refreshes: std::sync::OnceLock<mpsc::UnboundedSender<EntityKey>>,
     /// Bumped by [`Lookups::clear`]: a read that started before a clear does not refill the
     /// cache with what the change replaced.
     generation: Arc<AtomicU64>,
@@ -98,6 +105,7 @@ impl Lookups {
             limits: Table::new(age, size),
             entities: Table::new(age, size),
             registry: Table::new(age, 1),
+            entity_refreshes: std::sync::OnceLock::new(),
             generation: Arc::new(AtomicU64::new(0)),
             deps,
         }
@@ -116,13 +124,29 @@ impl Lookups {
         self.entities.cache.purge(now);
     }
 
+    /// Where entities due for refresh go: the batching task, started on first use.
+    fn entity_refreshes(&self) -> &mpsc::UnboundedSender<EntityKey> {
+        self.entity_refreshes.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(refresh_entities(
+                Arc::downgrade(&self.deps),
+                self.entities.clone(),
+                self.generation.clone(),
+                rx,
+            ));
+            tx
+        })
+    }
+
     /// The cached value of `key`, else `load`'s (cached), read once for all concurrent misses.
-    /// A value due for refresh is answered and re-read by a background task.
+    /// A value due for refresh is answered and re-read in the background: sent to `batched`
+    /// when given, else by a task of its own.
     async fn cached<K, V, F, Fut>(
         &self,
         table: &Arc<Table<K, V>>,
         key: K,
         load: F,
+        batched: Option<&mpsc::UnboundedSender<K>>,
     ) -> Result<V, LimiterError>
     where
         K: Eq + Hash + Clone + Send + Sync + 'static,
@@ -132,7 +156,10 @@ impl Lookups {
     {
         let clock = &self.deps.clock;
         if let Some((value, refresh)) = table.cache.get_or_claim(&key, clock.now_ms()) {
-            if refresh {
+            if let Some(batched) = batched.filter(|_| refresh) {
+                // Dropped only when the limiter is: nothing is left to refresh then.
+                let _ = batched.send(key);
+            } else if refresh {
                 let (deps, table, generation) =
                     (self.deps.clone(), table.clone(), self.generation.clone());
                 let started = generation.load(Ordering::SeqCst);
@@ -197,9 +224,12 @@ impl Lookups {
 
     async fn registered(&self, ns: &Namespace) -> Result<bool, LimiterError> {
         let list = self
-            .cached(&self.registry, (), |deps, ()| async move {
-                Ok(deps.store.list_namespaces().await?)
-            })
+            .cached(
+                &self.registry,
+                (),
+                |deps, ()| async move { Ok(deps.store.list_namespaces().await?) },
+                None,
+            )
             .await?;
         Ok(list.contains(ns))
     }
@@ -231,6 +261,7 @@ impl Lookups {
                     }
                     Ok(None)
                 },
+                None,
             )
             .await?;
         found.ok_or_else(|| {
@@ -279,9 +310,12 @@ impl Lookups {
     ) -> Result<Option<ParentSpec>, LimiterError> {
         let cache_key = (key.namespace.clone(), key.entity.clone());
         let entity = self
-            .cached(&self.entities, cache_key, |deps, (ns, id)| async move {
-                Ok(deps.store.get_entity(&ns, &id).await?)
-            })
+            .cached(
+                &self.entities,
+                cache_key,
+                |deps, (ns, id)| async move { Ok(deps.store.get_entity(&ns, &id).await?) },
+                Some(self.entity_refreshes()),
+            )
             .await?;
         let Some(parent) = entity.filter(|e| e.cascade).and_then(|e| e.parent) else {
             return Ok(None);
@@ -298,6 +332,51 @@ impl Lookups {
             // A parent with no limits anywhere constrains nothing.
             Err(LimiterError::InvalidArgument { .. }) => Ok(None),
             Err(e) => Err(e),
+        }
+    }
+}
+
+/// Re-reads the entities due for refresh in batches: each batch gathers keys for a moment
+/// (`limits_cache_ms / 16`, at most 1 s: well inside the last quarter of an entry's life in which
+/// it is refreshed) or until it holds [`REFRESH_BATCH`], then reads them in one store call per
+/// namespace. Ends with the limiter.
+async fn refresh_entities(
+    deps: std::sync::Weak<Deps>,
+    table: Arc<Table<EntityKey, Option<Entity>>>,
+    generation: Arc<AtomicU64>,
+    mut due: mpsc::UnboundedReceiver<EntityKey>,
+) {
+    while let Some(first) = due.recv().await {
+        let Some(deps) = deps.upgrade().filter(|d| !d.tasks.is_closed()) else {
+            return;
+        };
+        let linger_ms = (deps.settings.limits_cache_ms / 16).clamp(1, 1_000);
+        let until = tokio::time::Instant::now()
+            + std::time::Duration::from_millis(u64::try_from(linger_ms).unwrap_or(1));
+        let mut batch = vec![first];
+        while batch.len() < REFRESH_BATCH {
+            match tokio::time::timeout_at(until, due.recv()).await {
+                Ok(Some(key)) => batch.push(key),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let mut by_namespace: HashMap<Namespace, Vec<EntityId>> = HashMap::new();
+        for (ns, id) in batch {
+            by_namespace.entry(ns).or_default().push(id);
+        }
+        for (ns, ids) in by_namespace {
+            let started = generation.load(Ordering::SeqCst);
+            match deps.store.get_entities(&ns, &ids).await {
+                Ok(found) if generation.load(Ordering::SeqCst) == started => {
+                    let now = deps.clock.now_ms();
+                    for (id, entity) in ids.into_iter().zip(found) {
+                        table.cache.insert((ns.clone(), id), entity, now);
+                    }
+                }
+                Ok(_) => {}
+                // The entries stay until they expire; a later reader claims them again.
+                Err(e) => tracing::debug!("background entity refresh failed: {e}"),
+            }
         }
     }
 }

@@ -403,6 +403,14 @@ impl Store for DynamoStore {
         records::get_entity(self, ns, id).await
     }
 
+    async fn get_entities(
+        &self,
+        ns: &Namespace,
+        ids: &[EntityId],
+    ) -> Result<Vec<Option<Entity>>, StoreError> {
+        records::get_entities(self, ns, ids).await
+    }
+
     async fn delete_entity(
         &self,
         ns: &Namespace,

@@ -138,6 +138,18 @@ impl Store for MemoryStore {
         Ok(self.lock().entities.get(&(ns.clone(), id.clone())).cloned())
     }
 
+    async fn get_entities(
+        &self,
+        ns: &Namespace,
+        ids: &[EntityId],
+    ) -> Result<Vec<Option<Entity>>, StoreError> {
+        let state = self.lock();
+        Ok(ids
+            .iter()
+            .map(|id| state.entities.get(&(ns.clone(), id.clone())).cloned())
+            .collect())
+    }
+
     async fn delete_entity(
         &self,
         ns: &Namespace,

@@ -203,6 +203,15 @@ impl Store for Metered {
             .await
     }
 
+    async fn get_entities(
+        &self,
+        ns: &Namespace,
+        ids: &[EntityId],
+    ) -> Result<Vec<Option<Entity>>, StoreError> {
+        self.call("entity", ids.len(), 0, self.inner.get_entities(ns, ids))
+            .await
+    }
+
     async fn delete_entity(
         &self,
         ns: &Namespace,

@@ -74,6 +74,10 @@ pub struct Counting {
     pub writes: AtomicU64,
     /// Look-ups: entities, stored limits, the namespace registry.
     pub lookups: AtomicU64,
+    /// Entities read one at a time.
+    pub entity_reads: AtomicU64,
+    /// The number of ids of each call that read several entities.
+    pub entity_batches: std::sync::Mutex<Vec<usize>>,
     /// Milliseconds each bucket write waits before it is applied.
     pub write_delay_ms: AtomicU64,
     /// How many of the next bucket writes and loads fail (transiently, applying nothing).
@@ -134,6 +138,8 @@ impl Counting {
             loads: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             lookups: AtomicU64::new(0),
+            entity_reads: AtomicU64::new(0),
+            entity_batches: std::sync::Mutex::new(Vec::new()),
             write_delay_ms: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             usage_delay_ms: AtomicU64::new(0),
@@ -238,7 +244,17 @@ mod counting {
             id: &EntityId,
         ) -> Result<Option<Entity>, StoreError> {
             self.lookup().await;
+            self.entity_reads.fetch_add(1, Ordering::SeqCst);
             self.inner.get_entity(ns, id).await
+        }
+        async fn get_entities(
+            &self,
+            ns: &Namespace,
+            ids: &[EntityId],
+        ) -> Result<Vec<Option<Entity>>, StoreError> {
+            self.lookup().await;
+            self.entity_batches.lock().unwrap().push(ids.len());
+            self.inner.get_entities(ns, ids).await
         }
         async fn delete_entity(
             &self,

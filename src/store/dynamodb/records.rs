@@ -3,7 +3,7 @@
 //! transaction with its audit record.
 
 use aws_sdk_dynamodb::error::SdkError;
-use aws_sdk_dynamodb::types::{Delete, ReturnValue, TransactWriteItem};
+use aws_sdk_dynamodb::types::{Delete, KeysAndAttributes, ReturnValue, TransactWriteItem};
 
 use super::DynamoStore;
 use super::clauses::{Action, Existing, Expr, action, put, update};
@@ -166,6 +166,70 @@ pub(super) async fn get_entity(
         .await
         .map_err(|e| classify(e, &store.table))?;
     out.item.as_ref().map(decode_entity).transpose()
+}
+
+/// The most keys one `BatchGetItem` takes.
+const MAX_BATCH_GET: usize = 100;
+/// Rounds of a batch's unprocessed keys (throttled reads) before giving up.
+const UNPROCESSED_ROUNDS: u32 = 5;
+
+pub(super) async fn get_entities(
+    store: &DynamoStore,
+    ns: &Namespace,
+    ids: &[EntityId],
+) -> Result<Vec<Option<Entity>>, StoreError> {
+    // BatchGetItem refuses a request that names a key twice.
+    let mut unique: Vec<&EntityId> = Vec::with_capacity(ids.len());
+    for id in ids {
+        if !unique.contains(&id) {
+            unique.push(id);
+        }
+    }
+    let mut found: std::collections::HashMap<EntityId, Entity> =
+        std::collections::HashMap::with_capacity(unique.len());
+    for chunk in unique.chunks(MAX_BATCH_GET) {
+        let mut wanted: Vec<Item> = chunk.iter().map(|id| entity_keys(ns, id)).collect();
+        let mut round = 0;
+        while !wanted.is_empty() {
+            if round > 0 {
+                if round > UNPROCESSED_ROUNDS {
+                    return Err(StoreError::Transient(format!(
+                        "{} entity reads left unprocessed by DynamoDB (throttled)",
+                        wanted.len()
+                    )));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20 << round)).await;
+            }
+            round += 1;
+            let keys = KeysAndAttributes::builder()
+                .set_keys(Some(wanted))
+                .consistent_read(true)
+                .build()
+                .map_err(|e| StoreError::Backend(format!("BatchGetItem request: {e}")))?;
+            let out = store
+                .client
+                .batch_get_item()
+                .request_items(&store.table, keys)
+                .send()
+                .await
+                .map_err(|e| classify(e, &store.table))?;
+            let (mut responses, mut unprocessed) = (out.responses, out.unprocessed_keys);
+            for item in responses
+                .as_mut()
+                .and_then(|r| r.remove(&store.table))
+                .unwrap_or_default()
+            {
+                let entity = decode_entity(&item)?;
+                found.insert(entity.id.clone(), entity);
+            }
+            wanted = unprocessed
+                .as_mut()
+                .and_then(|u| u.remove(&store.table))
+                .map(|k| k.keys)
+                .unwrap_or_default();
+        }
+    }
+    Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
 }
 
 pub(super) async fn delete_entity(
