@@ -28,7 +28,7 @@ use crate::limiter::LimiterError;
 pub fn status(e: LimiterError) -> Status {
     let message = e.to_string();
     let outage = e.is_outage();
-    match e {
+    let status = match e {
         LimiterError::InvalidArgument {
             field,
             message: why,
@@ -48,7 +48,15 @@ pub fn status(e: LimiterError) -> Status {
         | LimiterError::ShuttingDown
         | LimiterError::ActorUnavailable(_)
         | LimiterError::CloseUnconfirmed { .. } => Status::unavailable(message),
+    };
+    // The RPC's trace span (when there is one) says how it ended.
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("rpc.grpc.status_code", status.code() as i64);
+        span.record("otel.status_code", "ERROR");
+        span.record("otel.status_description", status.message());
     }
+    status
 }
 
 /// A status for bad input: `message` for people, and `field` with its `description` as a

@@ -163,6 +163,9 @@ mod otel {
             rpc.system = "grpc",
             rpc.service = service,
             rpc.method = method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            otel.status_code = tracing::field::Empty,
+            otel.status_description = tracing::field::Empty,
         );
         if !span.is_disabled() {
             let parent = TraceContextPropagator::new().extract(&Headers(request.headers()));

@@ -7,7 +7,6 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use common::daemon::{Daemon, free_port};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -134,27 +133,41 @@ async fn an_acquire_reaches_the_collector_in_the_callers_trace() {
     );
     let answer = client.acquire(request).await.unwrap().into_inner();
     assert!(answer.allowed, "{answer:?}");
+    // A refused call in another trace: its span says how it ended.
+    let failing_trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut request = tonic::Request::new(acquire(""));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{failing_trace}-b7ad6b7169203331-01")
+            .parse()
+            .unwrap(),
+    );
+    let refused = client.acquire(request).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
     // Without a traceparent, ratio 0 records nothing.
     let answer = client.acquire(acquire("untraced")).await.unwrap();
     assert!(answer.into_inner().allowed);
     // Shutting down sends what is still buffered.
     assert!(daemon.terminate().success(), "{}", daemon.log());
 
-    let mut spans = receiver.spans();
-    // The exporter may answer the receiver after the exit only if it was still sending: wait a
-    // moment for a call already under way.
-    for _ in 0..50 {
-        if !spans.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        spans = receiver.spans();
-    }
+    // The exporter waits for each answer, so everything has arrived by the exit.
+    let spans = receiver.spans();
     assert!(
         !spans.is_empty(),
         "no spans; the daemon's log:\n{}",
         daemon.log()
     );
+    let (failing, spans): (Vec<_>, Vec<_>) = spans
+        .into_iter()
+        .partition(|(_, s)| hex(&s.trace_id) == failing_trace);
+    let [(_, refused)] = &failing[..] else {
+        panic!("one span for the refused call: {failing:#?}");
+    };
+    assert_eq!(refused.name, "zae_limiter.v1.RateLimiter/Acquire");
+    assert_eq!(int(&refused.attributes, "rpc.grpc.status_code"), Some(3));
+    let status = refused.status.as_ref().expect("a status");
+    assert_eq!(status.code, 2, "ERROR: {status:?}");
+    assert!(status.message.contains("entity_id"), "{status:?}");
     for (service, span) in &spans {
         assert_eq!(service, "limiter-under-test");
         assert_eq!(
