@@ -16,6 +16,7 @@
 //! cargo bench --bench loadgen -- --entities 100 --cascade --one-call                 # 100 children, one parent
 //! cargo bench --bench loadgen -- --daemon path/to/older/zae-limiter                  # before/after
 //! cargo bench --bench loadgen -- --envoy --clients 64                                # Envoy's ShouldRateLimit
+//! cargo bench --bench loadgen -- --traces 0.01 ...                                   # OpenTelemetry on
 //! ```
 //! `--backend dynamodb` without `--endpoint` uses `ZAE_TEST_DYNAMODB_ENDPOINT` (as set by
 //! `scripts/test.sh`).
@@ -153,6 +154,10 @@ struct Args {
     /// (idle connections to the store close after a while).
     #[arg(long, default_value_t = 0)]
     linger_seconds: u64,
+    /// Traces on, with this sampling ratio: the daemon exports them (`[telemetry]`) to an OTLP
+    /// receiver in this process, which counts the spans.
+    #[arg(long)]
+    traces: Option<f64>,
     /// `cargo bench` passes --bench; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -361,6 +366,19 @@ async fn run(args: Args) {
             .iter()
             .map(|l| format!("{l}\n"))
             .collect::<String>();
+    let telemetry = match args.traces {
+        Some(ratio) => {
+            assert!(
+                (0.0..=1.0).contains(&ratio),
+                "--traces: a ratio from 0 to 1"
+            );
+            let endpoint = otlp::start().await;
+            format!(
+                "\n[telemetry]\nenabled = true\nendpoint = \"{endpoint}\"\nsampling_ratio = {ratio:?}\n"
+            )
+        }
+        None => String::new(),
+    };
     let mut daemons = Vec::new();
     let mut clients = Vec::new();
     for _ in 0..args.daemons.max(1) {
@@ -370,7 +388,7 @@ async fn run(args: Args) {
             args.daemon_threads,
             &limiter_config,
             &format!(
-                "{}{}",
+                "{}{}{telemetry}",
                 args.store_settings
                     .iter()
                     .map(|s| format!("{s}\n"))
@@ -783,6 +801,12 @@ async fn throughput(args: &Args, clients: &[Client], daemons: &[Daemon]) {
         .map(|(op, calls)| format!("{op} {calls:.0}"))
         .collect();
     println!("store calls by operation: {}", by_operation.join(", "));
+    if let Some(ratio) = args.traces {
+        println!(
+            "traces: sampling ratio {ratio}, {} spans received so far",
+            otlp::SPANS.load(Ordering::Relaxed)
+        );
+    }
     println!(
         "rejections served from cache: {cached:.0} of {rejected}; conflicts: {conflicts:.0}; \
          UNAVAILABLE answers: {unavailable}"
@@ -934,5 +958,51 @@ async fn memory(args: &Args, clients: &[Client], daemon: &Daemon, pid: u32) {
                 mib(later) - mib(base)
             );
         }
+    }
+}
+
+/// An OTLP/gRPC receiver that counts the spans it is sent (`--traces`).
+mod otlp {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+
+    pub static SPANS: AtomicU64 = AtomicU64::new(0);
+
+    struct Counter;
+
+    #[tonic::async_trait]
+    impl TraceService for Counter {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let spans: usize = request
+                .into_inner()
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            SPANS.fetch_add(spans as u64, Ordering::Relaxed);
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    /// Serves on a loopback port; returns the endpoint.
+    pub async fn start() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(Counter))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        format!("http://{addr}")
     }
 }
