@@ -128,7 +128,7 @@ pub async fn run(
     readiness: Arc<Readiness>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    let uds = bind_socket(&settings.socket, settings.socket_mode, settings.socket_gid).await?;
+    // The TCP listener first: once the socket appears at its path, every listener accepts.
     let tcp = match settings.tcp {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -140,6 +140,7 @@ pub async fn run(
         ),
         None => None,
     };
+    let uds = bind_socket(&settings.socket, settings.socket_mode, settings.socket_gid).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;

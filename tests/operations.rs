@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use common::acquire_request;
 use common::daemon::{Daemon, free_port};
 use common::proxy::{Fault, FaultProxy};
 use tonic::Code;
@@ -65,21 +66,6 @@ async fn tcp_channel(port: u16) -> Channel {
         .connect()
         .await
         .expect("connect over TCP")
-}
-
-fn acquire_request(entity: &str) -> proto::AcquireRequest {
-    proto::AcquireRequest {
-        entity_id: entity.into(),
-        resource: "gpt-4".into(),
-        consume: [("rpm".to_owned(), 1)].into(),
-        limits: vec![proto::Limit {
-            name: "rpm".into(),
-            capacity: 1_000,
-            refill_amount: 1_000,
-            refill_period_ms: 60_000,
-        }],
-        ..Default::default()
-    }
 }
 
 fn lease(id: &str) -> proto::LeaseRequest {

@@ -89,19 +89,11 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// An acquire committed at once.
 fn acquire(entity: &str) -> proto::AcquireRequest {
     proto::AcquireRequest {
-        entity_id: entity.into(),
-        resource: "gpt-4".into(),
-        consume: [("rpm".to_owned(), 1)].into(),
-        limits: vec![proto::Limit {
-            name: "rpm".into(),
-            capacity: 1_000,
-            refill_amount: 1_000,
-            refill_period_ms: 60_000,
-        }],
         commit: true,
-        ..Default::default()
+        ..common::acquire_request(entity)
     }
 }
 

@@ -13,6 +13,22 @@ use zae_limiter::store::Store;
 use zae_limiter::store::dynamodb::{DynamoSettings, DynamoStore, table};
 use zae_limiter::store::memory::MemoryStore;
 
+/// A raw gRPC acquire of 1 `rpm` (1,000 a minute) of `entity` on `gpt-4`, held as a lease.
+pub fn acquire_request(entity: &str) -> zae_limiter::proto::AcquireRequest {
+    zae_limiter::proto::AcquireRequest {
+        entity_id: entity.into(),
+        resource: "gpt-4".into(),
+        consume: [("rpm".to_owned(), 1)].into(),
+        limits: vec![zae_limiter::proto::Limit {
+            name: "rpm".into(),
+            capacity: 1_000,
+            refill_amount: 1_000,
+            refill_period_ms: 60_000,
+        }],
+        ..Default::default()
+    }
+}
+
 /// The table every DynamoDB test shares; tests isolate themselves by namespace.
 pub const TEST_TABLE: &str = "zae-limiter-tests";
 
