@@ -92,7 +92,7 @@ pub struct Counting {
     pub lookups: AtomicU64,
     /// Entities read one at a time.
     pub entity_reads: AtomicU64,
-    /// The number of ids of each call that read several entities.
+    /// The number of ids of each call that read several entities (once it answered).
     pub entity_batches: std::sync::Mutex<Vec<usize>>,
     /// Milliseconds each bucket write waits before it is applied.
     pub write_delay_ms: AtomicU64,
@@ -269,8 +269,9 @@ mod counting {
             ids: &[EntityId],
         ) -> Result<Vec<Option<Entity>>, StoreError> {
             self.lookup().await;
+            let found = self.inner.get_entities(ns, ids).await;
             self.entity_batches.lock().unwrap().push(ids.len());
-            self.inner.get_entities(ns, ids).await
+            found
         }
         async fn delete_entity(
             &self,
