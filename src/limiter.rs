@@ -528,6 +528,9 @@ pub(crate) async fn within<T>(
 
 /// The trace span of one look-up (entity, limits) of an acquire.
 fn lookup_span(name: &'static str) -> tracing::Span {
+    if !crate::telemetry::traced() {
+        return tracing::Span::none();
+    }
     tracing::trace_span!(target: crate::telemetry::TARGET, "lookup", otel.name = name)
 }
 

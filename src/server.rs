@@ -46,8 +46,10 @@ pub struct ServerSettings {
     pub live: Arc<Live>,
     /// How often the store is probed for health.
     pub health_probe: Duration,
-    /// Whether each RPC gets a trace span (`[telemetry] enabled`).
+    /// Whether RPCs get trace spans (`[telemetry] enabled`), and which share of the calls
+    /// without a caller's trace does.
     pub traces: bool,
+    pub sampling_ratio: f64,
 }
 
 /// Why the server could not start or run.
@@ -158,7 +160,7 @@ pub async fn run(
     // A span per RPC, joined to the caller's trace (without telemetry, not even that).
     #[cfg(feature = "otel")]
     let mut server = match settings.traces {
-        true => Server::builder().trace_fn(crate::telemetry::caller_span),
+        true => Server::builder().trace_fn(crate::telemetry::caller_spans(settings.sampling_ratio)),
         false => Server::builder(),
     };
     #[cfg(not(feature = "otel"))]
@@ -352,6 +354,7 @@ pub async fn serve(
         live: live.clone(),
         health_probe: Duration::from_millis(config.server.health_probe_ms),
         traces: config.telemetry.enabled,
+        sampling_ratio: config.telemetry.sampling_ratio,
     };
     tracing::info!(
         backend = ?config.limiter.backend,

@@ -7,11 +7,22 @@
 //! `store.write_units`, `store.outcome`, `store.conflicts`). They are `tracing` spans of level
 //! TRACE and target [`TARGET`]: with telemetry off no subscriber wants them, so each costs one
 //! cached level check; the log (`log_level`) never shows them unless it asks for that target.
+//!
+//! Sampling is decided once, when the RPC arrives (the caller's `traceparent` flag, else
+//! `sampling_ratio`), and the child spans exist only under a recorded RPC span ([`traced`]): a
+//! call left out of the sample costs no span at all, and no stray root trace starts elsewhere.
 
 use serde::Deserialize;
 
 /// The `tracing` target of the daemon's trace spans.
 pub const TARGET: &str = "zae_limiter::trace";
+
+/// Whether the current task records a trace: the daemon's spans below the RPC's are created only
+/// then.
+pub fn traced() -> bool {
+    tracing::enabled!(target: TARGET, tracing::Level::TRACE)
+        && !tracing::Span::current().is_disabled()
+}
 
 /// `[telemetry]`: OpenTelemetry traces, off by default.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -74,12 +85,12 @@ impl TelemetryConfig {
 }
 
 #[cfg(feature = "otel")]
-pub use otel::{Exporter, caller_span};
+pub use otel::{Exporter, caller_spans};
 
 #[cfg(feature = "otel")]
 mod otel {
     use opentelemetry::propagation::{Extractor, TextMapPropagator};
-    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry::trace::{TraceContextExt as _, TracerProvider as _};
     use opentelemetry_otlp::WithExportConfig;
     use opentelemetry_sdk::propagation::TraceContextPropagator;
     use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
@@ -118,11 +129,10 @@ mod otel {
             let resource = opentelemetry_sdk::Resource::builder()
                 .with_service_name(config.service_name.clone())
                 .build();
+            // The sample is drawn by `caller_spans`: a root span that exists is recorded.
             let provider = SdkTracerProvider::builder()
                 .with_batch_exporter(exporter)
-                .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
-                    config.sampling_ratio,
-                ))))
+                .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
                 .with_resource(resource)
                 .build();
             let tracer = provider.tracer("zae-limiter");
@@ -147,31 +157,68 @@ mod otel {
         }
     }
 
-    /// The span of one RPC, joined to the caller's trace when its metadata carries one
-    /// (`traceparent`, `tracestate`).
-    pub fn caller_span(request: &http::Request<()>) -> tracing::Span {
-        let path = request.uri().path();
-        let (service, method) = path
-            .trim_start_matches('/')
-            .split_once('/')
-            .unwrap_or((path, ""));
-        let span = tracing::trace_span!(
-            target: TARGET,
-            "rpc",
-            otel.name = path.trim_start_matches('/'),
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.service = service,
-            rpc.method = method,
-            rpc.grpc.status_code = tracing::field::Empty,
-            otel.status_code = tracing::field::Empty,
-            otel.status_description = tracing::field::Empty,
-        );
-        if !span.is_disabled() {
-            let parent = TraceContextPropagator::new().extract(&Headers(request.headers()));
-            let _ = span.set_parent(parent);
+    /// The span of each RPC (for tonic's `trace_fn`): joined to the caller's trace when its
+    /// metadata carries one (`traceparent`, `tracestate`) and recorded when the caller's trace
+    /// is sampled; without one, recorded for `ratio` of the calls. A call left out gets no span.
+    pub fn caller_spans(
+        ratio: f64,
+    ) -> impl Fn(&http::Request<()>) -> tracing::Span + Clone + Send + Sync + 'static {
+        let propagator = TraceContextPropagator::new();
+        move |request| {
+            let parent = propagator.extract(&Headers(request.headers()));
+            let remote = parent.span().span_context().clone();
+            let sampled = match remote.is_valid() {
+                true => remote.is_sampled(),
+                false => sample(ratio),
+            };
+            if !sampled {
+                return tracing::Span::none();
+            }
+            let path = request.uri().path();
+            let (service, method) = path
+                .trim_start_matches('/')
+                .split_once('/')
+                .unwrap_or((path, ""));
+            let span = tracing::trace_span!(
+                target: TARGET,
+                "rpc",
+                otel.name = path.trim_start_matches('/'),
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.service = service,
+                rpc.method = method,
+                rpc.grpc.status_code = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+                otel.status_description = tracing::field::Empty,
+            );
+            if !span.is_disabled() {
+                let _ = span.set_parent(parent);
+            }
+            span
         }
-        span
+    }
+
+    /// True for `ratio` of the calls (a per-thread xorshift generator, seeded by the OS).
+    fn sample(ratio: f64) -> bool {
+        if ratio >= 1.0 {
+            return true;
+        }
+        if ratio <= 0.0 {
+            return false;
+        }
+        thread_local! {
+            static STATE: std::cell::Cell<u64> =
+                std::cell::Cell::new(getrandom::u64().unwrap_or(0x9e37_79b9_7f4a_7c15) | 1);
+        }
+        STATE.with(|state| {
+            let mut x = state.get();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            state.set(x);
+            // The top 53 bits as a fraction of 1.
+            ((x >> 11) as f64) / ((1u64 << 53) as f64) < ratio
+        })
     }
 
     /// The request's metadata, as the propagator reads it.

@@ -258,3 +258,49 @@ fn telemetry_settings_that_cannot_be_used_are_refused_naming_the_key() {
         assert!(err.contains(key), "{section}: {err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sampled_call_is_one_trace_and_background_store_calls_start_none() {
+    let receiver = Receiver::default();
+    let endpoint = receiver.start().await;
+    let port = free_port();
+    // Every call sampled; frequent probes and usage flushes, whose store calls are no call's.
+    let config = format!(
+        "[server]\nhealth_probe_ms = 20\n[limiter]\nusage_flush_ms = 50\n\
+         [telemetry]\nenabled = true\nendpoint = \"{endpoint}\"\nsampling_ratio = 1.0\n"
+    );
+    let tcp = format!("127.0.0.1:{port}");
+    let mut daemon = Daemon::start(&config, &["--tcp", &tcp]);
+    let channel = Endpoint::from_shared(format!("http://{tcp}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = RateLimiterClient::new(channel);
+    let answer = client.acquire(acquire("sampled")).await.unwrap();
+    assert!(answer.into_inner().allowed);
+    // Several flushes and probes later.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(daemon.terminate().success(), "{}", daemon.log());
+
+    let spans = receiver.spans();
+    let rpc: Vec<&Span> = spans
+        .iter()
+        .map(|(_, s)| s)
+        .filter(|s| s.name == "zae_limiter.v1.RateLimiter/Acquire")
+        .collect();
+    assert_eq!(rpc.len(), 1, "{spans:#?}");
+    assert!(rpc[0].parent_span_id.is_empty(), "a root: {:?}", rpc[0]);
+    assert_eq!(string(&rpc[0].attributes, "service.name"), None);
+    for (service, span) in &spans {
+        assert_eq!(service, "zae-limiter", "the default service name");
+        assert_eq!(
+            span.trace_id, rpc[0].trace_id,
+            "a trace of its own: {span:#?}"
+        );
+    }
+    assert!(
+        spans.iter().any(|(_, s)| s.name == "store write"),
+        "{spans:#?}"
+    );
+}

@@ -422,9 +422,13 @@ impl State {
         }
         let lane = self.lane(resource);
         let callers = lane.in_flight_spans();
+        if callers.is_empty() {
+            // No caller of this round is traced.
+            return tracing::Span::none();
+        }
         let span = tracing::trace_span!(
             target: crate::telemetry::TARGET,
-            parent: callers.first().and_then(|s| s.id()),
+            parent: callers[0].id(),
             "round",
             otel.name = name,
             round.acquires = i64::try_from(callers.len()).unwrap_or(i64::MAX),

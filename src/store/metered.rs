@@ -65,7 +65,8 @@ impl Metered {
         units: u64,
         call: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let span = tracing::trace_span!(
+        let span = match crate::telemetry::traced() {
+            true => tracing::trace_span!(
             target: crate::telemetry::TARGET,
             "store",
             otel.name = span_name(operation),
@@ -76,7 +77,10 @@ impl Metered {
             store.write_units = i64::try_from(units).unwrap_or(i64::MAX),
             store.outcome = tracing::field::Empty,
             store.conflicts = tracing::field::Empty,
-        );
+            ),
+            // Only under a traced call: a background call (flush, probe) starts no trace.
+            false => tracing::Span::none(),
+        };
         let started = Instant::now();
         let r = call.instrument(span.clone()).await;
         let outcome = self.record(operation, started, units, &r);
