@@ -97,24 +97,38 @@ fn acquire(entity: &str) -> proto::AcquireRequest {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_acquire_reaches_the_collector_in_the_callers_trace() {
+/// A receiver, and a daemon exporting to it (`config`, then `telemetry` in `[telemetry]`) with a
+/// client over its TCP listener.
+async fn traced_daemon(
+    config: &str,
+    telemetry: &str,
+) -> (
+    Receiver,
+    Daemon,
+    RateLimiterClient<tonic::transport::Channel>,
+) {
     let receiver = Receiver::default();
     let endpoint = receiver.start().await;
-    let port = free_port();
-    // Ratio 0: no trace of the daemon's own; a caller's sampled trace is followed all the same.
-    let config = format!(
-        "[telemetry]\nenabled = true\nendpoint = \"{endpoint}\"\nsampling_ratio = 0.0\n\
-         service_name = \"limiter-under-test\"\n"
-    );
-    let tcp = format!("127.0.0.1:{port}");
-    let mut daemon = Daemon::start(&config, &["--tcp", &tcp]);
+    let config =
+        format!("{config}[telemetry]\nenabled = true\nendpoint = \"{endpoint}\"\n{telemetry}");
+    let tcp = format!("127.0.0.1:{}", free_port());
+    let daemon = Daemon::start(&config, &["--tcp", &tcp]);
     let channel = Endpoint::from_shared(format!("http://{tcp}"))
         .unwrap()
         .connect()
         .await
         .unwrap();
-    let mut client = RateLimiterClient::new(channel);
+    (receiver, daemon, RateLimiterClient::new(channel))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquire_reaches_the_collector_in_the_callers_trace() {
+    // Ratio 0: no trace of the daemon's own; a caller's sampled trace is followed all the same.
+    let (receiver, mut daemon, mut client) = traced_daemon(
+        "",
+        "sampling_ratio = 0.0\nservice_name = \"limiter-under-test\"\n",
+    )
+    .await;
 
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span = "00f067aa0ba902b7";
@@ -261,22 +275,12 @@ fn telemetry_settings_that_cannot_be_used_are_refused_naming_the_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sampled_call_is_one_trace_and_background_store_calls_start_none() {
-    let receiver = Receiver::default();
-    let endpoint = receiver.start().await;
-    let port = free_port();
     // Every call sampled; frequent probes and usage flushes, whose store calls are no call's.
-    let config = format!(
-        "[server]\nhealth_probe_ms = 20\n[limiter]\nusage_flush_ms = 50\n\
-         [telemetry]\nenabled = true\nendpoint = \"{endpoint}\"\nsampling_ratio = 1.0\n"
-    );
-    let tcp = format!("127.0.0.1:{port}");
-    let mut daemon = Daemon::start(&config, &["--tcp", &tcp]);
-    let channel = Endpoint::from_shared(format!("http://{tcp}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = RateLimiterClient::new(channel);
+    let (receiver, mut daemon, mut client) = traced_daemon(
+        "[server]\nhealth_probe_ms = 20\n[limiter]\nusage_flush_ms = 50\n",
+        "sampling_ratio = 1.0\n",
+    )
+    .await;
     let answer = client.acquire(acquire("sampled")).await.unwrap();
     assert!(answer.into_inner().allowed);
     // Several flushes and probes later.
