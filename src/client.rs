@@ -379,6 +379,14 @@ impl Lease {
         &self.statuses
     }
 
+    /// The soft limits this acquire overdrew (admitted into debt), by name.
+    pub fn overdrawn(&self) -> impl Iterator<Item = &str> {
+        self.statuses
+            .iter()
+            .filter(|s| s.overdrawn)
+            .map(|s| s.name.as_str())
+    }
+
     /// Keeps the lease alive now (the background renewal does this on its own).
     ///
     /// # Errors

@@ -15,6 +15,7 @@ impl From<&crate::Limit> for Limit {
             capacity: (l.capacity() / MILLI) as u64,
             refill_amount: (l.refill_amount() / MILLI) as u64,
             refill_period_ms: l.refill_period_ms() as u64,
+            soft: l.is_soft(),
         }
     }
 }

@@ -268,6 +268,9 @@ fn to_limits(limits: &[(String, u64, u64, u64)]) -> Vec<proto::Limit> {
                 capacity: *capacity,
                 refill_amount: *refill_amount,
                 refill_period_ms: *refill_period_ms,
+                // Every third limit soft, so hostile input meets soft limits too (debt down to
+                // the floor, overdrawn statuses).
+                soft: capacity % 3 == 0,
             },
         )
         .collect()

@@ -448,6 +448,7 @@ async fn bad_input_is_invalid_argument_or_out_of_range_naming_the_field_and_writ
             capacity: 0,
             refill_amount: 1,
             refill_period_ms: 1000,
+            soft: false,
         }],
         ..Default::default()
     };
@@ -1281,4 +1282,60 @@ fn the_cli_speaks_in_the_users_units() {
         err.contains("limits of entity nosuch does not exist"),
         "{err}"
     );
+}
+
+#[test]
+fn the_cli_stores_soft_limits_and_reports_what_they_overdraw() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let cli = |args: &[&str]| run_cli(&daemon, args);
+    let (code, _, err) = cli(&[
+        "limits",
+        "set",
+        "--entity",
+        "proj-s",
+        "--limit",
+        "rpm=10/1d",
+        "--limit",
+        "tpm=5/1d,soft",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, table, _) = cli(&["limits", "get", "--entity", "proj-s"]);
+    assert_eq!(
+        table.trim(),
+        "LIMIT  RATE   BURST  SOFT\nrpm    10/1d  10     no\ntpm    5/1d   5      yes",
+        "{table}"
+    );
+    let (_, audit, _) = cli(&["audit", "proj-s"]);
+    assert!(audit.contains("tpm 5/1d, burst 5, soft"), "{audit}");
+    let acquire = |tpm: &str| {
+        cli(&[
+            "acquire",
+            "--entity",
+            "proj-s",
+            "--resource",
+            "gpt-4",
+            "--consume",
+            "rpm=1",
+            "--consume",
+            tpm,
+        ])
+    };
+    let (code, out, err) = acquire("tpm=4");
+    assert_eq!(code, Some(0), "{err}");
+    let out: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(out["overdrawn"], serde_json::json!([]), "{out}");
+    // 1 token left of 5: the soft limit admits 4 more into debt, and says so.
+    let (code, out, err) = acquire("tpm=4");
+    assert_eq!(code, Some(0), "{err}");
+    let out: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(out["overdrawn"], serde_json::json!(["tpm"]), "{out}");
+    let (code, _, err) = cli(&[
+        "limits",
+        "set",
+        "--entity",
+        "proj-s",
+        "--limit",
+        "tpm=5/1d,soft,soft",
+    ]);
+    assert_eq!(code, Some(2), "a malformed limit is refused: {err}");
 }

@@ -143,6 +143,81 @@ async fn three_daemons_on_one_table_never_over_admit() {
     );
 }
 
+/// A soft limit beside a hard one, shared by two daemons: the hard limit still admits no more than
+/// it allows, and the soft one is charged every admitted token, into debt, by both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_charge_a_soft_limit_into_debt_and_keep_the_hard_one_exact() {
+    let store = common::dynamodb().await;
+    let ns = common::unique_namespace();
+    let cfg = config(&ns, &common::endpoint(), "");
+    let daemons = [Daemon::start(&cfg, &[]), Daemon::start(&cfg, &[])];
+    // Per day: no refill worth a token within the test.
+    let limits = [
+        Limit::per_day("rpm", 300).unwrap(),
+        Limit::per_day("tpm", 100).unwrap().with_soft(true),
+    ];
+    let admitted = Arc::new(AtomicI64::new(0));
+    let overdrawn = Arc::new(AtomicI64::new(0));
+    let mut tasks = Vec::new();
+    for daemon in &daemons {
+        let client = daemon.client().await;
+        for _ in 0..16 {
+            let (client, limits) = (client.clone(), limits.clone());
+            let (admitted, overdrawn) = (admitted.clone(), overdrawn.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let req = Acquire::new("shared-soft", "gpt-4")
+                        .limits(&limits)
+                        .consume("rpm", 1)
+                        .consume("tpm", 1);
+                    match client.acquire(req).await {
+                        Ok(lease) => {
+                            let over = lease.overdrawn().collect::<Vec<_>>() == ["tpm"];
+                            lease.commit().await.unwrap();
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                            overdrawn.fetch_add(i64::from(over), Ordering::Relaxed);
+                        }
+                        Err(ClientError::OverLimit { violations, .. }) => {
+                            let refused: Vec<_> = violations.iter().map(|v| &v.limit).collect();
+                            assert_eq!(refused, ["rpm"], "only the hard limit refuses");
+                            return;
+                        }
+                        Err(e) => panic!("unexpected error: {e}"),
+                    }
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let admitted = admitted.load(Ordering::Relaxed);
+    assert_eq!(admitted, 300, "the hard limit's capacity, no more");
+    assert_eq!(consumed(&*store, &ns, "shared-soft", "rpm").await, 300_000);
+    assert_eq!(
+        consumed(&*store, &ns, "shared-soft", "tpm").await,
+        300_000,
+        "every admitted token charged to the soft limit"
+    );
+    let key = BucketKey {
+        namespace: ns.clone(),
+        entity: EntityId::new("shared-soft").unwrap(),
+        resource: ResourceId::new("gpt-4").unwrap(),
+    };
+    let bucket = store.load_bucket(&key).await.unwrap().unwrap();
+    let tpm = bucket.limit(&LimitName::new("tpm").unwrap()).unwrap();
+    assert!(tpm.limit.is_soft(), "stored soft");
+    assert!(
+        (-200_000..=-199_990).contains(&tpm.balance),
+        "100 tokens less 300 taken: {}",
+        tpm.balance
+    );
+    // `overdrawn` is what the deciding daemon saw: never for one that fitted, but a daemon that
+    // has not yet read the other's writes may miss some of the 200 that did not.
+    let overdrawn = overdrawn.load(Ordering::Relaxed);
+    assert!((1..=200).contains(&overdrawn), "{overdrawn}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_store_is_answered_by_the_policy_within_the_deadline() {
     let ns = common::unique_namespace();

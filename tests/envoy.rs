@@ -274,6 +274,7 @@ async fn stored_limits_and_a_cascading_parent_decide_a_descriptor() {
             capacity,
             refill_amount: capacity,
             refill_period_ms: 86_400_000,
+            soft: false,
         }],
     };
     admin.create_entity(entity("project", None)).await.unwrap();

@@ -60,6 +60,7 @@ pub async fn acquire(args: AcquireArgs) -> Result<ExitCode, CliError> {
             .await?;
     }
     let id = lease.id().to_owned();
+    let overdrawn: Vec<String> = lease.overdrawn().map(str::to_owned).collect();
     let closed = if args.keep_open {
         lease.into_id();
         "open"
@@ -72,7 +73,12 @@ pub async fn acquire(args: AcquireArgs) -> Result<ExitCode, CliError> {
     };
     println!(
         "{}",
-        serde_json::json!({ "allowed": true, "lease_id": id, "lease": closed })
+        serde_json::json!({
+            "allowed": true,
+            "lease_id": id,
+            "lease": closed,
+            "overdrawn": overdrawn,
+        })
     );
     Ok(ExitCode::SUCCESS)
 }

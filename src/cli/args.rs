@@ -155,7 +155,7 @@ pub struct AcquireArgs {
     /// NAME=TOKENS to consume (repeatable).
     #[arg(long, value_parser = parse_amount)]
     pub consume: Vec<(String, i64)>,
-    /// NAME=RATE/PERIOD[,burst=N] limits for this call, e.g. rpm=100/1m (default: stored limits).
+    /// NAME=RATE/PERIOD[,burst=N][,soft] limits for this call, e.g. rpm=100/1m (default: stored limits).
     #[arg(long)]
     pub limit: Vec<Limit>,
     /// NAME=TOKENS of extra usage to record before committing (repeatable; may be negative).
@@ -259,7 +259,7 @@ pub enum LimitsOp {
     Set {
         #[command(flatten)]
         scope: ScopeArgs,
-        /// NAME=RATE/PERIOD[,burst=N] (repeatable), e.g. rpm=100/1m.
+        /// NAME=RATE/PERIOD[,burst=N][,soft] (repeatable), e.g. rpm=100/1m.
         #[arg(long, required = true)]
         limit: Vec<Limit>,
     },

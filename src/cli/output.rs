@@ -33,6 +33,7 @@ pub(super) fn limit_json(l: &proto::Limit) -> Value {
         "refill_amount": l.refill_amount,
         "refill_period_ms": l.refill_period_ms,
         "refill_period": period(l.refill_period_ms as i64),
+        "soft": l.soft,
     })
 }
 
@@ -51,6 +52,7 @@ pub(super) fn audit_value(text: &str) -> (Value, String) {
                             "refill_amount": l.refill_amount() as f64 / MILLI as f64,
                             "refill_period_ms": l.refill_period_ms(),
                             "refill_period": period(l.refill_period_ms()),
+                            "soft": l.is_soft(),
                         })
                     })
                     .collect(),
@@ -132,16 +134,27 @@ pub(super) fn entity_rows(entities: &[proto::Entity]) -> String {
     table(&["id", "name", "parent", "cascade", "metadata"], &rows)
 }
 
+/// A limit set as a table; a `soft` column only when some limit is soft.
 pub(super) fn limit_rows(limits: &[proto::Limit]) -> String {
+    let any_soft = limits.iter().any(|l| l.soft);
     let rows: Vec<Vec<String>> = limits
         .iter()
         .map(|l| {
-            vec![
+            let mut row = vec![
                 l.name.clone(),
                 format!("{}/{}", l.refill_amount, period(l.refill_period_ms as i64)),
                 l.capacity.to_string(),
-            ]
+            ];
+            if any_soft {
+                row.push(if l.soft { "yes" } else { "no" }.to_owned());
+            }
+            row
         })
         .collect();
-    table(&["limit", "rate", "burst"], &rows)
+    let headers: &[&str] = if any_soft {
+        &["limit", "rate", "burst", "soft"]
+    } else {
+        &["limit", "rate", "burst"]
+    };
+    table(headers, &rows)
 }

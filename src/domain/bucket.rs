@@ -72,8 +72,13 @@ impl LimitState {
                 >= i128::from(self.limit.refill_period_ms())
     }
 
-    /// Milliseconds until `balance` (with `carry`) covers `wanted`; `None` if it never can.
+    /// Milliseconds until `balance` (with `carry`) covers `wanted`; `None` if it never can. A
+    /// soft limit covers anything at once, short of the floor no balance may pass.
     fn wait_ms(&self, balance: i64, carry: i64, wanted: i64) -> Option<u64> {
+        if self.limit.is_soft() {
+            return (i128::from(balance) - i128::from(wanted) >= i128::from(MIN_BALANCE))
+                .then_some(0);
+        }
         if wanted <= balance {
             return Some(0);
         }
@@ -115,6 +120,11 @@ pub struct LimitStatus {
 impl LimitStatus {
     pub fn allowed(&self) -> bool {
         self.retry_after_ms == Some(0)
+    }
+
+    /// Whether a soft limit's balance does not cover the request (it is debited into debt).
+    pub fn overdrawn(&self) -> bool {
+        self.limit.is_soft() && i128::from(self.available) < i128::from(self.requested)
     }
 }
 
@@ -373,7 +383,7 @@ pub fn plan(
             .zip(&target.limits)
             .all(|(before, refilled)| {
                 let amount = amount_of(before.limit.name());
-                before.balance >= amount
+                (before.limit.is_soft() || before.balance >= amount)
                     && (amount == 0 || refilled.balance < refilled.limit.capacity())
             });
     let guarded = !same_limits || (seen.refill_due(now) && !deferrable);
@@ -394,11 +404,17 @@ pub fn plan(
                 // not bring it to the capacity.
                 let ceiling = (!guarded && amount > 0 && accrued > 0)
                     .then(|| state.limit.capacity() - accrued);
+                // A soft limit may go into debt, down to the floor.
+                let floor = if state.limit.is_soft() {
+                    MIN_BALANCE
+                } else {
+                    0
+                };
                 LimitChange::Update {
                     name: state.limit.name().clone(),
                     delta: refill - amount,
                     consumed: amount,
-                    min_balance: amount - refill,
+                    min_balance: floor + amount - refill,
                     max_balance: if guarded {
                         Some(before.balance)
                     } else {

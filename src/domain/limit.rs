@@ -104,12 +104,17 @@ impl fmt::Display for LimitName {
 
 /// One token bucket's definition: `capacity` tokens at most, refilled by `refill_amount` tokens every
 /// `refill_period`, continuously (lazily computed, never on a timer).
+///
+/// A **soft** limit is debited like any other but never refuses: a request it cannot cover
+/// takes its balance into debt (down to [`super::amounts::MIN_BALANCE`], the floor no balance
+/// passes), and its status says so (`overdrawn`). For watching a new limit before enforcing it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Limit {
     name: LimitName,
     capacity: i64,
     refill_amount: i64,
     refill_period_ms: i64,
+    soft: bool,
 }
 
 impl Limit {
@@ -176,6 +181,7 @@ impl Limit {
             capacity,
             refill_amount,
             refill_period_ms: period as i64,
+            soft: false,
         })
     }
 
@@ -221,7 +227,15 @@ impl Limit {
             capacity,
             refill_amount,
             refill_period_ms,
+            soft: false,
         })
+    }
+
+    /// The same limit, soft (`true`: debited, never refusing) or enforced.
+    #[must_use]
+    pub fn with_soft(mut self, soft: bool) -> Self {
+        self.soft = soft;
+        self
     }
 
     pub fn name(&self) -> &LimitName {
@@ -238,24 +252,37 @@ impl Limit {
     pub fn refill_period_ms(&self) -> i64 {
         self.refill_period_ms
     }
+    /// Whether the limit is soft: debited, never refusing.
+    pub fn is_soft(&self) -> bool {
+        self.soft
+    }
 }
 
 impl std::str::FromStr for Limit {
     type Err = LimitError;
 
-    /// `NAME=RATE/PERIOD[,burst=N]`: `rpm=100/1m`, `tpm=10000/60s,burst=15000`, `d=5/1d`. The
-    /// period is a count (default 1) and a unit: `ms`, `s`, `m`, `h` or `d`.
+    /// `NAME=RATE/PERIOD[,burst=N][,soft]`: `rpm=100/1m`, `tpm=10000/60s,burst=15000`,
+    /// `d=5/1d`, `tpm=50000/1m,soft`. The period is a count (default 1) and a unit: `ms`, `s`,
+    /// `m`, `h` or `d`.
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let bad = || {
             LimitError::Malformed(format!(
-                "{spec} (expected NAME=RATE/PERIOD[,burst=N], e.g. rpm=100/1m)"
+                "{spec} (expected NAME=RATE/PERIOD[,burst=N][,soft], e.g. rpm=100/1m)"
             ))
         };
         let (name, rest) = spec.split_once('=').ok_or_else(bad)?;
-        let (rate_period, burst) = match rest.split_once(',') {
-            Some((rp, b)) => (rp, Some(b.strip_prefix("burst=").ok_or_else(bad)?)),
-            None => (rest, None),
-        };
+        let mut parts = rest.split(',');
+        let rate_period = parts.next().ok_or_else(bad)?;
+        let (mut burst, mut soft) = (None, false);
+        for option in parts {
+            match option.trim() {
+                "soft" if !soft => soft = true,
+                o => match o.strip_prefix("burst=") {
+                    Some(b) if burst.is_none() => burst = Some(b),
+                    _ => return Err(bad()),
+                },
+            }
+        }
         let (rate, period) = rate_period.split_once('/').ok_or_else(bad)?;
         let rate: u64 = rate.trim().parse().map_err(|_| bad())?;
         let split = period.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
@@ -265,7 +292,7 @@ impl std::str::FromStr for Limit {
         } else {
             count.parse().map_err(|_| bad())?
         };
-        let unit_ms: u64 = match unit {
+        let unit_ms: u64 = match unit.trim() {
             "ms" => 1,
             "s" => 1_000,
             "m" => 60_000,
@@ -274,7 +301,7 @@ impl std::str::FromStr for Limit {
             _ => return Err(bad()),
         };
         let period = Duration::from_millis(count.checked_mul(unit_ms).ok_or_else(bad)?);
-        let limit = Self::custom(name.trim(), rate, rate, period)?;
+        let limit = Self::custom(name.trim(), rate, rate, period)?.with_soft(soft);
         match burst {
             Some(b) => limit.with_burst(b.trim().parse().map_err(|_| bad())?),
             None => Ok(limit),
@@ -324,8 +351,9 @@ pub fn canonical(mut limits: Vec<Limit>) -> Result<Vec<Limit>, LimitError> {
 }
 
 /// The stored text form of a limit set: `name:capacity:refill_amount:refill_period_ms` in
-/// milli-tokens, comma separated, in canonical order. Equal sets encode equally, so the text also
-/// serves as a version stamp in conditional writes.
+/// milli-tokens, followed by `:soft` for a soft limit, comma separated, in canonical order. Equal
+/// sets encode equally, so the text also serves as a version stamp in conditional writes (and a
+/// limit turned soft or back is a change of configuration: its balance is kept).
 pub fn encode(limits: &[Limit]) -> String {
     let mut out = String::new();
     for (i, l) in limits.iter().enumerate() {
@@ -336,6 +364,9 @@ pub fn encode(limits: &[Limit]) -> String {
             "{}:{}:{}:{}",
             l.name, l.capacity, l.refill_amount, l.refill_period_ms
         ));
+        if l.soft {
+            out.push_str(":soft");
+        }
     }
     out
 }
@@ -365,14 +396,15 @@ pub fn period(ms: i64) -> String {
 }
 
 impl Limit {
-    /// The limit in its user's units: `rpm 100/1m, burst 150`.
+    /// The limit in its user's units: `rpm 100/1m, burst 150` (`, soft` when soft).
     pub fn describe(&self) -> String {
         format!(
-            "{} {}/{}, burst {}",
+            "{} {}/{}, burst {}{}",
             self.name,
             tokens(self.refill_amount),
             period(self.refill_period_ms),
-            tokens(self.capacity)
+            tokens(self.capacity),
+            if self.soft { ", soft" } else { "" }
         )
     }
 }
@@ -389,14 +421,19 @@ pub fn decode(text: &str) -> Result<Vec<Limit>, LimitError> {
         .split(',')
         .map(|part| {
             let fields: Vec<&str> = part.split(':').collect();
-            let [name, cap, amount, period] = fields[..] else {
-                return Err(LimitError::Malformed(part.to_owned()));
+            let (name, cap, amount, period, soft) = match fields[..] {
+                [name, cap, amount, period] => (name, cap, amount, period, false),
+                [name, cap, amount, period, "soft"] => (name, cap, amount, period, true),
+                _ => return Err(LimitError::Malformed(part.to_owned())),
             };
             let num = |s: &str| {
                 s.parse::<i64>()
                     .map_err(|_| LimitError::Malformed(part.to_owned()))
             };
-            Limit::from_milli(LimitName::new(name)?, num(cap)?, num(amount)?, num(period)?)
+            Ok(
+                Limit::from_milli(LimitName::new(name)?, num(cap)?, num(amount)?, num(period)?)?
+                    .with_soft(soft),
+            )
         })
         .collect::<Result<Vec<_>, _>>()?;
     canonical(limits)
@@ -501,7 +538,21 @@ mod tests {
             "x=5/250ms".parse::<Limit>().unwrap().refill_period_ms(),
             250
         );
+        assert_eq!(
+            "tpm=50000/1m,soft".parse(),
+            Ok(Limit::per_minute("tpm", 50_000).unwrap().with_soft(true))
+        );
+        assert_eq!(
+            "rps=1/s, soft ,burst=10".parse(),
+            Limit::per_second("rps", 1)
+                .unwrap()
+                .with_soft(true)
+                .with_burst(10)
+        );
         for bad in [
+            "rpm=1/1m,soft,soft",
+            "rpm=1/1m,burst=2,burst=3",
+            "rpm=1/1m,hard",
             "rpm",
             "rpm=100",
             "rpm=100/1w",
@@ -526,6 +577,11 @@ mod tests {
         let text = encode(&limits);
         assert_eq!(text, "rpm:150000:100000:60000,tpm:10000000:10000000:60000");
         assert_eq!(decode(&text).unwrap(), limits);
+        let soft = vec![Limit::per_minute("rpm", 1).unwrap().with_soft(true)];
+        assert_eq!(encode(&soft), "rpm:1000:1000:60000:soft");
+        assert_eq!(decode(&encode(&soft)).unwrap(), soft);
+        assert_ne!(encode(&soft), encode(&[soft[0].clone().with_soft(false)]));
+        assert!(decode("rpm:1:1:1:hard").is_err());
         assert!(decode("rpm:1:2").is_err());
         assert!(decode("rpm:0:1:1").is_err());
         assert!(matches!(

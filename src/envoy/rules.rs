@@ -55,7 +55,7 @@ pub struct RuleConfig {
     /// Empty: the daemon's first namespace.
     #[serde(default)]
     pub namespace: String,
-    /// `NAME=RATE/PERIOD[,burst=N]` limits; empty: the entity's stored limits for the resource.
+    /// `NAME=RATE/PERIOD[,burst=N][,soft]` limits; empty: the entity's stored limits for the resource.
     #[serde(default)]
     pub limits: Vec<String>,
     /// The limits a hit counts against; default: every limit in `limits` (required with stored

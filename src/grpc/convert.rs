@@ -165,6 +165,7 @@ pub(super) fn limits(given: &[proto::Limit]) -> Result<Option<Vec<Limit>>, Statu
                 l.refill_amount,
                 Duration::from_millis(l.refill_period_ms),
             )
+            .map(|limit| limit.with_soft(l.soft))
             .map_err(|e| invalid(format!("limits[{i}]"), e))
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -179,6 +180,8 @@ pub(super) fn to_proto_status(s: &LimitStatus) -> proto::LimitStatus {
         requested_milli: s.requested,
         retry_after_ms: s.retry_after_ms,
         limit: Some(proto::Limit::from(&s.limit)),
+        soft: s.limit.is_soft(),
+        overdrawn: s.overdrawn(),
     }
 }
 

@@ -24,6 +24,7 @@ pub fn acquire_request(entity: &str) -> zae_limiter::proto::AcquireRequest {
             capacity: 1_000,
             refill_amount: 1_000,
             refill_period_ms: 60_000,
+            soft: false,
         }],
         ..Default::default()
     }

@@ -201,6 +201,48 @@ def test_stored_limits_resolve_entity_resource_then_entity_then_resource_then_sy
     assert all(e.subject == entity for e in events)
 
 
+def test_a_soft_limit_is_debited_into_debt_and_never_refuses(daemon, entity):
+    """Stored soft, then soft for one call only: debited and reported, never the refusal; the
+    hard limit beside it still refuses."""
+    resource = f"model-{entity}"
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            await zl.set_limits(
+                entity,
+                [Limit.per_day("rpm", 100), Limit.per_day("tpm", 1_000, soft=True)],
+                resource=resource,
+            )
+            stored = await zl.get_limits(entity, resource=resource)
+            overdrawn = []
+            for _ in range(3):
+                async with zl.acquire(entity, resource, {"rpm": 1, "tpm": 400}) as lease:
+                    overdrawn.append(lease.overdrawn)
+            statuses = lease.statuses
+            left = await zl.available(entity, resource)
+            with pytest.raises(RateLimitExceeded) as refused:
+                await zl.consume(entity, resource, {"rpm": 200, "tpm": 1})
+            # The same limit given hard for one call refuses what soft admitted.
+            hard = [Limit.per_day("rpm", 100), Limit.per_day("tpm", 1_000)]
+            with pytest.raises(RateLimitExceeded) as hard_refused:
+                await zl.consume(entity, resource, {"rpm": 1, "tpm": 1}, limits=hard)
+            soft_once = [Limit.per_day("rpm", 100), Limit.per_day("tpm", 1_000, soft=True)]
+            await zl.consume(entity, resource, {"rpm": 1, "tpm": 1}, limits=soft_once)
+            return stored, overdrawn, statuses, left, refused.value, hard_refused.value
+
+    stored, overdrawn, statuses, left, refused, hard_refused = run(scenario())
+    assert stored == [Limit.per_day("rpm", 100), Limit.per_day("tpm", 1_000, soft=True)]
+    assert overdrawn == [[], [], ["tpm"]]
+    tpm = next(s for s in statuses if s.limit_name == "tpm")
+    assert tpm.soft and tpm.overdrawn and not tpm.exceeded and tpm.deficit == 0
+    assert tpm.retry_after_seconds == 0
+    assert left == {"rpm": 97, "tpm": -200}
+    # Refused by rpm alone: tpm (soft, in debt) is among the passed.
+    assert [v.limit_name for v in refused.violations] == ["rpm"]
+    assert [p.limit_name for p in refused.passed] == ["tpm"]
+    assert [v.limit_name for v in hard_refused.violations] == ["tpm"]
+
+
 def test_the_sync_limiter_has_the_same_methods(daemon, entity):
     limits = [Limit.per_minute("rpm", 5)]
     with SyncRateLimiter(socket=daemon.socket, namespace=daemon.namespace) as zl:

@@ -19,7 +19,7 @@ def python_blocks(path: pathlib.Path) -> list[str]:
 
 @pytest.mark.parametrize("readme", ["README.md", "clients/python/README.md"])
 def test_the_readme_example_admits_then_answers_429(daemon, monkeypatch, readme):
-    (block,) = python_blocks(REPO / readme)
+    block = python_blocks(REPO / readme)[0]
     monkeypatch.setenv("ZAE_LIMITER_SOCKET", daemon.socket)
     calls = []
 
@@ -45,3 +45,25 @@ def test_the_readme_example_admits_then_answers_429(daemon, monkeypatch, readme)
     assert body["error"] == "rate_limit_exceeded"
     assert [v["limit_name"] for v in body["limits"] if v["exceeded"]] == ["tpm"]
     assert calls == ["prompt 0", "prompt 1"]
+
+
+def readme_block(marker: str) -> str:
+    """The Python client README's example that contains ``marker``."""
+    (block,) = [b for b in python_blocks(REPO / "clients/python/README.md") if marker in b]
+    return block
+
+
+def test_the_soft_limit_example_reports_what_it_would_have_refused(daemon, monkeypatch):
+    monkeypatch.setenv("ZAE_LIMITER_SOCKET", daemon.socket)
+    scope: dict = {}
+    exec(compile(readme_block("soft=True"), "README.md", "exec"), scope)  # noqa: S102
+
+    async def scenario():
+        entity = f"key-{daemon.namespace}-soft"
+        answers = [await scope["observe"](entity, 3_000) for _ in range(3)]
+        await scope["limiter"].close()
+        return answers
+
+    # 3,000 tokens a call against a soft 5,000/min: the second call overdraws, and the third
+    # is still admitted.
+    assert run(scenario()) == [[], ["tpm"], ["tpm"]]

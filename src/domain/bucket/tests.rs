@@ -338,6 +338,83 @@ fn custom_limits_refill_by_their_own_period() {
     assert_eq!(balance(&b, "c", T0 + 2_999), 999);
 }
 
+#[test]
+fn a_soft_limit_is_debited_into_debt_and_never_refuses() {
+    let limits = canonical(vec![
+        Limit::per_minute("rpm", 10).unwrap().with_soft(true),
+        Limit::per_minute("tpm", 100).unwrap(),
+    ])
+    .unwrap();
+    let ask = |rpm, tpm| vec![(name("rpm"), rpm * MILLI), (name("tpm"), tpm * MILLI)];
+    let mut b = None;
+    for i in 0..15 {
+        let Plan::Admit { write, expected } = plan(b.as_ref(), &limits, &ask(1, 1), T0) else {
+            panic!("request {i}: a soft limit never refuses");
+        };
+        match write {
+            Write::Create(c) => b = Some(c),
+            Write::Change(c) => b.as_mut().unwrap().apply(&c).unwrap(),
+        }
+        assert_eq!(b.as_ref(), Some(&expected));
+    }
+    assert_eq!(balance(&b, "rpm", T0), -5 * MILLI);
+    assert_eq!(
+        b.as_ref().unwrap().limits[0].consumed,
+        15 * i128::from(MILLI)
+    );
+    // Overdrawn from the eleventh request on: its status says so and still allows.
+    let Admission::Admitted { statuses, .. } = admit(b.as_ref(), &limits, &ask(1, 1), T0) else {
+        panic!("admitted");
+    };
+    assert!(statuses[0].allowed() && statuses[0].overdrawn());
+    assert!(statuses[1].allowed() && !statuses[1].overdrawn());
+    // The hard limit still refuses the whole request; the soft one's status is still allowed.
+    let r = rejection(b.as_ref(), &limits, &ask(1, 86), T0);
+    assert_eq!(r.violated().count(), 1);
+    assert_eq!(r.violated().next().unwrap().limit.name().as_str(), "tpm");
+    assert_eq!(r.retry_after_ms(), Some(600));
+    // Debt refills as for any limit: 5 tokens owed, one every 6 s.
+    assert_eq!(balance(&b, "rpm", T0 + 36_000), MILLI);
+}
+
+#[test]
+fn a_soft_limit_refuses_only_at_the_floor_no_balance_may_pass() {
+    let limits = vec![Limit::per_second("s", 1).unwrap().with_soft(true)];
+    let mut seen = Bucket::full(limits.clone(), T0);
+    seen.limits[0].balance = MIN_BALANCE + 5 * MILLI;
+    assert!(matches!(
+        plan(Some(&seen), &limits, &tokens("s", 5), T0),
+        Plan::Admit { .. }
+    ));
+    let r = rejection(Some(&seen), &limits, &tokens("s", 6), T0);
+    assert_eq!(r.retry_after_ms(), None, "never: it would pass the floor");
+}
+
+#[test]
+fn soft_consumptions_commute_with_other_writers_even_in_debt() {
+    let limits = vec![Limit::per_minute("rpm", 10).unwrap().with_soft(true)];
+    let mut seen = Bucket::full(limits.clone(), T0);
+    seen.limits[0].balance = -3 * MILLI;
+    // Two daemons plan from the same state, within the same millisecond.
+    let writes: Vec<Change> = (0..2)
+        .map(
+            |_| match plan(Some(&seen), &limits, &tokens("rpm", 2), T0) {
+                Plan::Admit {
+                    write: Write::Change(c),
+                    ..
+                } => c,
+                other => panic!("a soft limit admits: {other:?}"),
+            },
+        )
+        .collect();
+    assert!(writes.iter().all(|c| c.refill.is_none()));
+    let mut stored = seen.clone();
+    for c in &writes {
+        stored.apply(c).expect("plain consumptions commute");
+    }
+    assert_eq!(stored.limits[0].balance, -7 * MILLI);
+}
+
 prop_compose! {
     fn any_limit()(capacity in 1u64..10_000, amount in 1u64..10_000, period in 1u64..120_000) -> Limit {
         Limit::custom("l", capacity, amount, Duration::from_millis(period)).unwrap()
@@ -415,12 +492,14 @@ proptest! {
     fn deferred_refills_admit_exactly_what_eager_ones_do(
         first in (1u64..10_000, 1u64..10_000, 1u64..120_000),
         second in (1u64..10_000, 1u64..10_000, 1u64..120_000),
+        soft in any::<bool>(),
         requests in prop::collection::vec((0i64..3_000, 0i64..3_000, 0i64..3_000), 1..200),
     ) {
         let limit = |n: &str, (capacity, amount, period): (u64, u64, u64)| {
             Limit::custom(n, capacity, amount, Duration::from_millis(period)).unwrap()
         };
-        let limits = canonical(vec![limit("a", first), limit("b", second)]).unwrap();
+        let limits =
+            canonical(vec![limit("a", first), limit("b", second).with_soft(soft)]).unwrap();
         let (mut lazy, mut eager) = (None, None);
         let mut now = T0;
         for (dt, a, b) in requests {

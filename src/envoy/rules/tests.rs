@@ -13,7 +13,7 @@ domain = "edge"
 entries = [{ key = "api_key" }, { key = "path", value = "/v1/chat" }]
 entity = "api_key"
 resource = "chat"
-limits = ["rpm=10/1m", "tpm=1000/1m"]
+limits = ["rpm=10/1m", "tpm=1000/1m,soft"]
 hits = ["rpm"]
 [[rules]]
 name = "by-model"
@@ -71,6 +71,14 @@ fn a_plan_names_the_entity_resource_limits_and_amounts() {
         .map(|l| l.name().to_string())
         .collect();
     assert_eq!(names, ["rpm", "tpm"]);
+    let soft: Vec<_> = chat
+        .limits
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(Limit::is_soft)
+        .collect();
+    assert_eq!(soft, [false, true], "a rule's limit may be soft");
     assert_eq!(
         chat.amounts
             .iter()

@@ -541,6 +541,11 @@ class Lease:
         return self._converted
 
     @property
+    def overdrawn(self) -> list[str]:
+        """The soft limits this acquire took into debt (or deeper), by name."""
+        return [s.limit_name for s in self.statuses if s.overdrawn]
+
+    @property
     def closed(self) -> bool:
         return self._closed
 

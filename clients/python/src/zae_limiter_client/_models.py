@@ -32,13 +32,18 @@ class Limit:
     """A token bucket: ``capacity`` tokens (the burst), refilled by ``refill_amount`` tokens every
     ``refill_period_seconds`` seconds, as in the Python zae-limiter:
     ``Limit("rpm", 100, 100, 60)`` is 100 per minute. Build it with the class methods, or give the
-    period in milliseconds with the keyword ``refill_period_ms`` instead of the fourth field."""
+    period in milliseconds with the keyword ``refill_period_ms`` instead of the fourth field.
+
+    ``soft=True`` meters the limit without enforcing it: it is debited like any other, may go
+    into debt, and never refuses (its status says ``overdrawn`` when the request took it into
+    debt). Given in a call's ``limits``, it is soft for that call only."""
 
     name: str
     capacity: int
     refill_amount: int
     #: The period in milliseconds (the daemon's resolution).
     refill_period_ms: int
+    soft: bool = False
 
     def __init__(
         self,
@@ -48,6 +53,7 @@ class Limit:
         refill_period_seconds: float | None = None,
         *,
         refill_period_ms: int | None = None,
+        soft: bool = False,
     ) -> None:
         if (refill_period_seconds is None) == (refill_period_ms is None):
             raise ValidationError(
@@ -75,6 +81,11 @@ class Limit:
         object.__setattr__(self, "capacity", capacity)
         object.__setattr__(self, "refill_amount", refill_amount)
         object.__setattr__(self, "refill_period_ms", refill_period_ms)
+        if not isinstance(soft, bool):
+            raise ValidationError(
+                f"limit {name}: soft must be True or False, got {soft!r}", field="soft"
+            )
+        object.__setattr__(self, "soft", soft)
         self.__post_init__()
 
     def __post_init__(self) -> None:
@@ -102,34 +113,52 @@ class Limit:
         return self.refill_period_ms / 1000
 
     @classmethod
-    def _per(cls, name: str, rate: int, burst: int | None, period_ms: int) -> Limit:
-        return cls(name, rate if burst is None else burst, rate, refill_period_ms=period_ms)
+    def _per(
+        cls, name: str, rate: int, burst: int | None, period_ms: int, soft: bool
+    ) -> Limit:
+        return cls(
+            name, rate if burst is None else burst, rate, refill_period_ms=period_ms, soft=soft
+        )
 
     @classmethod
-    def per_second(cls, name: str, rate: int, burst: int | None = None) -> Limit:
+    def per_second(
+        cls, name: str, rate: int, burst: int | None = None, *, soft: bool = False
+    ) -> Limit:
         """``rate`` tokens per second; capacity ``burst`` (default: ``rate``)."""
-        return cls._per(name, rate, burst, _SECOND_MS)
+        return cls._per(name, rate, burst, _SECOND_MS, soft)
 
     @classmethod
-    def per_minute(cls, name: str, rate: int, burst: int | None = None) -> Limit:
-        return cls._per(name, rate, burst, _MINUTE_MS)
+    def per_minute(
+        cls, name: str, rate: int, burst: int | None = None, *, soft: bool = False
+    ) -> Limit:
+        return cls._per(name, rate, burst, _MINUTE_MS, soft)
 
     @classmethod
-    def per_hour(cls, name: str, rate: int, burst: int | None = None) -> Limit:
-        return cls._per(name, rate, burst, _HOUR_MS)
+    def per_hour(
+        cls, name: str, rate: int, burst: int | None = None, *, soft: bool = False
+    ) -> Limit:
+        return cls._per(name, rate, burst, _HOUR_MS, soft)
 
     @classmethod
-    def per_day(cls, name: str, rate: int, burst: int | None = None) -> Limit:
-        return cls._per(name, rate, burst, _DAY_MS)
+    def per_day(
+        cls, name: str, rate: int, burst: int | None = None, *, soft: bool = False
+    ) -> Limit:
+        return cls._per(name, rate, burst, _DAY_MS, soft)
 
     @classmethod
     def custom(
-        cls, name: str, capacity: int, refill_amount: int, refill_period_seconds: float
+        cls,
+        name: str,
+        capacity: int,
+        refill_amount: int,
+        refill_period_seconds: float,
+        *,
+        soft: bool = False,
     ) -> Limit:
         """``capacity`` tokens, refilled by ``refill_amount`` every ``refill_period_seconds``
         (millisecond resolution): the same as ``Limit(name, capacity, refill_amount,
         refill_period_seconds)``."""
-        return cls(name, capacity, refill_amount, refill_period_seconds)
+        return cls(name, capacity, refill_amount, refill_period_seconds, soft=soft)
 
     def _to_pb(self) -> pb.Limit:
         return pb.Limit(
@@ -137,6 +166,7 @@ class Limit:
             capacity=self.capacity,
             refill_amount=self.refill_amount,
             refill_period_ms=self.refill_period_ms,
+            soft=self.soft,
         )
 
     @classmethod
@@ -146,6 +176,7 @@ class Limit:
             limit.capacity,
             limit.refill_amount,
             refill_period_ms=limit.refill_period_ms,
+            soft=limit.soft,
         )
 
 
@@ -165,6 +196,11 @@ class LimitStatus:
     available_milli: int
     requested_milli: int
     limit: Limit | None = None
+    #: A soft limit: it allowed the request whatever its balance.
+    soft: bool = False
+    #: A soft limit the request took into debt (or deeper). The Python zae-limiter's status
+    #: says ``available < 0``, before the request; this one counts the request too.
+    overdrawn: bool = False
 
     @classmethod
     def _from_pb(
@@ -187,7 +223,16 @@ class LimitStatus:
             requested_milli=status.requested_milli,
             limit=limits.get(status.name)
             or (Limit._from_pb(status.limit) if status.HasField("limit") else None),
+            soft=status.soft,
+            overdrawn=status.overdrawn,
         )
+
+    @property
+    def deficit(self) -> int:
+        """Whole tokens the request lacks (0 when it fits, and always 0 for a soft limit)."""
+        if self.soft:
+            return 0
+        return max(0, -(-(self.requested_milli - self.available_milli) // 1000))
 
     def deficit_seconds(self) -> float | None:
         """Seconds for the refill to make up what the request lacks, by the Python zae-limiter's
@@ -208,6 +253,7 @@ class LimitStatus:
             "requested": self.requested,
             "exceeded": self.exceeded,
             "retry_after_seconds": self.retry_after_seconds,
+            "soft": self.soft,
         }
         if self.limit is not None:
             body.update(
