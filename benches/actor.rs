@@ -26,6 +26,7 @@ fn request(limit: &Limit) -> AcquireRequest {
         limits: Some(vec![limit.clone()]),
         lease: true,
         owner: zae_limiter::limiter::Owner::InProcess,
+        on_unavailable: None,
     }
 }
 

@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use crate::domain::ids::{EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
-use crate::domain::records::{Actor, Entity, LimitScope, Period, Usage};
+use crate::domain::records::{Actor, Entity, FailurePolicy, LimitScope, Period, Usage};
 use crate::limiter::{Limiter, LimiterError, within};
 use crate::store::AuditPage;
 
@@ -303,6 +303,40 @@ impl Admin {
         .await?;
         self.limiter.forget_lookups();
         Ok(())
+    }
+
+    /// Stores the namespace's failure policy (`None`: removes it), for acquires that give none.
+    ///
+    /// # Errors
+    /// `NotFound` when removing one that is not stored, or the store's error.
+    pub async fn set_failure_policy(
+        &self,
+        ns: &Namespace,
+        policy: Option<FailurePolicy>,
+        by: &Actor,
+        deadline: Instant,
+    ) -> Result<(), LimiterError> {
+        within(deadline, async {
+            Ok(self.store().set_failure_policy(ns, policy, by).await?)
+        })
+        .await?;
+        self.limiter.failure_policy_changed(ns, policy);
+        Ok(())
+    }
+
+    /// The namespace's stored failure policy (`None`: the daemon's applies).
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn failure_policy(
+        &self,
+        ns: &Namespace,
+        deadline: Instant,
+    ) -> Result<Option<FailurePolicy>, LimiterError> {
+        within(deadline, async {
+            Ok(self.store().get_failure_policy(ns).await?)
+        })
+        .await
     }
 
     /// One page of audit records of `subject`, newest first: `page_size` of them (0: 50; at

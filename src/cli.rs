@@ -101,6 +101,7 @@ async fn client_command(command: Command) -> Result<ExitCode, CliError> {
         Command::Entity { op, daemon } => admin::print(daemon, op.into()).await?,
         Command::Limits { op, daemon } => admin::print(daemon, op.into()).await?,
         Command::Namespace { op, daemon } => admin::print(daemon, op.try_into()?).await?,
+        Command::FailurePolicy { op, daemon } => admin::print(daemon, op.into()).await?,
         Command::Usage {
             entity,
             resource,

@@ -102,6 +102,13 @@ impl Acquire {
         self.request.namespace = namespace.into();
         self
     }
+
+    /// What to do if the store cannot answer in time (default: the namespace's stored policy,
+    /// else the daemon's).
+    pub fn on_unavailable(mut self, policy: crate::FailurePolicy) -> Self {
+        self.request.on_unavailable = proto::OnUnavailable::from(Some(policy)).into();
+        self
+    }
 }
 
 /// A connection to the daemon; cheap to clone (clones share the connection).

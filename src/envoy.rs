@@ -162,6 +162,7 @@ impl RlsService {
             limits: planned.limits.clone(),
             lease: false,
             owner: crate::limiter::Owner::InProcess,
+            on_unavailable: None,
         };
         Ok(Part {
             request,

@@ -169,8 +169,12 @@ impl Limiter {
     ) -> Result<Decision, LimiterError> {
         let started = std::time::Instant::now();
         let lease = req.lease;
+        // Read now (never waiting): when the store fails, it may not be readable.
+        let policy = req
+            .on_unavailable
+            .or_else(|| self.lookups.failure_policy(&req.key.namespace));
         let result = match self.route_acquire(req, deadline).await {
-            Err(e) if e.is_outage() => self.fail(e, lease),
+            Err(e) if e.is_outage() => self.fail(e, lease, policy),
             other => other,
         };
         m::decision_time(started.elapsed().as_secs_f64());
@@ -178,9 +182,15 @@ impl Limiter {
     }
 
     /// The one failure-policy path: what a decision the store could not make in time answers
-    /// (`outage` is one, see [`LimiterError::is_outage`]).
-    fn fail(&self, outage: LimiterError, lease: bool) -> Result<Decision, LimiterError> {
-        match self.failure_policy() {
+    /// (`outage` is one, see [`LimiterError::is_outage`]), under the call's or the namespace's
+    /// `policy`, else the daemon's.
+    fn fail(
+        &self,
+        outage: LimiterError,
+        lease: bool,
+        policy: Option<FailurePolicy>,
+    ) -> Result<Decision, LimiterError> {
+        match policy.unwrap_or_else(|| self.failure_policy()) {
             FailurePolicy::Block => {
                 m::decision(outcome::FAILED_CLOSED);
                 Err(outage)
@@ -366,6 +376,17 @@ impl Limiter {
     /// through this daemon).
     pub fn forget_lookups(&self) {
         self.lookups.clear();
+    }
+
+    /// The namespace's stored failure policy as this daemon last read it, without waiting (a
+    /// value older than `limits_cache_ms`, or none, is re-read in the background).
+    pub fn stored_failure_policy(&self, ns: &Namespace) -> Option<FailurePolicy> {
+        self.lookups.failure_policy(ns)
+    }
+
+    /// Applies a namespace failure policy this daemon just stored (or removed), at once.
+    pub fn failure_policy_changed(&self, ns: &Namespace, policy: Option<FailurePolicy>) {
+        self.lookups.failure_policy_changed(ns, policy);
     }
 
     /// Sends every actor a tick now (lease expiry, idle eviction): tests drive time with a

@@ -19,3 +19,25 @@ impl From<&crate::Limit> for Limit {
         }
     }
 }
+
+impl From<Option<crate::FailurePolicy>> for OnUnavailable {
+    /// A failure policy in its wire form (`None`: unspecified).
+    fn from(policy: Option<crate::FailurePolicy>) -> Self {
+        match policy {
+            None => Self::Unspecified,
+            Some(crate::FailurePolicy::Block) => Self::Block,
+            Some(crate::FailurePolicy::Allow) => Self::Allow,
+        }
+    }
+}
+
+impl OnUnavailable {
+    /// The failure policy it names (`None`: unspecified).
+    pub fn policy(self) -> Option<crate::FailurePolicy> {
+        match self {
+            Self::Unspecified => None,
+            Self::Block => Some(crate::FailurePolicy::Block),
+            Self::Allow => Some(crate::FailurePolicy::Allow),
+        }
+    }
+}

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
-use crate::domain::records::{Actor, AuditEntry, Entity, LimitScope, Period, Usage};
+use crate::domain::records::{Actor, AuditEntry, Entity, FailurePolicy, LimitScope, Period, Usage};
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -185,6 +185,23 @@ pub trait Store: Send + Sync + 'static {
         &self,
         ns: &Namespace,
         scope: &LimitScope,
+        by: &Actor,
+    ) -> Result<(), StoreError>;
+
+    /// The namespace's stored failure policy (what a call that gives none does when the store
+    /// cannot answer), if one is stored.
+    async fn get_failure_policy(&self, ns: &Namespace)
+    -> Result<Option<FailurePolicy>, StoreError>;
+
+    /// Stores the namespace's failure policy (`None`: removes it, so the daemon's applies),
+    /// audited on the system subject.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when removing a policy that is not stored.
+    async fn set_failure_policy(
+        &self,
+        ns: &Namespace,
+        policy: Option<FailurePolicy>,
         by: &Actor,
     ) -> Result<(), StoreError>;
 

@@ -33,6 +33,8 @@ enum Op {
         consume: Vec<(String, i64)>,
         limits: Vec<(String, u64, u64, u64)>,
         commit: bool,
+        /// Mostly the defined values, sometimes any number.
+        on_unavailable: i32,
     },
     Adjust {
         lease: Option<String>,
@@ -192,15 +194,24 @@ fn lease() -> impl Strategy<Value = Option<String>> {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (id(), id(), amounts(), limits(), any::<bool>()).prop_map(
-            |(entity, resource, consume, limits, commit)| Op::Acquire {
-                entity,
-                resource,
-                consume,
-                limits,
-                commit
-            }
-        ),
+        4 => (
+            id(),
+            id(),
+            amounts(),
+            limits(),
+            any::<bool>(),
+            prop_oneof![4 => 0..3i32, 1 => any::<i32>()],
+        )
+            .prop_map(
+                |(entity, resource, consume, limits, commit, on_unavailable)| Op::Acquire {
+                    entity,
+                    resource,
+                    consume,
+                    limits,
+                    commit,
+                    on_unavailable,
+                }
+            ),
         3 => (lease(), amounts()).prop_map(|(lease, delta)| Op::Adjust { lease, delta }),
         2 => (lease(), any::<bool>()).prop_map(|(lease, rollback)| Op::Close { lease, rollback }),
         1 => (id(), amounts()).prop_map(|(entity, consume)| Op::Available { entity, consume }),
@@ -317,6 +328,7 @@ impl Target {
                     consume,
                     limits,
                     commit,
+                    on_unavailable,
                 } => {
                     let fresh = !self
                         .admitted
@@ -331,6 +343,7 @@ impl Target {
                         consume: consume.into_iter().collect(),
                         limits: to_limits(&limits),
                         commit,
+                        on_unavailable,
                     };
                     match raw.acquire(req).await {
                         Ok(a) => {

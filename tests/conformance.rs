@@ -13,7 +13,9 @@ use zae_limiter::clock::{Clock, SystemClock};
 use zae_limiter::consume::{Outcome, Seen, consume};
 use zae_limiter::domain::bucket::{Plan, Write, plan, plan_settle};
 use zae_limiter::domain::limit::{MILLI, canonical};
-use zae_limiter::domain::records::{Actor, AuditAction, Entity, LimitScope, Period, Usage};
+use zae_limiter::domain::records::{
+    Actor, AuditAction, Entity, FailurePolicy, LimitScope, Period, Usage,
+};
 use zae_limiter::store::dynamodb::DynamoStore;
 use zae_limiter::store::{KeyedWrite, Store, StoreError};
 use zae_limiter::{BucketKey, EntityId, Limit, LimitName, Namespace, ResourceId};
@@ -779,6 +781,63 @@ async fn stored_limits_at_four_scopes(store: Arc<dyn Store>, ns: Namespace) {
     assert_eq!(audit_count(&*store, &ns, "#system").await, 1);
 }
 
+async fn a_failure_policy_is_stored_replaced_and_removed_audited(
+    store: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    assert_eq!(store.get_failure_policy(&ns).await.unwrap(), None);
+    for (i, policy) in [FailurePolicy::Allow, FailurePolicy::Block]
+        .into_iter()
+        .enumerate()
+    {
+        store
+            .set_failure_policy(&ns, Some(policy), &actor(T0 + i as i64))
+            .await
+            .unwrap();
+        assert_eq!(store.get_failure_policy(&ns).await.unwrap(), Some(policy));
+    }
+    // Soft limits beside it, at the system scope, keep their soft-ness.
+    let soft = vec![Limit::per_minute("tpm", 5).unwrap().with_soft(true)];
+    store
+        .set_limits(&ns, &LimitScope::System, &soft, &actor(T0 + 2))
+        .await
+        .unwrap();
+    store
+        .set_failure_policy(&ns, None, &actor(T0 + 3))
+        .await
+        .unwrap();
+    assert_eq!(store.get_failure_policy(&ns).await.unwrap(), None);
+    assert_eq!(
+        store.get_limits(&ns, &LimitScope::System).await.unwrap(),
+        Some(soft),
+        "a policy is not a limit set"
+    );
+    let again = store.set_failure_policy(&ns, None, &actor(T0 + 4)).await;
+    assert!(matches!(again, Err(StoreError::NotFound(_))), "{again:?}");
+    let audit = store.list_audit(&ns, "#system", 10, None).await.unwrap();
+    let seen: Vec<_> = audit
+        .entries
+        .iter()
+        .map(|e| (e.action, e.before.as_deref(), e.after.as_deref()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (AuditAction::FailurePolicyDeleted, Some("block"), None),
+            (
+                AuditAction::LimitsSet,
+                None,
+                Some("tpm:5000:5000:60000:soft")
+            ),
+            (AuditAction::FailurePolicySet, Some("allow"), Some("block")),
+            (AuditAction::FailurePolicySet, None, Some("allow")),
+        ]
+    );
+    // Namespaces keep their own.
+    let other = common::unique_namespace();
+    assert_eq!(store.get_failure_policy(&other).await.unwrap(), None);
+}
+
 async fn audit_pages_newest_first(store: Arc<dyn Store>, ns: Namespace) {
     let scope = LimitScope::System;
     for i in 0..5u64 {
@@ -1061,6 +1120,10 @@ async fn deleting_a_namespace_removes_everything_in_it_only(store: Arc<dyn Store
             .set_limits(n, &LimitScope::System, &limits, &actor(T0))
             .await
             .unwrap();
+        store
+            .set_failure_policy(n, Some(FailurePolicy::Allow), &actor(T0))
+            .await
+            .unwrap();
         assert!(admitted(
             &consume(
                 &*store,
@@ -1097,6 +1160,7 @@ async fn deleting_a_namespace_removes_everything_in_it_only(store: Arc<dyn Store
     );
     for (n, kept) in [(&ns, false), (&other, true)] {
         assert_eq!(store.get_entity(n, &e).await.unwrap().is_some(), kept);
+        assert_eq!(store.get_failure_policy(n).await.unwrap().is_some(), kept);
         assert_eq!(
             store
                 .get_limits(n, &LimitScope::System)
@@ -1338,6 +1402,7 @@ macro_rules! conformance {
                 entities_and_children,
                 entities_read_together,
                 stored_limits_at_four_scopes,
+                a_failure_policy_is_stored_replaced_and_removed_audited,
                 audit_pages_newest_first,
                 usage_snapshots_add_up_and_query_by_range,
                 usage_added_at_once_adds_up,

@@ -1339,3 +1339,49 @@ fn the_cli_stores_soft_limits_and_reports_what_they_overdraw() {
     ]);
     assert_eq!(code, Some(2), "a malformed limit is refused: {err}");
 }
+
+#[test]
+fn the_cli_stores_the_namespace_failure_policy_and_audits_it() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let cli = |args: &[&str]| run_cli(&daemon, args);
+    let (code, out, err) = cli(&["failure-policy", "get"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("none stored"), "{out}");
+    let (code, _, err) = cli(&["failure-policy", "set", "allow"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, out, _) = cli(&["failure-policy", "get", "--output", "json"]);
+    assert_eq!(out.trim(), r#"{"on_unavailable":"allow"}"#);
+    let (code, _, err) = cli(&["failure-policy", "delete"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = cli(&["failure-policy", "delete"]);
+    assert_eq!(code, Some(1), "nothing left to delete");
+    assert!(err.contains("NotFound"), "{err}");
+    let (code, _, err) = cli(&["failure-policy", "set", "sometimes"]);
+    assert_eq!(code, Some(2), "{err}");
+    let (_, audit, _) = cli(&["audit", "#system"]);
+    let actions: Vec<_> = audit
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().nth(1).unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        actions,
+        ["failure_policy_deleted", "failure_policy_set"],
+        "{audit}"
+    );
+    // A call may name its own policy (the memory store never fails, so it only has to parse).
+    let (code, _, err) = cli(&[
+        "acquire",
+        "--entity",
+        "e",
+        "--resource",
+        "r",
+        "--limit",
+        "rpm=1/1m",
+        "--consume",
+        "rpm=1",
+        "--on-unavailable",
+        "block",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+}

@@ -263,6 +263,31 @@ async fn an_unreachable_store_is_answered_by_the_policy_within_the_deadline() {
                 (other, _) => panic!("policy {policy}: unexpected {other:?}"),
             }
         }
+        // The call's own policy wins over the daemon's; a value that names none is refused.
+        let mut raw = client.raw();
+        let call = |on_unavailable: i32| proto::AcquireRequest {
+            entity_id: "own".into(),
+            resource: "gpt-4".into(),
+            consume: [("rpm".to_owned(), 1)].into(),
+            limits: limits.iter().map(proto::Limit::from).collect(),
+            on_unavailable,
+            ..Default::default()
+        };
+        let opposite = if expect_admit {
+            proto::OnUnavailable::Block
+        } else {
+            proto::OnUnavailable::Allow
+        };
+        match raw.acquire(call(opposite.into())).await {
+            Ok(answer) => assert!(!expect_admit && answer.get_ref().allowed, "{answer:?}"),
+            Err(status) => assert!(
+                expect_admit && status.code() == Code::Unavailable,
+                "{status:?}"
+            ),
+        }
+        let bad = raw.acquire(call(7)).await.unwrap_err();
+        assert_eq!(bad.code(), Code::InvalidArgument, "{bad:?}");
+        assert!(bad.message().starts_with("on_unavailable: "), "{bad:?}");
         let outcome = if expect_admit {
             "failed_open"
         } else {

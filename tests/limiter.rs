@@ -15,7 +15,7 @@ use zae_limiter::clock::{Clock, ManualClock};
 use zae_limiter::consume::{Seen, consume};
 use zae_limiter::domain::amounts::Amounts;
 use zae_limiter::domain::limit::MILLI;
-use zae_limiter::domain::records::Period;
+use zae_limiter::domain::records::{Actor, Period};
 use zae_limiter::limiter::{
     AcquireRequest, Decision, FailurePolicy, LeaseId, Limiter, LimiterError, LimiterSettings,
 };
@@ -87,6 +87,7 @@ impl Fixture {
             limits: Some(limits.to_vec()),
             lease,
             owner: zae_limiter::limiter::Owner::InProcess,
+            on_unavailable: None,
         }
     }
 
@@ -614,6 +615,97 @@ async fn callers_told_not_admitted_are_not_charged(inner: Arc<dyn Store>, ns: Na
             (999 * MILLI, i128::from(MILLI))
         );
     }
+}
+
+/// The failure policy of a call wins over the namespace's stored one, which wins over the
+/// daemon's; a policy stored through another daemon is read in the background and applies here
+/// too, and one removed through this daemon stops applying at once. Nothing admitted under
+/// `allow` is charged.
+async fn the_call_s_policy_wins_over_the_namespace_s_over_the_daemon_s(
+    inner: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    let f = fixture(inner.clone(), ns.clone(), |s| {
+        s.failure_policy = FailurePolicy::Block;
+    });
+    let other = fixture(inner, ns.clone(), |_| {});
+    let by = Actor {
+        principal: "test".into(),
+        at_ms: T0,
+    };
+    zae_limiter::admin::Admin::new(other.limiter.clone())
+        .set_failure_policy(&ns, Some(FailurePolicy::Allow), &by, within(5_000))
+        .await
+        .unwrap();
+    let limits = [Limit::per_hour("tpm", 1_000).unwrap()];
+    assert!(admitted(
+        &f.acquire("p", &limits, &[("tpm", 1)], false).await
+    ));
+    // That acquire started the read of the namespace's policy: wait for it to land.
+    for _ in 0..1_000 {
+        if f.limiter.stored_failure_policy(&ns) == Some(FailurePolicy::Allow) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        f.limiter.stored_failure_policy(&ns),
+        Some(FailurePolicy::Allow)
+    );
+    let late = |policy: Option<FailurePolicy>| {
+        let req = AcquireRequest {
+            on_unavailable: policy,
+            ..f.request("p", &limits, &[("tpm", 100)], false)
+        };
+        f.limiter.acquire(req, within(100))
+    };
+    let unbacked = |answer: &Result<Decision, LimiterError>| matches!(answer, Ok(Decision::Admitted { lease: None, statuses }) if statuses.is_empty());
+    f.store.write_delay_ms.store(300, Ordering::SeqCst);
+    let answer = late(None).await;
+    assert!(unbacked(&answer), "the namespace's allow: {answer:?}");
+    let answer = late(Some(FailurePolicy::Block)).await;
+    assert!(
+        matches!(answer, Err(LimiterError::Deadline)),
+        "the call's block: {answer:?}"
+    );
+    f.store.write_delay_ms.store(0, Ordering::SeqCst);
+    let later = Actor {
+        at_ms: T0 + 1,
+        ..by.clone()
+    };
+    zae_limiter::admin::Admin::new(f.limiter.clone())
+        .set_failure_policy(&ns, None, &later, within(5_000))
+        .await
+        .unwrap();
+    f.store.write_delay_ms.store(300, Ordering::SeqCst);
+    let answer = late(None).await;
+    assert!(
+        matches!(answer, Err(LimiterError::Deadline)),
+        "removed here: the daemon's block at once: {answer:?}"
+    );
+    let answer = late(Some(FailurePolicy::Allow)).await;
+    assert!(unbacked(&answer), "the call's allow: {answer:?}");
+    f.store.write_delay_ms.store(0, Ordering::SeqCst);
+    f.limiter.shutdown(Duration::from_secs(10)).await;
+    other.limiter.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(
+        f.stored("p", "tpm").await,
+        (999 * MILLI, i128::from(MILLI)),
+        "only the first acquire is charged: the late ones were compensated or never written"
+    );
+    let audit = inner_audit(&*f.store.inner, &ns).await;
+    assert_eq!(audit, ["failure_policy_deleted", "failure_policy_set"]);
+}
+
+async fn inner_audit(store: &dyn Store, ns: &Namespace) -> Vec<String> {
+    store
+        .list_audit(ns, "#system", 10, None)
+        .await
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|e| e.action.to_string())
+        .collect()
 }
 
 /// Overload is not an outage: acquires shed because their entity already has `max_queue` of
@@ -1171,6 +1263,7 @@ both_stores!(
     the_last_flush_comes_after_one_in_progress,
     a_repeated_close_learns_the_outcome_after_the_group_went_idle,
     callers_told_not_admitted_are_not_charged,
+    the_call_s_policy_wins_over_the_namespace_s_over_the_daemon_s,
     shed_acquires_are_never_admitted_by_the_policy,
     a_joint_acquire_is_all_or_nothing,
     deadlines_near_the_store_latency_never_answer_internal,

@@ -20,6 +20,9 @@ pub async fn acquire(args: AcquireArgs) -> Result<ExitCode, CliError> {
     let mut request = Acquire::new(&args.entity, &args.resource)
         .namespace(&args.namespace)
         .limits(&args.limit);
+    if let Some(policy) = args.on_unavailable {
+        request = request.on_unavailable(policy);
+    }
     for (name, tokens) in &args.consume {
         request = request.consume(name, *tokens);
     }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use super::CliError;
-use super::args::{DaemonArgs, EntityOp, LimitsOp, NamespaceOp};
+use super::args::{DaemonArgs, EntityOp, FailurePolicyOp, LimitsOp, NamespaceOp};
 use super::output::{
     Output, audit_value, entity_json, entity_rows, limit_json, limit_rows, rfc3339, table,
 };
@@ -52,6 +52,9 @@ pub enum AdminOp {
     CreateNamespace(String),
     ListNamespaces,
     DeleteNamespace(String),
+    SetFailurePolicy(crate::FailurePolicy),
+    GetFailurePolicy,
+    DeleteFailurePolicy,
 }
 
 /// Runs an operation against the daemon and returns what to print.
@@ -248,6 +251,38 @@ pub async fn run(
                 text,
             )
         }
+        AdminOp::SetFailurePolicy(policy) => {
+            admin
+                .set_failure_policy(proto::FailurePolicyRequest {
+                    namespace: ns,
+                    on_unavailable: proto::OnUnavailable::from(Some(policy)).into(),
+                })
+                .await?;
+            let text = format!("failure policy {}", policy.as_str());
+            (json!({ "on_unavailable": policy.as_str() }), text)
+        }
+        AdminOp::GetFailurePolicy => {
+            let stored = admin
+                .get_failure_policy(proto::NamespaceRequest { namespace: ns })
+                .await?
+                .into_inner()
+                .on_unavailable();
+            let name = stored.policy().map(crate::FailurePolicy::as_str);
+            let text = name.map_or_else(
+                || "none stored (the daemon's failure_policy applies)".to_owned(),
+                |n| format!("failure policy {n}"),
+            );
+            (json!({ "on_unavailable": name }), text)
+        }
+        AdminOp::DeleteFailurePolicy => {
+            admin
+                .delete_failure_policy(proto::NamespaceRequest { namespace: ns })
+                .await?;
+            (
+                json!({ "deleted": true }),
+                "failure policy deleted (the daemon's applies)".to_owned(),
+            )
+        }
         AdminOp::CreateNamespace(name) => {
             admin
                 .create_namespace(proto::NamespaceRequest {
@@ -369,6 +404,16 @@ impl From<LimitsOp> for AdminOp {
             },
             LimitsOp::Get { scope } => Self::GetLimits(scope.scope()),
             LimitsOp::Delete { scope } => Self::DeleteLimits(scope.scope()),
+        }
+    }
+}
+
+impl From<FailurePolicyOp> for AdminOp {
+    fn from(op: FailurePolicyOp) -> Self {
+        match op {
+            FailurePolicyOp::Set { policy } => Self::SetFailurePolicy(policy),
+            FailurePolicyOp::Get => Self::GetFailurePolicy,
+            FailurePolicyOp::Delete => Self::DeleteFailurePolicy,
         }
     }
 }

@@ -53,6 +53,14 @@ pub enum Command {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
+    /// Set, show or delete the namespace's failure policy: what an acquire that gives none does
+    /// when the store cannot answer (default: the daemon's `failure_policy`).
+    FailurePolicy {
+        #[command(subcommand)]
+        op: FailurePolicyOp,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
     /// Audit records of an entity (or `#resource:NAME`, `#system`), newest first.
     Audit {
         subject: String,
@@ -167,6 +175,10 @@ pub struct AcquireArgs {
     /// Leave the lease open and print its id (close it with `zae-limiter lease`).
     #[arg(long)]
     pub keep_open: bool,
+    /// What to do if the store cannot answer in time [default: the namespace's policy, else
+    /// the daemon's].
+    #[arg(long, value_enum)]
+    pub on_unavailable: Option<FailurePolicy>,
 }
 
 #[derive(Debug, Args)]
@@ -236,6 +248,16 @@ impl ScopeArgs {
             resource: self.resource,
         }
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FailurePolicyOp {
+    Set {
+        #[arg(value_enum)]
+        policy: FailurePolicy,
+    },
+    Get,
+    Delete,
 }
 
 #[derive(Debug, Subcommand)]

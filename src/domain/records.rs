@@ -55,6 +55,36 @@ impl LimitScope {
     }
 }
 
+/// What a decision does when the store cannot answer in time: configured for the daemon, stored
+/// per namespace, or given per call (the first of call, namespace, daemon that says wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FailurePolicy {
+    /// Refuse (gRPC `UNAVAILABLE`): never admit what the store has not recorded.
+    Block,
+    /// Admit without recording (the lease writes nothing); counted as `failed_open`.
+    Allow,
+}
+
+impl FailurePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Block => "block",
+            Self::Allow => "allow",
+        }
+    }
+
+    /// # Errors
+    /// The text, when it is neither `block` nor `allow`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "block" => Ok(Self::Block),
+            "allow" => Ok(Self::Allow),
+            other => Err(other.to_owned()),
+        }
+    }
+}
+
 /// What an audited change did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -64,6 +94,8 @@ pub enum AuditAction {
     EntityMoved,
     LimitsSet,
     LimitsDeleted,
+    FailurePolicySet,
+    FailurePolicyDeleted,
 }
 
 impl AuditAction {
@@ -74,6 +106,8 @@ impl AuditAction {
             Self::EntityMoved => "entity_moved",
             Self::LimitsSet => "limits_set",
             Self::LimitsDeleted => "limits_deleted",
+            Self::FailurePolicySet => "failure_policy_set",
+            Self::FailurePolicyDeleted => "failure_policy_deleted",
         }
     }
 
@@ -86,6 +120,8 @@ impl AuditAction {
             Self::EntityMoved,
             Self::LimitsSet,
             Self::LimitsDeleted,
+            Self::FailurePolicySet,
+            Self::FailurePolicyDeleted,
         ]
         .into_iter()
         .find(|a| a.as_str() == text)

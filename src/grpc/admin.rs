@@ -9,8 +9,8 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    caller, deadline, entity_id, invalid, limits, namespace, parent_id, permit, principal,
-    to_proto_entity,
+    caller, deadline, entity_id, invalid, limits, namespace, on_unavailable, parent_id, permit,
+    principal, to_proto_entity,
 };
 use super::status;
 use crate::access::{Access, Caller};
@@ -380,6 +380,68 @@ impl proto::admin_server::Admin for AdminService {
         let deadline = deadline(&req, self.live.request_timeout());
         self.admin
             .delete_namespace(&ns, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn set_failure_policy(
+        &self,
+        req: Request<proto::FailurePolicyRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let by = self.actor(&req);
+        let (ns, deadline) = self
+            .namespace(
+                &req,
+                &req.get_ref().namespace,
+                Call::Change("set the failure policy"),
+            )
+            .await?;
+        let policy =
+            on_unavailable("on_unavailable", req.get_ref().on_unavailable)?.ok_or_else(|| {
+                invalid(
+                    "on_unavailable",
+                    "is unspecified (DeleteFailurePolicy removes it)",
+                )
+            })?;
+        self.admin
+            .set_failure_policy(&ns, Some(policy), &by, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn get_failure_policy(
+        &self,
+        req: Request<proto::NamespaceRequest>,
+    ) -> Result<Response<proto::FailurePolicyResponse>, Status> {
+        let (ns, deadline) = self
+            .namespace(&req, &req.get_ref().namespace, Call::Read)
+            .await?;
+        let policy = self
+            .admin
+            .failure_policy(&ns, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::FailurePolicyResponse {
+            on_unavailable: proto::OnUnavailable::from(policy).into(),
+        }))
+    }
+
+    async fn delete_failure_policy(
+        &self,
+        req: Request<proto::NamespaceRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let by = self.actor(&req);
+        let (ns, deadline) = self
+            .namespace(
+                &req,
+                &req.get_ref().namespace,
+                Call::Change("delete the failure policy"),
+            )
+            .await?;
+        self.admin
+            .set_failure_policy(&ns, None, &by, deadline)
             .await
             .map_err(status)?;
         Ok(Response::new(proto::Empty {}))

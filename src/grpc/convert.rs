@@ -14,7 +14,7 @@ use crate::domain::amounts::Amounts;
 use crate::domain::bucket::LimitStatus;
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName, MAX_TOKENS, MILLI, canonical};
-use crate::domain::records::Entity;
+use crate::domain::records::{Entity, FailurePolicy};
 use crate::limiter::{LeaseId, Limiter, LimiterError};
 use crate::proto;
 
@@ -149,6 +149,17 @@ pub(super) fn amounts(
         .collect::<Result<_, _>>()?;
     // Each name appears once in a map, so nothing is summed here.
     Amounts::new(pairs).map_err(|e| invalid(field, e))
+}
+
+/// A call's failure policy (`None`: unspecified, the namespace's or the daemon's applies).
+pub(super) fn on_unavailable(field: &str, value: i32) -> Result<Option<FailurePolicy>, Status> {
+    match proto::OnUnavailable::try_from(value) {
+        Ok(known) => Ok(known.policy()),
+        Err(_) => Err(invalid(
+            field,
+            format!("{value} is not a failure policy (1: BLOCK, 2: ALLOW)"),
+        )),
+    }
 }
 
 pub(super) fn limits(given: &[proto::Limit]) -> Result<Option<Vec<Limit>>, Status> {

@@ -7,7 +7,8 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    amounts, caller, deadline, key, lease_id, limits, namespace, permit, to_proto_status,
+    amounts, caller, deadline, key, lease_id, limits, namespace, on_unavailable, permit,
+    to_proto_status,
 };
 use super::status;
 use crate::domain::amounts::Amounts;
@@ -84,6 +85,7 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
             limits: limits(&r.limits)?,
             lease: !r.commit,
             owner,
+            on_unavailable: on_unavailable("on_unavailable", r.on_unavailable)?,
         };
         let decision = self
             .limiter

@@ -22,7 +22,7 @@ use super::messages::ParentSpec;
 use super::types::{Deps, LimiterError};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
-use crate::domain::records::{Entity, LimitScope, MAX_DEPTH};
+use crate::domain::records::{Entity, FailurePolicy, LimitScope, MAX_DEPTH};
 
 type LimitsKey = (Namespace, EntityId, ResourceId);
 type EntityKey = (Namespace, EntityId);
@@ -85,8 +85,22 @@ impl<K: Eq + Hash + Clone, V: Clone> Drop for Landing<'_, K, V> {
     }
 }
 
+/// A namespace's stored failure policy as last read. Kept past `limits_cache_ms` (it is wanted
+/// most when the store cannot be read) and re-read in the background once older.
+#[derive(Debug, Clone, Copy)]
+struct KnownPolicy {
+    policy: Option<FailurePolicy>,
+    /// When it was read, or when a failed read may be tried again.
+    read_at: i64,
+    reading: bool,
+    /// Bumped by every change made through this daemon: a read that started before one does not
+    /// overwrite it.
+    version: u64,
+}
+
 pub(crate) struct Lookups {
     deps: Arc<Deps>,
+    policies: Arc<Mutex<HashMap<Namespace, KnownPolicy>>>,
     limits: Arc<Table<LimitsKey, Option<Vec<Limit>>>>,
     entities: Arc<Table<EntityKey, Option<Entity>>>,
     registry: Arc<Table<(), Vec<Namespace>>>,
@@ -102,6 +116,7 @@ impl Lookups {
         let age = deps.settings.limits_cache_ms;
         let size = deps.settings.max_cached_lookups;
         Self {
+            policies: Arc::new(Mutex::new(HashMap::new())),
             limits: Table::new(age, size),
             entities: Table::new(age, size),
             registry: Table::new(age, 1),
@@ -116,6 +131,72 @@ impl Lookups {
         self.limits.cache.clear();
         self.entities.cache.clear();
         self.registry.cache.clear();
+    }
+
+    /// The namespace's stored failure policy as last read (`None`: none stored, or not read yet),
+    /// without waiting: a value older than `limits_cache_ms` (or none) is re-read in the
+    /// background.
+    pub fn failure_policy(&self, ns: &Namespace) -> Option<FailurePolicy> {
+        let now = self.deps.clock.now_ms();
+        let age = self.deps.settings.limits_cache_ms;
+        let mut known = self
+            .policies
+            .lock()
+            .expect("never poisoned: no panics under it");
+        let entry = known.entry(ns.clone()).or_insert(KnownPolicy {
+            policy: None,
+            read_at: i64::MIN,
+            reading: false,
+            version: 0,
+        });
+        let policy = entry.policy;
+        if entry.reading || now.saturating_sub(entry.read_at) < age {
+            return policy;
+        }
+        entry.reading = true;
+        let version = entry.version;
+        drop(known);
+        let (deps, policies, ns) = (self.deps.clone(), self.policies.clone(), ns.clone());
+        self.deps.tasks.spawn(async move {
+            let read = deps.store.get_failure_policy(&ns).await;
+            let now = deps.clock.now_ms();
+            let mut known = policies.lock().expect("never poisoned: no panics under it");
+            let Some(entry) = known.get_mut(&ns) else {
+                return;
+            };
+            entry.reading = false;
+            match read {
+                Ok(policy) if entry.version == version => {
+                    entry.policy = policy;
+                    entry.read_at = now;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    // Kept as it was; tried again after an eighth of the cache's life.
+                    tracing::debug!("reading the failure policy of {ns} failed: {e}");
+                    entry.read_at = now.saturating_sub(age - (age / 8).max(1));
+                }
+            }
+        });
+        policy
+    }
+
+    /// Records a failure policy this daemon just stored (or removed), effective at once.
+    pub fn failure_policy_changed(&self, ns: &Namespace, policy: Option<FailurePolicy>) {
+        let now = self.deps.clock.now_ms();
+        let mut known = self
+            .policies
+            .lock()
+            .expect("never poisoned: no panics under it");
+        let entry = known.entry(ns.clone()).or_insert(KnownPolicy {
+            policy,
+            read_at: now,
+            reading: false,
+            version: 0,
+        });
+        entry.policy = policy;
+        entry.read_at = now;
+        entry.version += 1;
     }
 
     /// Drops expired look-ups, so memory follows the entities in use now.

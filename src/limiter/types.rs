@@ -13,15 +13,7 @@ use crate::domain::ids::{BucketKey, EntityId, Namespace};
 use crate::domain::limit::Limit;
 use crate::store::{Store, StoreError};
 
-/// What a decision does when the store cannot answer in time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum FailurePolicy {
-    /// Refuse (gRPC `UNAVAILABLE`): never admit what the store has not recorded.
-    Block,
-    /// Admit without recording (the lease writes nothing); counted as `failed_open`.
-    Allow,
-}
+pub use crate::domain::records::FailurePolicy;
 
 /// Limiter settings (see `[limiter]` in `config/zae-limiter.toml`). Times are milliseconds of the
 /// limiter's [`Clock`].
@@ -259,6 +251,9 @@ pub struct AcquireRequest {
     /// Who may use the lease (the gRPC layer checks it; in-process callers pass
     /// [`Owner::InProcess`]).
     pub owner: Owner,
+    /// What to do if the store cannot answer in time; `None`: the namespace's stored policy,
+    /// else the daemon's.
+    pub on_unavailable: Option<FailurePolicy>,
 }
 
 /// What every actor may read: the store, the clock, the settings and the task tracker.

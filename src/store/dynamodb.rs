@@ -34,7 +34,7 @@ use super::{AuditPage, KeyedWrite, Store, StoreError};
 use crate::domain::bucket::{Bucket, Change, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
-use crate::domain::records::{Actor, Entity, LimitScope, Period, Usage};
+use crate::domain::records::{Actor, Entity, FailurePolicy, LimitScope, Period, Usage};
 use clauses::{Action, Existing, Expr, action, put, update};
 use codec::{bucket_item, decode_bucket};
 use errors::{CancellationReasons, classify};
@@ -486,6 +486,22 @@ impl Store for DynamoStore {
 
     async fn delete_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
         records::delete_namespace(self, ns).await
+    }
+
+    async fn get_failure_policy(
+        &self,
+        ns: &Namespace,
+    ) -> Result<Option<FailurePolicy>, StoreError> {
+        records::get_failure_policy(self, ns).await
+    }
+
+    async fn set_failure_policy(
+        &self,
+        ns: &Namespace,
+        policy: Option<FailurePolicy>,
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        records::set_failure_policy(self, ns, policy, by).await
     }
 
     async fn add_usage(&self, ns: &Namespace, usage: &[Usage]) -> Result<(), StoreError> {

@@ -13,7 +13,9 @@ use super::{AuditPage, KeyedWrite, Store, StoreError, audit_sort_key, entity_jso
 use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName, encode};
-use crate::domain::records::{Actor, AuditAction, AuditEntry, Entity, LimitScope, Period, Usage};
+use crate::domain::records::{
+    Actor, AuditAction, AuditEntry, Entity, FailurePolicy, LimitScope, Period, Usage,
+};
 
 /// A usage snapshot: namespace, entity, period, start, resource.
 type UsageKey = (Namespace, EntityId, Period, i64, ResourceId);
@@ -26,6 +28,7 @@ struct State {
     audit: HashMap<(Namespace, String), BTreeMap<String, AuditEntry>>,
     usage: BTreeMap<UsageKey, Vec<(LimitName, i64)>>,
     namespaces: std::collections::BTreeSet<Namespace>,
+    failure_policies: HashMap<Namespace, FailurePolicy>,
 }
 
 /// The embedded in-memory store. Data lives as long as the process.
@@ -289,6 +292,43 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn get_failure_policy(
+        &self,
+        ns: &Namespace,
+    ) -> Result<Option<FailurePolicy>, StoreError> {
+        Ok(self.lock().failure_policies.get(ns).copied())
+    }
+
+    async fn set_failure_policy(
+        &self,
+        ns: &Namespace,
+        policy: Option<FailurePolicy>,
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let (before, action) = match policy {
+            Some(p) => (
+                state.failure_policies.insert(ns.clone(), p),
+                AuditAction::FailurePolicySet,
+            ),
+            None => (
+                Some(state.failure_policies.remove(ns).ok_or_else(|| {
+                    StoreError::NotFound("the namespace's failure policy".into())
+                })?),
+                AuditAction::FailurePolicyDeleted,
+            ),
+        };
+        let e = AuditEntry::new(
+            LimitScope::System.audit_subject(),
+            action,
+            by,
+            before.map(|p| p.as_str().to_owned()),
+            policy.map(|p| p.as_str().to_owned()),
+        );
+        state.audit(ns, e);
+        Ok(())
+    }
+
     async fn list_audit(
         &self,
         ns: &Namespace,
@@ -388,6 +428,7 @@ impl Store for MemoryStore {
         state.limits.retain(|(n, _), _| n != ns);
         state.audit.retain(|(n, _), _| n != ns);
         state.usage.retain(|(n, ..), _| n != ns);
+        state.failure_policies.remove(ns);
         Ok(())
     }
 }

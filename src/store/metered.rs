@@ -13,7 +13,7 @@ use super::{AuditPage, KeyedWrite, Store, StoreError};
 use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
-use crate::domain::records::{Actor, Entity, LimitScope, Period, Usage};
+use crate::domain::records::{Actor, Entity, FailurePolicy, LimitScope, Period, Usage};
 use crate::metrics::{STORE_CALLS, STORE_SECONDS, WRITE_UNITS};
 
 /// Counts calls and write units of the store it wraps.
@@ -275,6 +275,29 @@ impl Store for Metered {
     ) -> Result<(), StoreError> {
         self.call("limits", 1, 4, self.inner.delete_limits(ns, scope, by))
             .await
+    }
+
+    async fn get_failure_policy(
+        &self,
+        ns: &Namespace,
+    ) -> Result<Option<FailurePolicy>, StoreError> {
+        self.call("limits", 1, 0, self.inner.get_failure_policy(ns))
+            .await
+    }
+
+    async fn set_failure_policy(
+        &self,
+        ns: &Namespace,
+        policy: Option<FailurePolicy>,
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        self.call(
+            "limits",
+            1,
+            4,
+            self.inner.set_failure_policy(ns, policy, by),
+        )
+        .await
     }
 
     async fn list_audit(

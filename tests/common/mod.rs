@@ -222,7 +222,7 @@ mod counting {
 
     use async_trait::async_trait;
     use zae_limiter::domain::bucket::{Bucket, Write};
-    use zae_limiter::domain::records::{Actor, Entity, LimitScope, Period, Usage};
+    use zae_limiter::domain::records::{Actor, Entity, FailurePolicy, LimitScope, Period, Usage};
     use zae_limiter::store::{AuditPage, KeyedWrite, Store, StoreError};
     use zae_limiter::{BucketKey, EntityId, Limit, Namespace, ResourceId};
 
@@ -323,6 +323,21 @@ mod counting {
             by: &Actor,
         ) -> Result<(), StoreError> {
             self.inner.delete_limits(ns, scope, by).await
+        }
+        async fn get_failure_policy(
+            &self,
+            ns: &Namespace,
+        ) -> Result<Option<FailurePolicy>, StoreError> {
+            // Not a look-up a decision waits for (read in the background): not counted.
+            self.inner.get_failure_policy(ns).await
+        }
+        async fn set_failure_policy(
+            &self,
+            ns: &Namespace,
+            policy: Option<FailurePolicy>,
+            by: &Actor,
+        ) -> Result<(), StoreError> {
+            self.inner.set_failure_policy(ns, policy, by).await
         }
         async fn list_audit(
             &self,

@@ -45,7 +45,10 @@ class Daemon:
         extra: str = "",
         socket_path: str | None = None,
         namespace: str | None = None,
+        endpoint: str | None = None,
     ) -> None:
+        """``endpoint``: a DynamoDB endpoint of the test's own (nothing is deployed there), for
+        a store that cannot be reached."""
         self.backend = backend
         self.dir = tempfile.TemporaryDirectory(prefix="zl-py-")
         self.socket = socket_path or os.path.join(self.dir.name, "zl.sock")
@@ -55,7 +58,9 @@ class Daemon:
             f'[limiter]\nbackend = "{backend}"\nnamespaces = ["{self.namespace}"]\n'
             f"usage_flush_ms = 200\n{extra}\n"
         )
-        if backend == "dynamodb":
+        if backend == "dynamodb" and endpoint is not None:
+            config += f'[dynamodb]\ntable = "{TABLE}"\nendpoint_url = "{endpoint}"\n'
+        elif backend == "dynamodb":
             endpoint = dynamodb_endpoint()
             config += f'[dynamodb]\ntable = "{TABLE}"\nendpoint_url = "{endpoint}"\n'
             subprocess.run(

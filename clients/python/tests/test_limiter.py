@@ -7,14 +7,16 @@ import json
 import time
 
 import pytest
-from conftest import run
+from conftest import Daemon, run
 
 from zae_limiter_client import (
     EntityExistsError,
     FailedPrecondition,
     LeaseNotFound,
     Limit,
+    OnUnavailable,
     RateLimiter,
+    RateLimiterUnavailable,
     RateLimitExceeded,
     SyncRateLimiter,
     ValidationError,
@@ -425,3 +427,69 @@ def test_a_held_lease_lives_past_the_ttl_and_an_abandoned_one_expires():
             assert zl.available("gone", "gpt-4", limits=limits) == {"tpm": 900}
     finally:
         d.stop()
+
+
+def test_a_call_names_its_own_failure_policy_over_the_daemon_s():
+    """The store cannot be reached and the daemon's policy is ``block``: a call that says
+    ``allow`` is admitted (unrecorded), one that says nothing is refused as unavailable, and a
+    policy that is neither is refused before anything is sent."""
+    closed = socket_free_port()
+    daemon = Daemon(
+        "dynamodb",
+        extra='failure_policy = "block"\n[server]\nrequest_timeout_ms = 1000',
+        endpoint=f"http://127.0.0.1:{closed}",
+    )
+    limits = [Limit.per_minute("rpm", 10)]
+    try:
+        with SyncRateLimiter(socket=daemon.socket, namespace=daemon.namespace) as zl:
+            with zl.acquire("e", "r", {"rpm": 1}, limits=limits, on_unavailable="allow") as lease:
+                lease.adjust(rpm=1)  # an unbacked lease: nothing is written
+            statuses = zl.consume(
+                "e", "r", {"rpm": 1}, limits=limits, on_unavailable=OnUnavailable.ALLOW
+            )
+            assert statuses == []
+            with pytest.raises(RateLimiterUnavailable):
+                zl.consume("e", "r", {"rpm": 1}, limits=limits)
+            with pytest.raises(ValidationError) as bad:
+                zl.consume("e", "r", {"rpm": 1}, limits=limits, on_unavailable="sometimes")
+            assert bad.value.field == "on_unavailable"
+    finally:
+        daemon.stop()
+
+
+def socket_free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_namespace_failure_policy_is_stored_with_the_system_defaults(daemon, entity):
+    async def scenario():
+        async with RateLimiter(socket=daemon.socket, namespace=daemon.namespace) as zl:
+            seen = [await zl.get_failure_policy()]
+            await zl.set_failure_policy("allow")
+            seen.append(await zl.get_failure_policy())
+            limits = [Limit.per_day("rpm", 1000)]
+            await zl.set_system_defaults(limits, on_unavailable=OnUnavailable.BLOCK)
+            seen.append(await zl.get_failure_policy())
+            stored = await zl.get_system_defaults()
+            with pytest.raises(ValidationError):
+                await zl.set_system_defaults(limits, on_unavailable="maybe")
+            await zl.delete_failure_policy()
+            seen.append(await zl.get_failure_policy())
+            await zl.delete_system_defaults()
+            events = await zl.get_audit_events("#system")
+            return seen, stored, events
+
+    seen, stored, events = run(scenario())
+    assert seen == [None, OnUnavailable.ALLOW, OnUnavailable.BLOCK, None]
+    assert stored == [Limit.per_day("rpm", 1000)]
+    # The newest four (records of one millisecond have no order among them).
+    assert sorted(e.action for e in events.events[:4]) == [
+        "failure_policy_deleted",
+        "failure_policy_set",
+        "limits_deleted",
+        "limits_set",
+    ]

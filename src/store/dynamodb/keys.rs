@@ -76,6 +76,11 @@ pub(super) fn children_pk(ns: &Namespace, parent: &EntityId) -> String {
     format!("{ns}#P#{parent}")
 }
 
+/// The item of a namespace's stored failure policy (beside its system limits).
+pub(super) fn failure_policy_keys(ns: &Namespace) -> Item {
+    keys(format!("{ns}#S"), "#POLICY".into())
+}
+
 pub(super) fn limits_keys(ns: &Namespace, scope: &LimitScope) -> Item {
     let (pk, sk) = match scope {
         LimitScope::EntityResource(e, r) => (entity_pk(ns, e), format!("#L#{r}")),

@@ -10,13 +10,15 @@ use super::clauses::{Action, Existing, Expr, action, put, update};
 use super::codec::{decode_audit, decode_entity, decode_usage, entity_item, string};
 use super::errors::{CancellationReasons, classify};
 use super::keys::{
-    Item, NAMESPACES_PK, audit_pk, children_pk, entity_keys, entity_pk, keys, limits_keys, n, s,
-    usage_attr, usage_key,
+    Item, NAMESPACES_PK, audit_pk, children_pk, entity_keys, entity_pk, failure_policy_keys, keys,
+    limits_keys, n, s, usage_attr, usage_key,
 };
 use super::schema::{GSI1, GSI1PK, PK, SK};
 use crate::domain::ids::{EntityId, Namespace, ResourceId};
 use crate::domain::limit::{self, Limit, encode};
-use crate::domain::records::{Actor, AuditAction, AuditEntry, Entity, LimitScope, Period, Usage};
+use crate::domain::records::{
+    Actor, AuditAction, AuditEntry, Entity, FailurePolicy, LimitScope, Period, Usage,
+};
 use crate::store::{AuditPage, StoreError, audit_sort_key, entity_json};
 
 impl DynamoStore {
@@ -395,6 +397,70 @@ pub(super) async fn delete_limits(
     );
     store
         .delete_audited(ns, limits_keys(ns, scope), &entry, not_found)
+        .await
+}
+
+pub(super) async fn get_failure_policy(
+    store: &DynamoStore,
+    ns: &Namespace,
+) -> Result<Option<FailurePolicy>, StoreError> {
+    let out = store
+        .client
+        .get_item()
+        .table_name(&store.table)
+        .set_key(Some(failure_policy_keys(ns)))
+        .consistent_read(true)
+        .send()
+        .await
+        .map_err(|e| classify(e, &store.table))?;
+    out.item
+        .as_ref()
+        .map(|item| {
+            let text = string(item, "policy")?;
+            FailurePolicy::parse(text)
+                .map_err(|t| StoreError::Corrupt(format!("failure policy {t:?}")))
+        })
+        .transpose()
+}
+
+pub(super) async fn set_failure_policy(
+    store: &DynamoStore,
+    ns: &Namespace,
+    policy: Option<FailurePolicy>,
+    by: &Actor,
+) -> Result<(), StoreError> {
+    let before = get_failure_policy(store, ns).await?;
+    let text = |p: Option<FailurePolicy>| p.map(|p| p.as_str().to_owned());
+    let subject = LimitScope::System.audit_subject();
+    let Some(policy) = policy else {
+        let not_found = || StoreError::NotFound("the namespace's failure policy".into());
+        before.ok_or_else(not_found)?;
+        let entry = AuditEntry::new(
+            subject,
+            AuditAction::FailurePolicyDeleted,
+            by,
+            text(before),
+            None,
+        );
+        return store
+            .delete_audited(ns, failure_policy_keys(ns), &entry, not_found)
+            .await;
+    };
+    let mut item = failure_policy_keys(ns);
+    item.insert("policy".into(), s(policy.as_str().to_owned()));
+    let stored = put(&store.table, item, Existing::Any)?;
+    let entry = AuditEntry::new(
+        subject,
+        AuditAction::FailurePolicySet,
+        by,
+        text(before),
+        text(Some(policy)),
+    );
+    let audit = store.audit_put(ns, &entry)?;
+    store
+        .audited(action(Action::Put(stored)), audit, || {
+            StoreError::Backend("failure policy item changed concurrently".into())
+        })
         .await
 }
 

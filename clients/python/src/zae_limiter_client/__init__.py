@@ -35,7 +35,15 @@ from ._errors import (
     ValidationError,
     ZAELimiterError,
 )
-from ._models import AuditEvent, AuditPage, Entity, Limit, LimitStatus, UsageSnapshot
+from ._models import (
+    AuditEvent,
+    AuditPage,
+    Entity,
+    Limit,
+    LimitStatus,
+    OnUnavailable,
+    UsageSnapshot,
+)
 
 __all__ = [
     "DEFAULT_SOCKET",
@@ -52,6 +60,7 @@ __all__ = [
     "Limit",
     "LimitStatus",
     "NotFound",
+    "OnUnavailable",
     "PermissionDenied",
     "RateLimitExceeded",
     "RateLimiter",

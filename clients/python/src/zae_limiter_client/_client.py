@@ -44,7 +44,10 @@ from ._models import (
     Entity,
     Limit,
     LimitStatus,
+    OnUnavailable,
     UsageSnapshot,
+    _on_unavailable,
+    _on_unavailable_from_pb,
     amounts,
     limits_to_pb,
     message,
@@ -150,6 +153,11 @@ class _Api:
     def _renew_while_held(self, lease_id: str, ttl_ms: int) -> None:
         raise NotImplementedError
 
+    def _in_order(self, *calls: Callable[[], Any]) -> Any:
+        """Makes the calls one after another (awaited in turn by the async limiter); the
+        answer is the last one's."""
+        raise NotImplementedError
+
     def _call(
         self,
         method: _Method,
@@ -170,6 +178,7 @@ class _Api:
         consume: Mapping[str, int],
         limits: Sequence[Limit] | None,
         commit: bool,
+        on_unavailable: OnUnavailable | str | None = None,
     ) -> tuple[bytes, dict[str, Limit]]:
         """The serialized request (the hot path: the limits' part is serialized once per set of
         limits and appended, as protobuf allows) and the limits by name."""
@@ -181,6 +190,7 @@ class _Api:
             resource=resource,
             consume=amounts("consume", consume, allow_negative=False),
             commit=commit,
+            on_unavailable=_on_unavailable(on_unavailable),
         )
         return head.SerializeToString() + limits_part, by_name
 
@@ -190,12 +200,17 @@ class _Api:
         resource: str,
         consume: Mapping[str, int],
         limits: Sequence[Limit] | None = None,
+        on_unavailable: OnUnavailable | str | None = None,
     ) -> _Acquire:
         """Consumes ``consume`` (tokens by limit name) on enter and yields a ``Lease``; a clean
         exit commits, an exception rolls everything back and is re-raised. Refused:
         ``RateLimitExceeded`` on enter, nothing consumed. ``limits=None`` resolves the stored
-        limits (entity + resource > entity > resource > system)."""
-        request, by_name = self._acquire_request(entity_id, resource, consume, limits, commit=False)
+        limits (entity + resource > entity > resource > system). ``on_unavailable`` (``"allow"``
+        or ``"block"``) is this call's failure policy: default the namespace's, else the
+        daemon's."""
+        request, by_name = self._acquire_request(
+            entity_id, resource, consume, limits, commit=False, on_unavailable=on_unavailable
+        )
         return _Acquire(self, request, entity_id, resource, dict(consume), by_name)
 
     def consume(
@@ -204,10 +219,13 @@ class _Api:
         resource: str,
         consume: Mapping[str, int],
         limits: Sequence[Limit] | None = None,
+        on_unavailable: OnUnavailable | str | None = None,
     ) -> Any:
         """Consumption known upfront, in one call: acquire and commit. Returns the statuses;
         refused: ``RateLimitExceeded``, nothing consumed."""
-        request, by_name = self._acquire_request(entity_id, resource, consume, limits, commit=True)
+        request, by_name = self._acquire_request(
+            entity_id, resource, consume, limits, commit=True, on_unavailable=on_unavailable
+        )
 
         def convert(response: pb.AcquireResponse) -> list[LimitStatus]:
             if not response.allowed:
@@ -389,8 +407,43 @@ class _Api:
     def delete_resource_defaults(self, resource: str) -> Any:
         return self._delete(None, resource)
 
-    def set_system_defaults(self, limits: Sequence[Limit]) -> Any:
-        return self._set(None, None, limits)
+    def set_system_defaults(
+        self, limits: Sequence[Limit], on_unavailable: OnUnavailable | str | None = None
+    ) -> Any:
+        """The system's limits; with ``on_unavailable``, also the namespace's failure policy
+        (``set_failure_policy``), as the library stores both."""
+        if on_unavailable is None:
+            return self._set(None, None, limits)
+        _on_unavailable(on_unavailable)  # refused before anything is written
+        return self._in_order(
+            lambda: self._set(None, None, limits),
+            lambda: self.set_failure_policy(on_unavailable),
+        )
+
+    def set_failure_policy(self, on_unavailable: OnUnavailable | str) -> Any:
+        """What an acquire that gives no ``on_unavailable`` does when the store cannot answer
+        in time, for the whole namespace (audited). This daemon applies it at once, others
+        within their ``limits_cache_ms``."""
+        wire = _on_unavailable(on_unavailable)
+        if wire == pb.ON_UNAVAILABLE_UNSPECIFIED:
+            raise ValidationError("on_unavailable: is required", field="on_unavailable")
+        request = message(
+            pb.FailurePolicyRequest, namespace=self.namespace, on_unavailable=wire
+        )
+        return self._call(_admin_method("SetFailurePolicy"), request, lambda r: None)
+
+    def get_failure_policy(self) -> Any:
+        """The namespace's stored failure policy, or ``None`` (the daemon's applies)."""
+        request = message(pb.NamespaceRequest, namespace=self.namespace)
+        return self._call(
+            _admin_method("GetFailurePolicy"),
+            request,
+            lambda r: _on_unavailable_from_pb(r.on_unavailable),
+        )
+
+    def delete_failure_policy(self) -> Any:
+        request = message(pb.NamespaceRequest, namespace=self.namespace)
+        return self._call(_admin_method("DeleteFailurePolicy"), request, lambda r: None)
 
     def get_system_defaults(self) -> Any:
         return self._get(None, None)
@@ -783,6 +836,12 @@ class RateLimiter(_Api):
             raise from_status("INTERNAL", f"unreadable answer: {err}", socket=self.socket) from None
         return convert(response)
 
+    async def _in_order(self, *calls: Callable[[], Any]) -> Any:  # type: ignore[override]
+        answer = None
+        for call in calls:
+            answer = await call()
+        return answer
+
     async def is_available(self, timeout: float = 1.0) -> bool:
         """Whether the daemon answers its health check with SERVING within ``timeout`` seconds
         (never raises)."""
@@ -899,6 +958,12 @@ class SyncRateLimiter(_Api):
         except DecodeError as err:
             raise from_status("INTERNAL", f"unreadable answer: {err}", socket=self.socket) from None
         return convert(response)
+
+    def _in_order(self, *calls: Callable[[], Any]) -> Any:
+        answer = None
+        for call in calls:
+            answer = call()
+        return answer
 
     def is_available(self, timeout: float = 1.0) -> bool:
         """Whether the daemon answers its health check with SERVING within ``timeout`` seconds

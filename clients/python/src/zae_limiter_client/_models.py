@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -25,6 +26,35 @@ def _whole(field: str, value: Any, *, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ValidationError(f"{field}: {value} is outside {low}..={high}", field=field)
     return value
+
+
+class OnUnavailable(enum.Enum):
+    """What an acquire does when the daemon's store cannot answer in time (the library's
+    names). ``ALLOW`` admits without recording; ``BLOCK`` raises ``RateLimiterUnavailable``."""
+
+    ALLOW = "allow"
+    BLOCK = "block"
+
+
+def _on_unavailable(value: OnUnavailable | str | None) -> int:
+    """The wire value of a failure policy (``None``: unspecified)."""
+    if value is None:
+        return pb.ON_UNAVAILABLE_UNSPECIFIED
+    try:
+        policy = OnUnavailable(value)
+    except ValueError:
+        raise ValidationError(
+            f"on_unavailable: must be 'allow', 'block' or an OnUnavailable, got {value!r}",
+            field="on_unavailable",
+        ) from None
+    return pb.ON_UNAVAILABLE_ALLOW if policy is OnUnavailable.ALLOW else pb.ON_UNAVAILABLE_BLOCK
+
+
+def _on_unavailable_from_pb(value: int) -> OnUnavailable | None:
+    return {
+        pb.ON_UNAVAILABLE_ALLOW: OnUnavailable.ALLOW,
+        pb.ON_UNAVAILABLE_BLOCK: OnUnavailable.BLOCK,
+    }.get(value)
 
 
 @dataclasses.dataclass(frozen=True, init=False)
