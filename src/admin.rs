@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use crate::domain::ids::{EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
-use crate::domain::records::{Actor, Entity, FailurePolicy, LimitScope, Period, Usage};
+use crate::domain::records::{Actor, Entity, FailurePolicy, Gate, LimitScope, Period, Usage};
 use crate::limiter::{Limiter, LimiterError, within};
 use crate::store::AuditPage;
 
@@ -69,6 +69,16 @@ impl UsageWindow {
 #[derive(Debug, Clone)]
 pub struct Admin {
     limiter: Limiter,
+}
+
+fn no_system_gate(scope: &LimitScope) -> Result<(), LimiterError> {
+    match scope {
+        LimitScope::System => Err(LimiterError::invalid(
+            "scope",
+            "a gate is set for an entity, a resource or both (there is no system gate)",
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn quoted(id: &EntityId) -> String {
@@ -303,6 +313,51 @@ impl Admin {
         .await?;
         self.limiter.forget_lookups();
         Ok(())
+    }
+
+    /// Sets the gate at `scope` (`None`: clears it); every acquire this daemon decides from now on
+    /// sees it.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for the system scope (gates are per entity and resource), `NotFound`
+    /// when clearing a gate that is not set, or the store's error.
+    pub async fn set_gate(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        gate: Option<Gate>,
+        by: &Actor,
+        deadline: Instant,
+    ) -> Result<(), LimiterError> {
+        no_system_gate(scope)?;
+        within(deadline, async {
+            Ok(self.store().set_gate(ns, scope, gate, by).await?)
+        })
+        .await?;
+        self.limiter.forget_lookups();
+        Ok(())
+    }
+
+    /// The gate set at `scope` (`None`: none).
+    ///
+    /// # Errors
+    /// As [`Admin::set_gate`].
+    pub async fn gate(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        deadline: Instant,
+    ) -> Result<Option<Gate>, LimiterError> {
+        no_system_gate(scope)?;
+        within(deadline, async {
+            Ok(self
+                .store()
+                .get_gates(ns, std::slice::from_ref(scope))
+                .await?
+                .pop()
+                .flatten())
+        })
+        .await
     }
 
     /// Stores the namespace's failure policy (`None`: removes it), for acquires that give none.

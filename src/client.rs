@@ -61,10 +61,35 @@ pub enum ClientError {
     /// The socket cannot be used: missing, not a socket, refused, no permission.
     #[error("cannot connect to the zae-limiter daemon at {path}: {reason}")]
     Socket { path: String, reason: String },
+    /// The resource is disabled for the entity (`level`: where, e.g. `resource gpt-4`).
+    #[error("resource {resource:?} is disabled for entity {entity:?} (set for {level})")]
+    Disabled {
+        entity: String,
+        resource: String,
+        level: String,
+    },
     #[error("{:?}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
+    Status(tonic::Status),
     #[error("cannot start a runtime for the blocking client: {0}")]
     Runtime(std::io::Error),
+}
+
+impl From<tonic::Status> for ClientError {
+    /// [`ClientError::Disabled`] for a refusal of a disabled resource, else the status.
+    fn from(status: tonic::Status) -> Self {
+        use tonic_types::StatusExt;
+        match status.get_details_error_info() {
+            Some(info) if info.reason == crate::grpc::DISABLED_REASON => {
+                let field = |k: &str| info.metadata.get(k).cloned().unwrap_or_default();
+                Self::Disabled {
+                    entity: field("entity_id"),
+                    resource: field("resource"),
+                    level: field("level"),
+                }
+            }
+            _ => Self::Status(status),
+        }
+    }
 }
 
 /// One acquire to make: entity, resource, what to consume, and optionally the limits.

@@ -25,6 +25,9 @@ use crate::limiter::LimiterError;
 ///
 /// Bad input also names its field in a structured detail (`google.rpc.BadRequest` in the
 /// `grpc-status-details-bin` trailer), so that clients need not parse the message.
+/// The `google.rpc.ErrorInfo` reason of a refusal because the resource is disabled.
+pub const DISABLED_REASON: &str = "RESOURCE_DISABLED";
+
 pub fn status(e: LimiterError) -> Status {
     let message = e.to_string();
     let outage = e.is_outage();
@@ -41,6 +44,19 @@ pub fn status(e: LimiterError) -> Status {
         LimiterError::AlreadyExists(_) => Status::already_exists(message),
         LimiterError::PermissionDenied(_) => Status::permission_denied(message),
         LimiterError::FailedPrecondition(_) => Status::failed_precondition(message),
+        LimiterError::Disabled {
+            entity,
+            resource,
+            level,
+        } => {
+            let metadata = std::collections::HashMap::from([
+                ("entity_id".to_owned(), entity),
+                ("resource".to_owned(), resource),
+                ("level".to_owned(), level),
+            ]);
+            let details = ErrorDetails::with_error_info(DISABLED_REASON, "zae-limiter", metadata);
+            Status::with_error_details(Code::FailedPrecondition, message, details)
+        }
         LimiterError::Store(_) if !outage => Status::failed_precondition(message),
         LimiterError::Store(_)
         | LimiterError::Deadline

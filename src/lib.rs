@@ -48,7 +48,7 @@ pub mod telemetry;
 pub use domain::bucket::{Bucket, LimitStatus, Rejection};
 pub use domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 pub use domain::limit::{Limit, LimitError, LimitName};
-pub use domain::records::{Entity, FailurePolicy, LimitScope};
+pub use domain::records::{Entity, FailurePolicy, Gate, LimitScope};
 pub use store::{Store, StoreError};
 
 /// The README's Rust examples, compiled as doc tests so they cannot drift from the API.

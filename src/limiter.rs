@@ -175,6 +175,10 @@ impl Limiter {
             .or_else(|| self.lookups.failure_policy(&req.key.namespace));
         let result = match self.route_acquire(req, deadline).await {
             Err(e) if e.is_outage() => self.fail(e, lease, policy),
+            Err(e @ LimiterError::Disabled { .. }) => {
+                m::decision(outcome::DISABLED);
+                Err(e)
+            }
             other => other,
         };
         m::decision_time(started.elapsed().as_secs_f64());
@@ -222,13 +226,21 @@ impl Limiter {
         }
         let key = req.key;
         let (limits, parent, root) = within(deadline, async {
-            let limits = match req.limits {
-                Some(limits) => limits,
-                None => {
-                    let span = lookup_span("look-up limits");
-                    self.lookups.resolve(&key).instrument(span).await?
+            let span = lookup_span("look-up gates");
+            let gate = self.lookups.gate(&key).instrument(span);
+            let limits = async {
+                match req.limits {
+                    Some(limits) => Ok(limits),
+                    None => {
+                        let span = lookup_span("look-up limits");
+                        self.lookups.resolve(&key).instrument(span).await
+                    }
                 }
             };
+            // A disabled resource outranks every other answer (over limit, no limits stored).
+            let (gate, limits) = futures_util::future::join(gate, limits).await;
+            gate?;
+            let limits = limits?;
             let span = lookup_span("look-up cascade parent");
             let parent = self.lookups.cascade_parent(&key).instrument(span).await?;
             let span = lookup_span("look-up group root");

@@ -91,13 +91,16 @@ pub mod outcome {
     pub const FAILED_CLOSED: &str = "failed_closed";
     /// Refused because too many acquires already wait for the bucket (load shedding).
     pub const SHED: &str = "shed";
-    pub const ALL: [&str; 6] = [
+    /// Refused because the resource is disabled for the entity.
+    pub const DISABLED: &str = "disabled";
+    pub const ALL: [&str; 7] = [
         ADMITTED,
         REJECTED_CACHED,
         REJECTED_STORE,
         FAILED_OPEN,
         FAILED_CLOSED,
         SHED,
+        DISABLED,
     ];
 }
 

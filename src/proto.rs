@@ -41,3 +41,25 @@ impl OnUnavailable {
         }
     }
 }
+
+impl From<Option<crate::Gate>> for Gate {
+    /// A gate in its wire form (`None`: unspecified).
+    fn from(gate: Option<crate::Gate>) -> Self {
+        match gate {
+            None => Self::Unspecified,
+            Some(crate::Gate::Enabled) => Self::Enabled,
+            Some(crate::Gate::Disabled) => Self::Disabled,
+        }
+    }
+}
+
+impl Gate {
+    /// The gate it names (`None`: unspecified).
+    pub fn gate(self) -> Option<crate::Gate> {
+        match self {
+            Self::Unspecified => None,
+            Self::Enabled => Some(crate::Gate::Enabled),
+            Self::Disabled => Some(crate::Gate::Disabled),
+        }
+    }
+}

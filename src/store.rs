@@ -17,7 +17,9 @@ use async_trait::async_trait;
 use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
-use crate::domain::records::{Actor, AuditEntry, Entity, FailurePolicy, LimitScope, Period, Usage};
+use crate::domain::records::{
+    Actor, AuditEntry, Entity, FailurePolicy, Gate, LimitScope, Period, Usage,
+};
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -185,6 +187,26 @@ pub trait Store: Send + Sync + 'static {
         &self,
         ns: &Namespace,
         scope: &LimitScope,
+        by: &Actor,
+    ) -> Result<(), StoreError>;
+
+    /// The gates stored at `scopes` (entity + resource, entity, resource levels), one place per
+    /// scope in order, in one read (DynamoDB: `BatchGetItem`, strongly consistent).
+    async fn get_gates(
+        &self,
+        ns: &Namespace,
+        scopes: &[LimitScope],
+    ) -> Result<Vec<Option<Gate>>, StoreError>;
+
+    /// Stores the gate at `scope` (`None`: clears it), audited on the scope's subject.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when clearing a gate that is not set.
+    async fn set_gate(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        gate: Option<Gate>,
         by: &Actor,
     ) -> Result<(), StoreError>;
 

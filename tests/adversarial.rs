@@ -56,6 +56,12 @@ enum Op {
         entity: String,
         parent: Option<String>,
     },
+    /// Disables, enables (a defined value) or sets any number, or clears, at any scope.
+    Gate {
+        entity: Option<String>,
+        resource: Option<String>,
+        gate: Option<i32>,
+    },
     Envoy {
         domain: String,
         descriptors: Vec<HostileDescriptor>,
@@ -217,6 +223,16 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (id(), amounts()).prop_map(|(entity, consume)| Op::Available { entity, consume }),
         1 => (id(), any::<String>()).prop_map(|(subject, page)| Op::Audit { subject, page }),
         1 => (id(), prop::option::of(id())).prop_map(|(entity, parent)| Op::Move { entity, parent }),
+        1 => (
+            prop::option::of(id()),
+            prop::option::of(id()),
+            prop::option::of(prop_oneof![4 => 0..3i32, 1 => any::<i32>()]),
+        )
+            .prop_map(|(entity, resource, gate)| Op::Gate {
+                entity,
+                resource,
+                gate
+            }),
         2 => envoy_request(),
     ]
 }
@@ -406,6 +422,33 @@ impl Target {
                     })
                     .await
                     .map(drop),
+                Op::Gate {
+                    entity,
+                    resource,
+                    gate,
+                } => {
+                    let scope = Some(proto::LimitScope {
+                        entity_id: entity,
+                        resource,
+                    });
+                    match gate {
+                        Some(gate) => admin
+                            .set_gate(proto::GateRequest {
+                                scope,
+                                gate,
+                                ..Default::default()
+                            })
+                            .await
+                            .map(drop),
+                        None => admin
+                            .clear_gate(proto::LimitsRequest {
+                                scope,
+                                ..Default::default()
+                            })
+                            .await
+                            .map(drop),
+                    }
+                }
                 Op::Envoy {
                     domain,
                     descriptors,

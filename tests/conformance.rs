@@ -14,7 +14,7 @@ use zae_limiter::consume::{Outcome, Seen, consume};
 use zae_limiter::domain::bucket::{Plan, Write, plan, plan_settle};
 use zae_limiter::domain::limit::{MILLI, canonical};
 use zae_limiter::domain::records::{
-    Actor, AuditAction, Entity, FailurePolicy, LimitScope, Period, Usage,
+    Actor, AuditAction, Entity, FailurePolicy, Gate, LimitScope, Period, Usage,
 };
 use zae_limiter::store::dynamodb::DynamoStore;
 use zae_limiter::store::{KeyedWrite, Store, StoreError};
@@ -838,6 +838,93 @@ async fn a_failure_policy_is_stored_replaced_and_removed_audited(
     assert_eq!(store.get_failure_policy(&other).await.unwrap(), None);
 }
 
+async fn gates_at_three_levels_read_in_one_call(store: Arc<dyn Store>, ns: Namespace) {
+    let e = EntityId::new("e1").unwrap();
+    let r = ResourceId::new("gpt-4").unwrap();
+    let scopes = zae_limiter::domain::records::gate_scopes(&e, &r);
+    assert_eq!(
+        store.get_gates(&ns, &scopes).await.unwrap(),
+        [None, None, None]
+    );
+    store
+        .set_gate(&ns, &scopes[2], Some(Gate::Disabled), &actor(T0))
+        .await
+        .unwrap();
+    store
+        .set_gate(&ns, &scopes[1], Some(Gate::Enabled), &actor(T0 + 1))
+        .await
+        .unwrap();
+    store
+        .set_gate(&ns, &scopes[2], Some(Gate::Enabled), &actor(T0 + 2))
+        .await
+        .unwrap();
+    // The same scope twice in one read is answered twice.
+    let read = [scopes[2].clone(), scopes[0].clone(), scopes[2].clone()];
+    assert_eq!(
+        store.get_gates(&ns, &read).await.unwrap(),
+        [Some(Gate::Enabled), None, Some(Gate::Enabled)]
+    );
+    store
+        .set_gate(&ns, &scopes[2], None, &actor(T0 + 3))
+        .await
+        .unwrap();
+    let again = store.set_gate(&ns, &scopes[2], None, &actor(T0 + 4)).await;
+    assert!(matches!(again, Err(StoreError::NotFound(_))), "{again:?}");
+    assert_eq!(
+        store.get_gates(&ns, &scopes).await.unwrap(),
+        [None, Some(Gate::Enabled), None]
+    );
+    let audit = store
+        .list_audit(&ns, "#resource:gpt-4", 10, None)
+        .await
+        .unwrap();
+    let seen: Vec<_> = audit
+        .entries
+        .iter()
+        .map(|e| (e.action, e.before.as_deref(), e.after.as_deref()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (AuditAction::GateCleared, Some("enabled"), None),
+            (AuditAction::GateSet, Some("disabled"), Some("enabled")),
+            (AuditAction::GateSet, None, Some("disabled")),
+        ]
+    );
+    assert_eq!(audit_count(&*store, &ns, "e1").await, 1);
+    // A gate is not a limit set, and other namespaces have their own.
+    assert_eq!(store.get_limits(&ns, &scopes[1]).await.unwrap(), None);
+    let other = common::unique_namespace();
+    assert_eq!(
+        store.get_gates(&other, &scopes).await.unwrap(),
+        [None, None, None]
+    );
+    // Deleting the entity deletes its gates.
+    let entity = Entity {
+        id: e.clone(),
+        name: String::new(),
+        parent: None,
+        cascade: false,
+        metadata: BTreeMap::new(),
+    };
+    store
+        .create_entity(&ns, &entity, &actor(T0 + 5))
+        .await
+        .unwrap();
+    store
+        .set_gate(&ns, &scopes[0], Some(Gate::Disabled), &actor(T0 + 6))
+        .await
+        .unwrap();
+    store
+        .delete_entity(&ns, &e, false, &actor(T0 + 7))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get_gates(&ns, &scopes).await.unwrap(),
+        [None, None, None]
+    );
+}
+
 async fn audit_pages_newest_first(store: Arc<dyn Store>, ns: Namespace) {
     let scope = LimitScope::System;
     for i in 0..5u64 {
@@ -1403,6 +1490,7 @@ macro_rules! conformance {
                 entities_read_together,
                 stored_limits_at_four_scopes,
                 a_failure_policy_is_stored_replaced_and_removed_audited,
+                gates_at_three_levels_read_in_one_call,
                 audit_pages_newest_first,
                 usage_snapshots_add_up_and_query_by_range,
                 usage_added_at_once_adds_up,

@@ -1385,3 +1385,50 @@ fn the_cli_stores_the_namespace_failure_policy_and_audits_it() {
     ]);
     assert_eq!(code, Some(0), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resource_disabled_from_the_cli_is_refused_with_its_own_error() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let cli = |args: &[&str]| run_cli(&daemon, args);
+    let (code, _, err) = cli(&["gate", "disable", "--resource", "gpt-4"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, out, _) = cli(&["gate", "get", "--resource", "gpt-4", "--output", "json"]);
+    assert_eq!(out.trim(), r#"{"gate":"disabled"}"#);
+    let client = daemon.client().await;
+    let refused = acquire(&client, "k1", &[rpm(10)], &[("rpm", 1)]).await;
+    match refused {
+        Err(ClientError::Disabled {
+            entity,
+            resource,
+            level,
+        }) => assert_eq!(
+            (entity.as_str(), resource.as_str(), level.as_str()),
+            ("k1", "gpt-4", "resource gpt-4")
+        ),
+        other => panic!("expected Disabled, got {other:?}"),
+    }
+    // A stock client sees FAILED_PRECONDITION with the reason in its message.
+    let raw = client
+        .raw()
+        .acquire(common::acquire_request("k1"))
+        .await
+        .unwrap_err();
+    assert_eq!(raw.code(), Code::FailedPrecondition);
+    assert!(raw.message().contains("is disabled"), "{raw:?}");
+    let (code, _, err) = cli(&["gate", "enable", "--entity", "k1"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        acquire(&client, "k1", &[rpm(10)], &[("rpm", 1)])
+            .await
+            .is_ok()
+    );
+    assert!(matches!(
+        acquire(&client, "k2", &[rpm(10)], &[("rpm", 1)]).await,
+        Err(ClientError::Disabled { .. })
+    ));
+    let (code, _, err) = cli(&["gate", "disable"]);
+    assert_eq!(code, Some(1), "no system gate: {err}");
+    assert!(err.contains("InvalidArgument: scope"), "{err}");
+    let metric = daemon.metric("zae_limiter_decisions_total", &["outcome=\"disabled\""]);
+    assert_eq!(metric, 3.0);
+}

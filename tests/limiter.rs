@@ -15,7 +15,7 @@ use zae_limiter::clock::{Clock, ManualClock};
 use zae_limiter::consume::{Seen, consume};
 use zae_limiter::domain::amounts::Amounts;
 use zae_limiter::domain::limit::MILLI;
-use zae_limiter::domain::records::{Actor, Period};
+use zae_limiter::domain::records::{Actor, Gate, Period};
 use zae_limiter::limiter::{
     AcquireRequest, Decision, FailurePolicy, LeaseId, Limiter, LimiterError, LimiterSettings,
 };
@@ -708,6 +708,78 @@ async fn inner_audit(store: &dyn Store, ns: &Namespace) -> Vec<String> {
         .collect()
 }
 
+/// A disabled resource refuses before anything else (over limit, the `allow` policy) and
+/// writes nothing; the first level with a gate decides (entity + resource, entity, resource); a
+/// gate set through this daemon applies at once, one set through another within
+/// `limits_cache_ms`.
+async fn a_disabled_resource_refuses_first_and_the_nearest_gate_decides(
+    inner: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    let f = fixture(inner.clone(), ns.clone(), |s| {
+        s.failure_policy = FailurePolicy::Allow;
+    });
+    let other = fixture(inner, ns.clone(), |_| {});
+    let by = Actor {
+        principal: "test".into(),
+        at_ms: T0,
+    };
+    let (entity, resource) = (
+        EntityId::new("g").unwrap(),
+        ResourceId::new("model").unwrap(),
+    );
+    let scopes = zae_limiter::domain::records::gate_scopes(&entity, &resource);
+    let here = zae_limiter::admin::Admin::new(f.limiter.clone());
+    let there = zae_limiter::admin::Admin::new(other.limiter.clone());
+    let limits = [Limit::per_hour("tpm", 10).unwrap()];
+    let take = |n| {
+        let req = f.request("g", &limits, &[("tpm", n)], false);
+        f.limiter.acquire(req, within(5_000))
+    };
+    let disabled = |d: &Result<Decision, LimiterError>, level: &str| matches!(d, Err(LimiterError::Disabled { level: l, .. }) if l == level);
+    assert!(admitted(&take(4).await));
+    here.set_gate(&ns, &scopes[2], Some(Gate::Disabled), &by, within(5_000))
+        .await
+        .unwrap();
+    // Over limit too (100 of 6 left): the disabled resource is the answer, under `allow`.
+    let answer = take(100).await;
+    assert!(disabled(&answer, "resource model"), "{answer:?}");
+    assert!(disabled(&take(1).await, "resource model"));
+    // The entity is carved out; its entity + resource gate outranks that again.
+    here.set_gate(&ns, &scopes[1], Some(Gate::Enabled), &by, within(5_000))
+        .await
+        .unwrap();
+    assert!(admitted(&take(1).await));
+    here.set_gate(&ns, &scopes[0], Some(Gate::Disabled), &by, within(5_000))
+        .await
+        .unwrap();
+    let answer = take(1).await;
+    assert!(
+        disabled(&answer, "entity g on resource model"),
+        "{answer:?}"
+    );
+    // Cleared by another daemon: seen here once the cached gates are older than the cache's
+    // life (the clock moves; the next acquire reads them again).
+    there
+        .set_gate(&ns, &scopes[0], None, &by, within(5_000))
+        .await
+        .unwrap();
+    assert!(
+        disabled(&take(1).await, "entity g on resource model"),
+        "still cached"
+    );
+    f.clock
+        .advance(zae_limiter::limiter::LimiterSettings::default().limits_cache_ms);
+    assert!(admitted(&take(1).await));
+    f.limiter.shutdown(Duration::from_secs(10)).await;
+    other.limiter.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(
+        f.stored("g", "tpm").await.1,
+        i128::from(6 * MILLI),
+        "only the admitted acquires are charged"
+    );
+}
+
 /// Overload is not an outage: acquires shed because their entity already has `max_queue` of
 /// them waiting are refused under either policy, never admitted by `allow`. (Before, with
 /// `max_queue = 2`, a store answering 0.4 s late and 60 acquires at once on a capacity of 5,
@@ -1264,6 +1336,7 @@ both_stores!(
     a_repeated_close_learns_the_outcome_after_the_group_went_idle,
     callers_told_not_admitted_are_not_charged,
     the_call_s_policy_wins_over_the_namespace_s_over_the_daemon_s,
+    a_disabled_resource_refuses_first_and_the_nearest_gate_decides,
     shed_acquires_are_never_admitted_by_the_policy,
     a_joint_acquire_is_all_or_nothing,
     deadlines_near_the_store_latency_never_answer_internal,

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use super::CliError;
-use super::args::{DaemonArgs, EntityOp, FailurePolicyOp, LimitsOp, NamespaceOp};
+use super::args::{DaemonArgs, EntityOp, FailurePolicyOp, GateOp, LimitsOp, NamespaceOp};
 use super::output::{
     Output, audit_value, entity_json, entity_rows, limit_json, limit_rows, rfc3339, table,
 };
@@ -52,6 +52,12 @@ pub enum AdminOp {
     CreateNamespace(String),
     ListNamespaces,
     DeleteNamespace(String),
+    SetGate {
+        scope: proto::LimitScope,
+        gate: crate::Gate,
+    },
+    GetGate(proto::LimitScope),
+    ClearGate(proto::LimitScope),
     SetFailurePolicy(crate::FailurePolicy),
     GetFailurePolicy,
     DeleteFailurePolicy,
@@ -251,6 +257,39 @@ pub async fn run(
                 text,
             )
         }
+        AdminOp::SetGate { scope, gate } => {
+            admin
+                .set_gate(proto::GateRequest {
+                    namespace: ns,
+                    scope: Some(scope),
+                    gate: proto::Gate::from(Some(gate)).into(),
+                })
+                .await?;
+            (json!({ "gate": gate.as_str() }), gate.as_str().to_owned())
+        }
+        AdminOp::GetGate(scope) => {
+            let gate = admin
+                .get_gate(proto::LimitsRequest {
+                    namespace: ns,
+                    scope: Some(scope),
+                })
+                .await?
+                .into_inner()
+                .gate()
+                .gate()
+                .map(crate::Gate::as_str);
+            let text = gate.unwrap_or("none (the next level decides)").to_owned();
+            (json!({ "gate": gate }), text)
+        }
+        AdminOp::ClearGate(scope) => {
+            admin
+                .clear_gate(proto::LimitsRequest {
+                    namespace: ns,
+                    scope: Some(scope),
+                })
+                .await?;
+            (json!({ "cleared": true }), "gate cleared".to_owned())
+        }
         AdminOp::SetFailurePolicy(policy) => {
             admin
                 .set_failure_policy(proto::FailurePolicyRequest {
@@ -404,6 +443,23 @@ impl From<LimitsOp> for AdminOp {
             },
             LimitsOp::Get { scope } => Self::GetLimits(scope.scope()),
             LimitsOp::Delete { scope } => Self::DeleteLimits(scope.scope()),
+        }
+    }
+}
+
+impl From<GateOp> for AdminOp {
+    fn from(op: GateOp) -> Self {
+        match op {
+            GateOp::Disable { scope } => Self::SetGate {
+                scope: scope.scope(),
+                gate: crate::Gate::Disabled,
+            },
+            GateOp::Enable { scope } => Self::SetGate {
+                scope: scope.scope(),
+                gate: crate::Gate::Enabled,
+            },
+            GateOp::Clear { scope } => Self::ClearGate(scope.scope()),
+            GateOp::Get { scope } => Self::GetGate(scope.scope()),
         }
     }
 }

@@ -53,6 +53,15 @@ pub enum Command {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
+    /// Disable or enable a resource for an entity (--entity and --resource), for all of an
+    /// entity's resources (--entity), or for every entity (--resource). For an acquire, the
+    /// first of these levels with a gate decides.
+    Gate {
+        #[command(subcommand)]
+        op: GateOp,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
     /// Set, show or delete the namespace's failure policy: what an acquire that gives none does
     /// when the store cannot answer (default: the daemon's `failure_policy`).
     FailurePolicy {
@@ -248,6 +257,29 @@ impl ScopeArgs {
             resource: self.resource,
         }
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GateOp {
+    /// Refuse every acquire at this scope (FAILED_PRECONDITION, whatever the limits).
+    Disable {
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    /// Serve acquires at this scope, even if a wider level disables the resource.
+    Enable {
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    /// Remove the gate at this scope (the next level decides).
+    Clear {
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    Get {
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]

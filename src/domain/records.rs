@@ -55,6 +55,53 @@ impl LimitScope {
     }
 }
 
+/// Whether acquires on a resource are served, as set at one level (entity + resource, entity,
+/// resource: see [`gate_scopes`]). `Enabled` is explicit, so an entity can be served on a
+/// resource disabled for everyone else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Gate {
+    Enabled,
+    Disabled,
+}
+
+impl Gate {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enabled => "enabled",
+            Self::Disabled => "disabled",
+        }
+    }
+
+    /// # Errors
+    /// The text, when it names no gate.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "enabled" => Ok(Self::Enabled),
+            "disabled" => Ok(Self::Disabled),
+            other => Err(other.to_owned()),
+        }
+    }
+}
+
+/// The levels whose gate decides whether `entity` is served on `resource`, in the order they
+/// are consulted: the first that has one decides (none: served).
+pub fn gate_scopes(entity: &EntityId, resource: &ResourceId) -> [LimitScope; 3] {
+    [
+        LimitScope::EntityResource(entity.clone(), resource.clone()),
+        LimitScope::Entity(entity.clone()),
+        LimitScope::Resource(resource.clone()),
+    ]
+}
+
+/// The gate that decides, from the levels' gates in [`gate_scopes`] order: the first one set,
+/// with its position; `None` when no level has one (served).
+pub fn deciding_gate(levels: &[Option<Gate>]) -> Option<(usize, Gate)> {
+    levels
+        .iter()
+        .enumerate()
+        .find_map(|(i, g)| g.map(|g| (i, g)))
+}
+
 /// What a decision does when the store cannot answer in time: configured for the daemon, stored
 /// per namespace, or given per call (the first of call, namespace, daemon that says wins).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -96,6 +143,8 @@ pub enum AuditAction {
     LimitsDeleted,
     FailurePolicySet,
     FailurePolicyDeleted,
+    GateSet,
+    GateCleared,
 }
 
 impl AuditAction {
@@ -108,6 +157,8 @@ impl AuditAction {
             Self::LimitsDeleted => "limits_deleted",
             Self::FailurePolicySet => "failure_policy_set",
             Self::FailurePolicyDeleted => "failure_policy_deleted",
+            Self::GateSet => "gate_set",
+            Self::GateCleared => "gate_cleared",
         }
     }
 
@@ -122,6 +173,8 @@ impl AuditAction {
             Self::LimitsDeleted,
             Self::FailurePolicySet,
             Self::FailurePolicyDeleted,
+            Self::GateSet,
+            Self::GateCleared,
         ]
         .into_iter()
         .find(|a| a.as_str() == text)

@@ -385,6 +385,80 @@ impl proto::admin_server::Admin for AdminService {
         Ok(Response::new(proto::Empty {}))
     }
 
+    async fn set_gate(
+        &self,
+        req: Request<proto::GateRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let by = self.actor(&req);
+        let (ns, scope, deadline) = self
+            .scope(
+                &req,
+                &req.get_ref().namespace,
+                req.get_ref().scope.as_ref(),
+                Call::Change("set gates"),
+            )
+            .await?;
+        let gate = proto::Gate::try_from(req.get_ref().gate)
+            .ok()
+            .and_then(proto::Gate::gate)
+            .ok_or_else(|| {
+                invalid(
+                    "gate",
+                    format!(
+                        "{} is not ENABLED (1) or DISABLED (2); ClearGate removes one",
+                        req.get_ref().gate
+                    ),
+                )
+            })?;
+        self.admin
+            .set_gate(&ns, &scope, Some(gate), &by, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn get_gate(
+        &self,
+        req: Request<proto::LimitsRequest>,
+    ) -> Result<Response<proto::GateResponse>, Status> {
+        let (ns, scope, deadline) = self
+            .scope(
+                &req,
+                &req.get_ref().namespace,
+                req.get_ref().scope.as_ref(),
+                Call::Read,
+            )
+            .await?;
+        let gate = self
+            .admin
+            .gate(&ns, &scope, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::GateResponse {
+            gate: proto::Gate::from(gate).into(),
+        }))
+    }
+
+    async fn clear_gate(
+        &self,
+        req: Request<proto::LimitsRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let by = self.actor(&req);
+        let (ns, scope, deadline) = self
+            .scope(
+                &req,
+                &req.get_ref().namespace,
+                req.get_ref().scope.as_ref(),
+                Call::Change("clear gates"),
+            )
+            .await?;
+        self.admin
+            .set_gate(&ns, &scope, None, &by, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
     async fn set_failure_policy(
         &self,
         req: Request<proto::FailurePolicyRequest>,

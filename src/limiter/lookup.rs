@@ -22,7 +22,9 @@ use super::messages::ParentSpec;
 use super::types::{Deps, LimiterError};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
-use crate::domain::records::{Entity, FailurePolicy, LimitScope, MAX_DEPTH};
+use crate::domain::records::{
+    Entity, FailurePolicy, Gate, LimitScope, MAX_DEPTH, deciding_gate, gate_scopes,
+};
 
 type LimitsKey = (Namespace, EntityId, ResourceId);
 type EntityKey = (Namespace, EntityId);
@@ -100,6 +102,8 @@ struct KnownPolicy {
 
 pub(crate) struct Lookups {
     deps: Arc<Deps>,
+    /// Per bucket, the gates of its three levels (see [`gate_scopes`]).
+    gates: Arc<Table<LimitsKey, Vec<Option<Gate>>>>,
     policies: Arc<Mutex<HashMap<Namespace, KnownPolicy>>>,
     limits: Arc<Table<LimitsKey, Option<Vec<Limit>>>>,
     entities: Arc<Table<EntityKey, Option<Entity>>>,
@@ -118,6 +122,7 @@ impl Lookups {
         Self {
             policies: Arc::new(Mutex::new(HashMap::new())),
             limits: Table::new(age, size),
+            gates: Table::new(age, size),
             entities: Table::new(age, size),
             registry: Table::new(age, 1),
             entity_refreshes: std::sync::OnceLock::new(),
@@ -129,6 +134,7 @@ impl Lookups {
     pub fn clear(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.limits.cache.clear();
+        self.gates.cache.clear();
         self.entities.cache.clear();
         self.registry.cache.clear();
     }
@@ -202,6 +208,7 @@ impl Lookups {
     /// Drops expired look-ups, so memory follows the entities in use now.
     pub fn purge(&self, now: i64) {
         self.limits.cache.purge(now);
+        self.gates.cache.purge(now);
         self.entities.cache.purge(now);
     }
 
@@ -313,6 +320,38 @@ impl Lookups {
             )
             .await?;
         Ok(list.contains(ns))
+    }
+
+    /// Whether a bucket's resource is served to its entity: the first level with a gate decides
+    /// (one read of the three levels, cached as the limits are).
+    ///
+    /// # Errors
+    /// [`LimiterError::Disabled`] naming the level that disables it.
+    pub async fn gate(&self, key: &BucketKey) -> Result<(), LimiterError> {
+        let cache_key = (
+            key.namespace.clone(),
+            key.entity.clone(),
+            key.resource.clone(),
+        );
+        let levels = self
+            .cached(
+                &self.gates,
+                cache_key,
+                |deps, (ns, entity, resource)| async move {
+                    let scopes = gate_scopes(&entity, &resource);
+                    Ok(deps.store.get_gates(&ns, &scopes).await?)
+                },
+                None,
+            )
+            .await?;
+        match deciding_gate(&levels) {
+            Some((level, Gate::Disabled)) => Err(LimiterError::Disabled {
+                entity: key.entity.to_string(),
+                resource: key.resource.to_string(),
+                level: gate_scopes(&key.entity, &key.resource)[level].to_string(),
+            }),
+            Some((_, Gate::Enabled)) | None => Ok(()),
+        }
     }
 
     /// The stored limits for a bucket.

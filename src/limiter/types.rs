@@ -87,6 +87,14 @@ pub enum LimiterError {
     PermissionDenied(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The resource is disabled for the entity (at `level`, e.g. `resource gpt-4`): no acquire
+    /// is served, whatever the limits or the failure policy.
+    #[error("resource {resource:?} is disabled for entity {entity:?} (set for {level})")]
+    Disabled {
+        entity: String,
+        resource: String,
+        level: String,
+    },
     /// The store failed: transiently (retry later), or in a way retrying will not fix (missing
     /// table, refused credentials, corrupt item: an operator must act). See
     /// [`StoreError::is_transient`].

@@ -34,7 +34,7 @@ use super::{AuditPage, KeyedWrite, Store, StoreError};
 use crate::domain::bucket::{Bucket, Change, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
-use crate::domain::records::{Actor, Entity, FailurePolicy, LimitScope, Period, Usage};
+use crate::domain::records::{Actor, Entity, FailurePolicy, Gate, LimitScope, Period, Usage};
 use clauses::{Action, Existing, Expr, action, put, update};
 use codec::{bucket_item, decode_bucket};
 use errors::{CancellationReasons, classify};
@@ -486,6 +486,24 @@ impl Store for DynamoStore {
 
     async fn delete_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {
         records::delete_namespace(self, ns).await
+    }
+
+    async fn get_gates(
+        &self,
+        ns: &Namespace,
+        scopes: &[LimitScope],
+    ) -> Result<Vec<Option<Gate>>, StoreError> {
+        records::get_gates(self, ns, scopes).await
+    }
+
+    async fn set_gate(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        gate: Option<Gate>,
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        records::set_gate(self, ns, scope, gate, by).await
     }
 
     async fn get_failure_policy(

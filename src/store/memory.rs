@@ -14,7 +14,7 @@ use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName, encode};
 use crate::domain::records::{
-    Actor, AuditAction, AuditEntry, Entity, FailurePolicy, LimitScope, Period, Usage,
+    Actor, AuditAction, AuditEntry, Entity, FailurePolicy, Gate, LimitScope, Period, Usage,
 };
 
 /// A usage snapshot: namespace, entity, period, start, resource.
@@ -29,6 +29,7 @@ struct State {
     usage: BTreeMap<UsageKey, Vec<(LimitName, i64)>>,
     namespaces: std::collections::BTreeSet<Namespace>,
     failure_policies: HashMap<Namespace, FailurePolicy>,
+    gates: HashMap<(Namespace, LimitScope), Gate>,
 }
 
 /// The embedded in-memory store. Data lives as long as the process.
@@ -180,10 +181,12 @@ impl Store for MemoryStore {
         state
             .buckets
             .retain(|k, _| !(k.namespace == *ns && k.entity == *id));
-        state.limits.retain(|(n, scope), _| {
-            !(n == ns
-                && matches!(scope, LimitScope::Entity(e) | LimitScope::EntityResource(e, _) if e == id))
-        });
+        let of_entity = |n: &Namespace, scope: &LimitScope| {
+            n == ns
+                && matches!(scope, LimitScope::Entity(e) | LimitScope::EntityResource(e, _) if e == id)
+        };
+        state.limits.retain(|(n, scope), _| !of_entity(n, scope));
+        state.gates.retain(|(n, scope), _| !of_entity(n, scope));
         let e = AuditEntry::new(
             id.to_string(),
             AuditAction::EntityDeleted,
@@ -287,6 +290,50 @@ impl Store for MemoryStore {
             by,
             Some(encode(&old)),
             None,
+        );
+        state.audit(ns, e);
+        Ok(())
+    }
+
+    async fn get_gates(
+        &self,
+        ns: &Namespace,
+        scopes: &[LimitScope],
+    ) -> Result<Vec<Option<Gate>>, StoreError> {
+        let state = self.lock();
+        Ok(scopes
+            .iter()
+            .map(|scope| state.gates.get(&(ns.clone(), scope.clone())).copied())
+            .collect())
+    }
+
+    async fn set_gate(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        gate: Option<Gate>,
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let at = (ns.clone(), scope.clone());
+        let (before, action) = match gate {
+            Some(g) => (state.gates.insert(at, g), AuditAction::GateSet),
+            None => (
+                Some(
+                    state
+                        .gates
+                        .remove(&at)
+                        .ok_or_else(|| StoreError::NotFound(format!("gate of {scope}")))?,
+                ),
+                AuditAction::GateCleared,
+            ),
+        };
+        let e = AuditEntry::new(
+            scope.audit_subject(),
+            action,
+            by,
+            before.map(|g| g.as_str().to_owned()),
+            gate.map(|g| g.as_str().to_owned()),
         );
         state.audit(ns, e);
         Ok(())
@@ -429,6 +476,7 @@ impl Store for MemoryStore {
         state.audit.retain(|(n, _), _| n != ns);
         state.usage.retain(|(n, ..), _| n != ns);
         state.failure_policies.remove(ns);
+        state.gates.retain(|(n, _), _| n != ns);
         Ok(())
     }
 }

@@ -13,7 +13,7 @@ use super::{AuditPage, KeyedWrite, Store, StoreError};
 use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
-use crate::domain::records::{Actor, Entity, FailurePolicy, LimitScope, Period, Usage};
+use crate::domain::records::{Actor, Entity, FailurePolicy, Gate, LimitScope, Period, Usage};
 use crate::metrics::{STORE_CALLS, STORE_SECONDS, WRITE_UNITS};
 
 /// Counts calls and write units of the store it wraps.
@@ -274,6 +274,26 @@ impl Store for Metered {
         by: &Actor,
     ) -> Result<(), StoreError> {
         self.call("limits", 1, 4, self.inner.delete_limits(ns, scope, by))
+            .await
+    }
+
+    async fn get_gates(
+        &self,
+        ns: &Namespace,
+        scopes: &[LimitScope],
+    ) -> Result<Vec<Option<Gate>>, StoreError> {
+        self.call("limits", scopes.len(), 0, self.inner.get_gates(ns, scopes))
+            .await
+    }
+
+    async fn set_gate(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        gate: Option<Gate>,
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        self.call("limits", 1, 4, self.inner.set_gate(ns, scope, gate, by))
             .await
     }
 

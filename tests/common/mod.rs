@@ -222,7 +222,9 @@ mod counting {
 
     use async_trait::async_trait;
     use zae_limiter::domain::bucket::{Bucket, Write};
-    use zae_limiter::domain::records::{Actor, Entity, FailurePolicy, LimitScope, Period, Usage};
+    use zae_limiter::domain::records::{
+        Actor, Entity, FailurePolicy, Gate, LimitScope, Period, Usage,
+    };
     use zae_limiter::store::{AuditPage, KeyedWrite, Store, StoreError};
     use zae_limiter::{BucketKey, EntityId, Limit, Namespace, ResourceId};
 
@@ -323,6 +325,23 @@ mod counting {
             by: &Actor,
         ) -> Result<(), StoreError> {
             self.inner.delete_limits(ns, scope, by).await
+        }
+        async fn get_gates(
+            &self,
+            ns: &Namespace,
+            scopes: &[LimitScope],
+        ) -> Result<Vec<Option<Gate>>, StoreError> {
+            self.lookup().await;
+            self.inner.get_gates(ns, scopes).await
+        }
+        async fn set_gate(
+            &self,
+            ns: &Namespace,
+            scope: &LimitScope,
+            gate: Option<Gate>,
+            by: &Actor,
+        ) -> Result<(), StoreError> {
+            self.inner.set_gate(ns, scope, gate, by).await
         }
         async fn get_failure_policy(
             &self,

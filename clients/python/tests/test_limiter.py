@@ -17,6 +17,7 @@ from zae_limiter_client import (
     OnUnavailable,
     RateLimiter,
     RateLimiterUnavailable,
+    ResourceDisabled,
     RateLimitExceeded,
     SyncRateLimiter,
     ValidationError,
@@ -493,3 +494,39 @@ def test_the_namespace_failure_policy_is_stored_with_the_system_defaults(daemon,
         "limits_deleted",
         "limits_set",
     ]
+
+
+def test_a_disabled_resource_is_refused_before_limits_and_an_entity_can_be_carved_out(
+    daemon, entity
+):
+    resource = f"model-{entity}"
+    limits = [Limit.per_minute("rpm", 100)]
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            await zl.disable_resource(resource)
+            with pytest.raises(ResourceDisabled) as refused:
+                # Over limit too, and asking to be let through: disabled is the answer.
+                await zl.consume(
+                    entity, resource, {"rpm": 500}, limits=limits, on_unavailable="allow"
+                )
+            await zl.enable_entity(entity)
+            carved_out = await zl.consume(entity, resource, {"rpm": 1}, limits=limits)
+            await zl.disable_entity(entity, resource)
+            with pytest.raises(ResourceDisabled) as nearest:
+                async with zl.acquire(entity, resource, {"rpm": 1}, limits=limits):
+                    pass
+            await zl.clear_entity_disabled(entity, resource)
+            await zl.clear_entity_disabled(entity)
+            await zl.clear_resource_disabled(resource)
+            served = await zl.consume(entity, resource, {"rpm": 1}, limits=limits)
+            left = await zl.available(entity, resource, limits=limits)
+            return refused.value, carved_out, nearest.value, served, left
+
+    refused, carved_out, nearest, served, left = run(scenario())
+    assert (refused.entity_id, refused.resource) == (entity, resource)
+    assert refused.level == f"resource {resource}"
+    assert isinstance(refused, FailedPrecondition) and refused.code == "FAILED_PRECONDITION"
+    assert nearest.level == f"entity {entity} on resource {resource}"
+    assert [s.limit_name for s in carved_out] == [s.limit_name for s in served] == ["rpm"]
+    assert left == {"rpm": 98}, "the refused calls took nothing"

@@ -67,3 +67,21 @@ def test_the_soft_limit_example_reports_what_it_would_have_refused(daemon, monke
     # 3,000 tokens a call against a soft 5,000/min: the second call overdraws, and the third
     # is still admitted.
     assert run(scenario()) == [[], ["tpm"], ["tpm"]]
+
+
+def test_the_disabled_resource_example_answers_403_but_to_the_kept_tenant(daemon, monkeypatch):
+    monkeypatch.setenv("ZAE_LIMITER_SOCKET", daemon.socket)
+    scope: dict = {}
+    exec(compile(readme_block("disable_resource"), "README.md", "exec"), scope)  # noqa: S102
+    model = f"old-model-{daemon.namespace}"
+
+    async def scenario():
+        from zae_limiter_client import Limit
+
+        await scope["limiter"].set_resource_defaults(model, [Limit.per_minute("rpm", 100)])
+        await scope["retire"](model, "kept")
+        answers = [await scope["call"](who, model) for who in ("kept", "other")]
+        await scope["limiter"].close()
+        return answers
+
+    assert run(scenario()) == [(200, "ok"), (403, f"{model} is not available to other")]

@@ -81,6 +81,18 @@ pub(super) fn failure_policy_keys(ns: &Namespace) -> Item {
     keys(format!("{ns}#S"), "#POLICY".into())
 }
 
+/// The item of the gate stored at `scope` (beside the scope's limits). There is no system gate:
+/// the system scope's key is refused before a gate is stored or read.
+pub(super) fn gate_keys(ns: &Namespace, scope: &LimitScope) -> Item {
+    let (pk, sk) = match scope {
+        LimitScope::EntityResource(e, r) => (entity_pk(ns, e), format!("#G#{r}")),
+        LimitScope::Entity(e) => (entity_pk(ns, e), "#G".to_owned()),
+        LimitScope::Resource(r) => (format!("{ns}#R#{r}"), "#G".to_owned()),
+        LimitScope::System => (format!("{ns}#S"), "#G".to_owned()),
+    };
+    keys(pk, sk)
+}
+
 pub(super) fn limits_keys(ns: &Namespace, scope: &LimitScope) -> Item {
     let (pk, sk) = match scope {
         LimitScope::EntityResource(e, r) => (entity_pk(ns, e), format!("#L#{r}")),

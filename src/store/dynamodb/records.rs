@@ -10,14 +10,14 @@ use super::clauses::{Action, Existing, Expr, action, put, update};
 use super::codec::{decode_audit, decode_entity, decode_usage, entity_item, string};
 use super::errors::{CancellationReasons, classify};
 use super::keys::{
-    Item, NAMESPACES_PK, audit_pk, children_pk, entity_keys, entity_pk, failure_policy_keys, keys,
-    limits_keys, n, s, usage_attr, usage_key,
+    Item, NAMESPACES_PK, audit_pk, children_pk, entity_keys, entity_pk, failure_policy_keys,
+    gate_keys, keys, limits_keys, n, s, usage_attr, usage_key,
 };
 use super::schema::{GSI1, GSI1PK, PK, SK};
 use crate::domain::ids::{EntityId, Namespace, ResourceId};
 use crate::domain::limit::{self, Limit, encode};
 use crate::domain::records::{
-    Actor, AuditAction, AuditEntry, Entity, FailurePolicy, LimitScope, Period, Usage,
+    Actor, AuditAction, AuditEntry, Entity, FailurePolicy, Gate, LimitScope, Period, Usage,
 };
 use crate::store::{AuditPage, StoreError, audit_sort_key, entity_json};
 
@@ -187,23 +187,40 @@ pub(super) async fn get_entities(
             unique.push(id);
         }
     }
+    let keys = unique.iter().map(|id| entity_keys(ns, id)).collect();
     let mut found: std::collections::HashMap<EntityId, Entity> =
         std::collections::HashMap::with_capacity(unique.len());
-    for chunk in unique.chunks(MAX_BATCH_GET) {
-        let mut wanted: Vec<Item> = chunk.iter().map(|id| entity_keys(ns, id)).collect();
+    for item in batch_get(store, keys, "entity").await? {
+        let entity = decode_entity(&item)?;
+        found.insert(entity.id.clone(), entity);
+    }
+    Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
+}
+
+/// The items of `keys` (distinct) that exist, read with `BatchGetItem` ([`MAX_BATCH_GET`] a
+/// call, strongly consistent); keys left unprocessed are asked again a few times. `what` names
+/// the items in an error.
+async fn batch_get(
+    store: &DynamoStore,
+    keys: Vec<Item>,
+    what: &str,
+) -> Result<Vec<Item>, StoreError> {
+    let mut found = Vec::with_capacity(keys.len());
+    for chunk in keys.chunks(MAX_BATCH_GET) {
+        let mut wanted: Vec<Item> = chunk.to_vec();
         let mut round = 0;
         while !wanted.is_empty() {
             if round > 0 {
                 if round > UNPROCESSED_ROUNDS {
                     return Err(StoreError::Transient(format!(
-                        "{} entity reads left unprocessed by DynamoDB (throttled)",
+                        "{} {what} reads left unprocessed by DynamoDB (throttled)",
                         wanted.len()
                     )));
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(20 << round)).await;
             }
             round += 1;
-            let keys = KeysAndAttributes::builder()
+            let request = KeysAndAttributes::builder()
                 .set_keys(Some(wanted))
                 .consistent_read(true)
                 .build()
@@ -211,19 +228,17 @@ pub(super) async fn get_entities(
             let out = store
                 .client
                 .batch_get_item()
-                .request_items(&store.table, keys)
+                .request_items(&store.table, request)
                 .send()
                 .await
                 .map_err(|e| classify(e, &store.table))?;
             let (mut responses, mut unprocessed) = (out.responses, out.unprocessed_keys);
-            for item in responses
-                .as_mut()
-                .and_then(|r| r.remove(&store.table))
-                .unwrap_or_default()
-            {
-                let entity = decode_entity(&item)?;
-                found.insert(entity.id.clone(), entity);
-            }
+            found.extend(
+                responses
+                    .as_mut()
+                    .and_then(|r| r.remove(&store.table))
+                    .unwrap_or_default(),
+            );
             wanted = unprocessed
                 .as_mut()
                 .and_then(|u| u.remove(&store.table))
@@ -231,7 +246,80 @@ pub(super) async fn get_entities(
                 .unwrap_or_default();
         }
     }
-    Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
+    Ok(found)
+}
+
+pub(super) async fn get_gates(
+    store: &DynamoStore,
+    ns: &Namespace,
+    scopes: &[LimitScope],
+) -> Result<Vec<Option<Gate>>, StoreError> {
+    let mut keys: Vec<Item> = Vec::with_capacity(scopes.len());
+    for scope in scopes {
+        let key = gate_keys(ns, scope);
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    let items = batch_get(store, keys, "gate").await?;
+    scopes
+        .iter()
+        .map(|scope| {
+            let key = gate_keys(ns, scope);
+            items
+                .iter()
+                .find(|item| item.get(PK) == key.get(PK) && item.get(SK) == key.get(SK))
+                .map(|item| {
+                    let text = string(item, "gate")?;
+                    Gate::parse(text).map_err(|t| StoreError::Corrupt(format!("gate {t:?}")))
+                })
+                .transpose()
+        })
+        .collect()
+}
+
+pub(super) async fn set_gate(
+    store: &DynamoStore,
+    ns: &Namespace,
+    scope: &LimitScope,
+    gate: Option<Gate>,
+    by: &Actor,
+) -> Result<(), StoreError> {
+    let before = get_gates(store, ns, std::slice::from_ref(scope))
+        .await?
+        .pop()
+        .flatten();
+    let text = |g: Option<Gate>| g.map(|g| g.as_str().to_owned());
+    let Some(gate) = gate else {
+        let not_found = || StoreError::NotFound(format!("gate of {scope}"));
+        before.ok_or_else(not_found)?;
+        let entry = AuditEntry::new(
+            scope.audit_subject(),
+            AuditAction::GateCleared,
+            by,
+            text(before),
+            None,
+        );
+        return store
+            .delete_audited(ns, gate_keys(ns, scope), &entry, not_found)
+            .await;
+    };
+    let mut item = gate_keys(ns, scope);
+    item.insert("gate".into(), s(gate.as_str().to_owned()));
+    let stored = put(&store.table, item, Existing::Any)?;
+    let entry = AuditEntry::new(
+        scope.audit_subject(),
+        AuditAction::GateSet,
+        by,
+        text(before),
+        text(Some(gate)),
+    );
+    let audit = store.audit_put(ns, &entry)?;
+    store
+        .audited(action(Action::Put(stored)), audit, || {
+            StoreError::Backend("gate item changed concurrently".into())
+        })
+        .await
 }
 
 pub(super) async fn delete_entity(

@@ -32,6 +32,7 @@ from ._errors import (
     PermissionDenied,
     RateLimiterUnavailable,
     RateLimitExceeded,
+    ResourceDisabled,
     ValidationError,
     ZAELimiterError,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "RateLimitExceeded",
     "RateLimiter",
     "RateLimiterUnavailable",
+    "ResourceDisabled",
     "SyncLease",
     "SyncRateLimiter",
     "UsageSnapshot",

@@ -420,6 +420,41 @@ class _Api:
             lambda: self.set_failure_policy(on_unavailable),
         )
 
+    # --- gates: disabled and enabled resources --------------------------------------------------
+
+    def _gate(self, entity_id: str | None, resource: str | None, gate: int | None) -> Any:
+        """Sets (``gate``) or clears (``None``) the gate at a scope."""
+        scope = self._scope(entity_id, resource)
+        if gate is None:
+            request = message(pb.LimitsRequest, namespace=self.namespace, scope=scope)
+            return self._call(_admin_method("ClearGate"), request, lambda r: None)
+        request = message(pb.GateRequest, namespace=self.namespace, scope=scope, gate=gate)
+        return self._call(_admin_method("SetGate"), request, lambda r: None)
+
+    def disable_resource(self, resource: str) -> Any:
+        """Refuses every acquire on ``resource`` (``ResourceDisabled``), for every entity that
+        has no gate of its own. This daemon applies it at once, others within
+        ``limits_cache_ms``."""
+        return self._gate(None, resource, pb.GATE_DISABLED)
+
+    def enable_resource(self, resource: str) -> Any:
+        return self._gate(None, resource, pb.GATE_ENABLED)
+
+    def clear_resource_disabled(self, resource: str) -> Any:
+        return self._gate(None, resource, None)
+
+    def disable_entity(self, entity_id: str, resource: str | None = None) -> Any:
+        """Refuses the entity's acquires on ``resource`` (``None``: on every resource without an
+        entity + resource gate)."""
+        return self._gate(entity_id, resource, pb.GATE_DISABLED)
+
+    def enable_entity(self, entity_id: str, resource: str | None = None) -> Any:
+        """Serves the entity even where its resource is disabled for everyone else."""
+        return self._gate(entity_id, resource, pb.GATE_ENABLED)
+
+    def clear_entity_disabled(self, entity_id: str, resource: str | None = None) -> Any:
+        return self._gate(entity_id, resource, None)
+
     def set_failure_policy(self, on_unavailable: OnUnavailable | str) -> Any:
         """What an acquire that gives no ``on_unavailable`` does when the store cannot answer
         in time, for the whole namespace (audited). This daemon applies it at once, others

@@ -140,6 +140,37 @@ class FailedPrecondition(ZAELimiterError):
     way, a parent cycle, a store the daemon cannot use); retrying the same call will not help."""
 
 
+class ResourceDisabled(FailedPrecondition):
+    """The resource is disabled for the entity (``level``: the scope that decided, e.g.
+    ``"resource gpt-4"``). A configuration state, not throttling: map it to 403, not 429; the
+    ``on_unavailable`` policy never lets it through."""
+
+    def __init__(
+        self, message: str, *, entity_id: str, resource: str, level: str, code: str | None = None
+    ) -> None:
+        super().__init__(message, code=code)
+        self.entity_id = entity_id
+        self.resource = resource
+        self.level = level
+
+
+def _error_info(status_details: bytes | None) -> error_details_pb2.ErrorInfo | None:
+    """The first ``google.rpc.ErrorInfo`` of a serialized ``google.rpc.Status``, if any."""
+    if not status_details:
+        return None
+    status = status_pb2.Status()
+    try:
+        status.ParseFromString(status_details)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                return info
+    except DecodeError:
+        return None
+    return None
+
+
 def bad_field(status_details: bytes | None) -> str | None:
     """The field of the first ``google.rpc.BadRequest`` violation in a serialized
     ``google.rpc.Status`` (the ``grpc-status-details-bin`` trailer), if there is one."""
@@ -196,6 +227,15 @@ def from_status(
     if code == "ALREADY_EXISTS":
         return EntityExistsError(details, code=code)
     if code == "FAILED_PRECONDITION":
+        info = _error_info(status_details)
+        if info is not None and info.reason == "RESOURCE_DISABLED":
+            return ResourceDisabled(
+                details,
+                entity_id=info.metadata.get("entity_id", ""),
+                resource=info.metadata.get("resource", ""),
+                level=info.metadata.get("level", ""),
+                code=code,
+            )
         return FailedPrecondition(details, code=code)
     if code == "DEADLINE_EXCEEDED":
         return RateLimiterUnavailable(
