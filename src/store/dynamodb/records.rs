@@ -289,37 +289,78 @@ pub(super) async fn set_gate(
         .await?
         .pop()
         .flatten();
-    let text = |g: Option<Gate>| g.map(|g| g.as_str().to_owned());
-    let Some(gate) = gate else {
-        let not_found = || StoreError::NotFound(format!("gate of {scope}"));
-        before.ok_or_else(not_found)?;
-        let entry = AuditEntry::new(
-            scope.audit_subject(),
-            AuditAction::GateCleared,
-            by,
-            text(before),
-            None,
-        );
-        return store
-            .delete_audited(ns, gate_keys(ns, scope), &entry, not_found)
-            .await;
+    let change = Setting {
+        key: gate_keys(ns, scope),
+        attribute: "gate",
+        subject: scope.audit_subject(),
+        actions: (AuditAction::GateSet, AuditAction::GateCleared),
+        what: format!("gate of {scope}"),
     };
-    let mut item = gate_keys(ns, scope);
-    item.insert("gate".into(), s(gate.as_str().to_owned()));
-    let stored = put(&store.table, item, Existing::Any)?;
-    let entry = AuditEntry::new(
-        scope.audit_subject(),
-        AuditAction::GateSet,
-        by,
-        text(before),
-        text(Some(gate)),
-    );
-    let audit = store.audit_put(ns, &entry)?;
-    store
-        .audited(action(Action::Put(stored)), audit, || {
-            StoreError::Backend("gate item changed concurrently".into())
-        })
+    change
+        .apply(
+            store,
+            ns,
+            before.map(Gate::as_str),
+            gate.map(Gate::as_str),
+            by,
+        )
         .await
+}
+
+/// One text attribute in an item of its own (a gate, a failure policy), set or removed in one
+/// transaction with its audit record.
+struct Setting {
+    key: Item,
+    attribute: &'static str,
+    subject: String,
+    /// The audit actions of setting and of removing it.
+    actions: (AuditAction, AuditAction),
+    /// What it is, for a removal of nothing.
+    what: String,
+}
+
+impl Setting {
+    /// Stores `after` (`None`: removes the item; `NotFound` when `before` says there is none).
+    async fn apply(
+        self,
+        store: &DynamoStore,
+        ns: &Namespace,
+        before: Option<&str>,
+        after: Option<&str>,
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        let (set, removed) = self.actions;
+        let Some(value) = after else {
+            let not_found = || StoreError::NotFound(self.what.clone());
+            before.ok_or_else(not_found)?;
+            let entry = AuditEntry::new(
+                self.subject.clone(),
+                removed,
+                by,
+                before.map(str::to_owned),
+                None,
+            );
+            return store
+                .delete_audited(ns, self.key.clone(), &entry, not_found)
+                .await;
+        };
+        let mut item = self.key;
+        item.insert(self.attribute.into(), s(value.to_owned()));
+        let stored = put(&store.table, item, Existing::Any)?;
+        let entry = AuditEntry::new(
+            self.subject,
+            set,
+            by,
+            before.map(str::to_owned),
+            Some(value.to_owned()),
+        );
+        let audit = store.audit_put(ns, &entry)?;
+        store
+            .audited(action(Action::Put(stored)), audit, || {
+                StoreError::Backend(format!("{} changed concurrently", self.what))
+            })
+            .await
+    }
 }
 
 pub(super) async fn delete_entity(
@@ -518,37 +559,19 @@ pub(super) async fn set_failure_policy(
     by: &Actor,
 ) -> Result<(), StoreError> {
     let before = get_failure_policy(store, ns).await?;
-    let text = |p: Option<FailurePolicy>| p.map(|p| p.as_str().to_owned());
-    let subject = LimitScope::System.audit_subject();
-    let Some(policy) = policy else {
-        let not_found = || StoreError::NotFound("the namespace's failure policy".into());
-        before.ok_or_else(not_found)?;
-        let entry = AuditEntry::new(
-            subject,
+    let change = Setting {
+        key: failure_policy_keys(ns),
+        attribute: "policy",
+        subject: LimitScope::System.audit_subject(),
+        actions: (
+            AuditAction::FailurePolicySet,
             AuditAction::FailurePolicyDeleted,
-            by,
-            text(before),
-            None,
-        );
-        return store
-            .delete_audited(ns, failure_policy_keys(ns), &entry, not_found)
-            .await;
+        ),
+        what: "the namespace's failure policy".into(),
     };
-    let mut item = failure_policy_keys(ns);
-    item.insert("policy".into(), s(policy.as_str().to_owned()));
-    let stored = put(&store.table, item, Existing::Any)?;
-    let entry = AuditEntry::new(
-        subject,
-        AuditAction::FailurePolicySet,
-        by,
-        text(before),
-        text(Some(policy)),
-    );
-    let audit = store.audit_put(ns, &entry)?;
-    store
-        .audited(action(Action::Put(stored)), audit, || {
-            StoreError::Backend("failure policy item changed concurrently".into())
-        })
+    let text = |p: Option<FailurePolicy>| p.map(FailurePolicy::as_str);
+    change
+        .apply(store, ns, text(before), text(policy), by)
         .await
 }
 

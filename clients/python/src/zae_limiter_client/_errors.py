@@ -154,25 +154,8 @@ class ResourceDisabled(FailedPrecondition):
         self.level = level
 
 
-def _error_info(status_details: bytes | None) -> error_details_pb2.ErrorInfo | None:
-    """The first ``google.rpc.ErrorInfo`` of a serialized ``google.rpc.Status``, if any."""
-    if not status_details:
-        return None
-    status = status_pb2.Status()
-    try:
-        status.ParseFromString(status_details)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                return info
-    except DecodeError:
-        return None
-    return None
-
-
-def bad_field(status_details: bytes | None) -> str | None:
-    """The field of the first ``google.rpc.BadRequest`` violation in a serialized
+def _detail(status_details: bytes | None, kind: Any) -> Any:
+    """The first detail of type ``kind`` (a ``google.rpc`` message class) in a serialized
     ``google.rpc.Status`` (the ``grpc-status-details-bin`` trailer), if there is one."""
     if not status_details:
         return None
@@ -180,14 +163,19 @@ def bad_field(status_details: bytes | None) -> str | None:
     try:
         status.ParseFromString(status_details)
         for detail in status.details:
-            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                for violation in bad.field_violations:
-                    return violation.field
+            if detail.Is(kind.DESCRIPTOR):
+                found = kind()
+                detail.Unpack(found)
+                return found
     except DecodeError:
         return None
     return None
+
+
+def bad_field(status_details: bytes | None) -> str | None:
+    """The field of the first ``google.rpc.BadRequest`` violation, if there is one."""
+    bad = _detail(status_details, error_details_pb2.BadRequest)
+    return next((v.field for v in bad.field_violations), None) if bad is not None else None
 
 
 def from_rpc(err: grpc.RpcError, *, socket: str, not_found: type = NotFound) -> ZAELimiterError:
@@ -227,7 +215,7 @@ def from_status(
     if code == "ALREADY_EXISTS":
         return EntityExistsError(details, code=code)
     if code == "FAILED_PRECONDITION":
-        info = _error_info(status_details)
+        info = _detail(status_details, error_details_pb2.ErrorInfo)
         if info is not None and info.reason == "RESOURCE_DISABLED":
             return ResourceDisabled(
                 details,
