@@ -101,6 +101,9 @@ struct Args {
     /// consumed faster than it refills drains, and its writes defer the refill.
     #[arg(long)]
     capacity: Option<u64>,
+    /// Admit mode: the limit is soft (debited, never refusing; a drained bucket goes into debt).
+    #[arg(long)]
+    soft: bool,
     /// Calls per second in all, spread evenly over the clients (default: each client calls
     /// again as soon as it has its answer). Paced calls measure the cost of a call at the rate
     /// another run reached, e.g. the health check at the cold path's rate.
@@ -569,7 +572,9 @@ async fn throughput(args: &Args, clients: &[Client], daemons: &[Daemon]) {
     let limits = Arc::new(match args.mode {
         Mode::Reject => vec![Limit::per_hour("rpm", 1).unwrap()],
         _ => {
-            let limit = Limit::per_second("rps", args.refill_per_second).unwrap();
+            let limit = Limit::per_second("rps", args.refill_per_second)
+                .unwrap()
+                .with_soft(args.soft);
             match args.capacity {
                 Some(capacity) => vec![limit.with_burst(capacity).unwrap()],
                 None => vec![limit],
