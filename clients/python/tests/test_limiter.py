@@ -530,3 +530,30 @@ def test_a_disabled_resource_is_refused_before_limits_and_an_entity_can_be_carve
     assert nearest.level == f"entity {entity} on resource {resource}"
     assert [s.limit_name for s in carved_out] == [s.limit_name for s in served] == ["rpm"]
     assert left == {"rpm": 98}, "the refused calls took nothing"
+
+
+def test_check_availability_answers_from_one_snapshot(daemon, entity):
+    limits = [Limit.per_minute("rpm", 10), Limit.per_minute("tpm", 100, soft=True)]
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            await zl.consume(entity, "gpt-4", {"rpm": 8, "tpm": 150}, limits=limits)
+            short = await zl.check_availability(
+                entity, "gpt-4", {"rpm": 5, "tpm": 10}, limits=limits
+            )
+            idle = await zl.check_availability(entity, "gpt-4", limits=limits)
+            never = await zl.check_availability(entity, "gpt-4", {"rpm": 11}, limits=limits)
+            return short, idle, never
+
+    short, idle, never = run(scenario())
+    assert not short.allowed and short.exceeded == ["rpm"]
+    assert short.deficit == {"rpm": 3}
+    assert short.available["rpm"] == 2 and short.available["tpm"] == -50
+    assert short.needed == {"rpm": 5, "tpm": 10}
+    # Three tokens at one per 6 s (the refill since the consume may have brought part of one).
+    assert 0 < short.retry_after_seconds <= 18
+    tpm = short.status("tpm")
+    assert tpm.soft and not tpm.exceeded and tpm.overdrawn
+    assert idle.allowed and idle.retry_after_seconds == 0 and idle.needed == {}
+    assert never.retry_after_seconds == float("inf") and never.exceeded == ["rpm"]
+    assert short.checked_at_ms <= idle.checked_at_ms

@@ -39,6 +39,7 @@ from ._errors import (
 from ._models import (
     AuditEvent,
     AuditPage,
+    Availability,
     Entity,
     Limit,
     LimitStatus,
@@ -51,6 +52,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "AuditEvent",
     "AuditPage",
+    "Availability",
     "Entity",
     "EntityExistsError",
     "EntityNotFoundError",

@@ -41,6 +41,7 @@ from ._errors import (
 from ._models import (
     AuditEvent,
     AuditPage,
+    Availability,
     Entity,
     Limit,
     LimitStatus,
@@ -274,6 +275,38 @@ class _Api:
             request,
             lambda r: r.retry_after_ms / 1000 if r.HasField("retry_after_ms") else math.inf,
         )
+
+    def check_availability(
+        self,
+        entity_id: str,
+        resource: str,
+        needed: Mapping[str, int] | None = None,
+        limits: Sequence[Limit] | None = None,
+    ) -> Any:
+        """Every limit of the bucket, from one snapshot of the daemon's: available tokens,
+        whether ``needed`` fits now, by how much it is short, and how long until it fits.
+        Consumes nothing; a read, not a reservation (``acquire`` decides)."""
+        request = message(
+            pb.TimeUntilAvailableRequest,
+            namespace=self.namespace,
+            entity_id=entity_id,
+            resource=resource,
+            consume=amounts("needed", needed or {}, allow_negative=False),
+            limits=limits_to_pb(limits),
+        )
+        by_name = {limit.name: limit for limit in limits or ()}
+
+        def convert(r: pb.TimeUntilAvailableResponse) -> Availability:
+            return Availability(
+                entity_id=entity_id,
+                resource=resource,
+                checked_at_ms=int(time.time() * 1000),
+                statuses=[
+                    LimitStatus._from_pb(s, entity_id, resource, by_name) for s in r.statuses
+                ],
+            )
+
+        return self._call(_rate_limiter_method("TimeUntilAvailable"), request, convert)
 
     # --- entities --------------------------------------------------------------------------------
 

@@ -9,7 +9,15 @@ import datetime
 import types
 from collections.abc import Mapping, Sequence
 
-from ._models import AuditPage, Entity, Limit, LimitStatus, OnUnavailable, UsageSnapshot
+from ._models import (
+    AuditPage,
+    Availability,
+    Entity,
+    Limit,
+    LimitStatus,
+    OnUnavailable,
+    UsageSnapshot,
+)
 
 DEFAULT_SOCKET: str
 DEFAULT_TIMEOUT: float
@@ -103,6 +111,13 @@ class RateLimiter:
         needed: Mapping[str, int],
         limits: Sequence[Limit] | None = None,
     ) -> float: ...
+    async def check_availability(
+        self,
+        entity_id: str,
+        resource: str,
+        needed: Mapping[str, int] | None = None,
+        limits: Sequence[Limit] | None = None,
+    ) -> Availability: ...
     async def create_entity(
         self,
         entity_id: str,
@@ -193,6 +208,13 @@ class SyncRateLimiter:
         needed: Mapping[str, int],
         limits: Sequence[Limit] | None = None,
     ) -> float: ...
+    def check_availability(
+        self,
+        entity_id: str,
+        resource: str,
+        needed: Mapping[str, int] | None = None,
+        limits: Sequence[Limit] | None = None,
+    ) -> Availability: ...
     def create_entity(
         self,
         entity_id: str,

@@ -295,6 +295,57 @@ class LimitStatus:
 
 
 @dataclasses.dataclass(frozen=True)
+class Availability:
+    """Every limit of one bucket from one snapshot (``check_availability``): nothing is consumed.
+    ``checked_at_ms`` is this process's clock when the answer came."""
+
+    entity_id: str
+    resource: str
+    checked_at_ms: int
+    statuses: list[LimitStatus]
+    #: Bypass is not built yet: always False.
+    bypassed: bool = False
+
+    def status(self, limit_name: str) -> LimitStatus | None:
+        return next((s for s in self.statuses if s.limit_name == limit_name), None)
+
+    @property
+    def limits(self) -> list[Limit | None]:
+        return [s.limit for s in self.statuses]
+
+    @property
+    def available(self) -> dict[str, int]:
+        """Whole tokens available per limit (negative in debt)."""
+        return {s.limit_name: s.available for s in self.statuses}
+
+    @property
+    def needed(self) -> dict[str, int]:
+        return {s.limit_name: s.requested for s in self.statuses if s.requested > 0}
+
+    @property
+    def exceeded(self) -> list[str]:
+        return [s.limit_name for s in self.statuses if s.exceeded]
+
+    @property
+    def allowed(self) -> bool:
+        return not self.exceeded
+
+    @property
+    def deficit(self) -> dict[str, int]:
+        """Whole tokens each exceeded limit lacks."""
+        return {s.limit_name: s.deficit for s in self.statuses if s.exceeded}
+
+    @property
+    def retry_after_seconds(self) -> float:
+        """Seconds until every needed amount fits (0.0 now; ``math.inf`` when one never can)."""
+        waits = [
+            math.inf if s.retry_after_seconds is None else s.retry_after_seconds
+            for s in self.statuses
+        ]
+        return max(waits, default=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
 class Entity:
     id: str
     name: str = ""
