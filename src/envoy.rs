@@ -203,6 +203,25 @@ impl RateLimitService for RlsService {
         };
         let joint = match self.limiter.acquire_all(parts, deadline).await {
             Ok(joint) => joint,
+            // Envoy lets a request through when its rate limit service fails (unless
+            // `failure_mode_deny`): a disabled resource is an answer, OVER_LIMIT, not an error.
+            Err(LimiterError::Disabled { .. }) => {
+                for p in &matched {
+                    count(&p.rule.name, envoy_outcome::DISABLED);
+                }
+                let code = |matched: bool| if matched { Code::OverLimit } else { Code::Ok };
+                return Ok(Response::new(RateLimitResponse {
+                    overall_code: Code::OverLimit as i32,
+                    statuses: plans
+                        .iter()
+                        .map(|p| DescriptorStatus {
+                            code: code(p.is_some()) as i32,
+                            ..DescriptorStatus::default()
+                        })
+                        .collect(),
+                    ..RateLimitResponse::default()
+                }));
+            }
             Err(e) => {
                 for p in &matched {
                     count(&p.rule.name, envoy_outcome::UNAVAILABLE);

@@ -80,6 +80,8 @@ pub mod envoy_outcome {
     pub const ROLLED_BACK: &str = "rolled_back";
     /// The store could not decide (the failure policy answered).
     pub const UNAVAILABLE: &str = "unavailable";
+    /// The resource is disabled for the entity (a gate): the whole request is refused.
+    pub const DISABLED: &str = "disabled";
 }
 
 /// Decision outcomes, the values of the `outcome` label of [`DECISIONS`].

@@ -438,3 +438,52 @@ async fn a_store_that_does_not_answer_gets_the_failure_policy_s_answer() {
         proxy.set(Fault::Pass);
     }
 }
+
+/// Envoy lets a request through when its rate limit service errs (by default): a disabled
+/// resource must come back as OVER_LIMIT, never as an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_resource_is_over_limit_for_envoy_not_an_error() {
+    let daemon = Daemon::start(&config("x-ratelimit"), &[]);
+    let mut client = envoy(&daemon).await;
+    daemon
+        .client()
+        .await
+        .admin()
+        .set_gate(proto::GateRequest {
+            namespace: String::new(),
+            scope: Some(proto::LimitScope {
+                entity_id: None,
+                resource: Some("daily".into()),
+            }),
+            gate: proto::Gate::Disabled.into(),
+        })
+        .await
+        .unwrap();
+    let answer = ask(
+        &mut client,
+        request(vec![
+            descriptor(&[("api_key", "k9")]),
+            descriptor(&[("api_key", "k9"), ("plan", "daily")]),
+            descriptor(&[("nobody", "x")]),
+        ]),
+    )
+    .await;
+    assert_eq!(
+        Code::try_from(answer.overall_code).unwrap(),
+        Code::OverLimit
+    );
+    let codes: Vec<Code> = answer.statuses.iter().map(code).collect();
+    assert_eq!(codes, [Code::OverLimit, Code::OverLimit, Code::Ok]);
+    // Nothing was charged: the other rule's descriptor alone is admitted twice (2 a minute).
+    let mut alone = Vec::new();
+    for _ in 0..3 {
+        let answer = ask(&mut client, request(vec![descriptor(&[("api_key", "k9")])])).await;
+        alone.push(Code::try_from(answer.overall_code).unwrap());
+    }
+    assert_eq!(alone, [Code::Ok, Code::Ok, Code::OverLimit]);
+    let counted = daemon.metric(
+        "zae_limiter_envoy_descriptors_total",
+        &["outcome=\"disabled\""],
+    );
+    assert_eq!(counted, 2.0);
+}

@@ -104,7 +104,7 @@ pub(crate) struct Lookups {
     deps: Arc<Deps>,
     /// Per bucket, the gates of its three levels (see [`gate_scopes`]).
     gates: Arc<Table<LimitsKey, Vec<Option<Gate>>>>,
-    policies: Arc<Mutex<HashMap<Namespace, KnownPolicy>>>,
+    policies: Arc<dashmap::DashMap<Namespace, KnownPolicy>>,
     limits: Arc<Table<LimitsKey, Option<Vec<Limit>>>>,
     entities: Arc<Table<EntityKey, Option<Entity>>>,
     registry: Arc<Table<(), Vec<Namespace>>>,
@@ -120,7 +120,7 @@ impl Lookups {
         let age = deps.settings.limits_cache_ms;
         let size = deps.settings.max_cached_lookups;
         Self {
-            policies: Arc::new(Mutex::new(HashMap::new())),
+            policies: Arc::new(dashmap::DashMap::new()),
             limits: Table::new(age, size),
             gates: Table::new(age, size),
             entities: Table::new(age, size),
@@ -145,29 +145,31 @@ impl Lookups {
     pub fn failure_policy(&self, ns: &Namespace) -> Option<FailurePolicy> {
         let now = self.deps.clock.now_ms();
         let age = self.deps.settings.limits_cache_ms;
-        let mut known = self
-            .policies
-            .lock()
-            .expect("never poisoned: no panics under it");
-        let entry = known.entry(ns.clone()).or_insert(KnownPolicy {
-            policy: None,
-            read_at: i64::MIN,
-            reading: false,
-            version: 0,
-        });
-        let policy = entry.policy;
-        if entry.reading || now.saturating_sub(entry.read_at) < age {
-            return policy;
+        let due = |k: &KnownPolicy| !k.reading && now.saturating_sub(k.read_at) >= age;
+        // The common case, on every acquire: known and fresh, a shared read of one shard.
+        if let Some(known) = self.policies.get(ns)
+            && !due(&known)
+        {
+            return known.policy;
         }
-        entry.reading = true;
-        let version = entry.version;
-        drop(known);
+        let (policy, version) = {
+            let mut entry = self.policies.entry(ns.clone()).or_insert(KnownPolicy {
+                policy: None,
+                read_at: i64::MIN,
+                reading: false,
+                version: 0,
+            });
+            if !due(&entry) {
+                return entry.policy;
+            }
+            entry.reading = true;
+            (entry.policy, entry.version)
+        };
         let (deps, policies, ns) = (self.deps.clone(), self.policies.clone(), ns.clone());
         self.deps.tasks.spawn(async move {
             let read = deps.store.get_failure_policy(&ns).await;
             let now = deps.clock.now_ms();
-            let mut known = policies.lock().expect("never poisoned: no panics under it");
-            let Some(entry) = known.get_mut(&ns) else {
+            let Some(mut entry) = policies.get_mut(&ns) else {
                 return;
             };
             entry.reading = false;
@@ -190,11 +192,7 @@ impl Lookups {
     /// Records a failure policy this daemon just stored (or removed), effective at once.
     pub fn failure_policy_changed(&self, ns: &Namespace, policy: Option<FailurePolicy>) {
         let now = self.deps.clock.now_ms();
-        let mut known = self
-            .policies
-            .lock()
-            .expect("never poisoned: no panics under it");
-        let entry = known.entry(ns.clone()).or_insert(KnownPolicy {
+        let mut entry = self.policies.entry(ns.clone()).or_insert(KnownPolicy {
             policy,
             read_at: now,
             reading: false,

@@ -158,16 +158,25 @@ pub(super) async fn get_entity(
     ns: &Namespace,
     id: &EntityId,
 ) -> Result<Option<Entity>, StoreError> {
+    get_one(store, entity_keys(ns, id))
+        .await?
+        .as_ref()
+        .map(decode_entity)
+        .transpose()
+}
+
+/// One item by its key, read strongly consistent (`None`: there is none).
+async fn get_one(store: &DynamoStore, key: Item) -> Result<Option<Item>, StoreError> {
     let out = store
         .client
         .get_item()
         .table_name(&store.table)
-        .set_key(Some(entity_keys(ns, id)))
+        .set_key(Some(key))
         .consistent_read(true)
         .send()
         .await
         .map_err(|e| classify(e, &store.table))?;
-    out.item.as_ref().map(decode_entity).transpose()
+    Ok(out.item)
 }
 
 /// The most keys one `BatchGetItem` takes.
@@ -492,16 +501,8 @@ pub(super) async fn get_limits(
     ns: &Namespace,
     scope: &LimitScope,
 ) -> Result<Option<Vec<Limit>>, StoreError> {
-    let out = store
-        .client
-        .get_item()
-        .table_name(&store.table)
-        .set_key(Some(limits_keys(ns, scope)))
-        .consistent_read(true)
-        .send()
-        .await
-        .map_err(|e| classify(e, &store.table))?;
-    out.item
+    get_one(store, limits_keys(ns, scope))
+        .await?
         .as_ref()
         .map(|item| {
             limit::decode(string(item, "limits")?).map_err(|e| StoreError::Corrupt(e.to_string()))
@@ -533,16 +534,8 @@ pub(super) async fn get_failure_policy(
     store: &DynamoStore,
     ns: &Namespace,
 ) -> Result<Option<FailurePolicy>, StoreError> {
-    let out = store
-        .client
-        .get_item()
-        .table_name(&store.table)
-        .set_key(Some(failure_policy_keys(ns)))
-        .consistent_read(true)
-        .send()
-        .await
-        .map_err(|e| classify(e, &store.table))?;
-    out.item
+    get_one(store, failure_policy_keys(ns))
+        .await?
         .as_ref()
         .map(|item| {
             let text = string(item, "policy")?;
