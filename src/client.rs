@@ -43,6 +43,8 @@ pub struct Violation {
     pub requested: i64,
     /// `None` when the request exceeds the limit's capacity and can never fit.
     pub retry_after: Option<Duration>,
+    /// The resource whose limit this is, in the answer to an acquire with [`Acquire::also`].
+    pub resource: Option<String>,
 }
 
 /// What went wrong with a call.
@@ -128,6 +130,26 @@ impl Acquire {
         self
     }
 
+    /// Also consumes `consume` (limit name, whole tokens) on a further `resource` of the same
+    /// entity, all or none with the rest: each resource resolves its own stored limits (so not
+    /// with [`Acquire::limits`]); at most 16 resources per acquire. The lease reaches it through
+    /// [`Lease::resource`].
+    pub fn also<'a>(
+        mut self,
+        resource: impl Into<String>,
+        consume: impl IntoIterator<Item = (&'a str, i64)>,
+    ) -> Self {
+        let mut part = proto::AlsoAcquire {
+            resource: resource.into(),
+            ..Default::default()
+        };
+        for (name, tokens) in consume {
+            *part.consume.entry(name.to_owned()).or_default() += tokens;
+        }
+        self.request.also.push(part);
+        self
+    }
+
     /// What to do if the store cannot answer in time (default: the namespace's stored policy,
     /// else the daemon's).
     pub fn on_unavailable(mut self, policy: crate::FailurePolicy) -> Self {
@@ -210,14 +232,26 @@ impl Client {
         if let Some(e) = over_limit(&answer) {
             return Err(e);
         }
-        let renewer = renew_every(&self.limiter, &answer.lease_id, answer.lease_ttl_ms);
-        Ok(Lease {
+        let lease = |id: String, statuses| Lease {
             client: self.limiter.clone(),
-            id: answer.lease_id,
-            statuses: answer.statuses,
+            renewer: renew_every(&self.limiter, &id, answer.lease_ttl_ms),
+            id,
+            statuses,
             open: true,
-            renewer,
-        })
+            others: Vec::new(),
+        };
+        let mut statuses = answer.statuses;
+        let mut others = Vec::with_capacity(answer.also.len());
+        for other in answer.also {
+            let (own, rest) = statuses
+                .into_iter()
+                .partition(|s| s.resource == other.resource);
+            statuses = rest;
+            others.push((other.resource, lease(other.lease_id, own)));
+        }
+        let mut first = lease(answer.lease_id, statuses);
+        first.others = others;
+        Ok(first)
     }
 
     /// Records extra usage on the open lease `id` (for a lease held elsewhere, see
@@ -353,6 +387,7 @@ fn over_limit(answer: &proto::AcquireResponse) -> Option<ClientError> {
                 available: s.available_milli.div_euclid(MILLI),
                 requested: s.requested_milli / MILLI,
                 retry_after: s.retry_after_ms.map(Duration::from_millis),
+                resource: (!s.resource.is_empty()).then(|| s.resource.clone()),
             })
             .collect(),
     })
@@ -399,9 +434,21 @@ pub struct Lease {
     statuses: Vec<proto::LimitStatus>,
     open: bool,
     renewer: Option<tokio::task::AbortHandle>,
+    /// The leases of the further resources of an acquire with [`Acquire::also`].
+    others: Vec<(String, Lease)>,
 }
 
 impl Lease {
+    /// The lease of a further resource of an acquire with [`Acquire::also`] (`None`: not one of
+    /// them), to adjust on its own; [`Lease::commit`] and [`Lease::rollback`] close it with this
+    /// one.
+    pub fn resource(&mut self, resource: &str) -> Option<&mut Lease> {
+        self.others
+            .iter_mut()
+            .find(|(r, _)| r == resource)
+            .map(|(_, lease)| lease)
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }
@@ -451,32 +498,62 @@ impl Lease {
         Ok(())
     }
 
-    /// Closes the lease, writing the net adjustment.
+    /// Closes the lease (and those of its further resources), writing the net adjustment.
     ///
     /// # Errors
-    /// [`ClientError::Status`] when the lease expired or the write failed.
-    pub async fn commit(mut self) -> Result<(), ClientError> {
+    /// [`ClientError::Status`] when the lease expired or the write failed (the first failure;
+    /// every lease is closed all the same).
+    pub async fn commit(self) -> Result<(), ClientError> {
+        self.close(true).await
+    }
+
+    /// Closes the lease (and those of its further resources), giving back everything it
+    /// acquired.
+    ///
+    /// # Errors
+    /// As [`Lease::commit`].
+    pub async fn rollback(self) -> Result<(), ClientError> {
+        self.close(false).await
+    }
+
+    async fn close(mut self, commit: bool) -> Result<(), ClientError> {
         self.open = false;
         self.stop_renewing();
-        self.client.commit(lease_request(&self.id)).await?;
+        let mut leases = vec![(self.client.clone(), std::mem::take(&mut self.id))];
+        for (_, mut other) in std::mem::take(&mut self.others) {
+            other.open = false;
+            other.stop_renewing();
+            leases.push((other.client.clone(), std::mem::take(&mut other.id)));
+        }
+        let closes = leases.into_iter().map(|(mut client, id)| async move {
+            if commit {
+                client.commit(lease_request(&id)).await
+            } else {
+                client.rollback(lease_request(&id)).await
+            }
+        });
+        for closed in futures_util::future::join_all(closes).await {
+            closed?;
+        }
         Ok(())
     }
 
-    /// Closes the lease, giving back everything it acquired.
-    ///
-    /// # Errors
-    /// [`ClientError::Status`] when the lease expired or the write failed.
-    pub async fn rollback(mut self) -> Result<(), ClientError> {
-        self.open = false;
-        self.stop_renewing();
-        self.client.rollback(lease_request(&self.id)).await?;
-        Ok(())
+    /// The further resources of an acquire with [`Acquire::also`] and their lease ids, in
+    /// request order.
+    pub fn others(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.others
+            .iter()
+            .map(|(resource, lease)| (resource.as_str(), lease.id()))
     }
 
-    /// Leaves the lease open and returns its id, for closing it elsewhere. It is no longer
-    /// renewed here: whoever holds the id renews it (`Renew`), or it expires a lease TTL after
-    /// the last call on it and stays consumed.
+    /// Leaves the lease open and returns its id, for closing it elsewhere (so are the leases of
+    /// its further resources: see [`Lease::others`] for their ids). It is no longer renewed
+    /// here: whoever holds the id renews it (`Renew`), or it expires a lease TTL after the last
+    /// call on it and stays consumed.
     pub fn into_id(mut self) -> String {
+        for (_, other) in std::mem::take(&mut self.others) {
+            other.into_id();
+        }
         self.open = false;
         self.stop_renewing();
         std::mem::take(&mut self.id)

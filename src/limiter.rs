@@ -27,7 +27,7 @@ mod registry;
 mod types;
 mod usage;
 
-pub use joint::{Joint, Part};
+pub use joint::{Joint, MAX_RESOURCES, Part};
 pub(crate) use types::Deps;
 pub use types::{
     AcquireRequest, Decision, FailurePolicy, LeaseId, LimiterError, LimiterSettings, Owner,
@@ -51,6 +51,13 @@ use lookup::Lookups;
 use messages::{AcquireJob, Close, LeaseOp, PeekJob, reply};
 use registry::Registry;
 use usage::Flush;
+
+/// An acquire validated and looked up, ready for its group's actor.
+struct Prepared {
+    group: messages::GroupKey,
+    job: AcquireJob,
+    answer: messages::Answer<Decision>,
+}
 
 /// The limiter handle; cheap to clone.
 #[derive(Clone)]
@@ -168,21 +175,40 @@ impl Limiter {
         deadline: Instant,
     ) -> Result<Decision, LimiterError> {
         let started = std::time::Instant::now();
-        let lease = req.lease;
-        // Read now (never waiting): when the store fails, it may not be readable.
-        let policy = req
-            .on_unavailable
-            .or_else(|| self.lookups.failure_policy(&req.key.namespace));
-        let result = match self.route_acquire(req, deadline).await {
+        let (lease, policy) = (req.lease, self.policy_for(&req));
+        let prepared = self.prepare(req, deadline).await;
+        let result = self.decide(prepared, lease, policy).await;
+        m::decision_time(started.elapsed().as_secs_f64());
+        result
+    }
+
+    /// The failure policy a request names, else its namespace's stored one (read now, never
+    /// waiting: when the store fails, it may not be readable); `None`: the daemon's.
+    fn policy_for(&self, req: &AcquireRequest) -> Option<FailurePolicy> {
+        req.on_unavailable
+            .or_else(|| self.lookups.failure_policy(&req.key.namespace))
+    }
+
+    /// Decides a prepared acquire in its group's actor; a request that could not be prepared (or
+    /// decided) in time is answered by the failure policy.
+    async fn decide(
+        &self,
+        prepared: Result<Prepared, LimiterError>,
+        lease: bool,
+        policy: Option<FailurePolicy>,
+    ) -> Result<Decision, LimiterError> {
+        let result = match prepared {
+            Ok(p) => self.registry.acquire(&p.group, p.job, p.answer).await,
+            Err(e) => Err(e),
+        };
+        match result {
             Err(e) if e.is_outage() => self.fail(e, lease, policy),
             Err(e @ LimiterError::Disabled { .. }) => {
                 m::decision(outcome::DISABLED);
                 Err(e)
             }
             other => other,
-        };
-        m::decision_time(started.elapsed().as_secs_f64());
-        result
+        }
     }
 
     /// The one failure-policy path: what a decision the store could not make in time answers
@@ -209,11 +235,13 @@ impl Limiter {
         }
     }
 
-    async fn route_acquire(
+    /// Validates an acquire and looks up what deciding it needs (its gate, limits, cascade
+    /// parent and group), charging nothing.
+    async fn prepare(
         &self,
         req: AcquireRequest,
         deadline: Instant,
-    ) -> Result<Decision, LimiterError> {
+    ) -> Result<Prepared, LimiterError> {
         if let Some((name, amount)) = req
             .amounts
             .iter()
@@ -294,7 +322,7 @@ impl Limiter {
                 .filter(|s| !s.is_disabled())
                 .map(Box::new),
         };
-        self.registry.acquire(&group, job, answer).await
+        Ok(Prepared { group, job, answer })
     }
 
     /// Records extra consumption (negative: less) on an open lease; written at commit. The

@@ -35,6 +35,8 @@ enum Op {
         commit: bool,
         /// Mostly the defined values, sometimes any number.
         on_unavailable: i32,
+        /// Further resources (mostly none; sometimes more than an acquire may name).
+        also: Vec<(String, Vec<(String, i64)>)>,
     },
     Adjust {
         lease: Option<String>,
@@ -188,6 +190,16 @@ fn limits() -> impl Strategy<Value = Vec<(String, u64, u64, u64)>> {
     ]
 }
 
+/// The further resources of an acquire: mostly none, some, sometimes more than 15 (16 resources
+/// per acquire at most).
+fn also() -> impl Strategy<Value = Vec<(String, Vec<(String, i64)>)>> {
+    prop_oneof![
+        6 => Just(Vec::new()),
+        3 => prop::collection::vec((id(), amounts()), 1..4),
+        1 => prop::collection::vec((id(), amounts()), 15..20),
+    ]
+}
+
 fn lease() -> impl Strategy<Value = Option<String>> {
     // `None`: the lease of the last admitted acquire; else a forged id.
     prop_oneof![
@@ -207,15 +219,17 @@ fn op() -> impl Strategy<Value = Op> {
             limits(),
             any::<bool>(),
             prop_oneof![4 => 0..3i32, 1 => any::<i32>()],
+            also(),
         )
             .prop_map(
-                |(entity, resource, consume, limits, commit, on_unavailable)| Op::Acquire {
+                |(entity, resource, consume, limits, commit, on_unavailable, also)| Op::Acquire {
                     entity,
                     resource,
                     consume,
                     limits,
                     commit,
                     on_unavailable,
+                    also,
                 }
             ),
         3 => (lease(), amounts()).prop_map(|(lease, delta)| Op::Adjust { lease, delta }),
@@ -345,13 +359,19 @@ impl Target {
                     limits,
                     commit,
                     on_unavailable,
+                    also,
                 } => {
-                    let fresh = !self
-                        .admitted
-                        .lock()
-                        .unwrap()
-                        .contains(&(entity.clone(), resource.clone()));
-                    let before = self.bucket(&entity, &resource).await;
+                    let resources: Vec<String> = std::iter::once(resource.clone())
+                        .chain(also.iter().map(|(r, _)| r.clone()))
+                        .collect();
+                    // What the store has of each bucket never admitted before.
+                    let mut before = Vec::new();
+                    for r in &resources {
+                        let key = (entity.clone(), r.clone());
+                        if !self.admitted.lock().unwrap().contains(&key) {
+                            before.push((r.clone(), self.bucket(&entity, r).await));
+                        }
+                    }
                     let req = proto::AcquireRequest {
                         namespace: String::new(),
                         entity_id: entity.clone(),
@@ -360,19 +380,29 @@ impl Target {
                         limits: to_limits(&limits),
                         commit,
                         on_unavailable,
+                        also: also
+                            .into_iter()
+                            .map(|(resource, consume)| proto::AlsoAcquire {
+                                resource,
+                                consume: consume.into_iter().collect(),
+                            })
+                            .collect(),
                     };
                     match raw.acquire(req).await {
                         Ok(a) => {
                             let a = a.into_inner();
                             if a.allowed {
-                                self.admitted.lock().unwrap().insert((entity, resource));
+                                let mut admitted = self.admitted.lock().unwrap();
+                                for r in resources {
+                                    admitted.insert((entity.clone(), r));
+                                }
                                 last_lease = a.lease_id;
                             }
                             Ok(())
                         }
                         Err(s) => {
-                            if fresh {
-                                let after = self.bucket(&entity, &resource).await;
+                            for (r, before) in before {
+                                let after = self.bucket(&entity, &r).await;
                                 prop_assert_eq!(before, after, "a refused acquire wrote: {:?}", s);
                             }
                             Err(s)

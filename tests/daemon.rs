@@ -1432,3 +1432,74 @@ async fn a_resource_disabled_from_the_cli_is_refused_with_its_own_error() {
     let metric = daemon.metric("zae_limiter_decisions_total", &["outcome=\"disabled\""]);
     assert_eq!(metric, 3.0);
 }
+
+/// A multi-resource acquire through the socket: the CLI's `--also`, all or none (a refusal of
+/// the budget charges the model nothing), the refused resource named in each violation; the Rust
+/// client's lease reaches the further resource, which is adjusted on its own and committed with
+/// the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_resources_are_acquired_all_or_none_from_the_cli_and_the_client() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let cli = |args: &[&str]| run_cli(&daemon, args);
+    for (resource, limit) in [("model", "tok=100/1d"), ("budget", "tok=3/1d")] {
+        let (code, _, err) = cli(&["limits", "set", "--resource", resource, "--limit", limit]);
+        assert_eq!(code, Some(0), "{err}");
+    }
+    let acquire = |budget: &str| {
+        cli(&[
+            "acquire",
+            "--entity",
+            "e",
+            "--resource",
+            "model",
+            "--consume",
+            "tok=10",
+            "--also",
+            budget,
+        ])
+    };
+    let (code, out, err) = acquire("budget:tok=2");
+    assert_eq!(code, Some(0), "{err}");
+    let out: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(out["allowed"], true, "{out}");
+    let (code, out, _) = acquire("budget:tok=2");
+    assert_eq!(code, Some(3), "over the budget: {out}");
+    let out: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(out["violations"][0]["resource"], "budget", "{out}");
+    let (code, _, err) = acquire("budget:nope=1");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("also[0].consume"), "{err}");
+    let (code, _, err) = acquire("budget");
+    assert_eq!(code, Some(2), "malformed --also: {err}");
+    let client = daemon.client().await;
+    let available = |resource: &'static str| {
+        let client = client.clone();
+        async move { client.available("e", resource, &[]).await.unwrap()["tok"] }
+    };
+    assert_eq!(
+        available("model").await,
+        90,
+        "the refused acquires took nothing"
+    );
+    assert_eq!(available("budget").await, 1);
+    let mut lease = client
+        .acquire(
+            Acquire::new("e", "model")
+                .consume("tok", 1)
+                .also("budget", [("tok", 1)]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(lease.statuses().len(), 1, "the model's own statuses");
+    let budget = lease.resource("budget").expect("the budget's lease");
+    assert_eq!(budget.statuses()[0].resource, "budget");
+    budget.adjust([("tok", -1)]).await.unwrap();
+    assert!(lease.resource("model").is_none(), "not a further resource");
+    lease.commit().await.unwrap();
+    assert_eq!(available("model").await, 89);
+    assert_eq!(
+        available("budget").await,
+        1,
+        "adjusted back on its own lease"
+    );
+}

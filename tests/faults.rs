@@ -48,18 +48,7 @@ async fn close(
 
 /// The stored consumed total of `entity`'s `tok` limit, in whole tokens (0 when not stored).
 async fn stored(store: &dyn Store, ns: &Namespace, entity: &str) -> i64 {
-    let key = BucketKey {
-        namespace: ns.clone(),
-        entity: EntityId::new(entity).unwrap(),
-        resource: ResourceId::new("model").unwrap(),
-    };
-    match store.load_bucket(&key).await.unwrap() {
-        None => 0,
-        Some(b) => {
-            let milli = b.limit(&LimitName::new("tok").unwrap()).unwrap().consumed;
-            i64::try_from(milli / 1_000).unwrap()
-        }
-    }
+    stored_on(store, ns, entity, "model").await
 }
 
 /// Waits (bounded) until the stored total equals `expected`, then returns it.
@@ -353,4 +342,136 @@ async fn look_ups_are_answered_by_the_deadline() {
         took < Duration::from_millis(5 * DEADLINE_MS),
         "two look-ups took {took:?}"
     );
+}
+
+/// The stored consumed total of `entity`'s `tok` limit on `resource`, in whole tokens (0 when not
+/// stored).
+async fn stored_on(store: &dyn Store, ns: &Namespace, entity: &str, resource: &str) -> i64 {
+    let key = BucketKey {
+        namespace: ns.clone(),
+        entity: EntityId::new(entity).unwrap(),
+        resource: ResourceId::new(resource).unwrap(),
+    };
+    match store.load_bucket(&key).await.unwrap() {
+        None => 0,
+        Some(b) => {
+            let milli = b.limit(&LimitName::new("tok").unwrap()).unwrap().consumed;
+            i64::try_from(milli / 1_000).unwrap()
+        }
+    }
+}
+
+/// A multi-resource acquire (`also`) under store faults is all or none: with the budget's
+/// bound reached while answers are slow or lost, once compensations settle each resource's
+/// stored total is exactly the acknowledged admissions, and the budget's is within its bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_resource_acquire_is_all_or_none_under_faults() {
+    let store = common::dynamodb().await;
+    for fault in [
+        Fault::SlowAnswers(Duration::from_millis(1_500)),
+        Fault::ResetAnswers,
+    ] {
+        let proxy = FaultProxy::start(&common::endpoint()).await;
+        let ns = common::unique_namespace();
+        let daemon = Daemon::start(&config(&ns, &proxy.endpoint(), "block"), &[]);
+        let client = daemon.client().await;
+        let cap = 60;
+        for (resource, capacity) in [("model", 1_000_000), ("budget", cap)] {
+            client
+                .admin()
+                .set_limits(proto::SetLimitsRequest {
+                    namespace: String::new(),
+                    scope: Some(proto::LimitScope {
+                        entity_id: None,
+                        resource: Some(resource.into()),
+                    }),
+                    limits: vec![proto::Limit::from(
+                        &Limit::per_hour("tok", capacity).unwrap(),
+                    )],
+                })
+                .await
+                .unwrap();
+        }
+        let tally = Arc::new(Tally::default());
+        let run = |tasks: usize, for_ms: u64| {
+            let started = Instant::now();
+            let handles: Vec<_> = (0..tasks)
+                .map(|_| {
+                    let (mut raw, tally) = (client.raw(), tally.clone());
+                    tokio::spawn(async move {
+                        while started.elapsed() < Duration::from_millis(for_ms) {
+                            let req = proto::AcquireRequest {
+                                entity_id: "e".into(),
+                                resource: "model".into(),
+                                consume: [("tok".to_owned(), 1)].into(),
+                                also: vec![proto::AlsoAcquire {
+                                    resource: "budget".into(),
+                                    consume: [("tok".to_owned(), 1)].into(),
+                                }],
+                                commit: true,
+                                ..Default::default()
+                            };
+                            match raw.acquire(req).await {
+                                Ok(a) if a.get_ref().allowed => {
+                                    assert_eq!(a.get_ref().statuses.len(), 2, "both resources");
+                                    tally.admitted.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Ok(a) => {
+                                    assert_eq!(a.get_ref().refused_resource, "budget");
+                                    tally.refused.fetch_add(1, Ordering::Relaxed);
+                                    tokio::time::sleep(Duration::from_millis(20)).await;
+                                }
+                                Err(s) if s.code() == Code::Unavailable => {
+                                    tally.unavailable.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(s) => panic!("unexpected answer under faults: {s:?}"),
+                            }
+                        }
+                    })
+                })
+                .collect::<Vec<_>>();
+            futures_util::future::join_all(handles)
+        };
+        // Warm (the buckets exist and are cached), leaving most of the budget for the faults.
+        for h in run(1, 50).await {
+            h.unwrap();
+        }
+        let warm = tally.admitted.load(Ordering::Relaxed);
+        proxy.set(fault);
+        for h in run(4, 3_000).await {
+            h.unwrap();
+        }
+        proxy.set(Fault::Pass);
+        for h in run(1, 4_000).await {
+            h.unwrap();
+        }
+        let acknowledged = tally.admitted.load(Ordering::Relaxed);
+        let until = Instant::now() + Duration::from_secs(30);
+        let totals = loop {
+            let totals = (
+                stored_on(&*store, &ns, "e", "model").await,
+                stored_on(&*store, &ns, "e", "budget").await,
+            );
+            if totals == (acknowledged, acknowledged) || Instant::now() > until {
+                break totals;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        println!(
+            "{fault:?}: {acknowledged} admitted ({warm} before the fault), {} refused, {} \
+             unavailable; stored {totals:?}",
+            tally.refused.load(Ordering::Relaxed),
+            tally.unavailable.load(Ordering::Relaxed),
+        );
+        assert_eq!(
+            totals,
+            (acknowledged, acknowledged),
+            "{fault:?}: each resource stores exactly what was acknowledged"
+        );
+        assert!(acknowledged <= cap as i64, "{fault:?}: over the budget");
+        assert!(
+            tally.refused.load(Ordering::Relaxed) > 0,
+            "the bound was reached"
+        );
+    }
 }

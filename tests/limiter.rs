@@ -876,7 +876,137 @@ async fn a_joint_acquire_is_all_or_nothing(inner: Arc<dyn Store>, ns: Namespace)
     f.limiter.shutdown(Duration::from_secs(10)).await;
     assert_eq!(f.stored("a", "rpm").await.1, 0, "given back");
     assert_eq!(f.stored("b", "rpm").await.1, i128::from(MILLI), "committed");
-    assert_eq!(f.stored("d", "rpm").await.1, 0, "given back");
+    // The invalid part failed them all before anything was asked of the store.
+    let d = f.store.inner.load_bucket(&key(&f.ns, "d")).await.unwrap();
+    assert_eq!(d, None, "nothing written for an invalid joint request");
+}
+
+/// A multi-resource acquire (`also`): each resource resolves its own stored limits; a refusal
+/// of one gives back what the others took; a disabled or invalid resource fails them all before
+/// anything is written; admitted with a lease, each resource's lease is adjusted and closed on
+/// its own.
+async fn a_multi_resource_acquire_is_all_or_none(inner: Arc<dyn Store>, ns: Namespace) {
+    use zae_limiter::domain::records::{LimitScope, gate_scopes};
+    let f = fixture(inner, ns.clone(), |_| {});
+    let admin = zae_limiter::admin::Admin::new(f.limiter.clone());
+    let by = Actor {
+        principal: "test".into(),
+        at_ms: T0,
+    };
+    let resource = |r: &str| ResourceId::new(r).unwrap();
+    for (r, capacity) in [("model", 100), ("budget", 3)] {
+        let limits = vec![Limit::per_hour("tok", capacity).unwrap()];
+        admin
+            .set_limits(
+                &ns,
+                &LimitScope::Resource(resource(r)),
+                &limits,
+                &by,
+                within(5_000),
+            )
+            .await
+            .unwrap();
+    }
+    let bucket = |entity: &str, r: &str| {
+        let key = BucketKey {
+            resource: resource(r),
+            ..key(&ns, entity)
+        };
+        let store = f.store.inner.clone();
+        async move { store.load_bucket(&key).await.unwrap() }
+    };
+    let tok = |b: Option<zae_limiter::Bucket>| {
+        let b = b.expect("the bucket is stored");
+        b.limit(&LimitName::new("tok").unwrap()).unwrap().consumed
+    };
+    let acquire = |entity: &str, model: i64, budget: i64, lease: bool| {
+        let req = AcquireRequest {
+            lease,
+            ..f.request_stored(entity, &[("tok", model)])
+        };
+        let also = vec![(resource("budget"), amounts(&[("tok", budget)]))];
+        f.limiter.acquire_resources(req, also, within(5_000))
+    };
+    // Admitted with leases: one per resource, the budget's adjusted on its own.
+    let joint = acquire("m", 10, 1, true).await.unwrap();
+    assert!(joint.admitted);
+    let leases: Vec<LeaseId> = joint
+        .decisions
+        .iter()
+        .map(|d| match d {
+            Decision::Admitted { lease, statuses } => {
+                assert_eq!(statuses.len(), 1, "its own resource's limits");
+                lease.expect("a lease per resource")
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    f.limiter
+        .adjust(leases[1], amounts(&[("tok", 1)]), within(5_000))
+        .await
+        .unwrap();
+    for lease in &leases {
+        f.limiter.commit(*lease, within(5_000)).await.unwrap();
+    }
+    // The budget (3) has 1 left: a request for 2 of it is refused, and the model's share is
+    // given back.
+    let joint = acquire("m", 10, 2, false).await.unwrap();
+    assert!(!joint.admitted);
+    assert!(matches!(joint.decisions[1], Decision::Rejected { .. }));
+    // Committed at once when no lease is asked for.
+    assert!(acquire("m", 5, 1, false).await.unwrap().admitted);
+    // Disabled: the answer, before anything is written (over limit too: the budget is spent).
+    let scopes = gate_scopes(&EntityId::new("m").unwrap(), &resource("budget"));
+    admin
+        .set_gate(&ns, &scopes[2], Some(Gate::Disabled), &by, within(5_000))
+        .await
+        .unwrap();
+    let err = acquire("m", 1, 5, false).await.unwrap_err();
+    assert!(matches!(err, LimiterError::Disabled { .. }), "{err:?}");
+    let err = acquire("fresh", 1, 1, false).await.unwrap_err();
+    assert!(matches!(err, LimiterError::Disabled { .. }), "{err:?}");
+    assert_eq!(bucket("fresh", "model").await, None, "nothing written");
+    admin
+        .set_gate(&ns, &scopes[2], None, &by, within(5_000))
+        .await
+        .unwrap();
+    let refused = |req, also| async {
+        let answer = f.limiter.acquire_resources(req, also, within(5_000)).await;
+        answer.expect_err("refused")
+    };
+    // Invalid: a limit the further resource does not have, named by its place.
+    let req = f.request_stored("fresh", &[("tok", 1)]);
+    let err = refused(req, vec![(resource("budget"), amounts(&[("nope", 1)]))]).await;
+    assert!(
+        matches!(&err, LimiterError::InvalidArgument { field, .. } if field == "also[0].consume"),
+        "{err:?}"
+    );
+    assert_eq!(bucket("fresh", "model").await, None, "nothing written");
+    // The primary resource again, 16 of them, and explicit limits: refused, naming `also`.
+    let twice = vec![(resource("model"), amounts(&[("tok", 1)]))];
+    let many: Vec<_> = (0..16)
+        .map(|i| (resource(&format!("r{i}")), amounts(&[("tok", 1)])))
+        .collect();
+    for (also, field) in [(twice, "also[0].resource"), (many, "also")] {
+        let err = refused(f.request_stored("fresh", &[("tok", 1)]), also).await;
+        assert!(
+            matches!(&err, LimiterError::InvalidArgument { field: f, .. } if f == field),
+            "{err:?}"
+        );
+    }
+    let req = f.request(
+        "fresh",
+        &[Limit::per_hour("tok", 9).unwrap()],
+        &[("tok", 1)],
+        false,
+    );
+    let err = refused(req, vec![(resource("budget"), amounts(&[("tok", 1)]))]).await;
+    assert!(matches!(&err, LimiterError::InvalidArgument { field, .. } if field == "also"));
+    f.limiter.shutdown(Duration::from_secs(10)).await;
+    assert_eq!(tok(bucket("m", "model").await), i128::from(15 * MILLI));
+    assert_eq!(tok(bucket("m", "budget").await), i128::from(3 * MILLI));
+    assert_eq!(bucket("fresh", "model").await, None);
+    assert_eq!(bucket("fresh", "budget").await, None);
 }
 
 /// Finding 3: a store answering around the deadline never yields anything but an admission, a
@@ -1339,6 +1469,7 @@ both_stores!(
     a_disabled_resource_refuses_first_and_the_nearest_gate_decides,
     shed_acquires_are_never_admitted_by_the_policy,
     a_joint_acquire_is_all_or_nothing,
+    a_multi_resource_acquire_is_all_or_none,
     deadlines_near_the_store_latency_never_answer_internal,
     lease_amounts_stay_in_range,
     debt_has_a_floor,

@@ -26,6 +26,9 @@ pub async fn acquire(args: AcquireArgs) -> Result<ExitCode, CliError> {
     for (name, tokens) in &args.consume {
         request = request.consume(name, *tokens);
     }
+    for (resource, amounts) in &args.also {
+        request = request.also(resource, amounts.iter().map(|(n, t)| (n.as_str(), *t)));
+    }
     let mut lease = match client.acquire(request).await {
         Ok(lease) => lease,
         Err(ClientError::OverLimit {
@@ -41,6 +44,7 @@ pub async fn acquire(args: AcquireArgs) -> Result<ExitCode, CliError> {
                         "available": v.available,
                         "requested": v.requested,
                         "retry_after_ms": v.retry_after.map(|d| d.as_millis() as u64),
+                        "resource": v.resource,
                     })
                 })
                 .collect();
@@ -63,6 +67,10 @@ pub async fn acquire(args: AcquireArgs) -> Result<ExitCode, CliError> {
             .await?;
     }
     let id = lease.id().to_owned();
+    let also: serde_json::Map<String, serde_json::Value> = lease
+        .others()
+        .map(|(resource, id)| (resource.to_owned(), id.into()))
+        .collect();
     let overdrawn: Vec<String> = lease.overdrawn().map(str::to_owned).collect();
     let closed = if args.keep_open {
         lease.into_id();
@@ -81,6 +89,7 @@ pub async fn acquire(args: AcquireArgs) -> Result<ExitCode, CliError> {
             "lease_id": id,
             "lease": closed,
             "overdrawn": overdrawn,
+            "also": also,
         })
     );
     Ok(ExitCode::SUCCESS)

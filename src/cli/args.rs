@@ -175,6 +175,10 @@ pub struct AcquireArgs {
     /// NAME=RATE/PERIOD[,burst=N][,soft] limits for this call, e.g. rpm=100/1m (default: stored limits).
     #[arg(long)]
     pub limit: Vec<Limit>,
+    /// RESOURCE:NAME=TOKENS[,NAME=TOKENS] to consume on a further resource of the entity, all
+    /// or none with the rest (repeatable; each resource's stored limits apply).
+    #[arg(long, value_parser = parse_also, conflicts_with = "limit")]
+    pub also: Vec<(String, Vec<(String, i64)>)>,
     /// NAME=TOKENS of extra usage to record before committing (repeatable; may be negative).
     #[arg(long, value_parser = parse_amount, allow_hyphen_values = true)]
     pub adjust: Vec<(String, i64)>,
@@ -348,6 +352,18 @@ pub enum LeaseOp {
     Commit { lease_id: String },
     /// Close a lease, giving back what it acquired.
     Rollback { lease_id: String },
+}
+
+/// `RESOURCE:NAME=TOKENS[,NAME=TOKENS]`: amounts on a further resource.
+pub(super) fn parse_also(s: &str) -> Result<(String, Vec<(String, i64)>), String> {
+    let (resource, amounts) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected RESOURCE:NAME=TOKENS[,NAME=TOKENS]"))?;
+    let amounts = amounts
+        .split(',')
+        .map(parse_amount)
+        .collect::<Result<_, _>>()?;
+    Ok((resource.trim().to_owned(), amounts))
 }
 
 pub(super) fn parse_amount(s: &str) -> Result<(String, i64), String> {

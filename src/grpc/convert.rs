@@ -193,6 +193,7 @@ pub(super) fn to_proto_status(s: &LimitStatus) -> proto::LimitStatus {
         limit: Some(proto::Limit::from(&s.limit)),
         soft: s.limit.is_soft(),
         overdrawn: s.overdrawn(),
+        resource: String::new(),
     }
 }
 

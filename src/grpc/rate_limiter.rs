@@ -7,13 +7,13 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    amounts, caller, deadline, key, lease_id, limits, namespace, on_unavailable, permit,
+    amounts, caller, deadline, invalid, key, lease_id, limits, namespace, on_unavailable, permit,
     to_proto_status,
 };
 use super::status;
 use crate::domain::amounts::Amounts;
-use crate::domain::ids::BucketKey;
-use crate::limiter::{AcquireRequest, Decision, LeaseId, Limiter, LimiterError};
+use crate::domain::ids::{BucketKey, ResourceId};
+use crate::limiter::{AcquireRequest, Decision, Joint, LeaseId, Limiter, LimiterError};
 use crate::live::Live;
 use crate::proto;
 
@@ -27,6 +27,73 @@ pub struct RateLimiterService {
 impl RateLimiterService {
     pub fn new(limiter: Limiter, live: Arc<Live>) -> Self {
         Self { limiter, live }
+    }
+
+    /// The lease's time to live, for an admission with a lease (else 0).
+    fn lease_ttl_ms(&self, decision: &Decision) -> u64 {
+        match decision {
+            Decision::Admitted { lease: Some(_), .. } => {
+                u64::try_from(self.limiter.settings().lease_ttl_ms).unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
+
+    /// The answer to an acquire with `also`: every resource's statuses, each naming its
+    /// resource; admitted, the leases (the first resource's as `lease_id`); refused, the first
+    /// refused resource, the longest wait over the refused ones (none when one can never fit)
+    /// and the cascade parent that refused it.
+    fn joint_response(&self, resources: &[String], joint: Joint) -> proto::AcquireResponse {
+        let mut answer = proto::AcquireResponse {
+            allowed: joint.admitted,
+            ..Default::default()
+        };
+        let mut waits = Vec::new();
+        for (i, (decision, resource)) in joint.decisions.iter().zip(resources).enumerate() {
+            let statuses = match decision {
+                Decision::Admitted { lease, statuses } => {
+                    if let Some(lease) = lease {
+                        if i == 0 {
+                            answer.lease_id = lease.to_string();
+                            answer.lease_ttl_ms = self.lease_ttl_ms(decision);
+                        } else {
+                            answer.also.push(proto::ResourceLease {
+                                resource: resource.clone(),
+                                lease_id: lease.to_string(),
+                            });
+                        }
+                    }
+                    statuses
+                }
+                Decision::Rejected {
+                    rejection,
+                    refused_by,
+                } => {
+                    waits.push(rejection.retry_after_ms());
+                    if answer.refused_resource.is_empty() {
+                        answer.refused_resource = resource.clone();
+                        answer.refused_by = refused_by
+                            .as_ref()
+                            .map(ToString::to_string)
+                            .unwrap_or_default();
+                    }
+                    &rejection.statuses
+                }
+            };
+            answer
+                .statuses
+                .extend(statuses.iter().map(|s| proto::LimitStatus {
+                    resource: resource.clone(),
+                    ..to_proto_status(s)
+                }));
+        }
+        // The longest wait over the refused resources; none when one of them can never fit.
+        answer.retry_after_ms = waits
+            .iter()
+            .copied()
+            .collect::<Option<Vec<u64>>>()
+            .and_then(|w| w.into_iter().max());
+        answer
     }
 
     async fn key<T>(
@@ -87,35 +154,56 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
             owner,
             on_unavailable: on_unavailable("on_unavailable", r.on_unavailable)?,
         };
-        let decision = self
+        if r.also.is_empty() {
+            let decision = self
+                .limiter
+                .acquire(request, deadline)
+                .await
+                .map_err(status)?;
+            let lease_ttl_ms = self.lease_ttl_ms(&decision);
+            return Ok(Response::new(match decision {
+                Decision::Admitted { lease, statuses } => proto::AcquireResponse {
+                    allowed: true,
+                    lease_ttl_ms,
+                    lease_id: lease.map(|l| l.to_string()).unwrap_or_default(),
+                    statuses: statuses.iter().map(to_proto_status).collect(),
+                    ..Default::default()
+                },
+                Decision::Rejected {
+                    rejection,
+                    refused_by,
+                } => proto::AcquireResponse {
+                    allowed: false,
+                    statuses: rejection.statuses.iter().map(to_proto_status).collect(),
+                    retry_after_ms: rejection.retry_after_ms(),
+                    refused_by: refused_by.map(|e| e.to_string()).unwrap_or_default(),
+                    ..Default::default()
+                },
+            }));
+        }
+        let also = r
+            .also
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let resource = ResourceId::new(&a.resource)
+                    .map_err(|e| invalid(format!("also[{i}].resource"), e))?;
+                Ok((
+                    resource,
+                    amounts(&format!("also[{i}].consume"), &a.consume, false)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let resources: Vec<String> = std::iter::once(&request.key.resource)
+            .chain(also.iter().map(|(r, _)| r))
+            .map(ToString::to_string)
+            .collect();
+        let joint = self
             .limiter
-            .acquire(request, deadline)
+            .acquire_resources(request, also, deadline)
             .await
             .map_err(status)?;
-        Ok(Response::new(match decision {
-            Decision::Admitted { lease, statuses } => proto::AcquireResponse {
-                allowed: true,
-                lease_ttl_ms: match lease {
-                    Some(_) => u64::try_from(self.limiter.settings().lease_ttl_ms).unwrap_or(0),
-                    None => 0,
-                },
-                lease_id: lease.map(|l| l.to_string()).unwrap_or_default(),
-                statuses: statuses.iter().map(to_proto_status).collect(),
-                retry_after_ms: None,
-                refused_by: String::new(),
-            },
-            Decision::Rejected {
-                rejection,
-                refused_by,
-            } => proto::AcquireResponse {
-                allowed: false,
-                lease_id: String::new(),
-                statuses: rejection.statuses.iter().map(to_proto_status).collect(),
-                retry_after_ms: rejection.retry_after_ms(),
-                refused_by: refused_by.map(|e| e.to_string()).unwrap_or_default(),
-                lease_ttl_ms: 0,
-            },
-        }))
+        Ok(Response::new(self.joint_response(&resources, joint)))
     }
 
     async fn adjust(

@@ -557,3 +557,67 @@ def test_check_availability_answers_from_one_snapshot(daemon, entity):
     assert idle.allowed and idle.retry_after_seconds == 0 and idle.needed == {}
     assert never.retry_after_seconds == float("inf") and never.exceeded == ["rpm"]
     assert short.checked_at_ms <= idle.checked_at_ms
+
+
+def test_several_resources_are_acquired_all_or_none(daemon, entity):
+    model, budget = f"model-{entity}", f"budget-{entity}"
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            await zl.set_resource_defaults(model, [Limit.per_hour("tpm", 1000)])
+            await zl.set_resource_defaults(budget, [Limit.per_day("weekly", 50)])
+            async with zl.acquire(
+                entity, model, {"tpm": 100}, also={budget: {"weekly": 10}}
+            ) as lease:
+                assert lease.resources == (model, budget)
+                assert lease.resource(model) is lease
+                held = lease.resource(budget)
+                assert [s.resource for s in held.statuses] == [budget]
+                await lease.adjust(tpm=20)
+                await held.adjust(weekly=-5)
+                with pytest.raises(ValidationError):
+                    lease.resource("elsewhere")
+            # The budget refuses: the model's share is given back.
+            with pytest.raises(RateLimitExceeded) as refused:
+                await zl.consume(entity, model, {"tpm": 1}, also={budget: {"weekly": 46}})
+            # An exception inside the block rolls back every resource.
+            with pytest.raises(KeyError):
+                async with zl.acquire(entity, model, {"tpm": 1}, also={budget: {"weekly": 1}}):
+                    raise KeyError("the work failed")
+            with pytest.raises(ValidationError) as invalid:
+                await zl.consume(entity, model, {"tpm": 1}, also={budget: {"nope": 1}})
+            with pytest.raises(ValidationError) as with_limits:
+                await zl.consume(
+                    entity,
+                    model,
+                    {"tpm": 1},
+                    limits=[Limit.per_hour("tpm", 5)],
+                    also={budget: {"weekly": 1}},
+                )
+            statuses = await zl.consume(entity, model, {"tpm": 1}, also={budget: {"weekly": 1}})
+            left = (await zl.available(entity, model), await zl.available(entity, budget))
+            return refused.value, invalid.value, with_limits.value, statuses, left
+
+    refused, invalid, with_limits, statuses, left = run(scenario())
+    assert refused.refused_resource == budget
+    assert [(v.resource, v.limit_name) for v in refused.violations] == [(budget, "weekly")]
+    assert {s.resource for s in refused.statuses} == {model, budget}
+    assert refused.as_dict()["refused_resource"] == budget
+    assert invalid.field == "also[0].consume", invalid
+    assert with_limits.field == "also", with_limits
+    assert [(s.resource, s.limit_name) for s in statuses] == [(model, "tpm"), (budget, "weekly")]
+    assert left == ({"tpm": 879}, {"weekly": 44})
+
+
+def test_the_sync_limiter_acquires_several_resources(daemon, entity):
+    model, budget = f"model-{entity}", f"budget-{entity}"
+    with SyncRateLimiter(socket=daemon.socket, namespace=daemon.namespace) as zl:
+        zl.set_resource_defaults(model, [Limit.per_hour("tpm", 1000)])
+        zl.set_resource_defaults(budget, [Limit.per_day("weekly", 50)])
+        with zl.acquire(entity, model, {"tpm": 10}, also={budget: {"weekly": 10}}) as lease:
+            lease.resource(budget).adjust(weekly=1)
+        with pytest.raises(RuntimeError):
+            with zl.acquire(entity, model, {"tpm": 10}, also={budget: {"weekly": 10}}):
+                raise RuntimeError("rolled back")
+        assert zl.available(entity, model) == {"tpm": 990}
+        assert zl.available(entity, budget) == {"weekly": 39}

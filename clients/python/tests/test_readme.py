@@ -85,3 +85,33 @@ def test_the_disabled_resource_example_answers_403_but_to_the_kept_tenant(daemon
         return answers
 
     assert run(scenario()) == [(200, "ok"), (403, f"{model} is not available to other")]
+
+
+def test_the_multi_resource_example_charges_both_resources_or_neither(daemon, monkeypatch):
+    from zae_limiter_client import Limit, RateLimitExceeded
+
+    monkeypatch.setenv("ZAE_LIMITER_SOCKET", daemon.socket)
+    scope: dict = {}
+    exec(compile(readme_block("also="), "README.md", "exec"), scope)  # noqa: S102
+    limiter, search = scope["limiter"], scope["search"]
+    entity = f"searcher-{daemon.namespace}"
+
+    async def run_search():
+        return 7
+
+    async def scenario():
+        await limiter.set_resource_defaults(
+            "search", [Limit.per_minute("rpm", 100), Limit.per_hour("units", 1000)]
+        )
+        await limiter.set_resource_defaults("budget", [Limit.per_day("weekly", 20)])
+        used = await search(entity, 10, run_search)
+        with pytest.raises(RateLimitExceeded) as refused:
+            await search(entity, 14, run_search)  # 13 of the budget left
+        left = await limiter.available(entity, "search"), await limiter.available(entity, "budget")
+        await limiter.close()
+        return used, refused.value, left
+
+    used, refused, left = run(scenario())
+    assert used == 7
+    assert refused.refused_resource == "budget"
+    assert left == ({"rpm": 99, "units": 993}, {"weekly": 13})

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import math
 import os
 import threading
@@ -127,11 +128,41 @@ def _refused(
     limits: Mapping[str, Limit],
 ) -> RateLimitExceeded:
     who = response.refused_by or entity_id
-    statuses = [LimitStatus._from_pb(s, who, resource, limits) for s in response.statuses]
+
+    def status(s: pb.LimitStatus) -> LimitStatus:
+        # With `also`, every status names its resource; the cascade parent refused only the
+        # refused resource.
+        if not s.resource:
+            return LimitStatus._from_pb(s, who, resource, limits)
+        owner = who if s.resource == response.refused_resource else entity_id
+        return LimitStatus._from_pb(s, owner, s.resource, limits)
+
+    statuses = [status(s) for s in response.statuses]
     retry = response.retry_after_ms / 1000 if response.HasField("retry_after_ms") else None
     return RateLimitExceeded(
-        statuses, retry_after_seconds=retry, refused_by=response.refused_by or None
+        statuses,
+        retry_after_seconds=retry,
+        refused_by=response.refused_by or None,
+        refused_resource=response.refused_resource or None,
     )
+
+
+def _also(also: Mapping[str, Mapping[str, int]] | None) -> list[pb.AlsoAcquire]:
+    """The further resources of an acquire, checked before they are sent."""
+    if also is None:
+        return []
+    if not isinstance(also, Mapping):
+        raise ValidationError(
+            f"also: must be a mapping of resource to {{limit name: tokens}}, got {also!r}",
+            field="also",
+        )
+    return [
+        pb.AlsoAcquire(
+            resource=resource,
+            consume=amounts(f"also[{resource}]", consume, allow_negative=False),
+        )
+        for resource, consume in also.items()
+    ]
 
 
 def _by_name(limits: Sequence[Limit] | None) -> dict[str, Limit]:
@@ -180,6 +211,7 @@ class _Api:
         limits: Sequence[Limit] | None,
         commit: bool,
         on_unavailable: OnUnavailable | str | None = None,
+        also: Mapping[str, Mapping[str, int]] | None = None,
     ) -> tuple[bytes, dict[str, Limit]]:
         """The serialized request (the hot path: the limits' part is serialized once per set of
         limits and appended, as protobuf allows) and the limits by name."""
@@ -192,6 +224,7 @@ class _Api:
             consume=amounts("consume", consume, allow_negative=False),
             commit=commit,
             on_unavailable=_on_unavailable(on_unavailable),
+            also=_also(also),
         )
         return head.SerializeToString() + limits_part, by_name
 
@@ -202,17 +235,28 @@ class _Api:
         consume: Mapping[str, int],
         limits: Sequence[Limit] | None = None,
         on_unavailable: OnUnavailable | str | None = None,
+        *,
+        also: Mapping[str, Mapping[str, int]] | None = None,
     ) -> _Acquire:
         """Consumes ``consume`` (tokens by limit name) on enter and yields a ``Lease``; a clean
         exit commits, an exception rolls everything back and is re-raised. Refused:
         ``RateLimitExceeded`` on enter, nothing consumed. ``limits=None`` resolves the stored
         limits (entity + resource > entity > resource > system). ``on_unavailable`` (``"allow"``
         or ``"block"``) is this call's failure policy: default the namespace's, else the
-        daemon's."""
+        daemon's. ``also`` (``{resource: {limit: tokens}}``, at most 15) charges further
+        resources of the entity, all or none, each under its own stored limits (not with
+        ``limits``); ``lease.resource(name)`` reaches each."""
         request, by_name = self._acquire_request(
-            entity_id, resource, consume, limits, commit=False, on_unavailable=on_unavailable
+            entity_id,
+            resource,
+            consume,
+            limits,
+            commit=False,
+            on_unavailable=on_unavailable,
+            also=also,
         )
-        return _Acquire(self, request, entity_id, resource, dict(consume), by_name)
+        also_consumed = {r: dict(c) for r, c in (also or {}).items()}
+        return _Acquire(self, request, entity_id, resource, dict(consume), by_name, also_consumed)
 
     def consume(
         self,
@@ -221,18 +265,28 @@ class _Api:
         consume: Mapping[str, int],
         limits: Sequence[Limit] | None = None,
         on_unavailable: OnUnavailable | str | None = None,
+        *,
+        also: Mapping[str, Mapping[str, int]] | None = None,
     ) -> Any:
-        """Consumption known upfront, in one call: acquire and commit. Returns the statuses;
-        refused: ``RateLimitExceeded``, nothing consumed."""
+        """Consumption known upfront, in one call: acquire and commit. Returns the statuses
+        (with ``also``, every resource's, each naming its resource); refused:
+        ``RateLimitExceeded``, nothing consumed."""
         request, by_name = self._acquire_request(
-            entity_id, resource, consume, limits, commit=True, on_unavailable=on_unavailable
+            entity_id,
+            resource,
+            consume,
+            limits,
+            commit=True,
+            on_unavailable=on_unavailable,
+            also=also,
         )
 
         def convert(response: pb.AcquireResponse) -> list[LimitStatus]:
             if not response.allowed:
                 raise _refused(response, entity_id, resource, by_name)
             return [
-                LimitStatus._from_pb(s, entity_id, resource, by_name) for s in response.statuses
+                LimitStatus._from_pb(s, entity_id, s.resource or resource, by_name)
+                for s in response.statuses
             ]
 
         return self._call(_rate_limiter_method("Acquire"), request, convert)
@@ -648,11 +702,33 @@ class Lease:
         #: How long the daemon keeps the lease after the last call on it (renewed while held).
         self.ttl_seconds = ttl_ms / 1000
         self.entity_id = entity_id
-        self.resource = resource
+        self._resource = resource
         self._statuses = statuses
         self._converted: list[LimitStatus] | None = None
         self.consumed = consumed
         self._closed = False
+        # The leases of the further resources of an acquire with `also`, by resource.
+        self._others: dict[str, Lease] = {}
+
+    @property
+    def resources(self) -> tuple[str, ...]:
+        """The resources this lease covers, its own first (more with ``acquire(also=...)``)."""
+        return (self._resource, *self._others)
+
+    def resource(self, name: str) -> Lease:
+        """The lease of one resource of an ``acquire(also=...)``: adjusted on its own
+        (``lease.resource("budget").adjust(weekly=5)``), committed or rolled back with this one.
+        Its own resource's name gives this lease."""
+        if name == self._resource:
+            return self
+        other = self._others.get(name)
+        if other is None:
+            raise ValidationError(
+                f"resource: {name!r} is not a resource of this lease "
+                f"(resources: {list(self.resources)})",
+                field="resource",
+            )
+        return other
 
     @property
     def statuses(self) -> list[LimitStatus]:
@@ -703,18 +779,26 @@ class Lease:
 
     def _close(self, method: str) -> Any:
         self._check_open()
-        self._closed = True
-        self._limiter._held.release(self.lease_id)
-        request = message(pb.LeaseRequest, lease_id=self.lease_id)
-        return self._limiter._call(
-            _rate_limiter_method(method),
-            request,
-            lambda r: None,
-            not_found=LeaseNotFound,
-        )
+        leases = [self, *(o for o in self._others.values() if not o._closed)]
+        calls = []
+        for lease in leases:
+            lease._closed = True
+            self._limiter._held.release(lease.lease_id)
+            request = message(pb.LeaseRequest, lease_id=lease.lease_id)
+            calls.append(
+                functools.partial(
+                    self._limiter._call,
+                    _rate_limiter_method(method),
+                    request,
+                    lambda r: None,
+                    not_found=LeaseNotFound,
+                )
+            )
+        return self._limiter._in_order(*calls)
 
     def commit(self) -> Any:
-        """Makes the consumption final now (the ``acquire`` block then has nothing left to do)."""
+        """Makes the consumption final now (the ``acquire`` block then has nothing left to do);
+        the leases of the further resources too."""
         return self._close("Commit")
 
     def rollback(self) -> Any:
@@ -739,6 +823,7 @@ class _Acquire:
         resource: str,
         consume: dict[str, int],
         limits: dict[str, Limit],
+        also: dict[str, dict[str, int]] | None = None,
     ) -> None:
         self._limiter = limiter
         self._request = request
@@ -746,29 +831,38 @@ class _Acquire:
         self._resource = resource
         self._consume = consume
         self._limits = limits
+        self._also = also or {}
         self._lease: Lease | None = None
 
     def _lease_from(self, response: pb.AcquireResponse) -> Lease:
         if not response.allowed:
             raise _refused(response, self._entity_id, self._resource, self._limits)
-        raw = response.statuses
-
-        def statuses() -> list[LimitStatus]:
-            return [
-                LimitStatus._from_pb(s, self._entity_id, self._resource, self._limits) for s in raw
-            ]
-
         kind = SyncLease if isinstance(self._limiter, SyncRateLimiter) else Lease
-        self._lease = kind(
-            self._limiter,
-            response.lease_id,
-            self._entity_id,
-            self._resource,
-            self._consume,
-            statuses,
-            response.lease_ttl_ms,
-        )
-        self._limiter._renew_while_held(response.lease_id, response.lease_ttl_ms)
+
+        def lease(lease_id: str, resource: str, consumed: dict[str, int]) -> Lease:
+            raw = [s for s in response.statuses if s.resource in ("", resource)]
+
+            def statuses() -> list[LimitStatus]:
+                return [
+                    LimitStatus._from_pb(s, self._entity_id, resource, self._limits) for s in raw
+                ]
+
+            held = kind(
+                self._limiter,
+                lease_id,
+                self._entity_id,
+                resource,
+                consumed,
+                statuses,
+                response.lease_ttl_ms,
+            )
+            self._limiter._renew_while_held(lease_id, response.lease_ttl_ms)
+            return held
+
+        self._lease = lease(response.lease_id, self._resource, self._consume)
+        for other in response.also:
+            consumed = self._also.get(other.resource, {})
+            self._lease._others[other.resource] = lease(other.lease_id, other.resource, consumed)
         return self._lease
 
     async def __aenter__(self) -> Lease:

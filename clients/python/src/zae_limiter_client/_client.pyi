@@ -27,9 +27,10 @@ _DateOrMs = datetime.datetime | int | None
 class _LeaseState:
     lease_id: str
     entity_id: str
-    resource: str
     consumed: dict[str, int]
     ttl_seconds: float
+    @property
+    def resources(self) -> tuple[str, ...]: ...
     @property
     def statuses(self) -> list[LimitStatus]: ...
     @property
@@ -40,6 +41,7 @@ class _LeaseState:
 class Lease(_LeaseState):
     """A lease of a RateLimiter: its calls are awaited."""
 
+    def resource(self, name: str) -> Lease: ...
     async def adjust(
         self, amounts_by_name: Mapping[str, int] | None = None, **amounts_kw: int
     ) -> None: ...
@@ -50,6 +52,7 @@ class Lease(_LeaseState):
 class SyncLease(_LeaseState):
     """A lease of a SyncRateLimiter: its calls return when done."""
 
+    def resource(self, name: str) -> SyncLease: ...
     def adjust(
         self, amounts_by_name: Mapping[str, int] | None = None, **amounts_kw: int
     ) -> None: ...
@@ -92,6 +95,8 @@ class RateLimiter:
         consume: Mapping[str, int],
         limits: Sequence[Limit] | None = None,
         on_unavailable: OnUnavailable | str | None = None,
+        *,
+        also: Mapping[str, Mapping[str, int]] | None = None,
     ) -> _AcquireAsync: ...
     async def consume(
         self,
@@ -100,6 +105,8 @@ class RateLimiter:
         consume: Mapping[str, int],
         limits: Sequence[Limit] | None = None,
         on_unavailable: OnUnavailable | str | None = None,
+        *,
+        also: Mapping[str, Mapping[str, int]] | None = None,
     ) -> list[LimitStatus]: ...
     async def available(
         self, entity_id: str, resource: str, limits: Sequence[Limit] | None = None
@@ -189,6 +196,8 @@ class SyncRateLimiter:
         consume: Mapping[str, int],
         limits: Sequence[Limit] | None = None,
         on_unavailable: OnUnavailable | str | None = None,
+        *,
+        also: Mapping[str, Mapping[str, int]] | None = None,
     ) -> _AcquireSync: ...
     def consume(
         self,
@@ -197,6 +206,8 @@ class SyncRateLimiter:
         consume: Mapping[str, int],
         limits: Sequence[Limit] | None = None,
         on_unavailable: OnUnavailable | str | None = None,
+        *,
+        also: Mapping[str, Mapping[str, int]] | None = None,
     ) -> list[LimitStatus]: ...
     def available(
         self, entity_id: str, resource: str, limits: Sequence[Limit] | None = None

@@ -30,7 +30,9 @@ class RateLimitExceeded(ZAELimiterError):
     ``statuses`` has every limit checked, ``violations`` the exceeded ones and ``passed`` the
     others. ``retry_after_seconds`` is the longest wait over the violations, ``None`` when the
     request can never fit (it asks more than a limit's capacity). ``refused_by`` is the cascade
-    parent whose limits refused (the statuses are then the parent's), else ``None``.
+    parent whose limits refused (the statuses are then the parent's), else ``None``. With
+    ``acquire(also=...)``, ``statuses`` has every resource's limits (each status names its
+    resource) and ``refused_resource`` the first resource refused.
     """
 
     def __init__(
@@ -39,12 +41,14 @@ class RateLimitExceeded(ZAELimiterError):
         *,
         retry_after_seconds: float | None,
         refused_by: str | None = None,
+        refused_resource: str | None = None,
     ) -> None:
         self.statuses = list(statuses)
         self.violations = [s for s in self.statuses if s.exceeded]
         self.passed = [s for s in self.statuses if not s.exceeded]
         self.retry_after_seconds = retry_after_seconds
         self.refused_by = refused_by
+        self.refused_resource = refused_resource
         waits = [s for s in self.violations if s.retry_after_seconds is not None]
         self.primary_violation = (
             max(waits, key=lambda s: s.retry_after_seconds or 0.0)
@@ -91,6 +95,7 @@ class RateLimitExceeded(ZAELimiterError):
             ),
             "never_fits": self.never_fits,
             "refused_by": self.refused_by,
+            "refused_resource": self.refused_resource,
             "limits": [s.as_dict() for s in self.statuses],
         }
 
