@@ -10,7 +10,9 @@ use tokio::time::Instant;
 
 use crate::domain::ids::{EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
-use crate::domain::records::{Actor, Entity, FailurePolicy, Gate, LimitScope, Period, Usage};
+use crate::domain::records::{
+    Actor, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
+};
 use crate::limiter::{Limiter, LimiterError, within};
 use crate::store::AuditPage;
 
@@ -71,11 +73,13 @@ pub struct Admin {
     limiter: Limiter,
 }
 
-fn no_system_gate(scope: &LimitScope) -> Result<(), LimiterError> {
+/// Gates and cascade policies are set for an entity, a resource or both.
+fn no_system_level(scope: &LimitScope) -> Result<(), LimiterError> {
     match scope {
         LimitScope::System => Err(LimiterError::invalid(
             "scope",
-            "a gate is set for an entity, a resource or both (there is no system gate)",
+            "gates and cascade policies are set for an entity, a resource or both (there is no \
+             system level)",
         )),
         _ => Ok(()),
     }
@@ -329,7 +333,7 @@ impl Admin {
         by: &Actor,
         deadline: Instant,
     ) -> Result<(), LimiterError> {
-        no_system_gate(scope)?;
+        no_system_level(scope)?;
         within(deadline, async {
             Ok(self.store().set_gate(ns, scope, gate, by).await?)
         })
@@ -338,24 +342,46 @@ impl Admin {
         Ok(())
     }
 
-    /// The gate set at `scope` (`None`: none).
+    /// Sets whether an acquire at `scope` charges the entity's cascade parent too (`None`:
+    /// clears it; the next level decides, then the entity's own flag); every acquire this daemon
+    /// decides from now on sees it, other daemons within `limits_cache_ms`.
     ///
     /// # Errors
     /// As [`Admin::set_gate`].
-    pub async fn gate(
+    pub async fn set_cascade(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        cascade: Option<bool>,
+        by: &Actor,
+        deadline: Instant,
+    ) -> Result<(), LimiterError> {
+        no_system_level(scope)?;
+        within(deadline, async {
+            Ok(self.store().set_cascade(ns, scope, cascade, by).await?)
+        })
+        .await?;
+        self.limiter.forget_lookups();
+        Ok(())
+    }
+
+    /// The gate and cascade policy set at `scope` (each `None` when not set).
+    ///
+    /// # Errors
+    /// As [`Admin::set_gate`].
+    pub async fn level(
         &self,
         ns: &Namespace,
         scope: &LimitScope,
         deadline: Instant,
-    ) -> Result<Option<Gate>, LimiterError> {
-        no_system_gate(scope)?;
+    ) -> Result<LevelSettings, LimiterError> {
+        no_system_level(scope)?;
         within(deadline, async {
-            Ok(self
+            let levels = self
                 .store()
-                .get_gates(ns, std::slice::from_ref(scope))
-                .await?
-                .pop()
-                .flatten())
+                .get_level_settings(ns, std::slice::from_ref(scope))
+                .await?;
+            Ok(levels.into_iter().next().unwrap_or_default())
         })
         .await
     }

@@ -103,6 +103,7 @@ async fn client_command(command: Command) -> Result<ExitCode, CliError> {
         Command::Namespace { op, daemon } => admin::print(daemon, op.try_into()?).await?,
         Command::FailurePolicy { op, daemon } => admin::print(daemon, op.into()).await?,
         Command::Gate { op, daemon } => admin::print(daemon, op.into()).await?,
+        Command::Cascade { op, daemon } => admin::print(daemon, op.into()).await?,
         Command::Usage {
             entity,
             resource,

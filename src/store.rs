@@ -18,7 +18,7 @@ use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
 use crate::domain::records::{
-    Actor, AuditEntry, Entity, FailurePolicy, Gate, LimitScope, Period, Usage,
+    Actor, AuditEntry, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
 };
 
 /// Why a store operation failed.
@@ -190,13 +190,14 @@ pub trait Store: Send + Sync + 'static {
         by: &Actor,
     ) -> Result<(), StoreError>;
 
-    /// The gates stored at `scopes` (entity + resource, entity, resource levels), one place per
-    /// scope in order, in one read (DynamoDB: `BatchGetItem`, strongly consistent).
-    async fn get_gates(
+    /// The settings stored at `scopes` (entity + resource, entity, resource levels: gates and
+    /// cascade policies), one place per scope in order, in one read (DynamoDB: `BatchGetItem`,
+    /// strongly consistent).
+    async fn get_level_settings(
         &self,
         ns: &Namespace,
         scopes: &[LimitScope],
-    ) -> Result<Vec<Option<Gate>>, StoreError>;
+    ) -> Result<Vec<LevelSettings>, StoreError>;
 
     /// Stores the gate at `scope` (`None`: clears it), audited on the scope's subject.
     ///
@@ -207,6 +208,18 @@ pub trait Store: Send + Sync + 'static {
         ns: &Namespace,
         scope: &LimitScope,
         gate: Option<Gate>,
+        by: &Actor,
+    ) -> Result<(), StoreError>;
+
+    /// Stores the cascade policy at `scope` (`None`: clears it), audited on the scope's subject.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] when clearing a policy that is not set.
+    async fn set_cascade(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        cascade: Option<bool>,
         by: &Actor,
     ) -> Result<(), StoreError>;
 

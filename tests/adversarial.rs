@@ -64,6 +64,12 @@ enum Op {
         resource: Option<String>,
         gate: Option<i32>,
     },
+    /// Sets (`Some`) or clears a cascade policy at a hostile scope.
+    Cascade {
+        entity: Option<String>,
+        resource: Option<String>,
+        cascade: Option<bool>,
+    },
     Envoy {
         domain: String,
         descriptors: Vec<HostileDescriptor>,
@@ -246,6 +252,16 @@ fn op() -> impl Strategy<Value = Op> {
                 entity,
                 resource,
                 gate
+            }),
+        1 => (
+            prop::option::of(id()),
+            prop::option::of(id()),
+            prop::option::of(any::<bool>()),
+        )
+            .prop_map(|(entity, resource, cascade)| Op::Cascade {
+                entity,
+                resource,
+                cascade
             }),
         2 => envoy_request(),
     ]
@@ -472,6 +488,33 @@ impl Target {
                             .map(drop),
                         None => admin
                             .clear_gate(proto::LimitsRequest {
+                                scope,
+                                ..Default::default()
+                            })
+                            .await
+                            .map(drop),
+                    }
+                }
+                Op::Cascade {
+                    entity,
+                    resource,
+                    cascade,
+                } => {
+                    let scope = Some(proto::LimitScope {
+                        entity_id: entity,
+                        resource,
+                    });
+                    match cascade {
+                        Some(cascade) => admin
+                            .set_cascade(proto::CascadeRequest {
+                                scope,
+                                cascade,
+                                ..Default::default()
+                            })
+                            .await
+                            .map(drop),
+                        None => admin
+                            .clear_cascade(proto::LimitsRequest {
                                 scope,
                                 ..Default::default()
                             })

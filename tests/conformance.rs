@@ -14,7 +14,7 @@ use zae_limiter::consume::{Outcome, Seen, consume};
 use zae_limiter::domain::bucket::{Plan, Write, plan, plan_settle};
 use zae_limiter::domain::limit::{MILLI, canonical};
 use zae_limiter::domain::records::{
-    Actor, AuditAction, Entity, FailurePolicy, Gate, LimitScope, Period, Usage,
+    Actor, AuditAction, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
 };
 use zae_limiter::store::dynamodb::DynamoStore;
 use zae_limiter::store::{KeyedWrite, Store, StoreError};
@@ -838,14 +838,20 @@ async fn a_failure_policy_is_stored_replaced_and_removed_audited(
     assert_eq!(store.get_failure_policy(&other).await.unwrap(), None);
 }
 
-async fn gates_at_three_levels_read_in_one_call(store: Arc<dyn Store>, ns: Namespace) {
+/// The gates of `scopes`, as one read of their settings answers.
+async fn gates(store: &dyn Store, ns: &Namespace, scopes: &[LimitScope]) -> Vec<Option<Gate>> {
+    let levels = store.get_level_settings(ns, scopes).await.unwrap();
+    levels.iter().map(|l| l.gate).collect()
+}
+
+async fn gates_and_cascade_policies_at_three_levels_read_in_one_call(
+    store: Arc<dyn Store>,
+    ns: Namespace,
+) {
     let e = EntityId::new("e1").unwrap();
     let r = ResourceId::new("gpt-4").unwrap();
     let scopes = zae_limiter::domain::records::gate_scopes(&e, &r);
-    assert_eq!(
-        store.get_gates(&ns, &scopes).await.unwrap(),
-        [None, None, None]
-    );
+    assert_eq!(gates(&*store, &ns, &scopes).await, [None, None, None]);
     store
         .set_gate(&ns, &scopes[2], Some(Gate::Disabled), &actor(T0))
         .await
@@ -861,7 +867,7 @@ async fn gates_at_three_levels_read_in_one_call(store: Arc<dyn Store>, ns: Names
     // The same scope twice in one read is answered twice.
     let read = [scopes[2].clone(), scopes[0].clone(), scopes[2].clone()];
     assert_eq!(
-        store.get_gates(&ns, &read).await.unwrap(),
+        gates(&*store, &ns, &read).await,
         [Some(Gate::Enabled), None, Some(Gate::Enabled)]
     );
     store
@@ -871,7 +877,7 @@ async fn gates_at_three_levels_read_in_one_call(store: Arc<dyn Store>, ns: Names
     let again = store.set_gate(&ns, &scopes[2], None, &actor(T0 + 4)).await;
     assert!(matches!(again, Err(StoreError::NotFound(_))), "{again:?}");
     assert_eq!(
-        store.get_gates(&ns, &scopes).await.unwrap(),
+        gates(&*store, &ns, &scopes).await,
         [None, Some(Gate::Enabled), None]
     );
     let audit = store
@@ -892,13 +898,57 @@ async fn gates_at_three_levels_read_in_one_call(store: Arc<dyn Store>, ns: Names
         ]
     );
     assert_eq!(audit_count(&*store, &ns, "e1").await, 1);
+    // Cascade policies live beside the gates, read in the same call, each cleared on its own.
+    store
+        .set_cascade(&ns, &scopes[0], Some(false), &actor(T0 + 11))
+        .await
+        .unwrap();
+    store
+        .set_cascade(&ns, &scopes[2], Some(true), &actor(T0 + 12))
+        .await
+        .unwrap();
+    store
+        .set_gate(&ns, &scopes[2], Some(Gate::Disabled), &actor(T0 + 13))
+        .await
+        .unwrap();
+    store
+        .set_gate(&ns, &scopes[2], None, &actor(T0 + 14))
+        .await
+        .unwrap();
+    let levels = store.get_level_settings(&ns, &scopes).await.unwrap();
+    let cascades: Vec<_> = levels.iter().map(|l| l.cascade).collect();
+    assert_eq!(cascades, [Some(false), None, Some(true)]);
+    assert_eq!(
+        gates(&*store, &ns, &scopes).await,
+        [None, Some(Gate::Enabled), None],
+        "clearing a gate keeps the cascade policy"
+    );
+    store
+        .set_cascade(&ns, &scopes[2], None, &actor(T0 + 15))
+        .await
+        .unwrap();
+    let again = store
+        .set_cascade(&ns, &scopes[2], None, &actor(T0 + 16))
+        .await;
+    assert!(matches!(again, Err(StoreError::NotFound(_))), "{again:?}");
+    let audit = store.list_audit(&ns, "#resource:gpt-4", 2, None).await;
+    let seen: Vec<_> = audit
+        .unwrap()
+        .entries
+        .iter()
+        .map(|e| (e.action, e.before.clone(), e.after.clone()))
+        .collect();
+    assert_eq!(
+        seen[0],
+        (AuditAction::CascadeCleared, Some("on".to_owned()), None)
+    );
+    let audit = store.list_audit(&ns, "e1", 10, None).await.unwrap();
+    assert_eq!(audit.entries[0].action, AuditAction::CascadeSet);
+    assert_eq!(audit.entries[0].after.as_deref(), Some("off"));
     // A gate is not a limit set, and other namespaces have their own.
     assert_eq!(store.get_limits(&ns, &scopes[1]).await.unwrap(), None);
     let other = common::unique_namespace();
-    assert_eq!(
-        store.get_gates(&other, &scopes).await.unwrap(),
-        [None, None, None]
-    );
+    assert_eq!(gates(&*store, &other, &scopes).await, [None, None, None]);
     // Deleting the entity deletes its gates.
     let entity = Entity {
         id: e.clone(),
@@ -919,9 +969,11 @@ async fn gates_at_three_levels_read_in_one_call(store: Arc<dyn Store>, ns: Names
         .delete_entity(&ns, &e, false, &actor(T0 + 7))
         .await
         .unwrap();
+    let levels = store.get_level_settings(&ns, &scopes).await.unwrap();
     assert_eq!(
-        store.get_gates(&ns, &scopes).await.unwrap(),
-        [None, None, None]
+        levels[..2],
+        [LevelSettings::default(), LevelSettings::default()],
+        "its gates and cascade policies went with it"
     );
 }
 
@@ -1490,7 +1542,7 @@ macro_rules! conformance {
                 entities_read_together,
                 stored_limits_at_four_scopes,
                 a_failure_policy_is_stored_replaced_and_removed_audited,
-                gates_at_three_levels_read_in_one_call,
+                gates_and_cascade_policies_at_three_levels_read_in_one_call,
                 audit_pages_newest_first,
                 usage_snapshots_add_up_and_query_by_range,
                 usage_added_at_once_adds_up,

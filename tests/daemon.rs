@@ -1503,3 +1503,47 @@ async fn several_resources_are_acquired_all_or_none_from_the_cli_and_the_client(
         "adjusted back on its own lease"
     );
 }
+
+/// Cascade per resource from the CLI: on for a model (every entity), so an acquire of a child
+/// on it charges the parent and one on another resource does not; shown, cleared, audited; no
+/// system level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sets_cascade_per_resource() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let cli = |args: &[&str]| run_cli(&daemon, args);
+    let ok = |args: &[&str]| {
+        let (code, out, err) = cli(args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        out
+    };
+    ok(&["entity", "create", "org"]);
+    ok(&["entity", "create", "key", "--parent", "org"]);
+    ok(&["limits", "set", "--entity", "org", "--limit", "tok=100/1d"]);
+    ok(&["limits", "set", "--entity", "key", "--limit", "tok=100/1d"]);
+    ok(&["cascade", "set", "on", "--resource", "gpt-4"]);
+    let out = ok(&["cascade", "get", "--resource", "gpt-4", "--output", "json"]);
+    assert_eq!(out.trim(), r#"{"cascade":true}"#);
+    let out = ok(&["cascade", "get", "--entity", "key"]);
+    assert!(out.contains("none"), "{out}");
+    for resource in ["gpt-4", "embeddings"] {
+        let args = ["acquire", "--entity", "key", "--consume", "tok=10"];
+        ok(&[&args[..], &["--resource", resource]].concat());
+    }
+    let client = daemon.client().await;
+    let left = |entity: &'static str, resource: &'static str| {
+        let client = client.clone();
+        async move { client.available(entity, resource, &[]).await.unwrap()["tok"] }
+    };
+    assert_eq!(left("org", "gpt-4").await, 90, "charged on the model");
+    assert_eq!(left("org", "embeddings").await, 100, "not elsewhere");
+    ok(&["cascade", "clear", "--resource", "gpt-4"]);
+    let (code, _, err) = cli(&["cascade", "clear", "--resource", "gpt-4"]);
+    assert_eq!(code, Some(1), "nothing left to clear: {err}");
+    let audit = ok(&["audit", "#resource:gpt-4"]);
+    assert!(audit.contains("cascade_cleared"), "{audit}");
+    let (code, _, err) = cli(&["cascade", "set", "on"]);
+    assert_eq!(code, Some(1), "no system level: {err}");
+    assert!(err.contains("scope"), "{err}");
+    let (code, _, err) = cli(&["cascade", "set", "maybe", "--resource", "gpt-4"]);
+    assert_eq!(code, Some(2), "{err}");
+}

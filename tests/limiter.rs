@@ -1204,6 +1204,100 @@ async fn a_cascade_chain_is_one_group(inner: Arc<dyn Store>, ns: Namespace) {
     }
 }
 
+/// Cascade per resource: the first of entity + resource, entity and resource levels with a
+/// cascade policy decides whether an acquire charges the parent, else the entity's flag (the
+/// library's LLM-gateway example: on for a model, off for a shared budget). Another daemon's
+/// change is seen once the cached settings are older than the cache's life.
+async fn cascade_is_decided_per_resource(inner: Arc<dyn Store>, ns: Namespace) {
+    use zae_limiter::domain::records::{Entity, LimitScope, gate_scopes};
+    let f = fixture(inner.clone(), ns.clone(), |_| {});
+    let other = fixture(inner, ns.clone(), |_| {});
+    let there = zae_limiter::admin::Admin::new(other.limiter.clone());
+    let here = zae_limiter::admin::Admin::new(f.limiter.clone());
+    let by = Actor {
+        principal: "test".into(),
+        at_ms: T0,
+    };
+    for (id, parent) in [("org", None), ("key", Some("org"))] {
+        let entity = Entity {
+            id: EntityId::new(id).unwrap(),
+            name: String::new(),
+            parent: parent.map(|p| EntityId::new(p).unwrap()),
+            cascade: false,
+            metadata: Default::default(),
+        };
+        f.store
+            .inner
+            .create_entity(&ns, &entity, &by)
+            .await
+            .unwrap();
+        let limits = [Limit::per_hour("tok", 100).unwrap()];
+        let scope = LimitScope::Entity(entity.id.clone());
+        f.store
+            .inner
+            .set_limits(&ns, &scope, &limits, &by)
+            .await
+            .unwrap();
+    }
+    let on = |resource: &str| {
+        let key = BucketKey {
+            resource: ResourceId::new(resource).unwrap(),
+            ..key(&ns, "key")
+        };
+        let req = AcquireRequest {
+            key,
+            ..f.request_stored("key", &[("tok", 1)])
+        };
+        f.limiter.acquire(req, within(5_000))
+    };
+    let (key_id, model) = (
+        EntityId::new("key").unwrap(),
+        ResourceId::new("model").unwrap(),
+    );
+    let scopes = gate_scopes(&key_id, &model);
+    // The entity's flag (off): the parent is not charged.
+    assert!(admitted(&on("model").await));
+    // On for the model, for everyone: the parent is charged on it, not on the budget.
+    here.set_cascade(&ns, &scopes[2], Some(true), &by, within(5_000))
+        .await
+        .unwrap();
+    assert!(admitted(&on("model").await));
+    assert!(admitted(&on("budget").await));
+    // The entity's own default outranks the resource's; its entity + resource policy outranks
+    // that again.
+    here.set_cascade(&ns, &scopes[1], Some(false), &by, within(5_000))
+        .await
+        .unwrap();
+    assert!(admitted(&on("model").await));
+    here.set_cascade(&ns, &scopes[0], Some(true), &by, within(5_000))
+        .await
+        .unwrap();
+    assert!(admitted(&on("model").await));
+    // Cleared by another daemon: this one still cascades until its cached settings expire.
+    there
+        .set_cascade(&ns, &scopes[0], None, &by, within(5_000))
+        .await
+        .unwrap();
+    assert!(admitted(&on("model").await));
+    f.clock.advance(LimiterSettings::default().limits_cache_ms);
+    assert!(admitted(&on("model").await));
+    let level = here.level(&ns, &scopes[1], within(5_000)).await.unwrap();
+    assert_eq!(level.cascade, Some(false));
+    let system = here
+        .set_cascade(&ns, &LimitScope::System, Some(true), &by, within(5_000))
+        .await;
+    assert!(
+        matches!(&system, Err(LimiterError::InvalidArgument { field, .. }) if field == "scope"),
+        "{system:?}"
+    );
+    f.limiter.shutdown(Duration::from_secs(10)).await;
+    other.limiter.shutdown(Duration::from_secs(10)).await;
+    // Charged on the model by the resource's policy, the entity + resource one, and once more
+    // while this daemon had it cached.
+    assert_eq!(f.stored("org", "tok").await.1, i128::from(3 * MILLI));
+    assert_eq!(f.stored("key", "tok").await.1, i128::from(6 * MILLI));
+}
+
 /// Look-ups of an entity in use are re-read in the background before they expire: past the
 /// first read, a steady entity's decisions never wait for an entity or limits read.
 async fn a_steady_entity_never_waits_for_a_look_up(inner: Arc<dyn Store>, ns: Namespace) {
@@ -1475,6 +1569,7 @@ both_stores!(
     debt_has_a_floor,
     a_rollback_survives_transient_failures,
     a_cascade_chain_is_one_group,
+    cascade_is_decided_per_resource,
     a_steady_entity_never_waits_for_a_look_up,
     entity_refreshes_go_out_in_batches,
     a_daemon_that_loses_every_refill_is_still_answered,

@@ -6,12 +6,15 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use super::CliError;
-use super::args::{DaemonArgs, EntityOp, FailurePolicyOp, GateOp, LimitsOp, NamespaceOp};
+use super::args::{
+    CascadeOp, DaemonArgs, EntityOp, FailurePolicyOp, GateOp, LimitsOp, NamespaceOp,
+};
 use super::output::{
     Output, audit_value, entity_json, entity_rows, limit_json, limit_rows, rfc3339, table,
 };
 use crate::Limit;
 use crate::client::Client;
+use crate::domain::records::cascade_text;
 use crate::proto;
 
 /// The request header that names the person behind an administrative change.
@@ -58,6 +61,12 @@ pub enum AdminOp {
     },
     GetGate(proto::LimitScope),
     ClearGate(proto::LimitScope),
+    SetCascade {
+        scope: proto::LimitScope,
+        cascade: bool,
+    },
+    GetCascade(proto::LimitScope),
+    ClearCascade(proto::LimitScope),
     SetFailurePolicy(crate::FailurePolicy),
     GetFailurePolicy,
     DeleteFailurePolicy,
@@ -290,6 +299,42 @@ pub async fn run(
                 .await?;
             (json!({ "cleared": true }), "gate cleared".to_owned())
         }
+        AdminOp::SetCascade { scope, cascade } => {
+            let scope = Some(scope);
+            let request = proto::CascadeRequest {
+                namespace: ns,
+                scope,
+                cascade,
+            };
+            admin.set_cascade(request).await?;
+            let text = format!("cascade {}", cascade_text(cascade));
+            (json!({ "cascade": cascade }), text)
+        }
+        AdminOp::GetCascade(scope) => {
+            let scope = Some(scope);
+            let request = proto::LimitsRequest {
+                namespace: ns,
+                scope,
+            };
+            let cascade = admin.get_cascade(request).await?.into_inner().cascade;
+            let text = match cascade {
+                Some(c) => format!("cascade {}", cascade_text(c)),
+                None => "none (the next level decides, then the entity's flag)".to_owned(),
+            };
+            (json!({ "cascade": cascade }), text)
+        }
+        AdminOp::ClearCascade(scope) => {
+            let scope = Some(scope);
+            let request = proto::LimitsRequest {
+                namespace: ns,
+                scope,
+            };
+            admin.clear_cascade(request).await?;
+            (
+                json!({ "cleared": true }),
+                "cascade policy cleared".to_owned(),
+            )
+        }
         AdminOp::SetFailurePolicy(policy) => {
             admin
                 .set_failure_policy(proto::FailurePolicyRequest {
@@ -443,6 +488,19 @@ impl From<LimitsOp> for AdminOp {
             },
             LimitsOp::Get { scope } => Self::GetLimits(scope.scope()),
             LimitsOp::Delete { scope } => Self::DeleteLimits(scope.scope()),
+        }
+    }
+}
+
+impl From<CascadeOp> for AdminOp {
+    fn from(op: CascadeOp) -> Self {
+        match op {
+            CascadeOp::Set { cascade, scope } => Self::SetCascade {
+                scope: scope.scope(),
+                cascade,
+            },
+            CascadeOp::Clear { scope } => Self::ClearCascade(scope.scope()),
+            CascadeOp::Get { scope } => Self::GetCascade(scope.scope()),
         }
     }
 }

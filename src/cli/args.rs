@@ -62,6 +62,15 @@ pub enum Command {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
+    /// Whether an acquire of a child entity also charges its parent, per entity and resource
+    /// (--entity and --resource), per entity (--entity) or per resource (--resource). For an
+    /// acquire, the first of these levels with a policy decides, else the entity's cascade flag.
+    Cascade {
+        #[command(subcommand)]
+        op: CascadeOp,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
     /// Set, show or delete the namespace's failure policy: what an acquire that gives none does
     /// when the store cannot answer (default: the daemon's `failure_policy`).
     FailurePolicy {
@@ -261,6 +270,31 @@ impl ScopeArgs {
             resource: self.resource,
         }
     }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CascadeOp {
+    /// Charge the parent too (`on`) or not (`off`) at this scope.
+    Set {
+        #[arg(value_parser = parse_on_off, action = clap::ArgAction::Set)]
+        cascade: bool,
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    /// Remove the policy at this scope (the next level decides, then the entity's flag).
+    Clear {
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    Get {
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+}
+
+/// `on` or `off`.
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    crate::domain::records::parse_cascade(s).map_err(|s| format!("{s:?}: expected on or off"))
 }
 
 #[derive(Debug, Subcommand)]

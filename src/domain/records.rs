@@ -83,8 +83,9 @@ impl Gate {
     }
 }
 
-/// The levels whose gate decides whether `entity` is served on `resource`, in the order they
-/// are consulted: the first that has one decides (none: served).
+/// The levels whose settings decide how `entity` is served on `resource` (its gate, whether it
+/// cascades), in the order they are consulted: for each setting, the first level that has one
+/// decides.
 pub fn gate_scopes(entity: &EntityId, resource: &ResourceId) -> [LimitScope; 3] {
     [
         LimitScope::EntityResource(entity.clone(), resource.clone()),
@@ -93,13 +94,43 @@ pub fn gate_scopes(entity: &EntityId, resource: &ResourceId) -> [LimitScope; 3] 
     ]
 }
 
-/// The gate that decides, from the levels' gates in [`gate_scopes`] order: the first one set,
+/// What one level (see [`gate_scopes`]) stores about acquires on a resource; each unset unless
+/// stored there.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct LevelSettings {
+    pub gate: Option<Gate>,
+    /// Whether an acquire of a child entity also charges its parent (see [`deciding_cascade`]).
+    pub cascade: Option<bool>,
+}
+
+/// The gate that decides, from the levels' settings in [`gate_scopes`] order: the first one set,
 /// with its position; `None` when no level has one (served).
-pub fn deciding_gate(levels: &[Option<Gate>]) -> Option<(usize, Gate)> {
+pub fn deciding_gate(levels: &[LevelSettings]) -> Option<(usize, Gate)> {
     levels
         .iter()
         .enumerate()
-        .find_map(|(i, g)| g.map(|g| (i, g)))
+        .find_map(|(i, l)| l.gate.map(|g| (i, g)))
+}
+
+/// Whether an acquire charges the entity's parent too: the first level (in [`gate_scopes`]
+/// order) with a cascade policy decides, else the entity's own flag.
+pub fn deciding_cascade(levels: &[LevelSettings], entity_flag: bool) -> bool {
+    levels.iter().find_map(|l| l.cascade).unwrap_or(entity_flag)
+}
+
+/// A cascade policy as stored and audited.
+pub fn cascade_text(cascade: bool) -> &'static str {
+    if cascade { "on" } else { "off" }
+}
+
+/// # Errors
+/// The text, when it is neither `on` nor `off`.
+pub fn parse_cascade(text: &str) -> Result<bool, String> {
+    match text {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(other.to_owned()),
+    }
 }
 
 /// What a decision does when the store cannot answer in time: configured for the daemon, stored
@@ -145,6 +176,8 @@ pub enum AuditAction {
     FailurePolicyDeleted,
     GateSet,
     GateCleared,
+    CascadeSet,
+    CascadeCleared,
 }
 
 impl AuditAction {
@@ -159,6 +192,8 @@ impl AuditAction {
             Self::FailurePolicyDeleted => "failure_policy_deleted",
             Self::GateSet => "gate_set",
             Self::GateCleared => "gate_cleared",
+            Self::CascadeSet => "cascade_set",
+            Self::CascadeCleared => "cascade_cleared",
         }
     }
 
@@ -175,6 +210,8 @@ impl AuditAction {
             Self::FailurePolicyDeleted,
             Self::GateSet,
             Self::GateCleared,
+            Self::CascadeSet,
+            Self::CascadeCleared,
         ]
         .into_iter()
         .find(|a| a.as_str() == text)

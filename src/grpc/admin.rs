@@ -429,13 +429,13 @@ impl proto::admin_server::Admin for AdminService {
                 Call::Read,
             )
             .await?;
-        let gate = self
+        let level = self
             .admin
-            .gate(&ns, &scope, deadline)
+            .level(&ns, &scope, deadline)
             .await
             .map_err(status)?;
         Ok(Response::new(proto::GateResponse {
-            gate: proto::Gate::from(gate).into(),
+            gate: proto::Gate::from(level.gate).into(),
         }))
     }
 
@@ -454,6 +454,65 @@ impl proto::admin_server::Admin for AdminService {
             .await?;
         self.admin
             .set_gate(&ns, &scope, None, &by, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn set_cascade(
+        &self,
+        req: Request<proto::CascadeRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let by = self.actor(&req);
+        let r = req.get_ref();
+        let scope = r.scope.as_ref();
+        let (ns, scope, deadline) = self
+            .scope(
+                &req,
+                &r.namespace,
+                scope,
+                Call::Change("set cascade policies"),
+            )
+            .await?;
+        let cascade = Some(req.get_ref().cascade);
+        self.admin
+            .set_cascade(&ns, &scope, cascade, &by, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn get_cascade(
+        &self,
+        req: Request<proto::LimitsRequest>,
+    ) -> Result<Response<proto::CascadeResponse>, Status> {
+        let r = req.get_ref();
+        let (ns, scope, deadline) = self
+            .scope(&req, &r.namespace, r.scope.as_ref(), Call::Read)
+            .await?;
+        let level = self.admin.level(&ns, &scope, deadline).await;
+        Ok(Response::new(proto::CascadeResponse {
+            cascade: level.map_err(status)?.cascade,
+        }))
+    }
+
+    async fn clear_cascade(
+        &self,
+        req: Request<proto::LimitsRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let by = self.actor(&req);
+        let r = req.get_ref();
+        let scope = r.scope.as_ref();
+        let (ns, scope, deadline) = self
+            .scope(
+                &req,
+                &r.namespace,
+                scope,
+                Call::Change("clear cascade policies"),
+            )
+            .await?;
+        self.admin
+            .set_cascade(&ns, &scope, None, &by, deadline)
             .await
             .map_err(status)?;
         Ok(Response::new(proto::Empty {}))

@@ -23,7 +23,8 @@ use super::types::{Deps, LimiterError};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
 use crate::domain::records::{
-    Entity, FailurePolicy, Gate, LimitScope, MAX_DEPTH, deciding_gate, gate_scopes,
+    Entity, FailurePolicy, Gate, LevelSettings, LimitScope, MAX_DEPTH, deciding_cascade,
+    deciding_gate, gate_scopes,
 };
 
 type LimitsKey = (Namespace, EntityId, ResourceId);
@@ -102,8 +103,8 @@ struct KnownPolicy {
 
 pub(crate) struct Lookups {
     deps: Arc<Deps>,
-    /// Per bucket, the gates of its three levels (see [`gate_scopes`]).
-    gates: Arc<Table<LimitsKey, Vec<Option<Gate>>>>,
+    /// Per bucket, the settings of its three levels (see [`gate_scopes`]).
+    settings: Arc<Table<LimitsKey, Vec<LevelSettings>>>,
     policies: Arc<dashmap::DashMap<Namespace, KnownPolicy>>,
     limits: Arc<Table<LimitsKey, Option<Vec<Limit>>>>,
     entities: Arc<Table<EntityKey, Option<Entity>>>,
@@ -122,7 +123,7 @@ impl Lookups {
         Self {
             policies: Arc::new(dashmap::DashMap::new()),
             limits: Table::new(age, size),
-            gates: Table::new(age, size),
+            settings: Table::new(age, size),
             entities: Table::new(age, size),
             registry: Table::new(age, 1),
             entity_refreshes: std::sync::OnceLock::new(),
@@ -134,7 +135,7 @@ impl Lookups {
     pub fn clear(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.limits.cache.clear();
-        self.gates.cache.clear();
+        self.settings.cache.clear();
         self.entities.cache.clear();
         self.registry.cache.clear();
     }
@@ -206,7 +207,7 @@ impl Lookups {
     /// Drops expired look-ups, so memory follows the entities in use now.
     pub fn purge(&self, now: i64) {
         self.limits.cache.purge(now);
-        self.gates.cache.purge(now);
+        self.settings.cache.purge(now);
         self.entities.cache.purge(now);
     }
 
@@ -320,29 +321,32 @@ impl Lookups {
         Ok(list.contains(ns))
     }
 
-    /// Whether a bucket's resource is served to its entity: the first level with a gate decides
-    /// (one read of the three levels, cached as the limits are).
-    ///
-    /// # Errors
-    /// [`LimiterError::Disabled`] naming the level that disables it.
-    pub async fn gate(&self, key: &BucketKey) -> Result<(), LimiterError> {
+    /// The settings of a bucket's three levels (gates, cascade policies): one read, cached as
+    /// the limits are.
+    async fn levels(&self, key: &BucketKey) -> Result<Vec<LevelSettings>, LimiterError> {
         let cache_key = (
             key.namespace.clone(),
             key.entity.clone(),
             key.resource.clone(),
         );
-        let levels = self
-            .cached(
-                &self.gates,
-                cache_key,
-                |deps, (ns, entity, resource)| async move {
-                    let scopes = gate_scopes(&entity, &resource);
-                    Ok(deps.store.get_gates(&ns, &scopes).await?)
-                },
-                None,
-            )
-            .await?;
-        match deciding_gate(&levels) {
+        self.cached(
+            &self.settings,
+            cache_key,
+            |deps, (ns, entity, resource)| async move {
+                let scopes = gate_scopes(&entity, &resource);
+                Ok(deps.store.get_level_settings(&ns, &scopes).await?)
+            },
+            None,
+        )
+        .await
+    }
+
+    /// Whether a bucket's resource is served to its entity: the first level with a gate decides.
+    ///
+    /// # Errors
+    /// [`LimiterError::Disabled`] naming the level that disables it.
+    pub async fn gate(&self, key: &BucketKey) -> Result<(), LimiterError> {
+        match deciding_gate(&self.levels(key).await?) {
             Some((level, Gate::Disabled)) => Err(LimiterError::Disabled {
                 entity: key.entity.to_string(),
                 resource: key.resource.to_string(),
@@ -420,8 +424,10 @@ impl Lookups {
         Ok(up.entity)
     }
 
-    /// The parent an acquire for `key` also charges: set when the entity exists, cascades and
-    /// has a parent that has limits of its own (stored at any level).
+    /// The parent an acquire for `key` also charges: set when the entity exists, has a parent
+    /// that has limits of its own (stored at any level) and cascades on the resource (the first
+    /// of its entity + resource, entity and resource levels with a cascade policy decides, else
+    /// the entity's flag; the levels are read only for an entity with a parent).
     pub async fn cascade_parent(
         &self,
         key: &BucketKey,
@@ -435,9 +441,12 @@ impl Lookups {
                 Some(self.entity_refreshes()),
             )
             .await?;
-        let Some(parent) = entity.filter(|e| e.cascade).and_then(|e| e.parent) else {
+        let Some((parent, flag)) = entity.and_then(|e| Some((e.parent?, e.cascade))) else {
             return Ok(None);
         };
+        if !deciding_cascade(&self.levels(key).await?, flag) {
+            return Ok(None);
+        }
         let parent_key = BucketKey {
             entity: parent.clone(),
             ..key.clone()

@@ -34,7 +34,9 @@ use super::{AuditPage, KeyedWrite, Store, StoreError};
 use crate::domain::bucket::{Bucket, Change, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
-use crate::domain::records::{Actor, Entity, FailurePolicy, Gate, LimitScope, Period, Usage};
+use crate::domain::records::{
+    Actor, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
+};
 use clauses::{Action, Existing, Expr, action, put, update};
 use codec::{bucket_item, decode_bucket};
 use errors::{CancellationReasons, classify};
@@ -488,12 +490,12 @@ impl Store for DynamoStore {
         records::delete_namespace(self, ns).await
     }
 
-    async fn get_gates(
+    async fn get_level_settings(
         &self,
         ns: &Namespace,
         scopes: &[LimitScope],
-    ) -> Result<Vec<Option<Gate>>, StoreError> {
-        records::get_gates(self, ns, scopes).await
+    ) -> Result<Vec<LevelSettings>, StoreError> {
+        records::get_level_settings(self, ns, scopes).await
     }
 
     async fn set_gate(
@@ -504,6 +506,16 @@ impl Store for DynamoStore {
         by: &Actor,
     ) -> Result<(), StoreError> {
         records::set_gate(self, ns, scope, gate, by).await
+    }
+
+    async fn set_cascade(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        cascade: Option<bool>,
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        records::set_cascade(self, ns, scope, cascade, by).await
     }
 
     async fn get_failure_policy(

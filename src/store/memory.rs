@@ -14,7 +14,8 @@ use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName, encode};
 use crate::domain::records::{
-    Actor, AuditAction, AuditEntry, Entity, FailurePolicy, Gate, LimitScope, Period, Usage,
+    Actor, AuditAction, AuditEntry, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period,
+    Usage, cascade_text,
 };
 
 /// A usage snapshot: namespace, entity, period, start, resource.
@@ -29,7 +30,45 @@ struct State {
     usage: BTreeMap<UsageKey, Vec<(LimitName, i64)>>,
     namespaces: std::collections::BTreeSet<Namespace>,
     failure_policies: HashMap<Namespace, FailurePolicy>,
-    gates: HashMap<(Namespace, LimitScope), Gate>,
+    settings: HashMap<(Namespace, LimitScope), LevelSettings>,
+}
+
+impl State {
+    /// Changes one setting at `scope` with `change` (which returns what it replaced), audited
+    /// with `text` for the values; a level left with no setting is forgotten.
+    fn set_level<T: Copy>(
+        &mut self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        setting: (Option<T>, &str, fn(T) -> &'static str),
+        actions: (AuditAction, AuditAction),
+        field: fn(&mut LevelSettings) -> &mut Option<T>,
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        let (after, what, text) = setting;
+        let at = (ns.clone(), scope.clone());
+        let level = self.settings.entry(at.clone()).or_default();
+        let before = std::mem::replace(field(level), after);
+        if level == &LevelSettings::default() {
+            self.settings.remove(&at);
+        }
+        if before.is_none() && after.is_none() {
+            return Err(StoreError::NotFound(format!("{what} of {scope}")));
+        }
+        let e = AuditEntry::new(
+            scope.audit_subject(),
+            if after.is_some() {
+                actions.0
+            } else {
+                actions.1
+            },
+            by,
+            before.map(|v| text(v).to_owned()),
+            after.map(|v| text(v).to_owned()),
+        );
+        self.audit(ns, e);
+        Ok(())
+    }
 }
 
 /// The embedded in-memory store. Data lives as long as the process.
@@ -186,7 +225,7 @@ impl Store for MemoryStore {
                 && matches!(scope, LimitScope::Entity(e) | LimitScope::EntityResource(e, _) if e == id)
         };
         state.limits.retain(|(n, scope), _| !of_entity(n, scope));
-        state.gates.retain(|(n, scope), _| !of_entity(n, scope));
+        state.settings.retain(|(n, scope), _| !of_entity(n, scope));
         let e = AuditEntry::new(
             id.to_string(),
             AuditAction::EntityDeleted,
@@ -295,15 +334,18 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn get_gates(
+    async fn get_level_settings(
         &self,
         ns: &Namespace,
         scopes: &[LimitScope],
-    ) -> Result<Vec<Option<Gate>>, StoreError> {
+    ) -> Result<Vec<LevelSettings>, StoreError> {
         let state = self.lock();
         Ok(scopes
             .iter()
-            .map(|scope| state.gates.get(&(ns.clone(), scope.clone())).copied())
+            .map(|scope| {
+                let at = (ns.clone(), scope.clone());
+                state.settings.get(&at).copied().unwrap_or_default()
+            })
             .collect())
     }
 
@@ -314,29 +356,27 @@ impl Store for MemoryStore {
         gate: Option<Gate>,
         by: &Actor,
     ) -> Result<(), StoreError> {
-        let mut state = self.lock();
-        let at = (ns.clone(), scope.clone());
-        let (before, action) = match gate {
-            Some(g) => (state.gates.insert(at, g), AuditAction::GateSet),
-            None => (
-                Some(
-                    state
-                        .gates
-                        .remove(&at)
-                        .ok_or_else(|| StoreError::NotFound(format!("gate of {scope}")))?,
-                ),
-                AuditAction::GateCleared,
-            ),
-        };
-        let e = AuditEntry::new(
-            scope.audit_subject(),
-            action,
-            by,
-            before.map(|g| g.as_str().to_owned()),
-            gate.map(|g| g.as_str().to_owned()),
+        let actions = (AuditAction::GateSet, AuditAction::GateCleared);
+        let setting = (gate, "gate", Gate::as_str as fn(Gate) -> &'static str);
+        self.lock()
+            .set_level(ns, scope, setting, actions, |l| &mut l.gate, by)
+    }
+
+    async fn set_cascade(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        cascade: Option<bool>,
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        let actions = (AuditAction::CascadeSet, AuditAction::CascadeCleared);
+        let setting = (
+            cascade,
+            "cascade policy",
+            cascade_text as fn(bool) -> &'static str,
         );
-        state.audit(ns, e);
-        Ok(())
+        self.lock()
+            .set_level(ns, scope, setting, actions, |l| &mut l.cascade, by)
     }
 
     async fn get_failure_policy(
@@ -476,7 +516,7 @@ impl Store for MemoryStore {
         state.audit.retain(|(n, _), _| n != ns);
         state.usage.retain(|(n, ..), _| n != ns);
         state.failure_policies.remove(ns);
-        state.gates.retain(|(n, _), _| n != ns);
+        state.settings.retain(|(n, _), _| n != ns);
         Ok(())
     }
 }

@@ -13,7 +13,9 @@ use super::{AuditPage, KeyedWrite, Store, StoreError};
 use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
-use crate::domain::records::{Actor, Entity, FailurePolicy, Gate, LimitScope, Period, Usage};
+use crate::domain::records::{
+    Actor, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
+};
 use crate::metrics::{STORE_CALLS, STORE_SECONDS, WRITE_UNITS};
 
 /// Counts calls and write units of the store it wraps.
@@ -277,13 +279,13 @@ impl Store for Metered {
             .await
     }
 
-    async fn get_gates(
+    async fn get_level_settings(
         &self,
         ns: &Namespace,
         scopes: &[LimitScope],
-    ) -> Result<Vec<Option<Gate>>, StoreError> {
-        self.call("limits", scopes.len(), 0, self.inner.get_gates(ns, scopes))
-            .await
+    ) -> Result<Vec<LevelSettings>, StoreError> {
+        let read = self.inner.get_level_settings(ns, scopes);
+        self.call("limits", 2 * scopes.len(), 0, read).await
     }
 
     async fn set_gate(
@@ -295,6 +297,17 @@ impl Store for Metered {
     ) -> Result<(), StoreError> {
         self.call("limits", 1, 4, self.inner.set_gate(ns, scope, gate, by))
             .await
+    }
+
+    async fn set_cascade(
+        &self,
+        ns: &Namespace,
+        scope: &LimitScope,
+        cascade: Option<bool>,
+        by: &Actor,
+    ) -> Result<(), StoreError> {
+        let write = self.inner.set_cascade(ns, scope, cascade, by);
+        self.call("limits", 1, 4, write).await
     }
 
     async fn get_failure_policy(

@@ -223,7 +223,7 @@ mod counting {
     use async_trait::async_trait;
     use zae_limiter::domain::bucket::{Bucket, Write};
     use zae_limiter::domain::records::{
-        Actor, Entity, FailurePolicy, Gate, LimitScope, Period, Usage,
+        Actor, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
     };
     use zae_limiter::store::{AuditPage, KeyedWrite, Store, StoreError};
     use zae_limiter::{BucketKey, EntityId, Limit, Namespace, ResourceId};
@@ -326,13 +326,13 @@ mod counting {
         ) -> Result<(), StoreError> {
             self.inner.delete_limits(ns, scope, by).await
         }
-        async fn get_gates(
+        async fn get_level_settings(
             &self,
             ns: &Namespace,
             scopes: &[LimitScope],
-        ) -> Result<Vec<Option<Gate>>, StoreError> {
+        ) -> Result<Vec<LevelSettings>, StoreError> {
             self.lookup().await;
-            self.inner.get_gates(ns, scopes).await
+            self.inner.get_level_settings(ns, scopes).await
         }
         async fn set_gate(
             &self,
@@ -342,6 +342,15 @@ mod counting {
             by: &Actor,
         ) -> Result<(), StoreError> {
             self.inner.set_gate(ns, scope, gate, by).await
+        }
+        async fn set_cascade(
+            &self,
+            ns: &Namespace,
+            scope: &LimitScope,
+            cascade: Option<bool>,
+            by: &Actor,
+        ) -> Result<(), StoreError> {
+            self.inner.set_cascade(ns, scope, cascade, by).await
         }
         async fn get_failure_policy(
             &self,

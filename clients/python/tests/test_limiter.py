@@ -621,3 +621,34 @@ def test_the_sync_limiter_acquires_several_resources(daemon, entity):
                 raise RuntimeError("rolled back")
         assert zl.available(entity, model) == {"tpm": 990}
         assert zl.available(entity, budget) == {"weekly": 39}
+
+
+def test_cascade_is_set_per_resource_and_per_entity(daemon, entity):
+    org, key, model = f"org-{entity}", f"key-{entity}", f"model-{entity}"
+    limits = [Limit.per_hour("tok", 100)]
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            await zl.create_entity(org)
+            await zl.create_entity(key, parent_id=org, cascade=True)
+            await zl.set_limits(org, limits)
+            await zl.set_limits(key, limits)
+            await zl.set_resource_cascade(model, False)  # off for the model, for everyone...
+            await zl.consume(key, model, {"tok": 1})
+            await zl.set_entity_cascade(key, True, resource=model)  # ...but this key
+            await zl.consume(key, model, {"tok": 2})
+            read = (
+                await zl.get_resource_cascade(model),
+                await zl.get_entity_cascade(key, resource=model),
+                await zl.get_entity_cascade(key),
+            )
+            await zl.clear_entity_cascade(key, resource=model)
+            await zl.clear_resource_cascade(model)
+            await zl.consume(key, model, {"tok": 4})  # the entity's own flag again
+            with pytest.raises(ValidationError):
+                await zl.set_resource_cascade(model, "yes")
+            return read, await zl.available(org, model)
+
+    read, left = run(scenario())
+    assert read == (False, True, None)
+    assert left == {"tok": 94}, "charged 2 and 4, not 1"

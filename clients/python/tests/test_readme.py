@@ -3,8 +3,10 @@ standing for the application's model call)."""
 
 from __future__ import annotations
 
+import asyncio
 import pathlib
 import re
+import time
 import types
 
 import pytest
@@ -115,3 +117,29 @@ def test_the_multi_resource_example_charges_both_resources_or_neither(daemon, mo
     assert used == 7
     assert refused.refused_resource == "budget"
     assert left == ({"rpm": 99, "units": 993}, {"weekly": 13})
+
+
+def test_the_cascade_per_resource_example_charges_the_org_for_the_model_only(daemon, monkeypatch):
+    monkeypatch.setenv("ZAE_LIMITER_SOCKET", daemon.socket)
+    scope: dict = {}
+    exec(compile(readme_block("set_resource_cascade"), "README.md", "exec"), scope)  # noqa: S102
+    limiter = scope["limiter"]
+    org, key = f"org-{daemon.namespace}", f"key-{daemon.namespace}"
+
+    async def scenario():
+        await scope["gateway"](org, [key])
+        await limiter.consume(key, "gpt-4", {"tpm": 1000})
+        await limiter.consume(key, "embeddings", {"tpm": 1000})
+        # The org's usage, exact (its balances refill meanwhile).
+        deadline, usage = time.monotonic() + 20, []
+        while not usage and time.monotonic() < deadline:
+            usage = await limiter.get_usage_snapshots(org)
+            await asyncio.sleep(0.1)
+        await limiter.clear_resource_cascade("gpt-4")
+        await limiter.close()
+        return usage
+
+    usage = run(scenario())
+    assert [(u.resource, u.consumed) for u in usage if u.period == "hour"] == [
+        ("gpt-4", {"tpm": 1000.0})
+    ]

@@ -84,11 +84,21 @@ pub(super) fn failure_policy_keys(ns: &Namespace) -> Item {
 /// The item of the gate stored at `scope` (beside the scope's limits). There is no system gate:
 /// the system scope's key is refused before a gate is stored or read.
 pub(super) fn gate_keys(ns: &Namespace, scope: &LimitScope) -> Item {
+    level_keys(ns, scope, 'G')
+}
+
+/// The item of the cascade policy stored at `scope` (beside its gate); no system level either.
+pub(super) fn cascade_keys(ns: &Namespace, scope: &LimitScope) -> Item {
+    level_keys(ns, scope, 'C')
+}
+
+/// The item of a setting of one level, tagged `tag` in its sort key.
+fn level_keys(ns: &Namespace, scope: &LimitScope, tag: char) -> Item {
     let (pk, sk) = match scope {
-        LimitScope::EntityResource(e, r) => (entity_pk(ns, e), format!("#G#{r}")),
-        LimitScope::Entity(e) => (entity_pk(ns, e), "#G".to_owned()),
-        LimitScope::Resource(r) => (format!("{ns}#R#{r}"), "#G".to_owned()),
-        LimitScope::System => (format!("{ns}#S"), "#G".to_owned()),
+        LimitScope::EntityResource(e, r) => (entity_pk(ns, e), format!("#{tag}#{r}")),
+        LimitScope::Entity(e) => (entity_pk(ns, e), format!("#{tag}")),
+        LimitScope::Resource(r) => (format!("{ns}#R#{r}"), format!("#{tag}")),
+        LimitScope::System => (format!("{ns}#S"), format!("#{tag}")),
     };
     keys(pk, sk)
 }

@@ -10,14 +10,15 @@ use super::clauses::{Action, Existing, Expr, action, put, update};
 use super::codec::{decode_audit, decode_entity, decode_usage, entity_item, string};
 use super::errors::{CancellationReasons, classify};
 use super::keys::{
-    Item, NAMESPACES_PK, audit_pk, children_pk, entity_keys, entity_pk, failure_policy_keys,
-    gate_keys, keys, limits_keys, n, s, usage_attr, usage_key,
+    Item, NAMESPACES_PK, audit_pk, cascade_keys, children_pk, entity_keys, entity_pk,
+    failure_policy_keys, gate_keys, keys, limits_keys, n, s, usage_attr, usage_key,
 };
 use super::schema::{GSI1, GSI1PK, PK, SK};
 use crate::domain::ids::{EntityId, Namespace, ResourceId};
 use crate::domain::limit::{self, Limit, encode};
 use crate::domain::records::{
-    Actor, AuditAction, AuditEntry, Entity, FailurePolicy, Gate, LimitScope, Period, Usage,
+    Actor, AuditAction, AuditEntry, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period,
+    Usage, cascade_text, parse_cascade,
 };
 use crate::store::{AuditPage, StoreError, audit_sort_key, entity_json};
 
@@ -258,33 +259,51 @@ async fn batch_get(
     Ok(found)
 }
 
-pub(super) async fn get_gates(
+/// The settings of each level in one `BatchGetItem`: the gate items and the cascade items.
+pub(super) async fn get_level_settings(
     store: &DynamoStore,
     ns: &Namespace,
     scopes: &[LimitScope],
-) -> Result<Vec<Option<Gate>>, StoreError> {
-    let mut keys: Vec<Item> = Vec::with_capacity(scopes.len());
+) -> Result<Vec<LevelSettings>, StoreError> {
+    let mut keys: Vec<Item> = Vec::with_capacity(2 * scopes.len());
     for scope in scopes {
-        let key = gate_keys(ns, scope);
-        if !keys.contains(&key) {
-            keys.push(key);
+        for key in [gate_keys(ns, scope), cascade_keys(ns, scope)] {
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
         }
     }
-    let items = batch_get(store, keys, "gate").await?;
+    let items = batch_get(store, keys, "level setting").await?;
+    let text = |key: Item, attribute: &str| {
+        items
+            .iter()
+            .find(|item| item.get(PK) == key.get(PK) && item.get(SK) == key.get(SK))
+            .map(|item| string(item, attribute))
+            .transpose()
+    };
+    let corrupt = |what: &str, t: String| StoreError::Corrupt(format!("{what} {t:?}"));
     scopes
         .iter()
         .map(|scope| {
-            let key = gate_keys(ns, scope);
-            items
-                .iter()
-                .find(|item| item.get(PK) == key.get(PK) && item.get(SK) == key.get(SK))
-                .map(|item| {
-                    let text = string(item, "gate")?;
-                    Gate::parse(text).map_err(|t| StoreError::Corrupt(format!("gate {t:?}")))
-                })
-                .transpose()
+            let gate = text(gate_keys(ns, scope), "gate")?
+                .map(|t| Gate::parse(t).map_err(|t| corrupt("gate", t)))
+                .transpose()?;
+            let cascade = text(cascade_keys(ns, scope), "cascade")?
+                .map(|t| parse_cascade(t).map_err(|t| corrupt("cascade policy", t)))
+                .transpose()?;
+            Ok(LevelSettings { gate, cascade })
         })
         .collect()
+}
+
+/// The settings stored at one level.
+async fn level(
+    store: &DynamoStore,
+    ns: &Namespace,
+    scope: &LimitScope,
+) -> Result<LevelSettings, StoreError> {
+    let levels = get_level_settings(store, ns, std::slice::from_ref(scope)).await?;
+    Ok(levels.into_iter().next().unwrap_or_default())
 }
 
 pub(super) async fn set_gate(
@@ -294,10 +313,7 @@ pub(super) async fn set_gate(
     gate: Option<Gate>,
     by: &Actor,
 ) -> Result<(), StoreError> {
-    let before = get_gates(store, ns, std::slice::from_ref(scope))
-        .await?
-        .pop()
-        .flatten();
+    let before = level(store, ns, scope).await?.gate;
     let change = Setting {
         key: gate_keys(ns, scope),
         attribute: "gate",
@@ -305,15 +321,27 @@ pub(super) async fn set_gate(
         actions: (AuditAction::GateSet, AuditAction::GateCleared),
         what: format!("gate of {scope}"),
     };
-    change
-        .apply(
-            store,
-            ns,
-            before.map(Gate::as_str),
-            gate.map(Gate::as_str),
-            by,
-        )
-        .await
+    let (before, after) = (before.map(Gate::as_str), gate.map(Gate::as_str));
+    change.apply(store, ns, before, after, by).await
+}
+
+pub(super) async fn set_cascade(
+    store: &DynamoStore,
+    ns: &Namespace,
+    scope: &LimitScope,
+    cascade: Option<bool>,
+    by: &Actor,
+) -> Result<(), StoreError> {
+    let before = level(store, ns, scope).await?.cascade;
+    let change = Setting {
+        key: cascade_keys(ns, scope),
+        attribute: "cascade",
+        subject: scope.audit_subject(),
+        actions: (AuditAction::CascadeSet, AuditAction::CascadeCleared),
+        what: format!("cascade policy of {scope}"),
+    };
+    let (before, after) = (before.map(cascade_text), cascade.map(cascade_text));
+    change.apply(store, ns, before, after, by).await
 }
 
 /// One text attribute in an item of its own (a gate, a failure policy), set or removed in one

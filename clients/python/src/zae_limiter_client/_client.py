@@ -542,6 +542,55 @@ class _Api:
     def clear_entity_disabled(self, entity_id: str, resource: str | None = None) -> Any:
         return self._gate(entity_id, resource, None)
 
+    def _cascade(self, entity_id: str | None, resource: str | None, cascade: Any) -> Any:
+        """Sets (``True``/``False``) or clears (``None``) the cascade policy at a scope."""
+        scope = self._scope(entity_id, resource)
+        if cascade is None:
+            request = message(pb.LimitsRequest, namespace=self.namespace, scope=scope)
+            return self._call(_admin_method("ClearCascade"), request, lambda r: None)
+        if not isinstance(cascade, bool):
+            raise ValidationError(
+                f"cascade: must be True or False, got {cascade!r}", field="cascade"
+            )
+        request = message(
+            pb.CascadeRequest, namespace=self.namespace, scope=scope, cascade=cascade
+        )
+        return self._call(_admin_method("SetCascade"), request, lambda r: None)
+
+    def _get_cascade(self, entity_id: str | None, resource: str | None) -> Any:
+        request = message(
+            pb.LimitsRequest, namespace=self.namespace, scope=self._scope(entity_id, resource)
+        )
+
+        def convert(r: pb.CascadeResponse) -> bool | None:
+            return r.cascade if r.HasField("cascade") else None
+
+        return self._call(_admin_method("GetCascade"), request, convert)
+
+    def set_resource_cascade(self, resource: str, cascade: bool) -> Any:
+        """Whether an acquire of a child entity on ``resource`` also charges its parent, for
+        every entity without a policy of its own (an entity's, for the resource or for all its
+        resources, comes first; with none anywhere, the entity's ``cascade`` flag decides)."""
+        return self._cascade(None, resource, cascade)
+
+    def clear_resource_cascade(self, resource: str) -> Any:
+        return self._cascade(None, resource, None)
+
+    def get_resource_cascade(self, resource: str) -> Any:
+        """The resource's cascade policy: ``True``, ``False`` or ``None`` (not set)."""
+        return self._get_cascade(None, resource)
+
+    def set_entity_cascade(self, entity_id: str, cascade: bool, resource: str | None = None) -> Any:
+        """Whether the entity's acquires on ``resource`` (``None``: on every resource without an
+        entity + resource policy) also charge its parent."""
+        return self._cascade(entity_id, resource, cascade)
+
+    def clear_entity_cascade(self, entity_id: str, resource: str | None = None) -> Any:
+        return self._cascade(entity_id, resource, None)
+
+    def get_entity_cascade(self, entity_id: str, resource: str | None = None) -> Any:
+        return self._get_cascade(entity_id, resource)
+
     def set_failure_policy(self, on_unavailable: OnUnavailable | str) -> Any:
         """What an acquire that gives no ``on_unavailable`` does when the store cannot answer
         in time, for the whole namespace (audited). This daemon applies it at once, others
