@@ -253,6 +253,7 @@ impl Limiter {
             ));
         }
         let key = req.key;
+        let given = req.limits.is_some();
         let (limits, parent, root) = within(deadline, async {
             let span = lookup_span("look-up gates");
             let gate = self.lookups.gate(&key).instrument(span);
@@ -270,11 +271,17 @@ impl Limiter {
             gate?;
             let limits = limits?;
             let span = lookup_span("look-up cascade parent");
-            let parent = self.lookups.cascade_parent(&key).instrument(span).await?;
+            let parent = async {
+                let up = self.lookups.cascading_parent(&key).await?;
+                let given = given.then_some(&limits[..]);
+                let spec = self.lookups.parent_spec(&key, up.as_ref(), given).await?;
+                Ok::<_, LimiterError>((up, spec))
+            };
+            let (up, parent) = parent.instrument(span).await?;
             let span = lookup_span("look-up group root");
             let root = self
                 .lookups
-                .group_root(&key, parent.as_ref())
+                .group_root(&key, up.as_ref())
                 .instrument(span)
                 .await?;
             Ok((limits, parent, root))
@@ -390,11 +397,8 @@ impl Limiter {
                 Some(l) => l,
                 None => self.lookups.resolve(&key).await?,
             };
-            let parent = self.lookups.cascade_parent(&key).await?;
-            Ok((
-                limits,
-                self.lookups.group_root(&key, parent.as_ref()).await?,
-            ))
+            let up = self.lookups.cascading_parent(&key).await?;
+            Ok((limits, self.lookups.group_root(&key, up.as_ref()).await?))
         })
         .await?;
         if let Err(unknown) = check_names(&amounts, &[&limits]) {

@@ -1298,6 +1298,81 @@ async fn cascade_is_decided_per_resource(inner: Arc<dyn Store>, ns: Namespace) {
     assert_eq!(f.stored("key", "tok").await.1, i128::from(6 * MILLI));
 }
 
+/// A call's `limits` also set the cascade parent's bucket when the parent has no stored limits
+/// (the Python zae-limiter's slow path); a parent with stored limits keeps its own, so that a
+/// child's caller never relaxes its parent's budget.
+async fn an_override_reaches_a_cascade_parent_without_stored_limits(
+    inner: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    use zae_limiter::domain::records::{Entity, LimitScope};
+    let f = fixture(inner, ns.clone(), |_| {});
+    let by = Actor {
+        principal: "test".into(),
+        at_ms: T0,
+    };
+    for (id, parent) in [("org", None), ("a", Some("org")), ("b", Some("org"))] {
+        let entity = Entity {
+            id: EntityId::new(id).unwrap(),
+            name: String::new(),
+            parent: parent.map(|p| EntityId::new(p).unwrap()),
+            cascade: parent.is_some(),
+            metadata: Default::default(),
+        };
+        f.store
+            .inner
+            .create_entity(&ns, &entity, &by)
+            .await
+            .unwrap();
+    }
+    let given = [Limit::per_hour("tok", 10).unwrap()];
+    let on = |entity: &str, resource: &str, n: i64| {
+        let req = AcquireRequest {
+            key: BucketKey {
+                resource: ResourceId::new(resource).unwrap(),
+                ..key(&ns, entity)
+            },
+            ..f.request(entity, &given, &[("tok", n)], false)
+        };
+        f.limiter.acquire(req, within(5_000))
+    };
+    // The parent has no limits: the call's 10 are the parent's too, shared by its children.
+    assert!(admitted(&on("a", "model", 6).await));
+    let refused = on("b", "model", 6).await;
+    assert!(!admitted(&refused), "{refused:?}");
+    assert!(admitted(&on("b", "model", 4).await));
+    // With limits of its own, the parent keeps them whatever a call gives.
+    let scope = LimitScope::Entity(EntityId::new("org").unwrap());
+    let own = [Limit::per_hour("tok", 5).unwrap()];
+    f.store
+        .inner
+        .set_limits(&ns, &scope, &own, &by)
+        .await
+        .unwrap();
+    f.clock.advance(LimiterSettings::default().limits_cache_ms);
+    let refused = on("a", "chat", 6).await;
+    assert!(!admitted(&refused), "{refused:?}");
+    assert!(admitted(&on("a", "chat", 3).await));
+    f.limiter.shutdown(Duration::from_secs(10)).await;
+    let stored = |entity: &str, resource: &str| {
+        let key = BucketKey {
+            resource: ResourceId::new(resource).unwrap(),
+            ..key(&ns, entity)
+        };
+        let store = f.store.inner.clone();
+        async move {
+            let bucket = store.load_bucket(&key).await.unwrap().expect("stored");
+            let l = bucket.limit(&LimitName::new("tok").unwrap()).unwrap();
+            (l.balance, l.consumed)
+        }
+    };
+    assert_eq!(stored("org", "model").await.1, i128::from(10 * MILLI));
+    let (balance, consumed) = stored("org", "chat").await;
+    assert_eq!(consumed, i128::from(3 * MILLI));
+    assert_eq!(balance, 2 * MILLI, "the parent's own capacity of 5");
+    assert_eq!(stored("a", "chat").await.1, i128::from(3 * MILLI));
+}
+
 /// Look-ups of an entity in use are re-read in the background before they expire: past the
 /// first read, a steady entity's decisions never wait for an entity or limits read.
 async fn a_steady_entity_never_waits_for_a_look_up(inner: Arc<dyn Store>, ns: Namespace) {
@@ -1570,6 +1645,7 @@ both_stores!(
     a_rollback_survives_transient_failures,
     a_cascade_chain_is_one_group,
     cascade_is_decided_per_resource,
+    an_override_reaches_a_cascade_parent_without_stored_limits,
     a_steady_entity_never_waits_for_a_look_up,
     entity_refreshes_go_out_in_batches,
     a_daemon_that_loses_every_refill_is_still_answered,

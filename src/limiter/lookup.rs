@@ -399,39 +399,39 @@ impl Lookups {
     }
 
     /// The consistency group of `key`'s entity: the top of its chain of cascading parents (each
-    /// step by the rule of [`Lookups::cascade_parent`]), so that every bucket of a chain, for
-    /// this resource, is decided by one actor. `first` is the entity's own cascade parent, already
-    /// looked up.
+    /// step by the rule of [`Lookups::cascading_parent`], whatever limits the parents have), so
+    /// that every bucket of a chain, for this resource, is decided by one actor, whichever limits
+    /// a call gives. `first` is the entity's own cascading parent, already looked up.
     pub async fn group_root(
         &self,
         key: &BucketKey,
-        first: Option<&ParentSpec>,
+        first: Option<&EntityId>,
     ) -> Result<EntityId, LimiterError> {
         let Some(first) = first else {
             return Ok(key.entity.clone());
         };
         let mut up = BucketKey {
-            entity: first.entity.clone(),
+            entity: first.clone(),
             ..key.clone()
         };
         // Bounded: moves refuse cycles, and a chain is at most MAX_DEPTH long.
         for _ in 0..MAX_DEPTH {
-            match self.cascade_parent(&up).await? {
-                Some(p) if p.entity != key.entity => up.entity = p.entity,
+            match self.cascading_parent(&up).await? {
+                Some(p) if p != key.entity => up.entity = p,
                 _ => break,
             }
         }
         Ok(up.entity)
     }
 
-    /// The parent an acquire for `key` also charges: set when the entity exists, has a parent
-    /// that has limits of its own (stored at any level) and cascades on the resource (the first
-    /// of its entity + resource, entity and resource levels with a cascade policy decides, else
-    /// the entity's flag; the levels are read only for an entity with a parent).
-    pub async fn cascade_parent(
+    /// The parent an acquire for `key` cascades to: set when the entity exists, has a parent and
+    /// cascades on the resource (the first of its entity + resource, entity and resource levels
+    /// with a cascade policy decides, else the entity's flag; the levels are read only for an
+    /// entity with a parent).
+    pub async fn cascading_parent(
         &self,
         key: &BucketKey,
-    ) -> Result<Option<ParentSpec>, LimiterError> {
+    ) -> Result<Option<EntityId>, LimiterError> {
         let cache_key = (key.namespace.clone(), key.entity.clone());
         let entity = self
             .cached(
@@ -444,22 +444,37 @@ impl Lookups {
         let Some((parent, flag)) = entity.and_then(|e| Some((e.parent?, e.cascade))) else {
             return Ok(None);
         };
-        if !deciding_cascade(&self.levels(key).await?, flag) {
+        Ok(deciding_cascade(&self.levels(key).await?, flag).then_some(parent))
+    }
+
+    /// The cascading parent `parent` of `key`'s entity as an acquire charges it: with its own
+    /// stored limits (any level), else with `given` (the call's limits: the Python
+    /// zae-limiter's slow path), else not at all (a parent with no limits constrains nothing).
+    pub async fn parent_spec(
+        &self,
+        key: &BucketKey,
+        parent: Option<&EntityId>,
+        given: Option<&[Limit]>,
+    ) -> Result<Option<ParentSpec>, LimiterError> {
+        let Some(parent) = parent else {
             return Ok(None);
-        }
+        };
         let parent_key = BucketKey {
             entity: parent.clone(),
             ..key.clone()
         };
-        match self.resolve(&parent_key).await {
-            Ok(limits) => Ok(Some(ParentSpec {
-                entity: parent,
-                limits,
-            })),
-            // A parent with no limits anywhere constrains nothing.
-            Err(LimiterError::InvalidArgument { .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
+        let limits = match self.resolve(&parent_key).await {
+            Ok(limits) => limits,
+            Err(LimiterError::InvalidArgument { .. }) => match given {
+                Some(given) => given.to_vec(),
+                None => return Ok(None),
+            },
+            Err(e) => return Err(e),
+        };
+        Ok(Some(ParentSpec {
+            entity: parent.clone(),
+            limits,
+        }))
     }
 }
 

@@ -652,3 +652,23 @@ def test_cascade_is_set_per_resource_and_per_entity(daemon, entity):
     read, left = run(scenario())
     assert read == (False, True, None)
     assert left == {"tok": 94}, "charged 2 and 4, not 1"
+
+
+def test_a_call_s_limits_reach_a_cascade_parent_without_limits_of_its_own(daemon, entity):
+    org, model = f"org-{entity}", f"model-{entity}"
+    given = [Limit.per_hour("tok", 10)]
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            await zl.create_entity(org)  # no stored limits
+            for key in ("a", "b"):
+                await zl.create_entity(f"{key}-{entity}", parent_id=org, cascade=True)
+            await zl.consume(f"a-{entity}", model, {"tok": 6}, limits=given)
+            with pytest.raises(RateLimitExceeded) as refused:
+                await zl.consume(f"b-{entity}", model, {"tok": 6}, limits=given)
+            await zl.consume(f"b-{entity}", model, {"tok": 4}, limits=given)
+            return refused.value.refused_by, await zl.available(org, model, limits=given)
+
+    refused_by, left = run(scenario())
+    assert refused_by == org, "the org's share of the call's 10 was left at 4"
+    assert left == {"tok": 0}
