@@ -237,6 +237,7 @@ impl Client {
             renewer: renew_every(&self.limiter, &id, answer.lease_ttl_ms),
             id,
             statuses,
+            bypassed: answer.bypassed,
             open: true,
             others: Vec::new(),
         };
@@ -432,6 +433,7 @@ pub struct Lease {
     client: RateLimiterClient<Channel>,
     id: String,
     statuses: Vec<proto::LimitStatus>,
+    bypassed: bool,
     open: bool,
     renewer: Option<tokio::task::AbortHandle>,
     /// The leases of the further resources of an acquire with [`Acquire::also`].
@@ -456,6 +458,12 @@ impl Lease {
     /// Every limit's status at the time of the decision.
     pub fn statuses(&self) -> &[proto::LimitStatus] {
         &self.statuses
+    }
+
+    /// Whether it was admitted under a bypass gate: the entity's balances were not debited (its
+    /// consumption is still counted), and [`Lease::statuses`] are its cascade parent's.
+    pub fn bypassed(&self) -> bool {
+        self.bypassed
     }
 
     /// The soft limits this acquire overdrew (admitted into debt), by name.

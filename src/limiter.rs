@@ -230,6 +230,7 @@ impl Limiter {
                 Ok(Decision::Admitted {
                     lease: lease.then(|| LeaseId::Unbacked(self.registry.next_lease_id())),
                     statuses: Vec::new(),
+                    bypassed: false,
                 })
             }
         }
@@ -254,9 +255,9 @@ impl Limiter {
         }
         let key = req.key;
         let given = req.limits.is_some();
-        let (limits, parent, root) = within(deadline, async {
+        let (limits, parent, root, bypass) = within(deadline, async {
             let span = lookup_span("look-up gates");
-            let gate = self.lookups.gate(&key).instrument(span);
+            let bypass = self.lookups.gate(&key).instrument(span);
             let limits = async {
                 match req.limits {
                     Some(limits) => Ok(limits),
@@ -267,8 +268,8 @@ impl Limiter {
                 }
             };
             // A disabled resource outranks every other answer (over limit, no limits stored).
-            let (gate, limits) = futures_util::future::join(gate, limits).await;
-            gate?;
+            let (bypass, limits) = futures_util::future::join(bypass, limits).await;
+            let bypass = bypass?;
             let limits = limits?;
             let span = lookup_span("look-up cascade parent");
             let parent = async {
@@ -284,7 +285,7 @@ impl Limiter {
                 .group_root(&key, up.as_ref())
                 .instrument(span)
                 .await?;
-            Ok((limits, parent, root))
+            Ok((limits, parent, root, bypass))
         })
         .await?;
         let parent_limits = parent.as_ref().map(|p| &p.limits[..]);
@@ -320,6 +321,7 @@ impl Limiter {
             own,
             parent,
             parent_share,
+            bypass,
             deadline,
             lease: req.lease.then_some(req.owner),
             reply,
@@ -379,6 +381,17 @@ impl Limiter {
     pub async fn rollback(&self, lease: LeaseId, deadline: Instant) -> Result<(), LimiterError> {
         self.lease_op(lease, LeaseOp::Close(Close::Rollback), deadline)
             .await
+    }
+
+    /// Whether a bypass gate decides for `key` now (a disabled resource is not bypassed).
+    ///
+    /// # Errors
+    /// As [`Limiter::peek`].
+    pub async fn bypassed(&self, key: &BucketKey, deadline: Instant) -> Result<bool, LimiterError> {
+        match within(deadline, self.lookups.gate(key)).await {
+            Err(LimiterError::Disabled { .. }) => Ok(false),
+            other => other,
+        }
     }
 
     /// How every limit of a bucket stands for a request of `amounts`, without consuming.

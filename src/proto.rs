@@ -43,23 +43,27 @@ impl OnUnavailable {
 }
 
 impl From<Option<crate::Gate>> for Gate {
-    /// A gate in its wire form (`None`: unspecified).
+    /// A gate in its wire form (`None`: unspecified); a bypass's end goes beside it.
     fn from(gate: Option<crate::Gate>) -> Self {
         match gate {
             None => Self::Unspecified,
             Some(crate::Gate::Enabled) => Self::Enabled,
             Some(crate::Gate::Disabled) => Self::Disabled,
+            Some(crate::Gate::Bypass { .. }) => Self::Bypass,
         }
     }
 }
 
 impl Gate {
-    /// The gate it names (`None`: unspecified).
-    pub fn gate(self) -> Option<crate::Gate> {
+    /// The gate it names, with a bypass's end (`None`: unspecified).
+    pub fn gate(self, bypass_until_ms: Option<i64>) -> Option<crate::Gate> {
         match self {
             Self::Unspecified => None,
             Self::Enabled => Some(crate::Gate::Enabled),
             Self::Disabled => Some(crate::Gate::Disabled),
+            Self::Bypass => Some(crate::Gate::Bypass {
+                until_ms: bypass_until_ms,
+            }),
         }
     }
 }

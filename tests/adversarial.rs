@@ -58,11 +58,13 @@ enum Op {
         entity: String,
         parent: Option<String>,
     },
-    /// Disables, enables (a defined value) or sets any number, or clears, at any scope.
+    /// Disables, enables, bypasses (a defined value, with any end) or sets any number, or
+    /// clears, at any scope.
     Gate {
         entity: Option<String>,
         resource: Option<String>,
         gate: Option<i32>,
+        until: Option<i64>,
     },
     /// Sets (`Some`) or clears a cascade policy at a hostile scope.
     Cascade {
@@ -246,12 +248,14 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (
             prop::option::of(id()),
             prop::option::of(id()),
-            prop::option::of(prop_oneof![4 => 0..3i32, 1 => any::<i32>()]),
+            prop::option::of(prop_oneof![4 => 0..4i32, 1 => any::<i32>()]),
+            prop::option::of(prop_oneof![any::<i64>(), 1_700_000_000_000..1_900_000_000_000i64]),
         )
-            .prop_map(|(entity, resource, gate)| Op::Gate {
+            .prop_map(|(entity, resource, gate, until)| Op::Gate {
                 entity,
                 resource,
-                gate
+                gate,
+                until,
             }),
         1 => (
             prop::option::of(id()),
@@ -408,9 +412,12 @@ impl Target {
                         Ok(a) => {
                             let a = a.into_inner();
                             if a.allowed {
-                                let mut admitted = self.admitted.lock().unwrap();
-                                for r in resources {
-                                    admitted.insert((entity.clone(), r));
+                                // A bypassed bucket is admitted without being written.
+                                if !a.bypassed {
+                                    let mut admitted = self.admitted.lock().unwrap();
+                                    for r in resources {
+                                        admitted.insert((entity.clone(), r));
+                                    }
                                 }
                                 last_lease = a.lease_id;
                             }
@@ -472,6 +479,7 @@ impl Target {
                     entity,
                     resource,
                     gate,
+                    until,
                 } => {
                     let scope = Some(proto::LimitScope {
                         entity_id: entity,
@@ -482,6 +490,7 @@ impl Target {
                             .set_gate(proto::GateRequest {
                                 scope,
                                 gate,
+                                bypass_until_ms: until,
                                 ..Default::default()
                             })
                             .await

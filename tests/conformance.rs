@@ -945,6 +945,45 @@ async fn gates_and_cascade_policies_at_three_levels_read_in_one_call(
     let audit = store.list_audit(&ns, "e1", 10, None).await.unwrap();
     assert_eq!(audit.entries[0].action, AuditAction::CascadeSet);
     assert_eq!(audit.entries[0].after.as_deref(), Some("off"));
+    // A bypass keeps its end, and its audit says it.
+    for (at, until_ms) in [(T0 + 17, Some(T0 + 60_000)), (T0 + 18, None)] {
+        store
+            .set_gate(&ns, &scopes[1], Some(Gate::Bypass { until_ms }), &actor(at))
+            .await
+            .unwrap();
+    }
+    let audit = store.list_audit(&ns, "e1", 2, None).await.unwrap();
+    let seen: Vec<_> = audit
+        .entries
+        .iter()
+        .map(|e| (e.before.clone().unwrap(), e.after.clone().unwrap()))
+        .collect();
+    let until = format!("bypass until {}", T0 + 60_000);
+    assert_eq!(
+        seen,
+        [
+            (until.clone(), "bypass".to_owned()),
+            ("enabled".to_owned(), until)
+        ]
+    );
+    let until_ms = Some(T0 + 60_000);
+    store
+        .set_gate(
+            &ns,
+            &scopes[1],
+            Some(Gate::Bypass { until_ms }),
+            &actor(T0 + 19),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        gates(&*store, &ns, &scopes).await,
+        [None, Some(Gate::Bypass { until_ms }), None]
+    );
+    store
+        .set_gate(&ns, &scopes[1], Some(Gate::Enabled), &actor(T0 + 20))
+        .await
+        .unwrap();
     // A gate is not a limit set, and other namespaces have their own.
     assert_eq!(store.get_limits(&ns, &scopes[1]).await.unwrap(), None);
     let other = common::unique_namespace();

@@ -1508,6 +1508,58 @@ async fn several_resources_are_acquired_all_or_none_from_the_cli_and_the_client(
 /// on it charges the parent and one on another resource does not; shown, cleared, audited; no
 /// system level.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_bypasses_an_entity_and_its_parent_is_still_charged() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let cli = |args: &[&str]| run_cli(&daemon, args);
+    let ok = |args: &[&str]| {
+        let (code, out, err) = cli(args);
+        assert_eq!(code, Some(0), "{args:?}: {err}");
+        out
+    };
+    ok(&["entity", "create", "org"]);
+    ok(&["entity", "create", "key", "--parent", "org", "--cascade"]);
+    ok(&["limits", "set", "--entity", "org", "--limit", "tok=100/1d"]);
+    ok(&["limits", "set", "--entity", "key", "--limit", "tok=10/1d"]);
+    let args = ["gate", "bypass", "--entity", "key", "--resource", "gpt-4"];
+    ok(&[&args[..], &["--for", "3600"]].concat());
+    let out = ok(&[
+        "gate",
+        "get",
+        "--entity",
+        "key",
+        "--resource",
+        "gpt-4",
+        "--output",
+        "json",
+    ]);
+    let gate: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(gate["gate"], "bypass", "{out}");
+    assert!(gate["until_ms"].as_i64().unwrap() > 0, "{out}");
+    let acquire = ["acquire", "--entity", "key", "--resource", "gpt-4"];
+    let out = ok(&[&acquire[..], &["--consume", "tok=50"]].concat());
+    let answer: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(answer["bypassed"], true, "{out}");
+    let client = daemon.client().await;
+    let left = |entity: &'static str| {
+        let client = client.clone();
+        async move { client.available(entity, "gpt-4", &[]).await.unwrap()["tok"] }
+    };
+    assert_eq!(left("key").await, 10, "the key is not debited");
+    assert_eq!(left("org").await, 50, "its parent is");
+    // Over the parent's limit: refused by the parent.
+    let (code, out, _) = cli(&[&acquire[..], &["--consume", "tok=60"]].concat());
+    assert_eq!(code, Some(3), "{out}");
+    assert!(out.contains(r#""refused_by":"org""#), "{out}");
+    ok(&["gate", "clear", "--entity", "key", "--resource", "gpt-4"]);
+    let (code, out, _) = cli(&[&acquire[..], &["--consume", "tok=20"]].concat());
+    assert_eq!(code, Some(3), "the key's own limit again: {out}");
+    let audit = ok(&["audit", "key"]);
+    assert!(audit.contains("bypass until"), "{audit}");
+    let (code, _, err) = cli(&[&args[..], &["--for", "soon"]].concat());
+    assert_eq!(code, Some(2), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_sets_cascade_per_resource() {
     let daemon = Daemon::start(MEMORY, &[]);
     let cli = |args: &[&str]| run_cli(&daemon, args);

@@ -456,6 +456,7 @@ async fn a_disabled_resource_is_over_limit_for_envoy_not_an_error() {
                 resource: Some("daily".into()),
             }),
             gate: proto::Gate::Disabled.into(),
+            bypass_until_ms: None,
         })
         .await
         .unwrap();

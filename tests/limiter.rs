@@ -604,7 +604,7 @@ async fn callers_told_not_admitted_are_not_charged(inner: Arc<dyn Store>, ns: Na
                 assert!(matches!(answer, Err(LimiterError::Deadline)), "{answer:?}")
             }
             FailurePolicy::Allow => assert!(
-                matches!(answer, Ok(Decision::Admitted { lease: None, ref statuses }) if statuses.is_empty()),
+                matches!(answer, Ok(Decision::Admitted { lease: None, ref statuses, .. }) if statuses.is_empty()),
                 "{answer:?}"
             ),
         }
@@ -659,7 +659,7 @@ async fn the_call_s_policy_wins_over_the_namespace_s_over_the_daemon_s(
         };
         f.limiter.acquire(req, within(100))
     };
-    let unbacked = |answer: &Result<Decision, LimiterError>| matches!(answer, Ok(Decision::Admitted { lease: None, statuses }) if statuses.is_empty());
+    let unbacked = |answer: &Result<Decision, LimiterError>| matches!(answer, Ok(Decision::Admitted { lease: None, statuses, .. }) if statuses.is_empty());
     f.store.write_delay_ms.store(300, Ordering::SeqCst);
     let answer = late(None).await;
     assert!(unbacked(&answer), "the namespace's allow: {answer:?}");
@@ -777,6 +777,142 @@ async fn a_disabled_resource_refuses_first_and_the_nearest_gate_decides(
         f.stored("g", "tpm").await.1,
         i128::from(6 * MILLI),
         "only the admitted acquires are charged"
+    );
+}
+
+/// A bypassed entity is admitted whatever its limits say, without a debit of its balances, and
+/// its consumption is still counted; its cascade parent is charged (and may refuse) as usual,
+/// leases included. A bypass with an end is, after it, as if its level had no gate.
+async fn a_bypassed_entity_is_counted_not_debited_and_its_parent_is_charged(
+    inner: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    use zae_limiter::domain::records::{Entity, LimitScope, gate_scopes};
+    let f = fixture(inner, ns.clone(), |s| s.usage_flush_ms = 3_600_000);
+    let admin = zae_limiter::admin::Admin::new(f.limiter.clone());
+    let by = Actor {
+        principal: "test".into(),
+        at_ms: T0,
+    };
+    for (id, parent, tokens) in [("org", None, 100), ("key", Some("org"), 10)] {
+        let entity = Entity {
+            id: EntityId::new(id).unwrap(),
+            name: String::new(),
+            parent: parent.map(|p| EntityId::new(p).unwrap()),
+            cascade: parent.is_some(),
+            metadata: Default::default(),
+        };
+        f.store
+            .inner
+            .create_entity(&ns, &entity, &by)
+            .await
+            .unwrap();
+        let limits = [Limit::per_hour("tok", tokens).unwrap()];
+        let scope = LimitScope::Entity(entity.id.clone());
+        f.store
+            .inner
+            .set_limits(&ns, &scope, &limits, &by)
+            .await
+            .unwrap();
+    }
+    let scopes = gate_scopes(
+        &EntityId::new("key").unwrap(),
+        &ResourceId::new("model").unwrap(),
+    );
+    let take = |n: i64, lease: bool| {
+        let req = AcquireRequest {
+            lease,
+            ..f.request_stored("key", &[("tok", n)])
+        };
+        f.limiter.acquire(req, within(5_000))
+    };
+    let bypassed = |d: &Result<Decision, LimiterError>| {
+        matches!(d, Ok(Decision::Admitted { bypassed: true, .. }))
+    };
+    // Disabled for everyone, bypassed for the key: the nearest gate decides.
+    admin
+        .set_gate(&ns, &scopes[2], Some(Gate::Disabled), &by, within(5_000))
+        .await
+        .unwrap();
+    let bypass = Gate::Bypass { until_ms: None };
+    admin
+        .set_gate(&ns, &scopes[1], Some(bypass), &by, within(5_000))
+        .await
+        .unwrap();
+    // 50 of the key's 10: admitted, charged to the org only.
+    let answer = take(50, false).await;
+    assert!(bypassed(&answer), "{answer:?}");
+    // The org refuses what it cannot cover, and names itself.
+    let answer = take(60, false).await;
+    assert!(
+        matches!(&answer, Ok(Decision::Rejected { refused_by: Some(p), .. }) if p.as_str() == "org"),
+        "{answer:?}"
+    );
+    // A lease: its adjustment goes to the org, not to the key.
+    let Ok(Decision::Admitted {
+        lease: Some(lease),
+        bypassed: true,
+        ..
+    }) = take(5, true).await
+    else {
+        panic!("a bypassed lease");
+    };
+    f.limiter
+        .adjust(lease, amounts(&[("tok", 20)]), within(5_000))
+        .await
+        .unwrap();
+    f.limiter.commit(lease, within(5_000)).await.unwrap();
+    // Rolled back: nothing stays charged, or counted.
+    let Ok(Decision::Admitted {
+        lease: Some(lease), ..
+    }) = take(7, true).await
+    else {
+        panic!("a bypassed lease");
+    };
+    f.limiter.rollback(lease, within(5_000)).await.unwrap();
+    // A bypass with an end, nearer still: past it, the entity's default level decides again
+    // (bypassed), and once that is cleared, no gate: the key's own limits refuse.
+    admin
+        .set_gate(&ns, &scopes[1], None, &by, within(5_000))
+        .await
+        .unwrap();
+    admin
+        .set_gate(&ns, &scopes[2], None, &by, within(5_000))
+        .await
+        .unwrap();
+    let until = Gate::Bypass {
+        until_ms: Some(f.clock.now_ms() + 1_000),
+    };
+    admin
+        .set_gate(&ns, &scopes[0], Some(until), &by, within(5_000))
+        .await
+        .unwrap();
+    assert!(bypassed(&take(20, false).await));
+    f.clock.advance(1_000);
+    let answer = take(20, false).await;
+    assert!(
+        matches!(
+            &answer,
+            Ok(Decision::Rejected {
+                refused_by: None,
+                ..
+            })
+        ),
+        "{answer:?}"
+    );
+    assert!(admitted(&take(4, false).await));
+    f.limiter.shutdown(Duration::from_secs(10)).await;
+    let key = f.stored("key", "tok").await;
+    assert_eq!(
+        key.1,
+        i128::from(4 * MILLI),
+        "only the unbypassed 4 debited"
+    );
+    assert_eq!(f.stored("org", "tok").await.1, i128::from(99 * MILLI));
+    assert_eq!(
+        f.hourly_usage("key").await,
+        99 * MILLI,
+        "every admitted token counted"
     );
 }
 
@@ -934,7 +1070,9 @@ async fn a_multi_resource_acquire_is_all_or_none(inner: Arc<dyn Store>, ns: Name
         .decisions
         .iter()
         .map(|d| match d {
-            Decision::Admitted { lease, statuses } => {
+            Decision::Admitted {
+                lease, statuses, ..
+            } => {
                 assert_eq!(statuses.len(), 1, "its own resource's limits");
                 lease.expect("a lease per resource")
             }
@@ -1636,6 +1774,7 @@ both_stores!(
     callers_told_not_admitted_are_not_charged,
     the_call_s_policy_wins_over_the_namespace_s_over_the_daemon_s,
     a_disabled_resource_refuses_first_and_the_nearest_gate_decides,
+    a_bypassed_entity_is_counted_not_debited_and_its_parent_is_charged,
     shed_acquires_are_never_admitted_by_the_policy,
     a_joint_acquire_is_all_or_nothing,
     a_multi_resource_acquire_is_all_or_none,

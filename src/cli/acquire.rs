@@ -72,6 +72,7 @@ pub async fn acquire(args: AcquireArgs) -> Result<ExitCode, CliError> {
         .map(|(resource, id)| (resource.to_owned(), id.into()))
         .collect();
     let overdrawn: Vec<String> = lease.overdrawn().map(str::to_owned).collect();
+    let bypassed = lease.bypassed();
     let closed = if args.keep_open {
         lease.into_id();
         "open"
@@ -89,6 +90,7 @@ pub async fn acquire(args: AcquireArgs) -> Result<ExitCode, CliError> {
             "lease_id": id,
             "lease": closed,
             "overdrawn": overdrawn,
+            "bypassed": bypassed,
             "also": also,
         })
     );

@@ -272,23 +272,23 @@ pub async fn run(
                     namespace: ns,
                     scope: Some(scope),
                     gate: proto::Gate::from(Some(gate)).into(),
+                    bypass_until_ms: bypass_until(Some(gate)),
                 })
                 .await?;
-            (json!({ "gate": gate.as_str() }), gate.as_str().to_owned())
+            (gate_json(Some(gate)), gate.text())
         }
         AdminOp::GetGate(scope) => {
-            let gate = admin
+            let answer = admin
                 .get_gate(proto::LimitsRequest {
                     namespace: ns,
                     scope: Some(scope),
                 })
                 .await?
-                .into_inner()
-                .gate()
-                .gate()
-                .map(crate::Gate::as_str);
-            let text = gate.unwrap_or("none (the next level decides)").to_owned();
-            (json!({ "gate": gate }), text)
+                .into_inner();
+            let gate = answer.gate().gate(answer.bypass_until_ms);
+            let text =
+                gate.map_or_else(|| "none (the next level decides)".to_owned(), |g| g.text());
+            (gate_json(gate), text)
         }
         AdminOp::ClearGate(scope) => {
             admin
@@ -516,6 +516,12 @@ impl From<GateOp> for AdminOp {
                 scope: scope.scope(),
                 gate: crate::Gate::Enabled,
             },
+            GateOp::Bypass { scope, for_secs } => Self::SetGate {
+                scope: scope.scope(),
+                gate: crate::Gate::Bypass {
+                    until_ms: for_secs.map(|s| now_ms().saturating_add(i64::from(s) * 1_000)),
+                },
+            },
             GateOp::Clear { scope } => Self::ClearGate(scope.scope()),
             GateOp::Get { scope } => Self::GetGate(scope.scope()),
         }
@@ -561,4 +567,30 @@ pub async fn print(daemon: DaemonArgs, op: AdminOp) -> Result<(), CliError> {
     let output = run(&client, &daemon.namespace, principal, op, daemon.output).await?;
     println!("{output}");
     Ok(())
+}
+
+/// A gate as the CLI prints it in JSON: `{"gate": "bypass", "until_ms": ...}`.
+fn gate_json(gate: Option<crate::Gate>) -> serde_json::Value {
+    let name = gate.map(|g| match g {
+        crate::Gate::Enabled => "enabled",
+        crate::Gate::Disabled => "disabled",
+        crate::Gate::Bypass { .. } => "bypass",
+    });
+    match bypass_until(gate) {
+        Some(until) => json!({ "gate": name, "until_ms": until }),
+        None => json!({ "gate": name }),
+    }
+}
+
+fn bypass_until(gate: Option<crate::Gate>) -> Option<i64> {
+    match gate {
+        Some(crate::Gate::Bypass { until_ms }) => until_ms,
+        _ => None,
+    }
+}
+
+/// The wall clock, ms since the Unix epoch.
+fn now_ms() -> i64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

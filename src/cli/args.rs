@@ -53,8 +53,8 @@ pub enum Command {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
-    /// Disable or enable a resource for an entity (--entity and --resource), for all of an
-    /// entity's resources (--entity), or for every entity (--resource). For an acquire, the
+    /// Disable, enable or bypass a resource for an entity (--entity and --resource), for all of
+    /// an entity's resources (--entity), or for every entity (--resource). For an acquire, the
     /// first of these levels with a gate decides.
     Gate {
         #[command(subcommand)]
@@ -308,6 +308,15 @@ pub enum GateOp {
     Enable {
         #[command(flatten)]
         scope: ScopeArgs,
+    },
+    /// Admit every acquire at this scope without debiting the entity's balances (its
+    /// consumption is still counted; a cascade parent is charged as usual).
+    Bypass {
+        #[command(flatten)]
+        scope: ScopeArgs,
+        /// End the bypass after this many seconds (without: until cleared).
+        #[arg(long = "for", value_name = "SECONDS")]
+        for_secs: Option<u32>,
     },
     /// Remove the gate at this scope (the next level decides).
     Clear {

@@ -28,10 +28,11 @@ pub struct Ask<'a> {
     pub amounts: &'a Amounts,
 }
 
-/// One queued acquire: its own bucket, and its parent's when it cascades.
+/// One queued acquire: its own bucket (none when bypassed: nothing asked of it), and its
+/// parent's when it cascades.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
-    pub own: Ask<'a>,
+    pub own: Option<Ask<'a>>,
     pub parent: Option<Ask<'a>>,
 }
 
@@ -93,9 +94,10 @@ fn check(
     }
 }
 
-/// What a request admitted against `running` leaves: its own bucket's statuses, its own bucket
-/// after it and its parent's (when it cascades).
-type Admitted = (Vec<LimitStatus>, Bucket, Option<Bucket>);
+/// What a request admitted against `running` leaves: its own bucket's statuses (the parent's
+/// when its own is bypassed), its own bucket after it (unless bypassed) and its parent's (when
+/// it cascades).
+type Admitted = (Vec<LimitStatus>, Option<Bucket>, Option<Bucket>);
 
 /// One request against `running`: its own bucket first, then its parent's (only when its own
 /// admits). The one order of a request's checks.
@@ -109,16 +111,19 @@ fn check_request(
         rejection,
         by_parent,
     };
-    let (statuses, own) = check(running, req.own, now, stored).map_err(|r| refused(r, false))?;
-    let parent = match req.parent {
-        Some(p) => Some(
-            check(running, p, now, stored)
-                .map_err(|r| refused(r, true))?
-                .1,
-        ),
+    let own = match req.own {
+        Some(own) => Some(check(running, own, now, stored).map_err(|r| refused(r, false))?),
         None => None,
     };
-    Ok((statuses, own, parent))
+    let parent = match req.parent {
+        Some(p) => Some(check(running, p, now, stored).map_err(|r| refused(r, true))?),
+        None => None,
+    };
+    Ok(match (own, parent) {
+        (Some((statuses, own)), parent) => (statuses, Some(own), parent.map(|p| p.1)),
+        (None, Some((statuses, parent))) => (statuses, None, Some(parent)),
+        (None, None) => (Vec::new(), None, None),
+    })
 }
 
 /// Whether `req` is refused on the spot, on `states`: each of its buckets as it stands at `now`
@@ -175,7 +180,7 @@ fn decide(
     let mut verdicts = Vec::with_capacity(queue.len());
     let mut deferring = false;
     for req in queue {
-        let asks = std::iter::once(&req.own).chain(req.parent.as_ref());
+        let asks = req.own.iter().chain(req.parent.as_ref());
         let other_set = asks
             .clone()
             .any(|a| sets[a.item].is_some_and(|s| s != a.limits));
@@ -191,8 +196,8 @@ fn decide(
                 continue;
             }
         };
-        let parent = req.parent.zip(parent);
-        for (ask, after) in std::iter::once((req.own, own)).chain(parent) {
+        let charged = req.own.zip(own).into_iter().chain(req.parent.zip(parent));
+        for (ask, after) in charged {
             running[ask.item] = Some(after);
             sets[ask.item] = Some(ask.limits);
             totals[ask.item]

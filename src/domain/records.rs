@@ -57,18 +57,26 @@ impl LimitScope {
 
 /// Whether acquires on a resource are served, as set at one level (entity + resource, entity,
 /// resource: see [`gate_scopes`]). `Enabled` is explicit, so an entity can be served on a
-/// resource disabled for everyone else.
+/// resource disabled for everyone else. `Bypass` admits everything without debiting the
+/// bucket's balances (its consumption is still counted), until `until_ms` when one is given: an
+/// expired bypass is as if the level had no gate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Gate {
     Enabled,
     Disabled,
+    Bypass { until_ms: Option<i64> },
 }
 
 impl Gate {
-    pub fn as_str(self) -> &'static str {
+    /// The gate as stored and audited: `enabled`, `disabled`, `bypass`, `bypass until <ms>`.
+    pub fn text(self) -> String {
         match self {
-            Self::Enabled => "enabled",
-            Self::Disabled => "disabled",
+            Self::Enabled => "enabled".to_owned(),
+            Self::Disabled => "disabled".to_owned(),
+            Self::Bypass { until_ms: None } => "bypass".to_owned(),
+            Self::Bypass {
+                until_ms: Some(until),
+            } => format!("bypass until {until}"),
         }
     }
 
@@ -78,7 +86,24 @@ impl Gate {
         match text {
             "enabled" => Ok(Self::Enabled),
             "disabled" => Ok(Self::Disabled),
-            other => Err(other.to_owned()),
+            "bypass" => Ok(Self::Bypass { until_ms: None }),
+            other => other
+                .strip_prefix("bypass until ")
+                .and_then(|ms| ms.parse().ok())
+                .map(|until| Self::Bypass {
+                    until_ms: Some(until),
+                })
+                .ok_or_else(|| other.to_owned()),
+        }
+    }
+
+    /// Whether the gate still holds at `now` (a bypass past its end does not).
+    pub fn holds_at(self, now: i64) -> bool {
+        match self {
+            Self::Bypass {
+                until_ms: Some(until),
+            } => now < until,
+            _ => true,
         }
     }
 }
@@ -103,13 +128,14 @@ pub struct LevelSettings {
     pub cascade: Option<bool>,
 }
 
-/// The gate that decides, from the levels' settings in [`gate_scopes`] order: the first one set,
-/// with its position; `None` when no level has one (served).
-pub fn deciding_gate(levels: &[LevelSettings]) -> Option<(usize, Gate)> {
+/// The gate that decides at `now`, from the levels' settings in [`gate_scopes`] order: the first
+/// one set that still holds (see [`Gate::holds_at`]), with its position; `None` when no level has
+/// one (served).
+pub fn deciding_gate(levels: &[LevelSettings], now: i64) -> Option<(usize, Gate)> {
     levels
         .iter()
         .enumerate()
-        .find_map(|(i, l)| l.gate.map(|g| (i, g)))
+        .find_map(|(i, l)| l.gate.filter(|g| g.holds_at(now)).map(|g| (i, g)))
 }
 
 /// Whether an acquire charges the entity's parent too: the first level (in [`gate_scopes`]
@@ -321,5 +347,33 @@ mod tests {
             Period::Hour.start(Period::Hour.start(t)),
             Period::Hour.start(t)
         );
+    }
+
+    #[test]
+    fn gates_read_back_as_written_and_an_ended_bypass_lets_the_next_level_decide() {
+        let until = Gate::Bypass {
+            until_ms: Some(1_000),
+        };
+        let gates = [Gate::Enabled, Gate::Disabled, until];
+        for gate in gates.into_iter().chain([Gate::Bypass { until_ms: None }]) {
+            assert_eq!(Gate::parse(&gate.text()), Ok(gate));
+        }
+        for bad in ["bypass until", "bypass until soon", "Bypass", ""] {
+            assert_eq!(Gate::parse(bad), Err(bad.to_owned()));
+        }
+        let levels = [
+            LevelSettings::default(),
+            LevelSettings {
+                gate: Some(until),
+                cascade: None,
+            },
+            LevelSettings {
+                gate: Some(Gate::Disabled),
+                cascade: None,
+            },
+        ];
+        assert_eq!(deciding_gate(&levels, 999), Some((1, until)));
+        assert_eq!(deciding_gate(&levels, 1_000), Some((2, Gate::Disabled)));
+        assert_eq!(deciding_gate(&levels[..2], 1_000), None);
     }
 }

@@ -21,6 +21,9 @@ use crate::limiter::{Limiter, LimiterError};
 use crate::live::Live;
 use crate::proto;
 
+/// The last millisecond of the year 9999: no later end of a bypass is taken.
+const MAX_EPOCH_MS: i64 = 253_402_300_799_999;
+
 /// The `Admin` service: converts, checks the caller's namespace, and calls [`Admin`].
 #[derive(Debug, Clone)]
 pub struct AdminService {
@@ -398,18 +401,31 @@ impl proto::admin_server::Admin for AdminService {
                 Call::Change("set gates"),
             )
             .await?;
+        let until = req.get_ref().bypass_until_ms;
         let gate = proto::Gate::try_from(req.get_ref().gate)
             .ok()
-            .and_then(proto::Gate::gate)
+            .and_then(|g| g.gate(until))
             .ok_or_else(|| {
                 invalid(
                     "gate",
                     format!(
-                        "{} is not ENABLED (1) or DISABLED (2); ClearGate removes one",
+                        "{} is not ENABLED (1), DISABLED (2) or BYPASS (3); ClearGate removes one",
                         req.get_ref().gate
                     ),
                 )
             })?;
+        match (gate, until) {
+            (crate::Gate::Bypass { .. }, Some(ms)) if !(1..=MAX_EPOCH_MS).contains(&ms) => {
+                return Err(status(LimiterError::out_of_range(
+                    "bypass_until_ms",
+                    format!("{ms} is outside 1..={MAX_EPOCH_MS} (ms since the Unix epoch)"),
+                )));
+            }
+            (crate::Gate::Enabled | crate::Gate::Disabled, Some(_)) => {
+                return Err(invalid("bypass_until_ms", "is for a BYPASS gate only"));
+            }
+            _ => {}
+        }
         self.admin
             .set_gate(&ns, &scope, Some(gate), &by, deadline)
             .await
@@ -434,8 +450,13 @@ impl proto::admin_server::Admin for AdminService {
             .level(&ns, &scope, deadline)
             .await
             .map_err(status)?;
+        let bypass_until_ms = match level.gate {
+            Some(crate::Gate::Bypass { until_ms }) => until_ms,
+            _ => None,
+        };
         Ok(Response::new(proto::GateResponse {
             gate: proto::Gate::from(level.gate).into(),
+            bypass_until_ms,
         }))
     }
 

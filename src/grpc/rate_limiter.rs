@@ -51,7 +51,12 @@ impl RateLimiterService {
         let mut waits = Vec::new();
         for (i, (decision, resource)) in joint.decisions.iter().zip(resources).enumerate() {
             let statuses = match decision {
-                Decision::Admitted { lease, statuses } => {
+                Decision::Admitted {
+                    lease,
+                    statuses,
+                    bypassed,
+                } => {
+                    answer.bypassed |= bypassed;
                     if let Some(lease) = lease {
                         if i == 0 {
                             answer.lease_id = lease.to_string();
@@ -162,8 +167,13 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
                 .map_err(status)?;
             let lease_ttl_ms = self.lease_ttl_ms(&decision);
             return Ok(Response::new(match decision {
-                Decision::Admitted { lease, statuses } => proto::AcquireResponse {
+                Decision::Admitted {
+                    lease,
+                    statuses,
+                    bypassed,
+                } => proto::AcquireResponse {
                     allowed: true,
+                    bypassed,
                     lease_ttl_ms,
                     lease_id: lease.map(|l| l.to_string()).unwrap_or_default(),
                     statuses: statuses.iter().map(to_proto_status).collect(),
@@ -285,18 +295,24 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
             .await?;
         let r = req.into_inner();
         let want = amounts("consume", &r.consume, false)?;
+        let bypassed = self.limiter.bypassed(&key, deadline);
         let statuses = self
             .limiter
-            .peek(key, limits(&r.limits)?, want, deadline)
-            .await
-            .map_err(status)?;
-        let retry_after_ms = statuses
-            .iter()
-            .map(|s| s.retry_after_ms)
-            .try_fold(0, |acc, w| w.map(|w| acc.max(w)));
+            .peek(key.clone(), limits(&r.limits)?, want, deadline);
+        let (bypassed, statuses) = futures_util::future::join(bypassed, statuses).await;
+        let (bypassed, statuses) = (bypassed.map_err(status)?, statuses.map_err(status)?);
+        let retry_after_ms = if bypassed {
+            Some(0)
+        } else {
+            statuses
+                .iter()
+                .map(|s| s.retry_after_ms)
+                .try_fold(0, |acc, w| w.map(|w| acc.max(w)))
+        };
         Ok(Response::new(proto::TimeUntilAvailableResponse {
             retry_after_ms,
             statuses: statuses.iter().map(to_proto_status).collect(),
+            bypassed,
         }))
     }
 }

@@ -149,6 +149,7 @@ impl Actor for GroupActor {
                         closing.map(|settlement| {
                             state.lane(&settlement.resource).settle(Settle {
                                 parts: settlement.parts,
+                                counted: settlement.counted,
                                 lease: Some(id),
                                 give_up_ms,
                             });
@@ -372,6 +373,7 @@ impl State {
             own,
             parent,
             parent_share,
+            bypass,
             lease,
             reply,
             ..
@@ -384,6 +386,7 @@ impl State {
                 limits,
                 amounts,
                 parent.clone(),
+                bypass,
             );
             self.leases.open(seq, lease, now);
             (seq, LeaseId::Backed { seq, secret })
@@ -391,6 +394,7 @@ impl State {
         let answer = Ok(Decision::Admitted {
             lease: lease.map(|(_, id)| id),
             statuses,
+            bypassed: bypass,
         });
         if reply.send(answer).is_ok() {
             m::decision(outcome::ADMITTED);
@@ -403,7 +407,7 @@ impl State {
         metrics::counter!(m::COMPENSATIONS).increment(1);
         let give_up_ms = now.saturating_add(self.deps.settings.lease_ttl_ms);
         let parent = parent.as_ref().map(|p| (&p.entity, &parent_share));
-        Settle::refund_of(&entity, &own, parent, give_up_ms)
+        Settle::refund_of((&entity, &own), bypass, parent, give_up_ms)
     }
 
     fn key(&self, entity: EntityId, resource: &ResourceId) -> BucketKey {

@@ -233,9 +233,14 @@ impl Limiter {
         let mut decisions = Vec::with_capacity(decided.len());
         for (i, d) in decided.into_iter().flatten().enumerate() {
             match d {
-                Ok(Decision::Admitted { lease, statuses }) => decisions.push(Decision::Admitted {
+                Ok(Decision::Admitted {
+                    lease,
+                    statuses,
+                    bypassed,
+                }) => decisions.push(Decision::Admitted {
                     lease: lease.filter(|_| close.is_none()),
                     statuses,
+                    bypassed,
                 }),
                 Ok(refused) => decisions.push(refused),
                 Err(e) if failure == Some(i) => return Err((i, e)),

@@ -283,7 +283,7 @@ impl Lane {
         let mut n = 0;
         for job in self.queue.iter().take(ctx.settings.max_batch) {
             let mut new = Vec::new();
-            for e in std::iter::once(&job.entity).chain(job.parent.as_ref().map(|p| &p.entity)) {
+            for (e, _, _) in job.charged() {
                 if !seen.contains(&e) && !new.contains(&e) {
                     new.push(e);
                 }
@@ -309,9 +309,8 @@ impl Lane {
             add(&p.entity);
         }
         for job in self.queue.iter().take(batch) {
-            add(&job.entity);
-            if let Some(p) = &job.parent {
-                add(&p.entity);
+            for (e, _, _) in job.charged() {
+                add(e);
             }
         }
         out
@@ -363,7 +362,7 @@ impl Lane {
             };
         let mut slots = Vec::with_capacity(jobs.len());
         for job in &jobs {
-            let own = index(&mut entities, &job.entity);
+            let own = (!job.bypass).then(|| index(&mut entities, &job.entity));
             let parent = job.parent.as_ref().map(|p| index(&mut entities, &p.entity));
             slots.push((own, parent));
         }
@@ -381,11 +380,11 @@ impl Lane {
             .iter()
             .zip(&slots)
             .map(|(job, (own, parent))| Request {
-                own: Ask {
-                    item: *own,
+                own: own.map(|item| Ask {
+                    item,
                     limits: &job.limits,
                     amounts: &job.own,
-                },
+                }),
                 parent: job.parent.as_ref().zip(*parent).map(|(p, item)| Ask {
                     item,
                     limits: &p.limits,

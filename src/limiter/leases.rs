@@ -28,6 +28,8 @@ pub(crate) struct Lease {
     pub acquired: Amounts,
     pub delta: Amounts,
     pub parent: Option<ParentSpec>,
+    /// The entity's own bucket is bypassed: its share is counted as usage, never written.
+    pub bypass: bool,
     /// Set by the table: `lease_ttl_ms` after the holder's last call.
     expires_ms: i64,
     phase: Phase,
@@ -44,6 +46,8 @@ enum Phase {
 pub(crate) struct Settlement {
     pub resource: ResourceId,
     pub parts: Vec<(EntityId, Amounts)>,
+    /// Of a bypassed bucket: counted as usage, never written.
+    pub counted: Vec<(EntityId, Amounts)>,
 }
 
 pub(crate) struct Leases {
@@ -68,6 +72,7 @@ impl Lease {
         limits: Vec<Limit>,
         acquired: Amounts,
         parent: Option<ParentSpec>,
+        bypass: bool,
     ) -> Self {
         Self {
             entity,
@@ -76,6 +81,7 @@ impl Lease {
             acquired,
             delta: Amounts::default(),
             parent,
+            bypass,
             expires_ms: 0,
             phase: Phase::Open,
         }
@@ -84,14 +90,24 @@ impl Lease {
     /// The settlement of `amounts` on the lease's bucket and, for a cascade, the parent's: each
     /// its share.
     fn settlement(&self, amounts: &Amounts) -> Settlement {
-        let mut parts = vec![(self.entity.clone(), amounts.share(&self.limits).nonzero())];
-        if let Some(p) = &self.parent {
-            parts.push((p.entity.clone(), amounts.share(&p.limits).nonzero()));
-        }
+        let own = (self.entity.clone(), amounts.share(&self.limits).nonzero());
+        let (own, counted) = if self.bypass {
+            (None, Some(own))
+        } else {
+            (Some(own), None)
+        };
+        let parent = self
+            .parent
+            .as_ref()
+            .map(|p| (p.entity.clone(), amounts.share(&p.limits).nonzero()));
+        let mut parts: Vec<_> = own.into_iter().chain(parent).collect();
+        let mut counted: Vec<_> = counted.into_iter().collect();
         parts.retain(|(_, a)| !a.is_empty());
+        counted.retain(|(_, a)| !a.is_empty());
         Settlement {
             resource: self.resource.clone(),
             parts,
+            counted,
         }
     }
 }
@@ -225,7 +241,7 @@ impl Leases {
                     how,
                     waiters: vec![reply],
                 };
-                if settlement.parts.is_empty() {
+                if settlement.parts.is_empty() && settlement.counted.is_empty() {
                     self.settled(id, Ok(()));
                     return None;
                 }
@@ -371,6 +387,7 @@ mod tests {
                 entity: id("project"),
                 limits: vec![Limit::per_minute("tpm", 10_000).unwrap()],
             }),
+            false,
         )
     }
 

@@ -341,18 +341,21 @@ impl Lookups {
         .await
     }
 
-    /// Whether a bucket's resource is served to its entity: the first level with a gate decides.
+    /// Whether a bucket's resource is served to its entity, and bypassed (its balances not
+    /// debited): the first level with a gate that holds now decides.
     ///
     /// # Errors
     /// [`LimiterError::Disabled`] naming the level that disables it.
-    pub async fn gate(&self, key: &BucketKey) -> Result<(), LimiterError> {
-        match deciding_gate(&self.levels(key).await?) {
+    pub async fn gate(&self, key: &BucketKey) -> Result<bool, LimiterError> {
+        let levels = self.levels(key).await?;
+        match deciding_gate(&levels, self.deps.clock.now_ms()) {
             Some((level, Gate::Disabled)) => Err(LimiterError::Disabled {
                 entity: key.entity.to_string(),
                 resource: key.resource.to_string(),
                 level: gate_scopes(&key.entity, &key.resource)[level].to_string(),
             }),
-            Some((_, Gate::Enabled)) | None => Ok(()),
+            Some((_, Gate::Bypass { .. })) => Ok(true),
+            Some((_, Gate::Enabled)) | None => Ok(false),
         }
     }
 

@@ -50,6 +50,9 @@ pub(crate) struct AcquireJob {
     pub parent: Option<ParentSpec>,
     /// The share of the parent's bucket: the amounts of the parent's limits (empty without one).
     pub parent_share: Amounts,
+    /// The entity's own bucket is bypassed: nothing is asked of it or written to it, but its
+    /// share is still counted as usage (a cascade parent is charged as usual).
+    pub bypass: bool,
     pub deadline: tokio::time::Instant,
     /// Whether the caller wants a lease, and who may use it (else the acquire is committed at
     /// once).
@@ -62,6 +65,19 @@ pub(crate) struct AcquireJob {
     /// The caller's trace span (none without telemetry): the parent of the round that carries
     /// the job.
     pub span: Option<Box<tracing::Span>>,
+}
+
+impl AcquireJob {
+    /// The buckets the acquire charges, each with its limits and share: its own (unless
+    /// bypassed), then its cascade parent's.
+    pub fn charged(&self) -> impl Iterator<Item = (&EntityId, &[Limit], &Amounts)> {
+        let own = (!self.bypass).then_some((&self.entity, &self.limits[..], &self.own));
+        let parent = self
+            .parent
+            .as_ref()
+            .map(|p| (&p.entity, &p.limits[..], &self.parent_share));
+        own.into_iter().chain(parent)
+    }
 }
 
 /// How every limit of a bucket stands for `amounts`, without consuming.

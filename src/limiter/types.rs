@@ -237,6 +237,8 @@ pub enum Decision {
         /// `None` when the acquire was committed at once.
         lease: Option<LeaseId>,
         statuses: Vec<LimitStatus>,
+        /// Admitted under a bypass gate: the entity's own balances were not debited.
+        bypassed: bool,
     },
     Rejected {
         rejection: Rejection,

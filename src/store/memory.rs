@@ -40,7 +40,7 @@ impl State {
         &mut self,
         ns: &Namespace,
         scope: &LimitScope,
-        setting: (Option<T>, &str, fn(T) -> &'static str),
+        setting: (Option<T>, &str, fn(T) -> String),
         actions: (AuditAction, AuditAction),
         field: fn(&mut LevelSettings) -> &mut Option<T>,
         by: &Actor,
@@ -63,8 +63,8 @@ impl State {
                 actions.1
             },
             by,
-            before.map(|v| text(v).to_owned()),
-            after.map(|v| text(v).to_owned()),
+            before.map(text),
+            after.map(text),
         );
         self.audit(ns, e);
         Ok(())
@@ -357,7 +357,7 @@ impl Store for MemoryStore {
         by: &Actor,
     ) -> Result<(), StoreError> {
         let actions = (AuditAction::GateSet, AuditAction::GateCleared);
-        let setting = (gate, "gate", Gate::as_str as fn(Gate) -> &'static str);
+        let setting = (gate, "gate", Gate::text as fn(Gate) -> String);
         self.lock()
             .set_level(ns, scope, setting, actions, |l| &mut l.gate, by)
     }
@@ -373,7 +373,7 @@ impl Store for MemoryStore {
         let setting = (
             cascade,
             "cascade policy",
-            cascade_text as fn(bool) -> &'static str,
+            (|c| cascade_text(c).to_owned()) as fn(bool) -> String,
         );
         self.lock()
             .set_level(ns, scope, setting, actions, |l| &mut l.cascade, by)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import time
 
@@ -652,6 +653,52 @@ def test_cascade_is_set_per_resource_and_per_entity(daemon, entity):
     read, left = run(scenario())
     assert read == (False, True, None)
     assert left == {"tok": 94}, "charged 2 and 4, not 1"
+
+
+def test_a_bypassed_entity_is_counted_not_debited_and_its_parent_is_charged(daemon, entity):
+    org, key, model = f"org-{entity}", f"key-{entity}", f"model-{entity}"
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            await zl.create_entity(org)
+            await zl.create_entity(key, parent_id=org, cascade=True)
+            await zl.set_limits(org, [Limit.per_day("tok", 100)])
+            await zl.set_limits(key, [Limit.per_day("tok", 10)])
+            await zl.disable_resource(model)
+            await zl.bypass_entity(key, until=datetime.timedelta(hours=1))
+            async with zl.acquire(key, model, {"tok": 30}) as lease:
+                await lease.adjust(tok=20)
+                bypassed = lease.bypassed
+            seen = await zl.check_availability(key, model, {"tok": 1000})
+            with pytest.raises(RateLimitExceeded) as refused:
+                await zl.consume(key, model, {"tok": 60})  # the org has 50 left
+            # Ended: the next level decides (the entity's bypass).
+            await zl.bypass_entity(key, model, until=datetime.datetime(2000, 1, 1))
+            await zl.consume(key, model, {"tok": 20})
+            with pytest.raises(ValidationError):
+                await zl.bypass_resource(model, until="tomorrow")
+            await zl.clear_entity_disabled(key)
+            with pytest.raises(ResourceDisabled):
+                await zl.consume(key, model, {"tok": 1})
+            await zl.clear_resource_disabled(model)
+            with pytest.raises(RateLimitExceeded):
+                await zl.consume(key, model, {"tok": 20})  # the key's own 10 again
+            await zl.clear_entity_disabled(key, model)
+            return (
+                bypassed,
+                seen,
+                refused.value.refused_by,
+                await zl.available(key, model),
+                await zl.available(org, model),
+            )
+
+    bypassed, seen, refused_by, key_left, org_left = run(scenario())
+    assert bypassed
+    assert seen.bypassed and seen.allowed and seen.retry_after_seconds == 0.0
+    assert seen.exceeded == ["tok"], "the statuses are the bucket's own"
+    assert refused_by == org
+    assert key_left == {"tok": 10}, "never debited"
+    assert org_left == {"tok": 30}
 
 
 def test_a_call_s_limits_reach_a_cascade_parent_without_limits_of_its_own(daemon, entity):

@@ -89,6 +89,35 @@ def test_the_disabled_resource_example_answers_403_but_to_the_kept_tenant(daemon
     assert run(scenario()) == [(200, "ok"), (403, f"{model} is not available to other")]
 
 
+def test_the_bypass_example_admits_past_the_limit_and_still_meters(daemon, monkeypatch):
+    from zae_limiter_client import Limit
+
+    monkeypatch.setenv("ZAE_LIMITER_SOCKET", daemon.socket)
+    scope: dict = {}
+    exec(compile(readme_block("bypass_entity("), "README.md", "exec"), scope)  # noqa: S102
+    limiter, tenant = scope["limiter"], f"tenant-{daemon.namespace}"
+
+    async def scenario():
+        await limiter.set_limits(tenant, [Limit.per_minute("tpm", 1_000)])
+        before = await scope["answer"](tenant, "gpt-4", 10)
+        await scope["incident"](tenant)
+        during = [await scope["answer"](tenant, "gpt-4", 5_000) for _ in range(2)]
+        deadline, usage = time.monotonic() + 20, 0.0
+        while usage < 10_010 and time.monotonic() < deadline:
+            records = await limiter.get_usage_snapshots(tenant)
+            usage = sum(u.consumed.get("tpm", 0) for u in records if u.period == "hour")
+            await asyncio.sleep(0.1)
+        left = await limiter.available(tenant, "gpt-4")
+        await limiter.clear_entity_disabled(tenant)
+        await limiter.close()
+        return before, during, usage, left
+
+    before, during, usage, left = run(scenario())
+    assert (before, during) == ("limited", ["bypassed", "bypassed"])
+    assert usage == 10_010, "every token metered"
+    assert left["tpm"] >= 990, "only the first call debited"
+
+
 def test_the_multi_resource_example_charges_both_resources_or_neither(daemon, monkeypatch):
     from zae_limiter_client import Limit, RateLimitExceeded
 

@@ -51,11 +51,11 @@ fn a_cascading_request_needs_both_buckets_and_a_refusal_charges_neither() {
     let parent = limits(3, 3);
     let a = amounts(1, 1);
     let req = Request {
-        own: Ask {
+        own: Some(Ask {
             item: 0,
             limits: &own,
             amounts: &a,
-        },
+        }),
         parent: Some(Ask {
             item: 1,
             limits: &parent,
@@ -91,27 +91,27 @@ fn another_limit_set_ends_the_batch_in_order() {
     let x = amounts(1, 1);
     let queue = [
         Request {
-            own: Ask {
+            own: Some(Ask {
                 item: 0,
                 limits: &a,
                 amounts: &x,
-            },
+            }),
             parent: None,
         },
         Request {
-            own: Ask {
+            own: Some(Ask {
                 item: 0,
                 limits: &b,
                 amounts: &x,
-            },
+            }),
             parent: None,
         },
         Request {
-            own: Ask {
+            own: Some(Ask {
                 item: 0,
                 limits: &a,
                 amounts: &x,
-            },
+            }),
             parent: None,
         },
     ];
@@ -131,11 +131,11 @@ fn refunds_never_lift_a_balance_above_capacity_and_debt_has_a_floor() {
     let plan = decide_batch(
         &[None],
         &[Request {
-            own: Ask {
+            own: Some(Ask {
                 item: 0,
                 limits: &l,
                 amounts: &amounts(10, 10),
-            },
+            }),
             parent: None,
         }],
         0,
@@ -198,7 +198,7 @@ proptest! {
             .iter()
             .zip(&asked)
             .map(|((cascade, _, _), a)| Request {
-                own: Ask { item: 0, limits: &own_limits, amounts: a },
+                own: Some(Ask { item: 0, limits: &own_limits, amounts: a }),
                 parent: cascade.then_some(Ask { item: 1, limits: &parent_limits, amounts: a }),
             })
             .collect();

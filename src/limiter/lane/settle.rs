@@ -18,6 +18,8 @@ use crate::metrics as m;
 pub(crate) struct Settle {
     /// Signed milli-tokens per bucket: positive charges more, negative gives back.
     pub parts: Vec<(EntityId, Amounts)>,
+    /// As `parts`, of bypassed buckets: counted as usage once settled, never written.
+    pub counted: Vec<(EntityId, Amounts)>,
     pub lease: Option<u64>,
     /// When it is given up (its lease would have expired): it is dropped then, unwritten.
     pub give_up_ms: i64,
@@ -28,24 +30,28 @@ impl Settle {
     /// nothing).
     pub fn refund(job: &AcquireJob, give_up_ms: i64) -> Option<Self> {
         let parent = job.parent.as_ref().map(|p| (&p.entity, &job.parent_share));
-        Self::refund_of(&job.entity, &job.own, parent, give_up_ms)
+        Self::refund_of((&job.entity, &job.own), job.bypass, parent, give_up_ms)
     }
 
-    /// As [`Settle::refund`], of an acquire's shares: its own, and its parent's.
+    /// As [`Settle::refund`], of an acquire's shares: its own (only uncounted when `bypass`),
+    /// and its parent's.
     pub fn refund_of(
-        entity: &EntityId,
-        own: &Amounts,
+        own: (&EntityId, &Amounts),
+        bypass: bool,
         parent: Option<(&EntityId, &Amounts)>,
         give_up_ms: i64,
     ) -> Option<Self> {
-        let back = |a: &Amounts| a.negated().expect("acquired amounts are bounded");
-        let mut parts = vec![(entity.clone(), back(own))];
-        if let Some((parent, share)) = parent {
-            parts.push((parent.clone(), back(share)));
-        }
-        parts.retain(|(_, a)| !a.is_zero());
-        (!parts.is_empty()).then_some(Self {
+        let back = |(entity, share): (&EntityId, &Amounts)| {
+            let back = share.negated().expect("acquired amounts are bounded");
+            (!back.is_zero()).then(|| (entity.clone(), back))
+        };
+        let own = back(own);
+        let (own, counted) = if bypass { (None, own) } else { (own, None) };
+        let parts: Vec<_> = own.into_iter().chain(parent.and_then(back)).collect();
+        let counted: Vec<_> = counted.into_iter().collect();
+        (!parts.is_empty() || !counted.is_empty()).then_some(Self {
             parts,
+            counted,
             lease: None,
             give_up_ms,
         })
@@ -219,7 +225,7 @@ impl Lane {
         self.settles.one_at_a_time = false;
         let mut used = Used::default();
         for s in settles {
-            for (entity, amounts) in &s.parts {
+            for (entity, amounts) in s.parts.iter().chain(&s.counted) {
                 used.add(entity, amounts);
             }
             if let Some(id) = s.lease {

@@ -35,6 +35,7 @@ fn job(entity: &str, limits: &[Limit], take: i64) -> (AcquireJob, Answer<Decisio
         amounts,
         parent: None,
         parent_share: Amounts::default(),
+        bypass: false,
         deadline: tokio::time::Instant::now() + Duration::from_secs(600),
         lease: None,
         reply,
@@ -340,6 +341,7 @@ fn a_lease_settlement_is_answered_through_an_event_and_one_too_deep_is_refused()
     lane.restore(id("e"), Some(Bucket::full(rpm(10), T0)), T0);
     lane.settle(Settle {
         parts: vec![(id("e"), tokens("rpm", 25))],
+        counted: Vec::new(),
         lease: Some(7),
         give_up_ms: T0 + 60_000,
     });
@@ -356,6 +358,7 @@ fn a_lease_settlement_is_answered_through_an_event_and_one_too_deep_is_refused()
     let floor = crate::domain::amounts::MIN_BALANCE / MILLI;
     lane.settle(Settle {
         parts: vec![(id("e"), tokens("rpm", -floor))],
+        counted: Vec::new(),
         lease: Some(8),
         give_up_ms: T0 + 60_000,
     });
@@ -375,6 +378,7 @@ fn a_settlement_whose_time_is_up_is_given_up() {
     lane.restore(id("e"), Some(Bucket::full(rpm(10), T0)), T0);
     lane.settle(Settle {
         parts: vec![(id("e"), tokens("rpm", -1))],
+        counted: Vec::new(),
         lease: None,
         give_up_ms: T0 + 100,
     });

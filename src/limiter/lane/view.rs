@@ -111,26 +111,18 @@ impl View {
     }
 
     fn hold(&mut self, job: &AcquireJob, sign: i128) {
-        hold(
-            &mut self.items.entry(job.entity.clone()).or_default().reserved,
-            &job.own,
-            sign,
-        );
-        if let Some(p) = &job.parent {
-            hold(
-                &mut self.items.entry(p.entity.clone()).or_default().reserved,
-                &job.parent_share,
-                sign,
-            );
+        for (entity, _, share) in job.charged() {
+            let item = self.items.entry(entity.clone()).or_default();
+            hold(&mut item.reserved, share, sign);
         }
     }
 
     /// The refusal the cache decides, with the cascade parent that refused: each bucket as it
     /// stands now less what is reserved of it, when its state is fresh; taken as full otherwise,
     /// so that only a request that can never fit is refused.
-    pub fn refusal(
+    pub fn refusal<'a>(
         &self,
-        job: &AcquireJob,
+        job: &'a AcquireJob,
         ctx: &Ctx<'_>,
     ) -> Option<(Rejection, Option<EntityId>)> {
         let state = |entity: &EntityId, limits: &[Limit]| {
@@ -141,23 +133,21 @@ impl View {
             }
             projected(cache, limits, &item.reserved, ctx.now)
         };
-        let mut states = vec![state(&job.entity, &job.limits)];
-        let parent = job.parent.as_ref().map(|p| {
-            states.push(state(&p.entity, &p.limits));
+        let mut states = Vec::with_capacity(2);
+        let mut ask = |entity: &EntityId, limits: &'a [Limit], amounts: &'a Amounts| {
+            states.push(state(entity, limits));
             Ask {
-                item: 1,
-                limits: &p.limits,
-                amounts: &job.parent_share,
+                item: states.len() - 1,
+                limits,
+                amounts,
             }
-        });
-        let request = Request {
-            own: Ask {
-                item: 0,
-                limits: &job.limits,
-                amounts: &job.own,
-            },
-            parent,
         };
+        let own = (!job.bypass).then(|| ask(&job.entity, &job.limits, &job.own));
+        let parent = job
+            .parent
+            .as_ref()
+            .map(|p| ask(&p.entity, &p.limits, &job.parent_share));
+        let request = Request { own, parent };
         let (rejection, by_parent) = refusal(&states, &request, ctx.now)?;
         let refused_by = by_parent.then(|| job.parent.as_ref().map(|p| p.entity.clone()));
         Some((rejection, refused_by.flatten()))

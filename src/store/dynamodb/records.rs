@@ -321,8 +321,10 @@ pub(super) async fn set_gate(
         actions: (AuditAction::GateSet, AuditAction::GateCleared),
         what: format!("gate of {scope}"),
     };
-    let (before, after) = (before.map(Gate::as_str), gate.map(Gate::as_str));
-    change.apply(store, ns, before, after, by).await
+    let (before, after) = (before.map(Gate::text), gate.map(Gate::text));
+    change
+        .apply(store, ns, before.as_deref(), after.as_deref(), by)
+        .await
 }
 
 pub(super) async fn set_cascade(

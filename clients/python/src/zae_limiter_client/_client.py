@@ -358,6 +358,7 @@ class _Api:
                 statuses=[
                     LimitStatus._from_pb(s, entity_id, resource, by_name) for s in r.statuses
                 ],
+                bypassed=r.bypassed,
             )
 
         return self._call(_rate_limiter_method("TimeUntilAvailable"), request, convert)
@@ -509,13 +510,22 @@ class _Api:
 
     # --- gates: disabled and enabled resources --------------------------------------------------
 
-    def _gate(self, entity_id: str | None, resource: str | None, gate: int | None) -> Any:
-        """Sets (``gate``) or clears (``None``) the gate at a scope."""
+    def _gate(
+        self,
+        entity_id: str | None,
+        resource: str | None,
+        gate: int | None,
+        until: datetime.datetime | datetime.timedelta | None = None,
+    ) -> Any:
+        """Sets (``gate``) or clears (``None``) the gate at a scope; a bypass may end ``until``."""
         scope = self._scope(entity_id, resource)
         if gate is None:
             request = message(pb.LimitsRequest, namespace=self.namespace, scope=scope)
             return self._call(_admin_method("ClearGate"), request, lambda r: None)
-        request = message(pb.GateRequest, namespace=self.namespace, scope=scope, gate=gate)
+        ends = {} if until is None else {"bypass_until_ms": _epoch_ms("until", until)}
+        request = message(
+            pb.GateRequest, namespace=self.namespace, scope=scope, gate=gate, **ends
+        )
         return self._call(_admin_method("SetGate"), request, lambda r: None)
 
     def disable_resource(self, resource: str) -> Any:
@@ -541,6 +551,25 @@ class _Api:
 
     def clear_entity_disabled(self, entity_id: str, resource: str | None = None) -> Any:
         return self._gate(entity_id, resource, None)
+
+    def bypass_resource(
+        self, resource: str, until: datetime.datetime | datetime.timedelta | None = None
+    ) -> Any:
+        """Admits every acquire on ``resource`` without debiting the entity's balances (its
+        consumption is still counted; a cascade parent is charged as usual), for every entity
+        that has no gate of its own; until ``until`` (a time, or a time from now) when given,
+        else until ``clear_resource_disabled``."""
+        return self._gate(None, resource, pb.GATE_BYPASS, until)
+
+    def bypass_entity(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        until: datetime.datetime | datetime.timedelta | None = None,
+    ) -> Any:
+        """As ``bypass_resource``, for the entity on ``resource`` (``None``: on every resource
+        without an entity + resource gate)."""
+        return self._gate(entity_id, resource, pb.GATE_BYPASS, until)
 
     def _cascade(self, entity_id: str | None, resource: str | None, cascade: Any) -> Any:
         """Sets (``True``/``False``) or clears (``None``) the cascade policy at a scope."""
@@ -731,6 +760,17 @@ def _renew_request(lease_id: str) -> pb.LeaseRequest:
     return pb.LeaseRequest(lease_id=lease_id)
 
 
+def _epoch_ms(field: str, when: datetime.datetime | datetime.timedelta) -> int:
+    """A time (or a time from now) in ms since the Unix epoch."""
+    if isinstance(when, datetime.timedelta):
+        return int((time.time() + when.total_seconds()) * 1000)
+    if isinstance(when, datetime.datetime):
+        return int(when.timestamp() * 1000)
+    raise ValidationError(
+        f"{field}: must be a datetime or a timedelta, got {when!r}", field=field
+    )
+
+
 class Lease:
     """Capacity taken by ``acquire``. ``adjust`` reports the real usage (negative gives back; a
     balance may go into debt); the ``acquire`` block commits or rolls back. ``consumed`` is what
@@ -756,6 +796,9 @@ class Lease:
         self._converted: list[LimitStatus] | None = None
         self.consumed = consumed
         self._closed = False
+        #: Admitted under a bypass gate (any of its resources): the entity's balances were not
+        #: debited, its consumption is still counted.
+        self.bypassed = False
         # The leases of the further resources of an acquire with `also`, by resource.
         self._others: dict[str, Lease] = {}
 
@@ -906,6 +949,7 @@ class _Acquire:
                 response.lease_ttl_ms,
             )
             self._limiter._renew_while_held(lease_id, response.lease_ttl_ms)
+            held.bypassed = response.bypassed
             return held
 
         self._lease = lease(response.lease_id, self._resource, self._consume)

@@ -303,7 +303,7 @@ class Availability:
     resource: str
     checked_at_ms: int
     statuses: list[LimitStatus]
-    #: Bypass is not built yet: always False.
+    #: A bypass gate decides for the bucket: an acquire is admitted whatever the statuses say.
     bypassed: bool = False
 
     def status(self, limit_name: str) -> LimitStatus | None:
@@ -328,7 +328,7 @@ class Availability:
 
     @property
     def allowed(self) -> bool:
-        return not self.exceeded
+        return self.bypassed or not self.exceeded
 
     @property
     def deficit(self) -> dict[str, int]:
@@ -338,6 +338,8 @@ class Availability:
     @property
     def retry_after_seconds(self) -> float:
         """Seconds until every needed amount fits (0.0 now; ``math.inf`` when one never can)."""
+        if self.bypassed:
+            return 0.0
         waits = [
             math.inf if s.retry_after_seconds is None else s.retry_after_seconds
             for s in self.statuses
