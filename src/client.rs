@@ -641,6 +641,16 @@ impl BlockingLease {
         self.lease.as_ref().map_or("", Lease::id)
     }
 
+    /// As [`Lease::statuses`].
+    pub fn statuses(&self) -> &[proto::LimitStatus] {
+        self.lease.as_ref().map_or(&[], Lease::statuses)
+    }
+
+    /// As [`Lease::bypassed`].
+    pub fn bypassed(&self) -> bool {
+        self.lease.as_ref().is_some_and(Lease::bypassed)
+    }
+
     /// # Errors
     /// As [`Lease::adjust`].
     pub fn adjust<'a>(

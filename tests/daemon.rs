@@ -658,6 +658,12 @@ fn the_blocking_client_serves_code_without_a_runtime() {
             .consume("tpm", 60)
     };
     let mut lease = client.acquire(acquire()).unwrap();
+    assert!(!lease.bypassed());
+    let status = &lease.statuses()[0];
+    assert_eq!(
+        (status.name.as_str(), status.available_milli),
+        ("tpm", 100_000)
+    );
     lease.adjust([("tpm", -20)]).unwrap();
     lease.commit().unwrap();
     // 40 used; a second 60 fits, a third does not, and dropping the second gives it back.
