@@ -36,6 +36,13 @@ async fn acquire(
 }
 
 /// Runs the command line against the daemon: exit status, stdout, stderr.
+/// Runs the CLI, expecting it to succeed; returns its standard output.
+fn cli_ok(daemon: &Daemon, args: &[&str]) -> String {
+    let (code, out, err) = run_cli(daemon, args);
+    assert_eq!(code, Some(0), "{args:?}: {err}");
+    out
+}
+
 fn run_cli(daemon: &Daemon, args: &[&str]) -> (Option<i32>, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_zae-limiter"))
         .args(args)
@@ -1517,11 +1524,7 @@ async fn several_resources_are_acquired_all_or_none_from_the_cli_and_the_client(
 async fn the_cli_bypasses_an_entity_and_its_parent_is_still_charged() {
     let daemon = Daemon::start(MEMORY, &[]);
     let cli = |args: &[&str]| run_cli(&daemon, args);
-    let ok = |args: &[&str]| {
-        let (code, out, err) = cli(args);
-        assert_eq!(code, Some(0), "{args:?}: {err}");
-        out
-    };
+    let ok = |args: &[&str]| cli_ok(&daemon, args);
     ok(&["entity", "create", "org"]);
     ok(&["entity", "create", "key", "--parent", "org", "--cascade"]);
     ok(&["limits", "set", "--entity", "org", "--limit", "tok=100/1d"]);
@@ -1569,11 +1572,7 @@ async fn the_cli_bypasses_an_entity_and_its_parent_is_still_charged() {
 async fn the_cli_sets_cascade_per_resource() {
     let daemon = Daemon::start(MEMORY, &[]);
     let cli = |args: &[&str]| run_cli(&daemon, args);
-    let ok = |args: &[&str]| {
-        let (code, out, err) = cli(args);
-        assert_eq!(code, Some(0), "{args:?}: {err}");
-        out
-    };
+    let ok = |args: &[&str]| cli_ok(&daemon, args);
     ok(&["entity", "create", "org"]);
     ok(&["entity", "create", "key", "--parent", "org"]);
     ok(&["limits", "set", "--entity", "org", "--limit", "tok=100/1d"]);

@@ -160,15 +160,52 @@ impl Fixture {
 
     /// The stored (balance, consumed) of a limit, in milli-tokens.
     async fn stored(&self, entity: &str, limit: &str) -> (i64, i128) {
+        self.stored_on(entity, "model", limit).await
+    }
+
+    /// As [`Fixture::stored`], of the bucket on `resource`.
+    async fn stored_on(&self, entity: &str, resource: &str, limit: &str) -> (i64, i128) {
+        let key = BucketKey {
+            resource: ResourceId::new(resource).unwrap(),
+            ..key(&self.ns, entity)
+        };
         let bucket = self
             .store
             .inner
-            .load_bucket(&key(&self.ns, entity))
+            .load_bucket(&key)
             .await
             .unwrap()
             .expect("the bucket is stored");
         let l = bucket.limit(&LimitName::new(limit).unwrap()).unwrap();
         (l.balance, l.consumed)
+    }
+
+    /// Creates entities (id, parent, cascade flag), each with `tok` per hour stored when given.
+    async fn create_entities(&self, entities: &[(&str, Option<&str>, bool, Option<u64>)]) {
+        use zae_limiter::domain::records::{Entity, LimitScope};
+        let by = Actor {
+            principal: "test".into(),
+            at_ms: T0,
+        };
+        for &(id, parent, cascade, tokens) in entities {
+            let entity = Entity {
+                id: EntityId::new(id).unwrap(),
+                name: String::new(),
+                parent: parent.map(|p| EntityId::new(p).unwrap()),
+                cascade,
+                metadata: Default::default(),
+            };
+            let store = &self.store.inner;
+            store.create_entity(&self.ns, &entity, &by).await.unwrap();
+            if let Some(tokens) = tokens {
+                let limits = [Limit::per_hour("tok", tokens).unwrap()];
+                let scope = LimitScope::Entity(entity.id.clone());
+                store
+                    .set_limits(&self.ns, &scope, &limits, &by)
+                    .await
+                    .unwrap();
+            }
+        }
     }
 }
 
@@ -787,34 +824,18 @@ async fn a_bypassed_entity_is_counted_not_debited_and_its_parent_is_charged(
     inner: Arc<dyn Store>,
     ns: Namespace,
 ) {
-    use zae_limiter::domain::records::{Entity, LimitScope, gate_scopes};
+    use zae_limiter::domain::records::gate_scopes;
     let f = fixture(inner, ns.clone(), |s| s.usage_flush_ms = 3_600_000);
     let admin = zae_limiter::admin::Admin::new(f.limiter.clone());
     let by = Actor {
         principal: "test".into(),
         at_ms: T0,
     };
-    for (id, parent, tokens) in [("org", None, 100), ("key", Some("org"), 10)] {
-        let entity = Entity {
-            id: EntityId::new(id).unwrap(),
-            name: String::new(),
-            parent: parent.map(|p| EntityId::new(p).unwrap()),
-            cascade: parent.is_some(),
-            metadata: Default::default(),
-        };
-        f.store
-            .inner
-            .create_entity(&ns, &entity, &by)
-            .await
-            .unwrap();
-        let limits = [Limit::per_hour("tok", tokens).unwrap()];
-        let scope = LimitScope::Entity(entity.id.clone());
-        f.store
-            .inner
-            .set_limits(&ns, &scope, &limits, &by)
-            .await
-            .unwrap();
-    }
+    f.create_entities(&[
+        ("org", None, false, Some(100)),
+        ("key", Some("org"), true, Some(10)),
+    ])
+    .await;
     let scopes = gate_scopes(
         &EntityId::new("key").unwrap(),
         &ResourceId::new("model").unwrap(),
@@ -1347,7 +1368,7 @@ async fn a_cascade_chain_is_one_group(inner: Arc<dyn Store>, ns: Namespace) {
 /// library's LLM-gateway example: on for a model, off for a shared budget). Another daemon's
 /// change is seen once the cached settings are older than the cache's life.
 async fn cascade_is_decided_per_resource(inner: Arc<dyn Store>, ns: Namespace) {
-    use zae_limiter::domain::records::{Entity, LimitScope, gate_scopes};
+    use zae_limiter::domain::records::{LimitScope, gate_scopes};
     let f = fixture(inner.clone(), ns.clone(), |_| {});
     let other = fixture(inner, ns.clone(), |_| {});
     let there = zae_limiter::admin::Admin::new(other.limiter.clone());
@@ -1356,27 +1377,11 @@ async fn cascade_is_decided_per_resource(inner: Arc<dyn Store>, ns: Namespace) {
         principal: "test".into(),
         at_ms: T0,
     };
-    for (id, parent) in [("org", None), ("key", Some("org"))] {
-        let entity = Entity {
-            id: EntityId::new(id).unwrap(),
-            name: String::new(),
-            parent: parent.map(|p| EntityId::new(p).unwrap()),
-            cascade: false,
-            metadata: Default::default(),
-        };
-        f.store
-            .inner
-            .create_entity(&ns, &entity, &by)
-            .await
-            .unwrap();
-        let limits = [Limit::per_hour("tok", 100).unwrap()];
-        let scope = LimitScope::Entity(entity.id.clone());
-        f.store
-            .inner
-            .set_limits(&ns, &scope, &limits, &by)
-            .await
-            .unwrap();
-    }
+    f.create_entities(&[
+        ("org", None, false, Some(100)),
+        ("key", Some("org"), false, Some(100)),
+    ])
+    .await;
     let on = |resource: &str| {
         let key = BucketKey {
             resource: ResourceId::new(resource).unwrap(),
@@ -1443,26 +1448,18 @@ async fn an_override_reaches_a_cascade_parent_without_stored_limits(
     inner: Arc<dyn Store>,
     ns: Namespace,
 ) {
-    use zae_limiter::domain::records::{Entity, LimitScope};
+    use zae_limiter::domain::records::LimitScope;
     let f = fixture(inner, ns.clone(), |_| {});
     let by = Actor {
         principal: "test".into(),
         at_ms: T0,
     };
-    for (id, parent) in [("org", None), ("a", Some("org")), ("b", Some("org"))] {
-        let entity = Entity {
-            id: EntityId::new(id).unwrap(),
-            name: String::new(),
-            parent: parent.map(|p| EntityId::new(p).unwrap()),
-            cascade: parent.is_some(),
-            metadata: Default::default(),
-        };
-        f.store
-            .inner
-            .create_entity(&ns, &entity, &by)
-            .await
-            .unwrap();
-    }
+    f.create_entities(&[
+        ("org", None, false, None),
+        ("a", Some("org"), true, None),
+        ("b", Some("org"), true, None),
+    ])
+    .await;
     let given = [Limit::per_hour("tok", 10).unwrap()];
     let on = |entity: &str, resource: &str, n: i64| {
         let req = AcquireRequest {
@@ -1492,23 +1489,14 @@ async fn an_override_reaches_a_cascade_parent_without_stored_limits(
     assert!(!admitted(&refused), "{refused:?}");
     assert!(admitted(&on("a", "chat", 3).await));
     f.limiter.shutdown(Duration::from_secs(10)).await;
-    let stored = |entity: &str, resource: &str| {
-        let key = BucketKey {
-            resource: ResourceId::new(resource).unwrap(),
-            ..key(&ns, entity)
-        };
-        let store = f.store.inner.clone();
-        async move {
-            let bucket = store.load_bucket(&key).await.unwrap().expect("stored");
-            let l = bucket.limit(&LimitName::new("tok").unwrap()).unwrap();
-            (l.balance, l.consumed)
-        }
-    };
-    assert_eq!(stored("org", "model").await.1, i128::from(10 * MILLI));
-    let (balance, consumed) = stored("org", "chat").await;
+    assert_eq!(f.stored("org", "tok").await.1, i128::from(10 * MILLI));
+    let (balance, consumed) = f.stored_on("org", "chat", "tok").await;
     assert_eq!(consumed, i128::from(3 * MILLI));
     assert_eq!(balance, 2 * MILLI, "the parent's own capacity of 5");
-    assert_eq!(stored("a", "chat").await.1, i128::from(3 * MILLI));
+    assert_eq!(
+        f.stored_on("a", "chat", "tok").await.1,
+        i128::from(3 * MILLI)
+    );
 }
 
 /// Look-ups of an entity in use are re-read in the background before they expire: past the
