@@ -17,6 +17,9 @@ use crate::limiter::{Limiter, LimiterError, within};
 use crate::store::AuditPage;
 
 pub use crate::domain::records::MAX_DEPTH;
+pub use buckets::{ONCE_MS, Operated};
+
+mod buckets;
 
 /// Audit records per page when a caller asks for none.
 const DEFAULT_PAGE: usize = 50;

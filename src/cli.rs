@@ -104,6 +104,7 @@ async fn client_command(command: Command) -> Result<ExitCode, CliError> {
         Command::FailurePolicy { op, daemon } => admin::print(daemon, op.into()).await?,
         Command::Gate { op, daemon } => admin::print(daemon, op.into()).await?,
         Command::Cascade { op, daemon } => admin::print(daemon, op.into()).await?,
+        Command::Bucket { op, daemon } => admin::print(daemon, op.into()).await?,
         Command::Usage {
             entity,
             resource,

@@ -429,6 +429,36 @@ impl Limiter {
         self.registry.peek(&group, job, answer, deadline).await
     }
 
+    /// The limits stored for a bucket, as an acquire that gives none resolves them.
+    ///
+    /// # Errors
+    /// `InvalidArgument` when no level has any, or the store's error.
+    pub async fn resolved_limits(&self, key: &BucketKey) -> Result<Vec<Limit>, LimiterError> {
+        self.lookups.resolve(key).await
+    }
+
+    /// The store's bucket changed outside any acquire (an operator's reset or top-up): this
+    /// daemon forgets its cached state of it, so that its next decision on it reads it first
+    /// (other daemons refuse on theirs for at most `max_staleness_ms`).
+    ///
+    /// # Errors
+    /// As [`Limiter::peek`].
+    pub async fn bucket_changed(
+        &self,
+        key: &BucketKey,
+        deadline: Instant,
+    ) -> Result<(), LimiterError> {
+        let root = within(deadline, async {
+            let up = self.lookups.cascading_parent(key).await?;
+            self.lookups.group_root(key, up.as_ref()).await
+        })
+        .await?;
+        let group = (key.namespace.clone(), root);
+        self.registry
+            .refresh(&group, key.entity.clone(), key.resource.clone(), deadline)
+            .await
+    }
+
     /// Forgets cached stored limits, entities and registered namespaces (after a change made
     /// through this daemon).
     pub fn forget_lookups(&self) {

@@ -63,6 +63,17 @@ pub struct KeyedWrite {
     pub write: Write,
 }
 
+/// An operation done at most once per key ([`Store::operate_bucket`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Once {
+    /// The caller's key, unique per (namespace, entity).
+    pub key: String,
+    /// What a later call with the same key gets back: the first call's outcome.
+    pub outcome: String,
+    /// Until when the key is remembered (ms since the epoch).
+    pub until_ms: i64,
+}
+
 /// One page of audit records, newest first; `next` continues after the last one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuditPage {
@@ -110,6 +121,23 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError::Conflict`] naming the first failing write; nothing is applied.
     async fn commit(&self, writes: &[KeyedWrite]) -> Result<(), StoreError>;
+
+    /// Applies an operator's change to one bucket (`write`; `None`: there is nothing to write)
+    /// with its audit record `entry`, all or nothing. With `once`, only if its key is not in use
+    /// on the entity (never used, or remembered no longer than `until_ms` of its first use, as of
+    /// `entry.at_ms`): then the key is stored with its outcome in the same atomic operation. A key
+    /// in use writes nothing and returns the outcome stored with it.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] (index 0) with the bucket as stored now when `write`'s condition
+    /// fails; nothing is applied.
+    async fn operate_bucket(
+        &self,
+        key: &BucketKey,
+        write: Option<&Write>,
+        entry: &AuditEntry,
+        once: Option<&Once>,
+    ) -> Result<Option<String>, StoreError>;
 
     /// # Errors
     /// [`StoreError::AlreadyExists`] when an entity with this id exists.

@@ -11,13 +11,14 @@ use std::time::Duration;
 use common::Counting;
 use zae_limiter::clock::{Clock, SystemClock};
 use zae_limiter::consume::{Outcome, Seen, consume};
-use zae_limiter::domain::bucket::{Plan, Write, plan, plan_settle};
+use zae_limiter::domain::bucket::{Operation, Plan, Write, plan, plan_operation, plan_settle};
 use zae_limiter::domain::limit::{MILLI, canonical};
 use zae_limiter::domain::records::{
-    Actor, AuditAction, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
+    Actor, AuditAction, AuditEntry, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period,
+    Usage,
 };
 use zae_limiter::store::dynamodb::DynamoStore;
-use zae_limiter::store::{KeyedWrite, Store, StoreError};
+use zae_limiter::store::{KeyedWrite, Once, Store, StoreError};
 use zae_limiter::{BucketKey, EntityId, Limit, LimitName, Namespace, ResourceId};
 
 const T0: i64 = 1_800_000_000_000;
@@ -1561,6 +1562,120 @@ async fn usage_added_at_once_adds_up(store: Arc<dyn Store>, ns: Namespace) {
 }
 
 /// Stamps out every test of the suite for one store.
+/// An operator's bucket change: applied with its audit record, refused whole on a moved bucket
+/// (with the bucket as stored, nothing written), and done once per key: a key in use writes
+/// nothing and gives the first outcome back, until its time is over; a key is per entity.
+async fn a_bucket_operation_is_conditional_audited_and_done_once_per_key(
+    store: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    let k = key(&ns, "buyer", "gpt-4");
+    let limits = vec![Limit::per_minute("tpm", 100).unwrap()];
+    let out = consume(
+        &*store,
+        &k,
+        &limits,
+        &tokens(&[("tpm", 90)]),
+        T0,
+        Seen::Unread,
+    )
+    .await;
+    assert!(admitted(&out.unwrap()));
+    let seen = store.load_bucket(&k).await.unwrap().unwrap();
+    let (reset, gained) = plan_operation(&seen, &Operation::Reset(None), T0);
+    assert_eq!(gained, tokens(&[("tpm", 90)]));
+    let reset = reset.expect("a write");
+    let audited = |at_ms| {
+        AuditEntry::new(
+            "buyer".into(),
+            AuditAction::BucketReset,
+            &actor(at_ms),
+            None,
+            Some("{}".into()),
+        )
+    };
+    let once = |key: &str, outcome: &str, until_ms| Once {
+        key: key.into(),
+        outcome: outcome.into(),
+        until_ms,
+    };
+
+    // Another writer's refund lands first: refused whole, with the bucket as it is now.
+    settle(&*store, &k, &tokens(&[("tpm", -5)]), T0).await;
+    let first = once("order-1", "first", T0 + 1_000);
+    match store
+        .operate_bucket(&k, Some(&reset), &audited(T0), Some(&first))
+        .await
+    {
+        Err(StoreError::Conflict { index: 0, current }) => {
+            assert_eq!(current.map(|b| stored_balance(&b, "tpm")), Some(15 * MILLI));
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(audit_count(&*store, &ns, "buyer").await, 0, "no record");
+    // Re-planned on the bucket as stored, it lands with its record and its key.
+    let seen = store.load_bucket(&k).await.unwrap().unwrap();
+    let (reset, _) = plan_operation(&seen, &Operation::Reset(None), T0 + 6_000);
+    let landed = store
+        .operate_bucket(&k, reset.as_ref(), &audited(T0), Some(&first))
+        .await;
+    assert_eq!(landed.unwrap(), None);
+    let after = store.load_bucket(&k).await.unwrap().unwrap();
+    assert_eq!(stored_balance(&after, "tpm"), 100 * MILLI);
+    assert_eq!(
+        stored_consumed(&after, "tpm"),
+        85 * MILLI,
+        "the counter stays"
+    );
+    assert_eq!(audit_count(&*store, &ns, "buyer").await, 1);
+
+    // The same key again: nothing written, the first outcome back.
+    let at = T0 + 6_000;
+    let forty = tokens(&[("tpm", 40)]);
+    let out = consume(&*store, &k, &limits, &forty, at, Seen::Bucket(after)).await;
+    assert!(admitted(&out.unwrap()));
+    let seen = store.load_bucket(&k).await.unwrap().unwrap();
+    let (again, _) = plan_operation(&seen, &Operation::Reset(None), T0 + 6_000);
+    let replay = once("order-1", "second", T0 + 2_000);
+    let replayed = store
+        .operate_bucket(&k, again.as_ref(), &audited(T0 + 500), Some(&replay))
+        .await;
+    assert_eq!(replayed.unwrap().as_deref(), Some("first"));
+    let unchanged = store.load_bucket(&k).await.unwrap().unwrap();
+    assert_eq!(stored_balance(&unchanged, "tpm"), 60 * MILLI);
+    assert_eq!(audit_count(&*store, &ns, "buyer").await, 1);
+    // Another entity's key of the same name is its own; nothing to write is still recorded.
+    let other = key(&ns, "other-buyer", "gpt-4");
+    let recorded = store
+        .operate_bucket(&other, None, &audited(T0 + 500), Some(&replay))
+        .await;
+    assert_eq!(recorded.unwrap(), None);
+    assert_eq!(audit_count(&*store, &ns, "other-buyer").await, 0);
+    assert_eq!(
+        audit_count(&*store, &ns, "buyer").await,
+        2,
+        "audited on the entry's subject"
+    );
+    // Once its time is over, the key is free again.
+    let late = once("order-1", "third", T0 + 10_000);
+    let landed = store
+        .operate_bucket(&k, again.as_ref(), &audited(T0 + 1_001), Some(&late))
+        .await;
+    assert_eq!(landed.unwrap(), None);
+    let after = store.load_bucket(&k).await.unwrap().unwrap();
+    assert_eq!(stored_balance(&after, "tpm"), 100 * MILLI);
+    // Without a key, each call applies (here: nothing left to give, only the record).
+    let (write, _) = plan_operation(&after, &Operation::Reset(None), T0 + 6_000);
+    assert_eq!(write, None);
+    for _ in 0..2 {
+        let done = store
+            .operate_bucket(&k, None, &audited(T0 + 2_000), None)
+            .await;
+        assert_eq!(done.unwrap(), None);
+    }
+    assert_eq!(audit_count(&*store, &ns, "buyer").await, 5);
+}
+
 macro_rules! conformance {
     ($store:ident, $make:expr) => {
         mod $store {
@@ -1587,6 +1702,7 @@ macro_rules! conformance {
                 usage_added_at_once_adds_up,
                 deleting_and_moving_entities,
                 deleting_a_namespace_removes_everything_in_it_only,
+                a_bucket_operation_is_conditional_audited_and_done_once_per_key,
             );
         }
     };

@@ -7,7 +7,8 @@ use serde_json::{Value, json};
 
 use super::CliError;
 use super::args::{
-    CascadeOp, DaemonArgs, EntityOp, FailurePolicyOp, GateOp, LimitsOp, NamespaceOp,
+    BucketArgs, BucketOp, CascadeOp, DaemonArgs, EntityOp, FailurePolicyOp, GateOp, LimitsOp,
+    NamespaceOp,
 };
 use super::output::{
     Output, audit_value, entity_json, entity_rows, limit_json, limit_rows, rfc3339, table,
@@ -60,6 +61,8 @@ pub enum AdminOp {
         gate: crate::Gate,
     },
     GetGate(proto::LimitScope),
+    ResetBucket(proto::BucketRequest),
+    TopUp(proto::BucketRequest),
     ClearGate(proto::LimitScope),
     SetCascade {
         scope: proto::LimitScope,
@@ -276,6 +279,14 @@ pub async fn run(
                 })
                 .await?;
             (gate_json(Some(gate)), gate.text())
+        }
+        AdminOp::ResetBucket(r) => {
+            let request = proto::BucketRequest { namespace: ns, ..r };
+            operated(admin.reset_bucket(request).await?.into_inner())
+        }
+        AdminOp::TopUp(r) => {
+            let request = proto::BucketRequest { namespace: ns, ..r };
+            operated(admin.top_up(request).await?.into_inner())
         }
         AdminOp::GetGate(scope) => {
             let answer = admin
@@ -525,6 +536,68 @@ impl From<GateOp> for AdminOp {
             GateOp::Clear { scope } => Self::ClearGate(scope.scope()),
             GateOp::Get { scope } => Self::GetGate(scope.scope()),
         }
+    }
+}
+
+impl From<BucketOp> for AdminOp {
+    fn from(op: BucketOp) -> Self {
+        let request = |b: BucketArgs| proto::BucketRequest {
+            entity_id: b.entity,
+            resource: b.resource,
+            idempotency_key: b.idempotency_key,
+            ..Default::default()
+        };
+        match op {
+            BucketOp::Reset { bucket, limits } => Self::ResetBucket(proto::BucketRequest {
+                limits,
+                ..request(bucket)
+            }),
+            BucketOp::TopUp { bucket, amount } => Self::TopUp(proto::BucketRequest {
+                amounts: amount.into_iter().collect(),
+                ..request(bucket)
+            }),
+        }
+    }
+}
+
+/// What a reset or top-up did, in tokens: `{"written": 1, "gained": {"tpm": 120}, "replayed":
+/// false}`.
+fn operated(answer: proto::BucketResponse) -> (serde_json::Value, String) {
+    let gained: BTreeMap<String, String> = answer
+        .gained_milli
+        .iter()
+        .map(|(n, g)| (n.clone(), crate::domain::limit::tokens(*g)))
+        .collect();
+    let json_gained: serde_json::Map<String, serde_json::Value> = answer
+        .gained_milli
+        .iter()
+        .map(|(n, g)| (n.clone(), token_json(*g)))
+        .collect();
+    let mut text = match gained.is_empty() {
+        true => "nothing to change".to_owned(),
+        false => gained
+            .iter()
+            .map(|(n, g)| format!("{n} +{g}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    if answer.replayed {
+        text += " (done before with this key: nothing more now)";
+    }
+    let value = json!({
+        "written": answer.written,
+        "gained": json_gained,
+        "replayed": answer.replayed,
+    });
+    (value, text)
+}
+
+/// Milli-tokens as a JSON number of tokens: whole when they are.
+fn token_json(milli: i64) -> serde_json::Value {
+    use crate::domain::limit::MILLI;
+    match milli % MILLI {
+        0 => json!(milli / MILLI),
+        _ => json!(milli as f64 / MILLI as f64),
     }
 }
 

@@ -62,6 +62,14 @@ pub enum Command {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
+    /// Reset or top up one entity's bucket on a resource (audited, exact while other daemons keep
+    /// deciding on it).
+    Bucket {
+        #[command(subcommand)]
+        op: BucketOp,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
     /// Whether an acquire of a child entity also charges its parent, per entity and resource
     /// (--entity and --resource), per entity (--entity) or per resource (--resource). For an
     /// acquire, the first of these levels with a policy decides, else the entity's cascade flag.
@@ -295,6 +303,38 @@ pub enum CascadeOp {
 /// `on` or `off`.
 fn parse_on_off(s: &str) -> Result<bool, String> {
     crate::domain::records::parse_cascade(s).map_err(|s| format!("{s:?}: expected on or off"))
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BucketOp {
+    /// Fill the bucket's limits to capacity, debt forgiven (a bucket never used is full).
+    Reset {
+        #[command(flatten)]
+        bucket: BucketArgs,
+        /// Only this limit (repeatable; default: every limit of the bucket).
+        #[arg(long = "limit", value_name = "NAME")]
+        limits: Vec<String>,
+    },
+    /// Give the bucket's limits tokens, each at most its room below capacity.
+    TopUp {
+        #[command(flatten)]
+        bucket: BucketArgs,
+        /// NAME=TOKENS (repeatable), each 1..=10^15.
+        #[arg(long, value_parser = parse_amount, required = true)]
+        amount: Vec<(String, i64)>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BucketArgs {
+    #[arg(long)]
+    pub entity: String,
+    #[arg(long)]
+    pub resource: String,
+    /// Names the operation: the same key on the same entity within 3 days does nothing more
+    /// and prints the first call's answer (1-64 of letters, digits, '.', '_', ':', '-').
+    #[arg(long, default_value = "")]
+    pub idempotency_key: String,
 }
 
 #[derive(Debug, Subcommand)]

@@ -575,6 +575,94 @@ pub fn plan_settle(
     Ok(Some((write, expected)))
 }
 
+/// An operator's change to one stored bucket, outside any acquire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    /// The named limits (`None`: all of them) back to full capacity, debt forgiven.
+    Reset(Option<Vec<LimitName>>),
+    /// Milli-tokens given to each named limit (each > 0), at most its room below capacity.
+    TopUp(Vec<(LimitName, i64)>),
+}
+
+impl Operation {
+    /// The names it acts on (`None`: every limit of the bucket).
+    pub fn names(&self) -> Option<Vec<&LimitName>> {
+        match self {
+            Self::Reset(names) => names.as_ref().map(|n| n.iter().collect()),
+            Self::TopUp(amounts) => Some(amounts.iter().map(|(n, _)| n).collect()),
+        }
+    }
+}
+
+/// Plans an [`Operation`] on the stored bucket `seen` at `now`: the write (`None` when it gives
+/// nothing: every named limit is full already) and what each named limit gains, milli-tokens.
+/// Names the bucket does not have gain nothing.
+///
+/// The write refills to `now` and sets the new balances, guarded on the refill time seen and on
+/// balances no higher than seen (only a concurrent refund raises one, and it is re-planned). A
+/// concurrent consumption only lowers a balance and keeps the refill time: the write then still
+/// adds exactly what it planned, as if the operation came first. So it is exact against the
+/// ledger while other writers keep deciding, never a blind overwrite.
+pub fn plan_operation(
+    seen: &Bucket,
+    op: &Operation,
+    now: i64,
+) -> (Option<Write>, Vec<(LimitName, i64)>) {
+    let target = seen.at(now.max(seen.refilled_at));
+    let mut gained = Vec::new();
+    let mut changes = Vec::with_capacity(seen.limits.len());
+    for (before, refilled) in seen.limits.iter().zip(&target.limits) {
+        let name = before.limit.name();
+        let capacity = before.limit.capacity();
+        let (balance, carry) = match op {
+            Operation::Reset(names) if names.as_ref().is_none_or(|n| n.contains(name)) => {
+                (capacity, 0)
+            }
+            Operation::TopUp(amounts) if amounts.iter().any(|(n, _)| n == name) => {
+                let given = amount_for(amounts, name).max(0);
+                let room = (i128::from(capacity) - i128::from(refilled.balance)).max(0);
+                let balance = refilled.balance + i128::from(given).min(room) as i64;
+                (
+                    balance,
+                    if balance >= capacity {
+                        0
+                    } else {
+                        refilled.carry
+                    },
+                )
+            }
+            _ => (refilled.balance, refilled.carry),
+        };
+        if op.names().is_none_or(|n| n.contains(&name)) {
+            gained.push((name.clone(), balance - refilled.balance));
+        }
+        let delta = balance - before.balance;
+        changes.push(LimitChange::Update {
+            name: name.clone(),
+            delta,
+            consumed: 0,
+            min_balance: MIN_BALANCE.saturating_sub(delta.min(0)),
+            max_balance: Some(before.balance),
+            carry: Some(carry),
+        });
+    }
+    if gained.iter().all(|(_, g)| *g == 0) {
+        return (None, gained);
+    }
+    let write = Write::Change(Change {
+        seen_config: encode(&seen.limit_set()),
+        refill: Some(Refill {
+            seen_refilled_at: seen.refilled_at,
+            refilled_at: target.refilled_at,
+            limits: seen.limit_set(),
+            removed: Vec::new(),
+        }),
+        limits: changes,
+        mark: None,
+    });
+    (Some(write), gained)
+}
+
 fn amount_for(amounts: &[(LimitName, i64)], name: &LimitName) -> i64 {
     amounts
         .iter()

@@ -204,6 +204,8 @@ pub enum AuditAction {
     GateCleared,
     CascadeSet,
     CascadeCleared,
+    BucketReset,
+    BucketToppedUp,
 }
 
 impl AuditAction {
@@ -220,6 +222,8 @@ impl AuditAction {
             Self::GateCleared => "gate_cleared",
             Self::CascadeSet => "cascade_set",
             Self::CascadeCleared => "cascade_cleared",
+            Self::BucketReset => "bucket_reset",
+            Self::BucketToppedUp => "bucket_topped_up",
         }
     }
 
@@ -238,6 +242,8 @@ impl AuditAction {
             Self::GateCleared,
             Self::CascadeSet,
             Self::CascadeCleared,
+            Self::BucketReset,
+            Self::BucketToppedUp,
         ]
         .into_iter()
         .find(|a| a.as_str() == text)

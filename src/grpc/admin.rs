@@ -14,8 +14,9 @@ use super::convert::{
 };
 use super::status;
 use crate::access::{Access, Caller};
-use crate::admin::{Admin, UsageWindow};
-use crate::domain::ids::{EntityId, Namespace, ResourceId};
+use crate::admin::{Admin, Operated, UsageWindow};
+use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
+use crate::domain::limit::LimitName;
 use crate::domain::records::{Actor, Entity, LimitScope};
 use crate::limiter::{Limiter, LimiterError};
 use crate::live::Live;
@@ -123,6 +124,26 @@ impl AdminService {
             (None, None) => LimitScope::System,
         };
         Ok((ns, scope, deadline))
+    }
+
+    /// A bucket request's bucket, key, actor and deadline, checked for `what` (a change).
+    async fn bucket(
+        &self,
+        req: &Request<proto::BucketRequest>,
+        what: &'static str,
+    ) -> Result<(BucketKey, Option<String>, Actor, Instant), Status> {
+        let by = self.actor(req);
+        let r = req.get_ref();
+        let (namespace, deadline) = self
+            .namespace(req, &r.namespace, Call::Change(what))
+            .await?;
+        let key = BucketKey {
+            namespace,
+            entity: entity_id("entity_id", r.entity_id.clone())?,
+            resource: ResourceId::new(r.resource.clone()).map_err(|e| invalid("resource", e))?,
+        };
+        let once = (!r.idempotency_key.is_empty()).then(|| r.idempotency_key.clone());
+        Ok((key, once, by, deadline))
     }
 }
 
@@ -635,5 +656,60 @@ impl proto::admin_server::Admin for AdminService {
                 })
                 .collect(),
         }))
+    }
+
+    async fn reset_bucket(
+        &self,
+        req: Request<proto::BucketRequest>,
+    ) -> Result<Response<proto::BucketResponse>, Status> {
+        let (key, once, by, deadline) = self.bucket(&req, "reset buckets").await?;
+        let r = req.into_inner();
+        let names = r
+            .limits
+            .into_iter()
+            .enumerate()
+            .map(|(i, n)| LimitName::new(n).map_err(|e| invalid(&format!("limits[{i}]"), e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let names = (!names.is_empty()).then_some(names);
+        let operated = self
+            .admin
+            .reset_bucket(&key, names, once.as_deref(), &by, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(to_proto_operated(operated)))
+    }
+
+    async fn top_up(
+        &self,
+        req: Request<proto::BucketRequest>,
+    ) -> Result<Response<proto::BucketResponse>, Status> {
+        let (key, once, by, deadline) = self.bucket(&req, "top up buckets").await?;
+        let amounts = req
+            .into_inner()
+            .amounts
+            .into_iter()
+            .map(|(n, a)| {
+                let name = LimitName::new(n).map_err(|e| invalid("amounts", e))?;
+                Ok((name, a))
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let operated = self
+            .admin
+            .top_up(&key, amounts, once.as_deref(), &by, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(to_proto_operated(operated)))
+    }
+}
+
+fn to_proto_operated(o: Operated) -> proto::BucketResponse {
+    proto::BucketResponse {
+        written: i32::try_from(o.written).unwrap_or(i32::MAX),
+        gained_milli: o
+            .gained_milli
+            .into_iter()
+            .map(|(n, g)| (n.to_string(), g))
+            .collect(),
+        replayed: o.replayed,
     }
 }

@@ -164,6 +164,17 @@ impl Actor for GroupActor {
                 state.lane(&resource).peek(job);
                 Some(resource)
             }
+            Msg::Refresh {
+                entity,
+                resource,
+                reply,
+            } => {
+                if let Some(lane) = state.lanes.get_mut(&resource) {
+                    lane.forget(&entity);
+                }
+                let _ = reply.send(Ok(()));
+                None
+            }
             Msg::Loaded(resource, result) => {
                 state.with_lane(&resource, now, |lane, ctx| lane.loaded(result, ctx));
                 Some(resource)

@@ -214,6 +214,12 @@ impl Lane {
         self.queue.push_back(job);
     }
 
+    /// Forgets the cached state of a bucket (the store's changed outside any acquire): the next
+    /// decision on it reads it first.
+    pub fn forget(&mut self, entity: &EntityId) {
+        self.view.forget(entity);
+    }
+
     pub fn peek(&mut self, job: PeekJob) {
         self.peeks.push(job);
     }

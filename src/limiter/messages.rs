@@ -133,6 +133,12 @@ pub(crate) enum Msg {
         reply: Reply<()>,
     },
     Peek(PeekJob),
+    /// The store's bucket changed outside any acquire: forget its cached state.
+    Refresh {
+        entity: EntityId,
+        resource: ResourceId,
+        reply: Reply<()>,
+    },
     /// A read a lane asked for finished.
     Loaded(
         ResourceId,

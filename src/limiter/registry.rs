@@ -26,6 +26,7 @@ use super::messages::{
 };
 use super::types::{Decision, Deps, LimiterError, Owner, lease_secret};
 use crate::domain::bucket::LimitStatus;
+use crate::domain::ids::{EntityId, ResourceId};
 use crate::metrics::{self as m, outcome};
 
 /// Where an open lease lives, the secret half of its id, and who may use it.
@@ -241,6 +242,26 @@ impl Registry {
         deadline: Instant,
     ) -> Result<Vec<LimitStatus>, LimiterError> {
         self.send(group, deadline, Msg::Peek(job), answer).await
+    }
+
+    /// Has the group's actor forget its cached state of one bucket.
+    ///
+    /// # Errors
+    /// As [`Registry::send`].
+    pub async fn refresh(
+        &self,
+        group: &GroupKey,
+        entity: EntityId,
+        resource: ResourceId,
+        deadline: Instant,
+    ) -> Result<(), LimiterError> {
+        let (reply, answer) = reply();
+        let msg = Msg::Refresh {
+            entity,
+            resource,
+            reply,
+        };
+        self.send(group, deadline, msg, answer).await
     }
 
     /// Sends `msg` to the group's actor and waits for its answer on `answer` until `deadline`.

@@ -30,12 +30,12 @@ use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
 use futures_util::future::join_all;
 
-use super::{AuditPage, KeyedWrite, Store, StoreError};
+use super::{AuditPage, KeyedWrite, Once, Store, StoreError};
 use crate::domain::bucket::{Bucket, Change, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
 use crate::domain::records::{
-    Actor, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
+    Actor, AuditEntry, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
 };
 use clauses::{Action, Existing, Expr, action, put, update};
 use codec::{bucket_item, decode_bucket};
@@ -386,6 +386,16 @@ impl Store for DynamoStore {
             }
             Err(e) => Err(classify(e, &self.table)),
         }
+    }
+
+    async fn operate_bucket(
+        &self,
+        key: &BucketKey,
+        write: Option<&Write>,
+        entry: &AuditEntry,
+        once: Option<&Once>,
+    ) -> Result<Option<String>, StoreError> {
+        records::operate_bucket(self, key, write, entry, once).await
     }
 
     async fn create_entity(

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{AuditPage, KeyedWrite, Store, StoreError, audit_sort_key, entity_json};
+use super::{AuditPage, KeyedWrite, Once, Store, StoreError, audit_sort_key, entity_json};
 use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName, encode};
@@ -31,6 +31,8 @@ struct State {
     namespaces: std::collections::BTreeSet<Namespace>,
     failure_policies: HashMap<Namespace, FailurePolicy>,
     settings: HashMap<(Namespace, LimitScope), LevelSettings>,
+    /// Keys of operations done once: the outcome and until when the key is remembered.
+    once: HashMap<(Namespace, EntityId, String), (String, i64)>,
 }
 
 impl State {
@@ -147,6 +149,32 @@ impl Store for MemoryStore {
         Ok(())
     }
 
+    async fn operate_bucket(
+        &self,
+        key: &BucketKey,
+        write: Option<&Write>,
+        entry: &AuditEntry,
+        once: Option<&Once>,
+    ) -> Result<Option<String>, StoreError> {
+        let mut state = self.lock();
+        let remembered = once.map(|o| (key.namespace.clone(), key.entity.clone(), o.key.clone()));
+        if let Some(at) = &remembered
+            && let Some((outcome, until_ms)) = state.once.get(at)
+            && *until_ms >= entry.at_ms
+        {
+            return Ok(Some(outcome.clone()));
+        }
+        let next = write.map(|w| state.apply(key, w, 0)).transpose()?;
+        if let Some(next) = next {
+            state.buckets.insert(key.clone(), next);
+        }
+        if let (Some(at), Some(o)) = (remembered, once) {
+            state.once.insert(at, (o.outcome.clone(), o.until_ms));
+        }
+        state.audit(&key.namespace, entry.clone());
+        Ok(None)
+    }
+
     async fn create_entity(
         &self,
         ns: &Namespace,
@@ -220,6 +248,7 @@ impl Store for MemoryStore {
         state
             .buckets
             .retain(|k, _| !(k.namespace == *ns && k.entity == *id));
+        state.once.retain(|(n, e, _), _| !(n == ns && e == id));
         let of_entity = |n: &Namespace, scope: &LimitScope| {
             n == ns
                 && matches!(scope, LimitScope::Entity(e) | LimitScope::EntityResource(e, _) if e == id)
@@ -517,6 +546,7 @@ impl Store for MemoryStore {
         state.usage.retain(|(n, ..), _| n != ns);
         state.failure_policies.remove(ns);
         state.settings.retain(|(n, _), _| n != ns);
+        state.once.retain(|(n, ..), _| n != ns);
         Ok(())
     }
 }

@@ -9,12 +9,12 @@ use std::time::Instant;
 use async_trait::async_trait;
 use tracing::Instrument;
 
-use super::{AuditPage, KeyedWrite, Store, StoreError};
+use super::{AuditPage, KeyedWrite, Once, Store, StoreError};
 use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
 use crate::domain::records::{
-    Actor, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
+    Actor, AuditEntry, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
 };
 use crate::metrics::{STORE_CALLS, STORE_SECONDS, WRITE_UNITS};
 
@@ -187,6 +187,20 @@ impl Store for Metered {
             many => 2 * many.len() as u64,
         };
         self.call("commit", writes.len(), units, self.inner.commit(writes))
+            .await
+    }
+
+    async fn operate_bucket(
+        &self,
+        key: &BucketKey,
+        write: Option<&Write>,
+        entry: &AuditEntry,
+        once: Option<&Once>,
+    ) -> Result<Option<String>, StoreError> {
+        // A transaction of the bucket, its audit record and the key: two units each.
+        let items = 1 + usize::from(write.is_some()) + usize::from(once.is_some());
+        let call = self.inner.operate_bucket(key, write, entry, once);
+        self.call("operate_bucket", items, 2 * items as u64, call)
             .await
     }
 

@@ -223,9 +223,9 @@ mod counting {
     use async_trait::async_trait;
     use zae_limiter::domain::bucket::{Bucket, Write};
     use zae_limiter::domain::records::{
-        Actor, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
+        Actor, AuditEntry, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
     };
-    use zae_limiter::store::{AuditPage, KeyedWrite, Store, StoreError};
+    use zae_limiter::store::{AuditPage, KeyedWrite, Once, Store, StoreError};
     use zae_limiter::{BucketKey, EntityId, Limit, Namespace, ResourceId};
 
     use super::Counting;
@@ -248,6 +248,18 @@ mod counting {
             self.fault(true).await?;
             self.rival_first().await;
             self.inner.commit(writes).await
+        }
+        async fn operate_bucket(
+            &self,
+            key: &BucketKey,
+            write: Option<&Write>,
+            entry: &AuditEntry,
+            once: Option<&Once>,
+        ) -> Result<Option<String>, StoreError> {
+            self.writes.fetch_add(1, Ordering::SeqCst);
+            self.fault(true).await?;
+            self.rival_first().await;
+            self.inner.operate_bucket(key, write, entry, once).await
         }
         async fn create_entity(
             &self,

@@ -542,3 +542,113 @@ proptest! {
         }
     }
 }
+
+fn operated(seen: &Bucket, op: &Operation, now: i64) -> (Bucket, Vec<(LimitName, i64)>) {
+    let (write, gained) = plan_operation(seen, op, now);
+    let mut after = seen.clone();
+    if let Some(Write::Change(c)) = write {
+        after.apply(&c).unwrap();
+    }
+    (after, gained)
+}
+
+#[test]
+fn a_reset_fills_the_named_limits_and_forgives_debt() {
+    let limits = canonical(vec![
+        Limit::per_minute("rpm", 10).unwrap(),
+        Limit::per_minute("tpm", 100).unwrap(),
+    ])
+    .unwrap();
+    let mut b = Some(Bucket::full(limits.clone(), T0));
+    b.as_mut()
+        .unwrap()
+        .adjust(&[(name("rpm"), 4 * MILLI), (name("tpm"), 130 * MILLI)])
+        .unwrap();
+    let seen = b.unwrap();
+    // 6 s later: rpm has refilled 1 token (6 of 10), tpm 10 (-30 + 10 = -20).
+    let now = T0 + 6_000;
+    let (after, gained) = operated(&seen, &Operation::Reset(Some(vec![name("tpm")])), now);
+    assert_eq!(gained, vec![(name("tpm"), 120 * MILLI)]);
+    assert_eq!(after.limit(&name("tpm")).unwrap().balance, 100 * MILLI);
+    assert_eq!(after.limit(&name("rpm")).unwrap().balance, 7 * MILLI);
+    assert_eq!(after.refilled_at, now);
+    assert_eq!(
+        after.limit(&name("tpm")).unwrap().consumed,
+        130 * i128::from(MILLI),
+        "the consumption counter is untouched"
+    );
+    let (all, gained) = operated(&after, &Operation::Reset(None), now);
+    assert_eq!(gained, vec![(name("rpm"), 3 * MILLI), (name("tpm"), 0)]);
+    assert!(all.limits.iter().all(|l| l.balance == l.limit.capacity()));
+    let (write, gained) = plan_operation(&all, &Operation::Reset(None), now);
+    assert_eq!(write, None, "a full bucket needs no write");
+    assert!(gained.iter().all(|(_, g)| *g == 0));
+}
+
+#[test]
+fn a_top_up_gives_at_most_the_room_below_capacity() {
+    let limits = vec![Limit::per_minute("tpm", 100).unwrap()];
+    let mut seen = Bucket::full(limits, T0);
+    seen.adjust(&tokens("tpm", 150)).unwrap();
+    let top_up = |n: i64| Operation::TopUp(tokens("tpm", n));
+    let (after, gained) = operated(&seen, &top_up(30), T0);
+    assert_eq!(gained, tokens("tpm", 30));
+    assert_eq!(after.limits[0].balance, -20 * MILLI);
+    let (after, gained) = operated(&after, &top_up(500), T0);
+    assert_eq!(gained, tokens("tpm", 120), "the room below capacity");
+    assert_eq!(after.limits[0].balance, 100 * MILLI);
+    assert_eq!(plan_operation(&after, &top_up(1), T0).0, None);
+}
+
+proptest! {
+    /// A reset or top-up planned on a seen state, with another writer's consumption landing
+    /// before it: the operation's write either applies and the result is exactly the operation
+    /// followed by that consumption, or it conflicts (and is re-planned); never a blind overwrite.
+    #[test]
+    fn an_operation_is_exact_against_a_concurrent_consumption(
+        limit in any_limit(),
+        used in 0i64..20_000,
+        dt in 0i64..100_000,
+        other in 0i64..5_000,
+        top_up in prop::option::of(1i64..20_000),
+    ) {
+        let limits = vec![limit.clone()];
+        let mut seen = Bucket::full(limits.clone(), T0);
+        seen.adjust(&[(limit.name().clone(), used)]).unwrap();
+        let now = T0 + dt;
+        let op = match top_up {
+            Some(n) => Operation::TopUp(vec![(limit.name().clone(), n)]),
+            None => Operation::Reset(None),
+        };
+        let (write, gained) = plan_operation(&seen, &op, now);
+        let gain = gained[0].1;
+        prop_assert!(gain >= 0);
+        let refilled = seen.at(now).limits[0].balance;
+        prop_assert!(refilled + gain <= limit.capacity());
+        if let Some(n) = top_up {
+            prop_assert!(gain <= n);
+        }
+        let Some(Write::Change(change)) = write else {
+            prop_assert_eq!(gain, 0);
+            return Ok(());
+        };
+        // Another daemon's consumption lands first.
+        let mut stored = seen.clone();
+        let amounts = vec![(limit.name().clone(), other)];
+        if let Plan::Admit { write: Write::Change(c), .. } = plan(Some(&stored), &limits, &amounts, now) {
+            stored.apply(&c).unwrap();
+        } else {
+            return Ok(());
+        }
+        let before = stored.clone();
+        if stored.apply(&change).is_ok() {
+            // What the ledger says now: the operation's state, less the other consumption.
+            let (alone, _) = operated(&seen, &op, now);
+            let spent = before.limits[0].consumed - seen.limits[0].consumed;
+            prop_assert_eq!(
+                i128::from(stored.at(now).limits[0].balance),
+                i128::from(alone.limits[0].balance) - spent
+            );
+        }
+    }
+}

@@ -3,7 +3,10 @@
 //! transaction with its audit record.
 
 use aws_sdk_dynamodb::error::SdkError;
-use aws_sdk_dynamodb::types::{Delete, KeysAndAttributes, ReturnValue, TransactWriteItem};
+use aws_sdk_dynamodb::types::{
+    Delete, KeysAndAttributes, Put, ReturnValue, ReturnValuesOnConditionCheckFailure,
+    TransactWriteItem,
+};
 
 use super::DynamoStore;
 use super::clauses::{Action, Existing, Expr, action, put, update};
@@ -13,14 +16,15 @@ use super::keys::{
     Item, NAMESPACES_PK, audit_pk, cascade_keys, children_pk, entity_keys, entity_pk,
     failure_policy_keys, gate_keys, keys, limits_keys, n, s, usage_attr, usage_key,
 };
-use super::schema::{GSI1, GSI1PK, PK, SK};
-use crate::domain::ids::{EntityId, Namespace, ResourceId};
+use super::schema::{GSI1, GSI1PK, PK, SK, TTL};
+use crate::domain::bucket::Write;
+use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{self, Limit, encode};
 use crate::domain::records::{
     Actor, AuditAction, AuditEntry, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period,
     Usage, cascade_text, parse_cascade,
 };
-use crate::store::{AuditPage, StoreError, audit_sort_key, entity_json};
+use crate::store::{AuditPage, Once, StoreError, audit_sort_key, entity_json};
 
 impl DynamoStore {
     fn audit_put(
@@ -782,4 +786,73 @@ pub(super) async fn usage(
         }
     }
     Ok(found)
+}
+
+/// The item that remembers an operation's key on its entity (deleted with the entity).
+fn once_keys(key: &BucketKey, once: &str) -> Item {
+    keys(entity_pk(&key.namespace, &key.entity), format!("#O#{once}"))
+}
+
+pub(super) async fn operate_bucket(
+    store: &DynamoStore,
+    key: &BucketKey,
+    write: Option<&Write>,
+    entry: &AuditEntry,
+    once: Option<&Once>,
+) -> Result<Option<String>, StoreError> {
+    let mut items = Vec::with_capacity(3);
+    if let Some(write) = write {
+        items.push(action(store.bucket_action(key, write)?));
+    }
+    items.push(store.audit_put(&key.namespace, entry)?);
+    if let Some(once) = once {
+        let mut item = once_keys(key, &once.key);
+        item.insert("outcome".into(), s(once.outcome.clone()));
+        item.insert("until".into(), n(once.until_ms));
+        item.insert(TTL.into(), n(once.until_ms / 1_000 + 1));
+        let remembered = Put::builder()
+            .table_name(&store.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(#pk) OR #until < :at")
+            .expression_attribute_names("#pk", PK)
+            .expression_attribute_names("#until", "until")
+            .expression_attribute_values(":at", n(entry.at_ms))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .build()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        items.push(TransactWriteItem::builder().put(remembered).build());
+    }
+    let result = store
+        .client
+        .transact_write_items()
+        .set_transact_items(Some(items))
+        .send()
+        .await;
+    let se = match result {
+        Ok(_) => return Ok(None),
+        Err(SdkError::ServiceError(se)) if se.err().is_transaction_canceled_exception() => se,
+        Err(e) => return Err(classify(e, &store.table)),
+    };
+    let reasons = se.err().cancellation_reasons();
+    let failed = |r: Option<&aws_sdk_dynamodb::types::CancellationReason>| {
+        r.and_then(|r| r.code()) == Some("ConditionalCheckFailed")
+    };
+    // A key in use outranks a bucket that moved: the operation was done already.
+    if once.is_some() && failed(reasons.last()) {
+        let old = reasons
+            .last()
+            .and_then(|r| r.item())
+            .cloned()
+            .unwrap_or_default();
+        return string(&old, "outcome").map(|o| Some(o.to_owned()));
+    }
+    if write.is_some() && failed(reasons.first()) {
+        return store
+            .conflict(0, reasons.first().and_then(|r| r.item()), None)
+            .map(|_| None);
+    }
+    Err(StoreError::Transient(format!(
+        "transaction cancelled: {:?}",
+        reasons.iter().filter_map(|r| r.code()).collect::<Vec<_>>()
+    )))
 }
