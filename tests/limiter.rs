@@ -1722,6 +1722,172 @@ async fn a_shared_look_up_outlives_the_caller_that_started_it(
     assert!(admitted(&second), "{second:?}");
 }
 
+/// A reset and a top-up while another daemon keeps deciding on the same bucket (the clock
+/// stands still, so nothing refills): each is applied once per key whoever retries it and
+/// wherever, its gain is what it says, and the stored balance is exactly the capacity less every
+/// admission plus every gain; the daemon that made the change decides on the new balance at once
+/// (its cached refusal is forgotten).
+async fn a_reset_and_a_top_up_are_exact_and_once_while_another_daemon_decides(
+    inner: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    use zae_limiter::admin::{Admin, Operated};
+    let f = fixture(inner.clone(), ns.clone(), |_| {});
+    let other = fixture(inner, ns, |_| {});
+    f.create_entities(&[("buyer", None, false, Some(100))])
+        .await;
+    let by = Actor {
+        principal: "ops".into(),
+        at_ms: T0,
+    };
+    let admin = Admin::new(f.limiter.clone());
+    let key = key(&f.ns, "buyer");
+    let one = || {
+        f.limiter
+            .acquire(f.request_stored("buyer", &[("tok", 1)]), within(5_000))
+    };
+    for _ in 0..100 {
+        assert!(admitted(&one().await));
+    }
+    let writes = f.store.writes.load(Ordering::SeqCst);
+    assert!(!admitted(&one().await));
+    assert_eq!(
+        f.store.writes.load(Ordering::SeqCst),
+        writes,
+        "refused from the cache"
+    );
+
+    // Reset here: the next acquire is admitted at once, though the cache refused a moment ago.
+    let reset = admin
+        .reset_bucket(&key, None, None, &by, within(5_000))
+        .await;
+    let tok = LimitName::new("tok").unwrap();
+    assert_eq!(
+        reset.unwrap().gained_milli,
+        vec![(tok.clone(), 100 * MILLI)]
+    );
+    assert!(admitted(&one().await));
+    let mut admitted_total = 101;
+    let mut gained_total = 100 * MILLI;
+
+    // The other daemon decides all along while the operations are retried from both daemons.
+    let deciding = {
+        let limiter = other.limiter.clone();
+        let request = other.request_stored("buyer", &[("tok", 1)]);
+        tokio::spawn(async move {
+            let mut n = 0;
+            for _ in 0..150 {
+                let d = limiter.acquire(request.clone(), within(5_000)).await;
+                n += i64::from(admitted(&d));
+                tokio::task::yield_now().await;
+            }
+            n
+        })
+    };
+    let admins = [admin.clone(), Admin::new(other.limiter.clone())];
+    let mut calls = Vec::new();
+    for i in 0..8 {
+        let admin = admins[i % 2].clone();
+        let (key, by, tok) = (key.clone(), by.clone(), tok.clone());
+        calls.push(tokio::spawn(async move {
+            let top_up = admin.top_up(
+                &key,
+                vec![(tok, 30)],
+                Some("purchase-1"),
+                &by,
+                within(5_000),
+            );
+            let topped = top_up.await.unwrap();
+            let reset = admin.reset_bucket(&key, None, Some("reset-1"), &by, within(5_000));
+            (topped, reset.await.unwrap())
+        }));
+    }
+    let mut answers: Vec<(Operated, Operated)> = Vec::new();
+    for c in calls {
+        answers.push(c.await.unwrap());
+    }
+    admitted_total += deciding.await.unwrap();
+    for pick in [
+        |a: &(Operated, Operated)| a.0.clone(),
+        |a: &(Operated, Operated)| a.1.clone(),
+    ] {
+        let all: Vec<Operated> = answers.iter().map(pick).collect();
+        assert_eq!(all.iter().filter(|o| !o.replayed).count(), 1, "{all:?}");
+        assert!(
+            all.iter().all(|o| o.gained_milli == all[0].gained_milli),
+            "{all:?}"
+        );
+        gained_total += all[0].gained_milli[0].1;
+    }
+    let (balance, _) = f.stored("buyer", "tok").await;
+    assert_eq!(
+        i128::from(balance),
+        i128::from(100 * MILLI - admitted_total * MILLI + gained_total),
+        "capacity - admitted + gained ({admitted_total} admitted, {gained_total} gained)"
+    );
+    let audit = f
+        .store
+        .inner
+        .list_audit(&f.ns, "buyer", 50, None)
+        .await
+        .unwrap();
+    let count = |a: &str| {
+        audit
+            .entries
+            .iter()
+            .filter(|e| e.action.as_str() == a)
+            .count()
+    };
+    assert_eq!(
+        (count("bucket_topped_up"), count("bucket_reset")),
+        (1, 2),
+        "{audit:?}"
+    );
+
+    // The same key for another operation is refused; so are unknown names and amounts out of range.
+    let reused = admin.top_up(
+        &key,
+        vec![(tok.clone(), 1)],
+        Some("reset-1"),
+        &by,
+        within(5_000),
+    );
+    assert!(
+        matches!(reused.await, Err(LimiterError::InvalidArgument { field, .. }) if field == "idempotency_key")
+    );
+    let unknown = vec![LimitName::new("rpm").unwrap()];
+    let reset = admin.reset_bucket(&key, Some(unknown), None, &by, within(5_000));
+    assert!(
+        matches!(reset.await, Err(LimiterError::InvalidArgument { field, .. }) if field == "limits")
+    );
+    for n in [0, -1, 1_000_000_000_000_001] {
+        let top_up = admin.top_up(&key, vec![(tok.clone(), n)], None, &by, within(5_000));
+        assert!(
+            matches!(top_up.await, Err(LimiterError::OutOfRange { field, .. }) if field == "amounts[tok]"),
+            "{n}"
+        );
+    }
+    // A bucket never used is full: nothing written, nothing gained, the key still recorded.
+    let fresh = BucketKey {
+        entity: EntityId::new("newcomer").unwrap(),
+        ..key.clone()
+    };
+    f.create_entities(&[("newcomer", None, false, Some(5))])
+        .await;
+    for replayed in [false, true] {
+        let top_up = admin.top_up(
+            &fresh,
+            vec![(tok.clone(), 3)],
+            Some("p"),
+            &by,
+            within(5_000),
+        );
+        let done = top_up.await.unwrap();
+        assert_eq!((done.written, done.replayed), (0, replayed));
+        assert_eq!(done.gained_milli, vec![(tok.clone(), 0)]);
+    }
+}
+
 macro_rules! both_stores {
     ($($test:ident),* $(,)?) => {
         mod memory {
@@ -1778,4 +1944,5 @@ both_stores!(
     a_daemon_that_loses_every_refill_is_still_answered,
     a_burst_on_a_new_entity_reads_its_look_ups_once,
     a_shared_look_up_outlives_the_caller_that_started_it,
+    a_reset_and_a_top_up_are_exact_and_once_while_another_daemon_decides,
 );

@@ -130,11 +130,15 @@ impl Admin {
         }
         let operated = within(deadline, async {
             let mut seen = self.store().load_bucket(key).await?;
-            self.check_names(key, &op, seen.as_ref()).await?;
+            let known = self.check_names(key, &op, seen.as_ref()).await?;
             for _ in 0..TRIES {
                 let (write, gained) = match &seen {
                     Some(b) => plan_operation(b, &op, by.at_ms),
-                    None => (None, Vec::new()),
+                    // Never used: full already, nothing to give.
+                    None => {
+                        let names = op.names().unwrap_or_else(|| known.iter().collect());
+                        (None, names.into_iter().map(|n| (n.clone(), 0)).collect())
+                    }
                 };
                 let operated = Operated {
                     written: u32::from(write.is_some()),
@@ -179,13 +183,13 @@ impl Admin {
     }
 
     /// Every name the operation gives is a limit of the bucket, or, with no bucket yet, of the
-    /// limits stored for it.
+    /// limits stored for it: those limits' names.
     async fn check_names(
         &self,
         key: &BucketKey,
         op: &Operation,
         seen: Option<&Bucket>,
-    ) -> Result<(), LimiterError> {
+    ) -> Result<Vec<LimitName>, LimiterError> {
         let known: Vec<LimitName> = match seen {
             Some(b) => b.limit_set().iter().map(|l| l.name().clone()).collect(),
             None => {
@@ -217,7 +221,7 @@ impl Admin {
                         .join(", ")
                 ),
             )),
-            None => Ok(()),
+            None => Ok(known),
         }
     }
 }
