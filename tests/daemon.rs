@@ -1568,6 +1568,75 @@ async fn the_cli_bypasses_an_entity_and_its_parent_is_still_charged() {
     assert_eq!(code, Some(2), "{err}");
 }
 
+/// `bucket reset` and `bucket top-up` through the socket: what each limit gained, once per
+/// idempotency key (a retry prints the first answer), audited; bad names and amounts refused
+/// with the field named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_resets_and_tops_up_a_bucket_once_per_key() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let cli = |args: &[&str]| run_cli(&daemon, args);
+    let ok = |args: &[&str]| cli_ok(&daemon, args);
+    let json = |out: String| -> serde_json::Value { serde_json::from_str(out.trim()).unwrap() };
+    ok(&["entity", "create", "buyer"]);
+    ok(&[
+        "limits",
+        "set",
+        "--entity",
+        "buyer",
+        "--limit",
+        "tok=100/1d",
+    ]);
+    let acquire = ["acquire", "--entity", "buyer", "--resource", "gpt-4"];
+    ok(&[&acquire[..], &["--consume", "tok=100"]].concat());
+    let bucket = [
+        "--entity",
+        "buyer",
+        "--resource",
+        "gpt-4",
+        "--output",
+        "json",
+    ];
+    let reset = [
+        &["bucket", "reset"],
+        &bucket[..],
+        &["--idempotency-key", "incident-7"],
+    ]
+    .concat();
+    let first = json(ok(&reset));
+    assert_eq!(
+        (first["written"].as_i64(), first["replayed"].as_bool()),
+        (Some(1), Some(false))
+    );
+    let gained = first["gained"]["tok"].as_f64().unwrap();
+    assert!(99.0 < gained && gained <= 100.0, "{first}");
+    ok(&[&acquire[..], &["--consume", "tok=60"]].concat());
+    let again = json(ok(&reset));
+    assert_eq!(again["replayed"], true, "{again}");
+    assert_eq!(again["gained"], first["gained"], "the first answer");
+    let top_up = [&["bucket", "top-up"], &bucket[..], &["--amount", "tok=25"]].concat();
+    let topped = json(ok(&top_up));
+    let gained = topped["gained"]["tok"].as_f64().unwrap();
+    assert!(
+        (25.0..=25.0).contains(&gained),
+        "{topped}: the 60 used was not given back"
+    );
+    let client = daemon.client().await;
+    let left = client.available("buyer", "gpt-4", &[]).await.unwrap()["tok"];
+    assert!((65..=66).contains(&left), "{left}");
+    let audit = ok(&["audit", "buyer"]);
+    assert_eq!(audit.matches("bucket_reset").count(), 1, "{audit}");
+    assert_eq!(audit.matches("bucket_topped_up").count(), 1, "{audit}");
+    let (code, _, err) = cli(&[&["bucket", "reset"], &bucket[..], &["--limit", "rpm"]].concat());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("limits") && err.contains("rpm"), "{err}");
+    let (code, _, err) =
+        cli(&[&["bucket", "top-up"], &bucket[..], &["--amount", "tok=0"]].concat());
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("amounts[tok]"), "{err}");
+    let (code, _, err) = cli(&[&reset[..], &["--idempotency-key", "no spaces"]].concat());
+    assert_ne!(code, Some(0), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_sets_cascade_per_resource() {
     let daemon = Daemon::start(MEMORY, &[]);

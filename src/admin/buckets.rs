@@ -151,8 +151,23 @@ impl Admin {
                     operated,
                 };
                 let text = serde_json::to_string(&outcome).expect("strings and numbers only");
-                let entry =
-                    AuditEntry::new(key.entity.to_string(), action, by, None, Some(text.clone()));
+                let gained: serde_json::Map<String, serde_json::Value> = (outcome.operated)
+                    .gained_milli
+                    .iter()
+                    .map(|(n, g)| (n.to_string(), (*g).into()))
+                    .collect();
+                let record = serde_json::json!({
+                    "resource": key.resource.as_str(),
+                    "gained_milli": gained,
+                    "idempotency_key": once,
+                });
+                let entry = AuditEntry::new(
+                    key.entity.to_string(),
+                    action,
+                    by,
+                    None,
+                    Some(record.to_string()),
+                );
                 let once = once.map(|k| Once {
                     key: k.to_owned(),
                     outcome: text,

@@ -719,3 +719,49 @@ def test_a_call_s_limits_reach_a_cascade_parent_without_limits_of_its_own(daemon
     refused_by, left = run(scenario())
     assert refused_by == org, "the org's share of the call's 10 was left at 4"
     assert left == {"tok": 0}
+
+
+def test_reset_and_top_up_give_back_once_per_key(daemon, entity):
+    model = f"model-{entity}"
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            await zl.set_limits(entity, [Limit.per_day("tok", 100), Limit.per_day("rpm", 10)])
+            never = await zl.reset_bucket(entity, model)
+            await zl.consume(entity, model, {"tok": 90, "rpm": 10})
+            topped = await zl.top_up(entity, model, {"tok": 30}, idempotency_key="buy-1")
+            again = await zl.top_up(entity, model, {"tok": 30}, idempotency_key="buy-1")
+            full = await zl.top_up(entity, model, {"tok": 500})
+            with pytest.raises(ValidationError) as reused:
+                await zl.reset_bucket(entity, model, idempotency_key="buy-1")
+            with pytest.raises(ValidationError) as unknown:
+                await zl.reset_bucket(entity, model, limits=["tpm"])
+            with pytest.raises(ValidationError) as zero:
+                await zl.top_up(entity, model, {"tok": 0})
+            reset = await zl.reset_bucket(entity, model, limits=["rpm"])
+            left = await zl.available(entity, model)
+            audit = await zl.get_audit_events(entity)
+            return never, topped, again, full, reused, unknown, zero, reset, left, audit
+
+    never, topped, again, full, reused, unknown, zero, reset, left, audit = run(scenario())
+    assert (never.shards, never.amounts) == (0, {"rpm": 0, "tok": 0}), "never used: full"
+    assert (topped.shards, topped.replayed, topped.amounts["tok"]) == (1, False, 30)
+    assert (again.replayed, again.amounts) == (True, topped.amounts)
+    assert 59 < full.amounts["tok"] <= 60, "at most the room below capacity"
+    assert reused.value.field == "idempotency_key"
+    assert unknown.value.field == "limits" and "tpm" in str(unknown.value)
+    assert zero.value.field == "amounts[tok]"
+    assert (reset.entity_id, reset.resource) == (entity, model)
+    assert list(reset.amounts) == ["rpm"] and 9.99 < reset.amounts["rpm"] <= 10
+    assert 99 < left["tok"] <= 100 and left["rpm"] == 10
+    actions = [e.action for e in audit]
+    assert actions.count("bucket_topped_up") == 2 and actions.count("bucket_reset") == 2
+
+
+def test_the_sync_limiter_resets_a_bucket(daemon, entity):
+    with SyncRateLimiter(socket=daemon.socket, namespace=daemon.namespace) as zl:
+        zl.set_limits(entity, [Limit.per_day("tok", 10)])
+        zl.consume(entity, "m", {"tok": 10})
+        done = zl.reset_bucket(entity, "m", idempotency_key="k")
+        assert done.shards == 1 and 9 < done.amounts["tok"] <= 10
+        assert zl.reset_bucket(entity, "m", idempotency_key="k").replayed

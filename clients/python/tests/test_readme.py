@@ -89,6 +89,34 @@ def test_the_disabled_resource_example_answers_403_but_to_the_kept_tenant(daemon
     assert run(scenario()) == [(200, "ok"), (403, f"{model} is not available to other")]
 
 
+def test_the_reset_example_gives_the_budget_back_once(daemon, monkeypatch):
+    from zae_limiter_client import Limit, RateLimitExceeded
+
+    monkeypatch.setenv("ZAE_LIMITER_SOCKET", daemon.socket)
+    scope: dict = {}
+    exec(compile(readme_block("reset_bucket("), "README.md", "exec"), scope)  # noqa: S102
+    limiter, tenant = scope["limiter"], f"tenant-{daemon.namespace}-reset"
+
+    async def scenario():
+        await limiter.set_limits(tenant, [Limit.per_day("tpm", 1_000)])
+        await limiter.consume(tenant, "gpt-4", {"tpm": 1_000})
+        try:
+            await limiter.consume(tenant, "gpt-4", {"tpm": 1})
+            refused = False
+        except RateLimitExceeded:
+            refused = True
+        given = [await scope["apologise"](tenant, "gpt-4", 7) for _ in range(2)]
+        await limiter.consume(tenant, "gpt-4", {"tpm": 600})
+        left = await limiter.available(tenant, "gpt-4")
+        await limiter.close()
+        return refused, given, left
+
+    refused, given, left = run(scenario())
+    assert refused
+    assert given[0]["tpm"] >= 1_000 - 1 and given[1] == given[0], "the retry gives nothing more"
+    assert 400 <= left["tpm"] < 402, left
+
+
 def test_the_bypass_example_admits_past_the_limit_and_still_meters(daemon, monkeypatch):
     from zae_limiter_client import Limit
 

@@ -43,6 +43,7 @@ from ._models import (
     AuditEvent,
     AuditPage,
     Availability,
+    BucketOperationResult,
     Entity,
     Limit,
     LimitStatus,
@@ -55,6 +56,7 @@ from ._models import (
     message,
     serialized_limits,
 )
+from ._models import amounts as _checked_amounts
 from ._proto import ratelimit_pb2 as pb
 
 #: The daemon's default socket (``zae-limiter serve`` without ``--socket``).
@@ -570,6 +572,66 @@ class _Api:
         """As ``bypass_resource``, for the entity on ``resource`` (``None``: on every resource
         without an entity + resource gate)."""
         return self._gate(entity_id, resource, pb.GATE_BYPASS, until)
+
+    # --- reset and top-up of one bucket ------------------------------------------------------
+
+    def _operate(
+        self,
+        method: str,
+        entity_id: str,
+        resource: str,
+        idempotency_key: str | None,
+        **fields: Any,
+    ) -> Any:
+        if idempotency_key is not None and not isinstance(idempotency_key, str):
+            raise ValidationError(
+                f"idempotency_key: must be a string, got {idempotency_key!r}",
+                field="idempotency_key",
+            )
+        request = message(
+            pb.BucketRequest,
+            namespace=self.namespace,
+            entity_id=entity_id,
+            resource=resource,
+            idempotency_key=idempotency_key or "",
+            **fields,
+        )
+        return self._call(
+            _admin_method(method),
+            request,
+            lambda r: BucketOperationResult._from_pb(entity_id, resource, r),
+        )
+
+    def reset_bucket(
+        self,
+        entity_id: str,
+        resource: str,
+        limits: Sequence[str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """Fills the entity's limits on ``resource`` (``limits``: only these names) to capacity,
+        debt forgiven, as a conditional write against the stored balances (exact while other
+        daemons keep deciding). A bucket never used is full: nothing is written. With
+        ``idempotency_key`` (1-64 of letters, digits, ``.``, ``_``, ``:``, ``-``), a retry within
+        3 days does nothing more and returns the first call's result."""
+        if isinstance(limits, str):
+            raise ValidationError("limits: must be a list of names, not a string", field="limits")
+        names = list(limits) if limits is not None else []
+        return self._operate("ResetBucket", entity_id, resource, idempotency_key, limits=names)
+
+    def top_up(
+        self,
+        entity_id: str,
+        resource: str,
+        amounts: Mapping[str, int],
+        idempotency_key: str | None = None,
+    ) -> Any:
+        """Gives each named limit its whole tokens (each 1..10**15), at most its room below
+        capacity (a refund, not a purchase); the result says what each gained. Idempotent by
+        key as ``reset_bucket``."""
+        # ``amounts`` is the library's name for the argument; the module's checker is aliased.
+        wire = _checked_amounts("amounts", amounts, allow_negative=False)
+        return self._operate("TopUp", entity_id, resource, idempotency_key, amounts=wire)
 
     def _cascade(self, entity_id: str | None, resource: str | None, cascade: Any) -> Any:
         """Sets (``True``/``False``) or clears (``None``) the cascade policy at a scope."""

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from ._models import (
     AuditPage,
     Availability,
+    BucketOperationResult,
     Entity,
     Limit,
     LimitStatus,
@@ -165,6 +166,20 @@ class RateLimiter:
         resource: str | None = None,
         until: datetime.datetime | datetime.timedelta | None = None,
     ) -> None: ...
+    async def reset_bucket(
+        self,
+        entity_id: str,
+        resource: str,
+        limits: Sequence[str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> BucketOperationResult: ...
+    async def top_up(
+        self,
+        entity_id: str,
+        resource: str,
+        amounts: Mapping[str, int],
+        idempotency_key: str | None = None,
+    ) -> BucketOperationResult: ...
     async def set_resource_cascade(self, resource: str, cascade: bool) -> None: ...
     async def clear_resource_cascade(self, resource: str) -> None: ...
     async def get_resource_cascade(self, resource: str) -> bool | None: ...
@@ -283,6 +298,20 @@ class SyncRateLimiter:
         resource: str | None = None,
         until: datetime.datetime | datetime.timedelta | None = None,
     ) -> None: ...
+    def reset_bucket(
+        self,
+        entity_id: str,
+        resource: str,
+        limits: Sequence[str] | None = None,
+        idempotency_key: str | None = None,
+    ) -> BucketOperationResult: ...
+    def top_up(
+        self,
+        entity_id: str,
+        resource: str,
+        amounts: Mapping[str, int],
+        idempotency_key: str | None = None,
+    ) -> BucketOperationResult: ...
     def set_resource_cascade(self, resource: str, cascade: bool) -> None: ...
     def clear_resource_cascade(self, resource: str) -> None: ...
     def get_resource_cascade(self, resource: str) -> bool | None: ...

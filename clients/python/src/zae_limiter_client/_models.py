@@ -406,6 +406,35 @@ class AuditPage:
 
 
 @dataclasses.dataclass(frozen=True)
+class BucketOperationResult:
+    """What ``reset_bucket`` or ``top_up`` did (the library's fields, and ``replayed``)."""
+
+    entity_id: str
+    resource: str
+    #: Bucket items written: 0 when there was nothing to change (no bucket yet, already full).
+    shards: int
+    #: Tokens each named limit (a reset without names: each limit) gained.
+    amounts: Mapping[str, int | float]
+    #: The idempotency key was used before: nothing was done now, this is the first answer.
+    replayed: bool = False
+
+    @classmethod
+    def _from_pb(
+        cls, entity_id: str, resource: str, r: pb.BucketResponse
+    ) -> BucketOperationResult:
+        def tokens(milli: int) -> int | float:
+            return milli // 1000 if milli % 1000 == 0 else milli / 1000
+
+        return cls(
+            entity_id=entity_id,
+            resource=resource,
+            shards=r.written,
+            amounts={name: tokens(milli) for name, milli in sorted(r.gained_milli.items())},
+            replayed=r.replayed,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class UsageSnapshot:
     """Consumption of one resource in one hour or day, after adjustments and rollbacks."""
 
