@@ -77,6 +77,15 @@ enum Op {
         descriptors: Vec<HostileDescriptor>,
         hits_addend: u32,
     },
+    /// Resets (named limits, or all) or tops up (hostile amounts) a bucket, with any key.
+    Bucket {
+        entity: String,
+        resource: String,
+        top_up: bool,
+        limits: Vec<String>,
+        amounts: Vec<(String, i64)>,
+        key: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -268,6 +277,22 @@ fn op() -> impl Strategy<Value = Op> {
                 cascade
             }),
         2 => envoy_request(),
+        1 => (
+            id(),
+            prop_oneof![3 => Just("model".to_owned()), 1 => id()],
+            any::<bool>(),
+            prop::collection::vec(name(), 0..3),
+            amounts(),
+            prop_oneof![2 => Just(String::new()), 2 => "[a-z0-9._:-]{1,8}", 1 => any::<String>()],
+        )
+            .prop_map(|(entity, resource, top_up, limits, amounts, key)| Op::Bucket {
+                entity,
+                resource,
+                top_up,
+                limits,
+                amounts,
+                key,
+            }),
     ]
 }
 
@@ -558,6 +583,27 @@ impl Target {
                     })
                     .await
                     .map(drop),
+                Op::Bucket {
+                    entity,
+                    resource,
+                    top_up,
+                    limits,
+                    amounts,
+                    key,
+                } => {
+                    let request = proto::BucketRequest {
+                        entity_id: entity,
+                        resource,
+                        limits,
+                        amounts: amounts.into_iter().collect(),
+                        idempotency_key: key,
+                        ..Default::default()
+                    };
+                    match top_up {
+                        true => admin.top_up(request).await.map(drop),
+                        false => admin.reset_bucket(request).await.map(drop),
+                    }
+                }
             };
             if let Err(s) = answer {
                 prop_assert!(self.acceptable(&s), "{:?} answered {:?}", op, s);
