@@ -668,7 +668,7 @@ impl proto::admin_server::Admin for AdminService {
             .limits
             .into_iter()
             .enumerate()
-            .map(|(i, n)| LimitName::new(n).map_err(|e| invalid(&format!("limits[{i}]"), e)))
+            .map(|(i, n)| LimitName::new(n).map_err(|e| invalid(format!("limits[{i}]"), e)))
             .collect::<Result<Vec<_>, _>>()?;
         let names = (!names.is_empty()).then_some(names);
         let operated = self
