@@ -5,6 +5,7 @@
 pub mod amounts;
 pub mod batch;
 pub mod bucket;
+pub mod calendar;
 pub mod ids;
 pub mod limit;
 pub mod records;
