@@ -50,13 +50,22 @@ impl LimitState {
         }
     }
 
-    /// Balance and carry after `elapsed` milliseconds of refill.
-    fn refilled(&self, elapsed: i64) -> (i64, i64) {
+    /// Balance and carry after refilling from `from` to `to` (ms since the epoch): a quota
+    /// back at its amount when an edge of its calendar lies between (debt forgiven), else as
+    /// it was; a dripping limit by what the time accrued.
+    fn refilled(&self, from: i64, to: i64) -> (i64, i64) {
+        let capacity = self.limit.capacity();
+        if let Some(calendar) = self.limit.calendar() {
+            return match calendar.edge_between(from, to) {
+                true => (capacity, 0),
+                false => (self.balance, self.carry),
+            };
+        }
+        let elapsed = to.saturating_sub(from);
         let period = i128::from(self.limit.refill_period_ms());
         let accrued = i128::from(elapsed.max(0)) * i128::from(self.limit.refill_amount())
             + i128::from(self.carry);
         let balance = i128::from(self.balance) + accrued / period;
-        let capacity = self.limit.capacity();
         if balance >= i128::from(capacity) {
             (capacity, 0)
         } else {
@@ -65,16 +74,24 @@ impl LimitState {
         }
     }
 
-    /// Whether `elapsed` milliseconds add at least one milli-token.
-    fn refill_adds(&self, elapsed: i64) -> bool {
+    /// Whether refilling from `from` to `to` changes anything: at least one milli-token drips
+    /// in, or a quota's calendar has an edge between (whatever its balance: a write after it must
+    /// move the refill time past it, or the edge would later erase what that write consumed).
+    fn refill_adds(&self, from: i64, to: i64) -> bool {
+        if let Some(calendar) = self.limit.calendar() {
+            return calendar.edge_between(from, to);
+        }
+        let elapsed = to.saturating_sub(from);
         elapsed > 0
             && i128::from(elapsed) * i128::from(self.limit.refill_amount()) + i128::from(self.carry)
                 >= i128::from(self.limit.refill_period_ms())
     }
 
-    /// Milliseconds until `balance` (with `carry`) covers `wanted`; `None` if it never can. A
-    /// soft limit covers anything at once, short of the floor no balance may pass.
-    fn wait_ms(&self, balance: i64, carry: i64, wanted: i64) -> Option<u64> {
+    /// Milliseconds until `balance` (with `carry`, the state refilled up to `since`) covers
+    /// `wanted`; `None` if it never can. A soft limit covers anything at once, short of the
+    /// floor no balance may pass; a quota at its calendar's next edge after `since`, counted
+    /// from `now` (no edge lies between them, or the state would have been refilled).
+    fn wait_ms(&self, balance: i64, carry: i64, wanted: i64, since: i64, now: i64) -> Option<u64> {
         if self.limit.is_soft() {
             return (i128::from(balance) - i128::from(wanted) >= i128::from(MIN_BALANCE))
                 .then_some(0);
@@ -84,6 +101,10 @@ impl LimitState {
         }
         if wanted > self.limit.capacity() {
             return None;
+        }
+        if let Some(calendar) = self.limit.calendar() {
+            let edge = calendar.next_edge(since)?;
+            return Some(u64::try_from(edge.saturating_sub(now)).unwrap_or(0));
         }
         let deficit = i128::from(wanted) - i128::from(balance);
         let needed = deficit * i128::from(self.limit.refill_period_ms()) - i128::from(carry);
@@ -308,7 +329,7 @@ pub fn admit(
         None => Bucket::full(limits.to_vec(), now),
         Some(seen) => seen.at(now).reconfigured(limits),
     };
-    if let Some(rejection) = after.check(&amount_of) {
+    if let Some(rejection) = after.check(&amount_of, now) {
         return Admission::Rejected(rejection);
     }
     let mut statuses = Vec::with_capacity(after.limits.len());
@@ -350,7 +371,7 @@ pub fn plan(
     let amount_of = |name: &LimitName| amount_for(amounts, name);
     let Some(seen) = seen else {
         let fresh = Bucket::full(limits.to_vec(), now);
-        return match fresh.check(&amount_of) {
+        return match fresh.check(&amount_of, now) {
             Some(rejection) => Plan::Reject(rejection),
             None => {
                 let mut created = fresh;
@@ -367,7 +388,7 @@ pub fn plan(
         };
     };
     let target = seen.at(now).reconfigured(limits);
-    if let Some(rejection) = target.check(&amount_of) {
+    if let Some(rejection) = target.check(&amount_of, now) {
         return Plan::Reject(rejection);
     }
     let same_limits = seen.limits.len() == limits.len()
@@ -377,6 +398,7 @@ pub fn plan(
     // its capacity, refilling later (from the unchanged refill time) adds exactly what refilling
     // now would, so the write only subtracts and commutes with every other writer's.
     let deferrable = same_limits
+        && !seen.edge_due(now)
         && seen
             .limits
             .iter()
@@ -499,7 +521,8 @@ pub fn plan_settle(
         a < 0 && i128::from(l.balance) - i128::from(a) > i128::from(l.limit.capacity())
     });
     let seen_config = encode(&seen.limit_set());
-    if !clamps {
+    // After a quota's edge, a plain write would be erased by the reset a later read applies.
+    if !clamps && !seen.edge_due(now) {
         let mut expected = seen.clone();
         let mut changes = Vec::new();
         for (l, after) in seen.limits.iter().zip(&mut expected.limits) {
@@ -691,8 +714,19 @@ impl Bucket {
 
     /// Whether a write at `now` would credit refill (so it must be a guarded write).
     pub fn refill_due(&self, now: i64) -> bool {
-        let elapsed = now.saturating_sub(self.refilled_at);
-        self.limits.iter().any(|l| l.refill_adds(elapsed))
+        self.limits
+            .iter()
+            .any(|l| l.refill_adds(self.refilled_at, now))
+    }
+
+    /// Whether a quota's calendar has an edge between the refill time and `now`: a write at
+    /// `now` must then refill (move the refill time past the edge), whatever it changes.
+    pub fn edge_due(&self, now: i64) -> bool {
+        self.limits.iter().any(|l| {
+            l.limit
+                .calendar()
+                .is_some_and(|c| c.edge_between(self.refilled_at, now))
+        })
     }
 
     /// The bucket as it stands at `now`: refilled, clamped, timestamp moved (never backwards).
@@ -704,7 +738,6 @@ impl Bucket {
             }
             return same;
         }
-        let elapsed = now.saturating_sub(self.refilled_at);
         Self {
             mark: self.mark,
             refilled_at: now,
@@ -712,7 +745,7 @@ impl Bucket {
                 .limits
                 .iter()
                 .map(|l| {
-                    let (balance, carry) = l.refilled(elapsed);
+                    let (balance, carry) = l.refilled(self.refilled_at, now);
                     LimitState {
                         balance,
                         carry,
@@ -751,8 +784,9 @@ impl Bucket {
         }
     }
 
-    /// The statuses of a request against this (already refilled) state, or `None` if it fits.
-    fn check(&self, amount_of: &dyn Fn(&LimitName) -> i64) -> Option<Rejection> {
+    /// The statuses of a request at `now` against this (already refilled) state, or `None` if
+    /// it fits.
+    fn check(&self, amount_of: &dyn Fn(&LimitName) -> i64, now: i64) -> Option<Rejection> {
         let statuses: Vec<LimitStatus> = self
             .limits
             .iter()
@@ -762,7 +796,7 @@ impl Bucket {
                     limit: l.limit.clone(),
                     available: l.balance,
                     requested,
-                    retry_after_ms: l.wait_ms(l.balance, l.carry, requested),
+                    retry_after_ms: l.wait_ms(l.balance, l.carry, requested, self.refilled_at, now),
                 }
             })
             .collect();

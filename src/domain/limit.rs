@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::calendar::{Calendar, CalendarError};
+
 /// Milli-tokens per token.
 pub const MILLI: i64 = 1_000;
 /// The largest capacity or refill amount, in whole tokens (as in the Python zae-limiter).
@@ -48,6 +50,8 @@ pub enum LimitError {
     TooMany { count: usize },
     #[error("malformed limit encoding {0:?}")]
     Malformed(String),
+    #[error("limit {name:?}: {error}")]
+    Calendar { name: String, error: CalendarError },
 }
 
 /// A validated limit name: 1 to 64 characters of `[A-Za-z0-9_.-]`, starting with a letter or digit.
@@ -105,6 +109,10 @@ impl fmt::Display for LimitName {
 /// One token bucket's definition: `capacity` tokens at most, refilled by `refill_amount` tokens every
 /// `refill_period`, continuously (lazily computed, never on a timer).
 ///
+/// A **calendar quota** ([`Limit::quota`]) does not drip: its balance goes back to its amount in
+/// one lump at each edge of its calendar (the instants its cron pattern starts matching), applied
+/// lazily by the first request after it; its refill amount and period are 0.
+///
 /// A **soft** limit is debited like any other but never refuses: a request it cannot cover
 /// takes its balance into debt (down to [`super::amounts::MIN_BALANCE`], the floor no balance
 /// passes), and its status says so (`overdrawn`). For watching a new limit before enforcing it.
@@ -115,6 +123,7 @@ pub struct Limit {
     refill_amount: i64,
     refill_period_ms: i64,
     soft: bool,
+    quota: Option<Calendar>,
 }
 
 impl Limit {
@@ -182,10 +191,33 @@ impl Limit {
             refill_amount,
             refill_period_ms: period as i64,
             soft: false,
+            quota: None,
         })
     }
 
-    /// The same limit with a capacity of `burst` tokens instead of one period's refill.
+    /// A calendar quota: `amount` tokens, all back at each edge of `calendar` (and no drip).
+    ///
+    /// # Errors
+    /// [`LimitError`] for a bad name, a zero amount or one above [`MAX_TOKENS`].
+    pub fn quota(name: &str, amount: u64, calendar: Calendar) -> Result<Self, LimitError> {
+        let name = LimitName::new(name)?;
+        let capacity = whole_tokens(&name, "amount", amount)?;
+        Ok(Self::quota_from_milli(name, capacity, calendar))
+    }
+
+    fn quota_from_milli(name: LimitName, capacity: i64, calendar: Calendar) -> Self {
+        Self {
+            name,
+            capacity,
+            refill_amount: 0,
+            refill_period_ms: 0,
+            soft: false,
+            quota: Some(calendar),
+        }
+    }
+
+    /// The same limit with a capacity of `burst` tokens instead of one period's refill (of a
+    /// quota: its amount).
     ///
     /// # Errors
     /// [`LimitError`] for a zero burst or one above [`MAX_TOKENS`].
@@ -228,6 +260,7 @@ impl Limit {
             refill_amount,
             refill_period_ms,
             soft: false,
+            quota: None,
         })
     }
 
@@ -241,11 +274,15 @@ impl Limit {
     pub fn name(&self) -> &LimitName {
         &self.name
     }
+    /// The calendar of a quota (`None`: a dripping limit).
+    pub fn calendar(&self) -> Option<&Calendar> {
+        self.quota.as_ref()
+    }
     /// Capacity in milli-tokens.
     pub fn capacity(&self) -> i64 {
         self.capacity
     }
-    /// Refill amount per period, in milli-tokens.
+    /// Refill amount per period, in milli-tokens (0 for a quota).
     pub fn refill_amount(&self) -> i64 {
         self.refill_amount
     }
@@ -364,11 +401,29 @@ pub fn encode(limits: &[Limit]) -> String {
             "{}:{}:{}:{}",
             l.name, l.capacity, l.refill_amount, l.refill_period_ms
         ));
+        if let Some(c) = &l.quota {
+            out.push_str(&format!(":cron={}@{}", escape(c.pattern()), escape(c.tz())));
+        }
         if l.soft {
             out.push_str(":soft");
         }
     }
     out
+}
+
+/// A calendar's text inside [`encode`]'s form: no ' ', ',', ':' or '%' of its own.
+fn escape(text: &str) -> String {
+    text.replace('%', "%25")
+        .replace(',', "%2C")
+        .replace(':', "%3A")
+        .replace(' ', "%20")
+}
+
+fn unescape(text: &str) -> String {
+    text.replace("%20", " ")
+        .replace("%3A", ":")
+        .replace("%2C", ",")
+        .replace("%25", "%")
 }
 
 /// Milli-tokens as tokens: `1`, `0.5`.
@@ -398,6 +453,16 @@ pub fn period(ms: i64) -> String {
 impl Limit {
     /// The limit in its user's units: `rpm 100/1m, burst 150` (`, soft` when soft).
     pub fn describe(&self) -> String {
+        if let Some(c) = &self.quota {
+            return format!(
+                "{} {} at \"{}\" {}{}",
+                self.name,
+                tokens(self.capacity),
+                c.pattern(),
+                c.tz(),
+                if self.soft { ", soft" } else { "" }
+            );
+        }
         format!(
             "{} {}/{}, burst {}{}",
             self.name,
@@ -417,25 +482,46 @@ pub fn decode(text: &str) -> Result<Vec<Limit>, LimitError> {
     if text.is_empty() {
         return Ok(Vec::new());
     }
-    let limits = text
-        .split(',')
-        .map(|part| {
-            let fields: Vec<&str> = part.split(':').collect();
-            let (name, cap, amount, period, soft) = match fields[..] {
-                [name, cap, amount, period] => (name, cap, amount, period, false),
-                [name, cap, amount, period, "soft"] => (name, cap, amount, period, true),
-                _ => return Err(LimitError::Malformed(part.to_owned())),
-            };
-            let num = |s: &str| {
-                s.parse::<i64>()
-                    .map_err(|_| LimitError::Malformed(part.to_owned()))
-            };
-            Ok(
-                Limit::from_milli(LimitName::new(name)?, num(cap)?, num(amount)?, num(period)?)?
-                    .with_soft(soft),
-            )
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let limits =
+        text.split(',')
+            .map(|part| {
+                let malformed = || LimitError::Malformed(part.to_owned());
+                let fields: Vec<&str> = part.split(':').collect();
+                let [name, cap, amount, period, options @ ..] = &fields[..] else {
+                    return Err(malformed());
+                };
+                let (mut soft, mut calendar) = (false, None);
+                for option in options {
+                    match option.strip_prefix("cron=") {
+                        None if *option == "soft" && !soft => soft = true,
+                        Some(c) if calendar.is_none() && !soft => calendar = Some(c),
+                        _ => return Err(malformed()),
+                    }
+                }
+                let num = |s: &str| s.parse::<i64>().map_err(|_| malformed());
+                let name = LimitName::new(*name)?;
+                let limit =
+                    match calendar {
+                        None => Limit::from_milli(name, num(cap)?, num(amount)?, num(period)?)?,
+                        Some(c) => {
+                            let (pattern, tz) = c.rsplit_once('@').ok_or_else(malformed)?;
+                            if (num(amount)?, num(period)?) != (0, 0) {
+                                return Err(malformed());
+                            }
+                            let calendar = Calendar::new(&unescape(pattern), &unescape(tz))
+                                .map_err(|error| LimitError::Calendar {
+                                    name: name.to_string(),
+                                    error,
+                                })?;
+                            let capacity = num(cap)?;
+                            // The same range as a dripping limit's capacity.
+                            Limit::from_milli(name.clone(), capacity, 1, 1)?;
+                            Limit::quota_from_milli(name, capacity, calendar)
+                        }
+                    };
+                Ok(limit.with_soft(soft))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
     canonical(limits)
 }
 

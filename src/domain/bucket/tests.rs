@@ -652,3 +652,147 @@ proptest! {
         }
     }
 }
+
+fn monthly(amount: u64) -> Limit {
+    use crate::domain::calendar::Calendar;
+    Limit::quota("month", amount, Calendar::new("0 0 1 * *", "UTC").unwrap()).unwrap()
+}
+
+/// 2026-01-31T00:00:00Z and the next edge, 2026-02-01T00:00:00Z.
+const JAN_31: i64 = 1_769_817_600_000;
+const FEB_1: i64 = JAN_31 + 86_400_000;
+
+#[test]
+fn a_quota_refuses_until_its_next_edge_then_is_whole_again() {
+    let limits = vec![monthly(100)];
+    let mut b = None;
+    assert!(acquire(&mut b, &limits, &tokens("month", 60), JAN_31));
+    assert!(acquire(
+        &mut b,
+        &limits,
+        &tokens("month", 40),
+        JAN_31 + 1_000
+    ));
+    let later = JAN_31 + 3_600_000;
+    assert_eq!(balance(&b, "month", later), 0, "no drip");
+    let r = rejection(b.as_ref(), &limits, &tokens("month", 1), later);
+    assert_eq!(
+        r.retry_after_ms(),
+        Some((FEB_1 - later) as u64),
+        "until the edge"
+    );
+    let never = rejection(b.as_ref(), &limits, &tokens("month", 101), later);
+    assert_eq!(
+        never.retry_after_ms(),
+        None,
+        "more than the amount never fits"
+    );
+    // Debt from an adjustment is forgiven at the edge.
+    b.as_mut().unwrap().adjust(&tokens("month", 30)).unwrap();
+    assert!(!acquire(&mut b, &limits, &tokens("month", 1), FEB_1 - 1));
+    assert!(acquire(&mut b, &limits, &tokens("month", 100), FEB_1));
+    assert!(!acquire(&mut b, &limits, &tokens("month", 1), FEB_1 + 1));
+    // Months missed while idle reset it once.
+    let may = 1_777_593_600_000; // 2026-05-01T00:00:00Z
+    assert!(acquire(&mut b, &limits, &tokens("month", 100), may + 5));
+    assert!(!acquire(&mut b, &limits, &tokens("month", 1), may + 6));
+}
+
+#[test]
+fn a_write_after_an_edge_moves_the_refill_time_past_it() {
+    let limits = canonical(vec![monthly(100), Limit::per_second("rps", 1_000).unwrap()]).unwrap();
+    let mut seen = Bucket::full(limits.clone(), FEB_1 - 5);
+    seen.adjust(&[(name("month"), 100 * MILLI), (name("rps"), 500 * MILLI)])
+        .unwrap();
+    // Only rps is asked for, and its stored balance covers it: without the edge this write
+    // would be a plain subtraction, its refill deferred.
+    let Plan::Admit {
+        write: Write::Change(c),
+        expected,
+    } = plan(Some(&seen), &limits, &tokens("rps", 1), FEB_1 + 10)
+    else {
+        panic!("admitted");
+    };
+    assert!(c.refill.is_some(), "guarded: the edge is written");
+    assert_eq!(expected.refilled_at, FEB_1 + 10);
+    assert_eq!(expected.limit(&name("month")).unwrap().balance, 100 * MILLI);
+    // A settlement after the edge is planned on the reset balance, never erased by it.
+    let (write, after) = plan_settle(&seen, &tokens("month", 7), FEB_1 + 10)
+        .unwrap()
+        .unwrap();
+    assert!(matches!(&write, Write::Change(c) if c.refill.is_some()));
+    assert_eq!(after.limit(&name("month")).unwrap().balance, 93 * MILLI);
+    assert_eq!(
+        after.at(FEB_1 + 20).limit(&name("month")).unwrap().balance,
+        93 * MILLI
+    );
+}
+
+#[test]
+fn quotas_round_trip_through_the_stored_form() {
+    use crate::domain::calendar::Calendar;
+    use crate::domain::limit::{decode, encode};
+    let office = Calendar::new("0 9,17 * * 1-5", "America/New_York").unwrap();
+    let limits = canonical(vec![
+        monthly(100),
+        Limit::quota("shift", 5, office).unwrap().with_soft(true),
+        Limit::per_minute("rpm", 10).unwrap(),
+    ])
+    .unwrap();
+    let text = encode(&limits);
+    assert!(
+        text.contains("shift:5000:0:0:cron=0%209%2C17%20*%20*%201-5@America/New_York:soft"),
+        "{text}"
+    );
+    assert_eq!(decode(&text).unwrap(), limits);
+    for bad in [
+        "month:1000:0:0:cron=*%20*%20*%20*%20*@UTC",
+        "month:1000:0:0:cron=0%200%201%20*%20*@Nowhere",
+        "month:1000:5:0:cron=0%200%201%20*%20*@UTC",
+        "month:1000:0:0:cron=0%200%201%20*%20*",
+        "month:0:0:0:cron=0%200%201%20*%20*@UTC",
+        "month:1000:0:0:soft:cron=0%200%201%20*%20*@UTC",
+    ] {
+        assert!(decode(bad).is_err(), "{bad}");
+    }
+}
+
+proptest! {
+    /// Two daemons deciding on one quota from their own, possibly stale, views of the stored
+    /// bucket (a lost race re-plans from the stored one), over several edges: what they admit
+    /// within one period never exceeds the amount.
+    #[test]
+    fn two_writers_never_admit_more_than_a_quota_s_amount_per_period(
+        steps in prop::collection::vec((0i64..30_000_000, 1i64..40, any::<bool>()), 1..120),
+    ) {
+        let limits = vec![monthly(100)];
+        let start = JAN_31 - 40_000_000;
+        let mut stored = Bucket::full(limits.clone(), start);
+        let mut views = [stored.clone(), stored.clone()];
+        let mut now = start;
+        let mut periods: std::collections::BTreeMap<i64, i64> = Default::default();
+        let calendar = limits[0].calendar().unwrap().clone();
+        for (dt, n, second) in steps {
+            now += dt;
+            let w = usize::from(second);
+            for _ in 0..2 {
+                let Plan::Admit { write: Write::Change(c), .. } =
+                    plan(Some(&views[w]), &limits, &tokens("month", n), now)
+                else {
+                    break;
+                };
+                if stored.apply(&c).is_ok() {
+                    // The period is named by its next edge.
+                    let period = calendar.next_edge(now).unwrap();
+                    *periods.entry(period).or_default() += n;
+                    views[w] = stored.clone();
+                    break;
+                }
+                views[w] = stored.clone();
+            }
+        }
+        for (period, admitted) in periods {
+            prop_assert!(admitted <= 100, "{admitted} tokens admitted in the period ending {period}");
+        }
+    }
+}
