@@ -249,6 +249,7 @@ impl RateLimitService for RlsService {
         let mut headers: Vec<HeaderValue> = Vec::new();
         let mut tightest: Option<Shown> = None;
         let mut longest_wait_ms: Option<u64> = None;
+        let now = self.limiter.now_ms();
         for (plan, decision) in plans.iter().zip(decisions) {
             let (Some(plan), Some(decision)) = (plan, decision) else {
                 count("none", envoy_outcome::UNMATCHED);
@@ -270,18 +271,18 @@ impl RateLimitService for RlsService {
                             envoy_outcome::OK
                         },
                     );
-                    shown(plan, &s, true)
+                    shown(plan, &s, true, now)
                 }
                 Outcome::Refused(s) if plan.rule.shadow => {
                     count(rule, envoy_outcome::SHADOW_REFUSED);
-                    shown(plan, &s, false).map(|mut sh| {
+                    shown(plan, &s, false, now).map(|mut sh| {
                         sh.over_limit = false;
                         sh
                     })
                 }
                 Outcome::Refused(s) => {
                     count(rule, envoy_outcome::OVER_LIMIT);
-                    shown(plan, &s, false)
+                    shown(plan, &s, false, now)
                 }
             };
             let Some(shown) = status else {
@@ -359,7 +360,7 @@ struct Shown {
 /// The governing limit among the descriptor's hit limits: over limit, the violated one with the
 /// longest wait (a violated limit is always one the request asked of); else the one with the
 /// fewest tokens left. `None` without statuses (failed open).
-fn shown(plan: &Planned<'_>, statuses: &[LimitStatus], admitted: bool) -> Option<Shown> {
+fn shown(plan: &Planned<'_>, statuses: &[LimitStatus], admitted: bool, now: i64) -> Option<Shown> {
     if !admitted {
         let s = statuses
             .iter()
@@ -367,7 +368,7 @@ fn shown(plan: &Planned<'_>, statuses: &[LimitStatus], admitted: bool) -> Option
             .max_by_key(|s| s.retry_after_ms.unwrap_or(u64::MAX))?;
         let reset_ms = s
             .retry_after_ms
-            .unwrap_or_else(|| until_full(&s.limit, s.available));
+            .unwrap_or_else(|| until_full(&s.limit, s.available, now));
         return Some(Shown {
             limit: s.limit.clone(),
             over_limit: true,
@@ -385,15 +386,20 @@ fn shown(plan: &Planned<'_>, statuses: &[LimitStatus], admitted: bool) -> Option
         limit: s.limit.clone(),
         over_limit: false,
         remaining: left.div_euclid(MILLI).max(0),
-        reset_ms: until_full(&s.limit, left),
+        reset_ms: until_full(&s.limit, left, now),
     })
 }
 
-/// Milliseconds until a bucket holding `balance` milli-tokens refills to its capacity.
-fn until_full(limit: &Limit, balance: i64) -> u64 {
+/// Milliseconds until a bucket holding `balance` milli-tokens refills to its capacity (a quota:
+/// at its calendar's next edge after `now`).
+fn until_full(limit: &Limit, balance: i64, now: i64) -> u64 {
     let missing = i128::from(limit.capacity()) - i128::from(balance);
     if missing <= 0 {
         return 0;
+    }
+    if let Some(calendar) = limit.calendar() {
+        let edge = calendar.next_edge(now).unwrap_or(i64::MAX);
+        return u64::try_from(edge.saturating_sub(now)).unwrap_or(0);
     }
     let amount = i128::from(limit.refill_amount());
     let ms = (missing * i128::from(limit.refill_period_ms()) + amount - 1) / amount;
@@ -403,6 +409,11 @@ fn until_full(limit: &Limit, balance: i64) -> u64 {
 /// A limit's rate in Envoy's terms: its own period when that is a unit, else the first unit in
 /// which the rate is a whole number (a day at the most, rounded down).
 fn rate(limit: &Limit) -> (u32, Unit) {
+    if limit.calendar().is_some() {
+        // A quota has no rate: its amount, per the longest unit Envoy knows.
+        let amount = limit.capacity() / MILLI;
+        return (u32::try_from(amount).unwrap_or(u32::MAX), Unit::Day);
+    }
     const UNITS: [(Unit, i64); 4] = [
         (Unit::Second, 1_000),
         (Unit::Minute, 60_000),
@@ -446,10 +457,14 @@ impl Shown {
 
     fn headers(&self, style: HeaderStyle) -> Vec<HeaderValue> {
         let quota = self.limit.capacity().div_euclid(MILLI);
-        let window_s = u64::try_from(self.limit.refill_period_ms())
-            .unwrap_or(0)
-            .div_ceil(1_000);
         let reset_s = self.reset_ms.div_ceil(1_000);
+        // A quota's window is the rest of its period.
+        let window_s = match self.limit.calendar() {
+            Some(_) => reset_s,
+            None => u64::try_from(self.limit.refill_period_ms())
+                .unwrap_or(0)
+                .div_ceil(1_000),
+        };
         let name = self.limit.name().to_string();
         match style {
             HeaderStyle::None => Vec::new(),
@@ -500,10 +515,10 @@ mod tests {
     #[test]
     fn until_full_rounds_up_and_is_zero_when_full() {
         let limit: Limit = "rpm=60/1m".parse().unwrap();
-        assert_eq!(until_full(&limit, 60_000), 0);
-        assert_eq!(until_full(&limit, 59_000), 1_000);
-        assert_eq!(until_full(&limit, 58_999), 1_001);
-        assert_eq!(until_full(&limit, -60_000), 120_000);
+        assert_eq!(until_full(&limit, 60_000, 0), 0);
+        assert_eq!(until_full(&limit, 59_000, 0), 1_000);
+        assert_eq!(until_full(&limit, 58_999, 0), 1_001);
+        assert_eq!(until_full(&limit, -60_000, 0), 120_000);
     }
 
     #[test]

@@ -16,6 +16,11 @@ impl From<&crate::Limit> for Limit {
             refill_amount: (l.refill_amount() / MILLI) as u64,
             refill_period_ms: l.refill_period_ms() as u64,
             soft: l.is_soft(),
+            quota_cron: l
+                .calendar()
+                .map(|c| c.pattern().to_owned())
+                .unwrap_or_default(),
+            quota_tz: l.calendar().map(|c| c.tz().to_owned()).unwrap_or_default(),
         }
     }
 }

@@ -25,6 +25,28 @@ use zae_limiter::client::Client;
 use zae_limiter::store::Store;
 use zae_limiter::{BucketKey, EntityId, Namespace, ResourceId, proto};
 
+/// Cron patterns and time zones for quotas: usable ones and hostile ones.
+const CRONS: &[&str] = &[
+    "0 0 1 * *",
+    "* * * * *",
+    "*/1 * * * *",
+    "@monthly",
+    "0 9,17 * * 1-5",
+    "61 0 * * *",
+    "0 0 29 2 *",
+    "",
+    "\u{0}\u{1b}[31m",
+    "0 0 1 * * * * * * * * * * * * * * * * * * * * * * * * * * * * * * * * * * * * * * * *",
+];
+const ZONES: &[&str] = &[
+    "UTC",
+    "",
+    "Europe/Berlin",
+    "Mars/Olympus",
+    "\u{0}",
+    "Etc/GMT+14",
+];
+
 #[derive(Debug, Clone)]
 enum Op {
     Acquire {
@@ -348,17 +370,32 @@ fn target(dynamodb: bool) -> Target {
 fn to_limits(limits: &[(String, u64, u64, u64)]) -> Vec<proto::Limit> {
     limits
         .iter()
-        .map(
-            |(name, capacity, refill_amount, refill_period_ms)| proto::Limit {
+        .map(|(name, capacity, refill_amount, refill_period_ms)| {
+            // Every fourth limit a calendar quota, its pattern and zone picked from good and
+            // hostile ones, its refill fields left (refused) or zeroed.
+            let quota = capacity % 4 == 1;
+            let pick = |list: &[&str], n: u64| list[(n % list.len() as u64) as usize].to_owned();
+            let zeroed = quota && refill_amount % 2 == 0;
+            proto::Limit {
                 name: name.clone(),
                 capacity: *capacity,
-                refill_amount: *refill_amount,
-                refill_period_ms: *refill_period_ms,
-                // Every third limit soft, so hostile input meets soft limits too (debt down to
-                // the floor, overdrawn statuses).
+                refill_amount: if zeroed { 0 } else { *refill_amount },
+                refill_period_ms: if zeroed { 0 } else { *refill_period_ms },
+                // Every third limit soft, so hostile input meets soft limits too (debt down
+                // to the floor, overdrawn statuses).
                 soft: capacity % 3 == 0,
-            },
-        )
+                quota_cron: if quota {
+                    pick(CRONS, *refill_amount / 2)
+                } else {
+                    String::new()
+                },
+                quota_tz: if quota {
+                    pick(ZONES, *refill_period_ms)
+                } else {
+                    String::new()
+                },
+            }
+        })
         .collect()
 }
 

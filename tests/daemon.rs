@@ -456,6 +456,7 @@ async fn bad_input_is_invalid_argument_or_out_of_range_naming_the_field_and_writ
             refill_amount: 1,
             refill_period_ms: 1000,
             soft: false,
+            ..Default::default()
         }],
         ..Default::default()
     };

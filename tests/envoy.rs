@@ -275,6 +275,7 @@ async fn stored_limits_and_a_cascading_parent_decide_a_descriptor() {
             refill_amount: capacity,
             refill_period_ms: 86_400_000,
             soft: false,
+            ..Default::default()
         }],
     };
     admin.create_entity(entity("project", None)).await.unwrap();

@@ -21,6 +21,7 @@ fn still(name: &str, capacity: u64) -> proto::Limit {
         refill_amount: 1,
         refill_period_ms: zae_limiter::domain::limit::MAX_PERIOD_MS as u64,
         soft: false,
+        ..Default::default()
     }
 }
 
@@ -31,6 +32,7 @@ fn limit(name: &str, tokens_per_hour: u64) -> proto::Limit {
         refill_amount: tokens_per_hour,
         refill_period_ms: 3_600_000,
         soft: false,
+        ..Default::default()
     }
 }
 

@@ -1888,6 +1888,85 @@ async fn a_reset_and_a_top_up_are_exact_and_once_while_another_daemon_decides(
     }
 }
 
+/// A daily calendar quota decided by two daemons at once, before and after its edge (the
+/// clocks move together): each period admits exactly its amount, however the two race; a
+/// refusal waits until the edge; the edge gives it all back, debt forgiven.
+async fn a_quota_admits_its_amount_per_period_across_two_daemons(
+    inner: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    use zae_limiter::domain::calendar::Calendar;
+    use zae_limiter::domain::records::LimitScope;
+    let f = fixture(inner.clone(), ns.clone(), |_| {});
+    let g = fixture(inner, ns, |_| {});
+    // T0 is 2023-11-14T22:13:20Z; the next midnight UTC is the edge.
+    let edge = 1_700_006_400_000;
+    let daily = Calendar::new("0 0 * * *", "UTC").unwrap();
+    let by = Actor {
+        principal: "test".into(),
+        at_ms: T0,
+    };
+    let scope = LimitScope::Entity(EntityId::new("team").unwrap());
+    let limits = [Limit::quota("day", 50, daily).unwrap()];
+    f.store
+        .inner
+        .set_limits(&f.ns, &scope, &limits, &by)
+        .await
+        .unwrap();
+    let round = || async {
+        let mut calls = Vec::new();
+        for d in [&f, &g] {
+            for _ in 0..40 {
+                let limiter = d.limiter.clone();
+                let request = d.request_stored("team", &[("day", 1)]);
+                calls.push(tokio::spawn(async move {
+                    limiter.acquire(request, within(5_000)).await
+                }));
+            }
+        }
+        let mut admitted = 0;
+        let mut waits = Vec::new();
+        for c in calls {
+            match c.await.unwrap() {
+                Ok(Decision::Admitted { .. }) => admitted += 1,
+                Ok(Decision::Rejected { rejection, .. }) => waits.push(rejection.retry_after_ms()),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        (admitted, waits)
+    };
+    let (admitted, waits) = round().await;
+    assert_eq!(admitted, 50);
+    assert!(
+        waits.iter().all(|w| *w == Some((edge - T0) as u64)),
+        "{waits:?}"
+    );
+    // A lease adjusted into debt before the edge...
+    let lease = f.lease("team", &limits, &[]).await;
+    f.limiter
+        .adjust(lease, amounts(&[("day", 20)]), within(5_000))
+        .await
+        .unwrap();
+    f.limiter.commit(lease, within(5_000)).await.unwrap();
+    for d in [&f, &g] {
+        d.clock.advance(edge - 1 - T0);
+    }
+    let (admitted, _) = round().await;
+    assert_eq!(admitted, 0, "a millisecond before the edge");
+    for d in [&f, &g] {
+        d.clock.advance(6);
+    }
+    let (admitted, waits) = round().await;
+    assert_eq!(
+        admitted, 50,
+        "the edge forgave the debt and gave all 50 back once"
+    );
+    let next = edge + 86_400_000 - (edge + 5);
+    assert!(waits.iter().all(|w| *w == Some(next as u64)), "{waits:?}");
+    let (balance, _) = f.stored("team", "day").await;
+    assert_eq!(balance, 0);
+}
+
 macro_rules! both_stores {
     ($($test:ident),* $(,)?) => {
         mod memory {
@@ -1945,4 +2024,5 @@ both_stores!(
     a_burst_on_a_new_entity_reads_its_look_ups_once,
     a_shared_look_up_outlives_the_caller_that_started_it,
     a_reset_and_a_top_up_are_exact_and_once_while_another_daemon_decides,
+    a_quota_admits_its_amount_per_period_across_two_daemons,
 );

@@ -199,6 +199,7 @@ async fn changes_need_a_grant_and_a_reload_grants_it_without_dropping_requests()
             refill_amount: tokens,
             refill_period_ms: 60_000,
             soft: false,
+            ..Default::default()
         }],
         ..Default::default()
     };

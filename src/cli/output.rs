@@ -27,14 +27,19 @@ pub(super) fn entity_json(e: &proto::Entity) -> Value {
 }
 
 pub(super) fn limit_json(l: &proto::Limit) -> Value {
-    json!({
+    let mut value = json!({
         "name": l.name,
         "capacity": l.capacity,
         "refill_amount": l.refill_amount,
         "refill_period_ms": l.refill_period_ms,
         "refill_period": period(l.refill_period_ms as i64),
         "soft": l.soft,
-    })
+    });
+    if !l.quota_cron.is_empty() {
+        value["quota_cron"] = json!(l.quota_cron);
+        value["quota_tz"] = json!(l.quota_tz);
+    }
+    value
 }
 
 /// A stored limit set (the audit's `before`/`after`) in tokens and periods; other values (an
@@ -46,14 +51,19 @@ pub(super) fn audit_value(text: &str) -> (Value, String) {
                 limits
                     .iter()
                     .map(|l| {
-                        json!({
+                        let mut value = json!({
                             "name": l.name().as_str(),
                             "capacity": l.capacity() as f64 / MILLI as f64,
                             "refill_amount": l.refill_amount() as f64 / MILLI as f64,
                             "refill_period_ms": l.refill_period_ms(),
                             "refill_period": period(l.refill_period_ms()),
                             "soft": l.is_soft(),
-                        })
+                        });
+                        if let Some(c) = l.calendar() {
+                            value["quota_cron"] = json!(c.pattern());
+                            value["quota_tz"] = json!(c.tz());
+                        }
+                        value
                     })
                     .collect(),
             ),
@@ -142,7 +152,10 @@ pub(super) fn limit_rows(limits: &[proto::Limit]) -> String {
         .map(|l| {
             let mut row = vec![
                 l.name.clone(),
-                format!("{}/{}", l.refill_amount, period(l.refill_period_ms as i64)),
+                match l.quota_cron.is_empty() {
+                    true => format!("{}/{}", l.refill_amount, period(l.refill_period_ms as i64)),
+                    false => format!("quota: cron({}), tz {}", l.quota_cron, l.quota_tz),
+                },
                 l.capacity.to_string(),
             ];
             if any_soft {

@@ -300,14 +300,41 @@ impl std::str::FromStr for Limit {
 
     /// `NAME=RATE/PERIOD[,burst=N][,soft]`: `rpm=100/1m`, `tpm=10000/60s,burst=15000`,
     /// `d=5/1d`, `tpm=50000/1m,soft`. The period is a count (default 1) and a unit: `ms`, `s`,
-    /// `m`, `h` or `d`.
+    /// `m`, `h` or `d`. A calendar quota: `NAME=AMOUNT/cron(PATTERN)[,tz=ZONE][,soft]`, e.g.
+    /// `tok=1000000/cron(0 0 1 * *),tz=Europe/Berlin` (the time zone defaults to UTC).
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let bad = || {
             LimitError::Malformed(format!(
-                "{spec} (expected NAME=RATE/PERIOD[,burst=N][,soft], e.g. rpm=100/1m)"
+                "{spec} (expected NAME=RATE/PERIOD[,burst=N][,soft], e.g. rpm=100/1m, or a \
+                 quota NAME=AMOUNT/cron(PATTERN)[,tz=ZONE][,soft], e.g. tok=1000/cron(0 0 1 * *))"
             ))
         };
         let (name, rest) = spec.split_once('=').ok_or_else(bad)?;
+        if let Some((amount, quota)) = rest.split_once("/cron(") {
+            let (pattern, options) = quota.split_once(')').ok_or_else(bad)?;
+            let (mut tz, mut soft) = (None, false);
+            for option in options.split(',').skip(1) {
+                match option.trim() {
+                    "soft" if !soft => soft = true,
+                    o => match o.strip_prefix("tz=") {
+                        Some(z) if tz.is_none() => tz = Some(z),
+                        _ => return Err(bad()),
+                    },
+                }
+            }
+            if !options.is_empty() && !options.starts_with(',') {
+                return Err(bad());
+            }
+            let amount: u64 = amount.trim().parse().map_err(|_| bad())?;
+            let name = name.trim();
+            let calendar = Calendar::new(pattern, tz.unwrap_or("UTC")).map_err(|error| {
+                LimitError::Calendar {
+                    name: name.to_owned(),
+                    error,
+                }
+            })?;
+            return Ok(Self::quota(name, amount, calendar)?.with_soft(soft));
+        }
         let mut parts = rest.split(',');
         let rate_period = parts.next().ok_or_else(bad)?;
         let (mut burst, mut soft) = (None, false);
@@ -455,7 +482,7 @@ impl Limit {
     pub fn describe(&self) -> String {
         if let Some(c) = &self.quota {
             return format!(
-                "{} {} at \"{}\" {}{}",
+                "{} {}/cron({}), tz {}{}",
                 self.name,
                 tokens(self.capacity),
                 c.pattern(),
@@ -677,5 +704,45 @@ mod tests {
             ]),
             Err(LimitError::Duplicate { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod quota_tests {
+    use super::*;
+
+    #[test]
+    fn quotas_parse_as_people_write_them() {
+        let q: Limit = "tok=1000/cron(0 0 1 * *)".parse().unwrap();
+        assert_eq!(
+            (q.capacity(), q.refill_amount(), q.refill_period_ms()),
+            (1_000_000, 0, 0)
+        );
+        assert_eq!(q.calendar().unwrap().tz(), "UTC");
+        assert_eq!(q.describe(), "tok 1000/cron(0 0 1 * *), tz UTC");
+        let q: Limit = "shift=5/cron(0 9,17 * * 1-5),tz=Europe/Berlin,soft"
+            .parse()
+            .unwrap();
+        assert!(q.is_soft());
+        assert_eq!(q.calendar().unwrap().pattern(), "0 9,17 * * 1-5");
+        assert_eq!(
+            q.describe(),
+            "shift 5/cron(0 9,17 * * 1-5), tz Europe/Berlin, soft"
+        );
+        for bad in [
+            "tok=1000/cron(* * * * *)",
+            "tok=1000/cron(0 0 1 * *),tz=Nowhere",
+            "tok=1000/cron(0 0 1 * *",
+            "tok=1000/cron(0 0 1 * *)x",
+            "tok=0/cron(0 0 1 * *)",
+            "tok=1000/cron(0 0 1 * *),burst=5",
+            "tok=1000/cron(0 0 1 * *),tz=UTC,tz=UTC",
+        ] {
+            assert!(bad.parse::<Limit>().is_err(), "{bad}");
+        }
+        let err = "tok=1/cron(0 0 1 * *),tz=Mars"
+            .parse::<Limit>()
+            .unwrap_err();
+        assert!(err.to_string().contains("Mars"), "{err}");
     }
 }

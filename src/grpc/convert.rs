@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::domain::calendar::Calendar;
+
 use tokio::time::Instant;
 use tonic::{Request, Status};
 
@@ -170,14 +172,33 @@ pub(super) fn limits(given: &[proto::Limit]) -> Result<Option<Vec<Limit>>, Statu
         .iter()
         .enumerate()
         .map(|(i, l)| {
-            Limit::custom(
-                &l.name,
-                l.capacity,
-                l.refill_amount,
-                Duration::from_millis(l.refill_period_ms),
-            )
-            .map(|limit| limit.with_soft(l.soft))
-            .map_err(|e| invalid(format!("limits[{i}]"), e))
+            let field = || format!("limits[{i}]");
+            let limit = if l.quota_cron.is_empty() && l.quota_tz.is_empty() {
+                Limit::custom(
+                    &l.name,
+                    l.capacity,
+                    l.refill_amount,
+                    Duration::from_millis(l.refill_period_ms),
+                )
+            } else {
+                if (l.refill_amount, l.refill_period_ms) != (0, 0) {
+                    return Err(invalid(
+                        field(),
+                        "a quota does not drip: leave refill_amount and refill_period_ms at 0",
+                    ));
+                }
+                let tz = if l.quota_tz.is_empty() {
+                    "UTC"
+                } else {
+                    &l.quota_tz
+                };
+                let calendar = Calendar::new(&l.quota_cron, tz)
+                    .map_err(|e| invalid(format!("{}.quota_cron", field()), e))?;
+                Limit::quota(&l.name, l.capacity, calendar)
+            };
+            limit
+                .map(|limit| limit.with_soft(l.soft))
+                .map_err(|e| invalid(field(), e))
         })
         .collect::<Result<Vec<_>, _>>()?;
     canonical(list).map(Some).map_err(|e| invalid("limits", e))

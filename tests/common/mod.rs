@@ -25,6 +25,7 @@ pub fn acquire_request(entity: &str) -> zae_limiter::proto::AcquireRequest {
             refill_amount: 1_000,
             refill_period_ms: 60_000,
             soft: false,
+            ..Default::default()
         }],
         ..Default::default()
     }
