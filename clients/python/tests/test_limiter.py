@@ -765,3 +765,23 @@ def test_the_sync_limiter_resets_a_bucket(daemon, entity):
         done = zl.reset_bucket(entity, "m", idempotency_key="k")
         assert done.shards == 1 and 9 < done.amounts["tok"] <= 10
         assert zl.reset_bucket(entity, "m", idempotency_key="k").replayed
+
+
+def test_a_quota_with_a_bad_calendar_is_refused_naming_the_field(daemon, entity):
+    async def scenario():
+        async with limiter(daemon) as zl:
+            errors = []
+            for cron, tz in (("* * * * *", "UTC"), ("0 0 1 * *", "Mars/Olympus"), ("0 0 1", "UTC")):
+                with pytest.raises(ValidationError) as refused:
+                    await zl.set_limits(entity, [Limit.quota("tok", 10, cron=cron, tz=tz)])
+                errors.append(refused.value)
+            return errors
+
+    errors = run(scenario())
+    assert [e.field for e in errors] == ["limits[0].quota_cron"] * 3
+    assert "never starts matching" in str(errors[0]) and "Mars/Olympus" in str(errors[1])
+    with pytest.raises(ValidationError) as session:
+        Limit.quota("tok", 10, reset_after=datetime.timedelta(hours=5))
+    assert session.value.field == "reset_after"
+    with pytest.raises(ValidationError):
+        Limit.quota("tok", 10)

@@ -89,6 +89,46 @@ def test_the_disabled_resource_example_answers_403_but_to_the_kept_tenant(daemon
     assert run(scenario()) == [(200, "ok"), (403, f"{model} is not available to other")]
 
 
+def test_the_quota_example_refuses_until_the_next_month_in_berlin(daemon, monkeypatch):
+    import datetime
+    import zoneinfo
+
+    monkeypatch.setenv("ZAE_LIMITER_SOCKET", daemon.socket)
+    scope: dict = {}
+    exec(compile(readme_block("Limit.quota("), "README.md", "exec"), scope)  # noqa: S102
+    limiter, tenant = scope["limiter"], f"tenant-{daemon.namespace}-quota"
+
+    async def scenario():
+        await scope["monthly_plan"](tenant)
+        first = await scope["generate"](tenant, "gpt-4", 9_000)
+        limits = await limiter.get_limits(tenant)
+        await limiter.top_up(tenant, "gpt-4", {"tpm": 10_000})  # the minute's limit is not it
+        await limiter.set_limits(tenant, [
+            Limit.quota("monthly_tokens", 10_000, cron="0 0 1 * *", tz="Europe/Berlin"),
+            Limit.per_minute("tpm", 10_000),
+        ])
+        assert await scope["generate"](tenant, "gpt-4", 10_000) == "ok"
+        second = await scope["generate"](tenant, "gpt-4", 1)
+        await limiter.close()
+        return first, limits, second
+
+    from zae_limiter_client import Limit
+
+    first, limits, second = run(scenario())
+    assert first == "ok"
+    quota = next(limit for limit in limits if limit.name == "monthly_tokens")
+    assert quota.is_quota and (quota.quota_cron, quota.quota_tz) == ("0 0 1 * *", "Europe/Berlin")
+    assert (quota.capacity, quota.refill_amount, quota.refill_period_ms) == (1_000_000, 0, 0)
+    berlin = zoneinfo.ZoneInfo("Europe/Berlin")
+    now = datetime.datetime.now(berlin)
+    month = (now.replace(day=28) + datetime.timedelta(days=4)).replace(
+        day=1, hour=0, minute=0, second=0, microsecond=0
+    )
+    wait = (month - now).total_seconds()
+    assert second.startswith("retry in "), second
+    assert abs(float(second.removeprefix("retry in ").removesuffix("s")) - wait) < 60, second
+
+
 def test_the_reset_example_gives_the_budget_back_once(daemon, monkeypatch):
     from zae_limiter_client import Limit, RateLimitExceeded
 

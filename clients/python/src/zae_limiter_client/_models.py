@@ -66,7 +66,12 @@ class Limit:
 
     ``soft=True`` meters the limit without enforcing it: it is debited like any other, may go
     into debt, and never refuses (its status says ``overdrawn`` when the request took it into
-    debt). Given in a call's ``limits``, it is soft for that call only."""
+    debt). Given in a call's ``limits``, it is soft for that call only.
+
+    ``Limit.quota(name, amount, cron="0 0 1 * *", tz="UTC")`` is a calendar quota: no drip
+    (``refill_amount`` and ``refill_period_ms`` are 0); the balance goes back to ``amount``, debt
+    forgiven, at each instant the five-field cron pattern starts matching in the IANA zone
+    ``tz``."""
 
     name: str
     capacity: int
@@ -74,6 +79,9 @@ class Limit:
     #: The period in milliseconds (the daemon's resolution).
     refill_period_ms: int
     soft: bool = False
+    #: A calendar quota's cron pattern (``""``: a dripping limit) and its time zone.
+    quota_cron: str = ""
+    quota_tz: str = ""
 
     def __init__(
         self,
@@ -84,7 +92,16 @@ class Limit:
         *,
         refill_period_ms: int | None = None,
         soft: bool = False,
+        quota_cron: str = "",
+        quota_tz: str = "",
     ) -> None:
+        for field, value in (("quota_cron", quota_cron), ("quota_tz", quota_tz)):
+            if not isinstance(value, str):
+                raise ValidationError(
+                    f"limit {name}: {field} must be a string, got {value!r}", field=field
+                )
+        object.__setattr__(self, "quota_cron", quota_cron)
+        object.__setattr__(self, "quota_tz", quota_tz)
         if (refill_period_seconds is None) == (refill_period_ms is None):
             raise ValidationError(
                 f"limit {name}: give the refill period once, in seconds (the fourth field) or "
@@ -131,6 +148,38 @@ class Limit:
             self.refill_period_ms,
             low=0,
             high=_U64_MAX,
+        )
+
+    @property
+    def is_quota(self) -> bool:
+        """Whether the limit is a calendar quota (no drip, back to its amount at each edge)."""
+        return bool(self.quota_cron)
+
+    @classmethod
+    def quota(
+        cls,
+        name: str,
+        amount: int,
+        *,
+        cron: str | None = None,
+        tz: str = "UTC",
+        reset_after: Any = None,
+        soft: bool = False,
+    ) -> Limit:
+        """``amount`` per calendar period: all of it back, in one lump and debt forgiven, at
+        each instant the five-field ``cron`` pattern starts matching in the IANA zone ``tz``
+        (``"0 0 1 * *"``: the first of each month), applied by the first request after it;
+        ``retry_after`` is the time to that instant. The daemon checks the pattern and zone."""
+        if reset_after is not None:
+            raise ValidationError(
+                f"limit {name}: session quotas (reset_after) are not supported by the daemon "
+                "yet; use a calendar quota (cron=...)",
+                field="reset_after",
+            )
+        if not cron:
+            raise ValidationError(f"limit {name}: a quota needs cron=...", field="cron")
+        return cls(
+            name, amount, 0, refill_period_ms=0, soft=soft, quota_cron=cron, quota_tz=tz
         )
 
     @property
@@ -197,6 +246,8 @@ class Limit:
             refill_amount=self.refill_amount,
             refill_period_ms=self.refill_period_ms,
             soft=self.soft,
+            quota_cron=self.quota_cron,
+            quota_tz=self.quota_tz,
         )
 
     @classmethod
@@ -207,6 +258,8 @@ class Limit:
             limit.refill_amount,
             refill_period_ms=limit.refill_period_ms,
             soft=limit.soft,
+            quota_cron=limit.quota_cron,
+            quota_tz=limit.quota_tz,
         )
 
 
