@@ -1638,6 +1638,55 @@ async fn the_cli_resets_and_tops_up_a_bucket_once_per_key() {
     assert_ne!(code, Some(0), "{err}");
 }
 
+/// A calendar quota through the CLI and the socket: stored in the limit grammar, shown with its
+/// calendar, refused once spent with the wait until the next edge; a bad calendar is refused
+/// naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_stores_a_calendar_quota_and_refuses_until_its_edge() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let cli = |args: &[&str]| run_cli(&daemon, args);
+    let ok = |args: &[&str]| cli_ok(&daemon, args);
+    let quota = "tok=5/cron(0 0 1 * *),tz=Europe/Berlin";
+    ok(&["limits", "set", "--entity", "tenant", "--limit", quota]);
+    let out = ok(&["limits", "get", "--entity", "tenant", "--output", "json"]);
+    let limits: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let tok = &limits[0];
+    assert_eq!(
+        (tok["quota_cron"].as_str(), tok["quota_tz"].as_str()),
+        (Some("0 0 1 * *"), Some("Europe/Berlin")),
+        "{out}"
+    );
+    assert_eq!(
+        (tok["refill_amount"].as_u64(), tok["capacity"].as_u64()),
+        (Some(0), Some(5)),
+        "{out}"
+    );
+    let table = ok(&["limits", "get", "--entity", "tenant"]);
+    assert!(
+        table.contains("quota: cron(0 0 1 * *), tz Europe/Berlin"),
+        "{table}"
+    );
+    let acquire = ["acquire", "--entity", "tenant", "--resource", "gpt-4"];
+    ok(&[&acquire[..], &["--consume", "tok=5"]].concat());
+    let (code, out, _) = cli(&[&acquire[..], &["--consume", "tok=1"]].concat());
+    assert_eq!(code, Some(3), "{out}");
+    let answer: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let wait = answer["retry_after_ms"]
+        .as_u64()
+        .expect("a wait until the edge");
+    assert!(wait > 0 && wait <= 31 * 86_400_000, "{out}");
+    let (code, _, err) = cli(&[
+        "limits",
+        "set",
+        "--entity",
+        "tenant",
+        "--limit",
+        "tok=5/cron(* * * * *)",
+    ]);
+    assert_eq!(code, Some(2), "a usage error, before any call: {err}");
+    assert!(err.contains("never starts matching"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_sets_cascade_per_resource() {
     let daemon = Daemon::start(MEMORY, &[]);

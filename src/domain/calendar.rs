@@ -41,14 +41,16 @@ pub enum CalendarError {
     NoEdge(String),
 }
 
+/// The last question a calendar was asked and its answer: (after, first edge after it).
+type Memo = Option<(i64, Option<i64>)>;
+
 /// A cron pattern in a time zone.
 #[derive(Clone)]
 pub struct Calendar {
     cron: Arc<Cron>,
     pattern: Arc<str>,
     tz: Tz,
-    /// The last question asked and its answer: (after, first edge after it).
-    memo: Arc<Mutex<Option<(i64, Option<i64>)>>>,
+    memo: Arc<Mutex<Memo>>,
 }
 
 impl Calendar {

@@ -220,3 +220,22 @@ fn invalid_rules_are_refused_naming_the_rule_and_the_field() {
     assert!(rules("[[rules]]\nname = \"r\"\ndomain = \"d\"\nentries = []\nentity = \"k\"\nresource = \"x\"").unwrap_err().contains("entries: at least one"));
     assert!(rules("bogus = 1").is_err(), "unknown keys are errors");
 }
+
+#[test]
+fn a_rule_takes_calendar_quotas_and_refuses_a_bad_calendar_by_name() {
+    let with_quota = TWO_RULES.replace(
+        r#"limits = ["rpm=10/1m", "tpm=1000/1m,soft"]"#,
+        r#"limits = ["rpm=10/1m", "day=500/cron(0 0 * * *),tz=Europe/Berlin"]"#,
+    );
+    let r = rules(&with_quota).unwrap();
+    let chat = r
+        .plan("edge", &[("api_key", "k1"), ("path", "/v1/chat")], None, 1)
+        .unwrap()
+        .unwrap();
+    let limits = chat.limits.unwrap();
+    let day = limits.iter().find(|l| l.name().as_str() == "day").unwrap();
+    assert_eq!(day.calendar().map(|c| c.tz()), Some("Europe/Berlin"));
+    let bad = TWO_RULES.replace("tpm=1000/1m,soft", "day=5/cron(* * * * *)");
+    let err = rules(&bad).unwrap_err();
+    assert!(err.contains("never starts matching"), "{err}");
+}
