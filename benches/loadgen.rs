@@ -104,6 +104,10 @@ struct Args {
     /// Admit mode: the limit is soft (debited, never refusing; a drained bucket goes into debt).
     #[arg(long)]
     soft: bool,
+    /// The limit is a calendar quota on this five-field cron pattern (UTC) instead of a dripping
+    /// one: of `--capacity` tokens (default 10^12) in admit mode, of 1 in reject mode.
+    #[arg(long)]
+    quota: Option<String>,
     /// Calls per second in all, spread evenly over the clients (default: each client calls
     /// again as soon as it has its answer). Paced calls measure the cost of a call at the rate
     /// another run reached, e.g. the health check at the cold path's rate.
@@ -569,8 +573,20 @@ async fn sdk_floor(args: &Args, endpoint: &str) {
 }
 
 async fn throughput(args: &Args, clients: &[Client], daemons: &[Daemon]) {
+    let quota = |name: &str, amount: u64| {
+        let pattern = args.quota.as_deref()?;
+        let calendar = zae_limiter::domain::calendar::Calendar::new(pattern, "UTC").unwrap();
+        Some(
+            Limit::quota(name, amount, calendar)
+                .unwrap()
+                .with_soft(args.soft),
+        )
+    };
     let limits = Arc::new(match args.mode {
-        Mode::Reject => vec![Limit::per_hour("rpm", 1).unwrap()],
+        Mode::Reject => vec![quota("rpm", 1).unwrap_or_else(|| Limit::per_hour("rpm", 1).unwrap())],
+        _ if args.quota.is_some() => {
+            vec![quota("rps", args.capacity.unwrap_or(1_000_000_000_000)).unwrap()]
+        }
         _ => {
             let limit = Limit::per_second("rps", args.refill_per_second)
                 .unwrap()

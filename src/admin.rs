@@ -305,6 +305,50 @@ impl Admin {
         .await
     }
 
+    /// Entities with limits stored for `resource`, a page at a time (`page_size` 0: 50; at most
+    /// 1,000), after the id `page`; with the id to pass for the next page, if any.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for a page that is no entity id, or the store's error.
+    pub async fn entities_with_limits(
+        &self,
+        ns: &Namespace,
+        resource: &ResourceId,
+        page_size: u32,
+        page: &str,
+        deadline: Instant,
+    ) -> Result<(Vec<EntityId>, Option<EntityId>), LimiterError> {
+        let page_size = match page_size {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE) as usize,
+        };
+        let after = (!page.is_empty())
+            .then(|| EntityId::new(page).map_err(|e| LimiterError::invalid("page", e)))
+            .transpose()?;
+        within(deadline, async {
+            let store = self.store();
+            Ok(store
+                .list_entities_with_limits(ns, resource, page_size, after.as_ref())
+                .await?)
+        })
+        .await
+    }
+
+    /// Resources with default limits stored, in order.
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn resources_with_defaults(
+        &self,
+        ns: &Namespace,
+        deadline: Instant,
+    ) -> Result<Vec<ResourceId>, LimiterError> {
+        within(deadline, async {
+            Ok(self.store().list_resources_with_defaults(ns).await?)
+        })
+        .await
+    }
+
     /// # Errors
     /// `NotFound` when nothing is stored at `scope`, or the store's error.
     pub async fn delete_limits(

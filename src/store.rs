@@ -209,6 +209,24 @@ pub trait Store: Send + Sync + 'static {
         scope: &LimitScope,
     ) -> Result<Option<Vec<Limit>>, StoreError>;
 
+    /// Entities with limits stored for `resource` (at the entity + resource level), in id order,
+    /// up to `page_size` after the id `after`; with the page's last id when more may follow.
+    /// DynamoDB reads an index, so a change is listed within a moment, not at once.
+    async fn list_entities_with_limits(
+        &self,
+        ns: &Namespace,
+        resource: &ResourceId,
+        page_size: usize,
+        after: Option<&EntityId>,
+    ) -> Result<(Vec<EntityId>, Option<EntityId>), StoreError>;
+
+    /// Resources with default limits stored (the resource level), in order (from an index on
+    /// DynamoDB, as [`Store::list_entities_with_limits`]).
+    async fn list_resources_with_defaults(
+        &self,
+        ns: &Namespace,
+    ) -> Result<Vec<ResourceId>, StoreError>;
+
     /// # Errors
     /// [`StoreError::NotFound`] when nothing is stored at `scope`.
     async fn delete_limits(

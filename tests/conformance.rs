@@ -1676,6 +1676,75 @@ async fn a_bucket_operation_is_conditional_audited_and_done_once_per_key(
     assert_eq!(audit_count(&*store, &ns, "buyer").await, 5);
 }
 
+/// Entities with limits of their own for a resource, a page at a time in id order, and the
+/// resources with defaults; a deletion (of the limits, or of the entity) takes them off. The
+/// DynamoDB store reads an index, so the test waits for it to settle.
+async fn limits_are_listed_by_resource(store: Arc<dyn Store>, ns: Namespace) {
+    let by = actor(T0);
+    let limits = [Limit::per_minute("rpm", 5).unwrap()];
+    let r = ResourceId::new("gpt-4").unwrap();
+    let id = |s: &str| EntityId::new(s).unwrap();
+    for e in ["k3", "k1", "k2", "k4"] {
+        let scope = LimitScope::EntityResource(id(e), r.clone());
+        store.set_limits(&ns, &scope, &limits, &by).await.unwrap();
+    }
+    let elsewhere = LimitScope::EntityResource(id("k9"), ResourceId::new("other").unwrap());
+    store
+        .set_limits(&ns, &elsewhere, &limits, &by)
+        .await
+        .unwrap();
+    let default = LimitScope::Entity(id("k5"));
+    store.set_limits(&ns, &default, &limits, &by).await.unwrap();
+    for resource in ["gpt-4", "embed"] {
+        let scope = LimitScope::Resource(ResourceId::new(resource).unwrap());
+        store.set_limits(&ns, &scope, &limits, &by).await.unwrap();
+    }
+    let scope = LimitScope::EntityResource(id("k4"), r.clone());
+    store.delete_limits(&ns, &scope, &by).await.unwrap();
+    let entity = Entity {
+        id: id("k2"),
+        name: String::new(),
+        parent: None,
+        cascade: false,
+        metadata: Default::default(),
+    };
+    store.create_entity(&ns, &entity, &by).await.unwrap();
+    store
+        .delete_entity(&ns, &id("k2"), false, &by)
+        .await
+        .unwrap();
+    let settled = |ids: &[EntityId]| ids == [id("k1"), id("k3")];
+    let mut pages = Vec::new();
+    for _ in 0..200 {
+        let (first, next) = store
+            .list_entities_with_limits(&ns, &r, 1, None)
+            .await
+            .unwrap();
+        let next = next.expect("more after the first page");
+        let (rest, _) = store
+            .list_entities_with_limits(&ns, &r, 10, Some(&next))
+            .await
+            .unwrap();
+        pages = [first, rest].concat();
+        if settled(&pages) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(settled(&pages), "{pages:?}");
+    let resources = store.list_resources_with_defaults(&ns).await.unwrap();
+    let names: Vec<&str> = resources.iter().map(|r| r.as_str()).collect();
+    assert_eq!(names, ["embed", "gpt-4"]);
+    let other = common::unique_namespace();
+    assert!(
+        store
+            .list_resources_with_defaults(&other)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 macro_rules! conformance {
     ($store:ident, $make:expr) => {
         mod $store {
@@ -1703,6 +1772,7 @@ macro_rules! conformance {
                 deleting_and_moving_entities,
                 deleting_a_namespace_removes_everything_in_it_only,
                 a_bucket_operation_is_conditional_audited_and_done_once_per_key,
+                limits_are_listed_by_resource,
             );
         }
     };

@@ -1687,6 +1687,56 @@ async fn the_cli_stores_a_calendar_quota_and_refuses_until_its_edge() {
     assert!(err.contains("never starts matching"), "{err}");
 }
 
+/// `limits list`: the resources with defaults, and with --resource the entities with limits of
+/// their own for it, a page at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_resources_with_defaults_and_entities_with_limits() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let ok = |args: &[&str]| cli_ok(&daemon, args);
+    let json = |out: String| -> serde_json::Value { serde_json::from_str(out.trim()).unwrap() };
+    for resource in ["gpt-4", "embed"] {
+        ok(&[
+            "limits",
+            "set",
+            "--resource",
+            resource,
+            "--limit",
+            "rpm=10/1m",
+        ]);
+    }
+    for key in ["k2", "k1", "k3"] {
+        ok(&[
+            "limits",
+            "set",
+            "--entity",
+            key,
+            "--resource",
+            "gpt-4",
+            "--limit",
+            "rpm=1/1m",
+        ]);
+    }
+    ok(&["limits", "set", "--entity", "k9", "--limit", "rpm=1/1m"]);
+    let resources = json(ok(&["limits", "list", "--output", "json"]));
+    assert_eq!(resources, serde_json::json!(["embed", "gpt-4"]));
+    let list = ["limits", "list", "--resource", "gpt-4", "--output", "json"];
+    let first = json(ok(&[&list[..], &["--page-size", "2"]].concat()));
+    assert_eq!(
+        first["entity_ids"],
+        serde_json::json!(["k1", "k2"]),
+        "{first}"
+    );
+    let page = first["next_page"].as_str().unwrap().to_owned();
+    let rest = json(ok(&[&list[..], &["--page", &page]].concat()));
+    assert_eq!(rest["entity_ids"], serde_json::json!(["k3"]), "{rest}");
+    assert_eq!(rest["next_page"], "", "{rest}");
+    let table = ok(&["limits", "list", "--resource", "gpt-4", "--page-size", "1"]);
+    assert!(
+        table.contains("k1") && table.contains("more: --page k1"),
+        "{table}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_sets_cascade_per_resource() {
     let daemon = Daemon::start(MEMORY, &[]);

@@ -62,6 +62,8 @@ pub enum AdminOp {
     },
     GetGate(proto::LimitScope),
     ResetBucket(proto::BucketRequest),
+    EntitiesWithLimits(proto::ListEntitiesWithLimitsRequest),
+    ResourcesWithDefaults,
     TopUp(proto::BucketRequest),
     ClearGate(proto::LimitScope),
     SetCascade {
@@ -401,6 +403,27 @@ pub async fn run(
             };
             (json!({ "created": name, "usable": usable }), text)
         }
+        AdminOp::EntitiesWithLimits(r) => {
+            let request = proto::ListEntitiesWithLimitsRequest { namespace: ns, ..r };
+            let answer = admin.list_entities_with_limits(request).await?.into_inner();
+            let rows: Vec<Vec<String>> =
+                answer.entity_ids.iter().map(|e| vec![e.clone()]).collect();
+            let mut text = table(&["entity"], &rows);
+            if !answer.next_page.is_empty() {
+                text += &format!("\nmore: --page {}", answer.next_page);
+            }
+            let value = json!({ "entity_ids": answer.entity_ids, "next_page": answer.next_page });
+            (value, text)
+        }
+        AdminOp::ResourcesWithDefaults => {
+            let request = proto::NamespaceRequest { namespace: ns };
+            let answer = admin
+                .list_resources_with_defaults(request)
+                .await?
+                .into_inner();
+            let rows: Vec<Vec<String>> = answer.resources.iter().map(|r| vec![r.clone()]).collect();
+            (json!(answer.resources), table(&["resource"], &rows))
+        }
         AdminOp::ListNamespaces => {
             let names = admin
                 .list_namespaces(proto::Empty {})
@@ -499,6 +522,17 @@ impl From<LimitsOp> for AdminOp {
             },
             LimitsOp::Get { scope } => Self::GetLimits(scope.scope()),
             LimitsOp::Delete { scope } => Self::DeleteLimits(scope.scope()),
+            LimitsOp::List {
+                resource: Some(resource),
+                page_size,
+                page,
+            } => Self::EntitiesWithLimits(proto::ListEntitiesWithLimitsRequest {
+                resource,
+                page_size,
+                page,
+                ..Default::default()
+            }),
+            LimitsOp::List { resource: None, .. } => Self::ResourcesWithDefaults,
         }
     }
 }

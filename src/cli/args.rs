@@ -412,6 +412,17 @@ pub enum LimitsOp {
         #[command(flatten)]
         scope: ScopeArgs,
     },
+    /// With --resource: the entities with limits of their own for it (a page at a time);
+    /// without: the resources with default limits.
+    List {
+        #[arg(long)]
+        resource: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        page_size: u32,
+        /// The `next_page` a previous listing printed.
+        #[arg(long, default_value = "")]
+        page: String,
+    },
 }
 
 pub(super) fn parse_pair(s: &str) -> Result<(String, String), String> {

@@ -658,6 +658,43 @@ impl proto::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn list_entities_with_limits(
+        &self,
+        req: Request<proto::ListEntitiesWithLimitsRequest>,
+    ) -> Result<Response<proto::ListEntitiesWithLimitsResponse>, Status> {
+        let (ns, deadline) = self
+            .namespace(&req, &req.get_ref().namespace, Call::Read)
+            .await?;
+        let r = req.into_inner();
+        let resource = ResourceId::new(r.resource).map_err(|e| invalid("resource", e))?;
+        let (ids, next) = self
+            .admin
+            .entities_with_limits(&ns, &resource, r.page_size, &r.page, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ListEntitiesWithLimitsResponse {
+            entity_ids: ids.into_iter().map(|e| e.to_string()).collect(),
+            next_page: next.map(|e| e.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn list_resources_with_defaults(
+        &self,
+        req: Request<proto::NamespaceRequest>,
+    ) -> Result<Response<proto::ListResourcesResponse>, Status> {
+        let (ns, deadline) = self
+            .namespace(&req, &req.get_ref().namespace, Call::Read)
+            .await?;
+        let resources = self
+            .admin
+            .resources_with_defaults(&ns, deadline)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ListResourcesResponse {
+            resources: resources.into_iter().map(|r| r.to_string()).collect(),
+        }))
+    }
+
     async fn reset_bucket(
         &self,
         req: Request<proto::BucketRequest>,

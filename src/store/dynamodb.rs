@@ -398,6 +398,23 @@ impl Store for DynamoStore {
         records::operate_bucket(self, key, write, entry, once).await
     }
 
+    async fn list_entities_with_limits(
+        &self,
+        ns: &Namespace,
+        resource: &ResourceId,
+        page_size: usize,
+        after: Option<&EntityId>,
+    ) -> Result<(Vec<EntityId>, Option<EntityId>), StoreError> {
+        records::list_entities_with_limits(self, ns, resource, page_size, after).await
+    }
+
+    async fn list_resources_with_defaults(
+        &self,
+        ns: &Namespace,
+    ) -> Result<Vec<ResourceId>, StoreError> {
+        records::list_resources_with_defaults(self, ns).await
+    }
+
     async fn create_entity(
         &self,
         ns: &Namespace,

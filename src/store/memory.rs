@@ -175,6 +175,47 @@ impl Store for MemoryStore {
         Ok(None)
     }
 
+    async fn list_entities_with_limits(
+        &self,
+        ns: &Namespace,
+        resource: &ResourceId,
+        page_size: usize,
+        after: Option<&EntityId>,
+    ) -> Result<(Vec<EntityId>, Option<EntityId>), StoreError> {
+        let state = self.lock();
+        let mut ids: Vec<EntityId> = state
+            .limits
+            .keys()
+            .filter_map(|(n, scope)| match scope {
+                LimitScope::EntityResource(e, r) if n == ns && r == resource => Some(e.clone()),
+                _ => None,
+            })
+            .filter(|e| after.is_none_or(|a| e > a))
+            .collect();
+        ids.sort();
+        let more = ids.len() > page_size;
+        ids.truncate(page_size);
+        let next = more.then(|| ids.last().cloned()).flatten();
+        Ok((ids, next))
+    }
+
+    async fn list_resources_with_defaults(
+        &self,
+        ns: &Namespace,
+    ) -> Result<Vec<ResourceId>, StoreError> {
+        let mut resources: Vec<ResourceId> = self
+            .lock()
+            .limits
+            .keys()
+            .filter_map(|(n, scope)| match scope {
+                LimitScope::Resource(r) if n == ns => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        resources.sort();
+        Ok(resources)
+    }
+
     async fn create_entity(
         &self,
         ns: &Namespace,

@@ -190,6 +190,27 @@ impl Store for Metered {
             .await
     }
 
+    async fn list_entities_with_limits(
+        &self,
+        ns: &Namespace,
+        resource: &ResourceId,
+        page_size: usize,
+        after: Option<&EntityId>,
+    ) -> Result<(Vec<EntityId>, Option<EntityId>), StoreError> {
+        let call = self
+            .inner
+            .list_entities_with_limits(ns, resource, page_size, after);
+        self.call("limits", 1, 0, call).await
+    }
+
+    async fn list_resources_with_defaults(
+        &self,
+        ns: &Namespace,
+    ) -> Result<Vec<ResourceId>, StoreError> {
+        let call = self.inner.list_resources_with_defaults(ns);
+        self.call("limits", 1, 0, call).await
+    }
+
     async fn operate_bucket(
         &self,
         key: &BucketKey,
@@ -200,8 +221,7 @@ impl Store for Metered {
         // A transaction of the bucket, its audit record and the key: two units each.
         let items = 1 + usize::from(write.is_some()) + usize::from(once.is_some());
         let call = self.inner.operate_bucket(key, write, entry, once);
-        self.call("operate_bucket", items, 2 * items as u64, call)
-            .await
+        self.call("commit", items, 2 * items as u64, call).await
     }
 
     async fn create_entity(

@@ -250,6 +250,23 @@ mod counting {
             self.rival_first().await;
             self.inner.commit(writes).await
         }
+        async fn list_entities_with_limits(
+            &self,
+            ns: &Namespace,
+            resource: &ResourceId,
+            page_size: usize,
+            after: Option<&EntityId>,
+        ) -> Result<(Vec<EntityId>, Option<EntityId>), StoreError> {
+            self.inner
+                .list_entities_with_limits(ns, resource, page_size, after)
+                .await
+        }
+        async fn list_resources_with_defaults(
+            &self,
+            ns: &Namespace,
+        ) -> Result<Vec<ResourceId>, StoreError> {
+            self.inner.list_resources_with_defaults(ns).await
+        }
         async fn operate_bucket(
             &self,
             key: &BucketKey,

@@ -785,3 +785,30 @@ def test_a_quota_with_a_bad_calendar_is_refused_naming_the_field(daemon, entity)
     assert session.value.field == "reset_after"
     with pytest.raises(ValidationError):
         Limit.quota("tok", 10)
+
+
+def test_entities_with_custom_limits_and_resources_with_defaults_are_listed(daemon, entity):
+    model = f"model-{entity}"
+    keys = [f"{entity}-{i}" for i in range(5)]
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            for key in keys:
+                await zl.set_limits(key, [Limit.per_minute("rpm", 5)], resource=model)
+            await zl.set_limits(f"{entity}-default", [Limit.per_minute("rpm", 5)])
+            await zl.set_resource_defaults(model, [Limit.per_minute("rpm", 50)])
+            await zl.delete_limits(keys[4], model)
+            # The DynamoDB index is eventually consistent: wait for it to settle.
+            deadline = time.monotonic() + 20
+            while True:
+                first, cursor = await zl.list_entities_with_custom_limits(model, limit=3)
+                rest, end = await zl.list_entities_with_custom_limits(model, cursor=cursor)
+                resources = await zl.list_resources_with_defaults()
+                if (first + rest == keys[:4] and model in resources) or time.monotonic() > deadline:
+                    return first, cursor, rest, end, resources
+                await asyncio.sleep(0.1)
+
+    first, cursor, rest, end, resources = run(scenario())
+    assert first == keys[:3] and cursor == keys[2]
+    assert rest == [keys[3]] and end is None
+    assert model in resources

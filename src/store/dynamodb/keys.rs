@@ -113,6 +113,25 @@ pub(super) fn limits_keys(ns: &Namespace, scope: &LimitScope) -> Item {
     keys(pk, sk)
 }
 
+/// Where a limit item is listed in the `GSI1` index (`None`: the entity and system levels are
+/// not listed): resource defaults under `{ns}#LR` by resource, entity + resource limits under
+/// `{ns}#LE#{resource}` by entity. Limit items are written rarely, so the index costs little.
+pub(super) fn limits_index(ns: &Namespace, scope: &LimitScope) -> Option<(String, String)> {
+    match scope {
+        LimitScope::Resource(r) => Some((resources_with_defaults_pk(ns), r.to_string())),
+        LimitScope::EntityResource(e, r) => Some((entities_with_limits_pk(ns, r), e.to_string())),
+        LimitScope::Entity(_) | LimitScope::System => None,
+    }
+}
+
+pub(super) fn resources_with_defaults_pk(ns: &Namespace) -> String {
+    format!("{ns}#LR")
+}
+
+pub(super) fn entities_with_limits_pk(ns: &Namespace, resource: &ResourceId) -> String {
+    format!("{ns}#LE#{resource}")
+}
+
 pub(super) fn audit_pk(ns: &Namespace, subject: &str) -> String {
     format!("{ns}#A#{subject}")
 }

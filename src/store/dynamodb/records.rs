@@ -13,10 +13,11 @@ use super::clauses::{Action, Existing, Expr, action, put, update};
 use super::codec::{decode_audit, decode_entity, decode_usage, entity_item, string};
 use super::errors::{CancellationReasons, classify};
 use super::keys::{
-    Item, NAMESPACES_PK, audit_pk, cascade_keys, children_pk, entity_keys, entity_pk,
-    failure_policy_keys, gate_keys, keys, limits_keys, n, s, usage_attr, usage_key,
+    Item, NAMESPACES_PK, audit_pk, cascade_keys, children_pk, entities_with_limits_pk, entity_keys,
+    entity_pk, failure_policy_keys, gate_keys, keys, limits_index, limits_keys, n,
+    resources_with_defaults_pk, s, usage_attr, usage_key,
 };
-use super::schema::{GSI1, GSI1PK, PK, SK, TTL};
+use super::schema::{GSI1, GSI1PK, GSI1SK, PK, SK, TTL};
 use crate::domain::bucket::Write;
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{self, Limit, encode};
@@ -502,6 +503,77 @@ pub(super) async fn list_children(
     Ok(children)
 }
 
+pub(super) async fn list_entities_with_limits(
+    store: &DynamoStore,
+    ns: &Namespace,
+    resource: &ResourceId,
+    page_size: usize,
+    after: Option<&EntityId>,
+) -> Result<(Vec<EntityId>, Option<EntityId>), StoreError> {
+    let pk = entities_with_limits_pk(ns, resource);
+    let start = after.map(|e| {
+        let scope = LimitScope::EntityResource(e.clone(), resource.clone());
+        let mut key = limits_keys(ns, &scope);
+        key.insert(GSI1PK.into(), s(pk.clone()));
+        key.insert(GSI1SK.into(), s(e.to_string()));
+        key
+    });
+    let out = store
+        .client
+        .query()
+        .table_name(&store.table)
+        .index_name(GSI1)
+        .key_condition_expression("#pk = :pk")
+        .expression_attribute_names("#pk", GSI1PK)
+        .expression_attribute_values(":pk", s(pk))
+        .limit(i32::try_from(page_size).unwrap_or(i32::MAX))
+        .set_exclusive_start_key(start)
+        .send()
+        .await
+        .map_err(|e| classify(e, &store.table))?;
+    let ids = out
+        .items
+        .unwrap_or_default()
+        .iter()
+        .map(|item| {
+            let id = string(item, GSI1SK)?;
+            EntityId::new(id).map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let next = match out.last_evaluated_key {
+        Some(_) => ids.last().cloned(),
+        None => None,
+    };
+    Ok((ids, next))
+}
+
+pub(super) async fn list_resources_with_defaults(
+    store: &DynamoStore,
+    ns: &Namespace,
+) -> Result<Vec<ResourceId>, StoreError> {
+    let items = store
+        .query_all(
+            store
+                .client
+                .query()
+                .table_name(&store.table)
+                .index_name(GSI1)
+                .key_condition_expression("#pk = :pk")
+                .expression_attribute_names("#pk", GSI1PK)
+                .expression_attribute_values(":pk", s(resources_with_defaults_pk(ns))),
+        )
+        .await?;
+    let mut resources = items
+        .iter()
+        .map(|item| {
+            let r = string(item, GSI1SK)?;
+            ResourceId::new(r).map_err(|e| StoreError::Corrupt(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    resources.sort();
+    Ok(resources)
+}
+
 pub(super) async fn set_limits(
     store: &DynamoStore,
     ns: &Namespace,
@@ -512,6 +584,10 @@ pub(super) async fn set_limits(
     let before = get_limits(store, ns, scope).await?;
     let mut item = limits_keys(ns, scope);
     item.insert("limits".into(), s(encode(limits)));
+    if let Some((pk, sk)) = limits_index(ns, scope) {
+        item.insert(GSI1PK.into(), s(pk));
+        item.insert(GSI1SK.into(), s(sk));
+    }
     let stored = put(&store.table, item, Existing::Any)?;
     let audit = store.audit_put(
         ns,

@@ -51,6 +51,7 @@ from ._models import (
     UsageSnapshot,
     _on_unavailable,
     _on_unavailable_from_pb,
+    _whole,
     amounts,
     limits_to_pb,
     message,
@@ -487,6 +488,33 @@ class _Api:
 
     def delete_limits(self, entity_id: str, resource: str | None = None) -> Any:
         return self._delete(entity_id, resource)
+
+    def list_entities_with_custom_limits(
+        self, resource: str, limit: int | None = None, cursor: str | None = None
+    ) -> Any:
+        """The entities with limits of their own for ``resource``, in id order, and the cursor
+        for the next page (``None`` when there are no more): ``limit`` at a time (at most 1000,
+        also when ``None``; the library's ``None`` means all)."""
+        size = 1000 if limit is None else _whole("limit", limit, low=1, high=1000)
+        request = message(
+            pb.ListEntitiesWithLimitsRequest,
+            namespace=self.namespace,
+            resource=resource,
+            page_size=size,
+            page=cursor or "",
+        )
+        return self._call(
+            _admin_method("ListEntitiesWithLimits"),
+            request,
+            lambda r: (list(r.entity_ids), r.next_page or None),
+        )
+
+    def list_resources_with_defaults(self) -> Any:
+        """The resources with default limits stored, in order."""
+        request = message(pb.NamespaceRequest, namespace=self.namespace)
+        return self._call(
+            _admin_method("ListResourcesWithDefaults"), request, lambda r: list(r.resources)
+        )
 
     def set_resource_defaults(self, resource: str, limits: Sequence[Limit]) -> Any:
         return self._set(None, resource, limits)

@@ -166,6 +166,10 @@ class RateLimiter:
         resource: str | None = None,
         until: datetime.datetime | datetime.timedelta | None = None,
     ) -> None: ...
+    async def list_entities_with_custom_limits(
+        self, resource: str, limit: int | None = None, cursor: str | None = None
+    ) -> tuple[list[str], str | None]: ...
+    async def list_resources_with_defaults(self) -> list[str]: ...
     async def reset_bucket(
         self,
         entity_id: str,
@@ -298,6 +302,10 @@ class SyncRateLimiter:
         resource: str | None = None,
         until: datetime.datetime | datetime.timedelta | None = None,
     ) -> None: ...
+    def list_entities_with_custom_limits(
+        self, resource: str, limit: int | None = None, cursor: str | None = None
+    ) -> tuple[list[str], str | None]: ...
+    def list_resources_with_defaults(self) -> list[str]: ...
     def reset_bucket(
         self,
         entity_id: str,
