@@ -401,6 +401,10 @@ fn until_full(limit: &Limit, balance: i64, now: i64) -> u64 {
         let edge = calendar.next_edge(now).unwrap_or(i64::MAX);
         return u64::try_from(edge.saturating_sub(now)).unwrap_or(0);
     }
+    if let Some(window) = limit.session_ms() {
+        // The open window ends within its length (the status does not say when).
+        return u64::try_from(window).unwrap_or(0);
+    }
     let amount = i128::from(limit.refill_amount());
     let ms = (missing * i128::from(limit.refill_period_ms()) + amount - 1) / amount;
     u64::try_from(ms).unwrap_or(u64::MAX)
@@ -409,7 +413,7 @@ fn until_full(limit: &Limit, balance: i64, now: i64) -> u64 {
 /// A limit's rate in Envoy's terms: its own period when that is a unit, else the first unit in
 /// which the rate is a whole number (a day at the most, rounded down).
 fn rate(limit: &Limit) -> (u32, Unit) {
-    if limit.calendar().is_some() {
+    if limit.quota_kind().is_some() {
         // A quota has no rate: its amount, per the longest unit Envoy knows.
         let amount = limit.capacity() / MILLI;
         return (u32::try_from(amount).unwrap_or(u32::MAX), Unit::Day);
@@ -459,9 +463,10 @@ impl Shown {
         let quota = self.limit.capacity().div_euclid(MILLI);
         let reset_s = self.reset_ms.div_ceil(1_000);
         // A quota's window is the rest of its period.
-        let window_s = match self.limit.calendar() {
-            Some(_) => reset_s,
-            None => u64::try_from(self.limit.refill_period_ms())
+        let window_s = match (self.limit.calendar(), self.limit.session_ms()) {
+            (Some(_), _) => reset_s,
+            (_, Some(ms)) => u64::try_from(ms).unwrap_or(0).div_ceil(1_000),
+            _ => u64::try_from(self.limit.refill_period_ms())
                 .unwrap_or(0)
                 .div_ceil(1_000),
         };

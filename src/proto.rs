@@ -21,6 +21,7 @@ impl From<&crate::Limit> for Limit {
                 .map(|c| c.pattern().to_owned())
                 .unwrap_or_default(),
             quota_tz: l.calendar().map(|c| c.tz().to_owned()).unwrap_or_default(),
+            quota_reset_after_ms: l.session_ms().unwrap_or(0) as u64,
         }
     }
 }

@@ -1967,6 +1967,58 @@ async fn a_quota_admits_its_amount_per_period_across_two_daemons(
     assert_eq!(balance, 0);
 }
 
+/// A session quota opened by two daemons at once: one window, one allowance between them; its
+/// end gives it back, and the next use opens the next window.
+async fn two_daemons_opening_a_session_share_one_allowance(inner: Arc<dyn Store>, ns: Namespace) {
+    use zae_limiter::domain::records::LimitScope;
+    let f = fixture(inner.clone(), ns.clone(), |_| {});
+    let g = fixture(inner, ns, |_| {});
+    let by = Actor {
+        principal: "test".into(),
+        at_ms: T0,
+    };
+    let scope = LimitScope::Entity(EntityId::new("user").unwrap());
+    let window = Duration::from_secs(300);
+    let limits = [Limit::session_quota("s", 30, window).unwrap()];
+    f.store
+        .inner
+        .set_limits(&f.ns, &scope, &limits, &by)
+        .await
+        .unwrap();
+    let round = || async {
+        let mut calls = Vec::new();
+        for d in [&f, &g] {
+            for _ in 0..25 {
+                let limiter = d.limiter.clone();
+                let request = d.request_stored("user", &[("s", 1)]);
+                calls.push(tokio::spawn(async move {
+                    limiter.acquire(request, within(5_000)).await
+                }));
+            }
+        }
+        let mut n = 0;
+        for c in calls {
+            n += i64::from(admitted(&c.await.unwrap()));
+        }
+        n
+    };
+    assert_eq!(round().await, 30, "one allowance for both daemons");
+    let (_, consumed) = f.stored("user", "s").await;
+    assert_eq!(consumed, 30 * i128::from(MILLI));
+    for d in [&f, &g] {
+        d.clock.advance(299_000);
+    }
+    assert_eq!(round().await, 0, "the window has a second to go");
+    for d in [&f, &g] {
+        d.clock.advance(1_000);
+    }
+    assert_eq!(
+        round().await,
+        30,
+        "the window ended: a new one, a new allowance"
+    );
+}
+
 macro_rules! both_stores {
     ($($test:ident),* $(,)?) => {
         mod memory {
@@ -2025,4 +2077,5 @@ both_stores!(
     a_shared_look_up_outlives_the_caller_that_started_it,
     a_reset_and_a_top_up_are_exact_and_once_while_another_daemon_decides,
     a_quota_admits_its_amount_per_period_across_two_daemons,
+    two_daemons_opening_a_session_share_one_allowance,
 );

@@ -39,6 +39,9 @@ pub(super) fn limit_json(l: &proto::Limit) -> Value {
         value["quota_cron"] = json!(l.quota_cron);
         value["quota_tz"] = json!(l.quota_tz);
     }
+    if l.quota_reset_after_ms > 0 {
+        value["quota_reset_after_ms"] = json!(l.quota_reset_after_ms);
+    }
     value
 }
 
@@ -62,6 +65,9 @@ pub(super) fn audit_value(text: &str) -> (Value, String) {
                         if let Some(c) = l.calendar() {
                             value["quota_cron"] = json!(c.pattern());
                             value["quota_tz"] = json!(c.tz());
+                        }
+                        if let Some(ms) = l.session_ms() {
+                            value["quota_reset_after_ms"] = json!(ms);
                         }
                         value
                     })
@@ -152,9 +158,12 @@ pub(super) fn limit_rows(limits: &[proto::Limit]) -> String {
         .map(|l| {
             let mut row = vec![
                 l.name.clone(),
-                match l.quota_cron.is_empty() {
-                    true => format!("{}/{}", l.refill_amount, period(l.refill_period_ms as i64)),
-                    false => format!("quota: cron({}), tz {}", l.quota_cron, l.quota_tz),
+                match (l.quota_cron.is_empty(), l.quota_reset_after_ms) {
+                    (false, _) => format!("quota: cron({}), tz {}", l.quota_cron, l.quota_tz),
+                    (true, 0) => {
+                        format!("{}/{}", l.refill_amount, period(l.refill_period_ms as i64))
+                    }
+                    (true, ms) => format!("quota: session({})", period(ms as i64)),
                 },
                 l.capacity.to_string(),
             ];

@@ -34,6 +34,7 @@ pub struct LimitState {
     /// May be negative (debt after an adjustment); at most the capacity after a refill.
     pub balance: i64,
     /// Refill accrued but not yet worth a milli-token, in milli-token-milliseconds (< period).
+    /// Of a session quota: when its open window ends, ms since the epoch (0: none is open).
     pub carry: i64,
     /// Total ever consumed through this bucket (consumptions, adjustments and refunds). Wider
     /// than a balance: it only grows with use, refill pays for more, and it must never wrap.
@@ -55,6 +56,12 @@ impl LimitState {
     /// it was; a dripping limit by what the time accrued.
     fn refilled(&self, from: i64, to: i64) -> (i64, i64) {
         let capacity = self.limit.capacity();
+        if self.limit.session_ms().is_some() {
+            return match self.window_over(to) {
+                true => (capacity, 0),
+                false => (self.balance, self.carry),
+            };
+        }
         if let Some(calendar) = self.limit.calendar() {
             return match calendar.edge_between(from, to) {
                 true => (capacity, 0),
@@ -78,6 +85,9 @@ impl LimitState {
     /// in, or a quota's calendar has an edge between (whatever its balance: a write after it must
     /// move the refill time past it, or the edge would later erase what that write consumed).
     fn refill_adds(&self, from: i64, to: i64) -> bool {
+        if self.limit.session_ms().is_some() {
+            return self.window_over(to);
+        }
         if let Some(calendar) = self.limit.calendar() {
             return calendar.edge_between(from, to);
         }
@@ -102,6 +112,15 @@ impl LimitState {
         if wanted > self.limit.capacity() {
             return None;
         }
+        if self.limit.session_ms().is_some() {
+            // Until the open window ends (with none open the balance is full, or in debt from
+            // a settlement: the next consumption opens one).
+            let end = match self.carry {
+                0 => now.saturating_add(self.limit.session_ms().unwrap_or(0)),
+                end => end,
+            };
+            return Some(u64::try_from(end.saturating_sub(now)).unwrap_or(0));
+        }
         if let Some(calendar) = self.limit.calendar() {
             let edge = calendar.next_edge(since)?;
             return Some(u64::try_from(edge.saturating_sub(now)).unwrap_or(0));
@@ -111,6 +130,28 @@ impl LimitState {
         let amount = i128::from(self.limit.refill_amount());
         let wait = (needed + amount - 1) / amount;
         Some(u64::try_from(wait).unwrap_or(u64::MAX))
+    }
+}
+
+impl LimitState {
+    /// Whether a session quota's open window has ended by `now`.
+    fn window_over(&self, now: i64) -> bool {
+        self.carry != 0 && self.carry <= now
+    }
+
+    /// Whether consuming `amount` at this state opens a session window (none is open).
+    fn opens(&self, amount: i64) -> bool {
+        self.limit.session_ms().is_some() && amount > 0 && self.carry == 0
+    }
+
+    /// Consumes `amount` at `now`: a session quota with no open window opens one.
+    fn consume(&mut self, amount: i64, now: i64) {
+        if self.opens(amount) {
+            let window = self.limit.session_ms().unwrap_or(0);
+            self.carry = now.saturating_add(window).max(1);
+        }
+        self.balance -= amount;
+        self.consumed += i128::from(amount);
     }
 }
 
@@ -341,8 +382,7 @@ pub fn admit(
             requested,
             retry_after_ms: Some(0),
         });
-        l.balance -= requested;
-        l.consumed += i128::from(requested);
+        l.consume(requested, now);
     }
     Admission::Admitted { statuses, after }
 }
@@ -376,9 +416,7 @@ pub fn plan(
             None => {
                 let mut created = fresh;
                 for l in &mut created.limits {
-                    let a = amount_of(l.limit.name());
-                    l.balance -= a;
-                    l.consumed += i128::from(a);
+                    l.consume(amount_of(l.limit.name()), now);
                 }
                 Plan::Admit {
                     write: Write::Create(created.clone()),
@@ -391,6 +429,16 @@ pub fn plan(
     if let Some(rejection) = target.check(&amount_of, now) {
         return Plan::Reject(rejection);
     }
+    // Opening a session window is a guarded write that moves the refill time to now: of two
+    // daemons opening the same window at once, one wins and the other re-plans inside it.
+    let opens = target
+        .limits
+        .iter()
+        .any(|l| l.opens(amount_of(l.limit.name())));
+    let target = match opens {
+        true => seen.refilled_to(now).reconfigured(limits),
+        false => target,
+    };
     let same_limits = seen.limits.len() == limits.len()
         && seen.limits.iter().zip(limits).all(|(s, l)| s.limit == *l);
     // A due refill is written only when the consumption needs it or deferring it would lose
@@ -408,13 +456,12 @@ pub fn plan(
                 (before.limit.is_soft() || before.balance >= amount)
                     && (amount == 0 || refilled.balance < refilled.limit.capacity())
             });
-    let guarded = !same_limits || (seen.refill_due(now) && !deferrable);
+    let guarded = !same_limits || opens || (seen.refill_due(now) && !deferrable);
     let mut expected = target.clone();
     let mut changes = Vec::with_capacity(target.limits.len());
     for (state, after) in target.limits.iter().zip(&mut expected.limits) {
         let amount = amount_of(state.limit.name());
-        after.balance -= amount;
-        after.consumed += i128::from(amount);
+        after.consume(amount, now);
         let before = seen.limit(state.limit.name());
         changes.push(match before {
             None => LimitChange::Insert(after.clone()),
@@ -442,7 +489,7 @@ pub fn plan(
                     } else {
                         ceiling
                     },
-                    carry: guarded.then_some(state.carry),
+                    carry: guarded.then_some(after.carry),
                 }
             }
         });
@@ -521,8 +568,15 @@ pub fn plan_settle(
         a < 0 && i128::from(l.balance) - i128::from(a) > i128::from(l.limit.capacity())
     });
     let seen_config = encode(&seen.limit_set());
+    // A charge to a session quota with no open window opens one (a guarded write, as in
+    // `plan`).
+    let opens = seen
+        .at(now)
+        .limits
+        .iter()
+        .any(|l| l.opens(amount_of(l.limit.name())));
     // After a quota's edge, a plain write would be erased by the reset a later read applies.
-    if !clamps && !seen.edge_due(now) {
+    if !clamps && !opens && !seen.edge_due(now) {
         let mut expected = seen.clone();
         let mut changes = Vec::new();
         for (l, after) in seen.limits.iter().zip(&mut expected.limits) {
@@ -550,7 +604,10 @@ pub fn plan_settle(
         });
         return Ok(Some((write, expected)));
     }
-    let target = seen.at(now);
+    let target = match opens {
+        true => seen.refilled_to(now),
+        false => seen.at(now),
+    };
     let mut expected = target.clone();
     let mut changes = Vec::with_capacity(seen.limits.len());
     for ((before, now_state), after) in seen
@@ -568,6 +625,9 @@ pub fn plan_settle(
         };
         let carry = if balance >= capacity {
             0
+        } else if now_state.opens(a) {
+            now.saturating_add(now_state.limit.session_ms().unwrap_or(0))
+                .max(1)
         } else {
             now_state.carry
         };
@@ -738,16 +798,23 @@ impl Bucket {
             }
             return same;
         }
+        self.refilled_to(now)
+    }
+
+    /// The bucket refilled to `now` whether or not anything is due (exact either way: what
+    /// does not make a milli-token stays in the carry), its refill time moved to `now` (never
+    /// backwards).
+    fn refilled_to(&self, now: i64) -> Self {
         Self {
             mark: self.mark,
-            refilled_at: now,
+            refilled_at: self.refilled_at.max(now),
             limits: self
                 .limits
                 .iter()
                 .map(|l| {
                     let (balance, carry) = l.refilled(self.refilled_at, now);
                     LimitState {
-                        balance,
+                        balance: balance.min(l.limit.capacity()),
                         carry,
                         ..l.clone()
                     }
@@ -767,6 +834,7 @@ impl Bucket {
                     limit: limit.clone(),
                     balance: old.balance.min(limit.capacity()),
                     carry: if old.limit.refill_period_ms() == limit.refill_period_ms()
+                        && old.limit.session_ms() == limit.session_ms()
                         && old.balance < limit.capacity()
                     {
                         old.carry

@@ -52,6 +52,10 @@ pub enum LimitError {
     Malformed(String),
     #[error("limit {name:?}: {error}")]
     Calendar { name: String, error: CalendarError },
+    #[error(
+        "limit {name:?}: a session window is a whole number of seconds, at least one; got {ms} ms"
+    )]
+    Session { name: String, ms: u128 },
 }
 
 /// A validated limit name: 1 to 64 characters of `[A-Za-z0-9_.-]`, starting with a letter or digit.
@@ -123,8 +127,21 @@ pub struct Limit {
     refill_amount: i64,
     refill_period_ms: i64,
     soft: bool,
-    quota: Option<Calendar>,
+    quota: Option<Quota>,
 }
+
+/// How a quota (a limit without drip) gets its amount back.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Quota {
+    /// At each edge of a calendar.
+    Calendar(Calendar),
+    /// At the end of a window of this many milliseconds opened by the entity's first admitted
+    /// use (after the previous window ended).
+    Session(i64),
+}
+
+/// The longest session window: a year.
+pub const MAX_SESSION_MS: i64 = 366 * 24 * 3_600 * 1_000;
 
 impl Limit {
     /// `rate` tokens per second; the capacity is `rate` (see [`Limit::with_burst`]).
@@ -202,17 +219,34 @@ impl Limit {
     pub fn quota(name: &str, amount: u64, calendar: Calendar) -> Result<Self, LimitError> {
         let name = LimitName::new(name)?;
         let capacity = whole_tokens(&name, "amount", amount)?;
-        Ok(Self::quota_from_milli(name, capacity, calendar))
+        Ok(Self::quota_from_milli(
+            name,
+            capacity,
+            Quota::Calendar(calendar),
+        ))
     }
 
-    fn quota_from_milli(name: LimitName, capacity: i64, calendar: Calendar) -> Self {
+    /// A session quota: `amount` tokens per window of `window`, opened by the first admitted
+    /// use after the previous window ended; all back at its end (no drip).
+    ///
+    /// # Errors
+    /// [`LimitError`] for a bad name, a zero amount or one above [`MAX_TOKENS`], or a window
+    /// that is not a whole number of seconds from one second to a year.
+    pub fn session_quota(name: &str, amount: u64, window: Duration) -> Result<Self, LimitError> {
+        let name = LimitName::new(name)?;
+        let capacity = whole_tokens(&name, "amount", amount)?;
+        let ms = session_ms(&name, window.as_millis())?;
+        Ok(Self::quota_from_milli(name, capacity, Quota::Session(ms)))
+    }
+
+    fn quota_from_milli(name: LimitName, capacity: i64, quota: Quota) -> Self {
         Self {
             name,
             capacity,
             refill_amount: 0,
             refill_period_ms: 0,
             soft: false,
-            quota: Some(calendar),
+            quota: Some(quota),
         }
     }
 
@@ -274,9 +308,23 @@ impl Limit {
     pub fn name(&self) -> &LimitName {
         &self.name
     }
-    /// The calendar of a quota (`None`: a dripping limit).
-    pub fn calendar(&self) -> Option<&Calendar> {
+    /// How a quota gets its amount back (`None`: a dripping limit).
+    pub fn quota_kind(&self) -> Option<&Quota> {
         self.quota.as_ref()
+    }
+    /// The calendar of a calendar quota.
+    pub fn calendar(&self) -> Option<&Calendar> {
+        match &self.quota {
+            Some(Quota::Calendar(c)) => Some(c),
+            _ => None,
+        }
+    }
+    /// The window of a session quota, ms.
+    pub fn session_ms(&self) -> Option<i64> {
+        match self.quota {
+            Some(Quota::Session(ms)) => Some(ms),
+            _ => None,
+        }
     }
     /// Capacity in milli-tokens.
     pub fn capacity(&self) -> i64 {
@@ -310,6 +358,17 @@ impl std::str::FromStr for Limit {
             ))
         };
         let (name, rest) = spec.split_once('=').ok_or_else(bad)?;
+        if let Some((amount, session)) = rest.split_once("/session(") {
+            let (window, options) = session.split_once(')').ok_or_else(bad)?;
+            let soft = match options.trim() {
+                "" => false,
+                o if o.strip_prefix(',').is_some_and(|o| o.trim() == "soft") => true,
+                _ => return Err(bad()),
+            };
+            let amount: u64 = amount.trim().parse().map_err(|_| bad())?;
+            let window = parse_period(window).ok_or_else(bad)?;
+            return Ok(Self::session_quota(name.trim(), amount, window)?.with_soft(soft));
+        }
         if let Some((amount, quota)) = rest.split_once("/cron(") {
             let (pattern, options) = quota.split_once(')').ok_or_else(bad)?;
             let (mut tz, mut soft) = (None, false);
@@ -349,28 +408,53 @@ impl std::str::FromStr for Limit {
         }
         let (rate, period) = rate_period.split_once('/').ok_or_else(bad)?;
         let rate: u64 = rate.trim().parse().map_err(|_| bad())?;
-        let split = period.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-        let (count, unit) = period.split_at(split);
-        let count: u64 = if count.is_empty() {
-            1
-        } else {
-            count.parse().map_err(|_| bad())?
-        };
-        let unit_ms: u64 = match unit.trim() {
-            "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            _ => return Err(bad()),
-        };
-        let period = Duration::from_millis(count.checked_mul(unit_ms).ok_or_else(bad)?);
+        let period = parse_period(period).ok_or_else(bad)?;
         let limit = Self::custom(name.trim(), rate, rate, period)?.with_soft(soft);
         match burst {
             Some(b) => limit.with_burst(b.trim().parse().map_err(|_| bad())?),
             None => Ok(limit),
         }
     }
+}
+
+/// A period as people write it: a count (default 1) and a unit, `ms`, `s`, `m`, `h` or `d`.
+fn parse_period(period: &str) -> Option<Duration> {
+    let period = period.trim();
+    let split = period.find(|c: char| !c.is_ascii_digit())?;
+    let (count, unit) = period.split_at(split);
+    let count: u64 = if count.is_empty() {
+        1
+    } else {
+        count.parse().ok()?
+    };
+    let unit_ms: u64 = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    Some(Duration::from_millis(count.checked_mul(unit_ms)?))
+}
+
+/// A session window in ms: whole seconds, one second to [`MAX_SESSION_MS`].
+fn session_ms(name: &LimitName, ms: u128) -> Result<i64, LimitError> {
+    if ms < 1_000 || !ms.is_multiple_of(1_000) {
+        return Err(LimitError::Session {
+            name: name.to_string(),
+            ms,
+        });
+    }
+    if ms > MAX_SESSION_MS as u128 {
+        return Err(LimitError::TooLarge {
+            name: name.0.to_string(),
+            field: "session window (ms)",
+            value: ms,
+            max: MAX_SESSION_MS as u128,
+        });
+    }
+    Ok(ms as i64)
 }
 
 fn zero(name: &LimitName, field: &'static str) -> LimitError {
@@ -428,8 +512,12 @@ pub fn encode(limits: &[Limit]) -> String {
             "{}:{}:{}:{}",
             l.name, l.capacity, l.refill_amount, l.refill_period_ms
         ));
-        if let Some(c) = &l.quota {
-            out.push_str(&format!(":cron={}@{}", escape(c.pattern()), escape(c.tz())));
+        match &l.quota {
+            Some(Quota::Calendar(c)) => {
+                out.push_str(&format!(":cron={}@{}", escape(c.pattern()), escape(c.tz())));
+            }
+            Some(Quota::Session(ms)) => out.push_str(&format!(":session={ms}")),
+            None => {}
         }
         if l.soft {
             out.push_str(":soft");
@@ -480,7 +568,16 @@ pub fn period(ms: i64) -> String {
 impl Limit {
     /// The limit in its user's units: `rpm 100/1m, burst 150` (`, soft` when soft).
     pub fn describe(&self) -> String {
-        if let Some(c) = &self.quota {
+        if let Some(ms) = self.session_ms() {
+            return format!(
+                "{} {}/session({}){}",
+                self.name,
+                tokens(self.capacity),
+                period(ms),
+                if self.soft { ", soft" } else { "" }
+            );
+        }
+        if let Some(c) = self.calendar() {
             return format!(
                 "{} {}/cron({}), tz {}{}",
                 self.name,
@@ -509,46 +606,58 @@ pub fn decode(text: &str) -> Result<Vec<Limit>, LimitError> {
     if text.is_empty() {
         return Ok(Vec::new());
     }
-    let limits =
-        text.split(',')
-            .map(|part| {
-                let malformed = || LimitError::Malformed(part.to_owned());
-                let fields: Vec<&str> = part.split(':').collect();
-                let [name, cap, amount, period, options @ ..] = &fields[..] else {
-                    return Err(malformed());
-                };
-                let (mut soft, mut calendar) = (false, None);
-                for option in options {
-                    match option.strip_prefix("cron=") {
-                        None if *option == "soft" && !soft => soft = true,
-                        Some(c) if calendar.is_none() && !soft => calendar = Some(c),
-                        _ => return Err(malformed()),
-                    }
+    let limits = text
+        .split(',')
+        .map(|part| {
+            let malformed = || LimitError::Malformed(part.to_owned());
+            let fields: Vec<&str> = part.split(':').collect();
+            let [name, cap, amount, period, options @ ..] = &fields[..] else {
+                return Err(malformed());
+            };
+            let (mut soft, mut quota) = (false, None);
+            for option in options {
+                let kind = option
+                    .strip_prefix("cron=")
+                    .map(|c| ("cron", c))
+                    .or_else(|| option.strip_prefix("session=").map(|w| ("session", w)));
+                match kind {
+                    None if *option == "soft" && !soft => soft = true,
+                    Some(k) if quota.is_none() && !soft => quota = Some(k),
+                    _ => return Err(malformed()),
                 }
-                let num = |s: &str| s.parse::<i64>().map_err(|_| malformed());
-                let name = LimitName::new(*name)?;
-                let limit =
-                    match calendar {
-                        None => Limit::from_milli(name, num(cap)?, num(amount)?, num(period)?)?,
-                        Some(c) => {
-                            let (pattern, tz) = c.rsplit_once('@').ok_or_else(malformed)?;
-                            if (num(amount)?, num(period)?) != (0, 0) {
-                                return Err(malformed());
-                            }
+            }
+            let num = |s: &str| s.parse::<i64>().map_err(|_| malformed());
+            let name = LimitName::new(*name)?;
+            let limit = match quota {
+                None => Limit::from_milli(name, num(cap)?, num(amount)?, num(period)?)?,
+                Some((kind, text)) => {
+                    if (num(amount)?, num(period)?) != (0, 0) {
+                        return Err(malformed());
+                    }
+                    let quota = match kind {
+                        "cron" => {
+                            let (pattern, tz) = text.rsplit_once('@').ok_or_else(malformed)?;
                             let calendar = Calendar::new(&unescape(pattern), &unescape(tz))
                                 .map_err(|error| LimitError::Calendar {
                                     name: name.to_string(),
                                     error,
                                 })?;
-                            let capacity = num(cap)?;
-                            // The same range as a dripping limit's capacity.
-                            Limit::from_milli(name.clone(), capacity, 1, 1)?;
-                            Limit::quota_from_milli(name, capacity, calendar)
+                            Quota::Calendar(calendar)
+                        }
+                        _ => {
+                            let ms = u128::try_from(num(text)?).map_err(|_| malformed())?;
+                            Quota::Session(session_ms(&name, ms)?)
                         }
                     };
-                Ok(limit.with_soft(soft))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+                    let capacity = num(cap)?;
+                    // The same range as a dripping limit's capacity.
+                    Limit::from_milli(name.clone(), capacity, 1, 1)?;
+                    Limit::quota_from_milli(name, capacity, quota)
+                }
+            };
+            Ok(limit.with_soft(soft))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     canonical(limits)
 }
 

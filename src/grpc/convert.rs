@@ -173,7 +173,17 @@ pub(super) fn limits(given: &[proto::Limit]) -> Result<Option<Vec<Limit>>, Statu
         .enumerate()
         .map(|(i, l)| {
             let field = || format!("limits[{i}]");
-            let limit = if l.quota_cron.is_empty() && l.quota_tz.is_empty() {
+            let session = l.quota_reset_after_ms;
+            let limit = if session > 0 {
+                if (l.refill_amount, l.refill_period_ms) != (0, 0) || !l.quota_cron.is_empty() {
+                    return Err(invalid(
+                        field(),
+                        "a session quota neither drips nor has a calendar: leave refill_amount, \
+                         refill_period_ms and quota_cron empty",
+                    ));
+                }
+                Limit::session_quota(&l.name, l.capacity, Duration::from_millis(session))
+            } else if l.quota_cron.is_empty() && l.quota_tz.is_empty() {
                 Limit::custom(
                     &l.name,
                     l.capacity,

@@ -780,9 +780,10 @@ def test_a_quota_with_a_bad_calendar_is_refused_naming_the_field(daemon, entity)
     errors = run(scenario())
     assert [e.field for e in errors] == ["limits[0].quota_cron"] * 3
     assert "never starts matching" in str(errors[0]) and "Mars/Olympus" in str(errors[1])
-    with pytest.raises(ValidationError) as session:
-        Limit.quota("tok", 10, reset_after=datetime.timedelta(hours=5))
-    assert session.value.field == "reset_after"
+    for bad in (datetime.timedelta(milliseconds=1500), datetime.timedelta(0), 18_000):
+        with pytest.raises(ValidationError) as session:
+            Limit.quota("tok", 10, reset_after=bad)
+        assert session.value.field == "reset_after"
     with pytest.raises(ValidationError):
         Limit.quota("tok", 10)
 
@@ -812,3 +813,19 @@ def test_entities_with_custom_limits_and_resources_with_defaults_are_listed(daem
     assert first == keys[:3] and cursor == keys[2]
     assert rest == [keys[3]] and end is None
     assert model in resources
+
+
+def test_a_session_quota_opens_at_first_use_and_refuses_until_its_end(daemon, entity):
+    window = datetime.timedelta(hours=5)
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            await zl.set_limits(entity, [Limit.quota("session", 10, reset_after=window)])
+            await zl.consume(entity, "chat", {"session": 10})
+            with pytest.raises(RateLimitExceeded) as refused:
+                await zl.consume(entity, "chat", {"session": 1})
+            return refused.value, await zl.get_limits(entity)
+
+    refused, stored = run(scenario())
+    assert 5 * 3600 - 30 < refused.retry_after_seconds <= 5 * 3600
+    assert stored[0].is_quota and stored[0].reset_after == window

@@ -796,3 +796,151 @@ proptest! {
         }
     }
 }
+
+fn session(amount: u64, window_s: u64) -> Limit {
+    Limit::session_quota("session", amount, Duration::from_secs(window_s)).unwrap()
+}
+
+#[test]
+fn a_session_opens_at_first_use_and_gives_its_amount_back_at_its_end() {
+    let limits = vec![session(10, 3_600)];
+    let mut b = None;
+    // Created full, no window yet: the first use opens one.
+    assert!(acquire(&mut b, &limits, &tokens("session", 4), T0));
+    let window_end = T0 + 3_600_000;
+    assert_eq!(b.as_ref().unwrap().limits[0].carry, window_end);
+    assert!(acquire(&mut b, &limits, &tokens("session", 6), T0 + 60_000));
+    assert_eq!(
+        b.as_ref().unwrap().limits[0].carry,
+        window_end,
+        "the window stays"
+    );
+    let r = rejection(b.as_ref(), &limits, &tokens("session", 1), T0 + 600_000);
+    assert_eq!(r.retry_after_ms(), Some((window_end - T0 - 600_000) as u64));
+    assert!(!acquire(
+        &mut b,
+        &limits,
+        &tokens("session", 1),
+        window_end - 1
+    ));
+    // Idle well past its end: the next use opens a new window there.
+    let later = window_end + 7_200_000;
+    assert_eq!(balance(&b, "session", later), 10 * MILLI);
+    assert!(acquire(&mut b, &limits, &tokens("session", 10), later));
+    assert_eq!(b.as_ref().unwrap().limits[0].carry, later + 3_600_000);
+    // A lease's charge with no window open opens one too.
+    let mut seen = b.unwrap().at(later + 3_600_000);
+    assert_eq!(seen.limits[0].carry, 0, "ended");
+    let (write, after) = plan_settle(&seen, &tokens("session", 3), later + 3_700_000)
+        .unwrap()
+        .unwrap();
+    let Write::Change(c) = write else {
+        panic!("a change")
+    };
+    seen.apply(&c).unwrap();
+    assert_eq!(seen, after);
+    assert_eq!(seen.limits[0].carry, later + 3_700_000 + 3_600_000);
+    assert_eq!(seen.limits[0].balance, 7 * MILLI);
+}
+
+#[test]
+fn two_daemons_opening_one_window_at_once_share_one_allowance() {
+    let limits = canonical(vec![
+        session(10, 60),
+        Limit::per_second("rps", 100).unwrap(),
+    ])
+    .unwrap();
+    let mut stored = Bucket::full(limits.clone(), T0);
+    let seen = stored.clone();
+    let plan_at = |seen: &Bucket, n: i64, now: i64| match plan(
+        Some(seen),
+        &limits,
+        &tokens("session", n),
+        now,
+    ) {
+        Plan::Admit {
+            write: Write::Change(c),
+            ..
+        } => c,
+        other => panic!("{other:?}"),
+    };
+    let first = plan_at(&seen, 10, T0 + 5);
+    let second = plan_at(&seen, 10, T0 + 7);
+    stored.apply(&first).unwrap();
+    assert!(
+        stored.apply(&second).is_err(),
+        "the second opener lost the refill"
+    );
+    // Re-planned inside the first's window: refused, the window's end unchanged.
+    let r = rejection(Some(&stored), &limits, &tokens("session", 1), T0 + 7);
+    assert_eq!(r.retry_after_ms(), Some(60_000 - 2));
+    assert_eq!(
+        stored.limit(&name("session")).unwrap().carry,
+        T0 + 5 + 60_000
+    );
+}
+
+#[test]
+fn session_quotas_round_trip_and_parse() {
+    use crate::domain::limit::{decode, encode};
+    let limits = canonical(vec![session(10, 18_000), monthly(5)]).unwrap();
+    let text = encode(&limits);
+    assert!(
+        text.contains("session:10000:0:0:session=18000000"),
+        "{text}"
+    );
+    assert_eq!(decode(&text).unwrap(), limits);
+    let parsed: Limit = "session=10/session(5h)".parse().unwrap();
+    assert_eq!(parsed, session(10, 18_000));
+    assert_eq!(parsed.describe(), "session 10/session(5h)");
+    assert!("s=10/session(5h),soft".parse::<Limit>().unwrap().is_soft());
+    for bad in [
+        "s=10/session(0s)",
+        "s=10/session(1500ms)",
+        "s=10/session(400d)",
+        "s=10/session(5h",
+        "s=10/session(5x)",
+    ] {
+        assert!(bad.parse::<Limit>().is_err(), "{bad}");
+    }
+    assert!(decode("s:1000:0:0:session=999").is_err());
+    assert!(decode("s:1000:0:0:session=1000:cron=0%200%201%20*%20*@UTC").is_err());
+}
+
+proptest! {
+    /// Two daemons with stale views take a session quota: every admission falls in a window
+    /// opened by the first admission after the previous one ended, and no window admits more
+    /// than the amount.
+    #[test]
+    fn two_writers_never_admit_more_than_a_session_s_amount_per_window(
+        steps in prop::collection::vec((0i64..40_000, 1i64..6, any::<bool>()), 1..150),
+    ) {
+        let limits = vec![session(10, 60)];
+        let mut stored = Bucket::full(limits.clone(), T0);
+        let mut views = [stored.clone(), stored.clone()];
+        let mut now = T0;
+        let mut windows: std::collections::BTreeMap<i64, i64> = Default::default();
+        for (dt, n, second) in steps {
+            now += dt;
+            let w = usize::from(second);
+            for _ in 0..2 {
+                let Plan::Admit { write: Write::Change(c), .. } =
+                    plan(Some(&views[w]), &limits, &tokens("session", n), now)
+                else {
+                    break;
+                };
+                if stored.apply(&c).is_ok() {
+                    let end = stored.limits[0].carry;
+                    prop_assert!(end > now && end <= now + 60_000, "admitted outside a window");
+                    *windows.entry(end).or_default() += n;
+                    views[w] = stored.clone();
+                    break;
+                }
+                views[w] = stored.clone();
+            }
+        }
+        for (end, admitted) in windows {
+            prop_assert!(admitted <= 10, "{admitted} tokens in the window ending {end}");
+        }
+    }
+}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -71,7 +72,9 @@ class Limit:
     ``Limit.quota(name, amount, cron="0 0 1 * *", tz="UTC")`` is a calendar quota: no drip
     (``refill_amount`` and ``refill_period_ms`` are 0); the balance goes back to ``amount``, debt
     forgiven, at each instant the five-field cron pattern starts matching in the IANA zone
-    ``tz``."""
+    ``tz``. ``Limit.quota(name, amount, reset_after=timedelta(hours=5))`` is a session quota:
+    the entity's first admitted use opens a window of that length, and its amount comes back at
+    the window's end; an idle entity's next use opens a new one."""
 
     name: str
     capacity: int
@@ -82,6 +85,8 @@ class Limit:
     #: A calendar quota's cron pattern (``""``: a dripping limit) and its time zone.
     quota_cron: str = ""
     quota_tz: str = ""
+    #: A session quota's window in milliseconds (0: not a session quota).
+    quota_reset_after_ms: int = 0
 
     def __init__(
         self,
@@ -94,6 +99,7 @@ class Limit:
         soft: bool = False,
         quota_cron: str = "",
         quota_tz: str = "",
+        quota_reset_after_ms: int = 0,
     ) -> None:
         for field, value in (("quota_cron", quota_cron), ("quota_tz", quota_tz)):
             if not isinstance(value, str):
@@ -102,6 +108,11 @@ class Limit:
                 )
         object.__setattr__(self, "quota_cron", quota_cron)
         object.__setattr__(self, "quota_tz", quota_tz)
+        object.__setattr__(
+            self,
+            "quota_reset_after_ms",
+            _whole(f"limit {name}: quota_reset_after_ms", quota_reset_after_ms, low=0, high=_U64_MAX),
+        )
         if (refill_period_seconds is None) == (refill_period_ms is None):
             raise ValidationError(
                 f"limit {name}: give the refill period once, in seconds (the fourth field) or "
@@ -152,8 +163,15 @@ class Limit:
 
     @property
     def is_quota(self) -> bool:
-        """Whether the limit is a calendar quota (no drip, back to its amount at each edge)."""
-        return bool(self.quota_cron)
+        """Whether the limit is a quota (no drip): a calendar or a session quota."""
+        return bool(self.quota_cron) or self.quota_reset_after_ms > 0
+
+    @property
+    def reset_after(self) -> datetime.timedelta | None:
+        """A session quota's window (``None`` for other limits)."""
+        if not self.quota_reset_after_ms:
+            return None
+        return datetime.timedelta(milliseconds=self.quota_reset_after_ms)
 
     @classmethod
     def quota(
@@ -171,13 +189,27 @@ class Limit:
         (``"0 0 1 * *"``: the first of each month), applied by the first request after it;
         ``retry_after`` is the time to that instant. The daemon checks the pattern and zone."""
         if reset_after is not None:
-            raise ValidationError(
-                f"limit {name}: session quotas (reset_after) are not supported by the daemon "
-                "yet; use a calendar quota (cron=...)",
-                field="reset_after",
-            )
+            if cron is not None:
+                raise ValidationError(
+                    f"limit {name}: give cron= or reset_after=, not both", field="reset_after"
+                )
+            if not isinstance(reset_after, datetime.timedelta):
+                raise ValidationError(
+                    f"limit {name}: reset_after must be a timedelta, got {reset_after!r}",
+                    field="reset_after",
+                )
+            ms = round(reset_after.total_seconds() * 1000)
+            if ms <= 0 or ms % 1000:
+                raise ValidationError(
+                    f"limit {name}: reset_after must be a positive whole number of seconds, "
+                    f"got {reset_after!r}",
+                    field="reset_after",
+                )
+            return cls(name, amount, 0, refill_period_ms=0, soft=soft, quota_reset_after_ms=ms)
         if not cron:
-            raise ValidationError(f"limit {name}: a quota needs cron=...", field="cron")
+            raise ValidationError(
+                f"limit {name}: a quota needs cron=... or reset_after=...", field="cron"
+            )
         return cls(
             name, amount, 0, refill_period_ms=0, soft=soft, quota_cron=cron, quota_tz=tz
         )
@@ -248,6 +280,7 @@ class Limit:
             soft=self.soft,
             quota_cron=self.quota_cron,
             quota_tz=self.quota_tz,
+            quota_reset_after_ms=self.quota_reset_after_ms,
         )
 
     @classmethod
@@ -260,6 +293,7 @@ class Limit:
             soft=limit.soft,
             quota_cron=limit.quota_cron,
             quota_tz=limit.quota_tz,
+            quota_reset_after_ms=limit.quota_reset_after_ms,
         )
 
 
