@@ -373,9 +373,11 @@ fn to_limits(limits: &[(String, u64, u64, u64)]) -> Vec<proto::Limit> {
         .map(|(name, capacity, refill_amount, refill_period_ms)| {
             // Every fourth limit a calendar quota, its pattern and zone picked from good and
             // hostile ones, its refill fields left (refused) or zeroed.
+            // Every fourth but one a session quota, its window any number (the period's).
             let quota = capacity % 4 == 1;
+            let session = capacity % 4 == 2;
             let pick = |list: &[&str], n: u64| list[(n % list.len() as u64) as usize].to_owned();
-            let zeroed = quota && refill_amount % 2 == 0;
+            let zeroed = (quota || session) && refill_amount % 2 == 0;
             proto::Limit {
                 name: name.clone(),
                 capacity: *capacity,
@@ -393,6 +395,12 @@ fn to_limits(limits: &[(String, u64, u64, u64)]) -> Vec<proto::Limit> {
                     pick(ZONES, *refill_period_ms)
                 } else {
                     String::new()
+                },
+                quota_reset_after_ms: if session {
+                    refill_period_ms.saturating_mul(1_000 * (refill_amount % 2))
+                        + refill_period_ms * (1 - refill_amount % 2)
+                } else {
+                    0
                 },
             }
         })
