@@ -9,13 +9,15 @@
 //! `* * 1 * *` (the first minute of the 1st). A pattern that never starts matching within
 //! [`HORIZON_MS`] of any instant (`* * * * *` always matches) is refused.
 //!
-//! Pure: times are milliseconds since the Unix epoch, given as arguments. The last edge computed
-//! is kept (one per calendar and its clones), since a bucket asks the same question until its
-//! refill time moves.
+//! Pure: times are milliseconds since the Unix epoch, given as arguments. What is computed is
+//! kept: the parsed calendars by pattern and zone (a limit given with each call names its
+//! calendar each time), and per calendar the last span of instants whose next edge is known (every
+//! bucket on that calendar asks about an instant in the current period).
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use chrono::{DateTime, Duration, TimeZone};
 use chrono_tz::Tz;
@@ -41,8 +43,19 @@ pub enum CalendarError {
     NoEdge(String),
 }
 
-/// The last question a calendar was asked and its answer: (after, first edge after it).
-type Memo = Option<(i64, Option<i64>)>;
+/// What a calendar last computed: every instant in `from..edge` has `edge` as its next edge.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    from: i64,
+    edge: i64,
+}
+
+type Memo = Option<Span>;
+
+/// The calendars parsed so far, by pattern and zone (cleared when it reaches [`MAX_KNOWN`]).
+static KNOWN: LazyLock<Mutex<HashMap<(String, String), Calendar>>> =
+    LazyLock::new(Default::default);
+const MAX_KNOWN: usize = 1_024;
 
 /// A cron pattern in a time zone.
 #[derive(Clone)]
@@ -50,6 +63,8 @@ pub struct Calendar {
     cron: Arc<Cron>,
     pattern: Arc<str>,
     tz: Tz,
+    /// Its text in a stored limit set (see [`Calendar::stored`]).
+    stored: Arc<str>,
     memo: Arc<Mutex<Memo>>,
 }
 
@@ -59,7 +74,25 @@ impl Calendar {
     /// `@monthly`), a zone not in the database, or a pattern that never starts matching.
     pub fn new(pattern: &str, tz: &str) -> Result<Self, CalendarError> {
         let pattern = pattern.split_whitespace().collect::<Vec<_>>().join(" ");
-        let bad = |why: &str| CalendarError::Cron(pattern.clone(), why.to_owned());
+        // A limit given with each call parses its calendar each time: the parsed ones are kept
+        // (and with them what each has computed).
+        let key = (pattern, tz.to_owned());
+        let known = KNOWN.lock().ok().and_then(|k| k.get(&key).cloned());
+        if let Some(calendar) = known {
+            return Ok(calendar);
+        }
+        let calendar = Self::parse(&key.0, tz)?;
+        if let Ok(mut k) = KNOWN.lock() {
+            if k.len() >= MAX_KNOWN {
+                k.clear();
+            }
+            k.insert(key, calendar.clone());
+        }
+        Ok(calendar)
+    }
+
+    fn parse(pattern: &str, tz: &str) -> Result<Self, CalendarError> {
+        let bad = |why: &str| CalendarError::Cron(pattern.to_owned(), why.to_owned());
         if pattern.len() > MAX_TEXT {
             return Err(bad("is too long"));
         }
@@ -69,20 +102,21 @@ impl Calendar {
                 "expected five fields: minute hour day-of-month month day-of-week",
             ));
         }
-        let cron = Cron::from_str(&pattern).map_err(|e| bad(&e.to_string()))?;
+        let cron = Cron::from_str(pattern).map_err(|e| bad(&e.to_string()))?;
         if tz.len() > MAX_TEXT {
             return Err(CalendarError::Zone(tz.chars().take(MAX_TEXT).collect()));
         }
         let zone: Tz = tz.parse().map_err(|_| CalendarError::Zone(tz.to_owned()))?;
         let calendar = Self {
             cron: Arc::new(cron),
-            pattern: pattern.clone().into(),
+            pattern: pattern.into(),
+            stored: format!("{}@{}", escape(pattern), escape(zone.name())).into(),
             tz: zone,
             memo: Arc::default(),
         };
         // Checked from a fixed instant (2000-01-01), so that accepting a pattern is pure too.
         if calendar.compute(946_684_800_000).is_none() {
-            return Err(CalendarError::NoEdge(pattern));
+            return Err(CalendarError::NoEdge(pattern.to_owned()));
         }
         Ok(calendar)
     }
@@ -95,17 +129,37 @@ impl Calendar {
         self.tz.name()
     }
 
+    /// `PATTERN@ZONE` with no ' ', ',', ':' or '%' of their own (written `%20`, `%2C`, `%3A`,
+    /// `%25`): its form inside a stored limit set. [`Calendar::from_stored`] reads it back.
+    pub fn stored(&self) -> &str {
+        &self.stored
+    }
+
+    /// # Errors
+    /// As [`Calendar::new`], and [`CalendarError::Cron`] for text with no zone.
+    pub fn from_stored(text: &str) -> Result<Self, CalendarError> {
+        let (pattern, tz) = text
+            .rsplit_once('@')
+            .ok_or_else(|| CalendarError::Cron(text.to_owned(), "has no @ZONE".to_owned()))?;
+        Self::new(&unescape(pattern), &unescape(tz))
+    }
+
     /// The first edge strictly after `after_ms`, if there is one within [`HORIZON_MS`].
     pub fn next_edge(&self, after_ms: i64) -> Option<i64> {
         let memo = self.memo.lock().map(|m| *m).unwrap_or(None);
-        if let Some((after, edge)) = memo
-            && after == after_ms
+        if let Some(Span { from, edge }) = memo
+            && (from..edge).contains(&after_ms)
         {
-            return edge;
+            return Some(edge);
         }
         let edge = self.compute(after_ms);
-        if let Ok(mut m) = self.memo.lock() {
-            *m = Some((after_ms, edge));
+        if let (Some(edge), Ok(mut m)) = (edge, self.memo.lock()) {
+            // Every instant from `after_ms` up to the edge has this same next edge.
+            let from = match *m {
+                Some(s) if s.edge == edge => s.from.min(after_ms),
+                _ => after_ms,
+            };
+            *m = Some(Span { from, edge });
         }
         edge
     }
@@ -144,6 +198,20 @@ impl Calendar {
     fn matches(&self, at: &DateTime<Tz>) -> bool {
         self.cron.is_time_matching(at).unwrap_or(false)
     }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('%', "%25")
+        .replace(',', "%2C")
+        .replace(':', "%3A")
+        .replace(' ', "%20")
+}
+
+fn unescape(text: &str) -> String {
+    text.replace("%20", " ")
+        .replace("%3A", ":")
+        .replace("%2C", ",")
+        .replace("%25", "%")
 }
 
 impl PartialEq for Calendar {

@@ -514,7 +514,8 @@ pub fn encode(limits: &[Limit]) -> String {
         ));
         match &l.quota {
             Some(Quota::Calendar(c)) => {
-                out.push_str(&format!(":cron={}@{}", escape(c.pattern()), escape(c.tz())));
+                out.push_str(":cron=");
+                out.push_str(c.stored());
             }
             Some(Quota::Session(ms)) => out.push_str(&format!(":session={ms}")),
             None => {}
@@ -524,21 +525,6 @@ pub fn encode(limits: &[Limit]) -> String {
         }
     }
     out
-}
-
-/// A calendar's text inside [`encode`]'s form: no ' ', ',', ':' or '%' of its own.
-fn escape(text: &str) -> String {
-    text.replace('%', "%25")
-        .replace(',', "%2C")
-        .replace(':', "%3A")
-        .replace(' ', "%20")
-}
-
-fn unescape(text: &str) -> String {
-    text.replace("%20", " ")
-        .replace("%3A", ":")
-        .replace("%2C", ",")
-        .replace("%25", "%")
 }
 
 /// Milli-tokens as tokens: `1`, `0.5`.
@@ -636,12 +622,12 @@ pub fn decode(text: &str) -> Result<Vec<Limit>, LimitError> {
                     }
                     let quota = match kind {
                         "cron" => {
-                            let (pattern, tz) = text.rsplit_once('@').ok_or_else(malformed)?;
-                            let calendar = Calendar::new(&unescape(pattern), &unescape(tz))
-                                .map_err(|error| LimitError::Calendar {
+                            let calendar = Calendar::from_stored(text).map_err(|error| {
+                                LimitError::Calendar {
                                     name: name.to_string(),
                                     error,
-                                })?;
+                                }
+                            })?;
                             Quota::Calendar(calendar)
                         }
                         _ => {
