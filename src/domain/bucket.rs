@@ -134,6 +134,15 @@ impl LimitState {
 }
 
 impl LimitState {
+    /// The most the balance may hold: the capacity, and of a calendar quota what was topped up
+    /// this period (kept in its carry, which a quota's drip does not need).
+    fn ceiling(&self) -> i64 {
+        match self.limit.calendar() {
+            Some(_) => self.limit.capacity().saturating_add(self.carry.max(0)),
+            None => self.limit.capacity(),
+        }
+    }
+
     /// Whether a session quota's open window has ended by `now`.
     fn window_over(&self, now: i64) -> bool {
         self.carry != 0 && self.carry <= now
@@ -565,7 +574,7 @@ pub fn plan_settle(
     }
     let clamps = seen.limits.iter().any(|l| {
         let a = amount_of(l.limit.name());
-        a < 0 && i128::from(l.balance) - i128::from(a) > i128::from(l.limit.capacity())
+        a < 0 && i128::from(l.balance) - i128::from(a) > i128::from(l.ceiling())
     });
     let seen_config = encode(&seen.limit_set());
     // A charge to a session quota with no open window opens one (a guarded write, as in
@@ -592,7 +601,7 @@ pub fn plan_settle(
                 consumed: a,
                 // A charge keeps the floor; a refund keeps the ceiling.
                 min_balance: if a > 0 { MIN_BALANCE + a } else { MIN_BALANCE },
-                max_balance: (a < 0).then(|| l.limit.capacity() + a),
+                max_balance: (a < 0).then(|| l.ceiling() + a),
                 carry: None,
             });
         }
@@ -618,12 +627,15 @@ pub fn plan_settle(
     {
         let a = amount_of(before.limit.name());
         let capacity = before.limit.capacity();
+        let ceiling = now_state.ceiling();
         let balance = if a < 0 {
-            (i128::from(now_state.balance) - i128::from(a)).min(i128::from(capacity)) as i64
+            (i128::from(now_state.balance) - i128::from(a)).min(i128::from(ceiling)) as i64
         } else {
             now_state.balance - a
         };
-        let carry = if balance >= capacity {
+        let carry = if before.limit.calendar().is_some() {
+            now_state.carry
+        } else if balance >= capacity {
             0
         } else if now_state.opens(a) {
             now.saturating_add(now_state.limit.session_ms().unwrap_or(0))
@@ -658,12 +670,18 @@ pub fn plan_settle(
     Ok(Some((write, expected)))
 }
 
+/// The most a calendar quota can be topped up within one period, milli-tokens: four times the
+/// largest capacity (so a balance never comes near the range of an `i64`).
+pub const MAX_TOPPED_UP: i64 = 4 * super::limit::MAX_TOKENS as i64 * super::limit::MILLI;
+
 /// An operator's change to one stored bucket, outside any acquire.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Operation {
-    /// The named limits (`None`: all of them) back to full capacity, debt forgiven.
+    /// The named limits (`None`: all of them) back to full capacity, debt forgiven (a calendar
+    /// quota's top-ups of the period too; a session's window ends).
     Reset(Option<Vec<LimitName>>),
-    /// Milli-tokens given to each named limit (each > 0), at most its room below capacity.
+    /// Milli-tokens given to each named limit (each > 0): a calendar quota exactly that for
+    /// this period, any other limit at most its room below capacity.
     TopUp(Vec<(LimitName, i64)>),
 }
 
@@ -700,6 +718,15 @@ pub fn plan_operation(
         let (balance, carry) = match op {
             Operation::Reset(names) if names.as_ref().is_none_or(|n| n.contains(name)) => {
                 (capacity, 0)
+            }
+            // A calendar quota gains exactly what is given, for this period (its ceiling
+            // rises with it; the next edge takes both back), up to a bound no sum can pass.
+            Operation::TopUp(amounts)
+                if before.limit.calendar().is_some() && amounts.iter().any(|(n, _)| n == name) =>
+            {
+                let room = MAX_TOPPED_UP.saturating_sub(refilled.carry.max(0)).max(0);
+                let given = amount_for(amounts, name).clamp(0, room);
+                (refilled.balance + given, refilled.carry + given)
             }
             Operation::TopUp(amounts) if amounts.iter().any(|(n, _)| n == name) => {
                 let given = amount_for(amounts, name).max(0);
@@ -794,7 +821,7 @@ impl Bucket {
         if !self.refill_due(now) {
             let mut same = self.clone();
             for l in &mut same.limits {
-                l.balance = l.balance.min(l.limit.capacity());
+                l.balance = l.balance.min(l.ceiling());
             }
             return same;
         }
@@ -813,10 +840,14 @@ impl Bucket {
                 .iter()
                 .map(|l| {
                     let (balance, carry) = l.refilled(self.refilled_at, now);
-                    LimitState {
-                        balance: balance.min(l.limit.capacity()),
+                    let state = LimitState {
+                        balance,
                         carry,
                         ..l.clone()
+                    };
+                    LimitState {
+                        balance: state.balance.min(state.ceiling()),
+                        ..state
                     }
                 })
                 .collect(),
@@ -830,19 +861,29 @@ impl Bucket {
             .iter()
             .map(|limit| match self.limit(limit.name()) {
                 None => LimitState::full(limit.clone()),
-                Some(old) => LimitState {
-                    limit: limit.clone(),
-                    balance: old.balance.min(limit.capacity()),
-                    carry: if old.limit.refill_period_ms() == limit.refill_period_ms()
-                        && old.limit.session_ms() == limit.session_ms()
-                        && old.balance < limit.capacity()
+                Some(old) => {
+                    // A calendar quota keeps its period's top-ups (and its raised ceiling).
+                    let calendars = old.limit.calendar().is_some() && limit.calendar().is_some();
+                    let carry = if calendars
+                        || (old.limit.refill_period_ms() == limit.refill_period_ms()
+                            && old.limit.session_ms() == limit.session_ms()
+                            && old.balance < limit.capacity())
                     {
                         old.carry
                     } else {
                         0
-                    },
-                    consumed: old.consumed,
-                },
+                    };
+                    let state = LimitState {
+                        limit: limit.clone(),
+                        balance: old.balance,
+                        carry,
+                        consumed: old.consumed,
+                    };
+                    LimitState {
+                        balance: state.balance.min(state.ceiling()),
+                        ..state
+                    }
+                }
             })
             .collect();
         Self {

@@ -829,3 +829,19 @@ def test_a_session_quota_opens_at_first_use_and_refuses_until_its_end(daemon, en
     refused, stored = run(scenario())
     assert 5 * 3600 - 30 < refused.retry_after_seconds <= 5 * 3600
     assert stored[0].is_quota and stored[0].reset_after == window
+
+
+def test_a_calendar_quota_topped_up_gains_exactly_that_for_its_period(daemon, entity):
+    async def scenario():
+        async with limiter(daemon) as zl:
+            await zl.set_limits(entity, [Limit.quota("month", 100, cron="0 0 1 * *")])
+            await zl.consume(entity, "m", {"month": 100})
+            bought = await zl.top_up(entity, "m", {"month": 250}, idempotency_key="order-9")
+            left = await zl.available(entity, "m")
+            await zl.consume(entity, "m", {"month": 250})
+            with pytest.raises(RateLimitExceeded):
+                await zl.consume(entity, "m", {"month": 1})
+            return bought, left
+
+    bought, left = run(scenario())
+    assert bought.amounts == {"month": 250} and left == {"month": 250}

@@ -944,3 +944,46 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_calendar_quota_topped_up_gains_exactly_that_for_the_period() {
+    let limits = vec![monthly(100)];
+    let mut seen = Bucket::full(limits.clone(), JAN_31);
+    seen.adjust(&tokens("month", 30)).unwrap();
+    let top_up = Operation::TopUp(tokens("month", 50));
+    let (after, gained) = operated(&seen, &top_up, JAN_31 + 1_000);
+    assert_eq!(gained, tokens("month", 50), "exactly, past the amount");
+    let month = |b: &Bucket, now: i64| b.at(now).limit(&name("month")).unwrap().balance;
+    assert_eq!(month(&after, JAN_31 + 2_000), 120 * MILLI, "kept by reads");
+    // Spent and given back within the period: the raised ceiling holds the refund.
+    let mut b = Some(after);
+    assert!(acquire(
+        &mut b,
+        &limits,
+        &tokens("month", 120),
+        JAN_31 + 3_000
+    ));
+    let stored = b.clone().unwrap();
+    let (write, refunded) = plan_settle(&stored, &tokens("month", -120), JAN_31 + 4_000)
+        .unwrap()
+        .unwrap();
+    let Write::Change(c) = write else {
+        panic!("a change")
+    };
+    let mut applied = stored.clone();
+    applied.apply(&c).unwrap();
+    assert_eq!(applied, refunded);
+    assert_eq!(month(&applied, JAN_31 + 5_000), 120 * MILLI);
+    // The edge takes the top-up back with the period.
+    assert_eq!(month(&applied, FEB_1), 100 * MILLI);
+    assert!(!acquire(
+        &mut Some(applied),
+        &limits,
+        &tokens("month", 101),
+        FEB_1
+    ));
+    // A reset starts a new period: the top-up goes too.
+    let (reset, _) = operated(&seen, &top_up, JAN_31);
+    let (reset, _) = operated(&reset, &Operation::Reset(None), JAN_31 + 10);
+    assert_eq!(month(&reset, JAN_31 + 20), 100 * MILLI);
+}

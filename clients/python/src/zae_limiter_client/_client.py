@@ -654,9 +654,10 @@ class _Api:
         amounts: Mapping[str, int],
         idempotency_key: str | None = None,
     ) -> Any:
-        """Gives each named limit its whole tokens (each 1..10**15), at most its room below
-        capacity (a refund, not a purchase); the result says what each gained. Idempotent by
-        key as ``reset_bucket``."""
+        """Gives each named limit its whole tokens (each 1..10**15): a calendar quota exactly
+        that for its current period (a purchase), any other limit at most its room below
+        capacity (a refund); the result says what each gained. Idempotent by key as
+        ``reset_bucket``."""
         # ``amounts`` is the library's name for the argument; the module's checker is aliased.
         wire = _checked_amounts("amounts", amounts, allow_negative=False)
         return self._operate("TopUp", entity_id, resource, idempotency_key, amounts=wire)
