@@ -9,7 +9,7 @@
 use tokio::time::Instant;
 
 use crate::domain::ids::{EntityId, Namespace, ResourceId};
-use crate::domain::limit::Limit;
+use crate::domain::limit::{Limit, LimitName};
 use crate::domain::records::{
     Actor, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
 };
@@ -330,6 +330,38 @@ impl Admin {
             Ok(store
                 .list_entities_with_limits(ns, resource, page_size, after.as_ref())
                 .await?)
+        })
+        .await
+    }
+
+    /// One limit's capacity and what is available of it now, per entity with a bucket on
+    /// `resource` that has the limit (`parents_only`: only entities that have children), in id
+    /// order, milli-tokens.
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn resource_capacity(
+        &self,
+        ns: &Namespace,
+        resource: &ResourceId,
+        limit: &LimitName,
+        parents_only: bool,
+        deadline: Instant,
+    ) -> Result<Vec<(EntityId, i64, i64)>, LimiterError> {
+        let now = self.limiter.now_ms();
+        within(deadline, async {
+            let buckets = self.store().resource_buckets(ns, resource).await?;
+            let mut found = Vec::with_capacity(buckets.len());
+            for (entity, bucket) in buckets {
+                let Some(state) = bucket.at(now).limit(limit).cloned() else {
+                    continue;
+                };
+                if parents_only && self.store().list_children(ns, &entity).await?.is_empty() {
+                    continue;
+                }
+                found.push((entity, state.limit.capacity(), state.balance));
+            }
+            Ok(found)
         })
         .await
     }

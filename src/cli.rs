@@ -105,6 +105,20 @@ async fn client_command(command: Command) -> Result<ExitCode, CliError> {
         Command::Gate { op, daemon } => admin::print(daemon, op.into()).await?,
         Command::Cascade { op, daemon } => admin::print(daemon, op.into()).await?,
         Command::Bucket { op, daemon } => admin::print(daemon, op.into()).await?,
+        Command::Capacity {
+            resource,
+            limit,
+            parents_only,
+            daemon,
+        } => {
+            let request = proto::ResourceCapacityRequest {
+                resource,
+                limit_name: limit,
+                parents_only,
+                ..Default::default()
+            };
+            admin::print(daemon, admin::AdminOp::Capacity(request)).await?
+        }
         Command::Usage {
             entity,
             resource,

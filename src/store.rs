@@ -139,6 +139,15 @@ pub trait Store: Send + Sync + 'static {
         once: Option<&Once>,
     ) -> Result<Option<String>, StoreError>;
 
+    /// Every stored bucket on `resource`, with its entity, in entity order. DynamoDB has no index
+    /// of buckets (a bucket write is billed once), so it scans the table: for reports, not for a
+    /// request's path.
+    async fn resource_buckets(
+        &self,
+        ns: &Namespace,
+        resource: &ResourceId,
+    ) -> Result<Vec<(EntityId, Bucket)>, StoreError>;
+
     /// # Errors
     /// [`StoreError::AlreadyExists`] when an entity with this id exists.
     async fn create_entity(

@@ -1745,6 +1745,42 @@ async fn limits_are_listed_by_resource(store: Arc<dyn Store>, ns: Namespace) {
     );
 }
 
+/// Every bucket of a resource, with its entity, in entity order; none of another resource or
+/// namespace.
+async fn a_resource_s_buckets_are_read_together(store: Arc<dyn Store>, ns: Namespace) {
+    let limits = vec![Limit::per_minute("rpm", 100).unwrap()];
+    let take = tokens(&[("rpm", 10)]);
+    for (entity, resource) in [
+        ("k2", "gpt-4"),
+        ("k1", "gpt-4"),
+        ("k3", "embed"),
+        ("k3", "gpt-4"),
+    ] {
+        let k = key(&ns, entity, resource);
+        let out = consume(&*store, &k, &limits, &take, T0, Seen::Unread).await;
+        assert!(admitted(&out.unwrap()));
+    }
+    let elsewhere = key(&common::unique_namespace(), "k0", "gpt-4");
+    let out = consume(&*store, &elsewhere, &limits, &take, T0, Seen::Unread).await;
+    assert!(admitted(&out.unwrap()));
+    let found = store
+        .resource_buckets(&ns, &ResourceId::new("gpt-4").unwrap())
+        .await
+        .unwrap();
+    let ids: Vec<&str> = found.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(ids, ["k1", "k2", "k3"]);
+    assert!(
+        found
+            .iter()
+            .all(|(_, b)| stored_balance(b, "rpm") == 90 * MILLI)
+    );
+    let none = store
+        .resource_buckets(&ns, &ResourceId::new("nothing").unwrap())
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}
+
 macro_rules! conformance {
     ($store:ident, $make:expr) => {
         mod $store {
@@ -1773,6 +1809,7 @@ macro_rules! conformance {
                 deleting_a_namespace_removes_everything_in_it_only,
                 a_bucket_operation_is_conditional_audited_and_done_once_per_key,
                 limits_are_listed_by_resource,
+                a_resource_s_buckets_are_read_together,
             );
         }
     };

@@ -63,6 +63,7 @@ pub enum AdminOp {
     GetGate(proto::LimitScope),
     ResetBucket(proto::BucketRequest),
     EntitiesWithLimits(proto::ListEntitiesWithLimitsRequest),
+    Capacity(proto::ResourceCapacityRequest),
     ResourcesWithDefaults,
     TopUp(proto::BucketRequest),
     ClearGate(proto::LimitScope),
@@ -413,6 +414,44 @@ pub async fn run(
                 text += &format!("\nmore: --page {}", answer.next_page);
             }
             let value = json!({ "entity_ids": answer.entity_ids, "next_page": answer.next_page });
+            (value, text)
+        }
+        AdminOp::Capacity(r) => {
+            let request = proto::ResourceCapacityRequest { namespace: ns, ..r };
+            let answer = admin.get_resource_capacity(request).await?.into_inner();
+            let rows: Vec<Vec<String>> = answer
+                .entities
+                .iter()
+                .map(|e| {
+                    vec![
+                        e.entity_id.clone(),
+                        crate::domain::limit::tokens(e.capacity_milli),
+                        crate::domain::limit::tokens(e.available_milli),
+                    ]
+                })
+                .collect();
+            let mut text = table(&["entity", "capacity", "available"], &rows);
+            text += &format!(
+                "\ntotal: capacity {}, available {}",
+                crate::domain::limit::tokens(answer.total_capacity_milli),
+                crate::domain::limit::tokens(answer.total_available_milli)
+            );
+            let entities: Vec<serde_json::Value> = answer
+                .entities
+                .iter()
+                .map(|e| {
+                    json!({
+                        "entity_id": e.entity_id,
+                        "capacity": token_json(e.capacity_milli),
+                        "available": token_json(e.available_milli),
+                    })
+                })
+                .collect();
+            let value = json!({
+                "total_capacity": token_json(answer.total_capacity_milli),
+                "total_available": token_json(answer.total_available_milli),
+                "entities": entities,
+            });
             (value, text)
         }
         AdminOp::ResourcesWithDefaults => {

@@ -62,6 +62,19 @@ pub enum Command {
         #[command(flatten)]
         daemon: DaemonArgs,
     },
+    /// One limit's capacity and what is available of it now, over the entities with a bucket on
+    /// a resource (on DynamoDB a scan of the table: for reports).
+    Capacity {
+        #[arg(long)]
+        resource: String,
+        #[arg(long)]
+        limit: String,
+        /// Only entities that are some entity's parent.
+        #[arg(long)]
+        parents_only: bool,
+        #[command(flatten)]
+        daemon: DaemonArgs,
+    },
     /// Reset or top up one entity's bucket on a resource (audited, exact while other daemons keep
     /// deciding on it).
     Bucket {

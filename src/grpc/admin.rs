@@ -678,6 +678,38 @@ impl proto::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn get_resource_capacity(
+        &self,
+        req: Request<proto::ResourceCapacityRequest>,
+    ) -> Result<Response<proto::ResourceCapacityResponse>, Status> {
+        let (ns, deadline) = self
+            .namespace(&req, &req.get_ref().namespace, Call::Read)
+            .await?;
+        let r = req.into_inner();
+        let resource = ResourceId::new(r.resource).map_err(|e| invalid("resource", e))?;
+        let limit = LimitName::new(r.limit_name).map_err(|e| invalid("limit_name", e))?;
+        let found = self
+            .admin
+            .resource_capacity(&ns, &resource, &limit, r.parents_only, deadline)
+            .await
+            .map_err(status)?;
+        let total = |f: fn(&(EntityId, i64, i64)) -> i64| {
+            found.iter().map(f).fold(0i64, i64::saturating_add)
+        };
+        Ok(Response::new(proto::ResourceCapacityResponse {
+            total_capacity_milli: total(|e| e.1),
+            total_available_milli: total(|e| e.2),
+            entities: found
+                .iter()
+                .map(|(e, capacity, available)| proto::EntityCapacity {
+                    entity_id: e.to_string(),
+                    capacity_milli: *capacity,
+                    available_milli: *available,
+                })
+                .collect(),
+        }))
+    }
+
     async fn list_resources_with_defaults(
         &self,
         req: Request<proto::NamespaceRequest>,

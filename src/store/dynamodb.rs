@@ -398,6 +398,46 @@ impl Store for DynamoStore {
         records::operate_bucket(self, key, write, entry, once).await
     }
 
+    async fn resource_buckets(
+        &self,
+        ns: &Namespace,
+        resource: &ResourceId,
+    ) -> Result<Vec<(EntityId, Bucket)>, StoreError> {
+        let prefix = format!("{ns}#E#");
+        let mut found = Vec::new();
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .scan()
+                .table_name(&self.table)
+                .filter_expression("begins_with(#pk, :prefix) AND #sk = :sk")
+                .expression_attribute_names("#pk", schema::PK)
+                .expression_attribute_names("#sk", schema::SK)
+                .expression_attribute_values(":prefix", keys::s(prefix.clone()))
+                .expression_attribute_values(":sk", keys::s(keys::bucket_sk(resource)))
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| classify(e, &self.table))?;
+            for item in out.items() {
+                let pk = codec::string(item, schema::PK)?;
+                let entity = pk
+                    .strip_prefix(&prefix)
+                    .and_then(|e| EntityId::new(e).ok())
+                    .ok_or_else(|| StoreError::Corrupt(format!("bucket key {pk:?}")))?;
+                found.push((entity, self.decode_bucket(item)?));
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                break;
+            }
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(found)
+    }
+
     async fn list_entities_with_limits(
         &self,
         ns: &Namespace,

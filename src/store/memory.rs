@@ -175,6 +175,22 @@ impl Store for MemoryStore {
         Ok(None)
     }
 
+    async fn resource_buckets(
+        &self,
+        ns: &Namespace,
+        resource: &ResourceId,
+    ) -> Result<Vec<(EntityId, Bucket)>, StoreError> {
+        let mut found: Vec<(EntityId, Bucket)> = self
+            .lock()
+            .buckets
+            .iter()
+            .filter(|(k, _)| k.namespace == *ns && k.resource == *resource)
+            .map(|(k, b)| (k.entity.clone(), b.clone()))
+            .collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(found)
+    }
+
     async fn list_entities_with_limits(
         &self,
         ns: &Namespace,

@@ -190,6 +190,15 @@ impl Store for Metered {
             .await
     }
 
+    async fn resource_buckets(
+        &self,
+        ns: &Namespace,
+        resource: &ResourceId,
+    ) -> Result<Vec<(EntityId, Bucket)>, StoreError> {
+        self.call("load", 1, 0, self.inner.resource_buckets(ns, resource))
+            .await
+    }
+
     async fn list_entities_with_limits(
         &self,
         ns: &Namespace,

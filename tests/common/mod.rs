@@ -250,6 +250,13 @@ mod counting {
             self.rival_first().await;
             self.inner.commit(writes).await
         }
+        async fn resource_buckets(
+            &self,
+            ns: &Namespace,
+            resource: &ResourceId,
+        ) -> Result<Vec<(EntityId, Bucket)>, StoreError> {
+            self.inner.resource_buckets(ns, resource).await
+        }
         async fn list_entities_with_limits(
             &self,
             ns: &Namespace,

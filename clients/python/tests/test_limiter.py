@@ -845,3 +845,28 @@ def test_a_calendar_quota_topped_up_gains_exactly_that_for_its_period(daemon, en
 
     bought, left = run(scenario())
     assert bought.amounts == {"month": 250} and left == {"month": 250}
+
+
+def test_a_resource_s_capacity_sums_its_entities(daemon, entity):
+    model = f"model-{entity}"
+    org = f"org-{entity}"
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            await zl.create_entity(org)
+            await zl.create_entity(f"{entity}-a", parent_id=org)
+            await zl.set_resource_defaults(model, [Limit.per_day("tok", 100)])
+            for who, spent in ((org, 10), (f"{entity}-a", 30), (f"{entity}-b", 100)):
+                await zl.consume(who, model, {"tok": spent})
+            everyone = await zl.get_resource_capacity(model, "tok")
+            parents = await zl.get_resource_capacity(model, "tok", parents_only=True)
+            none = await zl.get_resource_capacity(model, "rpm")
+            return everyone, parents, none
+
+    everyone, parents, none = run(scenario())
+    assert [e.entity_id for e in everyone.entities] == sorted([org, f"{entity}-a", f"{entity}-b"])
+    assert everyone.total_capacity == 300
+    assert 160 <= everyone.total_available < 161, everyone
+    assert 46 < everyone.utilization_pct <= 47
+    assert [e.entity_id for e in parents.entities] == [org] and parents.total_capacity == 100
+    assert none.entities == [] and none.total_capacity == 0

@@ -42,9 +42,11 @@ from ._models import (
     Availability,
     BucketOperationResult,
     Entity,
+    EntityCapacity,
     Limit,
     LimitStatus,
     OnUnavailable,
+    ResourceCapacity,
     UsageSnapshot,
 )
 
@@ -56,6 +58,7 @@ __all__ = [
     "Availability",
     "BucketOperationResult",
     "Entity",
+    "EntityCapacity",
     "EntityExistsError",
     "EntityNotFoundError",
     "FailedPrecondition",
@@ -70,6 +73,7 @@ __all__ = [
     "RateLimitExceeded",
     "RateLimiter",
     "RateLimiterUnavailable",
+    "ResourceCapacity",
     "ResourceDisabled",
     "SyncLease",
     "SyncRateLimiter",

@@ -48,6 +48,7 @@ from ._models import (
     Limit,
     LimitStatus,
     OnUnavailable,
+    ResourceCapacity,
     UsageSnapshot,
     _on_unavailable,
     _on_unavailable_from_pb,
@@ -507,6 +508,30 @@ class _Api:
             _admin_method("ListEntitiesWithLimits"),
             request,
             lambda r: (list(r.entity_ids), r.next_page or None),
+        )
+
+    def get_resource_capacity(
+        self, resource: str, limit_name: str, parents_only: bool = False
+    ) -> Any:
+        """``limit_name``'s capacity and what is available of it now, summed over the entities
+        with a bucket on ``resource`` (``parents_only``: those with children), with each
+        entity's. On DynamoDB the daemon scans the table: for reports, not for a request's
+        path."""
+        if not isinstance(parents_only, bool):
+            raise ValidationError(
+                f"parents_only: must be True or False, got {parents_only!r}", field="parents_only"
+            )
+        request = message(
+            pb.ResourceCapacityRequest,
+            namespace=self.namespace,
+            resource=resource,
+            limit_name=limit_name,
+            parents_only=parents_only,
+        )
+        return self._call(
+            _admin_method("GetResourceCapacity"),
+            request,
+            lambda r: ResourceCapacity._from_pb(resource, limit_name, r),
         )
 
     def list_resources_with_defaults(self) -> Any:

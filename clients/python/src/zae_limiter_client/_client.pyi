@@ -17,6 +17,7 @@ from ._models import (
     Limit,
     LimitStatus,
     OnUnavailable,
+    ResourceCapacity,
     UsageSnapshot,
 )
 
@@ -169,6 +170,9 @@ class RateLimiter:
     async def list_entities_with_custom_limits(
         self, resource: str, limit: int | None = None, cursor: str | None = None
     ) -> tuple[list[str], str | None]: ...
+    async def get_resource_capacity(
+        self, resource: str, limit_name: str, parents_only: bool = False
+    ) -> ResourceCapacity: ...
     async def list_resources_with_defaults(self) -> list[str]: ...
     async def reset_bucket(
         self,
@@ -305,6 +309,9 @@ class SyncRateLimiter:
     def list_entities_with_custom_limits(
         self, resource: str, limit: int | None = None, cursor: str | None = None
     ) -> tuple[list[str], str | None]: ...
+    def get_resource_capacity(
+        self, resource: str, limit_name: str, parents_only: bool = False
+    ) -> ResourceCapacity: ...
     def list_resources_with_defaults(self) -> list[str]: ...
     def reset_bucket(
         self,

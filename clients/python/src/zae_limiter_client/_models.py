@@ -492,6 +492,58 @@ class AuditPage:
         return len(self.events)
 
 
+def _tokens(milli: int) -> int | float:
+    return milli // 1000 if milli % 1000 == 0 else milli / 1000
+
+
+def _utilization(capacity: int | float, available: int | float) -> float:
+    return (capacity - available) / capacity * 100 if capacity > 0 else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EntityCapacity:
+    """One entity's capacity and what it has available now, in tokens (the library's fields)."""
+
+    entity_id: str
+    capacity: int | float
+    available: int | float
+    utilization_pct: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourceCapacity:
+    """One limit's capacity and availability summed over a resource's entities, in tokens."""
+
+    resource: str
+    limit_name: str
+    total_capacity: int | float
+    total_available: int | float
+    utilization_pct: float
+    entities: list[EntityCapacity]
+
+    @classmethod
+    def _from_pb(
+        cls, resource: str, limit_name: str, r: pb.ResourceCapacityResponse
+    ) -> ResourceCapacity:
+        entities = [
+            EntityCapacity(
+                entity_id=e.entity_id,
+                capacity=_tokens(e.capacity_milli),
+                available=_tokens(e.available_milli),
+                utilization_pct=_utilization(e.capacity_milli, e.available_milli),
+            )
+            for e in r.entities
+        ]
+        return cls(
+            resource=resource,
+            limit_name=limit_name,
+            total_capacity=_tokens(r.total_capacity_milli),
+            total_available=_tokens(r.total_available_milli),
+            utilization_pct=_utilization(r.total_capacity_milli, r.total_available_milli),
+            entities=entities,
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class BucketOperationResult:
     """What ``reset_bucket`` or ``top_up`` did (the library's fields, and ``replayed``)."""
