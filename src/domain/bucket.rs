@@ -134,6 +134,15 @@ impl LimitState {
 }
 
 impl LimitState {
+    /// When a quota's amount comes back, for a state refilled up to `since` (see
+    /// [`LimitStatus::resets_at_ms`]).
+    fn resets_at(&self, since: i64) -> Option<i64> {
+        if let Some(calendar) = self.limit.calendar() {
+            return calendar.next_edge(since);
+        }
+        (self.limit.session_ms().is_some() && self.carry != 0).then_some(self.carry)
+    }
+
     /// The most the balance may hold: the capacity, and of a calendar quota what was topped up
     /// this period (kept in its carry, which a quota's drip does not need).
     fn ceiling(&self) -> i64 {
@@ -186,6 +195,9 @@ pub struct LimitStatus {
     /// Milliseconds until the request would fit: `Some(0)` when it fits now, `None` when it never
     /// can (more than the capacity).
     pub retry_after_ms: Option<u64>,
+    /// Of a quota: when its amount comes back (a calendar's next edge, the open window's end),
+    /// ms since the epoch; `None` for a dripping limit or a session with no window open.
+    pub resets_at_ms: Option<i64>,
 }
 
 impl LimitStatus {
@@ -383,15 +395,18 @@ pub fn admit(
         return Admission::Rejected(rejection);
     }
     let mut statuses = Vec::with_capacity(after.limits.len());
+    let after_refilled_at = after.refilled_at;
     for l in &mut after.limits {
         let requested = amount_of(l.limit.name());
+        let available = l.balance;
+        l.consume(requested, now);
         statuses.push(LimitStatus {
             limit: l.limit.clone(),
-            available: l.balance,
+            available,
             requested,
             retry_after_ms: Some(0),
+            resets_at_ms: l.resets_at(after_refilled_at),
         });
-        l.consume(requested, now);
     }
     Admission::Admitted { statuses, after }
 }
@@ -906,6 +921,7 @@ impl Bucket {
                     available: l.balance,
                     requested,
                     retry_after_ms: l.wait_ms(l.balance, l.carry, requested, self.refilled_at, now),
+                    resets_at_ms: l.resets_at(self.refilled_at),
                 }
             })
             .collect();

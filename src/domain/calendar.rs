@@ -14,7 +14,6 @@
 //! calendar each time), and per calendar the last span of instants whose next edge is known (every
 //! bucket on that calendar asks about an instant in the current period).
 
-use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -22,6 +21,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use chrono::{DateTime, Duration, TimeZone};
 use chrono_tz::Tz;
 use croner::Cron;
+use dashmap::DashMap;
 
 /// How far ahead an edge is looked for: a little over ten years (every practical quota period,
 /// and 29 February, has one within it).
@@ -53,8 +53,7 @@ struct Span {
 type Memo = Option<Span>;
 
 /// The calendars parsed so far, by pattern and zone (cleared when it reaches [`MAX_KNOWN`]).
-static KNOWN: LazyLock<Mutex<HashMap<(String, String), Calendar>>> =
-    LazyLock::new(Default::default);
+static KNOWN: LazyLock<DashMap<(String, String), Calendar>> = LazyLock::new(DashMap::new);
 const MAX_KNOWN: usize = 1_024;
 
 /// A cron pattern in a time zone.
@@ -77,17 +76,14 @@ impl Calendar {
         // A limit given with each call parses its calendar each time: the parsed ones are kept
         // (and with them what each has computed).
         let key = (pattern, tz.to_owned());
-        let known = KNOWN.lock().ok().and_then(|k| k.get(&key).cloned());
-        if let Some(calendar) = known {
-            return Ok(calendar);
+        if let Some(calendar) = KNOWN.get(&key) {
+            return Ok(calendar.clone());
         }
         let calendar = Self::parse(&key.0, tz)?;
-        if let Ok(mut k) = KNOWN.lock() {
-            if k.len() >= MAX_KNOWN {
-                k.clear();
-            }
-            k.insert(key, calendar.clone());
+        if KNOWN.len() >= MAX_KNOWN {
+            KNOWN.clear();
         }
+        KNOWN.insert(key, calendar.clone());
         Ok(calendar)
     }
 

@@ -225,6 +225,7 @@ pub(super) fn to_proto_status(s: &LimitStatus) -> proto::LimitStatus {
         soft: s.limit.is_soft(),
         overdrawn: s.overdrawn(),
         resource: String::new(),
+        resets_at_ms: s.resets_at_ms,
     }
 }
 

@@ -829,6 +829,10 @@ def test_a_session_quota_opens_at_first_use_and_refuses_until_its_end(daemon, en
     refused, stored = run(scenario())
     assert 5 * 3600 - 30 < refused.retry_after_seconds <= 5 * 3600
     assert stored[0].is_quota and stored[0].reset_after == window
+    (status,) = refused.statuses
+    ends_in = status.resets_at_ms / 1000 - time.time()
+    assert 5 * 3600 - 30 < ends_in <= 5 * 3600 + 1, "the window's end"
+    assert status.as_dict()["kind"] == "quota" and status.as_dict()["resets_at_ms"] == status.resets_at_ms
 
 
 def test_a_calendar_quota_topped_up_gains_exactly_that_for_its_period(daemon, entity):

@@ -987,3 +987,23 @@ fn a_calendar_quota_topped_up_gains_exactly_that_for_the_period() {
     let (reset, _) = operated(&reset, &Operation::Reset(None), JAN_31 + 10);
     assert_eq!(month(&reset, JAN_31 + 20), 100 * MILLI);
 }
+
+#[test]
+fn a_quota_s_status_says_when_its_amount_comes_back() {
+    let limits = vec![monthly(10)];
+    let r = rejection(None, &limits, &tokens("month", 11), JAN_31);
+    assert_eq!(r.statuses[0].resets_at_ms, Some(FEB_1));
+    let limits = vec![session(10, 60)];
+    let Admission::Admitted { statuses, .. } = admit(None, &limits, &tokens("session", 1), T0)
+    else {
+        panic!("admitted");
+    };
+    assert_eq!(
+        statuses[0].resets_at_ms,
+        Some(T0 + 60_000),
+        "the window it opened"
+    );
+    let drip = vec![Limit::per_second("rps", 1).unwrap()];
+    let r = rejection(None, &drip, &tokens("rps", 2), T0);
+    assert_eq!(r.statuses[0].resets_at_ms, None);
+}

@@ -318,6 +318,9 @@ class LimitStatus:
     #: A soft limit the request took into debt (or deeper). The Python zae-limiter's status
     #: says ``available < 0``, before the request; this one counts the request too.
     overdrawn: bool = False
+    #: Of a quota: when its amount comes back (a calendar's next edge, a session window's end),
+    #: ms since the Unix epoch; ``None`` for a dripping limit or a session with no window open.
+    resets_at_ms: int | None = None
 
     @classmethod
     def _from_pb(
@@ -342,6 +345,7 @@ class LimitStatus:
             or (Limit._from_pb(status.limit) if status.HasField("limit") else None),
             soft=status.soft,
             overdrawn=status.overdrawn,
+            resets_at_ms=status.resets_at_ms if status.HasField("resets_at_ms") else None,
         )
 
     @property
@@ -371,7 +375,10 @@ class LimitStatus:
             "exceeded": self.exceeded,
             "retry_after_seconds": self.retry_after_seconds,
             "soft": self.soft,
+            "kind": "quota" if self.limit is not None and self.limit.is_quota else "rate",
         }
+        if self.resets_at_ms is not None:
+            body["resets_at_ms"] = self.resets_at_ms
         if self.limit is not None:
             body.update(
                 capacity=self.limit.capacity,
