@@ -223,6 +223,8 @@ impl Client {
     /// [`ClientError::OverLimit`] when refused; [`ClientError::Status`] for bad input
     /// (`INVALID_ARGUMENT`) or an unavailable store (`UNAVAILABLE`).
     pub async fn acquire(&self, acquire: Acquire) -> Result<Lease, ClientError> {
+        let resource = acquire.request.resource.clone();
+        let joint = !acquire.request.also.is_empty();
         let answer = self
             .limiter
             .clone()
@@ -232,12 +234,17 @@ impl Client {
         if let Some(e) = over_limit(&answer) {
             return Err(e);
         }
-        let lease = |id: String, statuses| Lease {
+        // With `also`, each resource says for itself whether it was bypassed.
+        let bypassed = |r: &str| match joint {
+            true => answer.bypassed_resources.iter().any(|b| b == r),
+            false => answer.bypassed,
+        };
+        let lease = |id: String, statuses, resource: &str| Lease {
             client: self.limiter.clone(),
             renewer: renew_every(&self.limiter, &id, answer.lease_ttl_ms),
             id,
             statuses,
-            bypassed: answer.bypassed,
+            bypassed: bypassed(resource),
             open: true,
             others: Vec::new(),
         };
@@ -248,9 +255,10 @@ impl Client {
                 .into_iter()
                 .partition(|s| s.resource == other.resource);
             statuses = rest;
-            others.push((other.resource, lease(other.lease_id, own)));
+            let held = lease(other.lease_id, own, &other.resource);
+            others.push((other.resource, held));
         }
-        let mut first = lease(answer.lease_id, statuses);
+        let mut first = lease(answer.lease_id.clone(), statuses, &resource);
         first.others = others;
         Ok(first)
     }
@@ -460,8 +468,9 @@ impl Lease {
         &self.statuses
     }
 
-    /// Whether it was admitted under a bypass gate: the entity's balances were not debited (its
-    /// consumption is still counted), and [`Lease::statuses`] are its cascade parent's.
+    /// Whether it was admitted under a bypass gate on its resource (see [`Lease::resource`] for
+    /// the others of an acquire with [`Acquire::also`]): the entity's balances were not debited
+    /// (its consumption is still counted), and [`Lease::statuses`] are its cascade parent's.
     pub fn bypassed(&self) -> bool {
         self.bypassed
     }

@@ -1450,7 +1450,7 @@ async fn a_resource_disabled_from_the_cli_is_refused_with_its_own_error() {
 /// A multi-resource acquire through the socket: the CLI's `--also`, all or none (a refusal of
 /// the budget charges the model nothing), the refused resource named in each violation; the Rust
 /// client's lease reaches the further resource, which is adjusted on its own and committed with
-/// the rest.
+/// the rest, and says for itself whether it was bypassed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_resources_are_acquired_all_or_none_from_the_cli_and_the_client() {
     let daemon = Daemon::start(MEMORY, &[]);
@@ -1516,6 +1516,19 @@ async fn several_resources_are_acquired_all_or_none_from_the_cli_and_the_client(
         1,
         "adjusted back on its own lease"
     );
+    // Each resource says for itself whether it was bypassed.
+    cli_ok(
+        &daemon,
+        &["gate", "bypass", "--entity", "e", "--resource", "budget"],
+    );
+    let both = Acquire::new("e", "model")
+        .consume("tok", 1)
+        .also("budget", [("tok", 5)]);
+    let mut lease = client.acquire(both).await.unwrap();
+    assert!(!lease.bypassed(), "the model was not bypassed");
+    assert!(lease.resource("budget").unwrap().bypassed());
+    lease.commit().await.unwrap();
+    assert_eq!(available("budget").await, 1, "never debited");
 }
 
 /// Cascade per resource from the CLI: on for a model (every entity), so an acquire of a child

@@ -57,6 +57,9 @@ impl RateLimiterService {
                     bypassed,
                 } => {
                     answer.bypassed |= bypassed;
+                    if *bypassed {
+                        answer.bypassed_resources.push(resource.clone());
+                    }
                     if let Some(lease) = lease {
                         if i == 0 {
                             answer.lease_id = lease.to_string();

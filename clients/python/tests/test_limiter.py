@@ -874,3 +874,20 @@ def test_a_resource_s_capacity_sums_its_entities(daemon, entity):
     assert 46 < everyone.utilization_pct <= 47
     assert [e.entity_id for e in parents.entities] == [org] and parents.total_capacity == 100
     assert none.entities == [] and none.total_capacity == 0
+
+
+def test_each_resource_of_a_joint_acquire_says_whether_it_was_bypassed(daemon, entity):
+    model, budget = f"model-{entity}", f"budget-{entity}"
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            await zl.set_limits(entity, [Limit.per_day("tpm", 10)], resource=model)
+            await zl.set_limits(entity, [Limit.per_day("weekly", 10)], resource=budget)
+            await zl.bypass_entity(entity, model)
+            async with zl.acquire(entity, model, {"tpm": 50}, also={budget: {"weekly": 4}}) as lease:
+                flags = (lease.bypassed, lease.resource(budget).bypassed)
+            return flags, await zl.available(entity, model), await zl.available(entity, budget)
+
+    flags, model_left, budget_left = run(scenario())
+    assert flags == (True, False)
+    assert model_left == {"tpm": 10} and budget_left == {"weekly": 6}

@@ -912,8 +912,9 @@ class Lease:
         self._converted: list[LimitStatus] | None = None
         self.consumed = consumed
         self._closed = False
-        #: Admitted under a bypass gate (any of its resources): the entity's balances were not
-        #: debited, its consumption is still counted.
+        #: Admitted under a bypass gate on this lease's resource (``lease.resource(name)`` for
+        #: the others of an ``acquire(also=...)``): the entity's balances were not debited, its
+        #: consumption is still counted.
         self.bypassed = False
         # The leases of the further resources of an acquire with `also`, by resource.
         self._others: dict[str, Lease] = {}
@@ -1065,7 +1066,10 @@ class _Acquire:
                 response.lease_ttl_ms,
             )
             self._limiter._renew_while_held(lease_id, response.lease_ttl_ms)
-            held.bypassed = response.bypassed
+            # With `also`, each resource says for itself.
+            held.bypassed = (
+                resource in response.bypassed_resources if self._also else response.bypassed
+            )
             return held
 
         self._lease = lease(response.lease_id, self._resource, self._consume)
