@@ -180,6 +180,18 @@ impl Fixture {
         (l.balance, l.consumed)
     }
 
+    /// Stores `limits` as `entity`'s own (the entity level), straight in the store.
+    async fn store_entity_limits(&self, entity: &str, limits: &[Limit]) {
+        use zae_limiter::domain::records::LimitScope;
+        let by = Actor {
+            principal: "test".into(),
+            at_ms: T0,
+        };
+        let scope = LimitScope::Entity(EntityId::new(entity).unwrap());
+        let stored = self.store.inner.set_limits(&self.ns, &scope, limits, &by);
+        stored.await.unwrap();
+    }
+
     /// Creates entities (id, parent, cascade flag), each with `tok` per hour stored when given.
     async fn create_entities(&self, entities: &[(&str, Option<&str>, bool, Option<u64>)]) {
         use zae_limiter::domain::records::{Entity, LimitScope};
@@ -207,6 +219,31 @@ impl Fixture {
             }
         }
     }
+}
+
+/// `each` acquires of `take` on `entity`'s stored limits from every one of `daemons`, all at
+/// once; their answers.
+async fn race(
+    daemons: &[&Fixture],
+    entity: &str,
+    take: (&str, i64),
+    each: usize,
+) -> Vec<Result<Decision, LimiterError>> {
+    let mut calls = Vec::new();
+    for d in daemons {
+        for _ in 0..each {
+            let limiter = d.limiter.clone();
+            let request = d.request_stored(entity, &[take]);
+            calls.push(tokio::spawn(async move {
+                limiter.acquire(request, within(5_000)).await
+            }));
+        }
+    }
+    let mut answers = Vec::with_capacity(calls.len());
+    for c in calls {
+        answers.push(c.await.unwrap());
+    }
+    answers
 }
 
 fn admitted(d: &Result<Decision, LimiterError>) -> bool {
@@ -1896,38 +1933,18 @@ async fn a_quota_admits_its_amount_per_period_across_two_daemons(
     ns: Namespace,
 ) {
     use zae_limiter::domain::calendar::Calendar;
-    use zae_limiter::domain::records::LimitScope;
     let f = fixture(inner.clone(), ns.clone(), |_| {});
     let g = fixture(inner, ns, |_| {});
     // T0 is 2023-11-14T22:13:20Z; the next midnight UTC is the edge.
     let edge = 1_700_006_400_000;
     let daily = Calendar::new("0 0 * * *", "UTC").unwrap();
-    let by = Actor {
-        principal: "test".into(),
-        at_ms: T0,
-    };
-    let scope = LimitScope::Entity(EntityId::new("team").unwrap());
     let limits = [Limit::quota("day", 50, daily).unwrap()];
-    f.store
-        .inner
-        .set_limits(&f.ns, &scope, &limits, &by)
-        .await
-        .unwrap();
+    f.store_entity_limits("team", &limits).await;
     let round = || async {
-        let mut calls = Vec::new();
-        for d in [&f, &g] {
-            for _ in 0..40 {
-                let limiter = d.limiter.clone();
-                let request = d.request_stored("team", &[("day", 1)]);
-                calls.push(tokio::spawn(async move {
-                    limiter.acquire(request, within(5_000)).await
-                }));
-            }
-        }
         let mut admitted = 0;
         let mut waits = Vec::new();
-        for c in calls {
-            match c.await.unwrap() {
+        for answer in race(&[&f, &g], "team", ("day", 1), 40).await {
+            match answer {
                 Ok(Decision::Admitted { .. }) => admitted += 1,
                 Ok(Decision::Rejected { rejection, .. }) => waits.push(rejection.retry_after_ms()),
                 Err(e) => panic!("{e}"),
@@ -1970,37 +1987,14 @@ async fn a_quota_admits_its_amount_per_period_across_two_daemons(
 /// A session quota opened by two daemons at once: one window, one allowance between them; its
 /// end gives it back, and the next use opens the next window.
 async fn two_daemons_opening_a_session_share_one_allowance(inner: Arc<dyn Store>, ns: Namespace) {
-    use zae_limiter::domain::records::LimitScope;
     let f = fixture(inner.clone(), ns.clone(), |_| {});
     let g = fixture(inner, ns, |_| {});
-    let by = Actor {
-        principal: "test".into(),
-        at_ms: T0,
-    };
-    let scope = LimitScope::Entity(EntityId::new("user").unwrap());
     let window = Duration::from_secs(300);
     let limits = [Limit::session_quota("s", 30, window).unwrap()];
-    f.store
-        .inner
-        .set_limits(&f.ns, &scope, &limits, &by)
-        .await
-        .unwrap();
+    f.store_entity_limits("user", &limits).await;
     let round = || async {
-        let mut calls = Vec::new();
-        for d in [&f, &g] {
-            for _ in 0..25 {
-                let limiter = d.limiter.clone();
-                let request = d.request_stored("user", &[("s", 1)]);
-                calls.push(tokio::spawn(async move {
-                    limiter.acquire(request, within(5_000)).await
-                }));
-            }
-        }
-        let mut n = 0;
-        for c in calls {
-            n += i64::from(admitted(&c.await.unwrap()));
-        }
-        n
+        let answers = race(&[&f, &g], "user", ("s", 1), 25).await;
+        answers.iter().filter(|a| admitted(a)).count()
     };
     assert_eq!(round().await, 30, "one allowance for both daemons");
     let (_, consumed) = f.stored("user", "s").await;

@@ -671,18 +671,26 @@ pub fn plan_settle(
             carry: Some(carry),
         });
     }
-    let write = Write::Change(Change {
-        seen_config,
+    Ok(Some((
+        refill_change(seen, target.refilled_at, changes),
+        expected,
+    )))
+}
+
+/// A change that refills `seen` to `refilled_at` under its own limit set, guarded on its refill
+/// time, with `changes` to its limits.
+fn refill_change(seen: &Bucket, refilled_at: i64, changes: Vec<LimitChange>) -> Write {
+    Write::Change(Change {
+        seen_config: encode(&seen.limit_set()),
         refill: Some(Refill {
             seen_refilled_at: seen.refilled_at,
-            refilled_at: target.refilled_at,
+            refilled_at,
             limits: seen.limit_set(),
             removed: Vec::new(),
         }),
         limits: changes,
         mark: None,
-    });
-    Ok(Some((write, expected)))
+    })
 }
 
 /// The most a calendar quota can be topped up within one period, milli-tokens: four times the
@@ -774,17 +782,7 @@ pub fn plan_operation(
     if gained.iter().all(|(_, g)| *g == 0) {
         return (None, gained);
     }
-    let write = Write::Change(Change {
-        seen_config: encode(&seen.limit_set()),
-        refill: Some(Refill {
-            seen_refilled_at: seen.refilled_at,
-            refilled_at: target.refilled_at,
-            limits: seen.limit_set(),
-            removed: Vec::new(),
-        }),
-        limits: changes,
-        mark: None,
-    });
+    let write = refill_change(seen, target.refilled_at, changes);
     (Some(write), gained)
 }
 

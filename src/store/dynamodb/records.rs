@@ -478,12 +478,9 @@ pub(super) async fn move_entity(
     Ok(moved)
 }
 
-pub(super) async fn list_children(
-    store: &DynamoStore,
-    ns: &Namespace,
-    parent: &EntityId,
-) -> Result<Vec<Entity>, StoreError> {
-    let items = store
+/// Every item under `pk` in the `GSI1` index.
+async fn index_items(store: &DynamoStore, pk: String) -> Result<Vec<Item>, StoreError> {
+    store
         .query_all(
             store
                 .client
@@ -492,9 +489,17 @@ pub(super) async fn list_children(
                 .index_name(GSI1)
                 .key_condition_expression("#pk = :pk")
                 .expression_attribute_names("#pk", GSI1PK)
-                .expression_attribute_values(":pk", s(children_pk(ns, parent))),
+                .expression_attribute_values(":pk", s(pk)),
         )
-        .await?;
+        .await
+}
+
+pub(super) async fn list_children(
+    store: &DynamoStore,
+    ns: &Namespace,
+    parent: &EntityId,
+) -> Result<Vec<Entity>, StoreError> {
+    let items = index_items(store, children_pk(ns, parent)).await?;
     let mut children = items
         .iter()
         .map(decode_entity)
@@ -551,18 +556,7 @@ pub(super) async fn list_resources_with_defaults(
     store: &DynamoStore,
     ns: &Namespace,
 ) -> Result<Vec<ResourceId>, StoreError> {
-    let items = store
-        .query_all(
-            store
-                .client
-                .query()
-                .table_name(&store.table)
-                .index_name(GSI1)
-                .key_condition_expression("#pk = :pk")
-                .expression_attribute_names("#pk", GSI1PK)
-                .expression_attribute_values(":pk", s(resources_with_defaults_pk(ns))),
-        )
-        .await?;
+    let items = index_items(store, resources_with_defaults_pk(ns)).await?;
     let mut resources = items
         .iter()
         .map(|item| {
