@@ -95,7 +95,7 @@ def test_the_quota_example_refuses_until_the_next_month_in_berlin(daemon, monkey
 
     monkeypatch.setenv("ZAE_LIMITER_SOCKET", daemon.socket)
     scope: dict = {}
-    exec(compile(readme_block("Limit.quota("), "README.md", "exec"), scope)  # noqa: S102
+    exec(compile(readme_block("monthly_plan("), "README.md", "exec"), scope)  # noqa: S102
     limiter, tenant = scope["limiter"], f"tenant-{daemon.namespace}-quota"
 
     async def scenario():
@@ -127,6 +127,48 @@ def test_the_quota_example_refuses_until_the_next_month_in_berlin(daemon, monkey
     wait = (month - now).total_seconds()
     assert second.startswith("retry in "), second
     assert abs(float(second.removeprefix("retry in ").removesuffix("s")) - wait) < 60, second
+
+
+def test_the_session_example_refuses_the_51st_request_until_the_window_ends(daemon, monkeypatch):
+    monkeypatch.setenv("ZAE_LIMITER_SOCKET", daemon.socket)
+    scope: dict = {}
+    exec(compile(readme_block("start_plan("), "README.md", "exec"), scope)  # noqa: S102
+    user = f"user-{daemon.namespace}-session"
+
+    async def scenario():
+        await scope["start_plan"](user)
+        answers = [await scope["ask"](user) for _ in range(51)]
+        await scope["limiter"].close()
+        return answers
+
+    answers = run(scenario())
+    assert answers[:50] == ["ok"] * 50
+    assert answers[50] == "session used up, back in 5.0 h"
+
+
+def test_the_fleet_report_example_sums_the_model_s_entities(daemon, monkeypatch):
+    from zae_limiter_client import Limit
+
+    monkeypatch.setenv("ZAE_LIMITER_SOCKET", daemon.socket)
+    scope: dict = {}
+    exec(compile(readme_block("fleet_report("), "README.md", "exec"), scope)  # noqa: S102
+    limiter, model = scope["limiter"], f"model-{daemon.namespace}-fleet"
+
+    async def scenario():
+        await limiter.set_resource_defaults(model, [Limit.per_day("tpm", 1_000)])
+        await limiter.set_limits("vip", [Limit.per_day("tpm", 3_000)], resource=model)
+        await limiter.consume("vip", model, {"tpm": 3_000})
+        await limiter.consume("regular", model, {"tpm": 1_000})
+        deadline, report = time.monotonic() + 20, None
+        while time.monotonic() < deadline:  # the DynamoDB index settles within a moment
+            report = await scope["fleet_report"](model)
+            if report[1]:
+                break
+            await asyncio.sleep(0.1)
+        await limiter.close()
+        return report
+
+    assert run(scenario()) == (100, ["vip"])
 
 
 def test_the_reset_example_gives_the_budget_back_once(daemon, monkeypatch):
