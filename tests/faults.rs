@@ -475,3 +475,50 @@ async fn a_multi_resource_acquire_is_all_or_none_under_faults() {
         );
     }
 }
+
+/// A top-up whose transaction lands but whose answers are lost (the SDK retries it, then the
+/// caller does, under its idempotency key, until it is answered): given exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_retried_through_lost_answers_is_given_once() {
+    let store = common::dynamodb().await;
+    let proxy = FaultProxy::start(&common::endpoint()).await;
+    let ns = common::unique_namespace();
+    let daemon = Daemon::start(&config(&ns, &proxy.endpoint(), "block"), &[]);
+    let client = daemon.client().await;
+    let limits = [Limit::per_day("tok", 1_000).unwrap()];
+    let acquire = zae_limiter::client::Acquire::new("e", "model")
+        .limits(&limits)
+        .consume("tok", 900);
+    client.consume(acquire).await.unwrap();
+    let request = proto::BucketRequest {
+        entity_id: "e".into(),
+        resource: "model".into(),
+        amounts: [("tok".to_owned(), 300)].into_iter().collect(),
+        idempotency_key: "order-1".into(),
+        ..Default::default()
+    };
+    let mut admin = client.admin();
+    proxy.set(Fault::LoseAnswersOf("TransactWriteItems"));
+    for _ in 0..3 {
+        let lost = admin.top_up(request.clone()).await;
+        assert!(lost.is_err(), "no answer reaches the daemon: {lost:?}");
+        assert_eq!(lost.unwrap_err().code(), Code::Unavailable);
+    }
+    proxy.set(Fault::Pass);
+    let answer = admin.top_up(request.clone()).await.unwrap().into_inner();
+    assert!(answer.replayed, "it landed under the faults: {answer:?}");
+    let key = BucketKey {
+        namespace: ns.clone(),
+        entity: EntityId::new("e").unwrap(),
+        resource: ResourceId::new("model").unwrap(),
+    };
+    let bucket = store.load_bucket(&key).await.unwrap().unwrap();
+    let balance = bucket
+        .limit(&LimitName::new("tok").unwrap())
+        .unwrap()
+        .balance;
+    let gained = answer.gained_milli["tok"];
+    assert!((299_000..=300_000).contains(&gained), "{answer:?}");
+    // 100 left, 300 given once (and a little refill): not 400 more, nor none.
+    assert!((400_000..402_000).contains(&balance), "balance {balance}");
+}

@@ -26,6 +26,9 @@ pub enum Fault {
     /// Answers every call of this DynamoDB operation (e.g. "BatchExecuteStatement") with
     /// `AccessDeniedException`, as an IAM policy without its action would; passes the others.
     Refuse(&'static str),
+    /// As `ResetAnswers` for the calls of this DynamoDB operation only (e.g.
+    /// "TransactWriteItems"): they land, their answers are lost; the others pass.
+    LoseAnswersOf(&'static str),
 }
 
 pub struct FaultProxy {
@@ -92,6 +95,8 @@ fn reset(stream: TcpStream) {
 async fn relay(mut client: TcpStream, mut server: TcpStream, fault: Arc<Mutex<Fault>>) {
     let mut requests = vec![0u8; 64 * 1024];
     let mut answers = vec![0u8; 64 * 1024];
+    // Whether the last request forwarded is one whose answer is to be lost.
+    let mut losing = false;
     loop {
         tokio::select! {
             read = client.read(&mut requests) => {
@@ -109,6 +114,9 @@ async fn relay(mut client: TcpStream, mut server: TcpStream, fault: Arc<Mutex<Fa
                         let _ = client.write_all(access_denied().as_bytes()).await;
                         return;
                     }
+                    Fault::LoseAnswersOf(operation) if calls(&requests[..n], operation) => {
+                        losing = true;
+                    }
                     _ => {}
                 }
                 if server.write_all(&requests[..n]).await.is_err() {
@@ -121,7 +129,11 @@ async fn relay(mut client: TcpStream, mut server: TcpStream, fault: Arc<Mutex<Fa
                     Ok(n) => n,
                 };
                 match FaultProxy::get(&fault) {
-                    Fault::Pass | Fault::Refuse(_) => {}
+                    Fault::LoseAnswersOf(_) if losing => {
+                        reset(client);
+                        return;
+                    }
+                    Fault::Pass | Fault::Refuse(_) | Fault::LoseAnswersOf(_) => {}
                     Fault::SlowAnswers(d) => tokio::time::sleep(d).await,
                     Fault::Blackhole => continue,
                     Fault::ResetAnswers | Fault::Down => {
