@@ -518,6 +518,19 @@ mod tests {
     }
 
     #[test]
+    fn a_quota_shows_its_amount_per_day_and_resets_at_its_edge_or_within_its_window() {
+        // 2026-01-31T00:00:00Z; the monthly edge is a day later.
+        let jan_31 = 1_769_817_600_000;
+        let monthly: Limit = "tok=500/cron(0 0 1 * *)".parse().unwrap();
+        assert_eq!(rate(&monthly), (500, Unit::Day));
+        assert_eq!(until_full(&monthly, 0, jan_31), 86_400_000);
+        assert_eq!(until_full(&monthly, 500_000, jan_31), 0, "full");
+        let session: Limit = "tok=50/session(5h)".parse().unwrap();
+        assert_eq!(rate(&session), (50, Unit::Day));
+        assert_eq!(until_full(&session, 0, jan_31), 5 * 3_600_000);
+    }
+
+    #[test]
     fn until_full_rounds_up_and_is_zero_when_full() {
         let limit: Limit = "rpm=60/1m".parse().unwrap();
         assert_eq!(until_full(&limit, 60_000, 0), 0);

@@ -2013,6 +2013,35 @@ async fn two_daemons_opening_a_session_share_one_allowance(inner: Arc<dyn Store>
     );
 }
 
+/// A top-up that landed is answered as such even when this daemon's cache of the bucket cannot
+/// be told in time (here: the look-ups that find the bucket's group outlast the deadline): a
+/// failure would tell a caller without a key to retry, and the retry would give it again.
+async fn a_landed_top_up_is_answered_though_the_cache_cannot_be_told(
+    inner: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    use zae_limiter::admin::Admin;
+    let f = fixture(inner, ns, |_| {});
+    let limits = [Limit::per_day("tok", 100).unwrap()];
+    // Another daemon's bucket: this one has looked nothing up for it.
+    f.consume_elsewhere("buyer", &limits, &[("tok", 40)]).await;
+    f.store.lookup_delay_ms.store(60_000, Ordering::SeqCst);
+    let by = Actor {
+        principal: "ops".into(),
+        at_ms: T0,
+    };
+    let tok = LimitName::new("tok").unwrap();
+    let admin = Admin::new(f.limiter.clone());
+    let key = key(&f.ns, "buyer");
+    let topped = admin.top_up(&key, vec![(tok.clone(), 25)], None, &by, within(3_000));
+    let topped = topped.await.expect("landed, so answered");
+    assert_eq!(
+        (topped.written, topped.gained_milli),
+        (1, vec![(tok, 25 * MILLI)])
+    );
+    assert_eq!(f.stored("buyer", "tok").await.0, 85 * MILLI);
+}
+
 macro_rules! both_stores {
     ($($test:ident),* $(,)?) => {
         mod memory {
@@ -2072,4 +2101,5 @@ both_stores!(
     a_reset_and_a_top_up_are_exact_and_once_while_another_daemon_decides,
     a_quota_admits_its_amount_per_period_across_two_daemons,
     two_daemons_opening_a_session_share_one_allowance,
+    a_landed_top_up_is_answered_though_the_cache_cannot_be_told,
 );

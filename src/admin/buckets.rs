@@ -151,23 +151,8 @@ impl Admin {
                     operated,
                 };
                 let text = serde_json::to_string(&outcome).expect("strings and numbers only");
-                let gained: serde_json::Map<String, serde_json::Value> = (outcome.operated)
-                    .gained_milli
-                    .iter()
-                    .map(|(n, g)| (n.to_string(), (*g).into()))
-                    .collect();
-                let record = serde_json::json!({
-                    "resource": key.resource.as_str(),
-                    "gained_milli": gained,
-                    "idempotency_key": once,
-                });
-                let entry = AuditEntry::new(
-                    key.entity.to_string(),
-                    action,
-                    by,
-                    None,
-                    Some(record.to_string()),
-                );
+                let record = audit_text(key, &outcome.operated, once);
+                let entry = AuditEntry::new(key.entity.to_string(), action, by, None, Some(record));
                 let once = once.map(|k| Once {
                     key: k.to_owned(),
                     outcome: text,
@@ -191,8 +176,14 @@ impl Admin {
             ))))
         })
         .await?;
-        if operated.written > 0 {
-            self.limiter.bucket_changed(key, deadline).await?;
+        // The change has landed: a cache this daemon could not reach (shutting down, out of
+        // time) refuses on the old balance for at most `max_staleness_ms`, as other daemons'
+        // do, and the caller must not hear of a failure (a retry without a key would apply it
+        // again).
+        if operated.written > 0
+            && let Err(e) = self.limiter.bucket_changed(key, deadline).await
+        {
+            tracing::warn!(error = %e, "a changed bucket's cached state could not be dropped");
         }
         Ok(operated)
     }
@@ -239,6 +230,21 @@ impl Admin {
             None => Ok(known),
         }
     }
+}
+
+/// The audit record's text: the resource, what each limit gained and the key.
+fn audit_text(key: &BucketKey, operated: &Operated, once: Option<&str>) -> String {
+    let gained: serde_json::Map<String, serde_json::Value> = operated
+        .gained_milli
+        .iter()
+        .map(|(n, g)| (n.to_string(), (*g).into()))
+        .collect();
+    serde_json::json!({
+        "resource": key.resource.as_str(),
+        "gained_milli": gained,
+        "idempotency_key": once,
+    })
+    .to_string()
 }
 
 /// The first call's answer for a key in use, if it was this same operation.

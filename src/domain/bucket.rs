@@ -162,6 +162,20 @@ impl LimitState {
         self.limit.session_ms().is_some() && amount > 0 && self.carry == 0
     }
 
+    /// As [`LimitState::opens`], of this state as it will stand at `now` (its window may end
+    /// by then), without refilling it.
+    fn opens_at(&self, amount: i64, now: i64) -> bool {
+        self.limit.session_ms().is_some()
+            && amount > 0
+            && (self.carry == 0 || self.window_over(now))
+    }
+
+    /// The same state, its balance no higher than its ceiling.
+    fn clamped(mut self) -> Self {
+        self.balance = self.balance.min(self.ceiling());
+        self
+    }
+
     /// Consumes `amount` at `now`: a session quota with no open window opens one.
     fn consume(&mut self, amount: i64, now: i64) {
         if self.opens(amount) {
@@ -595,10 +609,9 @@ pub fn plan_settle(
     // A charge to a session quota with no open window opens one (a guarded write, as in
     // `plan`).
     let opens = seen
-        .at(now)
         .limits
         .iter()
-        .any(|l| l.opens(amount_of(l.limit.name())));
+        .any(|l| l.opens_at(amount_of(l.limit.name()), now));
     // After a quota's edge, a plain write would be erased by the reset a later read applies.
     if !clamps && !opens && !seen.edge_due(now) {
         let mut expected = seen.clone();
@@ -833,9 +846,7 @@ impl Bucket {
     pub fn at(&self, now: i64) -> Self {
         if !self.refill_due(now) {
             let mut same = self.clone();
-            for l in &mut same.limits {
-                l.balance = l.balance.min(l.ceiling());
-            }
+            same.limits = same.limits.into_iter().map(LimitState::clamped).collect();
             return same;
         }
         self.refilled_to(now)
@@ -853,15 +864,12 @@ impl Bucket {
                 .iter()
                 .map(|l| {
                     let (balance, carry) = l.refilled(self.refilled_at, now);
-                    let state = LimitState {
+                    LimitState {
                         balance,
                         carry,
                         ..l.clone()
-                    };
-                    LimitState {
-                        balance: state.balance.min(state.ceiling()),
-                        ..state
                     }
+                    .clamped()
                 })
                 .collect(),
         }
@@ -886,16 +894,13 @@ impl Bucket {
                     } else {
                         0
                     };
-                    let state = LimitState {
+                    LimitState {
                         limit: limit.clone(),
                         balance: old.balance,
                         carry,
                         consumed: old.consumed,
-                    };
-                    LimitState {
-                        balance: state.balance.min(state.ceiling()),
-                        ..state
                     }
+                    .clamped()
                 }
             })
             .collect();

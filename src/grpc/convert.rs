@@ -5,8 +5,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::domain::calendar::Calendar;
-
 use tokio::time::Instant;
 use tonic::{Request, Status};
 
@@ -14,6 +12,7 @@ use super::status;
 use crate::access::{Access, Caller};
 use crate::domain::amounts::Amounts;
 use crate::domain::bucket::LimitStatus;
+use crate::domain::calendar::Calendar;
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName, MAX_TOKENS, MILLI, canonical};
 use crate::domain::records::{Entity, FailurePolicy};
