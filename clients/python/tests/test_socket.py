@@ -46,6 +46,47 @@ def test_a_stock_grpcio_client_with_default_options(daemon, entity):
     assert answers == [True, True, True, False]
 
 
+def test_a_stock_grpcio_client_spends_a_quota_and_tops_it_up(daemon, entity):
+    with grpc.insecure_channel(f"unix:{daemon.socket}") as channel:
+        stub = pb_grpc.RateLimiterStub(channel)
+        admin = pb_grpc.AdminStub(channel)
+        quota = pb.Limit(name="month", capacity=2, quota_cron="0 0 1 * *", quota_tz="UTC")
+        admin.SetLimits(
+            pb.SetLimitsRequest(
+                namespace=daemon.namespace,
+                scope=pb.LimitScope(entity_id=entity),
+                limits=[quota],
+            ),
+            timeout=10,
+        )
+
+        def acquire():
+            request = pb.AcquireRequest(
+                namespace=daemon.namespace,
+                entity_id=entity,
+                resource="gpt-4",
+                consume={"month": 1},
+                commit=True,
+            )
+            return stub.Acquire(request, timeout=10)
+
+        spent = [acquire().allowed for _ in range(3)]
+        topped = admin.TopUp(
+            pb.BucketRequest(
+                namespace=daemon.namespace,
+                entity_id=entity,
+                resource="gpt-4",
+                amounts={"month": 5},
+                idempotency_key="order-1",
+            ),
+            timeout=10,
+        )
+        after = [acquire().allowed for _ in range(6)]
+    assert spent == [True, True, False]
+    assert dict(topped.gained_milli) == {"month": 5_000}
+    assert after == [True] * 5 + [False], "exactly the 5 bought, past the amount"
+
+
 def test_a_stock_grpc_aio_client_with_default_options(daemon, entity):
     async def scenario():
         async with grpc.aio.insecure_channel(f"unix:{daemon.socket}") as channel:
