@@ -359,7 +359,7 @@ impl Admin {
                 if parents_only && self.store().list_children(ns, &entity).await?.is_empty() {
                     continue;
                 }
-                found.push((entity, state.limit.capacity(), state.balance));
+                found.push((entity, state.limit.capacity_at(now), state.balance));
             }
             Ok(found)
         })

@@ -368,9 +368,9 @@ fn shown(plan: &Planned<'_>, statuses: &[LimitStatus], admitted: bool, now: i64)
             .max_by_key(|s| s.retry_after_ms.unwrap_or(u64::MAX))?;
         let reset_ms = s
             .retry_after_ms
-            .unwrap_or_else(|| until_full(&s.limit, s.available, now));
+            .unwrap_or_else(|| until_full(s.current(), s.available, now));
         return Some(Shown {
-            limit: s.limit.clone(),
+            limit: s.current().clone(),
             over_limit: true,
             remaining: s.available.div_euclid(MILLI).max(0),
             reset_ms,
@@ -383,10 +383,10 @@ fn shown(plan: &Planned<'_>, statuses: &[LimitStatus], admitted: bool, now: i64)
         .min_by_key(|s| s.available.saturating_sub(s.requested))?;
     let left = s.available.saturating_sub(s.requested);
     Some(Shown {
-        limit: s.limit.clone(),
+        limit: s.current().clone(),
         over_limit: false,
         remaining: left.div_euclid(MILLI).max(0),
-        reset_ms: until_full(&s.limit, left, now),
+        reset_ms: until_full(s.current(), left, now),
     })
 }
 

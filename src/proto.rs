@@ -22,6 +22,38 @@ impl From<&crate::Limit> for Limit {
                 .unwrap_or_default(),
             quota_tz: l.calendar().map(|c| c.tz().to_owned()).unwrap_or_default(),
             quota_reset_after_ms: l.session_ms().unwrap_or(0) as u64,
+            schedule: l
+                .schedule()
+                .map(|s| s.entries().map(ScheduleEntry::from).collect())
+                .unwrap_or_default(),
+            schedule_tz: l.schedule().map(|s| s.tz().to_owned()).unwrap_or_default(),
+        }
+    }
+}
+
+impl From<(&str, crate::domain::schedule::Change)> for ScheduleEntry {
+    /// A schedule entry in its wire form (whole tokens).
+    fn from((cron, change): (&str, crate::domain::schedule::Change)) -> Self {
+        use crate::domain::limit::MILLI;
+        use crate::domain::schedule::Change;
+        let tokens = |v: Option<i64>| v.map_or(0, |v| (v / MILLI) as u64);
+        match change {
+            Change::Scale(permille) => Self {
+                cron: cron.to_owned(),
+                scale_permille: permille,
+                ..Self::default()
+            },
+            Change::Set {
+                capacity,
+                refill_amount,
+                refill_period_ms,
+            } => Self {
+                cron: cron.to_owned(),
+                scale_permille: 0,
+                capacity: tokens(capacity),
+                refill_amount: tokens(refill_amount),
+                refill_period_ms: refill_period_ms.map_or(0, |v| v as u64),
+            },
         }
     }
 }

@@ -402,6 +402,39 @@ fn to_limits(limits: &[(String, u64, u64, u64)]) -> Vec<proto::Limit> {
                 } else {
                     0
                 },
+                // Every fourth but two scheduled: up to 18 entries (16 is the most), each a
+                // pattern from the list, a scale of any size (0: none) or values it sets, in a
+                // zone from the list.
+                schedule: if capacity % 4 == 3 {
+                    (0..(refill_amount % 19))
+                        .map(|j| proto::ScheduleEntry {
+                            cron: pick(CRONS, refill_amount.wrapping_add(j)),
+                            scale_permille: if j % 2 == 0 {
+                                refill_period_ms.wrapping_mul(j + 1)
+                            } else {
+                                0
+                            },
+                            capacity: if j % 3 == 1 {
+                                capacity.wrapping_mul(j)
+                            } else {
+                                0
+                            },
+                            refill_amount: if j % 4 == 1 { *refill_amount } else { 0 },
+                            refill_period_ms: if j % 5 == 1 {
+                                refill_period_ms.wrapping_mul(j)
+                            } else {
+                                0
+                            },
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+                schedule_tz: if capacity % 4 == 3 && refill_amount % 3 != 0 {
+                    pick(ZONES, *capacity / 4)
+                } else {
+                    String::new()
+                },
             }
         })
         .collect()

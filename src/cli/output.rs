@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::{Value, json};
 
 use crate::Limit;
-use crate::domain::limit::{MILLI, period};
+use crate::domain::limit::{MILLI, describe_change, period};
 use crate::proto;
 
 /// How results are printed.
@@ -68,6 +68,13 @@ pub(super) fn audit_value(text: &str) -> (Value, String) {
                         }
                         if let Some(ms) = l.session_ms() {
                             value["quota_reset_after_ms"] = json!(ms);
+                        }
+                        if let Some(s) = l.schedule() {
+                            value["schedule"] = s
+                                .entries()
+                                .map(|(p, c)| json!({"cron": p, "change": describe_change(c)}))
+                                .collect();
+                            value["schedule_tz"] = json!(s.tz());
                         }
                         value
                     })

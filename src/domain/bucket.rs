@@ -26,6 +26,12 @@
 
 use super::amounts::MIN_BALANCE;
 use super::limit::{Limit, LimitName, encode};
+use super::schedule::Params;
+
+/// The most schedule boundaries walked one by one in a refill or a wait (past them, a refill
+/// credits the rest at the schedule's slowest rate and smallest capacity: never more than the
+/// schedule gives).
+const MAX_SEGMENTS: usize = 64;
 
 /// The state of one limit inside a bucket. Balances and totals are milli-tokens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,9 +48,9 @@ pub struct LimitState {
 }
 
 impl LimitState {
-    fn full(limit: Limit) -> Self {
+    fn full(limit: Limit, now: i64) -> Self {
         Self {
-            balance: limit.capacity(),
+            balance: limit.capacity_at(now),
             limit,
             carry: 0,
             consumed: 0,
@@ -68,17 +74,43 @@ impl LimitState {
                 false => (self.balance, self.carry),
             };
         }
-        let elapsed = to.saturating_sub(from);
-        let period = i128::from(self.limit.refill_period_ms());
-        let accrued = i128::from(elapsed.max(0)) * i128::from(self.limit.refill_amount())
-            + i128::from(self.carry);
-        let balance = i128::from(self.balance) + accrued / period;
-        if balance >= i128::from(capacity) {
-            (capacity, 0)
-        } else {
-            // balance < capacity <= i64::MAX and balance >= self.balance >= i64::MIN
-            (balance as i64, (accrued % period) as i64)
+        let Some(schedule) = self.limit.schedule() else {
+            return drip(self.balance, self.carry, self.limit.base(), from, to);
+        };
+        // Piecewise: each span at the values in force in it; at a boundary the balance is
+        // clamped to the new capacity, and a new period restarts the carry.
+        let (mut balance, mut carry) = (self.balance, self.carry);
+        let (mut at, mut params) = (from, self.limit.params_at(from));
+        for _ in 0..MAX_SEGMENTS {
+            let end = schedule.span(at).to.min(to);
+            (balance, carry) = drip(balance, carry, params, at, end);
+            if end >= to {
+                return (balance, carry);
+            }
+            at = end;
+            let next = self.limit.params_at(at);
+            if next.refill_period_ms != params.refill_period_ms || balance >= next.capacity {
+                carry = 0;
+            }
+            balance = balance.min(next.capacity);
+            params = next;
         }
+        // Further boundaries: the rest at the slowest rate, up to the smallest capacity, then
+        // clamped to the capacity at `to` (the ideal bucket has at least that much).
+        let all = || schedule.all_params(self.limit.base());
+        let slowest = all()
+            .min_by(|a, b| {
+                (i128::from(a.refill_amount) * i128::from(b.refill_period_ms))
+                    .cmp(&(i128::from(b.refill_amount) * i128::from(a.refill_period_ms)))
+            })
+            .unwrap_or(params);
+        let smallest = all().map(|p| p.capacity).min().unwrap_or(params.capacity);
+        let floor = Params {
+            capacity: smallest,
+            ..slowest
+        };
+        let (balance, _) = drip(balance, 0, floor, at, to);
+        (balance.min(self.limit.capacity_at(to)), 0)
     }
 
     /// Whether refilling from `from` to `to` changes anything: at least one milli-token drips
@@ -91,10 +123,16 @@ impl LimitState {
         if let Some(calendar) = self.limit.calendar() {
             return calendar.edge_between(from, to);
         }
+        if let Some(schedule) = self.limit.schedule()
+            && schedule.boundary_between(from, to)
+        {
+            return true;
+        }
+        let p = self.limit.params_at(from);
         let elapsed = to.saturating_sub(from);
         elapsed > 0
-            && i128::from(elapsed) * i128::from(self.limit.refill_amount()) + i128::from(self.carry)
-                >= i128::from(self.limit.refill_period_ms())
+            && i128::from(elapsed) * i128::from(p.refill_amount) + i128::from(self.carry)
+                >= i128::from(p.refill_period_ms)
     }
 
     /// Milliseconds until `balance` (with `carry`, the state refilled up to `since`) covers
@@ -108,6 +146,16 @@ impl LimitState {
         }
         if wanted <= balance {
             return Some(0);
+        }
+        if let Some(schedule) = self.limit.schedule() {
+            let most = schedule
+                .all_params(self.limit.base())
+                .map(|p| p.capacity)
+                .max();
+            if most.is_none_or(|most| wanted > most) {
+                return None;
+            }
+            return Some(self.scheduled_wait(balance, carry, wanted, since));
         }
         if wanted > self.limit.capacity() {
             return None;
@@ -125,12 +173,71 @@ impl LimitState {
             let edge = calendar.next_edge(since)?;
             return Some(u64::try_from(edge.saturating_sub(now)).unwrap_or(0));
         }
-        let deficit = i128::from(wanted) - i128::from(balance);
-        let needed = deficit * i128::from(self.limit.refill_period_ms()) - i128::from(carry);
-        let amount = i128::from(self.limit.refill_amount());
-        let wait = (needed + amount - 1) / amount;
-        Some(u64::try_from(wait).unwrap_or(u64::MAX))
+        Some(drip_wait(balance, carry, wanted, self.limit.base()))
     }
+
+    /// [`LimitState::wait_ms`] of a scheduled limit: walks its spans from `since` (each at its
+    /// own rate, clamped at each boundary) until the balance covers `wanted`.
+    fn scheduled_wait(&self, balance: i64, carry: i64, wanted: i64, since: i64) -> u64 {
+        let Some(schedule) = self.limit.schedule() else {
+            return drip_wait(balance, carry, wanted, self.limit.base());
+        };
+        let (mut balance, mut carry) = (balance, carry);
+        let (mut at, mut params) = (since, self.limit.params_at(since));
+        let waited = |at: i64, more: u64| {
+            u64::try_from(at.saturating_sub(since))
+                .unwrap_or(0)
+                .saturating_add(more)
+        };
+        for _ in 0..MAX_SEGMENTS {
+            let end = schedule.span(at).to;
+            if wanted <= params.capacity {
+                let more = drip_wait(balance, carry, wanted, params);
+                if i128::from(at) + i128::from(more) < i128::from(end) {
+                    return waited(at, more);
+                }
+            }
+            (balance, carry) = drip(balance, carry, params, at, end);
+            at = end;
+            let next = self.limit.params_at(at);
+            if next.refill_period_ms != params.refill_period_ms || balance >= next.capacity {
+                carry = 0;
+            }
+            balance = balance.min(next.capacity);
+            params = next;
+            if wanted <= balance {
+                return waited(at, 0);
+            }
+        }
+        // Further than the walk goes: at the rate then in force.
+        waited(at, drip_wait(balance, carry, wanted, params))
+    }
+}
+
+/// A dripping limit's balance and carry after refilling from `from` to `to` at `p`.
+fn drip(balance: i64, carry: i64, p: Params, from: i64, to: i64) -> (i64, i64) {
+    let elapsed = to.saturating_sub(from);
+    let period = i128::from(p.refill_period_ms);
+    let accrued = i128::from(elapsed.max(0)) * i128::from(p.refill_amount) + i128::from(carry);
+    let refilled = i128::from(balance) + accrued / period;
+    if refilled >= i128::from(p.capacity) {
+        (p.capacity, 0)
+    } else {
+        // refilled < capacity <= i64::MAX and refilled >= balance >= i64::MIN
+        (refilled as i64, (accrued % period) as i64)
+    }
+}
+
+/// Milliseconds until `balance` (with `carry`) covers `wanted` at `p` (below its capacity).
+fn drip_wait(balance: i64, carry: i64, wanted: i64, p: Params) -> u64 {
+    let deficit = i128::from(wanted) - i128::from(balance);
+    if deficit <= 0 {
+        return 0;
+    }
+    let needed = deficit * i128::from(p.refill_period_ms) - i128::from(carry);
+    let amount = i128::from(p.refill_amount);
+    let wait = (needed + amount - 1) / amount;
+    u64::try_from(wait.max(0)).unwrap_or(u64::MAX)
 }
 
 impl LimitState {
@@ -143,12 +250,12 @@ impl LimitState {
         (self.limit.session_ms().is_some() && self.carry != 0).then_some(self.carry)
     }
 
-    /// The most the balance may hold: the capacity, and of a calendar quota what was topped up
-    /// this period (kept in its carry, which a quota's drip does not need).
-    fn ceiling(&self) -> i64 {
+    /// The most the balance may hold at `at`: the capacity in force, and of a calendar quota
+    /// what was topped up this period (kept in its carry, which a quota's drip does not need).
+    fn ceiling(&self, at: i64) -> i64 {
         match self.limit.calendar() {
             Some(_) => self.limit.capacity().saturating_add(self.carry.max(0)),
-            None => self.limit.capacity(),
+            None => self.limit.capacity_at(at),
         }
     }
 
@@ -170,9 +277,9 @@ impl LimitState {
             && (self.carry == 0 || self.window_over(now))
     }
 
-    /// The same state, its balance no higher than its ceiling.
-    fn clamped(mut self) -> Self {
-        self.balance = self.balance.min(self.ceiling());
+    /// The same state, its balance no higher than its ceiling at `at`.
+    fn clamped(mut self, at: i64) -> Self {
+        self.balance = self.balance.min(self.ceiling(at));
         self
     }
 
@@ -202,6 +309,8 @@ pub struct Bucket {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitStatus {
     pub limit: Limit,
+    /// Of a scheduled limit: the limit in force at the decision (its schedule applied).
+    pub in_force: Option<Limit>,
     /// Balance at the decision time, milli-tokens (may be negative).
     pub available: i64,
     /// What the request asked of this limit, milli-tokens.
@@ -215,6 +324,11 @@ pub struct LimitStatus {
 }
 
 impl LimitStatus {
+    /// The limit as it stood at the decision: of a scheduled limit, the one in force.
+    pub fn current(&self) -> &Limit {
+        self.in_force.as_ref().unwrap_or(&self.limit)
+    }
+
     pub fn allowed(&self) -> bool {
         self.retry_after_ms == Some(0)
     }
@@ -416,6 +530,7 @@ pub fn admit(
         l.consume(requested, now);
         statuses.push(LimitStatus {
             limit: l.limit.clone(),
+            in_force: l.limit.in_force(now),
             available,
             requested,
             retry_after_ms: Some(0),
@@ -492,7 +607,7 @@ pub fn plan(
             .all(|(before, refilled)| {
                 let amount = amount_of(before.limit.name());
                 (before.limit.is_soft() || before.balance >= amount)
-                    && (amount == 0 || refilled.balance < refilled.limit.capacity())
+                    && (amount == 0 || refilled.balance < refilled.limit.capacity_at(now))
             });
     let guarded = !same_limits || opens || (seen.refill_due(now) && !deferrable);
     let mut expected = target.clone();
@@ -510,7 +625,7 @@ pub fn plan(
                 // A deferred refill stays exact only while a concurrent refund elsewhere does
                 // not bring it to the capacity.
                 let ceiling = (!guarded && amount > 0 && accrued > 0)
-                    .then(|| state.limit.capacity() - accrued);
+                    .then(|| state.limit.capacity_at(now) - accrued);
                 // A soft limit may go into debt, down to the floor.
                 let floor = if state.limit.is_soft() {
                     MIN_BALANCE
@@ -603,7 +718,7 @@ pub fn plan_settle(
     }
     let clamps = seen.limits.iter().any(|l| {
         let a = amount_of(l.limit.name());
-        a < 0 && i128::from(l.balance) - i128::from(a) > i128::from(l.ceiling())
+        a < 0 && i128::from(l.balance) - i128::from(a) > i128::from(l.ceiling(now))
     });
     let seen_config = encode(&seen.limit_set());
     // A charge to a session quota with no open window opens one (a guarded write, as in
@@ -629,7 +744,7 @@ pub fn plan_settle(
                 consumed: a,
                 // A charge keeps the floor; a refund keeps the ceiling.
                 min_balance: if a > 0 { MIN_BALANCE + a } else { MIN_BALANCE },
-                max_balance: (a < 0).then(|| l.ceiling() + a),
+                max_balance: (a < 0).then(|| l.ceiling(now) + a),
                 carry: None,
             });
         }
@@ -654,8 +769,8 @@ pub fn plan_settle(
         .zip(&mut expected.limits)
     {
         let a = amount_of(before.limit.name());
-        let capacity = before.limit.capacity();
-        let ceiling = now_state.ceiling();
+        let capacity = before.limit.capacity_at(now);
+        let ceiling = now_state.ceiling(now);
         let balance = if a < 0 {
             (i128::from(now_state.balance) - i128::from(a)).min(i128::from(ceiling)) as i64
         } else {
@@ -750,7 +865,7 @@ pub fn plan_operation(
     let mut changes = Vec::with_capacity(seen.limits.len());
     for (before, refilled) in seen.limits.iter().zip(&target.limits) {
         let name = before.limit.name();
-        let capacity = before.limit.capacity();
+        let capacity = before.limit.capacity_at(target.refilled_at);
         let (balance, carry) = match op {
             Operation::Reset(names) if names.as_ref().is_none_or(|n| n.contains(name)) => {
                 (capacity, 0)
@@ -813,7 +928,10 @@ impl Bucket {
         Self {
             mark: None,
             refilled_at: now,
-            limits: limits.into_iter().map(LimitState::full).collect(),
+            limits: limits
+                .into_iter()
+                .map(|l| LimitState::full(l, now))
+                .collect(),
         }
     }
 
@@ -832,13 +950,19 @@ impl Bucket {
             .any(|l| l.refill_adds(self.refilled_at, now))
     }
 
-    /// Whether a quota's calendar has an edge between the refill time and `now`: a write at
-    /// `now` must then refill (move the refill time past the edge), whatever it changes.
+    /// Whether a quota's calendar has an edge, or a schedule a boundary, between the refill
+    /// time and `now`: a write at `now` must then refill (move the refill time past it),
+    /// whatever it changes. A plain write after an edge would be erased by the reset a later
+    /// read applies; one after a boundary would be charged against the balance before the
+    /// boundary's clamp (so a lowered capacity would not bind it).
     pub fn edge_due(&self, now: i64) -> bool {
         self.limits.iter().any(|l| {
             l.limit
                 .calendar()
                 .is_some_and(|c| c.edge_between(self.refilled_at, now))
+                || l.limit
+                    .schedule()
+                    .is_some_and(|s| s.boundary_between(self.refilled_at, now))
         })
     }
 
@@ -846,7 +970,8 @@ impl Bucket {
     pub fn at(&self, now: i64) -> Self {
         if !self.refill_due(now) {
             let mut same = self.clone();
-            same.limits = same.limits.into_iter().map(LimitState::clamped).collect();
+            let at = self.refilled_at.max(now);
+            same.limits = same.limits.into_iter().map(|l| l.clamped(at)).collect();
             return same;
         }
         self.refilled_to(now)
@@ -869,7 +994,7 @@ impl Bucket {
                         carry,
                         ..l.clone()
                     }
-                    .clamped()
+                    .clamped(self.refilled_at.max(now))
                 })
                 .collect(),
         }
@@ -878,17 +1003,19 @@ impl Bucket {
     /// The same bucket under another limit set: kept limits keep their balance (clamped to a
     /// smaller capacity), new ones start full, dropped ones go. A changed period restarts the carry.
     fn reconfigured(self, limits: &[Limit]) -> Self {
+        let at = self.refilled_at;
         let states = limits
             .iter()
             .map(|limit| match self.limit(limit.name()) {
-                None => LimitState::full(limit.clone()),
+                None => LimitState::full(limit.clone(), self.refilled_at),
                 Some(old) => {
                     // A calendar quota keeps its period's top-ups (and its raised ceiling).
                     let calendars = old.limit.calendar().is_some() && limit.calendar().is_some();
                     let carry = if calendars
-                        || (old.limit.refill_period_ms() == limit.refill_period_ms()
+                        || (old.limit.params_at(at).refill_period_ms
+                            == limit.params_at(at).refill_period_ms
                             && old.limit.session_ms() == limit.session_ms()
-                            && old.balance < limit.capacity())
+                            && old.balance < limit.capacity_at(at))
                     {
                         old.carry
                     } else {
@@ -900,7 +1027,7 @@ impl Bucket {
                         carry,
                         consumed: old.consumed,
                     }
-                    .clamped()
+                    .clamped(at)
                 }
             })
             .collect();
@@ -921,6 +1048,7 @@ impl Bucket {
                 let requested = amount_of(l.limit.name());
                 LimitStatus {
                     limit: l.limit.clone(),
+                    in_force: l.limit.in_force(now),
                     available: l.balance,
                     requested,
                     retry_after_ms: l.wait_ms(l.balance, l.carry, requested, self.refilled_at, now),

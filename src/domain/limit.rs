@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::calendar::{Calendar, CalendarError};
+use super::schedule::{Change, Params, Schedule, ScheduleError};
 
 /// Milli-tokens per token.
 pub const MILLI: i64 = 1_000;
@@ -56,6 +57,24 @@ pub enum LimitError {
         "limit {name:?}: a session window is a whole number of seconds, at least one; got {ms} ms"
     )]
     Session { name: String, ms: u128 },
+    #[error("limit {name:?}: {error}")]
+    Schedule { name: String, error: ScheduleError },
+    #[error(
+        "limit {name:?}: a schedule changes a dripping limit; a quota (calendar or session) \
+         cannot have one"
+    )]
+    ScheduledQuota { name: String },
+    #[error(
+        "limit {name:?}: under schedule entry {index} its {field} would be {value}, above the \
+         maximum {max}"
+    )]
+    ScheduledTooLarge {
+        name: String,
+        index: usize,
+        field: &'static str,
+        value: u128,
+        max: u128,
+    },
 }
 
 /// A validated limit name: 1 to 64 characters of `[A-Za-z0-9_.-]`, starting with a letter or digit.
@@ -117,6 +136,9 @@ impl fmt::Display for LimitName {
 /// one lump at each edge of its calendar (the instants its cron pattern starts matching), applied
 /// lazily by the first request after it; its refill amount and period are 0.
 ///
+/// A dripping limit may have a **schedule** ([`Limit::with_schedule`]): while one of its cron
+/// patterns matches, the first matching entry changes its capacity and refill.
+///
 /// A **soft** limit is debited like any other but never refuses: a request it cannot cover
 /// takes its balance into debt (down to [`super::amounts::MIN_BALANCE`], the floor no balance
 /// passes), and its status says so (`overdrawn`). For watching a new limit before enforcing it.
@@ -128,6 +150,7 @@ pub struct Limit {
     refill_period_ms: i64,
     soft: bool,
     quota: Option<Quota>,
+    schedule: Option<Schedule>,
 }
 
 /// How a quota (a limit without drip) gets its amount back.
@@ -209,6 +232,7 @@ impl Limit {
             refill_period_ms: period as i64,
             soft: false,
             quota: None,
+            schedule: None,
         })
     }
 
@@ -247,6 +271,7 @@ impl Limit {
             refill_period_ms: 0,
             soft: false,
             quota: Some(quota),
+            schedule: None,
         }
     }
 
@@ -295,6 +320,84 @@ impl Limit {
             refill_period_ms,
             soft: false,
             quota: None,
+            schedule: None,
+        })
+    }
+
+    /// The same limit under `schedule` (see [`super::schedule`]).
+    ///
+    /// # Errors
+    /// [`LimitError::ScheduledQuota`] for a quota, [`LimitError::ScheduledTooLarge`] when an
+    /// entry would take a value above its maximum.
+    pub fn with_schedule(mut self, schedule: Schedule) -> Result<Self, LimitError> {
+        if self.quota.is_some() {
+            return Err(LimitError::ScheduledQuota {
+                name: self.name.to_string(),
+            });
+        }
+        let max = MAX_TOKENS as i64 * MILLI;
+        for (index, params) in schedule.all_params(self.base()).enumerate().skip(1) {
+            for (field, value, max) in [
+                ("capacity (milli-tokens)", params.capacity, max),
+                ("refill amount (milli-tokens)", params.refill_amount, max),
+                ("refill period (ms)", params.refill_period_ms, MAX_PERIOD_MS),
+            ] {
+                if value > max {
+                    return Err(LimitError::ScheduledTooLarge {
+                        name: self.name.to_string(),
+                        index: index - 1,
+                        field,
+                        value: value as u128,
+                        max: max as u128,
+                    });
+                }
+            }
+        }
+        self.schedule = Some(schedule);
+        Ok(self)
+    }
+
+    /// The schedule of a scheduled limit.
+    pub fn schedule(&self) -> Option<&Schedule> {
+        self.schedule.as_ref()
+    }
+
+    /// Its own values (a schedule's entries change them while they match).
+    pub fn base(&self) -> Params {
+        Params {
+            capacity: self.capacity,
+            refill_amount: self.refill_amount,
+            refill_period_ms: self.refill_period_ms,
+        }
+    }
+
+    /// Its values in force at `at_ms`.
+    pub fn params_at(&self, at_ms: i64) -> Params {
+        match &self.schedule {
+            None => self.base(),
+            Some(s) => s.params(self.base(), at_ms),
+        }
+    }
+
+    /// Its capacity in force at `at_ms`, milli-tokens.
+    pub fn capacity_at(&self, at_ms: i64) -> i64 {
+        match &self.schedule {
+            None => self.capacity,
+            Some(s) => s.params(self.base(), at_ms).capacity,
+        }
+    }
+
+    /// Of a scheduled limit: the limit as it stands at `at_ms`, its schedule applied (and no
+    /// schedule of its own).
+    pub fn in_force(&self, at_ms: i64) -> Option<Self> {
+        let schedule = self.schedule.as_ref()?;
+        let p = schedule.params(self.base(), at_ms);
+        Some(Self {
+            capacity: p.capacity,
+            refill_amount: p.refill_amount,
+            refill_period_ms: p.refill_period_ms,
+            schedule: None,
+            ..self.clone()
         })
     }
 
@@ -347,14 +450,19 @@ impl std::str::FromStr for Limit {
     type Err = LimitError;
 
     /// `NAME=RATE/PERIOD[,burst=N][,soft]`: `rpm=100/1m`, `tpm=10000/60s,burst=15000`,
-    /// `d=5/1d`, `tpm=50000/1m,soft`. The period is a count (default 1) and a unit: `ms`, `s`,
+    /// `d=5/1d`, `tpm=50000/1m,soft`. A schedule adds `when(PATTERN)=CHANGE` entries (the first
+    /// matching one is in force) and `tz=ZONE` (default UTC), a change being `xSCALE` or
+    /// `capacity:N`, `refill:N`, `period:PERIOD` joined by `+`:
+    /// `rpm=100/1m,when(* 9-17 * * 1-5)=x2,when(* 0-6 * * *)=capacity:20+refill:20`. The period is a count (default 1) and a unit: `ms`, `s`,
     /// `m`, `h` or `d`. A calendar quota: `NAME=AMOUNT/cron(PATTERN)[,tz=ZONE][,soft]`, e.g.
     /// `tok=1000000/cron(0 0 1 * *),tz=Europe/Berlin` (the time zone defaults to UTC).
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         let bad = || {
             LimitError::Malformed(format!(
-                "{spec} (expected NAME=RATE/PERIOD[,burst=N][,soft], e.g. rpm=100/1m, or a \
-                 quota NAME=AMOUNT/cron(PATTERN)[,tz=ZONE][,soft], e.g. tok=1000/cron(0 0 1 * *))"
+                "{spec} (expected NAME=RATE/PERIOD[,burst=N][,soft], e.g. rpm=100/1m, with a \
+                 schedule's [,when(PATTERN)=xSCALE|capacity:N+refill:N+period:P]...[,tz=ZONE], \
+                 or a quota NAME=AMOUNT/cron(PATTERN)[,tz=ZONE][,soft], e.g. \
+                 tok=1000/cron(0 0 1 * *))"
             ))
         };
         let (name, rest) = spec.split_once('=').ok_or_else(bad)?;
@@ -394,14 +502,19 @@ impl std::str::FromStr for Limit {
             })?;
             return Ok(Self::quota(name, amount, calendar)?.with_soft(soft));
         }
-        let mut parts = rest.split(',');
+        let mut parts = split_options(rest);
         let rate_period = parts.next().ok_or_else(bad)?;
-        let (mut burst, mut soft) = (None, false);
+        let (mut burst, mut soft, mut tz, mut entries) = (None, false, None, Vec::new());
         for option in parts {
             match option.trim() {
                 "soft" if !soft => soft = true,
-                o => match o.strip_prefix("burst=") {
-                    Some(b) if burst.is_none() => burst = Some(b),
+                o if o.starts_with("when(") => {
+                    let (pattern, change) = o["when(".len()..].split_once(")=").ok_or_else(bad)?;
+                    entries.push((pattern.to_owned(), parse_change(change).ok_or_else(bad)?));
+                }
+                o => match (o.strip_prefix("burst="), o.strip_prefix("tz=")) {
+                    (Some(b), _) if burst.is_none() => burst = Some(b),
+                    (_, Some(z)) if tz.is_none() => tz = Some(z),
                     _ => return Err(bad()),
                 },
             }
@@ -409,12 +522,88 @@ impl std::str::FromStr for Limit {
         let (rate, period) = rate_period.split_once('/').ok_or_else(bad)?;
         let rate: u64 = rate.trim().parse().map_err(|_| bad())?;
         let period = parse_period(period).ok_or_else(bad)?;
-        let limit = Self::custom(name.trim(), rate, rate, period)?.with_soft(soft);
-        match burst {
-            Some(b) => limit.with_burst(b.trim().parse().map_err(|_| bad())?),
-            None => Ok(limit),
+        let name = name.trim();
+        let mut limit = Self::custom(name, rate, rate, period)?.with_soft(soft);
+        if let Some(b) = burst {
+            limit = limit.with_burst(b.trim().parse().map_err(|_| bad())?)?;
+        }
+        match (entries.is_empty(), tz) {
+            (true, None) => Ok(limit),
+            (true, Some(_)) => Err(bad()),
+            (false, tz) => {
+                let schedule = Schedule::new(&entries, tz.unwrap_or("UTC")).map_err(|error| {
+                    LimitError::Schedule {
+                        name: name.to_owned(),
+                        error,
+                    }
+                })?;
+                limit.with_schedule(schedule)
+            }
         }
     }
+}
+
+/// The comma-separated parts of a limit's text, outside parentheses (a cron pattern may have
+/// commas of its own).
+fn split_options(text: &str) -> impl Iterator<Item = &str> {
+    let mut depth = 0_i32;
+    let mut start = 0;
+    let mut parts = Vec::new();
+    for (i, c) in text.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&text[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&text[start..]);
+    parts.into_iter()
+}
+
+/// A schedule entry's change as people write it: `x0.5` (a scale, to a thousandth), or any of
+/// `capacity:N`, `refill:N`, `period:PERIOD` joined by `+` (the values it sets).
+fn parse_change(text: &str) -> Option<Change> {
+    let text = text.trim();
+    if let Some(scale) = text.strip_prefix('x') {
+        let (whole, fraction) = scale.split_once('.').unwrap_or((scale, ""));
+        if fraction.len() > 3 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let whole: u64 = whole.parse().ok()?;
+        let fraction: u64 = format!("{fraction:0<3}").parse().ok()?;
+        return Some(Change::Scale(
+            whole.checked_mul(1_000)?.checked_add(fraction)?,
+        ));
+    }
+    let (mut capacity, mut refill_amount, mut refill_period_ms) = (None, None, None);
+    for part in text.split('+') {
+        let (key, value) = part.trim().split_once(':')?;
+        let tokens = || -> Option<i64> {
+            let n: u64 = value.trim().parse().ok()?;
+            Some(i64::try_from(n.min(MAX_TOKENS + 1)).ok()? * MILLI)
+        };
+        let slot = match key.trim() {
+            "capacity" => (&mut capacity, tokens()?),
+            "refill" => (&mut refill_amount, tokens()?),
+            "period" => (
+                &mut refill_period_ms,
+                i64::try_from(parse_period(value)?.as_millis()).ok()?,
+            ),
+            _ => return None,
+        };
+        if slot.0.replace(slot.1).is_some() {
+            return None;
+        }
+    }
+    Some(Change::Set {
+        capacity,
+        refill_amount,
+        refill_period_ms,
+    })
 }
 
 /// A period as people write it: a count (default 1) and a unit, `ms`, `s`, `m`, `h` or `d`.
@@ -499,7 +688,8 @@ pub fn canonical(mut limits: Vec<Limit>) -> Result<Vec<Limit>, LimitError> {
 }
 
 /// The stored text form of a limit set: `name:capacity:refill_amount:refill_period_ms` in
-/// milli-tokens, followed by `:soft` for a soft limit, comma separated, in canonical order. Equal
+/// milli-tokens, followed by `:cron=`/`:session=` for a quota, `:sched=` for a schedule
+/// ([`Schedule::stored`]) and `:soft` for a soft limit, comma separated, in canonical order. Equal
 /// sets encode equally, so the text also serves as a version stamp in conditional writes (and a
 /// limit turned soft or back is a change of configuration: its balance is kept).
 pub fn encode(limits: &[Limit]) -> String {
@@ -519,6 +709,10 @@ pub fn encode(limits: &[Limit]) -> String {
             }
             Some(Quota::Session(ms)) => out.push_str(&format!(":session={ms}")),
             None => {}
+        }
+        if let Some(schedule) = &l.schedule {
+            out.push_str(":sched=");
+            out.push_str(schedule.stored());
         }
         if l.soft {
             out.push_str(":soft");
@@ -573,14 +767,48 @@ impl Limit {
                 if self.soft { ", soft" } else { "" }
             );
         }
-        format!(
-            "{} {}/{}, burst {}{}",
+        let mut text = format!(
+            "{} {}/{}, burst {}",
             self.name,
             tokens(self.refill_amount),
             period(self.refill_period_ms),
             tokens(self.capacity),
-            if self.soft { ", soft" } else { "" }
-        )
+        );
+        if let Some(schedule) = &self.schedule {
+            for (pattern, change) in schedule.entries() {
+                text.push_str(&format!(", when({pattern}) {}", describe_change(change)));
+            }
+            text.push_str(&format!(", tz {}", schedule.tz()));
+        }
+        if self.soft {
+            text.push_str(", soft");
+        }
+        text
+    }
+}
+
+/// A schedule entry's change in the limit grammar's form (`x0.5`, `capacity:20+refill:20`).
+pub fn describe_change(change: Change) -> String {
+    match change {
+        Change::Scale(permille) => {
+            let text = format!("x{}.{:03}", permille / 1_000, permille % 1_000);
+            text.trim_end_matches('0').trim_end_matches('.').to_owned()
+        }
+        Change::Set {
+            capacity,
+            refill_amount,
+            refill_period_ms,
+        } => {
+            let parts: Vec<String> = [
+                capacity.map(|c| format!("capacity:{}", tokens(c))),
+                refill_amount.map(|a| format!("refill:{}", tokens(a))),
+                refill_period_ms.map(|p| format!("period:{}", period(p))),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            parts.join("+")
+        }
     }
 }
 
@@ -600,22 +828,41 @@ pub fn decode(text: &str) -> Result<Vec<Limit>, LimitError> {
             let [name, cap, amount, period, options @ ..] = &fields[..] else {
                 return Err(malformed());
             };
-            let (mut soft, mut quota) = (false, None);
+            let (mut soft, mut quota, mut schedule) = (false, None, None);
             for option in options {
                 let kind = option
                     .strip_prefix("cron=")
                     .map(|c| ("cron", c))
                     .or_else(|| option.strip_prefix("session=").map(|w| ("session", w)));
-                match kind {
-                    None if *option == "soft" && !soft => soft = true,
-                    Some(k) if quota.is_none() && !soft => quota = Some(k),
+                match (kind, option.strip_prefix("sched=")) {
+                    (None, None) if *option == "soft" && !soft => soft = true,
+                    (Some(k), None) if quota.is_none() && schedule.is_none() && !soft => {
+                        quota = Some(k);
+                    }
+                    (None, Some(text)) if quota.is_none() && schedule.is_none() && !soft => {
+                        schedule = Some(text);
+                    }
                     _ => return Err(malformed()),
                 }
             }
             let num = |s: &str| s.parse::<i64>().map_err(|_| malformed());
             let name = LimitName::new(*name)?;
             let limit = match quota {
-                None => Limit::from_milli(name, num(cap)?, num(amount)?, num(period)?)?,
+                None => {
+                    let limit = Limit::from_milli(name, num(cap)?, num(amount)?, num(period)?)?;
+                    match schedule {
+                        None => limit,
+                        Some(text) => {
+                            let schedule = Schedule::from_stored(text).map_err(|error| {
+                                LimitError::Schedule {
+                                    name: limit.name.to_string(),
+                                    error,
+                                }
+                            })?;
+                            limit.with_schedule(schedule)?
+                        }
+                    }
+                }
                 Some((kind, text)) => {
                     if (num(amount)?, num(period)?) != (0, 0) {
                         return Err(malformed());

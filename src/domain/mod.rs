@@ -9,3 +9,4 @@ pub mod calendar;
 pub mod ids;
 pub mod limit;
 pub mod records;
+pub mod schedule;

@@ -16,6 +16,7 @@ use crate::domain::calendar::Calendar;
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName, MAX_TOKENS, MILLI, canonical};
 use crate::domain::records::{Entity, FailurePolicy};
+use crate::domain::schedule::{Change, Schedule};
 use crate::limiter::{LeaseId, Limiter, LimiterError};
 use crate::proto;
 
@@ -205,12 +206,69 @@ pub(super) fn limits(given: &[proto::Limit]) -> Result<Option<Vec<Limit>>, Statu
                     .map_err(|e| invalid(format!("{}.quota_cron", field()), e))?;
                 Limit::quota(&l.name, l.capacity, calendar)
             };
-            limit
+            let limit = limit
                 .map(|limit| limit.with_soft(l.soft))
-                .map_err(|e| invalid(field(), e))
+                .map_err(|e| invalid(field(), e))?;
+            match schedule(&field(), l)? {
+                None => Ok(limit),
+                Some(s) => limit
+                    .with_schedule(s)
+                    .map_err(|e| invalid(format!("{}.schedule", field()), e)),
+            }
         })
         .collect::<Result<Vec<_>, _>>()?;
     canonical(list).map(Some).map_err(|e| invalid("limits", e))
+}
+
+/// A wire limit's schedule (`None`: it has none).
+fn schedule(field: &str, l: &proto::Limit) -> Result<Option<Schedule>, Status> {
+    if l.schedule.is_empty() {
+        if !l.schedule_tz.is_empty() {
+            return Err(invalid(
+                format!("{field}.schedule_tz"),
+                "a time zone without a schedule",
+            ));
+        }
+        return Ok(None);
+    }
+    let milli = |tokens: u64| (tokens != 0).then(|| (tokens.min(MAX_TOKENS + 1) as i64) * MILLI);
+    let entries = l
+        .schedule
+        .iter()
+        .map(|e| {
+            let set = Change::Set {
+                capacity: milli(e.capacity),
+                refill_amount: milli(e.refill_amount),
+                refill_period_ms: (e.refill_period_ms != 0)
+                    .then(|| e.refill_period_ms.min(i64::MAX as u64) as i64),
+            };
+            let change = match e.scale_permille {
+                0 => set,
+                permille => Change::Scale(permille),
+            };
+            (
+                e.cron.clone(),
+                change,
+                e.scale_permille != 0 && set != Change::NONE,
+            )
+        })
+        .collect::<Vec<_>>();
+    if let Some(j) = entries.iter().position(|(_, _, both)| *both) {
+        return Err(invalid(
+            format!("{field}.schedule[{j}]"),
+            "give scale_permille or the values it sets (capacity, refill_amount, \
+             refill_period_ms), not both",
+        ));
+    }
+    let entries: Vec<_> = entries.into_iter().map(|(p, c, _)| (p, c)).collect();
+    let tz = if l.schedule_tz.is_empty() {
+        "UTC"
+    } else {
+        &l.schedule_tz
+    };
+    Schedule::new(&entries, tz)
+        .map(Some)
+        .map_err(|e| invalid(format!("{field}.schedule"), e))
 }
 
 pub(super) fn to_proto_status(s: &LimitStatus) -> proto::LimitStatus {
@@ -225,6 +283,7 @@ pub(super) fn to_proto_status(s: &LimitStatus) -> proto::LimitStatus {
         overdrawn: s.overdrawn(),
         resource: String::new(),
         resets_at_ms: s.resets_at_ms,
+        in_force: s.in_force.as_ref().map(proto::Limit::from),
     }
 }
 

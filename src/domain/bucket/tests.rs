@@ -1007,3 +1007,202 @@ fn a_quota_s_status_says_when_its_amount_comes_back() {
     let r = rejection(None, &drip, &tokens("rps", 2), T0);
     assert_eq!(r.statuses[0].resets_at_ms, None);
 }
+
+/// `per_minute` tokens a minute, scaled by `permille` while `pattern` matches (UTC).
+fn scheduled(per_minute: u64, pattern: &str, change: crate::domain::schedule::Change) -> Limit {
+    use crate::domain::schedule::Schedule;
+    let schedule = Schedule::new(&[(pattern.to_owned(), change)], "UTC").unwrap();
+    Limit::per_minute("rpm", per_minute)
+        .unwrap()
+        .with_schedule(schedule)
+        .unwrap()
+}
+
+/// 2026-03-02T09:00:00Z, a Monday: business hours begin.
+const MON_9: i64 = 1_772_442_000_000;
+
+#[test]
+fn a_schedule_refills_each_span_at_its_own_rate_and_clamps_at_a_boundary() {
+    use crate::domain::schedule::Change;
+    // 1,000 a minute outside business hours, 500 (capacity too) inside.
+    let limits = vec![scheduled(1_000, "* 9-17 * * 1-5", Change::Scale(500))];
+    let mut b = Some(Bucket::full(limits.clone(), MON_9 - 60_000));
+    assert_eq!(balance(&b, "rpm", MON_9 - 60_000), 1_000 * MILLI);
+    // Full at the base capacity before nine; clamped to the scaled one at nine.
+    assert_eq!(balance(&b, "rpm", MON_9 - 1), 1_000 * MILLI);
+    assert_eq!(balance(&b, "rpm", MON_9), 500 * MILLI);
+    assert!(!acquire(&mut b, &limits, &tokens("rpm", 501), MON_9 + 1));
+    assert!(acquire(&mut b, &limits, &tokens("rpm", 500), MON_9 + 1));
+    // Inside, it drips at 500 a minute.
+    assert_eq!(balance(&b, "rpm", MON_9 + 1 + 6_000), 50 * MILLI);
+    // Emptied ten seconds before six, it gets 83.333 by six, then 1,000 a minute.
+    let six = MON_9 + 9 * 3_600_000;
+    let _ = acquire(&mut b, &limits, &tokens("rpm", 500), six - 10_000);
+    assert_eq!(balance(&b, "rpm", six - 10_000), 0);
+    assert_eq!(balance(&b, "rpm", six), 83_333);
+    assert_eq!(balance(&b, "rpm", six + 6_000), 183_333);
+    // The status tells the limit in force.
+    let r = rejection(b.as_ref(), &limits, &tokens("rpm", 900), six - 10_000);
+    assert_eq!(r.statuses[0].current().capacity(), 500 * MILLI);
+    assert_eq!(r.statuses[0].limit.capacity(), 1_000 * MILLI);
+}
+
+#[test]
+fn retry_after_walks_across_a_boundary() {
+    use crate::domain::schedule::Change;
+    // The Python zae-limiter's example: empty, 500 needed, 1,000 a minute now, halved in 10 s:
+    // 166.666 in those 10 s, then 333.334 at 500 a minute (40.0008 s).
+    let limits = vec![scheduled(1_000, "* 9-17 * * 1-5", Change::Scale(500))];
+    let start = MON_9 - 10_000;
+    let mut b = Some(Bucket::full(limits.clone(), start));
+    assert!(acquire(&mut b, &limits, &tokens("rpm", 1_000), start));
+    let r = rejection(b.as_ref(), &limits, &tokens("rpm", 500), start);
+    let wait = r.retry_after_ms().unwrap();
+    assert_eq!(wait, 50_000, "the carry of the first span is kept");
+    assert!(!acquire(
+        &mut b,
+        &limits,
+        &tokens("rpm", 500),
+        start + wait as i64 - 1
+    ));
+    assert!(acquire(
+        &mut b,
+        &limits,
+        &tokens("rpm", 500),
+        start + wait as i64
+    ));
+    // More than any capacity in force never fits; more than now's waits for a larger one.
+    let r = rejection(b.as_ref(), &limits, &tokens("rpm", 1_001), start + 60_000);
+    assert_eq!(r.retry_after_ms(), None);
+    let r = rejection(b.as_ref(), &limits, &tokens("rpm", 600), MON_9 + 3_600_000);
+    let six = MON_9 + 9 * 3_600_000;
+    assert!(r.retry_after_ms().unwrap() >= (six - MON_9 - 3_600_000) as u64);
+}
+
+#[test]
+fn a_write_after_a_boundary_moves_the_refill_time_past_it() {
+    use crate::domain::schedule::Change;
+    // 200 a minute (capacity too) before nine, 1,000 from nine.
+    let limits = vec![scheduled(1_000, "* 0-8 * * *", Change::Scale(200))];
+    let mut seen = Bucket::full(limits.clone(), MON_9 - 20_000);
+    seen.adjust(&tokens("rpm", 10)).unwrap();
+    // By nine the balance is back at 200 (the capacity then), by 09:00:10 at 366.666. The
+    // request fits the stored 190 and nothing reaches the capacity in force now, so without
+    // the boundary a plain subtraction would do; but one from the old refill time would credit
+    // the first span's refill above what its capacity let the bucket hold.
+    let Plan::Admit {
+        write: Write::Change(c),
+        expected,
+    } = plan(Some(&seen), &limits, &tokens("rpm", 100), MON_9 + 10_000)
+    else {
+        panic!("admitted");
+    };
+    assert!(c.refill.is_some(), "guarded: the boundary is written");
+    assert_eq!(expected.limit(&name("rpm")).unwrap().balance, 266_666);
+    let mut stored = seen.clone();
+    stored.apply(&c).unwrap();
+    assert_eq!(stored.at(MON_9 + 10_000).limits[0].balance, 266_666);
+}
+
+proptest! {
+    /// Refilling across boundaries in many steps credits exactly what one step does.
+    #[test]
+    fn a_scheduled_refill_is_drift_free(
+        steps in prop::collection::vec(0i64..400_000, 1..40),
+        scale in 1u64..3_000,
+        drained in 0i64..1_000,
+    ) {
+        use crate::domain::schedule::Change;
+        let limits = vec![scheduled(1_000, "*/7 * * * *", Change::Scale(scale))];
+        let mut one = Bucket::full(limits.clone(), MON_9);
+        one.adjust(&tokens("rpm", drained)).unwrap();
+        let mut stepped = one.clone();
+        let mut now = MON_9;
+        for dt in steps {
+            now += dt;
+            stepped = stepped.at(now);
+        }
+        prop_assert_eq!(one.at(now).limits, stepped.limits);
+    }
+
+    /// Two daemons deciding on one scheduled limit from their own, possibly stale, views (a
+    /// lost race re-plans from the stored bucket), across boundaries that lower and raise its
+    /// capacity: every admitted request is one a single up-to-date bucket admits, the stored
+    /// balance is never above that bucket's (a refill planned on a stale view may credit less:
+    /// it clamps what it saw) and the stored total consumed is exactly what was admitted.
+    #[test]
+    fn two_writers_across_boundaries_admit_what_one_exact_bucket_does(
+        steps in prop::collection::vec((0i64..50_000, 1i64..200, any::<bool>()), 1..150),
+    ) {
+        use crate::domain::schedule::Change;
+        // 1,000 a minute, a fifth of it in every other minute.
+        let limits = vec![scheduled(1_000, "*/2 * * * *", Change::Scale(200))];
+        let start = MON_9 + 30_000;
+        let mut stored = Bucket::full(limits.clone(), start);
+        let mut ideal = stored.clone();
+        let mut views = [stored.clone(), stored.clone()];
+        let mut now = start;
+        for (dt, n, second) in steps {
+            now += dt;
+            let w = usize::from(second);
+            for _ in 0..2 {
+                let Plan::Admit { write: Write::Change(c), .. } =
+                    plan(Some(&views[w]), &limits, &tokens("rpm", n), now)
+                else {
+                    break;
+                };
+                if stored.apply(&c).is_ok() {
+                    let Plan::Admit { write: Write::Change(exact), .. } =
+                        plan(Some(&ideal), &limits, &tokens("rpm", n), now)
+                    else {
+                        return Err(TestCaseError::fail(format!("{n} admitted at {now}, over the exact bucket")));
+                    };
+                    ideal.apply(&exact).unwrap();
+                    let (s, i) = (stored.at(now), ideal.at(now));
+                    prop_assert!(
+                        s.limits[0].balance <= i.limits[0].balance,
+                        "stored {} above the exact bucket's {} at {}", s.limits[0].balance,
+                        i.limits[0].balance, now
+                    );
+                    prop_assert_eq!(s.limits[0].consumed, i.limits[0].consumed);
+                    views[w] = stored.clone();
+                    break;
+                }
+                views[w] = stored.clone();
+            }
+        }
+    }
+}
+
+#[test]
+fn scheduled_limits_round_trip_and_parse() {
+    use crate::domain::limit::{decode, encode};
+    let l: Limit = "rpm=100/1m,burst=150,when(* 9-17 * * 1-5)=x2,when(* 0-6 * * 6,0)=capacity:20+refill:10+period:30s,tz=Europe/Berlin,soft"
+        .parse()
+        .unwrap();
+    assert!(l.is_soft());
+    let s = l.schedule().unwrap();
+    assert_eq!(s.tz(), "Europe/Berlin");
+    assert_eq!(s.entries().count(), 2);
+    assert_eq!(
+        l.describe(),
+        "rpm 100/1m, burst 150, when(* 9-17 * * 1-5) x2, when(* 0-6 * * 6,0) \
+         capacity:20+refill:10+period:30s, tz Europe/Berlin, soft"
+    );
+    let text = encode(std::slice::from_ref(&l));
+    assert_eq!(decode(&text).unwrap(), vec![l.clone()]);
+    let half: Limit = "r=10/1s,when(* * * * *)=x0.5".parse().unwrap();
+    assert_eq!(half.params_at(MON_9).capacity, 5 * MILLI);
+    for bad in [
+        "r=10/1s,tz=UTC",
+        "r=10/1s,when(* * * * *)=x",
+        "r=10/1s,when(* * * * *)=x0.0005",
+        "r=10/1s,when(* * * * *)=capacity:0",
+        "r=10/1s,when(* * * * *)=speed:3",
+        "r=10/1s,when(* * * *)=x2",
+        "r=10/1s,when(* * * * *)=x2000000",
+        "q=10/cron(0 0 1 * *),when(* * * * *)=x2",
+    ] {
+        assert!(bad.parse::<Limit>().is_err(), "{bad}");
+    }
+}
