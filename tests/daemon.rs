@@ -1700,6 +1700,50 @@ async fn the_cli_stores_a_calendar_quota_and_refuses_until_its_edge() {
     assert!(err.contains("never starts matching"), "{err}");
 }
 
+/// A scheduled limit through the CLI and the socket: stored in the limit grammar, shown with its
+/// entries, deciding with the entry in force; a bad entry is refused naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_stores_a_scheduled_limit_and_decides_with_the_entry_in_force() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let cli = |args: &[&str]| run_cli(&daemon, args);
+    let ok = |args: &[&str]| cli_ok(&daemon, args);
+    // Always in force: a tenth of the capacity.
+    let limit = "rpm=100/1d,when(* * * * *)=capacity:10,tz=Europe/Berlin";
+    ok(&["limits", "set", "--entity", "tenant", "--limit", limit]);
+    let out = ok(&["limits", "get", "--entity", "tenant", "--output", "json"]);
+    let limits: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(limits[0]["capacity"].as_u64(), Some(100), "{out}");
+    assert_eq!(
+        limits[0]["schedule_tz"].as_str(),
+        Some("Europe/Berlin"),
+        "{out}"
+    );
+    assert_eq!(
+        limits[0]["schedule"],
+        serde_json::json!([{"cron": "* * * * *", "change": "capacity:10"}]),
+        "{out}"
+    );
+    let table = ok(&["limits", "get", "--entity", "tenant"]);
+    assert!(
+        table.contains("100/1d, when(* * * * *) capacity:10, tz Europe/Berlin"),
+        "{table}"
+    );
+    let acquire = ["acquire", "--entity", "tenant", "--resource", "gpt-4"];
+    ok(&[&acquire[..], &["--consume", "rpm=10"]].concat());
+    let (code, out, _) = cli(&[&acquire[..], &["--consume", "rpm=1"]].concat());
+    assert_eq!(code, Some(3), "refused at the capacity in force: {out}");
+    let (code, _, err) = cli(&[
+        "limits",
+        "set",
+        "--entity",
+        "tenant",
+        "--limit",
+        "rpm=100/1d,when(* * * * *)=x2,when(* * 31 2 *)=x3",
+    ]);
+    assert_eq!(code, Some(2), "a usage error, before any call: {err}");
+    assert!(err.contains("entry 1"), "{err}");
+}
+
 /// `limits list`: the resources with defaults, and with --resource the entities with limits of
 /// their own for it, a page at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

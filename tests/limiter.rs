@@ -1984,6 +1984,63 @@ async fn a_quota_admits_its_amount_per_period_across_two_daemons(
     assert_eq!(balance, 0);
 }
 
+/// The Python zae-limiter's scenario: traffic from two daemons across a schedule boundary that
+/// lowers a limit's capacity, then across the one that raises it again (the clocks move
+/// together). Each stretch admits exactly what one bucket holds: what is left clamped to the
+/// lowered capacity, then the new rate's refill; a refusal waits at the rate in force.
+async fn traffic_across_a_schedule_boundary_admits_what_one_bucket_holds(
+    inner: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    use zae_limiter::domain::schedule::{Change, Schedule};
+    let f = fixture(inner.clone(), ns.clone(), |_| {});
+    let g = fixture(inner, ns, |_| {});
+    // T0 is 2023-11-14T22:13:20Z: a fifth of 100 a minute from 23:00 to midnight UTC.
+    let (eleven, midnight) = (1_700_002_800_000, 1_700_006_400_000);
+    let night = Schedule::new(&[("* 23 * * *".to_owned(), Change::Scale(200))], "UTC").unwrap();
+    let limits = [Limit::per_minute("rpm", 100)
+        .unwrap()
+        .with_schedule(night)
+        .unwrap()];
+    f.store_entity_limits("team", &limits).await;
+    let count =
+        |answers: &[Result<Decision, LimiterError>]| answers.iter().filter(|a| admitted(a)).count();
+    // Fifty spent a second before eleven...
+    for d in [&f, &g] {
+        d.clock.advance(eleven - 1_000 - T0);
+    }
+    assert_eq!(count(&race(&[&f, &g], "team", ("rpm", 1), 25).await), 50);
+    // ...leave 50 (and a second's 1.666) at 100: eleven clamps them to 20.
+    for d in [&f, &g] {
+        d.clock.advance(1_001);
+    }
+    let answers = race(&[&f, &g], "team", ("rpm", 1), 30).await;
+    assert_eq!(count(&answers), 20, "clamped to the capacity in force");
+    for a in &answers {
+        if let Ok(Decision::Rejected { rejection, .. }) = a {
+            // 1 token at 20 a minute, counted from the boundary's refill (1 ms in).
+            let wait = rejection.retry_after_ms().unwrap();
+            assert!((2_999..=3_000).contains(&wait), "{wait}");
+        }
+    }
+    let (balance, consumed) = f.stored("team", "rpm").await;
+    assert!(balance <= 1, "{balance}");
+    assert_eq!(consumed, 70 * 1_000);
+    // A minute before midnight it is full at 20 again; ten spent leave 10, back at 20 by
+    // 23:59:30. Midnight raises it to 100 a minute: 30 s add 50. (A plain subtraction from the
+    // 10, refilled later from 23:59, would be erased by the clamp at 20 and admit 10 more.)
+    for d in [&f, &g] {
+        d.clock.advance(midnight - 60_000 - (eleven + 1));
+    }
+    assert_eq!(count(&race(&[&f, &g], "team", ("rpm", 1), 5).await), 10);
+    for d in [&f, &g] {
+        d.clock.advance(90_000);
+    }
+    assert_eq!(count(&race(&[&f, &g], "team", ("rpm", 1), 50).await), 70);
+    let (_, consumed) = g.stored("team", "rpm").await;
+    assert_eq!(consumed, 150 * 1_000, "every admitted token counted once");
+}
+
 /// A session quota opened by two daemons at once: one window, one allowance between them; its
 /// end gives it back, and the next use opens the next window.
 async fn two_daemons_opening_a_session_share_one_allowance(inner: Arc<dyn Store>, ns: Namespace) {
@@ -2102,4 +2159,5 @@ both_stores!(
     a_quota_admits_its_amount_per_period_across_two_daemons,
     two_daemons_opening_a_session_share_one_allowance,
     a_landed_top_up_is_answered_though_the_cache_cannot_be_told,
+    traffic_across_a_schedule_boundary_admits_what_one_bucket_holds,
 );

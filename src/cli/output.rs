@@ -42,7 +42,31 @@ pub(super) fn limit_json(l: &proto::Limit) -> Value {
     if l.quota_reset_after_ms > 0 {
         value["quota_reset_after_ms"] = json!(l.quota_reset_after_ms);
     }
+    if !l.schedule.is_empty() {
+        value["schedule"] = l
+            .schedule
+            .iter()
+            .map(|e| json!({"cron": e.cron, "change": entry_change(e)}))
+            .collect();
+        value["schedule_tz"] = json!(l.schedule_tz);
+    }
     value
+}
+
+/// A wire schedule entry's change in the limit grammar's form (`x0.5`, `capacity:20`).
+fn entry_change(e: &proto::ScheduleEntry) -> String {
+    use crate::domain::schedule::Change;
+    let milli =
+        |tokens: u64| (tokens != 0).then(|| tokens.min(i64::MAX as u64 / 1_000) as i64 * MILLI);
+    describe_change(match e.scale_permille {
+        0 => Change::Set {
+            capacity: milli(e.capacity),
+            refill_amount: milli(e.refill_amount),
+            refill_period_ms: (e.refill_period_ms != 0)
+                .then(|| e.refill_period_ms.min(i64::MAX as u64) as i64),
+        },
+        permille => Change::Scale(permille),
+    })
 }
 
 /// A stored limit set (the audit's `before`/`after`) in tokens and periods; other values (an
@@ -168,7 +192,15 @@ pub(super) fn limit_rows(limits: &[proto::Limit]) -> String {
                 match (l.quota_cron.is_empty(), l.quota_reset_after_ms) {
                     (false, _) => format!("quota: cron({}), tz {}", l.quota_cron, l.quota_tz),
                     (true, 0) => {
-                        format!("{}/{}", l.refill_amount, period(l.refill_period_ms as i64))
+                        let mut rate =
+                            format!("{}/{}", l.refill_amount, period(l.refill_period_ms as i64));
+                        for e in &l.schedule {
+                            rate.push_str(&format!(", when({}) {}", e.cron, entry_change(e)));
+                        }
+                        if !l.schedule.is_empty() {
+                            rate.push_str(&format!(", tz {}", l.schedule_tz));
+                        }
+                        rate
                     }
                     (true, ms) => format!("quota: session({})", period(ms as i64)),
                 },

@@ -129,6 +129,35 @@ def test_the_quota_example_refuses_until_the_next_month_in_berlin(daemon, monkey
     assert abs(float(second.removeprefix("retry in ").removesuffix("s")) - wait) < 60, second
 
 
+def test_the_schedule_example_halves_the_budget_in_new_york_business_hours(daemon, monkeypatch):
+    import datetime
+    import zoneinfo
+
+    monkeypatch.setenv("ZAE_LIMITER_SOCKET", daemon.socket)
+    scope: dict = {}
+    exec(compile(readme_block("off_peak_discount("), "README.md", "exec"), scope)  # noqa: S102
+    tenant = f"tenant-{daemon.namespace}-schedule"
+
+    def peak() -> bool:
+        now = datetime.datetime.now(zoneinfo.ZoneInfo("America/New_York"))
+        return now.weekday() < 5 and 9 <= now.hour <= 17
+
+    async def scenario():
+        await scope["off_peak_discount"](tenant)
+        before = peak()
+        capacity = await scope["minute_budget"](tenant, "gpt-4")
+        limits = await scope["limiter"].get_limits(tenant)
+        await scope["limiter"].close()
+        return before, capacity, peak(), limits
+
+    before, capacity, after, limits = run(scenario())
+    if before == after:  # not asked across the boundary itself
+        assert capacity == (5_000 if before else 10_000)
+    (stored,) = limits
+    assert stored.capacity == 10_000, "the stored limit keeps its own values"
+    assert stored.schedule == (scope["PEAK"],)
+
+
 def test_the_session_example_refuses_the_51st_request_until_the_window_ends(daemon, monkeypatch):
     monkeypatch.setenv("ZAE_LIMITER_SOCKET", daemon.socket)
     scope: dict = {}

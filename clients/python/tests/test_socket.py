@@ -87,6 +87,45 @@ def test_a_stock_grpcio_client_spends_a_quota_and_tops_it_up(daemon, entity):
     assert after == [True] * 5 + [False], "exactly the 5 bought, past the amount"
 
 
+def test_a_stock_grpcio_client_is_limited_by_a_schedule_in_force_and_told_which(daemon, entity):
+    # Always in force, the first entry halves the limit; a bad entry names its place.
+    limit = pb.Limit(
+        name="rpm",
+        capacity=4,
+        refill_amount=4,
+        refill_period_ms=86_400_000,
+        schedule=[pb.ScheduleEntry(cron="* * * * *", scale_permille=500)],
+        schedule_tz="Europe/Berlin",
+    )
+    with grpc.insecure_channel(f"unix:{daemon.socket}") as channel:
+        stub = pb_grpc.RateLimiterStub(channel)
+
+        def acquire(limits):
+            request = pb.AcquireRequest(
+                namespace=daemon.namespace,
+                entity_id=entity,
+                resource="gpt-4",
+                consume={"rpm": 1},
+                limits=limits,
+                commit=True,
+            )
+            return stub.Acquire(request, timeout=10)
+
+        answers = [acquire([limit]) for _ in range(3)]
+        bad = pb.Limit()
+        bad.CopyFrom(limit)
+        bad.schedule.add(cron="* * * *", scale_permille=2_000)
+        with pytest.raises(grpc.RpcError) as refused:
+            acquire([bad])
+    assert [a.allowed for a in answers] == [True, True, False]
+    (status,) = answers[2].statuses
+    assert status.in_force.capacity == 2 and not status.in_force.schedule
+    assert status.limit.capacity == 4 and status.limit.schedule_tz == "Europe/Berlin"
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "limits[0].schedule" in refused.value.details()
+    assert "entry 1" in refused.value.details()
+
+
 def test_a_stock_grpc_aio_client_with_default_options(daemon, entity):
     async def scenario():
         async with grpc.aio.insecure_channel(f"unix:{daemon.socket}") as channel:

@@ -47,6 +47,7 @@ from ._models import (
     LimitStatus,
     OnUnavailable,
     ResourceCapacity,
+    ScheduleEntry,
     UsageSnapshot,
 )
 
@@ -75,6 +76,7 @@ __all__ = [
     "RateLimiterUnavailable",
     "ResourceCapacity",
     "ResourceDisabled",
+    "ScheduleEntry",
     "SyncLease",
     "SyncRateLimiter",
     "UsageSnapshot",

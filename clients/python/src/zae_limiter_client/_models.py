@@ -58,6 +58,87 @@ def _on_unavailable_from_pb(value: int) -> OnUnavailable | None:
     }.get(value)
 
 
+_MAX_TOKENS = 10**15
+_MAX_SCALE = 10**6
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleEntry:
+    """One entry of a limit's schedule, as in the Python zae-limiter: while the five-field
+    ``cron`` pattern matches (minute by minute, in the IANA zone ``tz``: ``"* 9-17 * * MON-FRI"``
+    is business hours), the first matching entry changes the limit: ``scale`` multiplies its
+    capacity and refill amount (to a thousandth, rounded down), or ``capacity``,
+    ``refill_amount`` and ``refill_period_seconds`` replace its own. Give one or the other.
+    Every entry of a schedule has the same ``tz``. The daemon checks the pattern and zone."""
+
+    cron: str
+    tz: str = "UTC"
+    scale: float | None = None
+    capacity: int | None = None
+    refill_amount: int | None = None
+    refill_period_seconds: int | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("cron", "tz"):
+            if not isinstance(getattr(self, field), str):
+                raise ValidationError(
+                    f"schedule entry: {field} must be a string, got {getattr(self, field)!r}",
+                    field=field,
+                )
+        absolutes = (self.capacity, self.refill_amount, self.refill_period_seconds)
+        if (self.scale is None) == all(v is None for v in absolutes):
+            raise ValidationError(
+                "schedule entry: give scale= or the values it sets (capacity=, refill_amount=, "
+                "refill_period_seconds=), one or the other",
+                field="scale",
+            )
+        if self.scale is not None:
+            if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+                raise ValidationError(
+                    f"schedule entry: scale must be a number, got {self.scale!r}", field="scale"
+                )
+            if not math.isfinite(self.scale) or not 0 < self.scale <= _MAX_SCALE:
+                raise ValidationError(
+                    f"schedule entry: scale must be above 0 and at most {_MAX_SCALE}, "
+                    f"got {self.scale!r}",
+                    field="scale",
+                )
+        for field, high in (
+            ("capacity", _MAX_TOKENS),
+            ("refill_amount", _MAX_TOKENS),
+            ("refill_period_seconds", 10 * 366 * 86_400),
+        ):
+            value = getattr(self, field)
+            if value is not None:
+                _whole(f"schedule entry: {field}", value, low=1, high=high)
+
+    @property
+    def scale_permille(self) -> int:
+        """The scale in thousandths, as the daemon takes it (0: the entry sets values)."""
+        return 0 if self.scale is None else max(1, round(self.scale * 1000))
+
+    def _to_pb(self) -> pb.ScheduleEntry:
+        return pb.ScheduleEntry(
+            cron=self.cron,
+            scale_permille=self.scale_permille,
+            capacity=self.capacity or 0,
+            refill_amount=self.refill_amount or 0,
+            refill_period_ms=(self.refill_period_seconds or 0) * 1000,
+        )
+
+    @classmethod
+    def _from_pb(cls, entry: pb.ScheduleEntry, tz: str) -> ScheduleEntry:
+        if entry.scale_permille:
+            return cls(entry.cron, tz or "UTC", scale=entry.scale_permille / 1000)
+        return cls(
+            entry.cron,
+            tz or "UTC",
+            capacity=entry.capacity or None,
+            refill_amount=entry.refill_amount or None,
+            refill_period_seconds=(entry.refill_period_ms // 1000) or None,
+        )
+
+
 @dataclasses.dataclass(frozen=True, init=False)
 class Limit:
     """A token bucket: ``capacity`` tokens (the burst), refilled by ``refill_amount`` tokens every
@@ -74,7 +155,10 @@ class Limit:
     forgiven, at each instant the five-field cron pattern starts matching in the IANA zone
     ``tz``. ``Limit.quota(name, amount, reset_after=timedelta(hours=5))`` is a session quota:
     the entity's first admitted use opens a window of that length, and its amount comes back at
-    the window's end; an idle entity's next use opens a new one."""
+    the window's end; an idle entity's next use opens a new one.
+
+    ``limit.with_schedule((ScheduleEntry("* 9-17 * * MON-FRI", scale=2.0), ...))`` is the same
+    dripping limit under a schedule (see ``ScheduleEntry``); a quota has none."""
 
     name: str
     capacity: int
@@ -87,6 +171,8 @@ class Limit:
     quota_tz: str = ""
     #: A session quota's window in milliseconds (0: not a session quota).
     quota_reset_after_ms: int = 0
+    #: A dripping limit's schedule (see ``with_schedule``).
+    schedule: tuple[ScheduleEntry, ...] = ()
 
     def __init__(
         self,
@@ -100,7 +186,20 @@ class Limit:
         quota_cron: str = "",
         quota_tz: str = "",
         quota_reset_after_ms: int = 0,
+        schedule: Sequence[ScheduleEntry] = (),
     ) -> None:
+        schedule = tuple(schedule)
+        for entry in schedule:
+            if not isinstance(entry, ScheduleEntry):
+                raise ValidationError(
+                    f"limit {name}: a schedule is ScheduleEntry values, got {entry!r}",
+                    field="schedule",
+                )
+        if len({entry.tz for entry in schedule}) > 1:
+            raise ValidationError(
+                f"limit {name}: every entry of a schedule has the same tz", field="schedule"
+            )
+        object.__setattr__(self, "schedule", schedule)
         for field, value in (("quota_cron", quota_cron), ("quota_tz", quota_tz)):
             if not isinstance(value, str):
                 raise ValidationError(
@@ -160,6 +259,10 @@ class Limit:
             low=0,
             high=_U64_MAX,
         )
+
+    def with_schedule(self, schedule: Sequence[ScheduleEntry]) -> Limit:
+        """This limit under ``schedule`` (``()``: none), as in the Python zae-limiter."""
+        return dataclasses.replace(self, schedule=tuple(schedule))
 
     @property
     def is_quota(self) -> bool:
@@ -281,6 +384,8 @@ class Limit:
             quota_cron=self.quota_cron,
             quota_tz=self.quota_tz,
             quota_reset_after_ms=self.quota_reset_after_ms,
+            schedule=[entry._to_pb() for entry in self.schedule],
+            schedule_tz=self.schedule[0].tz if self.schedule else "",
         )
 
     @classmethod
@@ -294,6 +399,7 @@ class Limit:
             quota_cron=limit.quota_cron,
             quota_tz=limit.quota_tz,
             quota_reset_after_ms=limit.quota_reset_after_ms,
+            schedule=[ScheduleEntry._from_pb(e, limit.schedule_tz) for e in limit.schedule],
         )
 
 
@@ -341,7 +447,10 @@ class LimitStatus:
             retry_after_seconds=retry,
             available_milli=status.available_milli,
             requested_milli=status.requested_milli,
-            limit=limits.get(status.name)
+            # Of a scheduled limit, the one in force (as the Python zae-limiter reports it).
+            limit=Limit._from_pb(status.in_force)
+            if status.HasField("in_force")
+            else limits.get(status.name)
             or (Limit._from_pb(status.limit) if status.HasField("limit") else None),
             soft=status.soft,
             overdrawn=status.overdrawn,
