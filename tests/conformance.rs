@@ -1676,6 +1676,71 @@ async fn a_bucket_operation_is_conditional_audited_and_done_once_per_key(
     assert_eq!(audit_count(&*store, &ns, "buyer").await, 5);
 }
 
+/// A session quota's top-up is kept with its bucket, raising its ceiling (a refund then returns
+/// above the amount), until a write at its window's end takes it back.
+async fn a_session_top_up_is_stored_and_taken_back_at_the_window_s_end(
+    store: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    let k = key(&ns, "buyer", "assistant");
+    let window = std::time::Duration::from_secs(60);
+    let limits = vec![Limit::session_quota("s", 10, window).unwrap()];
+    let out = consume(
+        &*store,
+        &k,
+        &limits,
+        &tokens(&[("s", 10)]),
+        T0,
+        Seen::Unread,
+    )
+    .await;
+    assert!(admitted(&out.unwrap()));
+    let seen = store.load_bucket(&k).await.unwrap().unwrap();
+    let (top_up, _) = plan_operation(&seen, &Operation::TopUp(tokens(&[("s", 7)])), T0 + 1);
+    let entry = AuditEntry::new(
+        "buyer".into(),
+        AuditAction::BucketToppedUp,
+        &actor(T0),
+        None,
+        Some("{}".into()),
+    );
+    store
+        .operate_bucket(&k, top_up.as_ref(), &entry, None)
+        .await
+        .unwrap();
+    let stored = store.load_bucket(&k).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.limits[0].balance, stored.limits[0].topped_up),
+        (7 * MILLI, 7 * MILLI)
+    );
+    let out = consume(
+        &*store,
+        &k,
+        &limits,
+        &tokens(&[("s", 7)]),
+        T0 + 2,
+        Seen::Unread,
+    )
+    .await;
+    assert!(admitted(&out.unwrap()), "the seven bought");
+    let out = consume(
+        &*store,
+        &k,
+        &limits,
+        &tokens(&[("s", 1)]),
+        T0 + 60_000,
+        Seen::Unread,
+    )
+    .await;
+    assert!(admitted(&out.unwrap()), "a new window");
+    let stored = store.load_bucket(&k).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.limits[0].balance, stored.limits[0].topped_up),
+        (9 * MILLI, 0),
+        "the window's end took the top-up back"
+    );
+}
+
 /// Entities with limits of their own for a resource, a page at a time in id order, and the
 /// resources with defaults; a deletion (of the limits, or of the entity) takes them off. The
 /// DynamoDB store reads an index, so the test waits for it to settle.
@@ -1808,6 +1873,7 @@ macro_rules! conformance {
                 deleting_and_moving_entities,
                 deleting_a_namespace_removes_everything_in_it_only,
                 a_bucket_operation_is_conditional_audited_and_done_once_per_key,
+                a_session_top_up_is_stored_and_taken_back_at_the_window_s_end,
                 limits_are_listed_by_resource,
                 a_resource_s_buckets_are_read_together,
             );

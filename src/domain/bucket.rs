@@ -45,6 +45,10 @@ pub struct LimitState {
     /// Total ever consumed through this bucket (consumptions, adjustments and refunds). Wider
     /// than a balance: it only grows with use, refill pays for more, and it must never wrap.
     pub consumed: i128,
+    /// Of a session quota: what was topped up for the open (or next) window, which raises its
+    /// ceiling until the window ends (a calendar quota keeps its period's in its carry). 0 for
+    /// any other limit.
+    pub topped_up: i64,
 }
 
 impl LimitState {
@@ -54,6 +58,7 @@ impl LimitState {
             limit,
             carry: 0,
             consumed: 0,
+            topped_up: 0,
         }
     }
 
@@ -253,10 +258,16 @@ impl LimitState {
     /// The most the balance may hold at `at`: the capacity in force, and of a calendar quota
     /// what was topped up this period (kept in its carry, which a quota's drip does not need).
     fn ceiling(&self, at: i64) -> i64 {
-        match self.limit.calendar() {
-            Some(_) => self.limit.capacity().saturating_add(self.carry.max(0)),
-            None => self.limit.capacity_at(at),
+        match (self.limit.calendar(), self.limit.session_ms()) {
+            (Some(_), _) => self.limit.capacity().saturating_add(self.carry.max(0)),
+            (_, Some(_)) => self.limit.capacity().saturating_add(self.topped_up.max(0)),
+            _ => self.limit.capacity_at(at),
         }
+    }
+
+    /// What to write of a session quota's top-up with a refill (`None`: other limits).
+    fn topped_up_change(&self) -> Option<i64> {
+        self.limit.session_ms().map(|_| self.topped_up)
     }
 
     /// Whether a session quota's open window has ended by `now`.
@@ -438,6 +449,7 @@ impl Change {
                         delta: 0,
                         consumed: 0,
                         carry: None,
+                        topped_up: None,
                         ..
                     }
                 )
@@ -460,7 +472,8 @@ pub struct Refill {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LimitChange {
     /// Add `delta` to the balance and `consumed` to the total, provided the stored balance lies in
-    /// `min_balance..=max_balance`; with a refill, also set the carry.
+    /// `min_balance..=max_balance`; with a refill, also set the carry (and a session quota's
+    /// top-up).
     Update {
         name: LimitName,
         delta: i64,
@@ -468,6 +481,7 @@ pub enum LimitChange {
         min_balance: i64,
         max_balance: Option<i64>,
         carry: Option<i64>,
+        topped_up: Option<i64>,
     },
     /// A limit new to the bucket (only inside a reconfiguring change).
     Insert(LimitState),
@@ -643,6 +657,7 @@ pub fn plan(
                         ceiling
                     },
                     carry: guarded.then_some(after.carry),
+                    topped_up: after.topped_up_change().filter(|_| guarded),
                 }
             }
         });
@@ -746,6 +761,7 @@ pub fn plan_settle(
                 min_balance: if a > 0 { MIN_BALANCE + a } else { MIN_BALANCE },
                 max_balance: (a < 0).then(|| l.ceiling(now) + a),
                 carry: None,
+                topped_up: None,
             });
         }
         let write = Write::Change(Change {
@@ -776,9 +792,10 @@ pub fn plan_settle(
         } else {
             now_state.balance - a
         };
+        // A session's window stays open to its end, whatever the balance.
         let carry = if before.limit.calendar().is_some() {
             now_state.carry
-        } else if balance >= capacity {
+        } else if balance >= capacity && before.limit.session_ms().is_none() {
             0
         } else if now_state.opens(a) {
             now.saturating_add(now_state.limit.session_ms().unwrap_or(0))
@@ -797,6 +814,7 @@ pub fn plan_settle(
             min_balance: MIN_BALANCE.saturating_sub(delta.min(0)),
             max_balance: Some(before.balance),
             carry: Some(carry),
+            topped_up: now_state.topped_up_change(),
         });
     }
     Ok(Some((
@@ -866,20 +884,31 @@ pub fn plan_operation(
     for (before, refilled) in seen.limits.iter().zip(&target.limits) {
         let name = before.limit.name();
         let capacity = before.limit.capacity_at(target.refilled_at);
-        let (balance, carry) = match op {
+        let named = |amounts: &[(LimitName, i64)]| amounts.iter().any(|(n, _)| n == name);
+        let (balance, carry, topped_up) = match op {
             Operation::Reset(names) if names.as_ref().is_none_or(|n| n.contains(name)) => {
-                (capacity, 0)
+                (capacity, 0, 0)
             }
             // A calendar quota gains exactly what is given, for this period (its ceiling
             // rises with it; the next edge takes both back), up to a bound no sum can pass.
-            Operation::TopUp(amounts)
-                if before.limit.calendar().is_some() && amounts.iter().any(|(n, _)| n == name) =>
-            {
+            Operation::TopUp(amounts) if before.limit.calendar().is_some() && named(amounts) => {
                 let room = MAX_TOPPED_UP.saturating_sub(refilled.carry.max(0)).max(0);
                 let given = amount_for(amounts, name).clamp(0, room);
-                (refilled.balance + given, refilled.carry + given)
+                (refilled.balance + given, refilled.carry + given, 0)
             }
-            Operation::TopUp(amounts) if amounts.iter().any(|(n, _)| n == name) => {
+            // So does a session quota, for the open window (or the next one, if none is open).
+            Operation::TopUp(amounts) if before.limit.session_ms().is_some() && named(amounts) => {
+                let room = MAX_TOPPED_UP
+                    .saturating_sub(refilled.topped_up.max(0))
+                    .max(0);
+                let given = amount_for(amounts, name).clamp(0, room);
+                (
+                    refilled.balance + given,
+                    refilled.carry,
+                    refilled.topped_up + given,
+                )
+            }
+            Operation::TopUp(amounts) if named(amounts) => {
                 let given = amount_for(amounts, name).max(0);
                 let room = (i128::from(capacity) - i128::from(refilled.balance)).max(0);
                 let balance = refilled.balance + i128::from(given).min(room) as i64;
@@ -890,9 +919,10 @@ pub fn plan_operation(
                     } else {
                         refilled.carry
                     },
+                    0,
                 )
             }
-            _ => (refilled.balance, refilled.carry),
+            _ => (refilled.balance, refilled.carry, refilled.topped_up),
         };
         if op.names().is_none_or(|n| n.contains(&name)) {
             gained.push((name.clone(), balance - refilled.balance));
@@ -905,6 +935,7 @@ pub fn plan_operation(
             min_balance: MIN_BALANCE.saturating_sub(delta.min(0)),
             max_balance: Some(before.balance),
             carry: Some(carry),
+            topped_up: before.limit.session_ms().map(|_| topped_up),
         });
     }
     if gained.iter().all(|(_, g)| *g == 0) {
@@ -989,9 +1020,12 @@ impl Bucket {
                 .iter()
                 .map(|l| {
                     let (balance, carry) = l.refilled(self.refilled_at, now);
+                    // A session's window end takes its top-up back.
+                    let ended = l.limit.session_ms().is_some() && l.window_over(now);
                     LimitState {
                         balance,
                         carry,
+                        topped_up: if ended { 0 } else { l.topped_up },
                         ..l.clone()
                     }
                     .clamped(self.refilled_at.max(now))
@@ -1011,9 +1045,14 @@ impl Bucket {
                 Some(old) => {
                     // A calendar quota keeps its period's top-ups (and its raised ceiling).
                     let calendars = old.limit.calendar().is_some() && limit.calendar().is_some();
+                    // A session's open window stays while its length does.
+                    let sessions = old.limit.session_ms().is_some() && limit.session_ms().is_some();
+                    let window = sessions && old.limit.session_ms() == limit.session_ms();
                     let carry = if calendars
-                        || (old.limit.params_at(at).refill_period_ms
-                            == limit.params_at(at).refill_period_ms
+                        || window
+                        || (!sessions
+                            && old.limit.params_at(at).refill_period_ms
+                                == limit.params_at(at).refill_period_ms
                             && old.limit.session_ms() == limit.session_ms()
                             && old.balance < limit.capacity_at(at))
                     {
@@ -1026,6 +1065,7 @@ impl Bucket {
                         balance: old.balance,
                         carry,
                         consumed: old.consumed,
+                        topped_up: if sessions { old.topped_up } else { 0 },
                     }
                     .clamped(at)
                 }
@@ -1110,6 +1150,7 @@ impl Bucket {
                     delta,
                     consumed,
                     carry,
+                    topped_up,
                     ..
                 } => {
                     let mut state = self.limit(name).cloned().ok_or(ConditionFailed)?;
@@ -1117,6 +1158,9 @@ impl Bucket {
                     state.consumed += i128::from(*consumed);
                     if let Some(carry) = carry {
                         state.carry = *carry;
+                    }
+                    if let Some(topped_up) = topped_up {
+                        state.topped_up = *topped_up;
                     }
                     if let Some(refill) = &change.refill
                         && let Some(limit) = refill.limits.iter().find(|l| l.name() == name)

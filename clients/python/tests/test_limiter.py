@@ -851,6 +851,25 @@ def test_a_calendar_quota_topped_up_gains_exactly_that_for_its_period(daemon, en
     assert bought.amounts == {"month": 250} and left == {"month": 250}
 
 
+def test_a_session_quota_topped_up_gains_exactly_that_for_its_window(daemon, entity):
+    async def scenario():
+        async with limiter(daemon) as zl:
+            window = datetime.timedelta(hours=5)
+            await zl.set_limits(entity, [Limit.quota("s", 10, reset_after=window)])
+            await zl.consume(entity, "m", {"s": 4})
+            bought = await zl.top_up(entity, "m", {"s": 20})
+            left = await zl.available(entity, "m")
+            await zl.consume(entity, "m", {"s": 26})
+            with pytest.raises(RateLimitExceeded) as refused:
+                await zl.consume(entity, "m", {"s": 1})
+            return bought, left, refused.value
+
+    bought, left, refused = run(scenario())
+    assert bought.amounts == {"s": 20} and left == {"s": 26}, "past the amount"
+    (status,) = refused.statuses
+    assert 4.9 * 3600 < status.retry_after_seconds <= 5 * 3600, "the same window"
+
+
 def test_a_resource_s_capacity_sums_its_entities(daemon, entity):
     model = f"model-{entity}"
     org = f"org-{entity}"

@@ -1206,3 +1206,67 @@ fn scheduled_limits_round_trip_and_parse() {
         assert!(bad.parse::<Limit>().is_err(), "{bad}");
     }
 }
+
+#[test]
+fn a_session_quota_topped_up_gains_exactly_that_for_its_window() {
+    let limits = vec![session(10, 3_600)];
+    let mut b = None;
+    assert!(acquire(&mut b, &limits, &tokens("session", 8), T0));
+    let window_end = T0 + 3_600_000;
+    let seen = b.clone().unwrap();
+    let (write, gained) =
+        plan_operation(&seen, &Operation::TopUp(tokens("session", 25)), T0 + 1_000);
+    assert_eq!(gained, tokens("session", 25), "past the amount: a purchase");
+    let Some(Write::Change(c)) = write else {
+        panic!("a change")
+    };
+    b.as_mut().unwrap().apply(&c).unwrap();
+    let after = b.as_ref().unwrap().at(T0 + 2_000);
+    assert_eq!(after.limits[0].balance, 27 * MILLI, "kept above the amount");
+    assert_eq!(after.limits[0].carry, window_end, "the window stays");
+    assert!(acquire(&mut b, &limits, &tokens("session", 27), T0 + 3_000));
+    assert!(!acquire(&mut b, &limits, &tokens("session", 1), T0 + 4_000));
+    // A refund keeps the raised ceiling, and a full balance keeps the window open.
+    let seen = b.clone().unwrap().at(T0 + 5_000);
+    let (write, refunded) = plan_settle(&seen, &tokens("session", -40), T0 + 5_000)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        refunded.limits[0].balance,
+        35 * MILLI,
+        "at most the ceiling"
+    );
+    assert_eq!(refunded.limits[0].carry, window_end);
+    let Write::Change(c) = write else {
+        panic!("a change")
+    };
+    b.as_mut().unwrap().apply(&c).unwrap();
+    // The window's end takes the top-up back: the amount, and the ceiling, are 10 again.
+    let next = b.as_ref().unwrap().at(window_end);
+    assert_eq!(
+        (next.limits[0].balance, next.limits[0].topped_up),
+        (10 * MILLI, 0)
+    );
+    // A reset takes it back at once.
+    let seen = b.clone().unwrap();
+    let (write, _) = plan_operation(&seen, &Operation::TopUp(tokens("session", 5)), T0 + 6_000);
+    let Some(Write::Change(c)) = write else {
+        panic!("a change")
+    };
+    b.as_mut().unwrap().apply(&c).unwrap();
+    let (write, gained) = plan_operation(b.as_ref().unwrap(), &Operation::Reset(None), T0 + 7_000);
+    assert_eq!(gained, tokens("session", -30));
+    let Some(Write::Change(c)) = write else {
+        panic!("a change")
+    };
+    b.as_mut().unwrap().apply(&c).unwrap();
+    let reset = b.as_ref().unwrap().at(T0 + 7_000);
+    assert_eq!(
+        (
+            reset.limits[0].balance,
+            reset.limits[0].carry,
+            reset.limits[0].topped_up
+        ),
+        (10 * MILLI, 0, 0)
+    );
+}

@@ -12,7 +12,9 @@ use aws_sdk_dynamodb::types::{
     AttributeValue, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem, Update,
 };
 
-use super::keys::{CONFIG, Item, REFILLED_AT, balance_attr, carry_attr, consumed_attr, n, s};
+use super::keys::{
+    CONFIG, Item, REFILLED_AT, balance_attr, carry_attr, consumed_attr, n, s, topped_up_attr,
+};
 use super::schema::PK;
 use crate::domain::bucket::{Change, LimitChange};
 use crate::domain::limit::encode;
@@ -127,7 +129,12 @@ impl Clauses {
             out.push(Clause::Set(REFILLED_AT.into(), n(refill.refilled_at)));
             out.push(Clause::Set(CONFIG.into(), s(encode(&refill.limits))));
             for name in &refill.removed {
-                for attr in [balance_attr(name), carry_attr(name), consumed_attr(name)] {
+                for attr in [
+                    balance_attr(name),
+                    carry_attr(name),
+                    consumed_attr(name),
+                    topped_up_attr(name),
+                ] {
                     out.push(Clause::Remove(attr));
                 }
             }
@@ -144,6 +151,7 @@ impl Clauses {
                     min_balance,
                     max_balance,
                     carry,
+                    topped_up,
                 } => {
                     let b = balance_attr(name);
                     out.push(Clause::Compare(b.clone(), ">=", n(*min_balance)));
@@ -159,12 +167,20 @@ impl Clauses {
                     if let Some(carry) = carry {
                         out.push(Clause::Set(carry_attr(name), n(*carry)));
                     }
+                    match topped_up {
+                        Some(0) => out.push(Clause::Remove(topped_up_attr(name))),
+                        Some(t) => out.push(Clause::Set(topped_up_attr(name), n(*t))),
+                        None => {}
+                    }
                 }
                 LimitChange::Insert(state) => {
                     let name = state.limit.name();
                     out.push(Clause::Set(balance_attr(name), n(state.balance)));
                     out.push(Clause::Set(carry_attr(name), n(state.carry)));
                     out.push(Clause::Set(consumed_attr(name), n(state.consumed)));
+                    if state.topped_up != 0 {
+                        out.push(Clause::Set(topped_up_attr(name), n(state.topped_up)));
+                    }
                 }
             }
         }

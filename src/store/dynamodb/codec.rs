@@ -5,7 +5,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 
 use super::keys::{
     CONFIG, Item, REFILLED_AT, balance_attr, bucket_keys, carry_attr, children_pk, consumed_attr,
-    entity_keys, n, s,
+    entity_keys, n, s, topped_up_attr,
 };
 use super::schema::{GSI1PK, GSI1SK, PK};
 use crate::domain::bucket::{Bucket, LimitState};
@@ -52,6 +52,9 @@ pub(super) fn bucket_item(key: &BucketKey, bucket: &Bucket, mark_attr: &str) -> 
         item.insert(balance_attr(name), n(l.balance));
         item.insert(carry_attr(name), n(l.carry));
         item.insert(consumed_attr(name), n(l.consumed));
+        if l.topped_up != 0 {
+            item.insert(topped_up_attr(name), n(l.topped_up));
+        }
     }
     item
 }
@@ -68,6 +71,10 @@ pub(super) fn decode_bucket(item: &Item, mark_attr: &str) -> Result<Bucket, Stor
                 balance: number(item, &balance_attr(&name))?,
                 carry: number(item, &carry_attr(&name))?,
                 consumed: number(item, &consumed_attr(&name))?,
+                topped_up: match item.get(&topped_up_attr(&name)) {
+                    Some(_) => number(item, &topped_up_attr(&name))?,
+                    None => 0,
+                },
                 limit,
             })
         })

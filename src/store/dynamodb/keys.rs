@@ -35,6 +35,11 @@ pub(super) fn consumed_attr(name: &LimitName) -> String {
     format!("c:{name}")
 }
 
+/// A session quota's top-up for its window (absent: none).
+pub(super) fn topped_up_attr(name: &LimitName) -> String {
+    format!("t:{name}")
+}
+
 /// A usage snapshot's counter of one limit.
 pub(super) fn usage_attr(name: &LimitName) -> String {
     format!("u:{name}")

@@ -679,8 +679,8 @@ class _Api:
         amounts: Mapping[str, int],
         idempotency_key: str | None = None,
     ) -> Any:
-        """Gives each named limit its whole tokens (each 1..10**15): a calendar quota exactly
-        that for its current period (a purchase), any other limit at most its room below
+        """Gives each named limit its whole tokens (each 1..10**15): a quota exactly that
+        for its period or window (a purchase), any other limit at most its room below
         capacity (a refund); the result says what each gained. Idempotent by key as
         ``reset_bucket``."""
         # ``amounts`` is the library's name for the argument; the module's checker is aliased.
