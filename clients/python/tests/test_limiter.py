@@ -851,6 +851,43 @@ def test_a_calendar_quota_topped_up_gains_exactly_that_for_its_period(daemon, en
     assert bought.amounts == {"month": 250} and left == {"month": 250}
 
 
+def test_the_principal_given_is_in_the_audit_record_beside_the_caller_s_uid(daemon, entity):
+    import os
+
+    model = f"model-{entity}"
+
+    async def scenario():
+        async with limiter(daemon) as zl:
+            await zl.create_entity(entity, principal="alice@example.com")
+            await zl.set_limits(entity, [Limit.per_day("tok", 10)], model, "ops-bot")
+            await zl.consume(entity, model, {"tok": 5})
+            await zl.reset_bucket(entity, model, None, "alice@example.com", "incident-7")
+            with pytest.raises(ValidationError) as bad:
+                await zl.top_up(entity, model, {"tok": 1}, principal="jos\u00e9")
+            page = await zl.get_audit_events(entity)
+            return page, bad.value
+
+    page, bad = run(scenario())
+    principals = [event.principal for event in page.events]
+    uid = f"uid:{os.getuid()}"
+    assert f"alice@example.com ({uid})" in principals
+    assert f"ops-bot ({uid})" in principals
+    assert principals.count(f"alice@example.com ({uid})") == 2, principals
+    assert bad.field == "principal"
+
+
+def sync_principal_reaches_the_record(daemon, entity):
+    with SyncRateLimiter(socket=daemon.socket, namespace=daemon.namespace) as zl:
+        zl.create_entity(entity, principal="sync-bot")
+        return [event.principal for event in zl.get_audit_events(entity).events]
+
+
+def test_the_sync_client_sends_the_principal_too(daemon, entity):
+    import os
+
+    assert sync_principal_reaches_the_record(daemon, entity) == [f"sync-bot (uid:{os.getuid()})"]
+
+
 def test_a_session_quota_topped_up_gains_exactly_that_for_its_window(daemon, entity):
     async def scenario():
         async with limiter(daemon) as zl:

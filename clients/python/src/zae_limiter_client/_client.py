@@ -98,6 +98,22 @@ def _rate_limiter_method(name: str) -> _Method:
     return method
 
 
+def _principal_metadata(principal: str | None) -> tuple[tuple[str, str], ...]:
+    """The header that names the caller for audit records (1-128 printable ASCII
+    characters)."""
+    if principal is None:
+        return ()
+    if (
+        not isinstance(principal, str)
+        or not 0 < len(principal) <= 128
+        or not all(" " <= c <= "~" for c in principal)
+    ):
+        raise ValidationError(
+            f"principal: 1-128 printable ASCII characters, got {principal!r}", field="principal"
+        )
+    return (("zae-principal", principal),)
+
+
 def _admin_method(name: str) -> _Method:
     key = "Admin/" + name
     method = _METHODS.get(key)
@@ -202,7 +218,10 @@ class _Api:
         *,
         missing: Any = _RAISE,
         not_found: type = NotFound,
+        principal: str | None = None,
     ) -> Any:
+        """One call; ``principal`` (the library's caller identity for audit logging) goes in
+        the ``zae-principal`` header, which the daemon records beside the caller's uid."""
         raise NotImplementedError
 
     # --- rate limiting ---------------------------------------------------------------------------
@@ -376,6 +395,7 @@ class _Api:
         parent_id: str | None = None,
         cascade: bool = False,
         metadata: Mapping[str, str] | None = None,
+        principal: str | None = None,
     ) -> Any:
         optional = {} if parent_id is None else {"parent_id": parent_id}
         entity = message(
@@ -388,7 +408,10 @@ class _Api:
         )
         request = message(pb.CreateEntityRequest, namespace=self.namespace, entity=entity)
         return self._call(
-            _admin_method("CreateEntity"), request, lambda r: Entity._from_pb(r.entity)
+            _admin_method("CreateEntity"),
+            request,
+            lambda r: Entity._from_pb(r.entity),
+            principal=principal,
         )
 
     def get_entity(self, entity_id: str) -> Any:
@@ -401,7 +424,9 @@ class _Api:
             missing=None,
         )
 
-    def delete_entity(self, entity_id: str, force: bool = False) -> Any:
+    def delete_entity(
+        self, entity_id: str, principal: str | None = None, force: bool = False
+    ) -> Any:
         """Deletes the entity, its buckets and its limits; refused while it has children unless
         ``force``."""
         request = message(
@@ -412,6 +437,7 @@ class _Api:
             request,
             lambda r: None,
             not_found=EntityNotFoundError,
+            principal=principal,
         )
 
     def get_children(self, parent_id: str) -> Any:
@@ -423,7 +449,9 @@ class _Api:
             not_found=EntityNotFoundError,
         )
 
-    def set_parent(self, entity_id: str, parent_id: str | None) -> Any:
+    def set_parent(
+        self, entity_id: str, parent_id: str | None, principal: str | None = None
+    ) -> Any:
         """Moves the entity under ``parent_id`` (``None``: no parent); returns it."""
         optional = {} if parent_id is None else {"parent_id": parent_id}
         request = message(
@@ -437,6 +465,7 @@ class _Api:
             request,
             lambda r: Entity._from_pb(r.entity),
             not_found=EntityNotFoundError,
+            principal=principal,
         )
 
     move_entity = set_parent
@@ -447,14 +476,20 @@ class _Api:
         present = {"entity_id": entity_id, "resource": resource}
         return message(pb.LimitScope, **{k: v for k, v in present.items() if v is not None})
 
-    def _set(self, entity_id: str | None, resource: str | None, limits: Sequence[Limit]) -> Any:
+    def _set(
+        self,
+        entity_id: str | None,
+        resource: str | None,
+        limits: Sequence[Limit],
+        principal: str | None = None,
+    ) -> Any:
         request = message(
             pb.SetLimitsRequest,
             namespace=self.namespace,
             scope=self._scope(entity_id, resource),
             limits=limits_to_pb(limits),
         )
-        return self._call(_admin_method("SetLimits"), request, lambda r: None)
+        return self._call(_admin_method("SetLimits"), request, lambda r: None, principal=principal)
 
     def _get(self, entity_id: str | None, resource: str | None) -> Any:
         request = message(
@@ -469,26 +504,36 @@ class _Api:
             missing=[],
         )
 
-    def _delete(self, entity_id: str | None, resource: str | None) -> Any:
+    def _delete(
+        self, entity_id: str | None, resource: str | None, principal: str | None = None
+    ) -> Any:
         request = message(
             pb.LimitsRequest,
             namespace=self.namespace,
             scope=self._scope(entity_id, resource),
         )
-        return self._call(_admin_method("DeleteLimits"), request, lambda r: None)
+        return self._call(
+            _admin_method("DeleteLimits"), request, lambda r: None, principal=principal
+        )
 
     def set_limits(
-        self, entity_id: str, limits: Sequence[Limit], resource: str | None = None
+        self,
+        entity_id: str,
+        limits: Sequence[Limit],
+        resource: str | None = None,
+        principal: str | None = None,
     ) -> Any:
         """Stores the entity's limits: for ``resource``, or its default for every resource."""
-        return self._set(entity_id, resource, limits)
+        return self._set(entity_id, resource, limits, principal)
 
     def get_limits(self, entity_id: str, resource: str | None = None) -> Any:
         """The entity's stored limits (for ``resource``, or its default); ``[]`` when none."""
         return self._get(entity_id, resource)
 
-    def delete_limits(self, entity_id: str, resource: str | None = None) -> Any:
-        return self._delete(entity_id, resource)
+    def delete_limits(
+        self, entity_id: str, resource: str | None = None, principal: str | None = None
+    ) -> Any:
+        return self._delete(entity_id, resource, principal)
 
     def list_entities_with_custom_limits(
         self, resource: str, limit: int | None = None, cursor: str | None = None
@@ -541,26 +586,32 @@ class _Api:
             _admin_method("ListResourcesWithDefaults"), request, lambda r: list(r.resources)
         )
 
-    def set_resource_defaults(self, resource: str, limits: Sequence[Limit]) -> Any:
-        return self._set(None, resource, limits)
+    def set_resource_defaults(
+        self, resource: str, limits: Sequence[Limit], principal: str | None = None
+    ) -> Any:
+        return self._set(None, resource, limits, principal)
 
     def get_resource_defaults(self, resource: str) -> Any:
         return self._get(None, resource)
 
-    def delete_resource_defaults(self, resource: str) -> Any:
-        return self._delete(None, resource)
+    def delete_resource_defaults(self, resource: str, principal: str | None = None) -> Any:
+        return self._delete(None, resource, principal)
 
     def set_system_defaults(
-        self, limits: Sequence[Limit], on_unavailable: OnUnavailable | str | None = None
+        self,
+        limits: Sequence[Limit],
+        on_unavailable: OnUnavailable | str | None = None,
+        principal: str | None = None,
     ) -> Any:
         """The system's limits; with ``on_unavailable``, also the namespace's failure policy
         (``set_failure_policy``), as the library stores both."""
+        _principal_metadata(principal)  # refused before anything is written
         if on_unavailable is None:
-            return self._set(None, None, limits)
-        _on_unavailable(on_unavailable)  # refused before anything is written
+            return self._set(None, None, limits, principal)
+        _on_unavailable(on_unavailable)
         return self._in_order(
-            lambda: self._set(None, None, limits),
-            lambda: self.set_failure_policy(on_unavailable),
+            lambda: self._set(None, None, limits, principal),
+            lambda: self.set_failure_policy(on_unavailable, principal),
         )
 
     # --- gates: disabled and enabled resources --------------------------------------------------
@@ -571,60 +622,73 @@ class _Api:
         resource: str | None,
         gate: int | None,
         until: datetime.datetime | datetime.timedelta | None = None,
+        principal: str | None = None,
     ) -> Any:
         """Sets (``gate``) or clears (``None``) the gate at a scope; a bypass may end ``until``."""
         scope = self._scope(entity_id, resource)
         if gate is None:
             request = message(pb.LimitsRequest, namespace=self.namespace, scope=scope)
-            return self._call(_admin_method("ClearGate"), request, lambda r: None)
+            return self._call(
+                _admin_method("ClearGate"), request, lambda r: None, principal=principal
+            )
         ends = {} if until is None else {"bypass_until_ms": _epoch_ms("until", until)}
         request = message(
             pb.GateRequest, namespace=self.namespace, scope=scope, gate=gate, **ends
         )
-        return self._call(_admin_method("SetGate"), request, lambda r: None)
+        return self._call(_admin_method("SetGate"), request, lambda r: None, principal=principal)
 
-    def disable_resource(self, resource: str) -> Any:
+    def disable_resource(self, resource: str, principal: str | None = None) -> Any:
         """Refuses every acquire on ``resource`` (``ResourceDisabled``), for every entity that
         has no gate of its own. This daemon applies it at once, others within
         ``limits_cache_ms``."""
-        return self._gate(None, resource, pb.GATE_DISABLED)
+        return self._gate(None, resource, pb.GATE_DISABLED, principal=principal)
 
-    def enable_resource(self, resource: str) -> Any:
-        return self._gate(None, resource, pb.GATE_ENABLED)
+    def enable_resource(self, resource: str, principal: str | None = None) -> Any:
+        return self._gate(None, resource, pb.GATE_ENABLED, principal=principal)
 
-    def clear_resource_disabled(self, resource: str) -> Any:
-        return self._gate(None, resource, None)
+    def clear_resource_disabled(self, resource: str, principal: str | None = None) -> Any:
+        return self._gate(None, resource, None, principal=principal)
 
-    def disable_entity(self, entity_id: str, resource: str | None = None) -> Any:
+    def disable_entity(
+        self, entity_id: str, resource: str | None = None, principal: str | None = None
+    ) -> Any:
         """Refuses the entity's acquires on ``resource`` (``None``: on every resource without an
         entity + resource gate)."""
-        return self._gate(entity_id, resource, pb.GATE_DISABLED)
+        return self._gate(entity_id, resource, pb.GATE_DISABLED, principal=principal)
 
-    def enable_entity(self, entity_id: str, resource: str | None = None) -> Any:
+    def enable_entity(
+        self, entity_id: str, resource: str | None = None, principal: str | None = None
+    ) -> Any:
         """Serves the entity even where its resource is disabled for everyone else."""
-        return self._gate(entity_id, resource, pb.GATE_ENABLED)
+        return self._gate(entity_id, resource, pb.GATE_ENABLED, principal=principal)
 
-    def clear_entity_disabled(self, entity_id: str, resource: str | None = None) -> Any:
-        return self._gate(entity_id, resource, None)
+    def clear_entity_disabled(
+        self, entity_id: str, resource: str | None = None, principal: str | None = None
+    ) -> Any:
+        return self._gate(entity_id, resource, None, principal=principal)
 
     def bypass_resource(
-        self, resource: str, until: datetime.datetime | datetime.timedelta | None = None
+        self,
+        resource: str,
+        principal: str | None = None,
+        until: datetime.datetime | datetime.timedelta | None = None,
     ) -> Any:
         """Admits every acquire on ``resource`` without debiting the entity's balances (its
         consumption is still counted; a cascade parent is charged as usual), for every entity
         that has no gate of its own; until ``until`` (a time, or a time from now) when given,
         else until ``clear_resource_disabled``."""
-        return self._gate(None, resource, pb.GATE_BYPASS, until)
+        return self._gate(None, resource, pb.GATE_BYPASS, until, principal)
 
     def bypass_entity(
         self,
         entity_id: str,
         resource: str | None = None,
+        principal: str | None = None,
         until: datetime.datetime | datetime.timedelta | None = None,
     ) -> Any:
         """As ``bypass_resource``, for the entity on ``resource`` (``None``: on every resource
         without an entity + resource gate)."""
-        return self._gate(entity_id, resource, pb.GATE_BYPASS, until)
+        return self._gate(entity_id, resource, pb.GATE_BYPASS, until, principal)
 
     # --- reset and top-up of one bucket ------------------------------------------------------
 
@@ -634,6 +698,7 @@ class _Api:
         entity_id: str,
         resource: str,
         idempotency_key: str | None,
+        principal: str | None,
         **fields: Any,
     ) -> Any:
         if idempotency_key is not None and not isinstance(idempotency_key, str):
@@ -653,6 +718,7 @@ class _Api:
             _admin_method(method),
             request,
             lambda r: BucketOperationResult._from_pb(entity_id, resource, r),
+            principal=principal,
         )
 
     def reset_bucket(
@@ -660,6 +726,7 @@ class _Api:
         entity_id: str,
         resource: str,
         limits: Sequence[str] | None = None,
+        principal: str | None = None,
         idempotency_key: str | None = None,
     ) -> Any:
         """Fills the entity's limits on ``resource`` (``limits``: only these names) to capacity,
@@ -670,13 +737,16 @@ class _Api:
         if isinstance(limits, str):
             raise ValidationError("limits: must be a list of names, not a string", field="limits")
         names = list(limits) if limits is not None else []
-        return self._operate("ResetBucket", entity_id, resource, idempotency_key, limits=names)
+        return self._operate(
+            "ResetBucket", entity_id, resource, idempotency_key, principal, limits=names
+        )
 
     def top_up(
         self,
         entity_id: str,
         resource: str,
         amounts: Mapping[str, int],
+        principal: str | None = None,
         idempotency_key: str | None = None,
     ) -> Any:
         """Gives each named limit its whole tokens (each 1..10**15): a quota exactly that
@@ -685,14 +755,24 @@ class _Api:
         ``reset_bucket``."""
         # ``amounts`` is the library's name for the argument; the module's checker is aliased.
         wire = _checked_amounts("amounts", amounts, allow_negative=False)
-        return self._operate("TopUp", entity_id, resource, idempotency_key, amounts=wire)
+        return self._operate(
+            "TopUp", entity_id, resource, idempotency_key, principal, amounts=wire
+        )
 
-    def _cascade(self, entity_id: str | None, resource: str | None, cascade: Any) -> Any:
+    def _cascade(
+        self,
+        entity_id: str | None,
+        resource: str | None,
+        cascade: Any,
+        principal: str | None = None,
+    ) -> Any:
         """Sets (``True``/``False``) or clears (``None``) the cascade policy at a scope."""
         scope = self._scope(entity_id, resource)
         if cascade is None:
             request = message(pb.LimitsRequest, namespace=self.namespace, scope=scope)
-            return self._call(_admin_method("ClearCascade"), request, lambda r: None)
+            return self._call(
+                _admin_method("ClearCascade"), request, lambda r: None, principal=principal
+            )
         if not isinstance(cascade, bool):
             raise ValidationError(
                 f"cascade: must be True or False, got {cascade!r}", field="cascade"
@@ -700,7 +780,9 @@ class _Api:
         request = message(
             pb.CascadeRequest, namespace=self.namespace, scope=scope, cascade=cascade
         )
-        return self._call(_admin_method("SetCascade"), request, lambda r: None)
+        return self._call(
+            _admin_method("SetCascade"), request, lambda r: None, principal=principal
+        )
 
     def _get_cascade(self, entity_id: str | None, resource: str | None) -> Any:
         request = message(
@@ -712,31 +794,43 @@ class _Api:
 
         return self._call(_admin_method("GetCascade"), request, convert)
 
-    def set_resource_cascade(self, resource: str, cascade: bool) -> Any:
+    def set_resource_cascade(
+        self, resource: str, cascade: bool, principal: str | None = None
+    ) -> Any:
         """Whether an acquire of a child entity on ``resource`` also charges its parent, for
         every entity without a policy of its own (an entity's, for the resource or for all its
         resources, comes first; with none anywhere, the entity's ``cascade`` flag decides)."""
-        return self._cascade(None, resource, cascade)
+        return self._cascade(None, resource, cascade, principal)
 
-    def clear_resource_cascade(self, resource: str) -> Any:
-        return self._cascade(None, resource, None)
+    def clear_resource_cascade(self, resource: str, principal: str | None = None) -> Any:
+        return self._cascade(None, resource, None, principal)
 
     def get_resource_cascade(self, resource: str) -> Any:
         """The resource's cascade policy: ``True``, ``False`` or ``None`` (not set)."""
         return self._get_cascade(None, resource)
 
-    def set_entity_cascade(self, entity_id: str, cascade: bool, resource: str | None = None) -> Any:
+    def set_entity_cascade(
+        self,
+        entity_id: str,
+        cascade: bool,
+        resource: str | None = None,
+        principal: str | None = None,
+    ) -> Any:
         """Whether the entity's acquires on ``resource`` (``None``: on every resource without an
         entity + resource policy) also charge its parent."""
-        return self._cascade(entity_id, resource, cascade)
+        return self._cascade(entity_id, resource, cascade, principal)
 
-    def clear_entity_cascade(self, entity_id: str, resource: str | None = None) -> Any:
-        return self._cascade(entity_id, resource, None)
+    def clear_entity_cascade(
+        self, entity_id: str, resource: str | None = None, principal: str | None = None
+    ) -> Any:
+        return self._cascade(entity_id, resource, None, principal)
 
     def get_entity_cascade(self, entity_id: str, resource: str | None = None) -> Any:
         return self._get_cascade(entity_id, resource)
 
-    def set_failure_policy(self, on_unavailable: OnUnavailable | str) -> Any:
+    def set_failure_policy(
+        self, on_unavailable: OnUnavailable | str, principal: str | None = None
+    ) -> Any:
         """What an acquire that gives no ``on_unavailable`` does when the store cannot answer
         in time, for the whole namespace (audited). This daemon applies it at once, others
         within their ``limits_cache_ms``."""
@@ -746,7 +840,9 @@ class _Api:
         request = message(
             pb.FailurePolicyRequest, namespace=self.namespace, on_unavailable=wire
         )
-        return self._call(_admin_method("SetFailurePolicy"), request, lambda r: None)
+        return self._call(
+            _admin_method("SetFailurePolicy"), request, lambda r: None, principal=principal
+        )
 
     def get_failure_policy(self) -> Any:
         """The namespace's stored failure policy, or ``None`` (the daemon's applies)."""
@@ -757,15 +853,17 @@ class _Api:
             lambda r: _on_unavailable_from_pb(r.on_unavailable),
         )
 
-    def delete_failure_policy(self) -> Any:
+    def delete_failure_policy(self, principal: str | None = None) -> Any:
         request = message(pb.NamespaceRequest, namespace=self.namespace)
-        return self._call(_admin_method("DeleteFailurePolicy"), request, lambda r: None)
+        return self._call(
+            _admin_method("DeleteFailurePolicy"), request, lambda r: None, principal=principal
+        )
 
     def get_system_defaults(self) -> Any:
         return self._get(None, None)
 
-    def delete_system_defaults(self) -> Any:
-        return self._delete(None, None)
+    def delete_system_defaults(self, principal: str | None = None) -> Any:
+        return self._delete(None, None, principal)
 
     # --- audit, usage, namespaces ----------------------------------------------------------------
 
@@ -1191,11 +1289,13 @@ class RateLimiter(_Api):
         *,
         missing: Any = _RAISE,
         not_found: type = NotFound,
+        principal: str | None = None,
     ) -> Any:
+        metadata = _principal_metadata(principal)
         channel = self._current_channel()
         try:
             payload = request if type(request) is bytes else request.SerializeToString()
-            answer = await channel.unary(method.path, payload, self.timeout)
+            answer = await channel.unary(method.path, payload, self.timeout, metadata)
             response = method.response.FromString(answer)
         except _h2.CallError as err:
             if missing is not _RAISE and err.code == "NOT_FOUND":
@@ -1323,10 +1423,14 @@ class SyncRateLimiter(_Api):
         *,
         missing: Any = _RAISE,
         not_found: type = NotFound,
+        principal: str | None = None,
     ) -> Any:
+        metadata = _principal_metadata(principal)
         payload = request if type(request) is bytes else request.SerializeToString()
         try:
-            answer = self._callable(method.path)(payload, timeout=self.timeout)
+            answer = self._callable(method.path)(
+                payload, timeout=self.timeout, metadata=metadata or None
+            )
             response = method.response.FromString(answer)
         except grpc.RpcError as err:
             return self._error(err, missing, not_found)

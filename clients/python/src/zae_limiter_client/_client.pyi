@@ -135,36 +135,104 @@ class RateLimiter:
         parent_id: str | None = None,
         cascade: bool = False,
         metadata: Mapping[str, str] | None = None,
+        principal: str | None = None,
     ) -> Entity: ...
     async def get_entity(self, entity_id: str) -> Entity | None: ...
-    async def delete_entity(self, entity_id: str, force: bool = False) -> None: ...
+    async def delete_entity(
+        self,
+        entity_id: str,
+        principal: str | None = None,
+        force: bool = False,
+    ) -> None: ...
     async def get_children(self, parent_id: str) -> list[Entity]: ...
-    async def set_parent(self, entity_id: str, parent_id: str | None) -> Entity: ...
-    async def move_entity(self, entity_id: str, parent_id: str | None) -> Entity: ...
+    async def set_parent(
+        self,
+        entity_id: str,
+        parent_id: str | None,
+        principal: str | None = None,
+    ) -> Entity: ...
+    async def move_entity(
+        self,
+        entity_id: str,
+        parent_id: str | None,
+        principal: str | None = None,
+    ) -> Entity: ...
     async def set_limits(
-        self, entity_id: str, limits: Sequence[Limit], resource: str | None = None
+        self,
+        entity_id: str,
+        limits: Sequence[Limit],
+        resource: str | None = None,
+        principal: str | None = None,
     ) -> None: ...
     async def get_limits(self, entity_id: str, resource: str | None = None) -> list[Limit]: ...
-    async def delete_limits(self, entity_id: str, resource: str | None = None) -> None: ...
-    async def set_resource_defaults(self, resource: str, limits: Sequence[Limit]) -> None: ...
-    async def get_resource_defaults(self, resource: str) -> list[Limit]: ...
-    async def delete_resource_defaults(self, resource: str) -> None: ...
-    async def set_system_defaults(
-        self, limits: Sequence[Limit], on_unavailable: OnUnavailable | str | None = None
+    async def delete_limits(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        principal: str | None = None,
     ) -> None: ...
-    async def disable_resource(self, resource: str) -> None: ...
-    async def enable_resource(self, resource: str) -> None: ...
-    async def clear_resource_disabled(self, resource: str) -> None: ...
-    async def disable_entity(self, entity_id: str, resource: str | None = None) -> None: ...
-    async def enable_entity(self, entity_id: str, resource: str | None = None) -> None: ...
-    async def clear_entity_disabled(self, entity_id: str, resource: str | None = None) -> None: ...
+    async def set_resource_defaults(
+        self,
+        resource: str,
+        limits: Sequence[Limit],
+        principal: str | None = None,
+    ) -> None: ...
+    async def get_resource_defaults(self, resource: str) -> list[Limit]: ...
+    async def delete_resource_defaults(
+        self,
+        resource: str,
+        principal: str | None = None,
+    ) -> None: ...
+    async def set_system_defaults(
+        self,
+        limits: Sequence[Limit],
+        on_unavailable: OnUnavailable | str | None = None,
+        principal: str | None = None,
+    ) -> None: ...
+    async def disable_resource(
+        self,
+        resource: str,
+        principal: str | None = None,
+    ) -> None: ...
+    async def enable_resource(
+        self,
+        resource: str,
+        principal: str | None = None,
+    ) -> None: ...
+    async def clear_resource_disabled(
+        self,
+        resource: str,
+        principal: str | None = None,
+    ) -> None: ...
+    async def disable_entity(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        principal: str | None = None,
+    ) -> None: ...
+    async def enable_entity(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        principal: str | None = None,
+    ) -> None: ...
+    async def clear_entity_disabled(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        principal: str | None = None,
+    ) -> None: ...
     async def bypass_resource(
-        self, resource: str, until: datetime.datetime | datetime.timedelta | None = None
+        self,
+        resource: str,
+        principal: str | None = None,
+        until: datetime.datetime | datetime.timedelta | None = None,
     ) -> None: ...
     async def bypass_entity(
         self,
         entity_id: str,
         resource: str | None = None,
+        principal: str | None = None,
         until: datetime.datetime | datetime.timedelta | None = None,
     ) -> None: ...
     async def list_entities_with_custom_limits(
@@ -179,6 +247,7 @@ class RateLimiter:
         entity_id: str,
         resource: str,
         limits: Sequence[str] | None = None,
+        principal: str | None = None,
         idempotency_key: str | None = None,
     ) -> BucketOperationResult: ...
     async def top_up(
@@ -186,21 +255,50 @@ class RateLimiter:
         entity_id: str,
         resource: str,
         amounts: Mapping[str, int],
+        principal: str | None = None,
         idempotency_key: str | None = None,
     ) -> BucketOperationResult: ...
-    async def set_resource_cascade(self, resource: str, cascade: bool) -> None: ...
-    async def clear_resource_cascade(self, resource: str) -> None: ...
+    async def set_resource_cascade(
+        self,
+        resource: str,
+        cascade: bool,
+        principal: str | None = None,
+    ) -> None: ...
+    async def clear_resource_cascade(
+        self,
+        resource: str,
+        principal: str | None = None,
+    ) -> None: ...
     async def get_resource_cascade(self, resource: str) -> bool | None: ...
     async def set_entity_cascade(
-        self, entity_id: str, cascade: bool, resource: str | None = None
+        self,
+        entity_id: str,
+        cascade: bool,
+        resource: str | None = None,
+        principal: str | None = None,
     ) -> None: ...
-    async def clear_entity_cascade(self, entity_id: str, resource: str | None = None) -> None: ...
+    async def clear_entity_cascade(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        principal: str | None = None,
+    ) -> None: ...
     async def get_entity_cascade(self, entity_id: str, resource: str | None = None) -> bool | None: ...
-    async def set_failure_policy(self, on_unavailable: OnUnavailable | str) -> None: ...
+    async def set_failure_policy(
+        self,
+        on_unavailable: OnUnavailable | str,
+        principal: str | None = None,
+    ) -> None: ...
     async def get_failure_policy(self) -> OnUnavailable | None: ...
-    async def delete_failure_policy(self) -> None: ...
+    async def delete_failure_policy(
+        self,
+        principal: str | None = None,
+    ) -> None: ...
     async def get_system_defaults(self) -> list[Limit]: ...
-    async def delete_system_defaults(self) -> None: ...
+    async def delete_system_defaults(
+        self,
+        principal: str | None = None,
+    ) -> None: ...
     async def get_audit_events(
         self, subject: str, limit: int = 100, page: str | None = None
     ) -> AuditPage: ...
@@ -274,36 +372,104 @@ class SyncRateLimiter:
         parent_id: str | None = None,
         cascade: bool = False,
         metadata: Mapping[str, str] | None = None,
+        principal: str | None = None,
     ) -> Entity: ...
     def get_entity(self, entity_id: str) -> Entity | None: ...
-    def delete_entity(self, entity_id: str, force: bool = False) -> None: ...
+    def delete_entity(
+        self,
+        entity_id: str,
+        principal: str | None = None,
+        force: bool = False,
+    ) -> None: ...
     def get_children(self, parent_id: str) -> list[Entity]: ...
-    def set_parent(self, entity_id: str, parent_id: str | None) -> Entity: ...
-    def move_entity(self, entity_id: str, parent_id: str | None) -> Entity: ...
+    def set_parent(
+        self,
+        entity_id: str,
+        parent_id: str | None,
+        principal: str | None = None,
+    ) -> Entity: ...
+    def move_entity(
+        self,
+        entity_id: str,
+        parent_id: str | None,
+        principal: str | None = None,
+    ) -> Entity: ...
     def set_limits(
-        self, entity_id: str, limits: Sequence[Limit], resource: str | None = None
+        self,
+        entity_id: str,
+        limits: Sequence[Limit],
+        resource: str | None = None,
+        principal: str | None = None,
     ) -> None: ...
     def get_limits(self, entity_id: str, resource: str | None = None) -> list[Limit]: ...
-    def delete_limits(self, entity_id: str, resource: str | None = None) -> None: ...
-    def set_resource_defaults(self, resource: str, limits: Sequence[Limit]) -> None: ...
-    def get_resource_defaults(self, resource: str) -> list[Limit]: ...
-    def delete_resource_defaults(self, resource: str) -> None: ...
-    def set_system_defaults(
-        self, limits: Sequence[Limit], on_unavailable: OnUnavailable | str | None = None
+    def delete_limits(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        principal: str | None = None,
     ) -> None: ...
-    def disable_resource(self, resource: str) -> None: ...
-    def enable_resource(self, resource: str) -> None: ...
-    def clear_resource_disabled(self, resource: str) -> None: ...
-    def disable_entity(self, entity_id: str, resource: str | None = None) -> None: ...
-    def enable_entity(self, entity_id: str, resource: str | None = None) -> None: ...
-    def clear_entity_disabled(self, entity_id: str, resource: str | None = None) -> None: ...
+    def set_resource_defaults(
+        self,
+        resource: str,
+        limits: Sequence[Limit],
+        principal: str | None = None,
+    ) -> None: ...
+    def get_resource_defaults(self, resource: str) -> list[Limit]: ...
+    def delete_resource_defaults(
+        self,
+        resource: str,
+        principal: str | None = None,
+    ) -> None: ...
+    def set_system_defaults(
+        self,
+        limits: Sequence[Limit],
+        on_unavailable: OnUnavailable | str | None = None,
+        principal: str | None = None,
+    ) -> None: ...
+    def disable_resource(
+        self,
+        resource: str,
+        principal: str | None = None,
+    ) -> None: ...
+    def enable_resource(
+        self,
+        resource: str,
+        principal: str | None = None,
+    ) -> None: ...
+    def clear_resource_disabled(
+        self,
+        resource: str,
+        principal: str | None = None,
+    ) -> None: ...
+    def disable_entity(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        principal: str | None = None,
+    ) -> None: ...
+    def enable_entity(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        principal: str | None = None,
+    ) -> None: ...
+    def clear_entity_disabled(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        principal: str | None = None,
+    ) -> None: ...
     def bypass_resource(
-        self, resource: str, until: datetime.datetime | datetime.timedelta | None = None
+        self,
+        resource: str,
+        principal: str | None = None,
+        until: datetime.datetime | datetime.timedelta | None = None,
     ) -> None: ...
     def bypass_entity(
         self,
         entity_id: str,
         resource: str | None = None,
+        principal: str | None = None,
         until: datetime.datetime | datetime.timedelta | None = None,
     ) -> None: ...
     def list_entities_with_custom_limits(
@@ -318,6 +484,7 @@ class SyncRateLimiter:
         entity_id: str,
         resource: str,
         limits: Sequence[str] | None = None,
+        principal: str | None = None,
         idempotency_key: str | None = None,
     ) -> BucketOperationResult: ...
     def top_up(
@@ -325,21 +492,50 @@ class SyncRateLimiter:
         entity_id: str,
         resource: str,
         amounts: Mapping[str, int],
+        principal: str | None = None,
         idempotency_key: str | None = None,
     ) -> BucketOperationResult: ...
-    def set_resource_cascade(self, resource: str, cascade: bool) -> None: ...
-    def clear_resource_cascade(self, resource: str) -> None: ...
+    def set_resource_cascade(
+        self,
+        resource: str,
+        cascade: bool,
+        principal: str | None = None,
+    ) -> None: ...
+    def clear_resource_cascade(
+        self,
+        resource: str,
+        principal: str | None = None,
+    ) -> None: ...
     def get_resource_cascade(self, resource: str) -> bool | None: ...
     def set_entity_cascade(
-        self, entity_id: str, cascade: bool, resource: str | None = None
+        self,
+        entity_id: str,
+        cascade: bool,
+        resource: str | None = None,
+        principal: str | None = None,
     ) -> None: ...
-    def clear_entity_cascade(self, entity_id: str, resource: str | None = None) -> None: ...
+    def clear_entity_cascade(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        principal: str | None = None,
+    ) -> None: ...
     def get_entity_cascade(self, entity_id: str, resource: str | None = None) -> bool | None: ...
-    def set_failure_policy(self, on_unavailable: OnUnavailable | str) -> None: ...
+    def set_failure_policy(
+        self,
+        on_unavailable: OnUnavailable | str,
+        principal: str | None = None,
+    ) -> None: ...
     def get_failure_policy(self) -> OnUnavailable | None: ...
-    def delete_failure_policy(self) -> None: ...
+    def delete_failure_policy(
+        self,
+        principal: str | None = None,
+    ) -> None: ...
     def get_system_defaults(self) -> list[Limit]: ...
-    def delete_system_defaults(self) -> None: ...
+    def delete_system_defaults(
+        self,
+        principal: str | None = None,
+    ) -> None: ...
     def get_audit_events(
         self, subject: str, limit: int = 100, page: str | None = None
     ) -> AuditPage: ...

@@ -527,10 +527,14 @@ class Channel:
             old.close()
         return conn
 
-    async def unary(self, path: str, message: bytes, timeout: float) -> bytes:
+    async def unary(
+        self, path: str, message: bytes, timeout: float, metadata: tuple[tuple[str, str], ...] = ()
+    ) -> bytes:
         headers = self.headers.get(path)
         if headers is None:
             headers = self.headers[path] = request_headers(path)
+        for name, value in metadata:
+            headers += _literal(name.encode(), value.encode())
         conn = self.connection
         if conn is None or not conn.usable:
             conn = await self._connection(timeout)
