@@ -108,6 +108,10 @@ struct Args {
     /// one: of `--capacity` tokens (default 10^12) in admit mode, of 1 in reject mode.
     #[arg(long)]
     quota: Option<String>,
+    /// The (dripping) limit has a schedule of one entry on this five-field cron pattern (UTC)
+    /// that scales it by 1: the same limit, decided through the schedule's machinery.
+    #[arg(long)]
+    schedule: Option<String>,
     /// Calls per second in all, spread evenly over the clients (default: each client calls
     /// again as soon as it has its answer). Paced calls measure the cost of a call at the rate
     /// another run reached, e.g. the health check at the cold path's rate.
@@ -597,6 +601,20 @@ async fn throughput(args: &Args, clients: &[Client], daemons: &[Daemon]) {
             }
         }
     });
+    let limits = match &args.schedule {
+        None => limits,
+        Some(pattern) => {
+            use zae_limiter::domain::schedule::{Change, Schedule};
+            let schedule =
+                Schedule::new(&[(pattern.clone(), Change::Scale(1_000))], "UTC").unwrap();
+            Arc::new(
+                limits
+                    .iter()
+                    .map(|l| l.clone().with_schedule(schedule.clone()).unwrap())
+                    .collect(),
+            )
+        }
+    };
     let pids: Vec<u32> = daemons.iter().map(|d| d.child.id()).collect();
     let cpu_all = || pids.iter().map(|&pid| cpu_time(pid)).sum::<Duration>();
     let scrape_all = || {
