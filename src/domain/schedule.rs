@@ -28,7 +28,10 @@ pub const MAX_ENTRIES: usize = 16;
 pub const MAX_SCALE_PERMILLE: u64 = 1_000_000_000;
 /// How far ahead a boundary is looked for; past it the entry in force is taken to stay (a
 /// later question finds the next one).
-const HORIZON_MS: i64 = 400 * 24 * 3_600 * 1_000;
+const HORIZON_MS: i64 = 31 * 24 * 3_600 * 1_000;
+/// The longest gap before a known span that is checked minute by minute to join it (an earlier
+/// refill time than any asked about so far, typically seconds before).
+const JOIN_MS: i64 = 24 * 3_600 * 1_000;
 /// The most instants where some entry starts or stops matching looked at for one boundary.
 const MAX_STEPS: usize = 1_024;
 /// The most matching minutes walked in one go to find where a run of matches ends (a run that
@@ -291,10 +294,31 @@ impl Schedule {
     /// The span of instants around `at_ms` with the same entry in force: from `at_ms` (or
     /// earlier) up to the next boundary (or as far as it was looked for).
     pub fn span(&self, at_ms: i64) -> Span {
-        if let Ok(spans) = self.0.spans.lock()
-            && let Some(s) = spans.iter().find(|s| (s.from..s.to).contains(&at_ms))
+        let later = match self.0.spans.lock() {
+            Ok(spans) => {
+                if let Some(s) = spans.iter().find(|s| (s.from..s.to).contains(&at_ms)) {
+                    return *s;
+                }
+                spans
+                    .iter()
+                    .filter(|s| s.from > at_ms && s.from - at_ms <= JOIN_MS)
+                    .min_by_key(|s| s.from)
+                    .copied()
+            }
+            Err(_) => None,
+        };
+        // Shortly before a known span, with the same entry in force at every minute up to it:
+        // the span starts earlier (no need to look ahead again).
+        if let Some(s) = later
+            && self.same_until(at_ms, s.from, s.active)
         {
-            return *s;
+            let joined = Span { from: at_ms, ..s };
+            if let Ok(mut spans) = self.0.spans.lock()
+                && let Some(known) = spans.iter_mut().find(|k| **k == s)
+            {
+                known.from = at_ms;
+            }
+            return joined;
         }
         let computed = self.compute(at_ms);
         if let Ok(mut spans) = self.0.spans.lock() {
@@ -314,6 +338,27 @@ impl Schedule {
             }
         }
         computed
+    }
+
+    /// Whether `active` is in force at every minute from `from_ms`'s up to `to_ms`.
+    fn same_until(&self, from_ms: i64, to_ms: i64, active: Option<usize>) -> bool {
+        let mut minute = from_ms - from_ms.rem_euclid(60_000);
+        while minute < to_ms {
+            let Some(at) = self.0.tz.timestamp_millis_opt(minute).single() else {
+                return false;
+            };
+            let matching: Vec<bool> = self
+                .0
+                .entries
+                .iter()
+                .map(|e| self.matches(e, &at))
+                .collect();
+            if self.active_at(&matching) != active {
+                return false;
+            }
+            minute += 60_000;
+        }
+        true
     }
 
     /// The entry in force at `at` (a minute), with each entry's match there.

@@ -66,7 +66,7 @@ fn the_first_matching_entry_wins() {
     let s = sched(&[("* * * * *", HALF), ("* 9-17 * * *", DOUBLE)], "UTC");
     let span = s.span(at("2026-03-02T11:00:00Z"));
     assert_eq!(span.active, Some(0));
-    assert!(span.to - at("2026-03-02T11:00:00Z") > 300 * 24 * 3_600_000);
+    assert!(span.to - at("2026-03-02T11:00:00Z") >= 30 * 24 * 3_600_000);
 }
 
 #[test]
@@ -208,33 +208,39 @@ const PATTERNS: &[&str] = &[
 ];
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(32))]
 
     /// Walking minute by minute agrees with the span found: the same entry is in force at every
     /// minute up to its end, and another one at its end.
     #[test]
     fn a_span_is_what_matching_every_minute_finds(
         picks in prop::collection::vec(0usize..PATTERNS.len(), 1..4),
-        offset in 0i64..(14 * 24 * 60),
+        offsets in prop::collection::vec((0i64..(14 * 24 * 60), 0i64..60_000), 1..4),
         berlin in any::<bool>(),
     ) {
         let tz_name = if berlin { "Europe/Berlin" } else { "America/New_York" };
         let tz: Tz = tz_name.parse().unwrap();
         let entries: Vec<(&str, Change)> = picks.iter().map(|i| (PATTERNS[*i], HALF)).collect();
         let s = sched(&entries, tz_name);
-        // Around the March changes of both zones.
-        let t = at("2026-03-01T00:00:00Z") + offset * 60_000 + 12_345;
-        let span = s.span(t);
-        let active = active_by_minute(&entries, tz, t);
-        prop_assert_eq!(span.active, active);
-        let mut m = t - t.rem_euclid(60_000) + 60_000;
-        let end = span.to.min(t + 3 * 24 * 3_600_000);
-        while m < end {
-            prop_assert_eq!(active_by_minute(&entries, tz, m), active, "at {}", m);
-            m += 60_000;
-        }
-        if span.to <= t + 3 * 24 * 3_600_000 {
-            prop_assert_ne!(active_by_minute(&entries, tz, span.to), active, "at the end {}", span.to);
+        // Around the March changes of both zones; later questions may come shortly before
+        // earlier ones (a span known is then joined, or not, by checking the gap).
+        for (minute, ms) in offsets {
+            let t = at("2026-03-01T00:00:00Z") + minute * 60_000 + ms;
+            for t in [t, t - 90_000, t - 3_000] {
+                let span = s.span(t);
+                let active = active_by_minute(&entries, tz, t);
+                prop_assert_eq!(span.active, active);
+                prop_assert!(span.from <= t && t < span.to);
+                let mut m = t - t.rem_euclid(60_000) + 60_000;
+                let end = span.to.min(t + 3 * 24 * 3_600_000);
+                while m < end {
+                    prop_assert_eq!(active_by_minute(&entries, tz, m), active, "at {}", m);
+                    m += 60_000;
+                }
+                if span.to <= t + 3 * 24 * 3_600_000 {
+                    prop_assert_ne!(active_by_minute(&entries, tz, span.to), active, "at the end {}", span.to);
+                }
+            }
         }
     }
 }
