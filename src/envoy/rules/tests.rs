@@ -239,3 +239,22 @@ fn a_rule_takes_calendar_quotas_and_refuses_a_bad_calendar_by_name() {
     let err = rules(&bad).unwrap_err();
     assert!(err.contains("never starts matching"), "{err}");
 }
+
+#[test]
+fn a_rule_takes_scheduled_limits_and_refuses_a_bad_entry_by_name() {
+    let scheduled = TWO_RULES.replace(
+        r#"limits = ["rpm=10/1m", "tpm=1000/1m,soft"]"#,
+        r#"limits = ["rpm=10/1m,when(* 9-17 * * 1-5)=x0.5,tz=Europe/Berlin", "tpm=1000/1m,soft"]"#,
+    );
+    let r = rules(&scheduled).unwrap();
+    let chat = r
+        .plan("edge", &[("api_key", "k1"), ("path", "/v1/chat")], None, 1)
+        .unwrap()
+        .unwrap();
+    let limits = chat.limits.unwrap();
+    let rpm = limits.iter().find(|l| l.name().as_str() == "rpm").unwrap();
+    assert_eq!(rpm.schedule().map(|s| s.tz()), Some("Europe/Berlin"));
+    let bad = TWO_RULES.replace("tpm=1000/1m,soft", "tpm=1000/1m,when(* * 31 2 *)=x2");
+    let err = rules(&bad).unwrap_err();
+    assert!(err.contains("limits[1]") && err.contains("entry 0"), "{err}");
+}
