@@ -1733,7 +1733,10 @@ async fn the_cli_stores_a_scheduled_limit_and_decides_with_the_entry_in_force() 
     let (code, out, _) = cli(&[&acquire[..], &["--consume", "rpm=1"]].concat());
     assert_eq!(code, Some(3), "refused at the capacity in force: {out}");
     let audit = ok(&["audit", "tenant", "--output", "json"]);
-    assert!(audit.contains("\"schedule\""), "the audit record shows the schedule: {audit}");
+    assert!(
+        audit.contains("\"schedule\""),
+        "the audit record shows the schedule: {audit}"
+    );
     let (code, _, err) = cli(&[
         "limits",
         "set",

@@ -26,7 +26,7 @@
 
 use super::amounts::MIN_BALANCE;
 use super::limit::{Limit, LimitName, encode};
-use super::schedule::Params;
+use super::schedule::{Params, cross};
 
 /// The most schedule boundaries walked one by one in a refill or a wait (past them, a refill
 /// credits the rest at the schedule's slowest rate and smallest capacity: never more than the
@@ -94,10 +94,7 @@ impl LimitState {
             }
             at = end;
             let next = self.limit.params_at(at);
-            if next.refill_period_ms != params.refill_period_ms || balance >= next.capacity {
-                carry = 0;
-            }
-            balance = balance.min(next.capacity);
+            (balance, carry) = cross(balance, carry, params, next);
             params = next;
         }
         // Further boundaries: the rest at the slowest rate, up to the smallest capacity, then
@@ -205,10 +202,7 @@ impl LimitState {
             (balance, carry) = drip(balance, carry, params, at, end);
             at = end;
             let next = self.limit.params_at(at);
-            if next.refill_period_ms != params.refill_period_ms || balance >= next.capacity {
-                carry = 0;
-            }
-            balance = balance.min(next.capacity);
+            (balance, carry) = cross(balance, carry, params, next);
             params = next;
             if wanted <= balance {
                 return waited(at, 0);

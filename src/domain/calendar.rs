@@ -196,14 +196,15 @@ impl Calendar {
     }
 }
 
-fn escape(text: &str) -> String {
+/// `%`, `,`, `:` and ' ' as `%25`, `%2C`, `%3A`, `%20`.
+pub(super) fn escape(text: &str) -> String {
     text.replace('%', "%25")
         .replace(',', "%2C")
         .replace(':', "%3A")
         .replace(' ', "%20")
 }
 
-fn unescape(text: &str) -> String {
+pub(super) fn unescape(text: &str) -> String {
     text.replace("%20", " ")
         .replace("%3A", ":")
         .replace("%2C", ",")

@@ -94,6 +94,17 @@ pub struct Params {
     pub refill_period_ms: i64,
 }
 
+/// A bucket's balance and carry as a boundary from `before` to `after` leaves them: clamped to
+/// the new capacity, the carry restarted by a new period (or a full balance).
+pub fn cross(balance: i64, carry: i64, before: Params, after: Params) -> (i64, i64) {
+    let carry = if after.refill_period_ms != before.refill_period_ms || balance >= after.capacity {
+        0
+    } else {
+        carry
+    };
+    (balance.min(after.capacity), carry)
+}
+
 impl Change {
     /// A change that sets nothing (not a valid entry's).
     pub const NONE: Self = Self::Set {
@@ -543,24 +554,21 @@ fn stored_text(entries: &[(String, Change)], tz: &str) -> String {
     out
 }
 
+/// A calendar's escapes, and the separators of a schedule's own.
 fn escape(text: &str) -> String {
-    text.replace('%', "%25")
-        .replace(',', "%2C")
-        .replace(':', "%3A")
-        .replace(' ', "%20")
+    super::calendar::escape(text)
         .replace(';', "%3B")
         .replace('~', "%7E")
         .replace('@', "%40")
 }
 
 fn unescape(text: &str) -> String {
-    text.replace("%40", "@")
-        .replace("%7E", "~")
-        .replace("%3B", ";")
-        .replace("%20", " ")
-        .replace("%3A", ":")
-        .replace("%2C", ",")
-        .replace("%25", "%")
+    super::calendar::unescape(
+        &text
+            .replace("%40", "@")
+            .replace("%7E", "~")
+            .replace("%3B", ";"),
+    )
 }
 
 impl PartialEq for Schedule {

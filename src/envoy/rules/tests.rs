@@ -256,5 +256,8 @@ fn a_rule_takes_scheduled_limits_and_refuses_a_bad_entry_by_name() {
     assert_eq!(rpm.schedule().map(|s| s.tz()), Some("Europe/Berlin"));
     let bad = TWO_RULES.replace("tpm=1000/1m,soft", "tpm=1000/1m,when(* * 31 2 *)=x2");
     let err = rules(&bad).unwrap_err();
-    assert!(err.contains("limits[1]") && err.contains("entry 0"), "{err}");
+    assert!(
+        err.contains("limits[1]") && err.contains("entry 0"),
+        "{err}"
+    );
 }
