@@ -32,7 +32,8 @@ const HORIZON_MS: i64 = 31 * 24 * 3_600 * 1_000;
 /// The longest gap before a known span that is checked minute by minute to join it (an earlier
 /// refill time than any asked about so far, typically seconds before).
 const JOIN_MS: i64 = 24 * 3_600 * 1_000;
-/// The most instants where some entry starts or stops matching looked at for one boundary.
+/// The most instants looked at for one boundary (where an entry before the one in force starts
+/// matching, or the one in force may stop).
 const MAX_STEPS: usize = 1_024;
 /// The most matching minutes walked in one go to find where a run of matches ends (a run that
 /// goes on is walked further from there when needed): a week.
@@ -358,13 +359,7 @@ impl Schedule {
             let Some(at) = self.0.tz.timestamp_millis_opt(minute).single() else {
                 return false;
             };
-            let matching: Vec<bool> = self
-                .0
-                .entries
-                .iter()
-                .map(|e| self.matches(e, &at))
-                .collect();
-            if self.active_at(&matching) != active {
+            if self.active_at(&at) != active {
                 return false;
             }
             minute += 60_000;
@@ -372,9 +367,9 @@ impl Schedule {
         true
     }
 
-    /// The entry in force at `at` (a minute), with each entry's match there.
-    fn active_at(&self, matching: &[bool]) -> Option<usize> {
-        matching.iter().position(|m| *m)
+    /// The entry in force at the minute `at`: the first matching one.
+    fn active_at(&self, at: &DateTime<Tz>) -> Option<usize> {
+        self.0.entries.iter().position(|e| self.matches(e, at))
     }
 
     fn matches(&self, entry: &Entry, at: &DateTime<Tz>) -> bool {
@@ -417,34 +412,27 @@ impl Schedule {
             };
         };
         let entries = &self.0.entries;
-        let mut matching: Vec<bool> = entries.iter().map(|e| self.matches(e, &start)).collect();
-        let active = self.active_at(&matching);
-        let mut next: Vec<Option<DateTime<Tz>>> = entries
-            .iter()
-            .zip(&matching)
-            .map(|(e, m)| self.next_change(e, &start, *m))
-            .collect();
+        let active = self.active_at(&start);
+        // Only the entry in force and those before it (not matching) decide where another one
+        // is: a later entry matters only once the one in force stops matching.
+        let watched = active.map_or(entries.len(), |a| a + 1);
         // The entry in force stays up to `to` at least (a boundary if it changes there).
-        let mut to = limit;
+        let (mut t, mut to) = (start, limit);
         for _ in 0..MAX_STEPS {
-            let Some(at) = next.iter().flatten().min().copied() else {
+            let next = entries[..watched]
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| self.next_change(e, &t, Some(i) == active))
+                .min();
+            let Some(at) = next.filter(|at| at.timestamp_millis() <= limit) else {
                 to = limit;
                 break;
             };
-            if at.timestamp_millis() > limit {
-                to = limit;
-                break;
-            }
-            for (i, e) in entries.iter().enumerate() {
-                if next[i] == Some(at) {
-                    matching[i] = self.matches(e, &at);
-                    next[i] = self.next_change(e, &at, matching[i]);
-                }
-            }
             to = at.timestamp_millis();
-            if self.active_at(&matching) != active {
+            if self.active_at(&at) != active {
                 break;
             }
+            t = at;
         }
         Span {
             from: at_ms,
