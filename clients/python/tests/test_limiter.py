@@ -46,6 +46,7 @@ def test_admits_then_refuses_with_retry_after(daemon, entity):
     assert 0 < err.retry_after_seconds <= 30
     assert err.retry_after_header == str(int(err.retry_after_seconds) + 1)
     assert not err.never_fits and err.as_dict()["never_fits"] is False
+    assert err.contended is False and err.as_dict()["contended"] is False, "refused by the limit"
     assert [v.limit_name for v in err.violations] == ["rpm"]
     assert err.passed == []
     assert err.primary_violation.limit_name == "rpm"
@@ -487,7 +488,7 @@ def test_the_namespace_failure_policy_is_stored_with_the_system_defaults(daemon,
 
     seen, stored, events = run(scenario())
     assert seen == [None, OnUnavailable.ALLOW, OnUnavailable.BLOCK, None]
-    assert stored == [Limit.per_day("rpm", 1000)]
+    assert stored == ([Limit.per_day("rpm", 1000)], OnUnavailable.BLOCK), "as the library's"
     # The newest four (records of one millisecond have no order among them).
     assert sorted(e.action for e in events.events[:4]) == [
         "failure_policy_deleted",

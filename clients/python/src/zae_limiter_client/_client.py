@@ -210,6 +210,11 @@ class _Api:
         answer is the last one's."""
         raise NotImplementedError
 
+    def _each(self, *calls: Callable[[], Any]) -> Any:
+        """Makes the calls one after another, as ``_in_order``; the answer is every one's, in a
+        tuple."""
+        raise NotImplementedError
+
     def _call(
         self,
         method: _Method,
@@ -860,7 +865,9 @@ class _Api:
         )
 
     def get_system_defaults(self) -> Any:
-        return self._get(None, None)
+        """``(limits, on_unavailable)``, as the library returns them: the system's limits
+        (``[]`` when none) and the namespace's failure policy (``None`` when none is stored)."""
+        return self._each(lambda: self._get(None, None), self.get_failure_policy)
 
     def delete_system_defaults(self, principal: str | None = None) -> Any:
         return self._delete(None, None, principal)
@@ -1317,6 +1324,9 @@ class RateLimiter(_Api):
             answer = await call()
         return answer
 
+    async def _each(self, *calls: Callable[[], Any]) -> Any:  # type: ignore[override]
+        return tuple([await call() for call in calls])
+
     async def is_available(self, timeout: float = 1.0) -> bool:
         """Whether the daemon answers its health check with SERVING within ``timeout`` seconds
         (never raises)."""
@@ -1443,6 +1453,9 @@ class SyncRateLimiter(_Api):
         for call in calls:
             answer = call()
         return answer
+
+    def _each(self, *calls: Callable[[], Any]) -> Any:
+        return tuple(call() for call in calls)
 
     def is_available(self, timeout: float = 1.0) -> bool:
         """Whether the daemon answers its health check with SERVING within ``timeout`` seconds

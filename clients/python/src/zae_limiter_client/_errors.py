@@ -32,8 +32,12 @@ class RateLimitExceeded(ZAELimiterError):
     request can never fit (it asks more than a limit's capacity). ``refused_by`` is the cascade
     parent whose limits refused (the statuses are then the parent's), else ``None``. With
     ``acquire(also=...)``, ``statuses`` has every resource's limits (each status names its
-    resource) and ``refused_resource`` the first resource refused.
+    resource) and ``refused_resource`` the first resource refused. ``contended`` is the
+    library's flag for a refusal by write contention rather than by the limits; the daemon retries
+    contention itself, so it is always ``False`` here.
     """
+
+    contended: bool = False
 
     def __init__(
         self,
@@ -94,6 +98,7 @@ class RateLimitExceeded(ZAELimiterError):
                 None if self.retry_after_seconds is None else round(self.retry_after_seconds * 1000)
             ),
             "never_fits": self.never_fits,
+            "contended": self.contended,
             "refused_by": self.refused_by,
             "refused_resource": self.refused_resource,
             "limits": [s.as_dict() for s in self.statuses],
