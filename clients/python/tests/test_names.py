@@ -1,0 +1,54 @@
+"""The client README's table of the Python zae-limiter 0.17's names: every name it says is the
+same is importable from this package, and the table names each of the library's public names."""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+import re
+
+REPO = pathlib.Path(__file__).resolve().parents[3]
+
+#: `zae_limiter.__all__` of the Python zae-limiter 0.17.0.
+LIBRARY = (
+    "__version__ RateLimiter Repository RepositoryBuilder RepositoryProtocol Lease StackManager "
+    "SyncRateLimiter SyncRepository SyncRepositoryBuilder SyncRepositoryProtocol SyncLease "
+    "SyncConfigCache SyncStackManager Availability BucketOperationResult Limit LimiterInfo "
+    "LimitName Entity LimitStatus BucketState UsageSnapshot UsageSummary ResourceCapacity "
+    "EntityCapacity StackOptions BackendCapabilities Status CacheStats ConfigSource ScheduleEntry "
+    "AuditEvent AuditAction OnUnavailable ZAELimiterError RateLimitError InfrastructureError "
+    "EntityError VersionError RateLimitExceeded LeaseExpiredError EntityNotFoundError "
+    "EntityExistsError RateLimiterUnavailable PermissionDenied StackOperationError "
+    "StackAlreadyExistsError InfrastructureNotFoundError NamespaceNotFoundError "
+    "NamespaceStateError VersionMismatchError IncompatibleSchemaError ValidationError "
+    "InvalidIdentifierError InvalidNameError FanoutIncomplete ResourceDisabled"
+).split()
+
+
+def table() -> dict[str, str]:
+    """Each name of the table, with what it says of it."""
+    text = (REPO / "clients/python/README.md").read_text()
+    section = text.split("## The Python zae-limiter 0.17's names, and ours", 1)[1]
+    rows: dict[str, str] = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`") and cells[1] != "here":
+            for name in re.findall(r"`([A-Za-z_]+)`", cells[0]):
+                rows[name] = cells[1]
+    return rows
+
+
+def test_the_table_names_every_public_name_of_the_library_once():
+    rows = table()
+    assert sorted(rows) == sorted(LIBRARY)
+    assert set(rows.values()) <= {"same", "differs", "not yet", "not applicable"}
+
+
+def test_every_name_the_table_says_is_ours_is_importable():
+    package = importlib.import_module("zae_limiter_client")
+    ours = [name for name, said in table().items() if said in ("same", "differs")]
+    assert ours, "the table says something is the same"
+    missing = [name for name in ours if not hasattr(package, name)]
+    assert missing == []
+    for name in ours:
+        assert name in package.__all__, name
