@@ -4,6 +4,7 @@ same is importable from this package, and the table names each of the library's 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import pathlib
 import re
 
@@ -52,3 +53,10 @@ def test_every_name_the_table_says_is_ours_is_importable():
     assert missing == []
     for name in ours:
         assert name in package.__all__, name
+
+
+def test_the_version_and_the_limit_names_are_the_library_s():
+    import zae_limiter_client as z
+
+    assert z.__version__ == importlib.metadata.version("zae-limiter-client")
+    assert (z.LimitName.RPM, z.LimitName.TPM, z.LimitName.TPD) == ("rpm", "tpm", "tpd")

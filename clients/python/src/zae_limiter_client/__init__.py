@@ -14,6 +14,8 @@ changing how the limiter is built::
         await lease.adjust(tpm=response.usage.total_tokens - 500)
 """
 
+import importlib.metadata
+
 from ._client import (
     DEFAULT_SOCKET,
     DEFAULT_TIMEOUT,
@@ -44,6 +46,7 @@ from ._models import (
     Entity,
     EntityCapacity,
     Limit,
+    LimitName,
     LimitStatus,
     OnUnavailable,
     ResourceCapacity,
@@ -51,7 +54,13 @@ from ._models import (
     UsageSnapshot,
 )
 
+try:
+    __version__ = importlib.metadata.version("zae-limiter-client")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+    __version__ = "0.0.0+unknown"
+
 __all__ = [
+    "__version__",
     "DEFAULT_SOCKET",
     "DEFAULT_TIMEOUT",
     "AuditEvent",
@@ -67,6 +76,7 @@ __all__ = [
     "LeaseExpiredError",
     "LeaseNotFound",
     "Limit",
+    "LimitName",
     "LimitStatus",
     "NotFound",
     "OnUnavailable",

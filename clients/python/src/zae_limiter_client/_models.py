@@ -58,6 +58,18 @@ def _on_unavailable_from_pb(value: int) -> OnUnavailable | None:
     }.get(value)
 
 
+class LimitName:
+    """Common limit names, as the Python zae-limiter spells them (any name of letters, digits,
+    ``_``, ``-`` and ``.`` is a limit name)."""
+
+    RPM = "rpm"  # requests per minute
+    RPH = "rph"  # requests per hour
+    RPD = "rpd"  # requests per day
+    TPM = "tpm"  # tokens per minute
+    TPH = "tph"  # tokens per hour
+    TPD = "tpd"  # tokens per day
+
+
 _MAX_TOKENS = 10**15
 _MAX_SCALE = 10**6
 
