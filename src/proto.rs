@@ -31,6 +31,33 @@ impl From<&crate::Limit> for Limit {
     }
 }
 
+impl ScheduleEntry {
+    /// The change the entry puts in force, milli-tokens: its scale when it has one, else the
+    /// values it sets (0: none). A value past the largest taken stays past it, for the schedule
+    /// to refuse by name.
+    pub fn change(&self) -> crate::domain::schedule::Change {
+        use crate::domain::limit::{MAX_TOKENS, MILLI};
+        use crate::domain::schedule::Change;
+        let milli =
+            |tokens: u64| (tokens != 0).then(|| (tokens.min(MAX_TOKENS + 1) as i64) * MILLI);
+        match self.scale_permille {
+            0 => Change::Set {
+                capacity: milli(self.capacity),
+                refill_amount: milli(self.refill_amount),
+                refill_period_ms: (self.refill_period_ms != 0)
+                    .then(|| self.refill_period_ms.min(i64::MAX as u64) as i64),
+            },
+            permille => Change::Scale(permille),
+        }
+    }
+
+    /// Whether it gives both a scale and values to set.
+    pub fn scales_and_sets(&self) -> bool {
+        self.scale_permille != 0
+            && (self.capacity, self.refill_amount, self.refill_period_ms) != (0, 0, 0)
+    }
+}
+
 impl From<(&str, crate::domain::schedule::Change)> for ScheduleEntry {
     /// A schedule entry in its wire form (whole tokens).
     fn from((cron, change): (&str, crate::domain::schedule::Change)) -> Self {

@@ -46,27 +46,11 @@ pub(super) fn limit_json(l: &proto::Limit) -> Value {
         value["schedule"] = l
             .schedule
             .iter()
-            .map(|e| json!({"cron": e.cron, "change": entry_change(e)}))
+            .map(|e| json!({"cron": e.cron, "change": describe_change(e.change())}))
             .collect();
         value["schedule_tz"] = json!(l.schedule_tz);
     }
     value
-}
-
-/// A wire schedule entry's change in the limit grammar's form (`x0.5`, `capacity:20`).
-fn entry_change(e: &proto::ScheduleEntry) -> String {
-    use crate::domain::schedule::Change;
-    let milli =
-        |tokens: u64| (tokens != 0).then(|| tokens.min(i64::MAX as u64 / 1_000) as i64 * MILLI);
-    describe_change(match e.scale_permille {
-        0 => Change::Set {
-            capacity: milli(e.capacity),
-            refill_amount: milli(e.refill_amount),
-            refill_period_ms: (e.refill_period_ms != 0)
-                .then(|| e.refill_period_ms.min(i64::MAX as u64) as i64),
-        },
-        permille => Change::Scale(permille),
-    })
 }
 
 /// A stored limit set (the audit's `before`/`after`) in tokens and periods; other values (an
@@ -195,7 +179,11 @@ pub(super) fn limit_rows(limits: &[proto::Limit]) -> String {
                         let mut rate =
                             format!("{}/{}", l.refill_amount, period(l.refill_period_ms as i64));
                         for e in &l.schedule {
-                            rate.push_str(&format!(", when({}) {}", e.cron, entry_change(e)));
+                            rate.push_str(&format!(
+                                ", when({}) {}",
+                                e.cron,
+                                describe_change(e.change())
+                            ));
                         }
                         if !l.schedule.is_empty() {
                             rate.push_str(&format!(", tz {}", l.schedule_tz));

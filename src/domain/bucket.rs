@@ -26,7 +26,7 @@
 
 use super::amounts::MIN_BALANCE;
 use super::limit::{Limit, LimitName, encode};
-use super::schedule::{Params, cross};
+use super::schedule::{Params, Schedule, cross};
 
 /// The most schedule boundaries walked one by one in a refill or a wait (past them, a refill
 /// credits the rest at the schedule's slowest rate and smallest capacity: never more than the
@@ -157,7 +157,7 @@ impl LimitState {
             if most.is_none_or(|most| wanted > most) {
                 return None;
             }
-            return Some(self.scheduled_wait(balance, carry, wanted, since));
+            return Some(self.scheduled_wait(schedule, balance, carry, wanted, since));
         }
         if wanted > self.limit.capacity() {
             return None;
@@ -180,11 +180,14 @@ impl LimitState {
 
     /// [`LimitState::wait_ms`] of a scheduled limit: walks its spans from `since` (each at its
     /// own rate, clamped at each boundary) until the balance covers `wanted`.
-    fn scheduled_wait(&self, balance: i64, carry: i64, wanted: i64, since: i64) -> u64 {
-        let Some(schedule) = self.limit.schedule() else {
-            return drip_wait(balance, carry, wanted, self.limit.base());
-        };
-        let (mut balance, mut carry) = (balance, carry);
+    fn scheduled_wait(
+        &self,
+        schedule: &Schedule,
+        mut balance: i64,
+        mut carry: i64,
+        wanted: i64,
+        since: i64,
+    ) -> u64 {
         let (mut at, mut params) = (since, self.limit.params_at(since));
         let waited = |at: i64, more: u64| {
             u64::try_from(at.saturating_sub(since))

@@ -282,7 +282,11 @@ impl Limit {
     /// [`LimitError`] for a zero burst or one above [`MAX_TOKENS`].
     pub fn with_burst(mut self, burst: u64) -> Result<Self, LimitError> {
         self.capacity = whole_tokens(&self.name, "burst", burst)?;
-        Ok(self)
+        match self.schedule.take() {
+            // Its entries scale the new capacity: checked again.
+            Some(schedule) => self.with_schedule(schedule),
+            None => Ok(self),
+        }
     }
 
     /// A limit from its stored milli-token form.
@@ -381,10 +385,7 @@ impl Limit {
 
     /// Its capacity in force at `at_ms`, milli-tokens.
     pub fn capacity_at(&self, at_ms: i64) -> i64 {
-        match &self.schedule {
-            None => self.capacity,
-            Some(s) => s.params(self.base(), at_ms).capacity,
-        }
+        self.params_at(at_ms).capacity
     }
 
     /// Of a scheduled limit: the limit as it stands at `at_ms`, its schedule applied (and no

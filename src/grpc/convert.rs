@@ -16,7 +16,7 @@ use crate::domain::calendar::Calendar;
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName, MAX_TOKENS, MILLI, canonical};
 use crate::domain::records::{Entity, FailurePolicy};
-use crate::domain::schedule::{Change, Schedule};
+use crate::domain::schedule::Schedule;
 use crate::limiter::{LeaseId, Limiter, LimiterError};
 use crate::proto;
 
@@ -231,36 +231,22 @@ fn schedule(field: &str, l: &proto::Limit) -> Result<Option<Schedule>, Status> {
         }
         return Ok(None);
     }
-    let milli = |tokens: u64| (tokens != 0).then(|| (tokens.min(MAX_TOKENS + 1) as i64) * MILLI);
-    let entries = l
+    if let Some(j) = l
         .schedule
         .iter()
-        .map(|e| {
-            let set = Change::Set {
-                capacity: milli(e.capacity),
-                refill_amount: milli(e.refill_amount),
-                refill_period_ms: (e.refill_period_ms != 0)
-                    .then(|| e.refill_period_ms.min(i64::MAX as u64) as i64),
-            };
-            let change = match e.scale_permille {
-                0 => set,
-                permille => Change::Scale(permille),
-            };
-            (
-                e.cron.clone(),
-                change,
-                e.scale_permille != 0 && set != Change::NONE,
-            )
-        })
-        .collect::<Vec<_>>();
-    if let Some(j) = entries.iter().position(|(_, _, both)| *both) {
+        .position(proto::ScheduleEntry::scales_and_sets)
+    {
         return Err(invalid(
             format!("{field}.schedule[{j}]"),
             "give scale_permille or the values it sets (capacity, refill_amount, \
              refill_period_ms), not both",
         ));
     }
-    let entries: Vec<_> = entries.into_iter().map(|(p, c, _)| (p, c)).collect();
+    let entries: Vec<_> = l
+        .schedule
+        .iter()
+        .map(|e| (e.cron.clone(), e.change()))
+        .collect();
     let tz = if l.schedule_tz.is_empty() {
         "UTC"
     } else {

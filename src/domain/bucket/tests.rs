@@ -1270,3 +1270,23 @@ fn a_session_quota_topped_up_gains_exactly_that_for_its_window() {
         (10 * MILLI, 0, 0)
     );
 }
+
+#[test]
+fn a_burst_given_after_a_schedule_is_checked_against_its_entries() {
+    use crate::domain::schedule::{Change, Schedule};
+    let big = Schedule::new(&[("* * * * *".to_owned(), Change::Scale(1_000_000))], "UTC").unwrap();
+    let scheduled = Limit::per_second("r", 1_000)
+        .unwrap()
+        .with_schedule(big)
+        .unwrap();
+    assert!(scheduled.clone().with_burst(2_000).is_ok());
+    // A thousandfold of 10^13 tokens is past the largest capacity, as with_schedule refuses.
+    let err = scheduled.with_burst(10_000_000_000_000).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            crate::domain::limit::LimitError::ScheduledTooLarge { .. }
+        ),
+        "{err}"
+    );
+}
