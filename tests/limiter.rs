@@ -1984,6 +1984,53 @@ async fn a_quota_admits_its_amount_per_period_across_two_daemons(
     assert_eq!(balance, 0);
 }
 
+/// A quota topped up past its amount is asked for more than its amount at once, on the daemon
+/// that topped it up (which forgot its cached state of the bucket): admitted, never refused as
+/// "can never fit" on a state it no longer knows.
+async fn a_quota_topped_up_past_its_amount_is_asked_for_it_at_once(
+    inner: Arc<dyn Store>,
+    ns: Namespace,
+) {
+    use zae_limiter::admin::Admin;
+    use zae_limiter::domain::calendar::Calendar;
+    let f = fixture(inner, ns, |_| {});
+    let monthly = Calendar::new("0 0 1 * *", "UTC").unwrap();
+    let window = std::time::Duration::from_secs(3_600);
+    let limits = [
+        Limit::quota("month", 10, monthly).unwrap(),
+        Limit::session_quota("s", 10, window).unwrap(),
+    ];
+    f.store_entity_limits("buyer", &limits).await;
+    let admin = Admin::new(f.limiter.clone());
+    let by = Actor {
+        principal: "ops".into(),
+        at_ms: T0,
+    };
+    let take = |n| {
+        f.limiter.acquire(
+            f.request_stored("buyer", &[("month", n), ("s", n)]),
+            within(5_000),
+        )
+    };
+    assert!(admitted(&take(10).await));
+    let month = LimitName::new("month").unwrap();
+    let s = LimitName::new("s").unwrap();
+    admin
+        .top_up(
+            &key(&f.ns, "buyer"),
+            vec![(month, 25), (s, 25)],
+            None,
+            &by,
+            within(5_000),
+        )
+        .await
+        .unwrap();
+    assert!(admitted(&take(25).await), "the 25 bought, in one request");
+    assert!(!admitted(&take(1).await));
+    let (_, consumed) = f.stored("buyer", "s").await;
+    assert_eq!(consumed, 35 * 1_000);
+}
+
 /// The Python zae-limiter's scenario: traffic from two daemons across a schedule boundary that
 /// lowers a limit's capacity, then across the one that raises it again (the clocks move
 /// together). Each stretch admits exactly what one bucket holds: what is left clamped to the
@@ -2160,4 +2207,5 @@ both_stores!(
     two_daemons_opening_a_session_share_one_allowance,
     a_landed_top_up_is_answered_though_the_cache_cannot_be_told,
     traffic_across_a_schedule_boundary_admits_what_one_bucket_holds,
+    a_quota_topped_up_past_its_amount_is_asked_for_it_at_once,
 );

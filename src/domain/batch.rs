@@ -128,14 +128,24 @@ fn check_request(
 
 /// Whether `req` is refused on the spot, on `states`: each of its buckets as it stands at `now`
 /// less what queued requests hold of it, or `None` when it is not stored or not known well
-/// enough to refuse on (a full bucket then: only a request that can never fit is refused).
-/// Returns the rejection, and whether the parent's limits refused. The checks and their order are
-/// [`decide_batch`]'s.
+/// enough to refuse on (a full bucket then: only a request that can never fit is refused; a
+/// quota topped up holds more than its amount, so asking a quota for more than its amount is
+/// never refused on an unknown state). Returns the rejection, and whether the parent's limits
+/// refused. The checks and their order are [`decide_batch`]'s.
 pub fn refusal(
     states: &[Option<Bucket>],
     req: &Request<'_>,
     now: i64,
 ) -> Option<(Rejection, bool)> {
+    let past_unknown_quota = req.own.iter().chain(req.parent.as_ref()).any(|a| {
+        states[a.item].is_none()
+            && a.limits
+                .iter()
+                .any(|l| l.quota_kind().is_some() && a.amounts.get(l.name()) > l.capacity())
+    });
+    if past_unknown_quota {
+        return None;
+    }
     match check_request(states, req, now, false) {
         Err(Verdict::Rejected {
             rejection,

@@ -270,3 +270,29 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn asking_a_quota_past_its_amount_is_not_refused_on_an_unknown_state() {
+    use crate::domain::calendar::Calendar;
+    let monthly = Calendar::new("0 0 1 * *", "UTC").unwrap();
+    let quota = vec![Limit::quota("month", 10, monthly).unwrap()];
+    let session = vec![Limit::session_quota("s", 10, std::time::Duration::from_secs(60)).unwrap()];
+    let dripping = limits(10, 10);
+    let ask = |limits: &[Limit], a: &Amounts| {
+        let request = Request {
+            own: Some(Ask {
+                item: 0,
+                limits,
+                amounts: a,
+            }),
+            parent: None,
+        };
+        refusal(&[None], &request, 0).is_some()
+    };
+    let eleven = |n: &str| Amounts::new([(name(n), 11 * MILLI)]).unwrap();
+    // A topped-up quota may hold it: the store decides.
+    assert!(!ask(&quota, &eleven("month")));
+    assert!(!ask(&session, &eleven("s")));
+    // A dripping limit never holds more than its capacity: refused at once.
+    assert!(ask(&dripping, &eleven("rpm")));
+}

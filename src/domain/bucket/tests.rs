@@ -1290,3 +1290,23 @@ fn a_burst_given_after_a_schedule_is_checked_against_its_entries() {
         "{err}"
     );
 }
+#[test]
+fn zz_dbg() {
+    let limits = vec![session(2, 3_600)];
+    let mut b = None;
+    assert!(acquire(&mut b, &limits, &tokens("session", 2), T0));
+    let seen = b.clone().unwrap();
+    let (write, gained) =
+        plan_operation(&seen, &Operation::TopUp(tokens("session", 3)), T0 + 1_000);
+    eprintln!("ZZ gained {gained:?} write {write:?}");
+    let Some(Write::Change(c)) = write else {
+        panic!()
+    };
+    b.as_mut().unwrap().apply(&c).unwrap();
+    eprintln!("ZZ stored {:?}", b.as_ref().unwrap().limits[0]);
+    eprintln!("ZZ at {:?}", b.as_ref().unwrap().at(T0 + 2_000).limits[0]);
+    eprintln!(
+        "ZZ plan {:?}",
+        plan(b.as_ref(), &limits, &tokens("session", 3), T0 + 2_000)
+    );
+}
