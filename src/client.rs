@@ -344,6 +344,7 @@ impl Client {
 fn lease_request(id: &str) -> proto::LeaseRequest {
     proto::LeaseRequest {
         lease_id: id.to_owned(),
+        ..Default::default()
     }
 }
 
@@ -422,6 +423,7 @@ fn renew_every(
             timer.tick().await;
             let request = proto::LeaseRequest {
                 lease_id: lease_id.clone(),
+                ..Default::default()
             };
             match client.renew(request).await {
                 Ok(_) => {}
@@ -595,7 +597,13 @@ impl Drop for Lease {
         let mut client = self.client.clone();
         let lease_id = std::mem::take(&mut self.id);
         runtime.spawn(async move {
-            if let Err(e) = client.rollback(proto::LeaseRequest { lease_id }).await {
+            if let Err(e) = client
+                .rollback(proto::LeaseRequest {
+                    lease_id,
+                    ..Default::default()
+                })
+                .await
+            {
                 tracing::warn!("rolling back a dropped lease failed: {e}");
             }
         });

@@ -370,7 +370,23 @@ impl Limiter {
     /// back, and [`LimiterError::CloseUnconfirmed`] when the write is not confirmed by
     /// `deadline`.
     pub async fn commit(&self, lease: LeaseId, deadline: Instant) -> Result<(), LimiterError> {
-        self.lease_op(lease, LeaseOp::Close(Close::Commit), deadline)
+        self.commit_adjusted(lease, Amounts::default(), deadline)
+            .await
+    }
+
+    /// Records `delta` on an open lease, as [`Limiter::adjust`] does, then commits it: one call
+    /// for a client that keeps its adjustments until the end. A lease already closing or closed
+    /// does not record `delta` again (the call joins or reports the close).
+    ///
+    /// # Errors
+    /// As [`Limiter::commit`]; a refused `delta` leaves the lease open and unchanged.
+    pub async fn commit_adjusted(
+        &self,
+        lease: LeaseId,
+        delta: Amounts,
+        deadline: Instant,
+    ) -> Result<(), LimiterError> {
+        self.lease_op(lease, LeaseOp::Close(Close::Commit, delta), deadline)
             .await
     }
 
@@ -379,8 +395,12 @@ impl Limiter {
     /// # Errors
     /// As [`Limiter::commit`].
     pub async fn rollback(&self, lease: LeaseId, deadline: Instant) -> Result<(), LimiterError> {
-        self.lease_op(lease, LeaseOp::Close(Close::Rollback), deadline)
-            .await
+        self.lease_op(
+            lease,
+            LeaseOp::Close(Close::Rollback, Amounts::default()),
+            deadline,
+        )
+        .await
     }
 
     /// Whether a bypass gate decides for `key` now (a disabled resource is not bypassed).
@@ -549,7 +569,7 @@ impl Limiter {
             .registry
             .lease_route(id, secret)
             .ok_or_else(|| LimiterError::LeaseNotFound(lease.to_string()))?;
-        let closing = matches!(op, LeaseOp::Close(_));
+        let closing = matches!(op, LeaseOp::Close(..));
         match self.registry.lease(&group, id, op, deadline).await {
             Ok(()) => Ok(()),
             Err(LimiterError::LeaseNotFound(_)) => {

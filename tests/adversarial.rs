@@ -545,6 +545,7 @@ impl Target {
                 Op::Close { lease, rollback } => {
                     let req = proto::LeaseRequest {
                         lease_id: lease.unwrap_or_else(|| last_lease.clone()),
+                        ..Default::default()
                     };
                     if rollback {
                         raw.rollback(req).await.map(drop)

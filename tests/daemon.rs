@@ -204,11 +204,69 @@ async fn commit_writes_the_net_delta_and_rollback_gives_everything_back() {
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = raw
-        .commit(proto::LeaseRequest { lease_id: id })
+        .commit(proto::LeaseRequest {
+            lease_id: id,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(avail().await, 924);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_carrying_adjustments_records_them_or_refuses_them_whole() {
+    let daemon = Daemon::start(MEMORY, &[]);
+    let client = daemon.client().await;
+    let limits = [Limit::per_hour("tpm", 1_000).unwrap()];
+    let avail = || async { client.available("k", "gpt-4", &limits).await.unwrap()["tpm"] };
+    let mut raw = client.raw();
+    let commit = |id: &str, delta: &[(&str, i64)]| proto::LeaseRequest {
+        lease_id: id.to_owned(),
+        delta: delta.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+    };
+
+    // The adjustments a client kept until the end go with the commit: one call.
+    let id = acquire(&client, "k", &limits, &[("tpm", 100)])
+        .await
+        .unwrap()
+        .into_id();
+    raw.commit(commit(&id, &[("tpm", 150)])).await.unwrap();
+    assert_eq!(avail().await, 750);
+
+    // Refused whole where Adjust would refuse (giving back more than acquired, a limit the lease
+    // does not have): the lease stays open and unchanged, and a plain commit closes it.
+    let id = acquire(&client, "k", &limits, &[("tpm", 100)])
+        .await
+        .unwrap()
+        .into_id();
+    let err = raw.commit(commit(&id, &[("tpm", -101)])).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().starts_with("delta[tpm]"), "{err:?}");
+    let err = raw
+        .commit(commit(&id, &[("tpm", 1), ("rpm", 1)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(
+        avail().await,
+        650,
+        "nothing of the refused commits was recorded"
+    );
+    raw.commit(commit(&id, &[("tpm", -100)])).await.unwrap();
+    assert_eq!(
+        avail().await,
+        750,
+        "the lease was still open: its give-back landed"
+    );
+
+    // Rollback gives back what the acquire took, whatever delta comes with it.
+    let id = acquire(&client, "k", &limits, &[("tpm", 100)])
+        .await
+        .unwrap()
+        .into_id();
+    raw.rollback(commit(&id, &[("tpm", 500)])).await.unwrap();
+    assert_eq!(avail().await, 750);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,6 +312,7 @@ async fn a_held_lease_lives_past_its_ttl_while_its_holder_renews_it() {
         .raw()
         .rollback(proto::LeaseRequest {
             lease_id: abandoned,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -277,11 +336,13 @@ async fn unclosed_leases_expire_and_stay_consumed() {
     for result in [
         raw.commit(proto::LeaseRequest {
             lease_id: id.clone(),
+            ..Default::default()
         })
         .await
         .map(drop),
         raw.rollback(proto::LeaseRequest {
             lease_id: id.clone(),
+            ..Default::default()
         })
         .await
         .map(drop),
@@ -298,7 +359,8 @@ async fn unclosed_leases_expire_and_stay_consumed() {
     // Ids that never existed, and ids that are not ids.
     assert_eq!(
         raw.commit(proto::LeaseRequest {
-            lease_id: format!("ffff.{}", "0".repeat(32))
+            lease_id: format!("ffff.{}", "0".repeat(32)),
+            ..Default::default()
         })
         .await
         .unwrap_err()
@@ -308,6 +370,7 @@ async fn unclosed_leases_expire_and_stay_consumed() {
     let err = raw
         .commit(proto::LeaseRequest {
             lease_id: "not-a-lease".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();

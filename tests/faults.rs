@@ -38,6 +38,7 @@ async fn close(
 ) -> Result<(), tonic::Status> {
     let req = proto::LeaseRequest {
         lease_id: lease_id.to_owned(),
+        ..Default::default()
     };
     if rollback {
         raw.rollback(req).await.map(drop)

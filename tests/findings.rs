@@ -94,9 +94,12 @@ async fn overflowing_adjustments_are_refused_and_the_bucket_stays_readable() {
         assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
         assert!(err.message().starts_with("delta[tok]"), "{}", err.message());
     }
-    raw.commit(proto::LeaseRequest { lease_id: lease })
-        .await
-        .unwrap();
+    raw.commit(proto::LeaseRequest {
+        lease_id: lease,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let (balance, consumed) = stored(&*store, &ns, "e", "tok").await;
     assert_eq!(consumed, 1_000);
     assert_eq!(balance, 1_000_000_000_000_000_000 - 1_000);
@@ -131,15 +134,21 @@ async fn a_lease_gives_back_at_most_what_it_took() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
-    raw.commit(proto::LeaseRequest { lease_id: lease })
-        .await
-        .unwrap();
+    raw.commit(proto::LeaseRequest {
+        lease_id: lease,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     assert_eq!(stored(&*store, &ns, "e", "tok").await, (90_000, 10_000));
     // A rollback gives back exactly what was taken, never above capacity.
     let lease = open_lease(&mut raw, "e", &limits, 10).await;
-    raw.rollback(proto::LeaseRequest { lease_id: lease })
-        .await
-        .unwrap();
+    raw.rollback(proto::LeaseRequest {
+        lease_id: lease,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     assert_eq!(stored(&*store, &ns, "e", "tok").await, (90_000, 10_000));
 }
 

@@ -71,6 +71,7 @@ async fn tcp_channel(port: u16) -> Channel {
 fn lease(id: &str) -> proto::LeaseRequest {
     proto::LeaseRequest {
         lease_id: id.to_owned(),
+        ..Default::default()
     }
 }
 

@@ -240,7 +240,11 @@ impl proto::rate_limiter_server::RateLimiter for RateLimiterService {
     ) -> Result<Response<proto::LeaseResponse>, Status> {
         let deadline = deadline(&req, self.live.request_timeout());
         let lease = self.lease(&req, &req.get_ref().lease_id)?;
-        self.limiter.commit(lease, deadline).await.map_err(status)?;
+        let delta = amounts("delta", &req.get_ref().delta, true)?;
+        self.limiter
+            .commit_adjusted(lease, delta, deadline)
+            .await
+            .map_err(status)?;
         Ok(Response::new(proto::LeaseResponse {}))
     }
 

@@ -143,8 +143,18 @@ impl Actor for GroupActor {
                         let _ = reply.send(state.leases.renew(id, now));
                         None
                     }
-                    LeaseOp::Close(how) => {
-                        let closing = state.leases.close(id, how, reply, now);
+                    LeaseOp::Close(how, delta) => {
+                        let refused = (!delta.is_empty() && state.leases.is_open(id))
+                            .then(|| state.leases.adjust(id, &delta, now).err())
+                            .flatten();
+                        let closing = match refused {
+                            // Refused whole: the lease stays open, unchanged.
+                            Some(e) => {
+                                let _ = reply.send(Err(e));
+                                None
+                            }
+                            None => state.leases.close(id, how, reply, now),
+                        };
                         let give_up_ms = state.leases.expires_ms(id).unwrap_or(now);
                         closing.map(|settlement| {
                             state.lane(&settlement.resource).settle(Settle {

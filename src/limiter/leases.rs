@@ -159,6 +159,13 @@ impl Leases {
         }
     }
 
+    /// Whether lease `id` is open (neither closing nor closed).
+    pub fn is_open(&self, id: u64) -> bool {
+        self.map
+            .get(&id)
+            .is_some_and(|l| matches!(l.phase, Phase::Open))
+    }
+
     /// Records an adjustment. The lease's total per limit (acquired plus adjustments) must stay
     /// within `0..=MAX_AMOUNT`: a lease never gives back more than it took.
     ///

@@ -114,7 +114,8 @@ pub(crate) enum LeaseOp {
     Adjust(Amounts),
     /// Its holder is alive: it lives `lease_ttl_ms` from now.
     Renew,
-    Close(Close),
+    /// Closes it, after recording these adjustments if it is still open.
+    Close(Close, Amounts),
 }
 
 /// Whether a write of unknown outcome landed, with the bucket as it is now.

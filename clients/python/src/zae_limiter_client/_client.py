@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import functools
+import inspect
 import math
 import os
 import threading
@@ -229,6 +230,28 @@ class _Api:
         the ``zae-principal`` header, which the daemon records beside the caller's uid."""
         raise NotImplementedError
 
+    def _recover(
+        self, call: Callable[[], Any], kind: type[BaseException], then: Callable[[], Any]
+    ) -> Any:
+        """Makes the call; when it raises ``kind``, runs ``then`` (a call, or local work) and
+        raises again."""
+        raise NotImplementedError
+
+    def _settle(self, lease_id: str, method: str, delta: dict[str, int]) -> Any:
+        """Closes one lease (``Commit`` or ``Rollback``); a commit writes ``delta`` with it. The
+        daemon refusing the delta leaves the lease open: it is then committed without it, and
+        the refusal raised."""
+
+        def close(with_delta: dict[str, int]) -> Any:
+            request = message(pb.LeaseRequest, lease_id=lease_id, delta=with_delta)
+            return self._call(
+                _rate_limiter_method(method), request, lambda r: None, not_found=LeaseNotFound
+            )
+
+        if not delta:
+            return close({})
+        return self._recover(lambda: close(delta), ValidationError, lambda: close({}))
+
     # --- rate limiting ---------------------------------------------------------------------------
 
     def _acquire_request(
@@ -284,7 +307,23 @@ class _Api:
             also=also,
         )
         also_consumed = {r: dict(c) for r, c in (also or {}).items()}
-        return _Acquire(self, request, entity_id, resource, dict(consume), by_name, also_consumed)
+        return _Acquire(
+            self,
+            request,
+            entity_id,
+            resource,
+            dict(consume),
+            by_name,
+            also_consumed,
+            more=lambda r, amounts: self._acquire_request(
+                entity_id,
+                r,
+                amounts,
+                limits if r == resource else None,
+                commit=False,
+                on_unavailable=on_unavailable,
+            )[0],
+        )
 
     def consume(
         self,
@@ -993,9 +1032,11 @@ def _epoch_ms(field: str, when: datetime.datetime | datetime.timedelta) -> int:
 
 
 class Lease:
-    """Capacity taken by ``acquire``. ``adjust`` reports the real usage (negative gives back; a
-    balance may go into debt); the ``acquire`` block commits or rolls back. ``consumed`` is what
-    the lease holds now, in tokens by limit name."""
+    """Capacity taken by ``acquire``. ``adjust`` records the real usage (negative gives back; a
+    balance may go into debt): the adjustments are kept here and written with the commit at the
+    end of the ``acquire`` block, one call (``flush`` writes them sooner). ``consume`` takes more
+    now, checked against the limits. ``consumed`` is what the lease holds, in tokens by limit
+    name."""
 
     def __init__(
         self,
@@ -1006,6 +1047,7 @@ class Lease:
         consumed: dict[str, int],
         statuses: Callable[[], list[LimitStatus]],
         ttl_ms: int = 0,
+        more: Callable[[dict[str, int]], Any] | None = None,
     ) -> None:
         self._limiter = limiter
         self.lease_id = lease_id
@@ -1015,7 +1057,13 @@ class Lease:
         self._resource = resource
         self._statuses = statuses
         self._converted: list[LimitStatus] | None = None
-        self.consumed = consumed
+        # What the acquire took; the adjustments not yet written; the further leases `consume`
+        # took (closed with this one).
+        self._acquired = dict(consumed)
+        self._pending: dict[str, int] = {}
+        self._taken: list[Lease] = []
+        # Acquires more of the same limits (`consume`): the call, answered with the new lease.
+        self._more = more
         self._closed = False
         #: Admitted under a bypass gate on this lease's resource (``lease.resource(name)`` for
         #: the others of an ``acquire(also=...)``): the entity's balances were not debited, its
@@ -1045,15 +1093,26 @@ class Lease:
         return other
 
     @property
+    def consumed(self) -> dict[str, int]:
+        """What the lease holds, by limit name: acquired, taken by ``consume``, adjusted (written
+        or not yet)."""
+        total = dict(self._acquired)
+        for part in (*(t._acquired for t in self._taken), self._pending):
+            for name, value in part.items():
+                total[name] = total.get(name, 0) + value
+        return total
+
+    @property
     def statuses(self) -> list[LimitStatus]:
-        """The limits as the daemon saw them when it admitted (converted when first read)."""
+        """The limits as the daemon saw them at its last decision on this lease (the acquire,
+        or the latest ``consume``), converted when first read."""
         if self._converted is None:
             self._converted = self._statuses()
         return self._converted
 
     @property
     def overdrawn(self) -> list[str]:
-        """The soft limits this acquire took into debt (or deeper), by name."""
+        """The soft limits this acquire (or its latest ``consume``) took into debt, by name."""
         return [s.limit_name for s in self.statuses if s.overdrawn]
 
     @property
@@ -1066,19 +1125,76 @@ class Lease:
 
     def adjust(self, amounts_by_name: Mapping[str, int] | None = None, **amounts_kw: int) -> Any:
         """Adds consumption to the lease (``lease.adjust(tpm=1234)``); negative amounts give back,
-        never more than the lease holds."""
+        never more than the lease holds. Kept here and written with the commit (or ``flush``):
+        no call now. A limit the lease does not have is refused when they are written."""
         self._check_open()
         delta = amounts("delta", {**(amounts_by_name or {}), **amounts_kw}, allow_negative=True)
+        held = self.consumed
+        for name, value in delta.items():
+            if held.get(name, 0) + value < 0:
+                raise ValidationError(
+                    f"delta[{name}]: gives back {-value} tokens, more than the lease holds "
+                    f"({held.get(name, 0)})",
+                    field=f"delta[{name}]",
+                    code="OUT_OF_RANGE",
+                )
+        for name, value in delta.items():
+            self._pending[name] = self._pending.get(name, 0) + value
+        return self._limiter._in_order()
 
-        def record(_: Any) -> None:
+    def release(self, amounts_by_name: Mapping[str, int] | None = None, **amounts_kw: int) -> Any:
+        """Gives back capacity the lease holds (``adjust`` with the amounts negated)."""
+        given = amounts("release", {**(amounts_by_name or {}), **amounts_kw}, allow_negative=False)
+        return self.adjust({name: -value for name, value in given.items()})
+
+    def consume(self, amounts_by_name: Mapping[str, int] | None = None, **amounts_kw: int) -> Any:
+        """Takes more now, checked against the limits as an acquire is (``RateLimitExceeded``
+        when it does not fit: nothing more is taken, the lease is unchanged). Committed or rolled
+        back with the lease."""
+        self._check_open()
+        wanted = amounts("consume", {**(amounts_by_name or {}), **amounts_kw}, allow_negative=False)
+        if self._more is None:
+            raise LeaseNotFound(f"lease {self.lease_id} cannot take more")
+
+        def taken(more: Lease) -> None:
+            if self._closed:
+                # Closed while the call was on its way: what it took goes with the lease.
+                more._closed = True
+                return
+            self._taken.append(more)
+            self._statuses, self._converted = more._statuses, None
+
+        return self._more(wanted, taken)
+
+    def flush(self) -> Any:
+        """Writes the adjustments made so far (a long stream's running usage), and renews the
+        lease. Refused (a limit the lease does not have): nothing of them is written and they
+        are dropped; the lease stays open. Unanswered (``RateLimiterUnavailable``): they are kept
+        for the next ``flush`` or the commit."""
+        self._check_open()
+        self._limiter._held.touch(self.lease_id)
+        if not self._pending:
+            return self.renew()
+        delta = dict(self._pending)
+
+        def unwritten(negated: bool) -> None:
             for name, value in delta.items():
-                self.consumed[name] = self.consumed.get(name, 0) + value
+                self._pending[name] = self._pending.get(name, 0) - value
+            self._pending = {k: v for k, v in self._pending.items() if v}
+            if negated:
+                self._acquired = _added(self._acquired, delta)
 
         request = message(pb.AdjustRequest, lease_id=self.lease_id, delta=delta)
-        self._limiter._held.touch(self.lease_id)
-        return self._limiter._call(
-            _rate_limiter_method("Adjust"), request, record, not_found=LeaseNotFound
+        write = functools.partial(
+            self._limiter._call,
+            _rate_limiter_method("Adjust"),
+            request,
+            lambda _: unwritten(True),
+            not_found=LeaseNotFound,
         )
+        # Refused for good: dropped (it would be refused again at the end). Not heard of (the
+        # daemon unreachable): kept, for the next flush or the commit.
+        return self._limiter._recover(write, ValidationError, lambda: unwritten(False))
 
     def renew(self) -> Any:
         """Keeps the lease alive now (the limiter renews the leases it holds on its own)."""
@@ -1091,33 +1207,58 @@ class Lease:
             not_found=LeaseNotFound,
         )
 
+    def _deltas(self) -> list[tuple[Lease, dict[str, int]]]:
+        """Each lease to close (this one, those `consume` took) with the adjustments to write
+        with its commit: a give-back beyond what this one acquired comes out of the others."""
+        parts = [self, *self._taken]
+        deltas: list[dict[str, int]] = [{} for _ in parts]
+        for name, value in self._pending.items():
+            if value >= 0:
+                deltas[0][name] = value
+                continue
+            owed = -value
+            for i, part in enumerate(parts):
+                back = min(owed, part._acquired.get(name, 0))
+                if back:
+                    deltas[i][name] = -back
+                    owed -= back
+        return list(zip(parts, deltas))
+
     def _close(self, method: str) -> Any:
         self._check_open()
-        leases = [self, *(o for o in self._others.values() if not o._closed)]
+        closing = [self, *(o for o in self._others.values() if not o._closed)]
         calls = []
-        for lease in leases:
-            lease._closed = True
-            self._limiter._held.release(lease.lease_id)
-            request = message(pb.LeaseRequest, lease_id=lease.lease_id)
-            calls.append(
-                functools.partial(
-                    self._limiter._call,
-                    _rate_limiter_method(method),
-                    request,
-                    lambda r: None,
-                    not_found=LeaseNotFound,
+        for lease in closing:
+            for part, delta in lease._deltas():
+                part._closed = True
+                self._limiter._held.release(part.lease_id)
+                commit = method == "Commit"
+                calls.append(
+                    functools.partial(
+                        self._limiter._settle, part.lease_id, method, delta if commit else {}
+                    )
                 )
-            )
+            lease._closed = True
+            lease._pending = {}
         return self._limiter._in_order(*calls)
 
     def commit(self) -> Any:
-        """Makes the consumption final now (the ``acquire`` block then has nothing left to do);
-        the leases of the further resources too."""
+        """Makes the consumption final now, with the adjustments not yet written (the
+        ``acquire`` block then has nothing left to do); the leases of the further resources
+        too. Adjustments the daemon refuses (a limit the lease does not have) raise, and the
+        lease is committed without them."""
         return self._close("Commit")
 
     def rollback(self) -> Any:
         """Gives everything back now."""
         return self._close("Rollback")
+
+
+def _added(into: dict[str, int], delta: Mapping[str, int]) -> dict[str, int]:
+    total = dict(into)
+    for name, value in delta.items():
+        total[name] = total.get(name, 0) + value
+    return total
 
 
 class SyncLease(Lease):
@@ -1138,9 +1279,12 @@ class _Acquire:
         consume: dict[str, int],
         limits: dict[str, Limit],
         also: dict[str, dict[str, int]] | None = None,
+        more: Callable[[str, dict[str, int]], bytes] | None = None,
     ) -> None:
         self._limiter = limiter
         self._request = request
+        # The request that takes more of a resource (`lease.consume`).
+        self._more_request = more
         self._entity_id = entity_id
         self._resource = resource
         self._consume = consume
@@ -1148,10 +1292,26 @@ class _Acquire:
         self._also = also or {}
         self._lease: Lease | None = None
 
-    def _lease_from(self, response: pb.AcquireResponse) -> Lease:
+    def _lease_from(self, response: pb.AcquireResponse, more_of: str | None = None) -> Lease:
+        """The lease an acquire gave (of resource ``more_of`` for one ``lease.consume``)."""
         if not response.allowed:
-            raise _refused(response, self._entity_id, self._resource, self._limits)
+            raise _refused(response, self._entity_id, more_of or self._resource, self._limits)
         kind = SyncLease if isinstance(self._limiter, SyncRateLimiter) else Lease
+        limiter = self._limiter
+
+        def taking(resource: str) -> Callable[[dict[str, int], Callable[[Lease], None]], Any]:
+            def more(wanted: dict[str, int], taken: Callable[[Lease], None]) -> Any:
+                assert self._more_request is not None
+                request = self._more_request(resource, wanted)
+
+                def convert(r: pb.AcquireResponse) -> None:
+                    held = self._lease_from(r, resource)
+                    held._acquired = dict(wanted)
+                    taken(held)
+
+                return limiter._call(_rate_limiter_method("Acquire"), request, convert)
+
+            return more
 
         def lease(lease_id: str, resource: str, consumed: dict[str, int]) -> Lease:
             raw = [s for s in response.statuses if s.resource in ("", resource)]
@@ -1169,14 +1329,20 @@ class _Acquire:
                 consumed,
                 statuses,
                 response.lease_ttl_ms,
+                taking(resource) if self._more_request is not None else None,
             )
             self._limiter._renew_while_held(lease_id, response.lease_ttl_ms)
             # With `also`, each resource says for itself.
             held.bypassed = (
-                resource in response.bypassed_resources if self._also else response.bypassed
+                resource in response.bypassed_resources
+                if self._also and more_of is None
+                else response.bypassed
             )
             return held
 
+        if more_of is not None:
+            # One `lease.consume`: a lease of its own, closed with the one it adds to.
+            return lease(response.lease_id, more_of, {})
         self._lease = lease(response.lease_id, self._resource, self._consume)
         for other in response.also:
             consumed = self._also.get(other.resource, {})
@@ -1327,6 +1493,20 @@ class RateLimiter(_Api):
     async def _each(self, *calls: Callable[[], Any]) -> Any:  # type: ignore[override]
         return tuple([await call() for call in calls])
 
+    async def _recover(  # type: ignore[override]
+        self, call: Callable[[], Any], kind: type[BaseException], then: Callable[[], Any]
+    ) -> Any:
+        try:
+            return await call()
+        except kind:
+            after = then()
+            if inspect.isawaitable(after):
+                try:
+                    await after
+                except ZAELimiterError:
+                    pass
+            raise
+
     async def is_available(self, timeout: float = 1.0) -> bool:
         """Whether the daemon answers its health check with SERVING within ``timeout`` seconds
         (never raises)."""
@@ -1456,6 +1636,18 @@ class SyncRateLimiter(_Api):
 
     def _each(self, *calls: Callable[[], Any]) -> Any:
         return tuple(call() for call in calls)
+
+    def _recover(
+        self, call: Callable[[], Any], kind: type[BaseException], then: Callable[[], Any]
+    ) -> Any:
+        try:
+            return call()
+        except kind:
+            try:
+                then()
+            except ZAELimiterError:
+                pass
+            raise
 
     def is_available(self, timeout: float = 1.0) -> bool:
         """Whether the daemon answers its health check with SERVING within ``timeout`` seconds
