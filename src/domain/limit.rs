@@ -77,6 +77,16 @@ pub enum LimitError {
     },
 }
 
+impl LimitError {
+    /// Whether the limit's name is what is wrong (not its values).
+    pub fn is_about_name(&self) -> bool {
+        matches!(
+            self,
+            Self::EmptyName | Self::NameTooLong { .. } | Self::InvalidName { .. }
+        )
+    }
+}
+
 /// A validated limit name: 1 to 64 characters of `[A-Za-z0-9_.-]`, starting with a letter or digit.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]

@@ -206,9 +206,14 @@ pub(super) fn limits(given: &[proto::Limit]) -> Result<Option<Vec<Limit>>, Statu
                     .map_err(|e| invalid(format!("{}.quota_cron", field()), e))?;
                 Limit::quota(&l.name, l.capacity, calendar)
             };
-            let limit = limit
-                .map(|limit| limit.with_soft(l.soft))
-                .map_err(|e| invalid(field(), e))?;
+            let limit = limit.map(|limit| limit.with_soft(l.soft)).map_err(|e| {
+                let at = if e.is_about_name() {
+                    format!("{}.name", field())
+                } else {
+                    field()
+                };
+                invalid(at, e)
+            })?;
             match schedule(&field(), l)? {
                 None => Ok(limit),
                 Some(s) => limit

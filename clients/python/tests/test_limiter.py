@@ -948,3 +948,29 @@ def test_each_resource_of_a_joint_acquire_says_whether_it_was_bypassed(daemon, e
     flags, model_left, budget_left = run(scenario())
     assert flags == (True, False)
     assert model_left == {"tpm": 10} and budget_left == {"weekly": 6}
+
+
+def test_a_bad_identifier_or_name_is_the_library_s_finer_validation_error(daemon, entity):
+    from zae_limiter_client import InvalidIdentifierError, InvalidNameError
+
+    limits = [Limit.per_minute("rpm", 5)]
+    with SyncRateLimiter(socket=daemon.socket, namespace=daemon.namespace) as zl:
+        with pytest.raises(InvalidIdentifierError) as bad_id:
+            zl.consume("bad\x01id", "gpt-4", {"rpm": 1}, limits=limits)
+        with pytest.raises(InvalidIdentifierError) as bad_parent:
+            zl.create_entity(entity, parent_id="bad\x01parent")
+        with pytest.raises(InvalidNameError) as bad_resource:
+            zl.consume(entity, "gpt\n4", {"rpm": 1}, limits=limits)
+        with pytest.raises(InvalidNameError) as bad_type:
+            zl.consume(entity, 7, {"rpm": 1}, limits=limits)
+        with pytest.raises(InvalidNameError) as bad_limit:
+            zl.set_limits(entity, [Limit.per_minute("r#pm", 5)])
+        # Anything else stays a plain ValidationError.
+        with pytest.raises(ValidationError) as other:
+            zl.consume(entity, "gpt-4", {"rpm": 10**16}, limits=limits)
+    assert bad_id.value.field == "entity_id"
+    assert bad_resource.value.field == "resource" and bad_type.value.field == "resource"
+    assert bad_limit.value.field.endswith(".name"), bad_limit.value.field
+    assert bad_parent.value.field.endswith("parent_id"), bad_parent.value.field
+    assert type(other.value) is ValidationError
+    assert bad_id.value.reason == bad_id.value.message

@@ -60,3 +60,29 @@ def test_the_version_and_the_limit_names_are_the_library_s():
 
     assert z.__version__ == importlib.metadata.version("zae-limiter-client")
     assert (z.LimitName.RPM, z.LimitName.TPM, z.LimitName.TPD) == ("rpm", "tpm", "tpd")
+
+
+#: (name, its base) of the exceptions of the Python zae-limiter 0.17.0 that the table says are
+#: the same (its exceptions.py).
+LIBRARY_BASES = [
+    ("RateLimitError", "ZAELimiterError"),
+    ("InfrastructureError", "ZAELimiterError"),
+    ("EntityError", "ZAELimiterError"),
+    ("RateLimitExceeded", "RateLimitError"),
+    ("LeaseExpiredError", "RateLimitError"),
+    ("RateLimiterUnavailable", "InfrastructureError"),
+    ("PermissionDenied", "RateLimiterUnavailable"),
+    ("EntityNotFoundError", "EntityError"),
+    ("EntityExistsError", "EntityError"),
+    ("ValidationError", "ZAELimiterError"),
+    ("InvalidIdentifierError", "ValidationError"),
+    ("InvalidNameError", "ValidationError"),
+    ("ResourceDisabled", "ZAELimiterError"),
+]
+
+
+def test_the_exceptions_are_ranked_as_the_library_s():
+    import zae_limiter_client as z
+
+    for name, base in LIBRARY_BASES:
+        assert issubclass(getattr(z, name), getattr(z, base)), (name, base)

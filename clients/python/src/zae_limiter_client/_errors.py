@@ -3,6 +3,7 @@ no raw gRPC exception leaves the package."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,21 @@ class ZAELimiterError(Exception):
         self.code = code
 
 
-class RateLimitExceeded(ZAELimiterError):
+class RateLimitError(ZAELimiterError):
+    """Base of the refusals by the limits (``RateLimitExceeded``) and of a lease used after its
+    block (``LeaseExpiredError``), as the Python zae-limiter's."""
+
+
+class InfrastructureError(ZAELimiterError):
+    """Base of ``RateLimiterUnavailable`` (and so ``PermissionDenied``), as the Python
+    zae-limiter's."""
+
+
+class EntityError(ZAELimiterError):
+    """Base of ``EntityNotFoundError`` and ``EntityExistsError``, as the Python zae-limiter's."""
+
+
+class RateLimitExceeded(RateLimitError):
     """The daemon refused: one or more limits would be exceeded. Nothing was consumed.
 
     ``statuses`` has every limit checked, ``violations`` the exceeded ones and ``passed`` the
@@ -105,7 +120,7 @@ class RateLimitExceeded(ZAELimiterError):
         }
 
 
-class RateLimiterUnavailable(ZAELimiterError):
+class RateLimiterUnavailable(InfrastructureError):
     """The daemon could not decide now: it is not running or not reachable, its store did not
     answer in time, it shed load, or the call's deadline passed. Retrying later can help."""
 
@@ -113,22 +128,36 @@ class RateLimiterUnavailable(ZAELimiterError):
 class ValidationError(ZAELimiterError, ValueError):
     """Bad input (the daemon's ``INVALID_ARGUMENT`` or ``OUT_OF_RANGE``, or a value that cannot be
     sent). ``field`` names the offending field: the daemon sends it as a ``google.rpc.BadRequest``
-    detail, and the client names it for what it refuses before sending."""
+    detail, and the client names it for what it refuses before sending. ``reason`` is the
+    message (the library's attribute)."""
 
     def __init__(self, message: str, *, field: str | None = None, code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.field = field
+        self.reason = message
 
 
-class PermissionDenied(ZAELimiterError):
-    """The daemon's access rules do not let this process do that."""
+class InvalidIdentifierError(ValidationError):
+    """A bad entity or parent id (the field is ``entity_id``, ``parent_id``, ``entity.id``...)."""
+
+
+class InvalidNameError(ValidationError):
+    """A bad resource or limit name (the field is ``resource``, ``limits[0].name``...)."""
+
+
+class PermissionDenied(RateLimiterUnavailable):
+    """The daemon's access rules do not let this process do that (its uid may not use the
+    namespace, or call that method). Permanent: retrying does not help. Under
+    ``RateLimiterUnavailable`` as the library's (DynamoDB refusing its IAM role), so a handler
+    written for the library's ``OnUnavailable.BLOCK`` catches it; neither is ever let through by
+    the ``allow`` policy."""
 
 
 class NotFound(ZAELimiterError):
     """What the call names does not exist."""
 
 
-class LeaseNotFound(NotFound):
+class LeaseNotFound(NotFound, RateLimitError):
     """The lease is unknown to the daemon (expired, already closed, or never this caller's), or it
     was already closed here."""
 
@@ -137,11 +166,11 @@ class LeaseNotFound(NotFound):
 LeaseExpiredError = LeaseNotFound
 
 
-class EntityNotFoundError(NotFound):
+class EntityNotFoundError(NotFound, EntityError):
     """The entity does not exist."""
 
 
-class EntityExistsError(ZAELimiterError):
+class EntityExistsError(EntityError):
     """An entity with that id exists already."""
 
 
@@ -182,6 +211,19 @@ def _detail(status_details: bytes | None, kind: Any) -> Any:
     return None
 
 
+_IDENTIFIER = re.compile(r"(^|\.)(entity_id|parent_id|id)$")
+_NAME = re.compile(r"(^|\.)(resource|name)$")
+
+
+def _validation_kind(field: str | None) -> type[ValidationError]:
+    """The library's finer kind for a bad identifier or name, by the field the daemon named."""
+    if field and _IDENTIFIER.search(field):
+        return InvalidIdentifierError
+    if field and _NAME.search(field):
+        return InvalidNameError
+    return ValidationError
+
+
 def bad_field(status_details: bytes | None) -> str | None:
     """The field of the first ``google.rpc.BadRequest`` violation, if there is one."""
     bad = _detail(status_details, error_details_pb2.BadRequest)
@@ -217,7 +259,8 @@ def from_status(
     """The package's exception for a call that ended with gRPC status ``code`` (its name);
     ``status_details`` is the ``grpc-status-details-bin`` trailer, when the daemon sent one."""
     if code in ("INVALID_ARGUMENT", "OUT_OF_RANGE"):
-        return ValidationError(details, code=code, field=bad_field(status_details))
+        field = bad_field(status_details)
+        return _validation_kind(field)(details, code=code, field=field)
     if code in ("PERMISSION_DENIED", "UNAUTHENTICATED"):
         return PermissionDenied(details, code=code)
     if code == "NOT_FOUND":

@@ -9,7 +9,7 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from ._errors import ValidationError
+from ._errors import ValidationError, _validation_kind
 from ._proto import ratelimit_pb2 as pb
 
 _SECOND_MS = 1_000
@@ -764,7 +764,7 @@ def message(cls: Any, **fields: Any) -> Any:
             (name for name, value in fields.items() if not _fits(cls, name, value)),
             None,
         )
-        raise ValidationError(f"{field or cls.__name__}: {err}", field=field) from None
+        raise _validation_kind(field)(f"{field or cls.__name__}: {err}", field=field) from None
 
 
 def _fits(cls: Any, name: str, value: Any) -> bool:
