@@ -6,6 +6,7 @@
 pub mod acquire;
 pub mod admin;
 pub mod args;
+pub mod manifest;
 pub mod output;
 pub mod serve;
 pub mod table;
@@ -99,7 +100,12 @@ async fn client_command(command: Command) -> Result<ExitCode, CliError> {
         Command::Acquire(args) => return acquire::acquire(args).await,
         Command::Lease { op, socket } => acquire::lease(&socket, op).await?,
         Command::Entity { op, daemon } => admin::print(daemon, op.into()).await?,
-        Command::Limits { op, daemon } => admin::print(daemon, op.into()).await?,
+        Command::Limits { op, daemon } => match op.manifest() {
+            Some((verb, file)) => {
+                return Ok(ExitCode::from(manifest::run(&daemon, &file, verb).await?));
+            }
+            None => admin::print(daemon, op.into()).await?,
+        },
         Command::Namespace { op, daemon } => admin::print(daemon, op.try_into()?).await?,
         Command::FailurePolicy { op, daemon } => admin::print(daemon, op.into()).await?,
         Command::Gate { op, daemon } => admin::print(daemon, op.into()).await?,

@@ -1898,3 +1898,15 @@ async fn the_cli_sets_cascade_per_resource() {
     let (code, _, err) = cli(&["cascade", "set", "maybe", "--resource", "gpt-4"]);
     assert_eq!(code, Some(2), "{err}");
 }
+
+/// `limits plan|diff|apply` on the memory store (DynamoDB Local's run is in
+/// tests/daemon_dynamodb.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limits_manifest_is_planned_applied_once_and_refused_whole_when_bad() {
+    let ns = "manifests";
+    let daemon = Daemon::start(
+        &format!("[limiter]\nbackend = \"memory\"\nnamespaces = [\"{ns}\"]\n"),
+        &[],
+    );
+    common::manifest::scenario(&daemon, ns).await;
+}

@@ -346,3 +346,12 @@ async fn usage_of_two_daemons_adds_up_in_the_store() {
         expected * 1_000
     );
 }
+
+/// `limits plan|diff|apply` on DynamoDB Local (the memory store's run is in tests/daemon.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limits_manifest_is_planned_applied_once_and_refused_whole_when_bad() {
+    let _ = common::dynamodb().await;
+    let ns = common::unique_namespace();
+    let daemon = Daemon::start(&config(&ns, &common::endpoint(), ""), &[]);
+    common::manifest::scenario(&daemon, ns.as_str()).await;
+}

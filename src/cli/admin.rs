@@ -572,6 +572,9 @@ impl From<LimitsOp> for AdminOp {
                 ..Default::default()
             }),
             LimitsOp::List { resource: None, .. } => Self::ResourcesWithDefaults,
+            LimitsOp::Plan { .. } | LimitsOp::Diff { .. } | LimitsOp::Apply { .. } => {
+                unreachable!("cli::manifest runs the manifest verbs (LimitsOp::manifest)")
+            }
         }
     }
 }

@@ -425,6 +425,15 @@ pub enum LimitsOp {
         #[command(flatten)]
         scope: ScopeArgs,
     },
+    /// Show what applying a limits manifest (the Python zae-limiter's YAML shape: system,
+    /// resources, entities with their limits, cascade, disabled, on_unavailable) would change.
+    /// A bad file is refused whole, naming the line and key.
+    Plan { file: PathBuf },
+    /// As `plan`, exiting 2 when the store differs from the file (drift).
+    Diff { file: PathBuf },
+    /// Make the store say what the manifest says: one audited call per change; a second apply
+    /// changes nothing. What the file leaves out is left as it is.
+    Apply { file: PathBuf },
     /// With --resource: the entities with limits of their own for it (a page at a time);
     /// without: the resources with default limits.
     List {
@@ -436,6 +445,19 @@ pub enum LimitsOp {
         #[arg(long, default_value = "")]
         page: String,
     },
+}
+
+impl LimitsOp {
+    /// The manifest verbs (`plan`, `diff`, `apply`) and their file.
+    pub fn manifest(&self) -> Option<(super::manifest::Verb, PathBuf)> {
+        use super::manifest::Verb;
+        match self {
+            Self::Plan { file } => Some((Verb::Plan, file.clone())),
+            Self::Diff { file } => Some((Verb::Diff, file.clone())),
+            Self::Apply { file } => Some((Verb::Apply, file.clone())),
+            _ => None,
+        }
+    }
 }
 
 pub(super) fn parse_pair(s: &str) -> Result<(String, String), String> {

@@ -166,34 +166,35 @@ pub(super) fn entity_rows(entities: &[proto::Entity]) -> String {
 }
 
 /// A limit set as a table; a `soft` column only when some limit is soft.
+/// How a limit gets its tokens back: `100/1m` (with its schedule), `quota: cron(...)`,
+/// `quota: session(1h)`.
+pub(super) fn rate_text(l: &proto::Limit) -> String {
+    match (l.quota_cron.is_empty(), l.quota_reset_after_ms) {
+        (false, _) => format!("quota: cron({}), tz {}", l.quota_cron, l.quota_tz),
+        (true, 0) => {
+            let mut rate = format!("{}/{}", l.refill_amount, period(l.refill_period_ms as i64));
+            for e in &l.schedule {
+                rate.push_str(&format!(
+                    ", when({}) {}",
+                    e.cron,
+                    describe_change(e.change())
+                ));
+            }
+            if !l.schedule.is_empty() {
+                rate.push_str(&format!(", tz {}", l.schedule_tz));
+            }
+            rate
+        }
+        (true, ms) => format!("quota: session({})", period(ms as i64)),
+    }
+}
+
 pub(super) fn limit_rows(limits: &[proto::Limit]) -> String {
     let any_soft = limits.iter().any(|l| l.soft);
     let rows: Vec<Vec<String>> = limits
         .iter()
         .map(|l| {
-            let mut row = vec![
-                l.name.clone(),
-                match (l.quota_cron.is_empty(), l.quota_reset_after_ms) {
-                    (false, _) => format!("quota: cron({}), tz {}", l.quota_cron, l.quota_tz),
-                    (true, 0) => {
-                        let mut rate =
-                            format!("{}/{}", l.refill_amount, period(l.refill_period_ms as i64));
-                        for e in &l.schedule {
-                            rate.push_str(&format!(
-                                ", when({}) {}",
-                                e.cron,
-                                describe_change(e.change())
-                            ));
-                        }
-                        if !l.schedule.is_empty() {
-                            rate.push_str(&format!(", tz {}", l.schedule_tz));
-                        }
-                        rate
-                    }
-                    (true, ms) => format!("quota: session({})", period(ms as i64)),
-                },
-                l.capacity.to_string(),
-            ];
+            let mut row = vec![l.name.clone(), rate_text(l), l.capacity.to_string()];
             if any_soft {
                 row.push(if l.soft { "yes" } else { "no" }.to_owned());
             }

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod manifest;
 pub mod proxy;
 
 use std::sync::Arc;
