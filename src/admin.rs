@@ -11,10 +11,10 @@ use tokio::time::Instant;
 use crate::domain::ids::{EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName};
 use crate::domain::records::{
-    Actor, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
+    Actor, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period,
 };
 use crate::limiter::{Limiter, LimiterError, within};
-use crate::store::AuditPage;
+use crate::store::{AuditPage, UsageCursor, UsagePage, UsageQuery};
 
 pub use crate::domain::records::MAX_DEPTH;
 pub use buckets::{ONCE_MS, Operated};
@@ -29,7 +29,8 @@ const MAX_PAGE: u32 = 1_000;
 /// Which usage snapshots: hourly or daily ones starting in a time range.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UsageWindow {
-    pub period: Period,
+    /// `None`: hourly and daily.
+    pub period: Option<Period>,
     /// Snapshots starting at or after this (ms since the epoch); with `to_ms` 0 as well: the
     /// last 24 hours.
     pub from_ms: i64,
@@ -38,18 +39,19 @@ pub struct UsageWindow {
 }
 
 impl UsageWindow {
-    /// `period` as callers spell it: `hour` or `hourly` (also empty), `day` or `daily`.
+    /// `period` as callers spell it: `hour` or `hourly` (also empty), `day` or `daily`, `all`.
     ///
     /// # Errors
     /// `InvalidArgument` naming the field `period`.
     pub fn new(period: &str, from_ms: i64, to_ms: i64) -> Result<Self, LimiterError> {
         let period = match period {
-            "" | "hour" | "hourly" => Period::Hour,
-            "day" | "daily" => Period::Day,
+            "" | "hour" | "hourly" => Some(Period::Hour),
+            "day" | "daily" => Some(Period::Day),
+            "all" => None,
             other => {
                 return Err(LimiterError::invalid(
                     "period",
-                    format!("{other:?} is not hour (hourly) or day (daily)"),
+                    format!("{other:?} is not hour (hourly), day (daily) or all"),
                 ));
             }
         };
@@ -68,6 +70,17 @@ impl UsageWindow {
             range => range,
         }
     }
+}
+
+/// Which snapshots a usage listing covers: an entity's (one resource or all), or one
+/// resource's across entities.
+#[derive(Debug, Clone)]
+pub struct UsageOf {
+    pub entity: Option<EntityId>,
+    pub resource: Option<ResourceId>,
+    pub window: UsageWindow,
+    pub page_size: usize,
+    pub page: Option<UsageCursor>,
 }
 
 /// The administration calls, over one limiter's store.
@@ -589,24 +602,34 @@ impl Admin {
         Ok(())
     }
 
-    /// Usage snapshots of `window` of an entity (one resource, or all), oldest first.
+    /// A page of usage snapshots (see [`UsageOf`]).
     ///
     /// # Errors
     /// The store's error.
     pub async fn usage(
         &self,
         ns: &Namespace,
-        entity: &EntityId,
-        resource: Option<&ResourceId>,
-        window: UsageWindow,
+        of: &UsageOf,
         deadline: Instant,
-    ) -> Result<Vec<Usage>, LimiterError> {
-        let (from, to) = window.range(self.limiter.now_ms());
+    ) -> Result<UsagePage, LimiterError> {
+        if of.entity.is_none() && of.resource.is_none() {
+            return Err(LimiterError::invalid(
+                "entity_id",
+                "give an entity, a resource, or both",
+            ));
+        }
+        let (from_ms, to_ms) = of.window.range(self.limiter.now_ms());
+        let query = UsageQuery {
+            entity: of.entity.as_ref(),
+            resource: of.resource.as_ref(),
+            period: of.window.period,
+            from_ms,
+            to_ms,
+            page_size: of.page_size,
+            page: of.page.as_ref(),
+        };
         within(deadline, async {
-            Ok(self
-                .store()
-                .usage(ns, entity, resource, window.period, from, to)
-                .await?)
+            Ok(self.store().usage(ns, &query).await?)
         })
         .await
     }
@@ -624,8 +647,15 @@ mod tests {
     fn usage_windows_take_the_librarys_spelling_and_default_to_the_last_day() {
         let hourly = UsageWindow::new("hourly", 0, 0).unwrap();
         assert_eq!(hourly, UsageWindow::new("hour", 0, 0).unwrap());
-        assert_eq!(UsageWindow::new("", 0, 0).unwrap().period, Period::Hour);
-        assert_eq!(UsageWindow::new("daily", 0, 0).unwrap().period, Period::Day);
+        assert_eq!(
+            UsageWindow::new("", 0, 0).unwrap().period,
+            Some(Period::Hour)
+        );
+        assert_eq!(
+            UsageWindow::new("daily", 0, 0).unwrap().period,
+            Some(Period::Day)
+        );
+        assert_eq!(UsageWindow::new("all", 0, 0).unwrap().period, None);
         assert!(matches!(
             UsageWindow::new("weekly", 0, 0),
             Err(LimiterError::InvalidArgument { ref field, .. }) if field == "period"

@@ -140,6 +140,7 @@ async fn client_command(command: Command) -> Result<ExitCode, CliError> {
                 period,
                 from_ms,
                 to_ms,
+                ..Default::default()
             };
             admin::print(daemon, AdminOp::Usage(request)).await?;
         }

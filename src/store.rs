@@ -321,28 +321,76 @@ pub trait Store: Send + Sync + 'static {
     /// same snapshot add up.
     async fn add_usage(&self, ns: &Namespace, usage: &[Usage]) -> Result<(), StoreError>;
 
-    /// Snapshots of `period` of an entity (one resource, or all) that start in `from_ms..to_ms`,
-    /// oldest first.
-    async fn usage(
-        &self,
-        ns: &Namespace,
-        entity: &EntityId,
-        resource: Option<&ResourceId>,
-        period: Period,
-        from_ms: i64,
-        to_ms: i64,
-    ) -> Result<Vec<Usage>, StoreError>;
+    /// A page of the usage snapshots `query` asks for: of an entity (one resource, or all), or of
+    /// one resource across entities; of one period or both; starting in `from_ms..to_ms`.
+    ///
+    async fn usage(&self, ns: &Namespace, query: &UsageQuery<'_>) -> Result<UsagePage, StoreError>;
 }
 
-/// A sort key for an audit record: time first (so a query can return newest first), then a
-/// process-unique suffix so that records made in the same millisecond never overwrite each other.
+/// Which usage snapshots to list (see [`Store::usage`]): at least an entity or a resource.
+#[derive(Debug, Clone, Copy)]
+pub struct UsageQuery<'a> {
+    pub entity: Option<&'a EntityId>,
+    pub resource: Option<&'a ResourceId>,
+    /// `None`: hourly and daily.
+    pub period: Option<Period>,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// How many snapshots a page reads (it holds at most that many: on DynamoDB fewer, after
+    /// the filters, as a `Limit` counts what is read).
+    pub page_size: usize,
+    /// Where the page before ended.
+    pub page: Option<&'a UsageCursor>,
+}
+
+impl UsageQuery<'_> {
+    pub fn matches(&self, u: &Usage) -> bool {
+        self.entity.is_none_or(|e| *e == u.entity)
+            && self.resource.is_none_or(|r| *r == u.resource)
+            && self.period.is_none_or(|p| p == u.period)
+            && (self.from_ms..self.to_ms).contains(&u.start_ms)
+    }
+}
+
+/// A page of usage snapshots; `next` (absent on the last) continues it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsagePage {
+    pub snapshots: Vec<Usage>,
+    pub next: Option<UsageCursor>,
+}
+
+/// Where a usage listing stopped, in the store's own terms (on DynamoDB the last key read,
+/// whatever item it was); its token is what callers pass back for the next page.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct UsageCursor {
+    pub partition: String,
+    pub sort: String,
+}
+
+impl UsageCursor {
+    pub fn token(&self) -> String {
+        serde_json::json!([self.partition, self.sort]).to_string()
+    }
+
+    /// # Errors
+    /// What is wrong with a token no listing gave.
+    pub fn parse(token: &str) -> Result<Self, String> {
+        let (partition, sort): (String, String) =
+            serde_json::from_str(token).map_err(|e| format!("not a usage page token: {e}"))?;
+        Ok(Self { partition, sort })
+    }
+}
+
+/// A sort key for an audit record: time first (so a query can return newest first), then this
+/// process's sequence (records one daemon makes in the same millisecond keep their order), then a
+/// random salt so that records of several daemons never overwrite each other.
 pub(crate) fn audit_sort_key(at_ms: i64) -> String {
     use std::hash::{BuildHasher, RandomState};
     use std::sync::atomic::{AtomicU64, Ordering};
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
     let salt = RandomState::new().hash_one(seq) & 0xffff_ffff;
-    format!("{:020}#{salt:08x}{seq:08x}", at_ms.max(0))
+    format!("{:020}#{seq:016x}{salt:08x}", at_ms.max(0))
 }
 
 pub(crate) fn entity_json(entity: &Entity) -> String {

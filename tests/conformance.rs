@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::UsageOf;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +20,7 @@ use zae_limiter::domain::records::{
     Usage,
 };
 use zae_limiter::store::dynamodb::DynamoStore;
-use zae_limiter::store::{KeyedWrite, Once, Store, StoreError};
+use zae_limiter::store::{KeyedWrite, Once, Store, StoreError, UsageQuery};
 use zae_limiter::{BucketKey, EntityId, Limit, LimitName, Namespace, ResourceId};
 
 const T0: i64 = 1_800_000_000_000;
@@ -782,6 +784,29 @@ async fn stored_limits_at_four_scopes(store: Arc<dyn Store>, ns: Namespace) {
     assert_eq!(audit_count(&*store, &ns, "#system").await, 1);
 }
 
+/// Changes made in the same millisecond are listed newest first in the order they were made
+/// (the sort key's salt came before the sequence: their order was random; failed before).
+async fn audit_records_of_one_millisecond_keep_their_order(store: Arc<dyn Store>, ns: Namespace) {
+    for policy in [FailurePolicy::Allow, FailurePolicy::Block]
+        .into_iter()
+        .cycle()
+        .take(12)
+    {
+        store
+            .set_failure_policy(&ns, Some(policy), &actor(T0))
+            .await
+            .unwrap();
+    }
+    let audit = store.list_audit(&ns, "#system", 20, None).await.unwrap();
+    let after: Vec<_> = audit
+        .entries
+        .iter()
+        .map(|e| e.after.as_deref().unwrap())
+        .collect();
+    let expected: Vec<_> = ["block", "allow"].into_iter().cycle().take(12).collect();
+    assert_eq!(after, expected, "newest first, as made");
+}
+
 async fn a_failure_policy_is_stored_replaced_and_removed_audited(
     store: Arc<dyn Store>,
     ns: Namespace,
@@ -1045,6 +1070,111 @@ async fn audit_pages_newest_first(store: Arc<dyn Store>, ns: Namespace) {
     assert_eq!(pages, 3);
 }
 
+/// One resource across entities, both periods, page after page: every snapshot once, in order.
+async fn usage_lists_a_resource_across_entities_page_by_page(store: Arc<dyn Store>, ns: Namespace) {
+    let hour = Period::Hour.start(T0);
+    let day = Period::Day.start(T0);
+    let mut written = Vec::new();
+    for entity in ["a", "b", "c"] {
+        for (i, resource) in ["gpt-4", "embed"].into_iter().enumerate() {
+            for (period, start) in [
+                (Period::Hour, hour),
+                (Period::Hour, hour + 3_600_000),
+                (Period::Day, day),
+            ] {
+                written.push(Usage {
+                    entity: EntityId::new(entity).unwrap(),
+                    resource: ResourceId::new(resource).unwrap(),
+                    period,
+                    start_ms: start,
+                    amounts: tokens(&[("rpm", 1 + i as i64)]),
+                });
+            }
+        }
+    }
+    store.add_usage(&ns, &written).await.unwrap();
+    let other = Namespace::new(format!("{ns}-x")).unwrap();
+    store.add_usage(&other, &written[..1]).await.unwrap();
+    let list = |entity: Option<&str>, resource: Option<&str>, period: Option<Period>, size| {
+        let store = store.clone();
+        let ns = ns.clone();
+        let entity = entity.map(|e| EntityId::new(e).unwrap());
+        let resource = resource.map(|r| ResourceId::new(r).unwrap());
+        async move {
+            let (mut all, mut page, mut pages) = (Vec::new(), None, 0);
+            loop {
+                let query = UsageQuery {
+                    entity: entity.as_ref(),
+                    resource: resource.as_ref(),
+                    period,
+                    from_ms: 0,
+                    to_ms: i64::MAX,
+                    page_size: size,
+                    page: page.as_ref(),
+                };
+                let found = store.usage(&ns, &query).await.unwrap();
+                assert!(
+                    found.snapshots.len() <= size,
+                    "a page holds at most its size"
+                );
+                pages += 1;
+                all.extend(found.snapshots);
+                match found.next {
+                    Some(next) => page = Some(next),
+                    None => return (all, pages),
+                }
+            }
+        }
+    };
+    // Both stores list an entity's daily snapshots first, then by start and resource.
+    let key = |u: &Usage| {
+        (
+            u.entity.clone(),
+            u.period.as_str(),
+            u.start_ms,
+            u.resource.clone(),
+        )
+    };
+    let expect = |keep: &dyn Fn(&Usage) -> bool| {
+        let mut e: Vec<Usage> = written.iter().filter(|u| keep(u)).cloned().collect();
+        e.sort_by_key(key);
+        e
+    };
+    let sorted = |mut v: Vec<Usage>| {
+        v.sort_by_key(key);
+        v
+    };
+    // Across entities, in the store's order: each once.
+    let (across, pages) = list(None, Some("gpt-4"), None, 100).await;
+    assert_eq!(sorted(across), expect(&|u| u.resource.as_str() == "gpt-4"));
+    assert!(pages >= 1);
+    let (paged, pages) = list(Some("a"), None, None, 2).await;
+    assert_eq!(
+        paged,
+        expect(&|u| u.entity.as_str() == "a"),
+        "one entity: in order"
+    );
+    assert!(pages >= 3, "6 snapshots, 2 at a time: {pages} pages");
+    let (daily, _) = list(None, Some("embed"), Some(Period::Day), 100).await;
+    assert_eq!(
+        sorted(daily),
+        expect(&|u| u.resource.as_str() == "embed" && u.period == Period::Day)
+    );
+    let (both, _) = list(Some("b"), None, None, 4).await;
+    assert_eq!(
+        sorted(both),
+        expect(&|u| u.entity.as_str() == "b"),
+        "both periods"
+    );
+    let (one, _) = list(Some("c"), Some("embed"), Some(Period::Hour), 1).await;
+    assert_eq!(
+        sorted(one),
+        expect(&|u| u.entity.as_str() == "c"
+            && u.resource.as_str() == "embed"
+            && u.period == Period::Hour)
+    );
+}
+
 async fn usage_snapshots_add_up_and_query_by_range(store: Arc<dyn Store>, ns: Namespace) {
     let entity = EntityId::new("e").unwrap();
     let usage = |resource: &str, period: Period, start_ms: i64, amounts: &[(&str, i64)]| Usage {
@@ -1094,7 +1224,7 @@ async fn usage_snapshots_add_up_and_query_by_range(store: Arc<dyn Store>, ns: Na
         .await
         .unwrap();
     let found = store
-        .usage(
+        .usage_of(
             &ns,
             &entity,
             Some(&ResourceId::new("gpt-4").unwrap()),
@@ -1114,7 +1244,7 @@ async fn usage_snapshots_add_up_and_query_by_range(store: Arc<dyn Store>, ns: Na
         )]
     );
     let both_hours = store
-        .usage(
+        .usage_of(
             &ns,
             &entity,
             Some(&ResourceId::new("gpt-4").unwrap()),
@@ -1127,19 +1257,19 @@ async fn usage_snapshots_add_up_and_query_by_range(store: Arc<dyn Store>, ns: Na
     assert_eq!(both_hours.len(), 2);
     assert_eq!(both_hours[1].start_ms, hour + 3_600_000);
     let all_resources = store
-        .usage(&ns, &entity, None, Period::Hour, hour, hour + 1)
+        .usage_of(&ns, &entity, None, Period::Hour, hour, hour + 1)
         .await
         .unwrap();
     assert_eq!(all_resources.len(), 2);
     let days = store
-        .usage(&ns, &entity, None, Period::Day, day, day + 86_400_000)
+        .usage_of(&ns, &entity, None, Period::Day, day, day + 86_400_000)
         .await
         .unwrap();
     assert_eq!(days, [usage("gpt-4", Period::Day, day, &[("rpm", 5)])]);
     let elsewhere = Namespace::new(format!("{ns}-x")).unwrap();
     assert!(
         store
-            .usage(&elsewhere, &entity, None, Period::Hour, 0, i64::MAX)
+            .usage_of(&elsewhere, &entity, None, Period::Hour, 0, i64::MAX)
             .await
             .unwrap()
             .is_empty()
@@ -1359,7 +1489,7 @@ async fn deleting_a_namespace_removes_everything_in_it_only(store: Arc<dyn Store
         assert_eq!(audit_count(&*store, n, "e").await > 0, kept);
         assert_eq!(
             !store
-                .usage(n, &e, None, Period::Hour, 0, i64::MAX)
+                .usage_of(n, &e, None, Period::Hour, 0, i64::MAX)
                 .await
                 .unwrap()
                 .is_empty(),
@@ -1543,7 +1673,7 @@ async fn usage_added_at_once_adds_up(store: Arc<dyn Store>, ns: Namespace) {
     store.add_usage(&ns, &all).await.unwrap();
     for i in 0..20 {
         let found = store
-            .usage(
+            .usage_of(
                 &ns,
                 &EntityId::new(format!("e{i}")).unwrap(),
                 Some(&ResourceId::new("r").unwrap()),
@@ -1866,6 +1996,8 @@ macro_rules! conformance {
                 entities_read_together,
                 stored_limits_at_four_scopes,
                 a_failure_policy_is_stored_replaced_and_removed_audited,
+                audit_records_of_one_millisecond_keep_their_order,
+                usage_lists_a_resource_across_entities_page_by_page,
                 gates_and_cascade_policies_at_three_levels_read_in_one_call,
                 audit_pages_newest_first,
                 usage_snapshots_add_up_and_query_by_range,
@@ -1976,7 +2108,7 @@ async fn two_additions_to_one_snapshot_at_once_both_count() {
     }
     for (entity, total) in [("a", 111), ("b", 2), ("c", 2), ("x", 2)] {
         let found = store
-            .usage(
+            .usage_of(
                 &ns,
                 &EntityId::new(entity).unwrap(),
                 None,

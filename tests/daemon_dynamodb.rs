@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::UsageOf;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -332,7 +334,7 @@ async fn usage_of_two_daemons_adds_up_in_the_store() {
     }
     let entity = EntityId::new("metered").unwrap();
     let hours = store
-        .usage(&ns, &entity, None, Period::Hour, 0, i64::MAX)
+        .usage_of(&ns, &entity, None, Period::Hour, 0, i64::MAX)
         .await
         .unwrap();
     let total: i64 = hours.iter().flat_map(|u| &u.amounts).map(|(_, a)| a).sum();

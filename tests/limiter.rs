@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::UsageOf;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -142,7 +144,7 @@ impl Fixture {
         let usage = self
             .store
             .inner
-            .usage(
+            .usage_of(
                 &self.ns,
                 &EntityId::new(entity).unwrap(),
                 None,

@@ -485,7 +485,16 @@ pub async fn run(
         }
         AdminOp::Usage(mut request) => {
             request.namespace = ns;
-            let snapshots = admin.get_usage(request).await?.into_inner().snapshots;
+            // Every page.
+            let mut snapshots = Vec::new();
+            loop {
+                let page = admin.get_usage(request.clone()).await?.into_inner();
+                snapshots.extend(page.snapshots);
+                if page.next_page.is_empty() {
+                    break;
+                }
+                request.page = page.next_page;
+            }
             let json = Value::Array(
                 snapshots
                     .iter()

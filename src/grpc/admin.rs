@@ -14,13 +14,14 @@ use super::convert::{
 };
 use super::status;
 use crate::access::{Access, Caller};
-use crate::admin::{Admin, Operated, UsageWindow};
+use crate::admin::{Admin, Operated, UsageOf, UsageWindow};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::LimitName;
 use crate::domain::records::{Actor, Entity, LimitScope};
 use crate::limiter::{Limiter, LimiterError};
 use crate::live::Live;
 use crate::proto;
+use crate::store::UsageCursor;
 
 /// The last millisecond of the year 9999: no later end of a bypass is taken.
 const MAX_EPOCH_MS: i64 = 253_402_300_799_999;
@@ -630,21 +631,33 @@ impl proto::admin_server::Admin for AdminService {
             .namespace(&req, &req.get_ref().namespace, Call::Read)
             .await?;
         let r = req.into_inner();
-        let entity = entity_id("entity_id", r.entity_id)?;
+        let entity = (!r.entity_id.is_empty())
+            .then(|| entity_id("entity_id", r.entity_id))
+            .transpose()?;
         let resource = r
             .resource
             .map(|r| ResourceId::new(r).map_err(|e| invalid("resource", e)))
             .transpose()?;
-        let window = UsageWindow::new(&r.period, r.from_ms, r.to_ms).map_err(status)?;
-        let snapshots = self
-            .admin
-            .usage(&ns, &entity, resource.as_ref(), window, deadline)
-            .await
-            .map_err(status)?;
+        let page = (!r.page.is_empty())
+            .then(|| UsageCursor::parse(&r.page).map_err(|e| invalid("page", e)))
+            .transpose()?;
+        let of = UsageOf {
+            entity,
+            resource,
+            window: UsageWindow::new(&r.period, r.from_ms, r.to_ms).map_err(status)?,
+            page_size: match r.page_size {
+                0 => 100,
+                n => n.min(1_000) as usize,
+            },
+            page,
+        };
+        let found = self.admin.usage(&ns, &of, deadline).await.map_err(status)?;
         Ok(Response::new(proto::UsageResponse {
-            snapshots: snapshots
+            snapshots: found
+                .snapshots
                 .into_iter()
                 .map(|u| proto::UsageSnapshot {
+                    entity_id: u.entity.to_string(),
                     resource: u.resource.to_string(),
                     period: u.period.as_str().to_owned(),
                     start_ms: u.start_ms,
@@ -655,6 +668,7 @@ impl proto::admin_server::Admin for AdminService {
                         .collect(),
                 })
                 .collect(),
+            next_page: found.next.map(|p| p.token()).unwrap_or_default(),
         }))
     }
 

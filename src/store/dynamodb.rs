@@ -30,12 +30,12 @@ use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
 use futures_util::future::join_all;
 
-use super::{AuditPage, KeyedWrite, Once, Store, StoreError};
+use super::{AuditPage, KeyedWrite, Once, Store, StoreError, UsagePage, UsageQuery};
 use crate::domain::bucket::{Bucket, Change, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
 use crate::domain::records::{
-    Actor, AuditEntry, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
+    Actor, AuditEntry, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Usage,
 };
 use clauses::{Action, Existing, Expr, action, put, update};
 use codec::{bucket_item, decode_bucket};
@@ -618,15 +618,7 @@ impl Store for DynamoStore {
         added.into_iter().collect()
     }
 
-    async fn usage(
-        &self,
-        ns: &Namespace,
-        entity: &EntityId,
-        resource: Option<&ResourceId>,
-        period: Period,
-        from_ms: i64,
-        to_ms: i64,
-    ) -> Result<Vec<Usage>, StoreError> {
-        records::usage(self, ns, entity, resource, period, from_ms, to_ms).await
+    async fn usage(&self, ns: &Namespace, query: &UsageQuery<'_>) -> Result<UsagePage, StoreError> {
+        records::usage(self, ns, query).await
     }
 }

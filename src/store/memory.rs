@@ -9,7 +9,10 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{AuditPage, KeyedWrite, Once, Store, StoreError, audit_sort_key, entity_json};
+use super::{
+    AuditPage, KeyedWrite, Once, Store, StoreError, UsageCursor, UsagePage, UsageQuery,
+    audit_sort_key, entity_json,
+};
 use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::{Limit, LimitName, encode};
@@ -552,26 +555,17 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn usage(
-        &self,
-        ns: &Namespace,
-        entity: &EntityId,
-        resource: Option<&ResourceId>,
-        period: Period,
-        from_ms: i64,
-        to_ms: i64,
-    ) -> Result<Vec<Usage>, StoreError> {
-        Ok(self
+    async fn usage(&self, ns: &Namespace, query: &UsageQuery<'_>) -> Result<UsagePage, StoreError> {
+        // Listed in cursor order; a page goes on after the cursor it was given.
+        let cursor = |u: &Usage| UsageCursor {
+            partition: u.entity.to_string(),
+            sort: format!("{}#{:020}#{}", u.period.as_str(), u.start_ms, u.resource),
+        };
+        let mut found: Vec<(UsageCursor, Usage)> = self
             .lock()
             .usage
             .iter()
-            .filter(|((n, e, p, start, r), _)| {
-                n == ns
-                    && e == entity
-                    && *p == period
-                    && (from_ms..to_ms).contains(start)
-                    && resource.is_none_or(|want| want == r)
-            })
+            .filter(|((n, ..), _)| n == ns)
             .map(|((_, e, p, start, r), amounts)| Usage {
                 entity: e.clone(),
                 resource: r.clone(),
@@ -579,7 +573,18 @@ impl Store for MemoryStore {
                 start_ms: *start,
                 amounts: amounts.clone(),
             })
-            .collect())
+            .filter(|u| query.matches(u))
+            .map(|u| (cursor(&u), u))
+            .filter(|(c, _)| query.page.is_none_or(|after| c > after))
+            .collect();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        let size = query.page_size.max(1);
+        let next = (found.len() > size).then(|| found[size - 1].0.clone());
+        found.truncate(size);
+        Ok(UsagePage {
+            snapshots: found.into_iter().map(|(_, u)| u).collect(),
+            next,
+        })
     }
 
     async fn create_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {

@@ -9,12 +9,12 @@ use std::time::Instant;
 use async_trait::async_trait;
 use tracing::Instrument;
 
-use super::{AuditPage, KeyedWrite, Once, Store, StoreError};
+use super::{AuditPage, KeyedWrite, Once, Store, StoreError, UsagePage, UsageQuery};
 use crate::domain::bucket::{Bucket, Write};
 use crate::domain::ids::{BucketKey, EntityId, Namespace, ResourceId};
 use crate::domain::limit::Limit;
 use crate::domain::records::{
-    Actor, AuditEntry, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
+    Actor, AuditEntry, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Usage,
 };
 use crate::metrics::{STORE_CALLS, STORE_SECONDS, WRITE_UNITS};
 
@@ -402,23 +402,13 @@ impl Store for Metered {
         .await
     }
 
-    async fn usage(
-        &self,
-        ns: &Namespace,
-        entity: &EntityId,
-        resource: Option<&ResourceId>,
-        period: Period,
-        from_ms: i64,
-        to_ms: i64,
-    ) -> Result<Vec<Usage>, StoreError> {
-        self.call(
-            "usage",
-            1,
-            0,
-            self.inner
-                .usage(ns, entity, resource, period, from_ms, to_ms),
-        )
-        .await
+    async fn usage(&self, ns: &Namespace, query: &UsageQuery<'_>) -> Result<UsagePage, StoreError> {
+        let op = if query.entity.is_some() {
+            "usage"
+        } else {
+            "usage_scan"
+        };
+        self.call(op, 1, 0, self.inner.usage(ns, query)).await
     }
 
     async fn create_namespace(&self, ns: &Namespace) -> Result<(), StoreError> {

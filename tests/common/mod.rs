@@ -225,9 +225,11 @@ mod counting {
     use async_trait::async_trait;
     use zae_limiter::domain::bucket::{Bucket, Write};
     use zae_limiter::domain::records::{
-        Actor, AuditEntry, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period, Usage,
+        Actor, AuditEntry, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Usage,
     };
-    use zae_limiter::store::{AuditPage, KeyedWrite, Once, Store, StoreError};
+    use zae_limiter::store::{
+        AuditPage, KeyedWrite, Once, Store, StoreError, UsagePage, UsageQuery,
+    };
     use zae_limiter::{BucketKey, EntityId, Limit, Namespace, ResourceId};
 
     use super::Counting;
@@ -440,15 +442,56 @@ mod counting {
         async fn usage(
             &self,
             ns: &Namespace,
-            entity: &EntityId,
-            resource: Option<&ResourceId>,
-            period: Period,
-            from_ms: i64,
-            to_ms: i64,
-        ) -> Result<Vec<Usage>, StoreError> {
-            self.inner
-                .usage(ns, entity, resource, period, from_ms, to_ms)
-                .await
+            query: &UsageQuery<'_>,
+        ) -> Result<UsagePage, StoreError> {
+            self.inner.usage(ns, query).await
+        }
+    }
+}
+
+/// Every usage snapshot of an entity, page after page (as the store listed them before pages).
+#[async_trait::async_trait]
+pub trait UsageOf {
+    async fn usage_of(
+        &self,
+        ns: &Namespace,
+        entity: &zae_limiter::EntityId,
+        resource: Option<&zae_limiter::ResourceId>,
+        period: zae_limiter::domain::records::Period,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<zae_limiter::domain::records::Usage>, zae_limiter::StoreError>;
+}
+
+#[async_trait::async_trait]
+impl<T: Store + ?Sized> UsageOf for T {
+    async fn usage_of(
+        &self,
+        ns: &Namespace,
+        entity: &zae_limiter::EntityId,
+        resource: Option<&zae_limiter::ResourceId>,
+        period: zae_limiter::domain::records::Period,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<zae_limiter::domain::records::Usage>, zae_limiter::StoreError> {
+        let mut all = Vec::new();
+        let mut page = None;
+        loop {
+            let query = zae_limiter::store::UsageQuery {
+                entity: Some(entity),
+                resource,
+                period: Some(period),
+                from_ms,
+                to_ms,
+                page_size: 7,
+                page: page.as_ref(),
+            };
+            let found = self.usage(ns, &query).await?;
+            all.extend(found.snapshots);
+            match found.next {
+                Some(next) => page = Some(next),
+                None => return Ok(all),
+            }
         }
     }
 }

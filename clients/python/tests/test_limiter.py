@@ -362,7 +362,9 @@ def test_entities_audit_and_usage(daemon, entity):
             deadline = time.monotonic() + 30
             usage = []
             while not usage and time.monotonic() < deadline:
-                usage = await zl.get_usage_snapshots(entity, resource="gpt-4")
+                usage, _ = await zl.get_usage_snapshots(
+                    entity, resource="gpt-4", window_type="hourly"
+                )
                 await asyncio.sleep(0.1)
             events = await zl.get_audit_events(entity, limit=10)
             return moved, usage, events, await zl.get_entity(entity)
@@ -974,3 +976,83 @@ def test_a_bad_identifier_or_name_is_the_library_s_finer_validation_error(daemon
     assert bad_parent.value.field.endswith("parent_id"), bad_parent.value.field
     assert type(other.value) is ValidationError
     assert bad_id.value.reason == bad_id.value.message
+
+
+def test_audit_events_read_with_the_library_s_names(daemon, entity):
+    from zae_limiter_client import AuditAction
+
+    parent = f"{entity}-project"
+    with SyncRateLimiter(socket=daemon.socket, namespace=daemon.namespace) as zl:
+        zl.create_entity(parent)
+        zl.create_entity(entity)
+        zl.set_parent(entity, parent)
+        zl.set_limits(entity, [Limit.per_minute("rpm", 5)], resource="gpt-4")
+        zl.set_resource_defaults("gpt-4", [Limit.per_minute("rpm", 9)])
+        events = list(zl.get_audit_events(entity_id=entity))
+        defaults = list(zl.get_audit_events("#resource:gpt-4"))
+    actions = [e.action for e in events]
+    assert actions == [
+        AuditAction.LIMITS_SET,
+        AuditAction.ENTITY_PARENT_CHANGED,
+        AuditAction.ENTITY_CREATED,
+    ]
+    newest = events[0]
+    assert newest.entity_id == entity and newest.resource is None
+    assert newest.details == {"before": newest.before, "after": newest.after}
+    assert newest.details["after"] is not None
+    stamp = datetime.datetime.strptime(newest.timestamp, "%Y-%m-%dT%H:%M:%S.%fZ")
+    assert abs(stamp.replace(tzinfo=datetime.timezone.utc).timestamp() * 1000 - newest.at_ms) < 1
+    assert [(e.entity_id, e.resource) for e in defaults] == [(None, "gpt-4")]
+
+
+def test_usage_snapshots_and_summary_as_the_library_lists_them(daemon, entity):
+    from zae_limiter_client import UsageSummary
+
+    model = f"{entity}-model"
+    keys = [f"{entity}-{i}" for i in range(3)]
+    limits = [Limit.per_day("tpm", 1000)]
+    with SyncRateLimiter(socket=daemon.socket, namespace=daemon.namespace) as zl:
+        for i, key in enumerate(keys):
+            zl.consume(key, model, {"tpm": 10 * (i + 1)}, limits=limits)
+        zl.consume(keys[0], "other", {"tpm": 5}, limits=limits)
+        # The daemon flushes usage every 200 ms here: wait for the three hourly snapshots.
+        deadline, hourly = time.monotonic() + 30, []
+        while len(hourly) < 3 and time.monotonic() < deadline:
+            hourly, _ = zl.get_usage_snapshots(resource=model, window_type="hourly", limit=1000)
+            time.sleep(0.1)
+        # One resource across entities, page after page (a page may hold fewer than asked).
+        pages, seen, next_key = 0, [], None
+        while True:
+            page, next_key = zl.get_usage_snapshots(
+                resource=model, window_type="daily", limit=1, next_key=next_key
+            )
+            pages, seen = pages + 1, seen + page
+            if next_key is None:
+                break
+        both, _ = zl.get_usage_snapshots(keys[0])
+        summary = zl.get_usage_summary(resource=model, window_type="hourly")
+        with pytest.raises(ValidationError) as no_scope:
+            zl.get_usage_snapshots()
+        with pytest.raises(ValidationError) as bad_page:
+            zl.get_usage_snapshots(keys[0], next_key="not a token")
+    assert sorted((u.entity_id, u.counters["tpm"]) for u in hourly) == [
+        (keys[0], 10),
+        (keys[1], 20),
+        (keys[2], 30),
+    ]
+    assert {u.window_type for u in hourly} == {"hourly"}
+    first = hourly[0]
+    assert first.window_start.endswith(":00:00Z") and first.window_end.endswith(":59:59Z")
+    assert sorted(u.entity_id for u in seen) == keys and pages >= 3
+    assert {u.window_type for u in seen} == {"daily"}
+    assert sorted((u.resource, u.window_type) for u in both) == [
+        (model, "daily"),
+        (model, "hourly"),
+        ("other", "daily"),
+        ("other", "hourly"),
+    ]
+    assert isinstance(summary, UsageSummary)
+    assert (summary.snapshot_count, summary.total, summary.average) == (3, {"tpm": 60}, {"tpm": 20.0})
+    assert summary.min_window_start == summary.max_window_start == first.window_start
+    assert no_scope.value.field == "entity_id"
+    assert bad_page.value.field == "page" and bad_page.value.code == "INVALID_ARGUMENT"

@@ -243,7 +243,7 @@ def test_the_bypass_example_admits_past_the_limit_and_still_meters(daemon, monke
         during = [await scope["answer"](tenant, "gpt-4", 5_000) for _ in range(2)]
         deadline, usage = time.monotonic() + 20, 0.0
         while usage < 10_010 and time.monotonic() < deadline:
-            records = await limiter.get_usage_snapshots(tenant)
+            records, _ = await limiter.get_usage_snapshots(tenant)
             usage = sum(u.consumed.get("tpm", 0) for u in records if u.period == "hour")
             await asyncio.sleep(0.1)
         left = await limiter.available(tenant, "gpt-4")
@@ -301,7 +301,7 @@ def test_the_cascade_per_resource_example_charges_the_org_for_the_model_only(dae
         # The org's usage, exact (its balances refill meanwhile).
         deadline, usage = time.monotonic() + 20, []
         while not usage and time.monotonic() < deadline:
-            usage = await limiter.get_usage_snapshots(org)
+            usage, _ = await limiter.get_usage_snapshots(org, window_type="hourly")
             await asyncio.sleep(0.1)
         await limiter.clear_resource_cascade("gpt-4")
         await limiter.close()

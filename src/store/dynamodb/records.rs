@@ -25,7 +25,9 @@ use crate::domain::records::{
     Actor, AuditAction, AuditEntry, Entity, FailurePolicy, Gate, LevelSettings, LimitScope, Period,
     Usage, cascade_text, parse_cascade,
 };
-use crate::store::{AuditPage, Once, StoreError, audit_sort_key, entity_json};
+use crate::store::{
+    AuditPage, Once, StoreError, UsageCursor, UsagePage, UsageQuery, audit_sort_key, entity_json,
+};
 
 impl DynamoStore {
     fn audit_put(
@@ -824,38 +826,116 @@ pub(super) async fn add_usage_alone(
 pub(super) async fn usage(
     store: &DynamoStore,
     ns: &Namespace,
-    entity: &EntityId,
-    resource: Option<&ResourceId>,
-    period: Period,
-    from_ms: i64,
-    to_ms: i64,
-) -> Result<Vec<Usage>, StoreError> {
-    let (pk, low) = usage_key(ns, entity, period, from_ms, None);
-    // Sort keys are `{period}#{start}#{resource}`: `{period}#{to}` sorts before every key of
-    // the period starting at `to`, so BETWEEN keeps exactly the starts in from..to.
-    let (_, high) = usage_key(ns, entity, period, to_ms, None);
-    let items = store
-        .query_all(
-            store
+    q: &UsageQuery<'_>,
+) -> Result<UsagePage, StoreError> {
+    let mut e = Expr::default();
+    // Filters on what the key does not select.
+    let start = e.name("start");
+    let from = e.value(n(q.from_ms));
+    let to = e.value(n(q.to_ms));
+    let mut filters = vec![format!("{start} >= {from} AND {start} < {to}")];
+    if let Some(r) = q.resource {
+        let res = e.name("res");
+        let v = e.value(s(r.to_string()));
+        filters.push(format!("{res} = {v}"));
+    }
+    let pk_name = e.name(PK);
+    let start_key = q.page.map(|c| keys(c.partition.clone(), c.sort.clone()));
+    let limit = i32::try_from(q.page_size.clamp(1, 1_000)).unwrap_or(1_000);
+    let (items, last) = match q.entity {
+        Some(entity) => {
+            // One entity: its snapshots are one partition, sorted `{period}#{start}#{resource}`.
+            let (pk, _) = usage_key(ns, entity, Period::Hour, 0, None);
+            let pk_v = e.value(s(pk));
+            let mut condition = format!("{pk_name} = {pk_v}");
+            if let Some(period) = q.period {
+                let sk_name = e.name(SK);
+                let (_, low) = usage_key(ns, entity, period, q.from_ms, None);
+                let (_, high) = usage_key(ns, entity, period, q.to_ms, None);
+                let (lo, hi) = (e.value(s(low)), e.value(s(high)));
+                condition.push_str(&format!(" AND {sk_name} BETWEEN {lo} AND {hi}"));
+            }
+            let out = store
                 .client
                 .query()
                 .table_name(&store.table)
-                .key_condition_expression("#pk = :pk AND #sk BETWEEN :lo AND :hi")
-                .expression_attribute_names("#pk", PK)
-                .expression_attribute_names("#sk", SK)
-                .expression_attribute_values(":pk", s(pk))
-                .expression_attribute_values(":lo", s(low))
-                .expression_attribute_values(":hi", s(high)),
-        )
-        .await?;
-    let mut found = Vec::new();
-    for item in &items {
-        let usage = decode_usage(item, entity, period)?;
-        if resource.is_none_or(|r| *r == usage.resource) {
-            found.push(usage);
+                .key_condition_expression(condition)
+                .filter_expression(filters.join(" AND "))
+                .set_expression_attribute_names(Some(e.names.clone()))
+                .set_expression_attribute_values(Some(e.values.clone()))
+                .limit(limit)
+                .set_exclusive_start_key(start_key)
+                .send()
+                .await
+                .map_err(|e| classify(e, &store.table))?;
+            (out.items.unwrap_or_default(), out.last_evaluated_key)
         }
+        None => {
+            // One resource across entities: snapshots are in no index, so this scans the
+            // table (a report, not a request's path).
+            let prefix = e.value(s(format!("{ns}#U#")));
+            filters.push(format!("begins_with({pk_name}, {prefix})"));
+            if let Some(period) = q.period {
+                let sk_name = e.name(SK);
+                let letter = e.value(s(format!("{}#", period_letter(period))));
+                filters.push(format!("begins_with({sk_name}, {letter})"));
+            }
+            let out = store
+                .client
+                .scan()
+                .table_name(&store.table)
+                .filter_expression(filters.join(" AND "))
+                .set_expression_attribute_names(Some(e.names.clone()))
+                .set_expression_attribute_values(Some(e.values.clone()))
+                .limit(limit)
+                .set_exclusive_start_key(start_key)
+                .send()
+                .await
+                .map_err(|e| classify(e, &store.table))?;
+            (out.items.unwrap_or_default(), out.last_evaluated_key)
+        }
+    };
+    let snapshots = items
+        .iter()
+        .map(|item| decode_usage_item(ns, item))
+        .collect::<Result<Vec<_>, _>>()?;
+    // The last key read, whatever item it was (a scan reads every item).
+    let next = last
+        .map(|key| {
+            Ok::<_, StoreError>(UsageCursor {
+                partition: string(&key, PK)?.to_owned(),
+                sort: string(&key, SK)?.to_owned(),
+            })
+        })
+        .transpose()?;
+    Ok(UsagePage { snapshots, next })
+}
+
+fn period_letter(period: Period) -> char {
+    match period {
+        Period::Hour => 'H',
+        Period::Day => 'D',
     }
-    Ok(found)
+}
+
+/// A usage item's entity and period, read off its key.
+fn usage_item_key(ns: &Namespace, item: &Item) -> Result<(EntityId, Period), StoreError> {
+    let bad = || StoreError::Corrupt("a usage item's key".into());
+    let entity = string(item, PK)?
+        .strip_prefix(&format!("{ns}#U#"))
+        .and_then(|e| EntityId::new(e).ok())
+        .ok_or_else(bad)?;
+    let period = match string(item, SK)?.split('#').next() {
+        Some("H") => Period::Hour,
+        Some("D") => Period::Day,
+        _ => return Err(bad()),
+    };
+    Ok((entity, period))
+}
+
+fn decode_usage_item(ns: &Namespace, item: &Item) -> Result<Usage, StoreError> {
+    let (entity, period) = usage_item_key(ns, item)?;
+    decode_usage(item, &entity, period)
 }
 
 /// The item that remembers an operation's key on its entity (deleted with the entity).

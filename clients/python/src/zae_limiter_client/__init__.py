@@ -44,6 +44,7 @@ from ._errors import (
     ZAELimiterError,
 )
 from ._models import (
+    AuditAction,
     AuditEvent,
     AuditPage,
     Availability,
@@ -57,6 +58,7 @@ from ._models import (
     ResourceCapacity,
     ScheduleEntry,
     UsageSnapshot,
+    UsageSummary,
 )
 
 try:
@@ -68,6 +70,7 @@ __all__ = [
     "__version__",
     "DEFAULT_SOCKET",
     "DEFAULT_TIMEOUT",
+    "AuditAction",
     "AuditEvent",
     "AuditPage",
     "Availability",
@@ -100,6 +103,7 @@ __all__ = [
     "SyncLease",
     "SyncRateLimiter",
     "UsageSnapshot",
+    "UsageSummary",
     "ValidationError",
     "ZAELimiterError",
 ]

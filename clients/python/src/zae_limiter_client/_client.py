@@ -51,6 +51,7 @@ from ._models import (
     OnUnavailable,
     ResourceCapacity,
     UsageSnapshot,
+    UsageSummary,
     _on_unavailable,
     _on_unavailable_from_pb,
     _whole,
@@ -913,9 +914,10 @@ class _Api:
 
     # --- audit, usage, namespaces ----------------------------------------------------------------
 
-    def get_audit_events(self, subject: str, limit: int = 100, page: str | None = None) -> Any:
+    def get_audit_events(self, entity_id: str, limit: int = 100, page: str | None = None) -> Any:
         """Audit events of an entity (or ``#resource:NAME``, ``#system``), newest first, ``limit``
         at a time; pass the result's ``next_page`` as ``page`` for older ones."""
+        subject = entity_id
         request = message(
             pb.ListAuditRequest,
             namespace=self.namespace,
@@ -932,30 +934,63 @@ class _Api:
             ),
         )
 
-    def get_usage_snapshots(
+    def _usage_request(
         self,
-        entity_id: str,
-        resource: str | None = None,
-        window_type: str = "hour",
-        start_time: _DateOrMs = None,
-        end_time: _DateOrMs = None,
+        entity_id: str | None,
+        resource: str | None,
+        window_type: str | None,
+        start_time: _DateOrMs,
+        end_time: _DateOrMs,
+        limit: int,
+        next_key: str | None,
     ) -> Any:
-        """Hourly (``window_type="hour"``) or daily (``"day"``) consumption of the entity, of one
-        resource or all; between ``start_time`` and ``end_time`` (default: the last 24 hours)."""
+        if entity_id is None and resource is None:
+            raise ValidationError(
+                "entity_id: give an entity, a resource (across entities), or both",
+                field="entity_id",
+            )
         optional = {} if resource is None else {"resource": resource}
-        request = message(
+        # No start: from the first snapshot; the end is inclusive, as the library's.
+        start = _ms(start_time, "start_time") if start_time is not None else 1
+        end = _ms(end_time, "end_time") + 1 if end_time is not None else 0
+        return message(
             pb.UsageRequest,
             namespace=self.namespace,
-            entity_id=entity_id,
-            period=window_type,
-            from_ms=_ms(start_time, "start_time"),
-            to_ms=_ms(end_time, "end_time"),
+            entity_id=entity_id or "",
+            period=window_type or "all",
+            from_ms=start,
+            to_ms=end,
+            page_size=limit,
+            page=next_key or "",
             **optional,
+        )
+
+    def get_usage_snapshots(
+        self,
+        entity_id: str | None = None,
+        resource: str | None = None,
+        window_type: str | None = None,
+        start_time: _DateOrMs = None,
+        end_time: _DateOrMs = None,
+        limit: int = 100,
+        next_key: str | None = None,
+    ) -> Any:
+        """A page of usage snapshots, as the library's ``(snapshots, next_key)``: of an entity
+        (one resource, or all), or of one resource across entities (``entity_id=None``; on
+        DynamoDB a scan of the table, for reports). ``window_type``: ``"hourly"`` or ``"daily"``
+        (``"hour"``, ``"day"``), ``None`` both; ``start_time`` and ``end_time`` bound the
+        windows' starts (inclusive). ``limit`` is the snapshots read per page (a page may hold
+        fewer); pass ``next_key`` back while it is not ``None``."""
+        request = self._usage_request(
+            entity_id, resource, window_type, start_time, end_time, limit, next_key
         )
         return self._call(
             _admin_method("GetUsage"),
             request,
-            lambda r: [UsageSnapshot._from_pb(s) for s in r.snapshots],
+            lambda r: (
+                [UsageSnapshot._from_pb(s) for s in r.snapshots],
+                r.next_page or None,
+            ),
         )
 
     def create_namespace(self, namespace: str) -> Any:
@@ -1507,6 +1542,25 @@ class RateLimiter(_Api):
                     pass
             raise
 
+    async def get_usage_summary(
+        self,
+        entity_id: str | None = None,
+        resource: str | None = None,
+        window_type: str | None = None,
+        start_time: _DateOrMs = None,
+        end_time: _DateOrMs = None,
+    ) -> UsageSummary:
+        """The snapshots ``get_usage_snapshots`` would list, every page, added up."""
+        snapshots: list[UsageSnapshot] = []
+        next_key = None
+        while True:
+            page, next_key = await self.get_usage_snapshots(
+                entity_id, resource, window_type, start_time, end_time, 1000, next_key
+            )
+            snapshots.extend(page)
+            if next_key is None:
+                return UsageSummary._of(snapshots)
+
     async def is_available(self, timeout: float = 1.0) -> bool:
         """Whether the daemon answers its health check with SERVING within ``timeout`` seconds
         (never raises)."""
@@ -1648,6 +1702,25 @@ class SyncRateLimiter(_Api):
             except ZAELimiterError:
                 pass
             raise
+
+    def get_usage_summary(
+        self,
+        entity_id: str | None = None,
+        resource: str | None = None,
+        window_type: str | None = None,
+        start_time: _DateOrMs = None,
+        end_time: _DateOrMs = None,
+    ) -> UsageSummary:
+        """The snapshots ``get_usage_snapshots`` would list, every page, added up."""
+        snapshots: list[UsageSnapshot] = []
+        next_key = None
+        while True:
+            page, next_key = self.get_usage_snapshots(
+                entity_id, resource, window_type, start_time, end_time, 1000, next_key
+            )
+            snapshots.extend(page)
+            if next_key is None:
+                return UsageSummary._of(snapshots)
 
     def is_available(self, timeout: float = 1.0) -> bool:
         """Whether the daemon answers its health check with SERVING within ``timeout`` seconds

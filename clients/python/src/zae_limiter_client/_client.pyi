@@ -19,6 +19,7 @@ from ._models import (
     OnUnavailable,
     ResourceCapacity,
     UsageSnapshot,
+    UsageSummary,
 )
 
 DEFAULT_SOCKET: str
@@ -315,16 +316,26 @@ class RateLimiter:
         principal: str | None = None,
     ) -> None: ...
     async def get_audit_events(
-        self, subject: str, limit: int = 100, page: str | None = None
+        self, entity_id: str, limit: int = 100, page: str | None = None
     ) -> AuditPage: ...
     async def get_usage_snapshots(
         self,
-        entity_id: str,
+        entity_id: str | None = None,
         resource: str | None = None,
-        window_type: str = "hour",
+        window_type: str | None = None,
         start_time: _DateOrMs = None,
         end_time: _DateOrMs = None,
-    ) -> list[UsageSnapshot]: ...
+        limit: int = 100,
+        next_key: str | None = None,
+    ) -> tuple[list[UsageSnapshot], str | None]: ...
+    async def get_usage_summary(
+        self,
+        entity_id: str | None = None,
+        resource: str | None = None,
+        window_type: str | None = None,
+        start_time: _DateOrMs = None,
+        end_time: _DateOrMs = None,
+    ) -> UsageSummary: ...
     async def create_namespace(self, namespace: str) -> None: ...
     async def list_namespaces(self) -> list[str]: ...
     async def delete_namespace(self, namespace: str) -> None: ...
@@ -552,16 +563,26 @@ class SyncRateLimiter:
         principal: str | None = None,
     ) -> None: ...
     def get_audit_events(
-        self, subject: str, limit: int = 100, page: str | None = None
+        self, entity_id: str, limit: int = 100, page: str | None = None
     ) -> AuditPage: ...
     def get_usage_snapshots(
         self,
-        entity_id: str,
+        entity_id: str | None = None,
         resource: str | None = None,
-        window_type: str = "hour",
+        window_type: str | None = None,
         start_time: _DateOrMs = None,
         end_time: _DateOrMs = None,
-    ) -> list[UsageSnapshot]: ...
+        limit: int = 100,
+        next_key: str | None = None,
+    ) -> tuple[list[UsageSnapshot], str | None]: ...
+    def get_usage_summary(
+        self,
+        entity_id: str | None = None,
+        resource: str | None = None,
+        window_type: str | None = None,
+        start_time: _DateOrMs = None,
+        end_time: _DateOrMs = None,
+    ) -> UsageSummary: ...
     def create_namespace(self, namespace: str) -> None: ...
     def list_namespaces(self) -> list[str]: ...
     def delete_namespace(self, namespace: str) -> None: ...

@@ -593,6 +593,28 @@ class AuditEvent:
     before: str | None
     after: str | None
 
+    @property
+    def timestamp(self) -> str:
+        """The library's name: when, as an ISO 8601 UTC timestamp (``2026-12-04T10:00:00.123Z``)."""
+        moment = datetime.datetime.fromtimestamp(self.at_ms / 1000, tz=datetime.timezone.utc)
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{self.at_ms % 1000:03d}Z"
+
+    @property
+    def entity_id(self) -> str | None:
+        """The library's name: the entity changed (``None`` for resource and system records)."""
+        return None if self.subject.startswith("#") else self.subject
+
+    @property
+    def resource(self) -> str | None:
+        """The library's name: the resource whose defaults changed (``#resource:NAME`` records)."""
+        prefix = "#resource:"
+        return self.subject[len(prefix) :] if self.subject.startswith(prefix) else None
+
+    @property
+    def details(self) -> dict[str, str | None]:
+        """The library's name: what changed, ``{"before": ..., "after": ...}``."""
+        return {"before": self.before, "after": self.after}
+
     @classmethod
     def _from_pb(cls, record: pb.AuditRecord) -> AuditEvent:
         return cls(
@@ -603,6 +625,26 @@ class AuditEvent:
             before=record.before if record.HasField("before") else None,
             after=record.after if record.HasField("after") else None,
         )
+
+
+class AuditAction:
+    """The audit actions the daemon records, as the library's constants (``event.action ==
+    AuditAction.LIMITS_SET``). ``ENTITY_PARENT_CHANGED`` is recorded as ``"entity_moved"``; the
+    others the library has are spelled as its own. The rest are the daemon's further changes."""
+
+    ENTITY_CREATED = "entity_created"
+    ENTITY_DELETED = "entity_deleted"
+    LIMITS_SET = "limits_set"
+    LIMITS_DELETED = "limits_deleted"
+    ENTITY_PARENT_CHANGED = "entity_moved"
+    BUCKET_RESET = "bucket_reset"
+    BUCKET_TOPPED_UP = "bucket_topped_up"
+    GATE_SET = "gate_set"
+    GATE_CLEARED = "gate_cleared"
+    CASCADE_SET = "cascade_set"
+    CASCADE_CLEARED = "cascade_cleared"
+    FAILURE_POLICY_SET = "failure_policy_set"
+    FAILURE_POLICY_DELETED = "failure_policy_deleted"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -703,17 +745,41 @@ class BucketOperationResult:
 
 @dataclasses.dataclass(frozen=True)
 class UsageSnapshot:
-    """Consumption of one resource in one hour or day, after adjustments and rollbacks."""
+    """Consumption of one resource in one hour or day, after adjustments and rollbacks; also
+    readable with the library's names (``window_start``, ``window_end``, ``window_type``,
+    ``counters``)."""
 
     resource: str
     period: str
     start_ms: int
     consumed_milli: Mapping[str, int]
+    entity_id: str = ""
 
     @property
     def consumed(self) -> dict[str, float]:
         """Consumption per limit in tokens."""
         return {name: milli / 1000 for name, milli in self.consumed_milli.items()}
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """The library's name: consumption per limit in whole tokens (rounded down)."""
+        return {name: milli // 1000 for name, milli in self.consumed_milli.items()}
+
+    @property
+    def window_type(self) -> str:
+        """The library's name: ``"hourly"`` or ``"daily"``."""
+        return {"hour": "hourly", "day": "daily"}.get(self.period, self.period)
+
+    @property
+    def window_start(self) -> str:
+        """The library's name: the window's start, ``2026-12-04T10:00:00Z``."""
+        return _iso_seconds(self.start_ms)
+
+    @property
+    def window_end(self) -> str:
+        """The library's name: the window's last second, ``2026-12-04T10:59:59Z``."""
+        length = 86_400_000 if self.period == "day" else 3_600_000
+        return _iso_seconds(self.start_ms + length - 1000)
 
     @classmethod
     def _from_pb(cls, snapshot: pb.UsageSnapshot) -> UsageSnapshot:
@@ -722,6 +788,41 @@ class UsageSnapshot:
             period=snapshot.period,
             start_ms=snapshot.start_ms,
             consumed_milli=dict(snapshot.consumed_milli),
+            entity_id=snapshot.entity_id,
+        )
+
+
+def _iso_seconds(ms: int) -> str:
+    moment = datetime.datetime.fromtimestamp(ms / 1000, tz=datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclasses.dataclass(frozen=True)
+class UsageSummary:
+    """What ``get_usage_summary`` adds up, as the library's: the snapshots counted, the total and
+    the average per snapshot of each limit (whole tokens), the first and last window start."""
+
+    snapshot_count: int
+    total: dict[str, int]
+    average: dict[str, float]
+    min_window_start: str | None
+    max_window_start: str | None
+
+    @classmethod
+    def _of(cls, snapshots: Sequence[UsageSnapshot]) -> UsageSummary:
+        total: dict[str, int] = {}
+        counts: dict[str, int] = {}
+        for snapshot in snapshots:
+            for name, value in snapshot.counters.items():
+                total[name] = total.get(name, 0) + value
+                counts[name] = counts.get(name, 0) + 1
+        starts = [s.window_start for s in snapshots]
+        return cls(
+            snapshot_count=len(snapshots),
+            total=total,
+            average={name: value / counts[name] for name, value in total.items()},
+            min_window_start=min(starts) if starts else None,
+            max_window_start=max(starts) if starts else None,
         )
 
 
