@@ -390,7 +390,8 @@ pub(crate) fn audit_sort_key(at_ms: i64) -> String {
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let seq = SEQ.fetch_add(1, Ordering::Relaxed);
     let salt = RandomState::new().hash_one(seq) & 0xffff_ffff;
-    format!("{:020}#{seq:016x}{salt:08x}", at_ms.max(0))
+    // The sequence's low 32 bits: they order one daemon's records within a millisecond.
+    format!("{:020}#{:08x}{salt:08x}", at_ms.max(0), seq & 0xffff_ffff)
 }
 
 pub(crate) fn entity_json(entity: &Entity) -> String {

@@ -12,6 +12,8 @@ import types
 import pytest
 from conftest import run
 
+from zae_limiter_client import ValidationError
+
 REPO = pathlib.Path(__file__).resolve().parents[3]
 
 
@@ -311,3 +313,109 @@ def test_the_cascade_per_resource_example_charges_the_org_for_the_model_only(dae
     assert [(u.resource, u.consumed) for u in usage if u.period == "hour"] == [
         ("gpt-4", {"tpm": 1000.0})
     ]
+
+
+#: The Python example of the Python zae-limiter 0.17's README, as it is there.
+LIBRARY_EXAMPLE = """
+from zae_limiter import Repository, RateLimiter, Limit
+
+# Async rate limiter with declarative infrastructure
+repo = await Repository.builder("my-app", "us-east-1").build()
+limiter = RateLimiter(repository=repo)
+
+# Define default limits (can be overridden per-entity)
+default_limits = [
+    Limit.per_minute("rpm", 100),
+    Limit.per_minute("tpm", 10_000),
+]
+
+async with limiter.acquire(
+    entity_id="api-key-123",
+    resource="gpt-4",
+    limits=default_limits,
+    consume={"rpm": 1, "tpm": 500},  # Estimate tokens upfront
+) as lease:
+    response = await call_llm()
+    # Reconcile actual usage (can go negative for post-hoc adjustment)
+    await lease.adjust(tpm=response.usage.total_tokens - 500)
+    # Tokens written to DynamoDB on enter | Rolled back on exception
+
+# Hierarchical entities: project → API key
+await limiter.create_entity(entity_id="proj-1", name="Production")
+await limiter.set_limits("proj-1", [Limit.per_minute("tpm", 100_000)])
+await limiter.create_entity(entity_id="api-key-456", parent_id="proj-1", cascade=True)
+
+# cascade is an entity property — acquire() auto-cascades to parent
+# limits=None auto-resolves from stored config (Entity > Resource > System)
+async with limiter.acquire(
+    entity_id="api-key-456",
+    resource="gpt-4",
+    limits=None,
+    consume={"rpm": 1, "tpm": 500},
+) as lease:
+    response = await call_llm()
+"""
+
+#: What moving over changes: the import, and how the limiter is built (the daemon's socket
+#: instead of a repository). Nothing else.
+MOVED = [
+    (
+        "from zae_limiter import Repository, RateLimiter, Limit",
+        "from zae_limiter_client import RateLimiter, Limit",
+    ),
+    (
+        'repo = await Repository.builder("my-app", "us-east-1").build()\n'
+        "limiter = RateLimiter(repository=repo)",
+        "limiter = RateLimiter()  # the daemon's socket: $ZAE_LIMITER_SOCKET",
+    ),
+]
+
+
+def test_the_library_s_readme_example_runs_against_the_daemon(daemon, monkeypatch):
+    """The library's README example, with only the import and the limiter's construction
+    changed, runs as written, and ends as it does with the library: the first acquire admitted
+    and charged, the entities and the project's limits stored, and the last acquire refused with
+    a ``ValidationError`` on ``limits``, because the API key has no limits at any level (the
+    library's ``_resolve_limits`` raises the same for a child whose parent alone has limits:
+    the parent's limits are charged in cascade, they do not stand for the child's)."""
+    import ast
+
+    from conftest import Daemon
+
+    source = LIBRARY_EXAMPLE
+    for before, after in MOVED:
+        assert source.count(before) == 1, before
+        source = source.replace(before, after)
+    # A daemon of its own: the example's ids are the other README examples' too.
+    own = Daemon(daemon.backend)
+    monkeypatch.setenv("ZAE_LIMITER_SOCKET", own.socket)
+
+    async def call_llm():
+        return types.SimpleNamespace(usage=types.SimpleNamespace(total_tokens=800))
+
+    scope = {"call_llm": call_llm}
+    code = compile(source, "zae-limiter README", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
+
+    async def scenario():
+        with pytest.raises(ValidationError) as refused:
+            await eval(code, scope)  # noqa: S307 - the library's README, copied above
+        limiter = scope["limiter"]
+        limits = scope["default_limits"]
+        try:
+            first = await limiter.available("api-key-123", "gpt-4", limits=limits)
+            parent = await limiter.available("proj-1", "gpt-4")
+            child = await limiter.get_entity("api-key-456")
+            return refused.value, first, parent, child
+        finally:
+            await limiter.close()
+
+    try:
+        refused, first, parent, child = run(scenario())
+    finally:
+        own.stop()
+    assert refused.field == "limits" and "api-key-456" in str(refused)
+    # 500 estimated, 800 used: 800 of 10,000 taken (a moment's refill at most comes back).
+    assert first["rpm"] == 99 and 9_200 <= first["tpm"] <= 9_210, first
+    assert child.parent_id == "proj-1" and child.cascade
+    # The refused acquire took nothing from the parent.
+    assert parent == {"tpm": 100_000}, parent
