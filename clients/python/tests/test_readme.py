@@ -397,25 +397,28 @@ def test_the_library_s_readme_example_runs_against_the_daemon(daemon, monkeypatc
     code = compile(source, "zae-limiter README", "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT)
 
     async def scenario():
+        began = time.monotonic()
         with pytest.raises(ValidationError) as refused:
             await eval(code, scope)  # noqa: S307 - the library's README, copied above
         limiter = scope["limiter"]
         limits = scope["default_limits"]
         try:
             first = await limiter.available("api-key-123", "gpt-4", limits=limits)
+            took = time.monotonic() - began
             parent = await limiter.available("proj-1", "gpt-4")
             child = await limiter.get_entity("api-key-456")
-            return refused.value, first, parent, child
+            return refused.value, (first, took), parent, child
         finally:
             await limiter.close()
 
     try:
-        refused, first, parent, child = run(scenario())
+        refused, (first, took), parent, child = run(scenario())
     finally:
         own.stop()
     assert refused.field == "limits" and "api-key-456" in str(refused)
-    # 500 estimated, 800 used: 800 of 10,000 taken (a moment's refill at most comes back).
-    assert first["rpm"] == 99 and 9_200 <= first["tpm"] <= 9_210, first
+    # 500 estimated, 800 used: 800 of 10,000 taken; 10,000/min refill since (167 a second).
+    assert 99 <= first["rpm"] <= 99 + int(100 / 60 * took + 1), (first, took)
+    assert 9_200 <= first["tpm"] <= 9_200 + 167 * (took + 1), (first, took)
     assert child.parent_id == "proj-1" and child.cascade
     # The refused acquire took nothing from the parent.
     assert parent == {"tpm": 100_000}, parent
