@@ -67,6 +67,8 @@ enum Op {
     Close {
         lease: Option<String>,
         rollback: bool,
+        /// The adjustments a commit carries (a rollback ignores them).
+        delta: Vec<(String, i64)>,
     },
     Available {
         entity: String,
@@ -272,7 +274,8 @@ fn op() -> impl Strategy<Value = Op> {
                 }
             ),
         3 => (lease(), amounts()).prop_map(|(lease, delta)| Op::Adjust { lease, delta }),
-        2 => (lease(), any::<bool>()).prop_map(|(lease, rollback)| Op::Close { lease, rollback }),
+        2 => (lease(), any::<bool>(), prop_oneof![2 => Just(Vec::new()), 1 => amounts()])
+            .prop_map(|(lease, rollback, delta)| Op::Close { lease, rollback, delta }),
         1 => (id(), amounts()).prop_map(|(entity, consume)| Op::Available { entity, consume }),
         1 => (id(), any::<String>()).prop_map(|(subject, page)| Op::Audit { subject, page }),
         1 => (id(), prop::option::of(id())).prop_map(|(entity, parent)| Op::Move { entity, parent }),
@@ -542,10 +545,14 @@ impl Target {
                     })
                     .await
                     .map(drop),
-                Op::Close { lease, rollback } => {
+                Op::Close {
+                    lease,
+                    rollback,
+                    delta,
+                } => {
                     let req = proto::LeaseRequest {
                         lease_id: lease.unwrap_or_else(|| last_lease.clone()),
-                        ..Default::default()
+                        delta: delta.into_iter().collect(),
                     };
                     if rollback {
                         raw.rollback(req).await.map(drop)

@@ -167,16 +167,24 @@ fn string(node: &Node, key: &str) -> Parsed<String> {
     Ok(scalar(node, key)?.as_str().to_owned())
 }
 
+/// YAML's spellings of a boolean.
+fn truth(text: &str) -> Option<bool> {
+    match text {
+        "true" | "True" | "TRUE" => Some(true),
+        "false" | "False" | "FALSE" => Some(false),
+        _ => None,
+    }
+}
+
 fn boolean(node: &Node, key: &str) -> Parsed<bool> {
-    match scalar(node, key)?.as_str() {
-        "true" | "True" | "TRUE" => Ok(true),
-        "false" | "False" | "FALSE" => Ok(false),
-        other => Err(fault(
+    let text = scalar(node, key)?.as_str();
+    truth(text).ok_or_else(|| {
+        fault(
             line_of(node),
             key,
-            format!("must be true or false, got {other:?}"),
-        )),
-    }
+            format!("must be true or false, got {text:?}"),
+        )
+    })
 }
 
 fn whole(node: &Node, key: &str) -> Parsed<u64> {
@@ -289,16 +297,15 @@ fn level(at: Level, line: usize, node: &Node, key: &str) -> Parsed<Declared> {
             let key = join(key, "disabled");
             match scalar(n, &key)?.as_str() {
                 "bypass" => Ok(Gate::Bypass { until_ms: None }),
-                _ => Ok(
-                    if boolean(n, &key).map_err(|mut f| {
-                        f.message = f.message.replace("true or false", "true, false or bypass");
-                        f
-                    })? {
-                        Gate::Disabled
-                    } else {
-                        Gate::Enabled
-                    },
-                ),
+                text => match truth(text) {
+                    Some(true) => Ok(Gate::Disabled),
+                    Some(false) => Ok(Gate::Enabled),
+                    None => Err(fault(
+                        line_of(n),
+                        &key,
+                        format!("must be true, false or bypass, got {text:?}"),
+                    )),
+                },
             }
         })
         .transpose()?;
@@ -463,7 +470,8 @@ fn schedule(node: &Node, key: &str) -> Parsed<Schedule> {
             }
             _ => zone = Some(tz),
         }
-        let milli = |f: &str| -> Parsed<Option<i64>> {
+        // Tokens as milli-tokens, seconds as milliseconds: both a thousand times the value.
+        let thousandfold = |f: &str| -> Parsed<Option<i64>> {
             get(&e, f)
                 .map(|n| {
                     whole(n, &join(&at, f)).map(|v| (v.min(i64::MAX as u64 / 1000) as i64) * MILLI)
@@ -493,11 +501,10 @@ fn schedule(node: &Node, key: &str) -> Parsed<Schedule> {
                 Change::Scale(((scale * 1000.0).round() as u64).max(1))
             }
             None => {
-                let refill_period_ms = milli("refill_period_seconds")?;
                 let set = Change::Set {
-                    capacity: milli("capacity")?,
-                    refill_amount: milli("refill_amount")?,
-                    refill_period_ms,
+                    capacity: thousandfold("capacity")?,
+                    refill_amount: thousandfold("refill_amount")?,
+                    refill_period_ms: thousandfold("refill_period_seconds")?,
                 };
                 if set
                     == (Change::Set {
@@ -679,7 +686,7 @@ pub async fn run(
             done.push(step);
         }
     }
-    let unchanged = manifest.levels.len();
+    let declared = manifest.levels.len();
     if json {
         let list: Vec<_> = steps.iter().map(Step::json).collect();
         let key = if verb == Verb::Apply {
@@ -689,7 +696,7 @@ pub async fn run(
         };
         println!(
             "{}",
-            serde_json::json!({ key: list, "levels": unchanged, "namespace": namespace })
+            serde_json::json!({ key: list, "levels": declared, "namespace": namespace })
         );
     } else {
         for step in &steps {
@@ -697,9 +704,9 @@ pub async fn run(
         }
         let count = steps.len();
         let summary = match verb {
-            Verb::Apply => format!("{count} changes applied ({unchanged} levels declared)"),
-            _ if count == 0 => format!("no changes ({unchanged} levels declared)"),
-            _ => format!("{count} changes to apply ({unchanged} levels declared)"),
+            Verb::Apply => format!("{count} changes applied ({declared} levels declared)"),
+            _ if count == 0 => format!("no changes ({declared} levels declared)"),
+            _ => format!("{count} changes to apply ({declared} levels declared)"),
         };
         println!("{summary}");
     }

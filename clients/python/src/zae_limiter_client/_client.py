@@ -1081,8 +1081,8 @@ class Lease:
         resource: str,
         consumed: dict[str, int],
         statuses: Callable[[], list[LimitStatus]],
-        ttl_ms: int = 0,
-        more: Callable[[dict[str, int]], Any] | None = None,
+        ttl_ms: int,
+        more: Callable[[dict[str, int], Callable[[Lease], None]], Any],
     ) -> None:
         self._limiter = limiter
         self.lease_id = lease_id
@@ -1097,7 +1097,8 @@ class Lease:
         self._acquired = dict(consumed)
         self._pending: dict[str, int] = {}
         self._taken: list[Lease] = []
-        # Acquires more of the same limits (`consume`): the call, answered with the new lease.
+        # Acquires more of the same limits (`consume`): the call, whose answer (a further lease)
+        # it hands to the callback.
         self._more = more
         self._closed = False
         #: Admitted under a bypass gate on this lease's resource (``lease.resource(name)`` for
@@ -1188,13 +1189,13 @@ class Lease:
         back with the lease."""
         self._check_open()
         wanted = amounts("consume", {**(amounts_by_name or {}), **amounts_kw}, allow_negative=False)
-        if self._more is None:
-            raise LeaseNotFound(f"lease {self.lease_id} cannot take more")
 
         def taken(more: Lease) -> None:
             if self._closed:
-                # Closed while the call was on its way: what it took goes with the lease.
+                # Closed while the call was on its way: nobody will close this one. It is no
+                # longer renewed, so it expires a lease TTL from now and stays consumed.
                 more._closed = True
+                self._limiter._held.release(more.lease_id)
                 return
             self._taken.append(more)
             self._statuses, self._converted = more._statuses, None
@@ -1212,11 +1213,12 @@ class Lease:
             return self.renew()
         delta = dict(self._pending)
 
-        def unwritten(negated: bool) -> None:
+        def settled(written: bool) -> None:
+            """No longer pending: written (the lease now holds it), or refused (dropped)."""
             for name, value in delta.items():
                 self._pending[name] = self._pending.get(name, 0) - value
             self._pending = {k: v for k, v in self._pending.items() if v}
-            if negated:
+            if written:
                 self._acquired = _added(self._acquired, delta)
 
         request = message(pb.AdjustRequest, lease_id=self.lease_id, delta=delta)
@@ -1224,12 +1226,12 @@ class Lease:
             self._limiter._call,
             _rate_limiter_method("Adjust"),
             request,
-            lambda _: unwritten(True),
+            lambda _: settled(True),
             not_found=LeaseNotFound,
         )
         # Refused for good: dropped (it would be refused again at the end). Not heard of (the
         # daemon unreachable): kept, for the next flush or the commit.
-        return self._limiter._recover(write, ValidationError, lambda: unwritten(False))
+        return self._limiter._recover(write, ValidationError, lambda: settled(False))
 
     def renew(self) -> Any:
         """Keeps the lease alive now (the limiter renews the leases it holds on its own)."""
@@ -1313,8 +1315,8 @@ class _Acquire:
         resource: str,
         consume: dict[str, int],
         limits: dict[str, Limit],
-        also: dict[str, dict[str, int]] | None = None,
-        more: Callable[[str, dict[str, int]], bytes] | None = None,
+        also: dict[str, dict[str, int]],
+        more: Callable[[str, dict[str, int]], bytes],
     ) -> None:
         self._limiter = limiter
         self._request = request
@@ -1324,11 +1326,17 @@ class _Acquire:
         self._resource = resource
         self._consume = consume
         self._limits = limits
-        self._also = also or {}
+        self._also = also
         self._lease: Lease | None = None
 
-    def _lease_from(self, response: pb.AcquireResponse, more_of: str | None = None) -> Lease:
-        """The lease an acquire gave (of resource ``more_of`` for one ``lease.consume``)."""
+    def _lease_from(
+        self,
+        response: pb.AcquireResponse,
+        more_of: str | None = None,
+        wanted: dict[str, int] | None = None,
+    ) -> Lease:
+        """The lease an acquire gave (of resource ``more_of``, holding ``wanted``, for one
+        ``lease.consume``)."""
         if not response.allowed:
             raise _refused(response, self._entity_id, more_of or self._resource, self._limits)
         kind = SyncLease if isinstance(self._limiter, SyncRateLimiter) else Lease
@@ -1336,13 +1344,10 @@ class _Acquire:
 
         def taking(resource: str) -> Callable[[dict[str, int], Callable[[Lease], None]], Any]:
             def more(wanted: dict[str, int], taken: Callable[[Lease], None]) -> Any:
-                assert self._more_request is not None
                 request = self._more_request(resource, wanted)
 
                 def convert(r: pb.AcquireResponse) -> None:
-                    held = self._lease_from(r, resource)
-                    held._acquired = dict(wanted)
-                    taken(held)
+                    taken(self._lease_from(r, resource, wanted))
 
                 return limiter._call(_rate_limiter_method("Acquire"), request, convert)
 
@@ -1364,7 +1369,7 @@ class _Acquire:
                 consumed,
                 statuses,
                 response.lease_ttl_ms,
-                taking(resource) if self._more_request is not None else None,
+                taking(resource),
             )
             self._limiter._renew_while_held(lease_id, response.lease_ttl_ms)
             # With `also`, each resource says for itself.
@@ -1377,7 +1382,7 @@ class _Acquire:
 
         if more_of is not None:
             # One `lease.consume`: a lease of its own, closed with the one it adds to.
-            return lease(response.lease_id, more_of, {})
+            return lease(response.lease_id, more_of, dict(wanted or {}))
         self._lease = lease(response.lease_id, self._resource, self._consume)
         for other in response.also:
             consumed = self._also.get(other.resource, {})
